@@ -1,0 +1,371 @@
+//! The daemon's configuration file (TOML). Unknown keys are errors that name the
+//! key and the line; every value is range-checked before the daemon uses it.
+
+use std::{
+    fmt, fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Where the packaged configuration lives.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hsmd/hsmd.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the keystore and other state live.
+    pub state_dir: PathBuf,
+    /// The listening socket.
+    pub socket: SocketConfig,
+    /// Who may connect at all (roles and permissions come later, in the policy).
+    pub access: AccessConfig,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[socket]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketConfig {
+    /// Path of the Unix socket (ignored under socket activation).
+    pub path: PathBuf,
+    /// Permission bits of the socket file, as an octal string.
+    pub mode: OctalMode,
+    /// Group that owns the socket file; unset keeps the daemon's own group.
+    pub group: Option<String>,
+}
+
+/// `[access]`: the connect-time gate. Root is let in when `allow_root` is set;
+/// anyone else must be listed by user or be a member of a listed group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Whether uid 0 may connect.
+    pub allow_root: bool,
+    /// User names or numeric uids that may connect.
+    pub users: Vec<String>,
+    /// Group names or numeric gids whose members may connect.
+    pub groups: Vec<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request frame body accepted, in bytes.
+    pub max_frame_bytes: u32,
+    /// Connections served at once; more get `TooManyConnections`.
+    pub max_connections: u32,
+    /// Requests one connection may have in flight; further ones wait unread.
+    pub max_requests_in_flight: u32,
+    /// A frame must arrive whole within this time once its first byte has.
+    #[serde(with = "humantime_serde")]
+    pub frame_timeout: Duration,
+    /// A connection with nothing in flight is closed after this long without a request.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Threads for work that blocks (key operations, disk, slow backends).
+    pub blocking_threads: u32,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `hsmd=debug,warn`, …
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A file mode written as an octal string (`"0660"`), as in `chmod`.
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct OctalMode(pub u32);
+
+impl fmt::Debug for OctalMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+impl TryFrom<String> for OctalMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+            Ok(m) if m <= 0o777 => Ok(Self(m)),
+            _ => Err(format!(
+                "invalid mode {s:?}: write permission bits as an octal string such as \"0660\""
+            )),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/hsmd"),
+            socket: SocketConfig::default(),
+            access: AccessConfig::default(),
+            limits: Limits::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from(protocol::DEFAULT_SOCKET),
+            mode: OctalMode(0o660),
+            group: None,
+        }
+    }
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            allow_root: true,
+            users: Vec::new(),
+            groups: vec!["hsmd".to_owned()],
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: protocol::frame::DEFAULT_MAX_FRAME,
+            max_connections: 256,
+            max_requests_in_flight: 32,
+            frame_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(10),
+            blocking_threads: 16,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has unknown keys or wrong types. The TOML
+    /// error names the line, the column and the key.
+    #[error("invalid config file {}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value parsed but is out of range.
+    #[error("invalid config{}: {key}: {problem}", origin.as_ref().map(|p| format!(" file {}", p.display())).unwrap_or_default())]
+    Invalid {
+        /// The file, if the value came from one.
+        origin: Option<PathBuf>,
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong and what is allowed.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file and what is wrong with it.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, Some(path))
+    }
+
+    /// Parses and validates configuration text; `origin` is used in messages.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str, origin: Option<&Path>) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.map_or_else(|| PathBuf::from("<text>"), Path::to_owned),
+            source: Box::new(source),
+        })?;
+        config.validate().map_err(|(key, problem)| ConfigError::Invalid {
+            origin: origin.map(Path::to_owned),
+            key,
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks ranges and relations the types cannot express.
+    ///
+    /// # Errors
+    /// The dotted key at fault and what is allowed.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        use protocol::frame::MAX_FRAME_CEILING;
+        let l = &self.limits;
+        if !(1024..=MAX_FRAME_CEILING).contains(&l.max_frame_bytes) {
+            return Err((
+                "limits.max_frame_bytes",
+                format!("{} is out of range; use 1024 to {MAX_FRAME_CEILING}", l.max_frame_bytes),
+            ));
+        }
+        for (key, value, lo, hi) in [
+            ("limits.max_connections", l.max_connections, 1, 65_536),
+            ("limits.max_requests_in_flight", l.max_requests_in_flight, 1, 4096),
+            ("limits.blocking_threads", l.blocking_threads, 1, 512),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err((key, format!("{value} is out of range; use {lo} to {hi}")));
+            }
+        }
+        for (key, value) in [
+            ("limits.frame_timeout", l.frame_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err((key, format!("{value:?} is too short; use at least 100ms")));
+            }
+        }
+        if !self.socket.path.is_absolute() {
+            return Err((
+                "socket.path",
+                format!("{} is not an absolute path", self.socket.path.display()),
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err((
+                "state_dir",
+                format!("{} is not an absolute path", self.state_dir.display()),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err((
+                "log.level",
+                format!(
+                    "{:?} is not a log filter; use error, warn, info, debug or trace",
+                    self.log.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Things that are allowed but deserve a word in the log.
+    #[must_use]
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.socket.mode.0 & 0o007 != 0 {
+            w.push(format!(
+                "socket.mode {:?} lets every local user reach the socket; the [access] check is then the only gate",
+                self.socket.mode
+            ));
+        }
+        if !self.access.allow_root && self.access.users.is_empty() && self.access.groups.is_empty() {
+            w.push("[access] admits nobody: every connection will be refused".to_owned());
+        }
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = Config::parse("", None).unwrap();
+        assert_eq!(c.socket.path, PathBuf::from("/run/hsmd/hsmd.sock"));
+        assert_eq!(c.socket.mode, OctalMode(0o660));
+        assert_eq!(c.limits.max_frame_bytes, 1024 * 1024);
+        assert!(c.access.allow_root);
+        assert_eq!(c.access.groups, vec!["hsmd"]);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = "state_dir = \"/tmp/x\"\n[limits]\nmax_conections = 5\n";
+        let e = Config::parse(text, Some(Path::new("/etc/hsmd/hsmd.toml"))).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("/etc/hsmd/hsmd.toml"), "{msg}");
+        assert!(msg.contains("max_conections"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn durations_and_modes_are_human() {
+        let c = Config::parse(
+            "[socket]\nmode = \"0600\"\n[limits]\nidle_timeout = \"2m 30s\"\nframe_timeout = \"500ms\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.socket.mode, OctalMode(0o600));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(150));
+        assert_eq!(c.limits.frame_timeout, Duration::from_millis(500));
+        assert!(Config::parse("[socket]\nmode = \"0999\"\n", None).is_err());
+        assert!(Config::parse("[socket]\nmode = \"7777\"\n", None).is_err());
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        for (text, key) in [
+            ("[limits]\nmax_frame_bytes = 10\n", "limits.max_frame_bytes"),
+            ("[limits]\nmax_frame_bytes = 4294967295\n", "limits.max_frame_bytes"),
+            ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[limits]\nidle_timeout = \"1ms\"\n", "limits.idle_timeout"),
+            ("[socket]\npath = \"relative.sock\"\n", "socket.path"),
+            ("[log]\nlevel = \"loud[\"\n", "log.level"),
+        ] {
+            let msg = Config::parse(text, None).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text:?} gave {msg}");
+        }
+    }
+
+    #[test]
+    fn world_writable_socket_is_warned_about() {
+        let c = Config::parse("[socket]\nmode = \"0666\"\n", None).unwrap();
+        assert_eq!(c.warnings().len(), 1);
+    }
+}

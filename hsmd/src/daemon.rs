@@ -1,0 +1,303 @@
+//! Putting the daemon together: configuration, listener, server, signals,
+//! systemd notifications, shutdown.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use thiserror::Error;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    auth::AccessGate,
+    config::{Config, ConfigError, LogFormat, OctalMode, DEFAULT_CONFIG_PATH},
+    logging,
+    server::{self, listener, Shared},
+    systemd,
+};
+
+/// Command-line choices that shape the daemon (see `hsmd --help`).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--config`: the config file; without it the default path, if present.
+    pub config: Option<PathBuf>,
+    /// `--dev`: a throw-away instance.
+    pub dev: bool,
+    /// `--state-dir`: overrides `state_dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--socket`: overrides `socket.path`.
+    pub socket: Option<PathBuf>,
+    /// `--log-format`: overrides `log.format`.
+    pub log_format: Option<LogFormat>,
+}
+
+/// Why the daemon did not start or did not stop cleanly.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// The configuration was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No socket to listen on.
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+    /// The state directory could not be prepared.
+    #[error("cannot prepare state directory {}: {source}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The async runtime or a signal handler could not be set up.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Where the effective configuration came from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A file.
+    File(PathBuf),
+    /// Built-in defaults (no file given, none at the default path).
+    Defaults,
+}
+
+/// The configuration the daemon will run with, after files, defaults and flags.
+#[derive(Debug, Clone)]
+pub struct Effective {
+    /// The merged configuration.
+    pub config: Config,
+    /// Where it came from.
+    pub source: ConfigSource,
+    /// Whether this is `--dev`.
+    pub dev: bool,
+}
+
+/// Loads the configuration the way `hsmd` does: `--config`, else the default
+/// path if it exists (not in dev mode), else built-in defaults; then flags.
+///
+/// # Errors
+/// [`ConfigError`] for a file that cannot be read or is invalid.
+pub fn effective_config(opts: &Options) -> Result<Effective, ConfigError> {
+    let (mut config, source) = match &opts.config {
+        Some(path) => (Config::load(path)?, ConfigSource::File(path.clone())),
+        None if !opts.dev && Path::new(DEFAULT_CONFIG_PATH).exists() => (
+            Config::load(Path::new(DEFAULT_CONFIG_PATH))?,
+            ConfigSource::File(DEFAULT_CONFIG_PATH.into()),
+        ),
+        None => (Config::default(), ConfigSource::Defaults),
+    };
+    if opts.dev && opts.config.is_none() {
+        // Only the owner (and root) may reach a dev socket.
+        config.socket.mode = OctalMode(0o600);
+        config.socket.group = None;
+    }
+    if let Some(dir) = &opts.state_dir {
+        config.state_dir.clone_from(dir);
+    }
+    if let Some(path) = &opts.socket {
+        config.socket.path.clone_from(path);
+    }
+    if let Some(format) = opts.log_format {
+        config.log.format = format;
+    }
+    config.validate().map_err(|(key, problem)| ConfigError::Invalid {
+        origin: match &source {
+            ConfigSource::File(p) => Some(p.clone()),
+            ConfigSource::Defaults => None,
+        },
+        key,
+        problem,
+    })?;
+    Ok(Effective {
+        config,
+        source,
+        dev: opts.dev,
+    })
+}
+
+/// `hsmd --check-config`: validates everything that can be checked without
+/// starting, and returns the lines to print (warnings included).
+///
+/// # Errors
+/// The first fatal problem.
+pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
+    let eff = effective_config(opts)?;
+    let mut lines = vec![match &eff.source {
+        ConfigSource::File(p) => format!("config {} is valid", p.display()),
+        ConfigSource::Defaults => format!("no config file at {DEFAULT_CONFIG_PATH}; the built-in defaults are valid"),
+    }];
+    if let Some(group) = &eff.config.socket.group {
+        if nix::unistd::Group::from_name(group).ok().flatten().is_none() {
+            return Err(listener::ListenError::NoSuchGroup { group: group.clone() }.into());
+        }
+    }
+    let (_, access_warnings) = AccessGate::from_config(&eff.config.access);
+    for w in eff.config.warnings().into_iter().chain(access_warnings) {
+        lines.push(format!("warning: {w}"));
+    }
+    Ok(lines)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+///
+/// # Errors
+/// [`DaemonError`] if it cannot start.
+pub fn run(opts: &Options) -> Result<(), DaemonError> {
+    // Dev mode's scratch directory lives as long as the daemon and is removed after.
+    let scratch = if opts.dev {
+        Some(
+            tempfile::Builder::new()
+                .prefix("hsmd-dev-")
+                .tempdir()
+                .map_err(|source| DaemonError::StateDir {
+                    path: std::env::temp_dir(),
+                    source,
+                })?,
+        )
+    } else {
+        None
+    };
+    let mut opts = opts.clone();
+    if let Some(dir) = &scratch {
+        opts.state_dir.get_or_insert_with(|| dir.path().join("state"));
+        opts.socket.get_or_insert_with(|| dir.path().join("hsmd.sock"));
+    }
+    let eff = effective_config(&opts)?;
+    let config = &eff.config;
+    logging::init(&config.log.level, config.log.format);
+    match &eff.source {
+        ConfigSource::File(p) => tracing::info!(config = %p.display(), "configuration loaded"),
+        ConfigSource::Defaults if !eff.dev => tracing::info!(
+            "no config file at {DEFAULT_CONFIG_PATH} and no --config given; running on built-in defaults"
+        ),
+        ConfigSource::Defaults => {}
+    }
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
+    prepare_state_dir(&config.state_dir)?;
+
+    let gate = if eff.dev {
+        AccessGate::dev(nix::unistd::getuid().as_raw())
+    } else {
+        let (gate, warnings) = AccessGate::from_config(&config.access);
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        gate
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(config.limits.blocking_threads as usize)
+        .thread_name("hsmd-worker")
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let shared = Arc::new(Shared::new(config.limits.clone(), gate, eff.dev));
+    let result = runtime.block_on(serve_until_signalled(config, Arc::clone(&shared), eff.dev));
+    // Blocking jobs past the grace period are abandoned, not awaited.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    drop(scratch);
+    result
+}
+
+async fn serve_until_signalled(config: &Config, shared: Arc<Shared>, dev: bool) -> Result<(), DaemonError> {
+    let listener = match listener::from_systemd()? {
+        Some(l) => l,
+        None => listener::bind(&config.socket)?,
+    };
+    let path = listener.path.display().to_string();
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+
+    if dev {
+        announce_dev(&path, &config.state_dir);
+    }
+    tracing::info!(
+        socket = %path,
+        activated = listener.is_activated(),
+        version = server::VERSION,
+        "hsmd is listening"
+    );
+    // The socket is bound and listening: connections are accepted from here on.
+    systemd::ready(&format!("serving on {path}"));
+    if let Some(period) = systemd::spawn_watchdog(shared.shutdown.clone()) {
+        tracing::info!(?period, "systemd watchdog enabled");
+    }
+
+    let stop = shared.shutdown.clone();
+    let signals = tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received; stopping");
+        systemd::stopping("stopping: finishing requests in flight");
+        stop.cancel();
+    });
+
+    let tracker = server::serve(&listener.socket, Arc::clone(&shared)).await;
+    listener.close();
+    signals.abort();
+    let open = shared.counters.connections();
+    let grace = config.limits.shutdown_grace;
+    if open > 0 {
+        systemd::status(&format!("stopping: finishing {open} connections"));
+    }
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            in_flight = shared.counters.in_flight(),
+            "requests still running after the {} shutdown grace are abandoned",
+            humantime::format_duration(grace)
+        );
+    }
+    tracing::info!("hsmd stopped");
+    Ok(())
+}
+
+fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
+    let err = |source| DaemonError::StateDir {
+        path: dir.to_owned(),
+        source,
+    };
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    } else if !dir.is_dir() {
+        return Err(err(std::io::Error::other("exists and is not a directory")));
+    }
+    Ok(())
+}
+
+fn announce_dev(socket: &str, state_dir: &Path) {
+    let uid = nix::unistd::getuid();
+    let who = if uid.is_root() {
+        "root only".to_owned()
+    } else {
+        let name = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map_or_else(|| format!("uid {uid}"), |u| format!("{} (uid {uid})", u.name));
+        format!("{name} and root, nobody else")
+    };
+    let bar = "=".repeat(72);
+    eprintln!(
+        "{bar}\n  hsmd --dev: A THROW-AWAY INSTANCE. NOT FOR PRODUCTION.\n  \
+         State lives in {} and is deleted when hsmd exits.\n  \
+         It serves {who}.\n{bar}",
+        state_dir.display()
+    );
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "export HSMD_SOCKET={socket}");
+    let _ = out.flush();
+}

@@ -1,0 +1,13 @@
+//! hsmd, the local hardware-security-module daemon, as a library so tests can
+//! drive its parts; `main.rs` is a thin command line over [`daemon`].
+//!
+//! A request flows one way: [`server`] (listener, connection) → [`auth`] (who is
+//! it, may they connect) → [`server::dispatch`] → the code that serves it → the
+//! response.
+
+pub mod auth;
+pub mod config;
+pub mod daemon;
+pub mod logging;
+pub mod server;
+pub mod systemd;

@@ -1,0 +1,72 @@
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, ValueEnum};
+use hsmd::{
+    config::LogFormat,
+    daemon::{self, Options},
+};
+
+/// hsmd: holds keys in locked memory and performs key operations for local
+/// programs over a permission-checked Unix socket.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Examples:\n  hsmd --dev                      throw-away instance; prints the HSMD_SOCKET line to paste\n  hsmd --config /etc/hsmd/hsmd.toml\n  hsmd --check-config --config ./hsmd.toml"
+)]
+struct Cli {
+    /// Configuration file [default: /etc/hsmd/hsmd.toml if it exists, else built-in defaults]
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit (0 valid, 1 invalid)
+    #[arg(long)]
+    check_config: bool,
+    /// Start a throw-away instance: state in a fresh temp dir, serves only you and root
+    #[arg(long)]
+    dev: bool,
+    /// Override state_dir
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Override socket.path
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Override log.format
+    #[arg(long, value_enum)]
+    log_format: Option<CliLogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CliLogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let opts = Options {
+        config: cli.config,
+        dev: cli.dev,
+        state_dir: cli.state_dir,
+        socket: cli.socket,
+        log_format: cli.log_format.map(|f| match f {
+            CliLogFormat::Text => LogFormat::Text,
+            CliLogFormat::Json => LogFormat::Json,
+        }),
+    };
+    let result = if cli.check_config {
+        daemon::check_config(&opts).map(|lines| {
+            for line in lines {
+                println!("{line}");
+            }
+        })
+    } else {
+        daemon::run(&opts)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Each message already names its cause; printing the chain would repeat it.
+            eprintln!("hsmd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

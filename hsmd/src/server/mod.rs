@@ -1,0 +1,157 @@
+//! The socket front end: accepts connections, enforces the connection limit, and
+//! runs one task per connection. Nothing below this module knows about sockets.
+
+mod connection;
+pub mod dispatch;
+pub mod listener;
+
+use std::{
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use protocol::{ErrorCode, ServiceState, WireError};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{auth::AccessGate, config::Limits};
+
+/// The daemon's package version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Live counters, shown by `hsmctl status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    connections: AtomicU32,
+    in_flight: AtomicU32,
+    next_connection_id: AtomicU64,
+}
+
+impl Counters {
+    /// Connections being served now.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
+    }
+    /// Requests being worked on now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// State every connection shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// Limits from the config.
+    pub limits: Limits,
+    /// The connect-time gate.
+    pub gate: AccessGate,
+    /// Whether this is `hsmd --dev`.
+    pub dev: bool,
+    /// Custody state.
+    pub state: ServiceState,
+    /// When the daemon started.
+    pub started: Instant,
+    /// Live counters.
+    pub counters: Counters,
+    /// Cancelled when the daemon begins to shut down.
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Builds the shared state.
+    #[must_use]
+    pub fn new(limits: Limits, gate: AccessGate, dev: bool) -> Self {
+        Self {
+            limits,
+            gate,
+            dev,
+            state: ServiceState::Uninitialized,
+            started: Instant::now(),
+            counters: Counters::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+}
+
+/// Decrements a counter when dropped, so every exit path is counted.
+struct CountGuard<'a>(&'a AtomicU32);
+
+impl<'a> CountGuard<'a> {
+    fn new(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one request in flight, from when it is handed to the blocking pool
+/// until its answer is queued.
+pub(crate) struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        shared.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(shared)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long a refused client gets to take its error before we close.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Accepts connections until `shared.shutdown` is cancelled; returns the tracker
+/// of connection tasks so the caller can wait for them.
+pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> TaskTracker {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections as usize));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let id = shared.counters.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+            let shared = Arc::clone(&shared);
+            tracker.spawn(async move {
+                let _slot = slot;
+                let _counted = CountGuard::new(&shared.counters.connections);
+                connection::serve(stream, id, &shared).await;
+            });
+        } else {
+            let max = shared.limits.max_connections;
+            tracing::warn!(connection = id, max, "refusing connection: too many connections");
+            tokio::spawn(connection::refuse(
+                stream,
+                WireError::new(
+                    ErrorCode::TooManyConnections,
+                    format!("hsmd is serving its maximum of {max} connections; try again shortly"),
+                ),
+            ));
+        }
+    }
+    tracker.close();
+    tracker
+}

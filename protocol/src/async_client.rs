@@ -1,0 +1,159 @@
+//! The async client over `tokio::net::UnixStream` (feature `tokio`).
+
+use std::path::{Path, PathBuf};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+};
+
+use crate::{
+    client::ClientOptions,
+    codec,
+    error::ClientError,
+    frame::MAX_FRAME_CEILING,
+    message::{ClientHello, Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo, PROTOCOL_VERSION},
+    recv::RecvBuf,
+};
+
+/// The async twin of [`crate::Client`]; same calls, same errors.
+#[derive(Debug)]
+pub struct AsyncClient {
+    stream: UnixStream,
+    server: ServerHello,
+    next_id: u64,
+    recv: RecvBuf,
+    options: ClientOptions,
+}
+
+impl AsyncClient {
+    /// Connects to the socket at `path` and says hello.
+    ///
+    /// # Errors
+    /// As [`crate::Client::connect`].
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        Self::connect_with(path, ClientOptions::default()).await
+    }
+
+    /// Connects with explicit options.
+    ///
+    /// # Errors
+    /// As [`crate::Client::connect`].
+    pub async fn connect_with(path: impl AsRef<Path>, options: ClientOptions) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).await.map_err(|source| ClientError::Connect {
+            path: PathBuf::from(path),
+            source,
+        })?;
+        let hello = Operation::Hello(ClientHello {
+            protocol_version: PROTOCOL_VERSION,
+            client: options.client_name.clone(),
+        });
+        let mut client = Self {
+            stream,
+            server: ServerHello {
+                protocol_version: PROTOCOL_VERSION,
+                daemon_version: String::new(),
+                features: Vec::new(),
+                max_frame_bytes: crate::frame::DEFAULT_MAX_FRAME,
+                connection_id: 0,
+            },
+            next_id: 1,
+            recv: RecvBuf::default(),
+            options,
+        };
+        let sent = client.send(hello).await;
+        let response = match client.recv().await {
+            Ok(r) => r,
+            Err(e) => return Err(sent.err().unwrap_or(e)),
+        };
+        client.server = crate::expect_hello(response)?;
+        Ok(client)
+    }
+
+    /// What the daemon said in its hello.
+    #[must_use]
+    pub fn server(&self) -> &ServerHello {
+        &self.server
+    }
+
+    /// Sends one request without waiting; returns its id.
+    ///
+    /// # Errors
+    /// As [`crate::Client::send`].
+    pub async fn send(&mut self, op: Operation) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = codec::encode_frame(&Request { id, op }, self.server.max_frame_bytes)?;
+        self.stream.write_all(&frame).await.map_err(ClientError::Io)?;
+        Ok(id)
+    }
+
+    /// Receives the next response, whichever request it answers.
+    ///
+    /// # Errors
+    /// As [`crate::Client::recv`].
+    pub async fn recv(&mut self) -> Result<Response, ClientError> {
+        let read = async {
+            loop {
+                if let Some(body) = self.recv.next_frame(MAX_FRAME_CEILING)? {
+                    return Ok(codec::decode_body(body)?);
+                }
+                match self.stream.read(self.recv.spare()).await {
+                    Ok(0) => return Err(ClientError::Closed),
+                    Ok(n) => self.recv.filled(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(ClientError::Closed),
+                    Err(e) => return Err(ClientError::Io(e)),
+                }
+            }
+        };
+        match self.options.timeout {
+            Some(t) => tokio::time::timeout(t, read)
+                .await
+                .map_err(|_| ClientError::TimedOut(t))?,
+            None => read.await,
+        }
+    }
+
+    /// Sends `op` and waits for its answer.
+    ///
+    /// # Errors
+    /// As [`crate::Client::call`].
+    pub async fn call(&mut self, op: Operation) -> Result<Reply, ClientError> {
+        let id = self.send(op).await?;
+        crate::expect_id(self.recv().await?, id)
+    }
+
+    /// Round trip with an echoed payload.
+    ///
+    /// # Errors
+    /// As [`crate::Client::call`].
+    pub async fn ping(&mut self, payload: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        match self.call(Operation::Ping { payload }).await? {
+            Reply::Pong { payload } => Ok(payload),
+            other => Err(crate::unexpected("ping", &other)),
+        }
+    }
+
+    /// The daemon's status.
+    ///
+    /// # Errors
+    /// As [`crate::Client::call`].
+    pub async fn status(&mut self) -> Result<StatusInfo, ClientError> {
+        match self.call(Operation::Status).await? {
+            Reply::Status(s) => Ok(s),
+            other => Err(crate::unexpected("status", &other)),
+        }
+    }
+
+    /// The caller's identity as the daemon sees it.
+    ///
+    /// # Errors
+    /// As [`crate::Client::call`].
+    pub async fn whoami(&mut self) -> Result<PeerInfo, ClientError> {
+        match self.call(Operation::WhoAmI).await? {
+            Reply::WhoAmI(p) => Ok(p),
+            other => Err(crate::unexpected("whoami", &other)),
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The blocking client over `std::os::unix::net::UnixStream`.
+
+use std::{
+    io::{self, Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::{
+    codec,
+    error::{ClientError, ErrorCode},
+    frame::MAX_FRAME_CEILING,
+    message::{ClientHello, Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo, PROTOCOL_VERSION},
+    recv::RecvBuf,
+};
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/hsmd/hsmd.sock";
+
+/// How a client connects.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Name and version sent in the hello, for the daemon's logs.
+    pub client_name: String,
+    /// How long to wait for any one response; `None` waits forever.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            client_name: concat!("hsmd-protocol/", env!("CARGO_PKG_VERSION")).to_owned(),
+            timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// A connection to hsmd that has completed the hello.
+///
+/// Calls are synchronous; for pipelining, [`Client::send`] several requests and
+/// then [`Client::recv`] their responses, matching them by id.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    server: ServerHello,
+    next_id: u64,
+    recv: RecvBuf,
+    timeout: Option<Duration>,
+}
+
+impl Client {
+    /// Connects to the socket at `path` with default options and says hello.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] if the socket cannot be reached;
+    /// [`ClientError::Daemon`] if the daemon refuses the connection (permission,
+    /// connection limit, protocol version).
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        Self::connect_with(path, &ClientOptions::default())
+    }
+
+    /// Connects with explicit options.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub fn connect_with(path: impl AsRef<Path>, options: &ClientOptions) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: PathBuf::from(path),
+            source,
+        })?;
+        stream.set_read_timeout(options.timeout).map_err(ClientError::Io)?;
+        stream.set_write_timeout(options.timeout).map_err(ClientError::Io)?;
+        let mut client = Self {
+            stream,
+            server: ServerHello {
+                protocol_version: PROTOCOL_VERSION,
+                daemon_version: String::new(),
+                features: Vec::new(),
+                max_frame_bytes: crate::frame::DEFAULT_MAX_FRAME,
+                connection_id: 0,
+            },
+            next_id: 1,
+            recv: RecvBuf::default(),
+            timeout: options.timeout,
+        };
+        let hello = Operation::Hello(ClientHello {
+            protocol_version: PROTOCOL_VERSION,
+            client: options.client_name.clone(),
+        });
+        // A daemon that refuses the connection writes its error and closes, possibly
+        // before our hello lands; the error is still there to read.
+        let sent = client.send(hello);
+        let response = match client.recv() {
+            Ok(r) => r,
+            Err(e) => return Err(sent.err().unwrap_or(e)),
+        };
+        client.server = crate::expect_hello(response)?;
+        Ok(client)
+    }
+
+    /// What the daemon said in its hello.
+    #[must_use]
+    pub fn server(&self) -> &ServerHello {
+        &self.server
+    }
+
+    /// Sends one request without waiting; returns its id.
+    ///
+    /// # Errors
+    /// [`ClientError::Frame`] if the request exceeds the daemon's frame limit;
+    /// [`ClientError::Io`] if the write fails.
+    pub fn send(&mut self, op: Operation) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = codec::encode_frame(&Request { id, op }, self.server.max_frame_bytes)?;
+        self.stream.write_all(&frame).map_err(ClientError::Io)?;
+        Ok(id)
+    }
+
+    /// Receives the next response, whichever request it answers.
+    ///
+    /// # Errors
+    /// [`ClientError::Closed`] if the daemon closed the connection,
+    /// [`ClientError::TimedOut`] after the configured timeout.
+    pub fn recv(&mut self) -> Result<Response, ClientError> {
+        loop {
+            if let Some(body) = self.recv.next_frame(MAX_FRAME_CEILING)? {
+                return Ok(codec::decode_body(body)?);
+            }
+            match self.stream.read(self.recv.spare()) {
+                Ok(0) => return Err(ClientError::Closed),
+                Ok(n) => self.recv.filled(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(ClientError::TimedOut(self.timeout.unwrap_or_default()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ClientError::Closed),
+                Err(e) => return Err(ClientError::Io(e)),
+            }
+        }
+    }
+
+    /// Sends `op` and waits for its answer.
+    ///
+    /// # Errors
+    /// [`ClientError::Daemon`] with the daemon's code if it refused; transport
+    /// errors as for [`Client::send`] and [`Client::recv`].
+    pub fn call(&mut self, op: Operation) -> Result<Reply, ClientError> {
+        let id = self.send(op)?;
+        crate::expect_id(self.recv()?, id)
+    }
+
+    /// Round trip with an echoed payload.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn ping(&mut self, payload: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        match self.call(Operation::Ping { payload })? {
+            Reply::Pong { payload } => Ok(payload),
+            other => Err(crate::unexpected("ping", &other)),
+        }
+    }
+
+    /// The daemon's status.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn status(&mut self) -> Result<StatusInfo, ClientError> {
+        match self.call(Operation::Status)? {
+            Reply::Status(s) => Ok(s),
+            other => Err(crate::unexpected("status", &other)),
+        }
+    }
+
+    /// The caller's identity as the daemon sees it.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub fn whoami(&mut self) -> Result<PeerInfo, ClientError> {
+        match self.call(Operation::WhoAmI)? {
+            Reply::WhoAmI(p) => Ok(p),
+            other => Err(crate::unexpected("whoami", &other)),
+        }
+    }
+}
+
+/// Whether `e` is the daemon refusing with `code`.
+#[must_use]
+pub fn is_code(e: &ClientError, code: ErrorCode) -> bool {
+    e.code() == Some(code)
+}

@@ -1,0 +1,65 @@
+//! The hsmd wire protocol and its client library.
+//!
+//! hsmd listens on a Unix socket. Each frame is a 4-byte big-endian length and a
+//! bincode body ([`codec`], specified in `docs/protocol.md`). A connection starts
+//! with a hello that carries the protocol version; then the client sends
+//! [`Request`]s, each with an id, and the daemon answers each with a [`Response`]
+//! carrying the same id, in whatever order the work completes.
+//!
+//! ```no_run
+//! use protocol::Client;
+//!
+//! let mut client = Client::connect("/run/hsmd/hsmd.sock")?;
+//! let status = client.status()?;
+//! println!("hsmd {} is {}", status.daemon_version, status.state.as_str());
+//! # Ok::<(), protocol::ClientError>(())
+//! ```
+//!
+//! With the `tokio` feature, [`AsyncClient`] offers the same calls as `async fn`s.
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod recv;
+
+#[cfg(feature = "tokio")]
+mod async_client;
+mod client;
+
+#[cfg(feature = "tokio")]
+pub use async_client::AsyncClient;
+pub use client::{is_code, Client, ClientOptions, DEFAULT_SOCKET};
+pub use error::{ClientError, ErrorCode, WireError};
+pub use message::{
+    ClientHello, GroupInfo, Operation, PeerInfo, Reply, Request, Response, ServerHello, ServiceState, StatusInfo,
+    CONNECTION_ERROR_ID, PROTOCOL_VERSION,
+};
+
+/// Checks that `response` answers the hello (id 1) and returns the daemon's half.
+fn expect_hello(response: Response) -> Result<ServerHello, ClientError> {
+    match expect_id(response, 1)? {
+        Reply::Hello(hello) => Ok(hello),
+        other => Err(unexpected("hello", &other)),
+    }
+}
+
+/// Unwraps the response to request `id`. A connection-level error (id 0) is the
+/// daemon's word on why it is closing, so it is reported as the answer.
+fn expect_id(response: Response, id: u64) -> Result<Reply, ClientError> {
+    if response.id != id && response.id != CONNECTION_ERROR_ID {
+        return Err(ClientError::UnexpectedId { got: response.id });
+    }
+    match response.result {
+        Ok(reply) if response.id == id => Ok(reply),
+        Ok(_) => Err(ClientError::UnexpectedId { got: response.id }),
+        Err(e) => Err(ClientError::Daemon(e)),
+    }
+}
+
+fn unexpected(expected: &'static str, got: &Reply) -> ClientError {
+    ClientError::UnexpectedReply {
+        expected,
+        got: got.name(),
+    }
+}

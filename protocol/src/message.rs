@@ -1,0 +1,219 @@
+//! The messages of protocol version 1.
+//!
+//! Every client frame is a [`Request`]; every daemon frame is a [`Response`]. The
+//! first request on a connection must be [`Operation::Hello`]. New operations and
+//! replies are only ever appended, so variant indices never change meaning.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The request id the daemon uses for errors that belong to no request (refused
+/// connections, malformed frames, timeouts). Clients number requests from 1.
+pub const CONNECTION_ERROR_ID: u64 = 0;
+
+/// Number of [`Operation`] variants this version knows; an index at or above it is
+/// an unknown request.
+pub const OPERATION_VARIANTS: u32 = 5;
+
+/// One client frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the client, echoed in the response; lets a client pipeline.
+    pub id: u64,
+    /// What to do.
+    pub op: Operation,
+}
+
+/// An operation a client asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operation {
+    /// Must be the first request on a connection, and only the first. Its layout
+    /// is frozen across protocol versions so any daemon can read it.
+    Hello(ClientHello),
+    /// Echoes `payload`; the cheapest round trip, for liveness and benchmarks.
+    Ping {
+        /// Bytes the daemon sends back unchanged.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// The daemon's state, version, uptime, backends and load.
+    Status,
+    /// The caller's identity as the daemon sees it, and what it may do.
+    WhoAmI,
+    /// Holds a worker for `millis` milliseconds (at most 10 000) and then answers.
+    /// Served only by `hsmd --dev`; used to test concurrency and shutdown.
+    DebugDelay {
+        /// How long to hold the worker.
+        millis: u32,
+    },
+}
+
+impl Operation {
+    /// A short stable name for logs and audit lines.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "hello",
+            Self::Ping { .. } => "ping",
+            Self::Status => "status",
+            Self::WhoAmI => "whoami",
+            Self::DebugDelay { .. } => "debug-delay",
+        }
+    }
+}
+
+/// The client's half of the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientHello {
+    /// The protocol version the client speaks; the daemon refuses others.
+    pub protocol_version: u32,
+    /// Free-form client name and version, for the daemon's logs (e.g. `hsmctl/0.1.0`).
+    pub client: String,
+}
+
+/// One daemon frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The id of the request this answers, or [`CONNECTION_ERROR_ID`].
+    pub id: u64,
+    /// The reply, or why there is none.
+    pub result: Result<Reply, WireError>,
+}
+
+/// A successful answer; the variant matches the operation asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Answer to [`Operation::Hello`].
+    Hello(ServerHello),
+    /// Answer to [`Operation::Ping`].
+    Pong {
+        /// The request's payload.
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// Answer to [`Operation::Status`].
+    Status(StatusInfo),
+    /// Answer to [`Operation::WhoAmI`].
+    WhoAmI(PeerInfo),
+    /// Answer to [`Operation::DebugDelay`].
+    Delayed {
+        /// How long the worker was held.
+        millis: u32,
+    },
+}
+
+impl Reply {
+    /// A short stable name, matching [`Operation::name`].
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello(_) => "hello",
+            Self::Pong { .. } => "ping",
+            Self::Status(_) => "status",
+            Self::WhoAmI(_) => "whoami",
+            Self::Delayed { .. } => "debug-delay",
+        }
+    }
+}
+
+/// The daemon's half of the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHello {
+    /// The protocol version the daemon speaks.
+    pub protocol_version: u32,
+    /// The daemon's package version.
+    pub daemon_version: String,
+    /// Optional capabilities this daemon offers (e.g. `pipelining`, `dev-mode`).
+    pub features: Vec<String>,
+    /// The largest frame body the daemon accepts; larger requests are refused.
+    pub max_frame_bytes: u32,
+    /// The daemon's number for this connection, as it appears in its logs.
+    pub connection_id: u64,
+}
+
+/// The custody state of the daemon (see DESIGN.md, States).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceState {
+    /// No keystore exists yet; `hsmctl init` creates one.
+    Uninitialized,
+    /// The keystore exists but the master key is not in memory.
+    Locked,
+    /// The master key is in memory; key operations run.
+    Unlocked,
+}
+
+impl ServiceState {
+    /// The lower-case name used by `hsmctl status`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Uninitialized => "uninitialized",
+            Self::Locked => "locked",
+            Self::Unlocked => "unlocked",
+        }
+    }
+}
+
+/// Answer to [`Operation::Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// Custody state.
+    pub state: ServiceState,
+    /// The daemon's package version.
+    pub daemon_version: String,
+    /// The protocol version the daemon speaks.
+    pub protocol_version: u32,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// Names of the key backends that are configured and available.
+    pub backends: Vec<String>,
+    /// Connections open now, this one included.
+    pub connections: u32,
+    /// The configured connection limit.
+    pub max_connections: u32,
+    /// Requests being worked on now, across all connections.
+    pub requests_in_flight: u32,
+    /// Whether this is a throw-away `hsmd --dev` instance.
+    pub dev_mode: bool,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// A group as the daemon resolved it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Numeric group id.
+    pub gid: u32,
+    /// Name from the group database, if it has one.
+    pub name: Option<String>,
+}
+
+/// Answer to [`Operation::WhoAmI`]: the caller as the kernel and the daemon see it.
+/// Nothing here is self-declared; it all comes from `SO_PEERCRED` and the system
+/// databases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Effective user id of the connecting process.
+    pub uid: u32,
+    /// User name from the passwd database.
+    pub user: Option<String>,
+    /// Primary group.
+    pub group: GroupInfo,
+    /// Supplementary groups from the group database (primary group included).
+    pub groups: Vec<GroupInfo>,
+    /// Process id of the connecting process, as of connect time.
+    pub pid: u32,
+    /// The connecting process's executable, if the daemon could read it.
+    pub executable: Option<String>,
+    /// The daemon's number for this connection.
+    pub connection_id: u64,
+    /// Why the daemon let this peer connect (e.g. `member of group hsmd`).
+    pub admitted_because: String,
+    /// Roles the policy grants; empty until policies exist.
+    pub roles: Vec<String>,
+}

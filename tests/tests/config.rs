@@ -1,0 +1,85 @@
+//! Must show 7: `hsmd --check-config` on a config with an unknown key fails and
+//! names the key; valid configs pass; a bad config stops start-up.
+
+use std::{fs, process::Command};
+
+use hsmd_tests::{bin, Daemon};
+
+fn check(text: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hsmd.toml");
+    fs::write(&path, text).expect("write");
+    let out = Command::new(bin("hsmd"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run hsmd");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unknown_key_fails_and_names_the_key_and_line() {
+    let (ok, _, err) = check("state_dir = \"/var/lib/hsmd\"\n\n[limits]\nmax_conections = 3\n");
+    assert!(!ok);
+    assert!(err.contains("max_conections"), "{err}");
+    assert!(err.contains("line 4"), "{err}");
+    // It also says what would have been valid.
+    assert!(err.contains("max_connections"), "{err}");
+
+    let (ok, _, err) = check("[sockets]\npath = \"/run/x.sock\"\n");
+    assert!(!ok);
+    assert!(err.contains("sockets"), "{err}");
+}
+
+#[test]
+fn valid_config_passes_and_reports_warnings() {
+    let (ok, out, err) = check("[socket]\nmode = \"0666\"\n[limits]\nidle_timeout = \"90s\"\n");
+    assert!(ok, "{err}");
+    assert!(out.contains("is valid"), "{out}");
+    assert!(out.contains("warning: socket.mode 0666"), "{out}");
+}
+
+#[test]
+fn out_of_range_and_mistyped_values_are_refused_with_the_key() {
+    for (text, needle) in [
+        ("[limits]\nmax_frame_bytes = 5\n", "limits.max_frame_bytes"),
+        ("[limits]\nmax_connections = \"many\"\n", "max_connections"),
+        ("[socket]\nmode = \"rw-rw----\"\n", "mode"),
+        ("[log]\nformat = \"xml\"\n", "xml"),
+        (
+            "[socket]\ngroup = \"no-such-group-hsmd-test\"\n",
+            "no-such-group-hsmd-test",
+        ),
+    ] {
+        let (ok, _, err) = check(text);
+        assert!(!ok, "{text:?} should be refused");
+        assert!(err.contains(needle), "{text:?}: {err}");
+    }
+}
+
+#[test]
+fn daemon_refuses_to_start_on_a_bad_config() {
+    let prepared = Daemon::builder().prepare();
+    fs::write(&prepared.config, "bogus = true\n").expect("write");
+    let out = prepared.command().output().expect("run hsmd");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bogus"), "{err}");
+    assert!(!prepared.socket.exists());
+}
+
+#[test]
+fn missing_config_file_is_a_clear_error() {
+    let out = Command::new(bin("hsmd"))
+        .args(["--check-config", "--config", "/nonexistent/hsmd.toml"])
+        .output()
+        .expect("run hsmd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read config file /nonexistent/hsmd.toml"), "{err}");
+}

@@ -23,6 +23,8 @@ pub struct AsyncClient {
     server: ServerHello,
     next_id: u64,
     recv: RecvBuf,
+    /// Reused for every outgoing frame.
+    send_buf: Vec<u8>,
     options: ClientOptions,
 }
 
@@ -60,6 +62,7 @@ impl AsyncClient {
             },
             next_id: 1,
             recv: RecvBuf::default(),
+            send_buf: Vec::new(),
             options,
         };
         let sent = client.send(hello).await;
@@ -84,8 +87,9 @@ impl AsyncClient {
     pub async fn send(&mut self, op: Operation) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let frame = codec::encode_frame(&Request { id, op }, self.server.max_frame_bytes)?;
-        self.stream.write_all(&frame).await.map_err(ClientError::Io)?;
+        self.send_buf.clear();
+        codec::encode_frame_into(&Request { id, op }, self.server.max_frame_bytes, &mut self.send_buf)?;
+        self.stream.write_all(&self.send_buf).await.map_err(ClientError::Io)?;
         Ok(id)
     }
 

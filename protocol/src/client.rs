@@ -46,6 +46,8 @@ pub struct Client {
     server: ServerHello,
     next_id: u64,
     recv: RecvBuf,
+    /// Reused for every outgoing frame.
+    send_buf: Vec<u8>,
     timeout: Option<Duration>,
 }
 
@@ -83,6 +85,7 @@ impl Client {
             },
             next_id: 1,
             recv: RecvBuf::default(),
+            send_buf: Vec::new(),
             timeout: options.timeout,
         };
         let hello = Operation::Hello(ClientHello {
@@ -114,8 +117,9 @@ impl Client {
     pub fn send(&mut self, op: Operation) -> Result<u64, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let frame = codec::encode_frame(&Request { id, op }, self.server.max_frame_bytes)?;
-        self.stream.write_all(&frame).map_err(ClientError::Io)?;
+        self.send_buf.clear();
+        codec::encode_frame_into(&Request { id, op }, self.server.max_frame_bytes, &mut self.send_buf)?;
+        self.stream.write_all(&self.send_buf).map_err(ClientError::Io)?;
         Ok(id)
     }
 

@@ -17,8 +17,8 @@ use protocol::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{unix::OwnedWriteHalf, UnixStream},
-    sync::{mpsc, Semaphore},
+    net::UnixStream,
+    sync::mpsc,
     time::{sleep_until, timeout, Instant},
 };
 use tracing::Instrument;
@@ -106,78 +106,94 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
     .await;
 }
 
-/// Why the read loop ended.
+/// Why the connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
     /// The peer closed its side.
     PeerClosed,
-    /// We sent an error and close.
+    /// We answered with an error and close.
     Refused,
-    /// A transport error.
+    /// A transport error, or the peer stopped reading.
     Broken,
 }
 
+/// One task per connection does everything: reads frames, answers cheap requests
+/// straight into the output buffer, hands blocking ones to the pool and writes
+/// their answers as they come back. One task (not a reader and a writer joined by
+/// a channel) keeps a ping to one wake-up, as cheap as a raw echo.
 struct Connection {
-    reader: tokio::net::unix::OwnedReadHalf,
-    writer: Option<OwnedWriteHalf>,
+    stream: UnixStream,
     caller: Arc<Caller>,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Response>,
-    rx: Option<mpsc::Receiver<Response>>,
-    in_flight: Arc<Semaphore>,
+    /// Answers from the blocking pool.
+    done_tx: mpsc::UnboundedSender<Response>,
+    done_rx: mpsc::UnboundedReceiver<Response>,
+    /// Requests handed to the pool and not yet answered.
+    in_flight: usize,
+    /// Encoded responses waiting to be written.
+    out: Vec<u8>,
     greeted: bool,
 }
 
 impl Connection {
     fn new(stream: UnixStream, caller: Arc<Caller>, shared: Arc<Shared>) -> Self {
-        let (reader, writer) = stream.into_split();
-        let depth = shared.limits.max_requests_in_flight as usize;
-        let (tx, rx) = mpsc::channel(depth + 2);
+        // Unbounded is bounded in practice: at most max_requests_in_flight jobs
+        // exist per connection, and each sends one answer.
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         Self {
-            reader,
-            writer: Some(writer),
+            stream,
             caller,
-            in_flight: Arc::new(Semaphore::new(depth)),
             shared,
-            tx,
-            rx: Some(rx),
+            done_tx,
+            done_rx,
+            in_flight: 0,
+            out: Vec::with_capacity(8 * 1024),
             greeted: false,
         }
     }
 
     async fn run(mut self) {
-        let (Some(writer), Some(rx)) = (self.writer.take(), self.rx.take()) else {
-            return;
-        };
-        let write_timeout = self.shared.limits.frame_timeout;
-        let writer = tokio::spawn(write_loop(writer, rx, write_timeout).in_current_span());
-        let ending = self.read_loop().await;
+        let ending = self.serve().await;
         match ending {
             Ending::PeerClosed => tracing::debug!("peer closed the connection"),
-            Ending::Refused | Ending::Broken => tracing::debug!("connection closed by hsmd"),
+            Ending::Refused => tracing::debug!("connection closed by hsmd"),
+            Ending::Broken => tracing::debug!("connection broken"),
         }
-        // Requests still in flight hold senders; the writer ends once they answer.
-        drop(self.tx);
-        let _ = writer.await;
+        if ending != Ending::Broken {
+            // Requests already handed to the pool are still answered.
+            while self.in_flight > 0 {
+                let Some(response) = self.done_rx.recv().await else {
+                    break;
+                };
+                self.in_flight -= 1;
+                encode(&response, &mut self.out);
+                if !self.flush().await {
+                    return;
+                }
+            }
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        }
     }
 
-    async fn read_loop(&mut self) -> Ending {
+    async fn serve(&mut self) -> Ending {
         let limits = self.shared.limits.clone();
+        let max_in_flight = limits.max_requests_in_flight as usize;
         let mut buf = BytesMut::with_capacity(8 * 1024);
         let mut last_activity = Instant::now();
         // When the first byte of the frame now being received arrived.
         let mut frame_started: Option<Instant> = None;
         loop {
-            // Answer every whole frame already buffered.
-            loop {
+            // Answer every whole frame already buffered, while there is room in flight.
+            while self.in_flight < max_in_flight {
                 match frame::check(&buf, limits.max_frame_bytes) {
                     Err(e) => {
                         tracing::warn!(error = %e, "refusing oversize frame");
-                        self.send_error(
+                        self.push_error(
                             CONNECTION_ERROR_ID,
                             ErrorCode::FrameTooLarge,
                             format!("{e}; the connection is closed"),
-                        )
-                        .await;
+                        );
                         return Ending::Refused;
                     }
                     Ok(FrameStatus::Incomplete { buffered_at_least }) => {
@@ -191,11 +207,14 @@ impl Connection {
                         let body = buf.split_to(body_len).freeze();
                         last_activity = Instant::now();
                         frame_started = None;
-                        if !self.handle_frame(&body).await {
+                        if !self.handle_frame(&body) {
                             return Ending::Refused;
                         }
                     }
                 }
+            }
+            if !self.flush().await {
+                return Ending::Broken;
             }
             if !buf.is_empty() && frame_started.is_none() {
                 frame_started = Some(Instant::now());
@@ -204,33 +223,46 @@ impl Connection {
                 Some(t) => (t + limits.frame_timeout, true),
                 None => (last_activity + limits.idle_timeout, false),
             };
+            // At the in-flight limit the peer is not read until answers go out.
+            let may_read = self.in_flight < max_in_flight;
             tokio::select! {
                 biased;
                 () = self.shared.shutdown.cancelled() => {
-                    self.send_error(CONNECTION_ERROR_ID, ErrorCode::ShuttingDown,
-                        "hsmd is shutting down; requests already sent are answered, no new ones are read").await;
+                    self.push_error(CONNECTION_ERROR_ID, ErrorCode::ShuttingDown,
+                        "hsmd is shutting down; requests already sent are answered, no new ones are read");
                     return Ending::Refused;
+                }
+                Some(response) = self.done_rx.recv() => {
+                    self.in_flight -= 1;
+                    encode(&response, &mut self.out);
+                    // Gather any others that are ready into the same write.
+                    while self.out.len() < WRITE_BATCH {
+                        let Ok(next) = self.done_rx.try_recv() else { break };
+                        self.in_flight -= 1;
+                        encode(&next, &mut self.out);
+                    }
+                    last_activity = Instant::now();
                 }
                 () = sleep_until(deadline) => {
                     if partial {
                         tracing::warn!(buffered = buf.len(), "frame not completed in time; closing");
-                        self.send_error(CONNECTION_ERROR_ID, ErrorCode::FrameTimeout, format!(
+                        self.push_error(CONNECTION_ERROR_ID, ErrorCode::FrameTimeout, format!(
                             "a frame was started but not completed within {}; the connection is closed",
-                            humantime::format_duration(limits.frame_timeout))).await;
+                            humantime::format_duration(limits.frame_timeout)));
                         return Ending::Refused;
                     }
-                    if self.requests_in_flight() > 0 {
+                    if self.in_flight > 0 {
                         // Waiting on our own answers is not idleness.
                         last_activity = Instant::now();
                         continue;
                     }
                     tracing::debug!("idle timeout; closing");
-                    self.send_error(CONNECTION_ERROR_ID, ErrorCode::IdleTimeout, format!(
+                    self.push_error(CONNECTION_ERROR_ID, ErrorCode::IdleTimeout, format!(
                         "no request for {}; the connection is closed",
-                        humantime::format_duration(limits.idle_timeout))).await;
+                        humantime::format_duration(limits.idle_timeout)));
                     return Ending::Refused;
                 }
-                read = self.reader.read_buf(&mut buf) => match read {
+                read = self.stream.read_buf(&mut buf), if may_read => match read {
                     Ok(0) => {
                         if !buf.is_empty() {
                             tracing::warn!(buffered = buf.len(), "peer disconnected in the middle of a frame");
@@ -247,75 +279,79 @@ impl Connection {
         }
     }
 
-    fn requests_in_flight(&self) -> usize {
-        self.shared.limits.max_requests_in_flight as usize - self.in_flight.available_permits()
+    /// Writes whatever responses are buffered; `false` if the peer is gone or
+    /// has stopped reading for longer than the frame timeout.
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let result = timeout(self.shared.limits.frame_timeout, self.stream.write_all(&self.out)).await;
+        self.out.clear();
+        if self.out.capacity() > 4 * WRITE_BATCH {
+            self.out.shrink_to(WRITE_BATCH);
+        }
+        match result {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("peer stopped reading its responses; dropping the connection");
+                false
+            }
+        }
     }
 
     /// Answers one frame; `false` means the connection must close.
-    async fn handle_frame(&mut self, body: &[u8]) -> bool {
+    fn handle_frame(&mut self, body: &[u8]) -> bool {
         let request: Request = match codec::decode_body(body) {
             Ok(r) => r,
             Err(e) => {
                 if let Some((id, variant)) = codec::peek_request_header(body).filter(|(_, v)| *v >= OPERATION_VARIANTS)
                 {
                     tracing::warn!(request = id, variant, "unknown operation; closing");
-                    self.send_error(
+                    self.push_error(
                         id,
                         ErrorCode::UnknownRequest,
                         format!(
                             "operation #{variant} is not known to hsmd {VERSION} (protocol {PROTOCOL_VERSION}); \
                          upgrade hsmd or use a client of the same version; the connection is closed"
                         ),
-                    )
-                    .await;
+                    );
                 } else {
                     tracing::warn!(error = %e, len = body.len(), "malformed frame; closing");
-                    self.send_error(
+                    self.push_error(
                         CONNECTION_ERROR_ID,
                         ErrorCode::MalformedFrame,
                         format!("{e}; the connection is closed"),
-                    )
-                    .await;
+                    );
                 }
                 return false;
             }
         };
         let Request { id, op } = request;
         if !self.greeted {
-            return self.handshake(id, op).await;
+            return self.handshake(id, op);
         }
         if let Operation::Hello(_) = op {
-            self.send_error(
+            self.push_error(
                 id,
                 ErrorCode::ProtocolViolation,
                 "hello was already exchanged on this connection; the connection is closed",
-            )
-            .await;
+            );
             return false;
         }
-        // Backpressure: a client with too much in flight is not read further
-        // until some of it is answered.
-        let permit = tokio::select! {
-            biased;
-            () = self.shared.shutdown.cancelled() => return false,
-            p = Arc::clone(&self.in_flight).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return false,
-            },
-        };
         tracing::trace!(request = id, op = op.name(), "request");
         match dispatch::route(op, &self.caller, &self.shared) {
-            Work::Done(result) => {
-                drop(permit);
-                let _ = self.tx.send(Response { id, result }).await;
-            }
+            Work::Done(result) => encode(&Response { id, result }, &mut self.out),
             Work::Blocking(job) => {
-                let tx = self.tx.clone();
+                self.in_flight += 1;
+                let tx = self.done_tx.clone();
                 let counted = InFlight::new(Arc::clone(&self.shared));
                 let span = tracing::Span::current();
                 tokio::task::spawn_blocking(move || {
                     let _enter = span.enter();
-                    let _counted = counted;
                     let result = catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|_| {
                         tracing::error!(request = id, "request handler panicked");
                         Err(WireError::new(
@@ -323,30 +359,29 @@ impl Connection {
                             "hsmd failed to serve this request; see its log",
                         ))
                     });
-                    let _ = tx.blocking_send(Response { id, result });
-                    drop(permit);
+                    drop(counted);
+                    let _ = tx.send(Response { id, result });
                 });
             }
         }
         true
     }
 
-    async fn handshake(&mut self, id: u64, op: Operation) -> bool {
+    fn handshake(&mut self, id: u64, op: Operation) -> bool {
         let Operation::Hello(hello) = op else {
-            self.send_error(
+            self.push_error(
                 id,
                 ErrorCode::ProtocolViolation,
                 format!(
                     "the first request must be hello, not {}; the connection is closed",
                     op.name()
                 ),
-            )
-            .await;
+            );
             return false;
         };
         if hello.protocol_version != PROTOCOL_VERSION {
             tracing::warn!(client = %hello.client, version = hello.protocol_version, "unsupported protocol version");
-            self.send_error(
+            self.push_error(
                 id,
                 ErrorCode::UnsupportedVersion,
                 format!(
@@ -354,8 +389,7 @@ impl Connection {
                  use a client built for this daemon; the connection is closed",
                     hello.client, hello.protocol_version
                 ),
-            )
-            .await;
+            );
             return false;
         }
         tracing::debug!(client = %hello.client, "hello");
@@ -371,47 +405,19 @@ impl Connection {
             max_frame_bytes: self.shared.limits.max_frame_bytes,
             connection_id: self.caller.connection_id,
         });
-        let _ = self.tx.send(Response { id, result: Ok(reply) }).await;
+        encode(&Response { id, result: Ok(reply) }, &mut self.out);
         true
     }
 
-    async fn send_error(&self, id: u64, code: ErrorCode, message: impl Into<String>) {
-        let _ = self
-            .tx
-            .send(Response {
+    fn push_error(&mut self, id: u64, code: ErrorCode, message: impl Into<String>) {
+        encode(
+            &Response {
                 id,
                 result: Err(WireError::new(code, message)),
-            })
-            .await;
+            },
+            &mut self.out,
+        );
     }
-}
-
-/// Writes responses as they come, batching those that are ready together into
-/// one write. Ends when every sender is gone, or the peer stops reading.
-async fn write_loop(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Response>, write_timeout: Duration) {
-    let mut out = Vec::with_capacity(8 * 1024);
-    while let Some(first) = rx.recv().await {
-        out.clear();
-        encode(&first, &mut out);
-        while out.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(next) => encode(&next, &mut out),
-                Err(_) => break,
-            }
-        }
-        match timeout(write_timeout, writer.write_all(&out)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "write failed; dropping the connection");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!("peer stopped reading its responses; dropping the connection");
-                return;
-            }
-        }
-    }
-    let _ = writer.shutdown().await;
 }
 
 fn encode(response: &Response, out: &mut Vec<u8>) {

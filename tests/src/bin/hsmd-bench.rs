@@ -1,0 +1,272 @@
+//! Benchmark: `ping` round trips through hsmd, beside a raw Unix-socket echo of
+//! the same frame size measured in the same run.
+//!
+//! ```text
+//! cargo run --release -p hsmd-tests --bin hsmd-bench              # full run
+//! cargo run --release -p hsmd-tests --bin hsmd-bench -- --quick   # a smoke run
+//! ```
+//!
+//! The raw echo server is this binary re-executed with `--echo-server PATH`: a
+//! tokio current-thread reactor (the same I/O model hsmd uses) that reads each
+//! length-prefixed frame and writes it back without decoding it. Both servers are
+//! separate processes; clients are threads of this process, one connection each,
+//! one request outstanding at a time.
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Barrier},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use hsmd_tests::Daemon;
+use protocol::{
+    codec,
+    frame::{self, FrameStatus, HEADER_LEN},
+    Client, ClientOptions, Operation, Request,
+};
+
+#[derive(Debug, Clone)]
+struct Args {
+    seconds: f64,
+    rounds: usize,
+    clients: Vec<usize>,
+    payload: usize,
+}
+
+fn parse_args() -> Result<Option<Args>> {
+    let mut args = Args {
+        seconds: 3.0,
+        rounds: 3,
+        clients: vec![1, 2, 8],
+        payload: 16,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--echo-server" => {
+                let path = it.next().context("--echo-server PATH")?;
+                echo_server(Path::new(&path))?;
+                return Ok(None);
+            }
+            "--quick" => {
+                args.seconds = 0.3;
+                args.rounds = 1;
+            }
+            "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
+            "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
+            "--payload" => args.payload = it.next().context("--payload BYTES")?.parse()?,
+            "--clients" => {
+                args.clients = it
+                    .next()
+                    .context("--clients 1,2,8")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+            }
+            "-h" | "--help" => {
+                println!("hsmd-bench [--quick] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES]");
+                return Ok(None);
+            }
+            other => bail!("unknown argument {other:?}; try --help"),
+        }
+    }
+    if args.rounds == 0 || args.clients.is_empty() || args.seconds <= 0.0 {
+        bail!("--rounds, --clients and --seconds must be positive");
+    }
+    Ok(Some(args))
+}
+
+/// Figures of one measured run.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Runs `clients` threads, each calling `round_trip` on its own connection for
+/// `secs` after a warm-up, and returns the aggregate rate and latency percentiles.
+fn measure<C, F>(clients: usize, secs: f64, connect: C) -> Result<Figures>
+where
+    C: Fn() -> Result<F>,
+    F: FnMut() -> Result<()> + Send + 'static,
+{
+    let warmup = Duration::from_secs_f64((secs * 0.2).min(0.5));
+    let run = Duration::from_secs_f64(secs);
+    let barrier = Arc::new(Barrier::new(clients));
+    let mut handles = Vec::new();
+    for _ in 0..clients {
+        let mut rt = connect()?;
+        let barrier = Arc::clone(&barrier);
+        handles.push(thread::spawn(move || -> Result<Vec<u32>> {
+            barrier.wait();
+            let start = Instant::now();
+            while start.elapsed() < warmup {
+                rt()?;
+            }
+            let mut lat = Vec::with_capacity(1 << 20);
+            let start = Instant::now();
+            loop {
+                let t = Instant::now();
+                rt()?;
+                let now = Instant::now();
+                lat.push(u32::try_from((now - t).as_nanos()).unwrap_or(u32::MAX));
+                if now - start >= run {
+                    break;
+                }
+            }
+            Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??);
+    }
+    all.sort_unstable();
+    let pct = |p: f64| f64::from(all[((all.len() - 1) as f64 * p) as usize]) / 1000.0;
+    Ok(Figures {
+        per_sec: all.len() as f64 / secs,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    })
+}
+
+fn median(mut v: Vec<Figures>) -> Figures {
+    v.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+    v[v.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
+    let daemon = Daemon::builder().limit("max_connections", "64").start();
+    let payload = vec![0x5au8; args.payload];
+    let frame = codec::encode_frame(
+        &Request {
+            id: 1,
+            op: Operation::Ping {
+                payload: payload.clone(),
+            },
+        },
+        u32::MAX,
+    )?;
+    let echo_dir = tempfile::tempdir()?;
+    let echo_path = echo_dir.path().join("echo.sock");
+    let mut echo = start_echo(&echo_path)?;
+
+    println!(
+        "hsmd ping benchmark: payload {} B (request frame {} B), {} s per run, median of {} round{}, {} cores",
+        args.payload,
+        frame.len(),
+        args.seconds,
+        args.rounds,
+        if args.rounds == 1 { "" } else { "s" },
+        thread::available_parallelism().map_or(0, std::num::NonZero::get),
+    );
+    println!("hsmd binary: {}", hsmd_tests::bin("hsmd").display());
+    println!(
+        "{:>7} | {:>14} {:>8} {:>8} | {:>14} {:>8} {:>8} | {:>8}",
+        "clients", "raw echo rt/s", "p50 µs", "p99 µs", "hsmd ping rt/s", "p50 µs", "p99 µs", "hsmd/raw"
+    );
+    let mut verdict = None;
+    for &clients in &args.clients {
+        let mut raw_runs = Vec::new();
+        let mut hsmd_runs = Vec::new();
+        for _ in 0..args.rounds {
+            let frame = frame.clone();
+            let path = echo_path.clone();
+            raw_runs.push(measure(clients, args.seconds, move || {
+                let mut s = UnixStream::connect(&path)?;
+                let frame = frame.clone();
+                let mut back = vec![0u8; frame.len()];
+                Ok(move || -> Result<()> {
+                    s.write_all(&frame)?;
+                    s.read_exact(&mut back)?;
+                    Ok(())
+                })
+            })?);
+            let socket = daemon.socket.clone();
+            let payload = payload.clone();
+            hsmd_runs.push(measure(clients, args.seconds, move || {
+                let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
+                let payload = payload.clone();
+                Ok(move || -> Result<()> {
+                    c.ping(payload.clone())?;
+                    Ok(())
+                })
+            })?);
+        }
+        let (raw, hsmd) = (median(raw_runs), median(hsmd_runs));
+        let ratio = hsmd.per_sec / raw.per_sec * 100.0;
+        println!(
+            "{clients:>7} | {:>14.0} {:>8.1} {:>8.1} | {:>14.0} {:>8.1} {:>8.1} | {:>7.1}%",
+            raw.per_sec, raw.p50_us, raw.p99_us, hsmd.per_sec, hsmd.p50_us, hsmd.p99_us, ratio
+        );
+        if clients == 8 {
+            verdict = Some(ratio);
+        }
+    }
+    if let Some(ratio) = verdict {
+        println!(
+            "target: at 8 clients hsmd >= 80% of the raw echo's round trips/s: {} ({ratio:.1}%)",
+            if ratio >= 80.0 { "met" } else { "NOT met" }
+        );
+    }
+    let _ = echo.kill();
+    let _ = echo.wait();
+    Ok(())
+}
+
+fn start_echo(path: &Path) -> Result<Child> {
+    let child = Command::new(std::env::current_exe()?)
+        .arg("--echo-server")
+        .arg(path)
+        .stdin(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(path).is_err() {
+        if Instant::now() > deadline {
+            bail!("echo server did not start");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+/// The baseline: frames echoed back as they are, on a current-thread reactor.
+fn echo_server(path: &Path) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(path)?;
+        loop {
+            let (mut s, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let mut buf = bytes::BytesMut::with_capacity(8192);
+                loop {
+                    match frame::check(&buf, frame::MAX_FRAME_CEILING) {
+                        Ok(FrameStatus::Complete { body_len }) => {
+                            let f = buf.split_to(HEADER_LEN + body_len);
+                            if s.write_all(&f).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        Ok(FrameStatus::Incomplete { .. }) => {}
+                        Err(_) => return,
+                    }
+                    match s.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    })
+}

@@ -1,0 +1,33 @@
+//! Must show 8: the benchmark runs and prints both figures (hsmd and the raw
+//! echo baseline of the same frame size, measured in the same run). The figures
+//! themselves come from a release run (see BENCHMARKS.md); this is a smoke run.
+
+use std::process::Command;
+
+#[test]
+fn benchmark_prints_hsmd_and_raw_echo_figures_side_by_side() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hsmd-bench"))
+        .args(["--quick", "--clients", "1,8"])
+        .output()
+        .expect("run hsmd-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("raw echo rt/s") && text.contains("hsmd ping rt/s"), "{text}");
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per client count: {text}");
+    for row in rows {
+        // clients, raw rt/s, p50, p99, hsmd rt/s, p50, p99, ratio
+        assert_eq!(row.len(), 8, "{row:?}");
+        assert!(row[1] > 0.0 && row[4] > 0.0, "both servers answered: {row:?}");
+        assert!(row[2] <= row[3] && row[5] <= row[6], "p50 <= p99: {row:?}");
+    }
+    assert!(text.contains("target: at 8 clients"), "{text}");
+}

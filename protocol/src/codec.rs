@@ -142,6 +142,49 @@ mod tests {
     }
 
     #[test]
+    fn example_frames_in_docs_protocol_md_are_exact() {
+        let hello = Request {
+            id: 1,
+            op: Operation::Hello(ClientHello {
+                protocol_version: 1,
+                client: "ab".into(),
+            }),
+        };
+        let frame = encode_frame(&hello, u32::MAX).unwrap();
+        assert_eq!(
+            frame,
+            [
+                0x00, 0x00, 0x00, 0x1a, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, b'a', b'b'
+            ]
+        );
+        let status = encode_frame(
+            &Request {
+                id: 2,
+                op: Operation::Status,
+            },
+            u32::MAX,
+        )
+        .unwrap();
+        assert_eq!(status, [0, 0, 0, 0x0c, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]);
+    }
+
+    #[test]
+    fn error_is_code_number_then_message() {
+        use crate::{ErrorCode, Response, WireError};
+        let r = Response {
+            id: 5,
+            result: Err(WireError::new(ErrorCode::PermissionDenied, "no")),
+        };
+        let body = encode_body(&r).unwrap();
+        let mut expected = 5u64.to_le_bytes().to_vec();
+        expected.extend_from_slice(&1u32.to_le_bytes()); // Result::Err
+        expected.extend_from_slice(&7u32.to_le_bytes()); // PermissionDenied
+        expected.extend_from_slice(&2u64.to_le_bytes());
+        expected.extend_from_slice(b"no");
+        assert_eq!(body, expected);
+    }
+
+    #[test]
     fn operation_variant_count_is_current() {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {

@@ -12,7 +12,10 @@ fn benchmark_prints_hsmd_and_raw_echo_figures_side_by_side() {
         .expect("run hsmd-bench");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("raw echo rt/s") && text.contains("hsmd ping rt/s"), "{text}");
+    assert!(
+        text.contains("raw echo rt/s") && text.contains("hsmd ping rt/s"),
+        "{text}"
+    );
     let rows: Vec<Vec<f64>> = text
         .lines()
         .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))

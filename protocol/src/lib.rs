@@ -17,6 +17,8 @@
 //!
 //! With the `tokio` feature, [`AsyncClient`] offers the same calls as `async fn`s.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod error;
 pub mod frame;

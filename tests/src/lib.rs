@@ -64,6 +64,7 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct DaemonBuilder {
     dev: bool,
     socket_mode: String,
+    socket_group: Option<String>,
     allow_root: bool,
     users: Vec<String>,
     groups: Vec<String>,
@@ -76,6 +77,7 @@ impl Default for DaemonBuilder {
         Self {
             dev: false,
             socket_mode: "0600".into(),
+            socket_group: None,
             allow_root: true,
             users: vec![nix::unistd::getuid().as_raw().to_string()],
             groups: Vec::new(),
@@ -96,6 +98,12 @@ impl DaemonBuilder {
     #[must_use]
     pub fn socket_mode(mut self, mode: &str) -> Self {
         mode.clone_into(&mut self.socket_mode);
+        self
+    }
+    /// Sets `socket.group`.
+    #[must_use]
+    pub fn socket_group(mut self, group: &str) -> Self {
+        self.socket_group = Some(group.into());
         self
     }
     /// Sets `access.users` (replacing the default: the test's own uid).
@@ -150,6 +158,9 @@ impl DaemonBuilder {
             list(&self.users),
             list(&self.groups),
         );
+        if let Some(group) = &self.socket_group {
+            text = text.replacen("[access]", &format!("group = {group:?}\n\n[access]"), 1);
+        }
         for (k, v) in &self.limits {
             text.push_str(&format!("{k} = {v}\n"));
         }

@@ -83,3 +83,58 @@ fn missing_config_file_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot read config file /nonexistent/hsmd.toml"), "{err}");
 }
+
+#[test]
+fn without_a_config_file_hsmd_runs_on_defaults_and_says_so() {
+    if std::path::Path::new("/etc/hsmd/hsmd.toml").exists() {
+        eprintln!("skipped: this machine has /etc/hsmd/hsmd.toml");
+        return;
+    }
+    let prepared = Daemon::builder().prepare();
+    let mut cmd = Command::new(bin("hsmd"));
+    cmd.arg("--socket")
+        .arg(&prepared.socket)
+        .arg("--state-dir")
+        .arg(prepared.dir.path().join("state"));
+    let socket = prepared.socket.clone();
+    let d = prepared.spawn(&mut cmd, &socket);
+    assert!(d.log().contains("running on built-in defaults"), "{}", d.log());
+    let status = d.client().status().expect("status");
+    assert_eq!(status.max_connections, 256, "the built-in default");
+    assert!(!status.dev_mode);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&socket).expect("stat").permissions());
+    assert_eq!(mode & 0o777, 0o660, "the built-in socket mode");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let prepared = Daemon::builder().prepare();
+    let mut cmd = prepared.command();
+    cmd.args(["--log-format", "json"]);
+    let socket = prepared.socket.clone();
+    let d = prepared.spawn(&mut cmd, &socket);
+    d.client().ping(vec![]).expect("ping");
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{line}");
+    }
+    assert!(log.contains("\"message\":\"hsmd is listening\""), "{log}");
+}
+
+#[test]
+fn the_socket_gets_the_configured_group() {
+    use std::os::unix::fs::MetadataExt;
+    if !hsmd_tests::is_root() {
+        eprintln!("skipped: giving a file to another group needs root");
+        return;
+    }
+    let Some(group) = nix::unistd::Group::from_gid(65534.into()).ok().flatten() else {
+        eprintln!("skipped: no group 65534");
+        return;
+    };
+    let d = Daemon::builder().socket_mode("0660").socket_group(&group.name).start();
+    assert_eq!(fs::metadata(&d.socket).expect("stat").gid(), 65534);
+}

@@ -380,7 +380,7 @@ impl Connection {
             return false;
         };
         if hello.protocol_version != PROTOCOL_VERSION {
-            tracing::warn!(client = %hello.client, version = hello.protocol_version, "unsupported protocol version");
+            tracing::warn!(client = ?hello.client, version = hello.protocol_version, "unsupported protocol version");
             self.push_error(
                 id,
                 ErrorCode::UnsupportedVersion,
@@ -392,7 +392,7 @@ impl Connection {
             );
             return false;
         }
-        tracing::debug!(client = %hello.client, "hello");
+        tracing::debug!(client = ?hello.client, "hello");
         self.greeted = true;
         let mut features = vec!["pipelining".to_owned()];
         if self.shared.dev {

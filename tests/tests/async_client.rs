@@ -1,0 +1,54 @@
+//! The async client (feature `tokio`) against a real daemon: the same calls and
+//! errors as the blocking one.
+
+use std::time::Duration;
+
+use hsmd_tests::Daemon;
+use protocol::{AsyncClient, ClientOptions, ErrorCode, Operation, Reply};
+
+#[tokio::test(flavor = "current_thread")]
+async fn async_client_handshakes_calls_and_pipelines() {
+    let d = Daemon::builder().dev().start();
+    let mut c = AsyncClient::connect(&d.socket).await.expect("connect");
+    assert_eq!(c.server().protocol_version, protocol::PROTOCOL_VERSION);
+    assert!(c.server().features.iter().any(|f| f == "dev-mode"));
+
+    assert_eq!(c.status().await.expect("status").pid, d.pid());
+    assert_eq!(c.whoami().await.expect("whoami").uid, nix::unistd::getuid().as_raw());
+    assert_eq!(c.ping(b"abc".to_vec()).await.expect("ping"), b"abc");
+
+    let slow = c.send(Operation::DebugDelay { millis: 300 }).await.expect("send");
+    let fast = c.send(Operation::Ping { payload: vec![9] }).await.expect("send");
+    assert_eq!(c.recv().await.expect("recv").id, fast);
+    let r = c.recv().await.expect("recv");
+    assert_eq!((r.id, r.result), (slow, Ok(Reply::Delayed { millis: 300 })));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn async_client_reports_refusals_and_timeouts() {
+    let d = Daemon::builder().dev().start();
+    let mut c = AsyncClient::connect_with(
+        &d.socket,
+        ClientOptions {
+            client_name: "async-test".into(),
+            timeout: Some(Duration::from_millis(200)),
+        },
+    )
+    .await
+    .expect("connect");
+    let err = c
+        .call(Operation::DebugDelay { millis: 20_000 })
+        .await
+        .expect_err("over the limit");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument));
+    let err = c
+        .call(Operation::DebugDelay { millis: 1000 })
+        .await
+        .expect_err("times out");
+    assert!(matches!(err, protocol::ClientError::TimedOut(_)), "{err}");
+
+    let err = AsyncClient::connect(d.dir().join("nothing.sock"))
+        .await
+        .expect_err("no socket");
+    assert!(err.is_unreachable());
+}

@@ -94,3 +94,56 @@ fn a_connection_waiting_on_its_own_slow_request_is_not_idle() {
         .expect("answered, not timed out");
     assert_eq!(reply, protocol::Reply::Delayed { millis: 2500 });
 }
+
+#[test]
+fn in_flight_limit_holds_back_reading_without_timing_the_client_out() {
+    let d = Daemon::builder()
+        .dev()
+        .limit("max_requests_in_flight", "1")
+        .limit("frame_timeout", "\"1s\"")
+        .start();
+    let mut raw = Raw::connect(&d.socket);
+    raw.hello();
+    let body = |id, op| protocol::codec::encode_frame(&protocol::Request { id, op }, u32::MAX).expect("encode");
+    let slow = body(2, protocol::Operation::DebugDelay { millis: 1500 });
+    let ping = body(3, protocol::Operation::Ping { payload: vec![7; 64] });
+    // One write: the slow request and the first half of a ping. hsmd is at its
+    // in-flight limit while the half frame sits in its buffer.
+    let mut first = slow.clone();
+    first.extend_from_slice(&ping[..20]);
+    raw.write(&first).expect("write");
+    thread::sleep(Duration::from_millis(1300));
+    raw.write(&ping[20..]).expect("write rest");
+
+    let a = raw.read_response().expect("answer");
+    let b = raw.read_response().expect("answer");
+    assert_eq!((a.id, b.id), (2, 3), "{a:?} {b:?}");
+    assert!(a.result.is_ok() && b.result.is_ok(), "{a:?} {b:?}");
+}
+
+#[test]
+fn pipelined_requests_beyond_the_in_flight_limit_wait_and_are_all_answered() {
+    let d = Daemon::builder().dev().limit("max_requests_in_flight", "2").start();
+    let mut c = d.client();
+    let ids: Vec<u64> = (0..6)
+        .map(|_| c.send(protocol::Operation::DebugDelay { millis: 200 }).expect("send"))
+        .collect();
+    let mut watcher = d.client();
+    let mut peak = 0;
+    let mut answered = Vec::new();
+    let t = Instant::now();
+    while answered.len() < ids.len() {
+        peak = peak.max(watcher.status().expect("status").requests_in_flight);
+        if let Ok(r) = c.recv() {
+            answered.push(r.id);
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, ids);
+    assert!(peak <= 2, "at most 2 in flight, saw {peak}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(550),
+        "6 x 200 ms, 2 at a time: {:?}",
+        t.elapsed()
+    );
+}

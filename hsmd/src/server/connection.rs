@@ -216,15 +216,19 @@ impl Connection {
             if !self.flush().await {
                 return Ending::Broken;
             }
-            if !buf.is_empty() && frame_started.is_none() {
+            // At the in-flight limit the peer is not read until answers go out.
+            // That wait is ours, so a partly received frame is not timed meanwhile:
+            // its clock restarts when reading resumes.
+            let may_read = self.in_flight < max_in_flight;
+            if !may_read {
+                frame_started = None;
+            } else if !buf.is_empty() && frame_started.is_none() {
                 frame_started = Some(Instant::now());
             }
             let (deadline, partial) = match frame_started {
                 Some(t) => (t + limits.frame_timeout, true),
                 None => (last_activity + limits.idle_timeout, false),
             };
-            // At the in-flight limit the peer is not read until answers go out.
-            let may_read = self.in_flight < max_in_flight;
             tokio::select! {
                 biased;
                 () = self.shared.shutdown.cancelled() => {
@@ -243,7 +247,7 @@ impl Connection {
                     }
                     last_activity = Instant::now();
                 }
-                () = sleep_until(deadline) => {
+                () = sleep_until(deadline), if may_read => {
                     if partial {
                         tracing::warn!(buffered = buf.len(), "frame not completed in time; closing");
                         self.push_error(CONNECTION_ERROR_ID, ErrorCode::FrameTimeout, format!(

@@ -12,7 +12,7 @@ use crate::{
     codec,
     error::ClientError,
     frame::MAX_FRAME_CEILING,
-    message::{ClientHello, Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo, PROTOCOL_VERSION},
+    message::{Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo},
     recv::RecvBuf,
 };
 
@@ -47,25 +47,15 @@ impl AsyncClient {
             path: PathBuf::from(path),
             source,
         })?;
-        let hello = Operation::Hello(ClientHello {
-            protocol_version: PROTOCOL_VERSION,
-            client: options.client_name.clone(),
-        });
         let mut client = Self {
             stream,
-            server: ServerHello {
-                protocol_version: PROTOCOL_VERSION,
-                daemon_version: String::new(),
-                features: Vec::new(),
-                max_frame_bytes: crate::frame::DEFAULT_MAX_FRAME,
-                connection_id: 0,
-            },
+            server: crate::before_hello(),
             next_id: 1,
             recv: RecvBuf::default(),
             send_buf: Vec::new(),
             options,
         };
-        let sent = client.send(hello).await;
+        let sent = client.send(crate::hello(&client.options.client_name)).await;
         let response = match client.recv().await {
             Ok(r) => r,
             Err(e) => return Err(sent.err().unwrap_or(e)),

@@ -11,7 +11,7 @@ use crate::{
     codec,
     error::{ClientError, ErrorCode},
     frame::MAX_FRAME_CEILING,
-    message::{ClientHello, Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo, PROTOCOL_VERSION},
+    message::{Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo},
     recv::RecvBuf,
 };
 
@@ -76,25 +76,15 @@ impl Client {
         stream.set_write_timeout(options.timeout).map_err(ClientError::Io)?;
         let mut client = Self {
             stream,
-            server: ServerHello {
-                protocol_version: PROTOCOL_VERSION,
-                daemon_version: String::new(),
-                features: Vec::new(),
-                max_frame_bytes: crate::frame::DEFAULT_MAX_FRAME,
-                connection_id: 0,
-            },
+            server: crate::before_hello(),
             next_id: 1,
             recv: RecvBuf::default(),
             send_buf: Vec::new(),
             timeout: options.timeout,
         };
-        let hello = Operation::Hello(ClientHello {
-            protocol_version: PROTOCOL_VERSION,
-            client: options.client_name.clone(),
-        });
         // A daemon that refuses the connection writes its error and closes, possibly
         // before our hello lands; the error is still there to read.
-        let sent = client.send(hello);
+        let sent = client.send(crate::hello(&options.client_name));
         let response = match client.recv() {
             Ok(r) => r,
             Err(e) => return Err(sent.err().unwrap_or(e)),

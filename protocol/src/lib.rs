@@ -38,6 +38,25 @@ pub use message::{
     CONNECTION_ERROR_ID, PROTOCOL_VERSION,
 };
 
+/// The client's hello.
+fn hello(client_name: &str) -> Operation {
+    Operation::Hello(ClientHello {
+        protocol_version: PROTOCOL_VERSION,
+        client: client_name.to_owned(),
+    })
+}
+
+/// What a client assumes of the daemon until its hello arrives.
+fn before_hello() -> ServerHello {
+    ServerHello {
+        protocol_version: PROTOCOL_VERSION,
+        daemon_version: String::new(),
+        features: Vec::new(),
+        max_frame_bytes: frame::DEFAULT_MAX_FRAME,
+        connection_id: 0,
+    }
+}
+
 /// Checks that `response` answers the hello (id 1) and returns the daemon's half.
 fn expect_hello(response: Response) -> Result<ServerHello, ClientError> {
     match expect_id(response, 1)? {

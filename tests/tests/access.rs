@@ -122,3 +122,18 @@ fn root_can_be_shut_out_too() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn dev_mode_serves_only_its_owner_and_root_whatever_the_config_says() {
+    if !is_root() {
+        eprintln!("skipped: acting as another uid needs root (CI runs as root)");
+        return;
+    }
+    // The config would admit nobody, and the socket is open to all: --dev ignores [access].
+    let d = Daemon::builder().dev().socket_mode("0666").users(&["nobody"]).start();
+    let hsmctl = hsmctl_for_nobody(&d);
+    let out = as_nobody(&hsmctl, &d, &["status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permission-denied"));
+    assert!(d.client().status().expect("owner served").dev_mode);
+}

@@ -171,6 +171,14 @@ fn print_status(s: &StatusInfo) {
             "production"
         }
     );
+    println!(
+        "memory:       {}",
+        if s.memory_locked {
+            "locked (never swapped)"
+        } else {
+            "NOT locked: keys could reach swap (see the daemon's log)"
+        }
+    );
     println!("pid:          {}", s.pid);
 }
 

@@ -27,6 +27,23 @@ pub struct Config {
     pub limits: Limits,
     /// Logging.
     pub log: LogConfig,
+    /// Memory protection.
+    pub memory: MemoryConfig,
+}
+
+/// `[memory]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Refuse to start when memory cannot be locked (keys could reach swap).
+    /// `hsmd --dev` only warns, whatever this says.
+    pub require_lock: bool,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self { require_lock: true }
+    }
 }
 
 /// `[socket]`
@@ -128,6 +145,7 @@ impl Default for Config {
             access: AccessConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            memory: MemoryConfig::default(),
         }
     }
 }

@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     auth::AccessGate,
     config::{Config, ConfigError, LogFormat, OctalMode, DEFAULT_CONFIG_PATH},
-    logging,
+    logging, secure_mem,
     server::{self, listener, Shared},
     systemd,
 };
@@ -54,6 +54,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// Memory hardening that the configuration requires failed.
+    #[error(transparent)]
+    Memory(#[from] secure_mem::MemoryError),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -182,6 +185,12 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
+    // Before any secret can exist in this process.
+    let hardening = secure_mem::harden(config.memory.require_lock && !eff.dev)?;
+    match &hardening.not_locked_because {
+        None => tracing::info!("all memory locked (mlockall); core dumps off; not dumpable"),
+        Some(why) => tracing::warn!("memory is NOT locked, keys could reach swap: {why}"),
+    }
     prepare_state_dir(&config.state_dir)?;
 
     let gate = if eff.dev {
@@ -200,7 +209,9 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         .thread_name("hsmd-worker")
         .build()
         .map_err(DaemonError::Runtime)?;
-    let shared = Arc::new(Shared::new(config.limits.clone(), gate, eff.dev));
+    let mut shared = Shared::new(config.limits.clone(), gate, eff.dev);
+    shared.memory_locked = hardening.locked;
+    let shared = Arc::new(shared);
     let result = runtime.block_on(serve_until_signalled(config, Arc::clone(&shared), eff.dev));
     // Blocking jobs past the grace period are abandoned, not awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));

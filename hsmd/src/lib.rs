@@ -9,5 +9,6 @@ pub mod auth;
 pub mod config;
 pub mod daemon;
 pub mod logging;
+pub mod secure_mem;
 pub mod server;
 pub mod systemd;

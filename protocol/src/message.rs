@@ -182,6 +182,8 @@ pub struct StatusInfo {
     pub dev_mode: bool,
     /// The daemon's process id.
     pub pid: u32,
+    /// Whether all of the daemon's memory is locked (mlockall), so keys never reach swap.
+    pub memory_locked: bool,
 }
 
 /// A group as the daemon resolved it.

@@ -70,6 +70,7 @@ pub struct DaemonBuilder {
     groups: Vec<String>,
     limits: Vec<(String, String)>,
     env: Vec<(String, String)>,
+    require_lock: bool,
 }
 
 impl Default for DaemonBuilder {
@@ -83,6 +84,9 @@ impl Default for DaemonBuilder {
             groups: Vec::new(),
             limits: Vec::new(),
             env: Vec::new(),
+            // Locking is still attempted; this only decides whether failing is fatal,
+            // so the suite also runs for developers without CAP_IPC_LOCK.
+            require_lock: false,
         }
     }
 }
@@ -130,6 +134,12 @@ impl DaemonBuilder {
         self.limits.push((key.into(), value.into()));
         self
     }
+    /// Sets `memory.require_lock`.
+    #[must_use]
+    pub fn require_lock(mut self, require: bool) -> Self {
+        self.require_lock = require;
+        self
+    }
     /// Adds an environment variable for the daemon.
     #[must_use]
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -150,13 +160,14 @@ impl DaemonBuilder {
         let config = dir.path().join("hsmd.toml");
         let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         let mut text = format!(
-            "state_dir = {:?}\n\n[socket]\npath = {:?}\nmode = {:?}\n\n[access]\nallow_root = {}\nusers = [{}]\ngroups = [{}]\n\n[log]\nlevel = \"debug\"\n\n[limits]\n",
+            "state_dir = {:?}\n\n[socket]\npath = {:?}\nmode = {:?}\n\n[access]\nallow_root = {}\nusers = [{}]\ngroups = [{}]\n\n[log]\nlevel = \"debug\"\n\n[memory]\nrequire_lock = {}\n\n[limits]\n",
             dir.path().join("state"),
             socket,
             self.socket_mode,
             self.allow_root,
             list(&self.users),
             list(&self.groups),
+            self.require_lock,
         );
         if let Some(group) = &self.socket_group {
             text = text.replacen("[access]", &format!("group = {group:?}\n\n[access]"), 1);

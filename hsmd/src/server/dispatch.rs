@@ -87,6 +87,7 @@ fn status(shared: &Shared) -> StatusInfo {
         requests_in_flight: shared.counters.in_flight(),
         dev_mode: shared.dev,
         pid: std::process::id(),
+        memory_locked: shared.memory_locked,
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Shared {
     pub dev: bool,
     /// Custody state.
     pub state: ServiceState,
+    /// Whether all of the daemon's memory is locked.
+    pub memory_locked: bool,
     /// When the daemon started.
     pub started: Instant,
     /// Live counters.
@@ -69,6 +71,7 @@ impl Shared {
             gate,
             dev,
             state: ServiceState::Uninitialized,
+            memory_locked: false,
             started: Instant::now(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),

@@ -7,8 +7,13 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use protocol::{Client, ClientError, ClientOptions, GroupInfo, PeerInfo, StatusInfo};
+use protocol::{
+    Client, ClientError, ClientOptions, GroupInfo, NewSlot, Operation, PeerInfo, Reply, SlotInfo, StatusInfo,
+    UnlockSecret,
+};
 use serde_json::json;
+
+mod secrets;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -17,6 +22,10 @@ Examples:
   hsmctl --json status | jq .state
   hsmctl whoami
   hsmctl ping -c 100
+  hsmctl init                      # asks for a passphrase twice, without echo
+  hsmctl lock; hsmctl unlock
+  hsmctl unlock --passphrase-file /run/secrets/hsmd   # or - for stdin
+  hsmctl slot add keyfile --out /etc/hsmd/unlock.key
 
 Exit codes:
   0  success
@@ -59,6 +68,64 @@ enum Command {
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65_536))]
         size: u32,
     },
+    /// Create the keystore: a new master key and its first unlock slot (a
+    /// passphrase, or a new key file); leaves hsmd unlocked
+    #[command(
+        after_help = "Examples:\n  hsmctl init\n  hsmctl init --passphrase-file -  < pass.txt\n  hsmctl init --keyfile-out /etc/hsmd/unlock.key"
+    )]
+    Init {
+        #[command(flatten)]
+        secret: NewSecretArgs,
+    },
+    /// Unwrap the master key with a passphrase (asked without echo) or a key file
+    #[command(
+        after_help = "Examples:\n  hsmctl unlock\n  hsmctl unlock --keyfile /etc/hsmd/unlock.key\n  echo \"$PASS\" | hsmctl unlock --passphrase-file -"
+    )]
+    Unlock {
+        /// Read the passphrase from this file (- for stdin); one trailing newline is dropped
+        #[arg(long, value_name = "FILE", conflicts_with = "keyfile")]
+        passphrase_file: Option<PathBuf>,
+        /// Unlock with this 32-byte key file
+        #[arg(long, value_name = "FILE")]
+        keyfile: Option<PathBuf>,
+    },
+    /// Zeroize the master key and every unlocked key now (the panic button)
+    Lock,
+    /// Unlock slots: list, add, remove
+    #[command(subcommand)]
+    Slot(SlotCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct NewSecretArgs {
+    /// Read the passphrase from this file (- for stdin); one trailing newline is dropped
+    #[arg(long, value_name = "FILE", conflicts_with = "keyfile_out")]
+    passphrase_file: Option<PathBuf>,
+    /// Use a key-file slot instead: write 32 random bytes to this new file (mode 0600)
+    #[arg(long, value_name = "FILE")]
+    keyfile_out: Option<PathBuf>,
+    /// A label for the slot
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotCommand {
+    /// List the unlock slots
+    List,
+    /// Add a slot (hsmd must be unlocked)
+    #[command(
+        after_help = "Examples:\n  hsmctl slot add --label backup\n  hsmctl slot add --keyfile-out /etc/hsmd/unlock.key --label boot"
+    )]
+    Add {
+        #[command(flatten)]
+        secret: NewSecretArgs,
+    },
+    /// Remove a slot (never the last; hsmd must be unlocked)
+    Remove {
+        /// The slot id, from `hsmctl slot list`
+        id: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,10 +151,44 @@ fn main() -> ExitCode {
     }
 }
 
-/// 3 when the daemon could not be reached or went away, 1 when it answered no.
-fn exit_code(e: &ClientError) -> u8 {
+/// What can go wrong in hsmctl: the daemon's answer, or reading a secret here.
+#[derive(Debug)]
+enum Failure {
+    Client(ClientError),
+    Local(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Client(e) => e.fmt(f),
+            Self::Local(m) => f.write_str(m),
+        }
+    }
+}
+
+impl Failure {
+    fn code(&self) -> Option<protocol::ErrorCode> {
+        match self {
+            Self::Client(e) => e.code(),
+            Self::Local(_) => None,
+        }
+    }
+}
+
+/// 3 when the daemon could not be reached or went away, 1 when it answered no
+/// (or a local file could not be used).
+fn exit_code(e: &Failure) -> u8 {
     match e {
-        ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed | ClientError::TimedOut(_) => 3,
+        Failure::Client(
+            ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed | ClientError::TimedOut(_),
+        ) => 3,
         _ => 1,
     }
 }
@@ -102,7 +203,9 @@ fn connect(cli: &Cli) -> Result<Client, ClientError> {
     )
 }
 
-fn run(cli: &Cli) -> Result<(), ClientError> {
+fn run(cli: &Cli) -> Result<(), Failure> {
+    // Secrets are gathered before connecting, so a slow typist holds no connection.
+    let prepared = prepare_secret(&cli.command)?;
     let mut client = connect(cli)?;
     match &cli.command {
         Command::Status => {
@@ -132,13 +235,164 @@ fn run(cli: &Cli) -> Result<(), ClientError> {
                     return Err(ClientError::UnexpectedReply {
                         expected: "the same payload",
                         got: "a different payload",
-                    });
+                    }
+                    .into());
                 }
             }
             print_ping(cli.json, client.server().daemon_version.as_str(), &samples);
         }
+        Command::Init { .. } | Command::Slot(SlotCommand::Add { .. }) => {
+            let Some(Prepared::NewSlot(slot, created)) = prepared else {
+                return Err(Failure::Local("internal: no slot prepared".into()));
+            };
+            let adding = matches!(cli.command, Command::Slot(_));
+            let op = if adding {
+                Operation::SlotAdd { slot }
+            } else {
+                Operation::Init { slot }
+            };
+            let result = client.call(op);
+            if result.is_err() {
+                // A key file the daemon did not take would only mislead.
+                if let Some(path) = &created {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let id = match result? {
+                Reply::Initialized { slot } | Reply::SlotAdded { slot } => slot,
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "init",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            };
+            if cli.json {
+                println!("{}", json!({ "slot": id, "keyfile": created }));
+            } else if adding {
+                println!("added unlock slot {id}");
+            } else {
+                println!("initialized: unlock slot {id} created; hsmd is unlocked");
+            }
+            if let (Some(path), false) = (&created, cli.json) {
+                println!("key file: {} (keep it safe: it unlocks hsmd)", path.display());
+            }
+        }
+        Command::Unlock { .. } => {
+            let Some(Prepared::Unlock(secret)) = prepared else {
+                return Err(Failure::Local("internal: no secret prepared".into()));
+            };
+            match client.call(Operation::Unlock { secret })? {
+                Reply::Unlocked { slot } => {
+                    if cli.json {
+                        println!("{}", json!({ "state": "unlocked", "slot": slot }));
+                    } else {
+                        println!("unlocked (slot {slot})");
+                    }
+                }
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "unlock",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            }
+        }
+        Command::Lock => match client.call(Operation::Lock)? {
+            Reply::Locked => {
+                if cli.json {
+                    println!("{}", json!({ "state": "locked" }));
+                } else {
+                    println!("locked: the master key is zeroized");
+                }
+            }
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "lock",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
+        Command::Slot(SlotCommand::List) => match client.call(Operation::SlotList)? {
+            Reply::Slots(slots) => print_slots(cli.json, &slots),
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "slot-list",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
+        Command::Slot(SlotCommand::Remove { id }) => match client.call(Operation::SlotRemove { id: *id })? {
+            Reply::SlotRemoved { slot } => {
+                if cli.json {
+                    println!("{}", json!({ "removed": slot }));
+                } else {
+                    println!("removed unlock slot {slot}");
+                }
+            }
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "slot-remove",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
     }
     Ok(())
+}
+
+/// A secret read (or a key file made) before connecting.
+enum Prepared {
+    NewSlot(NewSlot, Option<PathBuf>),
+    Unlock(UnlockSecret),
+}
+
+fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
+    let new_slot = |args: &NewSecretArgs| -> Result<Prepared, Failure> {
+        let label = args.label.clone();
+        if let Some(path) = &args.keyfile_out {
+            let key = secrets::create_keyfile(path).map_err(Failure::Local)?;
+            return Ok(Prepared::NewSlot(NewSlot::Keyfile { label, key }, Some(path.clone())));
+        }
+        let passphrase = secrets::new_passphrase(args.passphrase_file.as_deref()).map_err(Failure::Local)?;
+        Ok(Prepared::NewSlot(NewSlot::Passphrase { label, passphrase }, None))
+    };
+    Ok(match command {
+        Command::Init { secret } | Command::Slot(SlotCommand::Add { secret }) => Some(new_slot(secret)?),
+        Command::Unlock {
+            passphrase_file,
+            keyfile,
+        } => Some(Prepared::Unlock(match keyfile {
+            Some(path) => UnlockSecret::Keyfile(secrets::read_keyfile(path).map_err(Failure::Local)?),
+            None => UnlockSecret::Passphrase(
+                secrets::passphrase(passphrase_file.as_deref(), "Passphrase: ").map_err(Failure::Local)?,
+            ),
+        })),
+        _ => None,
+    })
+}
+
+fn print_slots(json: bool, slots: &[SlotInfo]) {
+    if json {
+        print_json(&slots);
+        return;
+    }
+    println!("{:>4}  {:<10}  {:<28}  {:<12}  label", "id", "kind", "kdf", "created");
+    for s in slots {
+        println!(
+            "{:>4}  {:<10}  {:<28}  {:<12}  {}",
+            s.id,
+            s.kind,
+            s.kdf.as_deref().unwrap_or("-"),
+            s.created_unix,
+            s.label
+        );
+    }
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {

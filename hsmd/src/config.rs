@@ -29,6 +29,55 @@ pub struct Config {
     pub log: LogConfig,
     /// Memory protection.
     pub memory: MemoryConfig,
+    /// Unlocking and automatic locking.
+    pub unlock: UnlockConfig,
+}
+
+/// `[unlock]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnlockConfig {
+    /// A key file (32 bytes) to unlock with at start, for unattended boots
+    /// (e.g. a systemd credential under `$CREDENTIALS_DIRECTORY`).
+    pub keyfile: Option<PathBuf>,
+    /// Lock after this long without a key operation. Off when unset.
+    #[serde(with = "humantime_serde")]
+    pub idle_lock: Option<Duration>,
+    /// Lock this long after unlocking, however busy. Off when unset.
+    #[serde(with = "humantime_serde")]
+    pub max_unlocked: Option<Duration>,
+    /// Argon2id memory (KiB) for new passphrase slots.
+    pub argon2_memory_kib: u32,
+    /// Argon2id passes for new passphrase slots.
+    pub argon2_iterations: u32,
+    /// Argon2id lanes for new passphrase slots.
+    pub argon2_parallelism: u32,
+}
+
+impl Default for UnlockConfig {
+    fn default() -> Self {
+        let cost = crate::keystore::slots::Argon2Cost::default();
+        Self {
+            keyfile: None,
+            idle_lock: None,
+            max_unlocked: None,
+            argon2_memory_kib: cost.memory_kib,
+            argon2_iterations: cost.iterations,
+            argon2_parallelism: cost.parallelism,
+        }
+    }
+}
+
+impl UnlockConfig {
+    /// The Argon2id cost for new passphrase slots.
+    #[must_use]
+    pub fn argon2_cost(&self) -> crate::keystore::slots::Argon2Cost {
+        crate::keystore::slots::Argon2Cost {
+            memory_kib: self.argon2_memory_kib,
+            iterations: self.argon2_iterations,
+            parallelism: self.argon2_parallelism,
+        }
+    }
 }
 
 /// `[memory]`
@@ -146,6 +195,7 @@ impl Default for Config {
             limits: Limits::default(),
             log: LogConfig::default(),
             memory: MemoryConfig::default(),
+            unlock: UnlockConfig::default(),
         }
     }
 }
@@ -287,6 +337,17 @@ impl Config {
                 return Err((key, format!("{value:?} is too short; use at least 100ms")));
             }
         }
+        if let Some(problem) = self.unlock.argon2_cost().problem() {
+            return Err(("unlock.argon2_*", problem));
+        }
+        for (key, value) in [
+            ("unlock.idle_lock", self.unlock.idle_lock),
+            ("unlock.max_unlocked", self.unlock.max_unlocked),
+        ] {
+            if value.is_some_and(|v| v < Duration::from_secs(1)) {
+                return Err((key, "use at least 1s, or leave it unset to turn it off".to_owned()));
+            }
+        }
         if !self.socket.path.is_absolute() {
             return Err((
                 "socket.path",
@@ -375,6 +436,8 @@ mod tests {
             ("[limits]\nidle_timeout = \"1ms\"\n", "limits.idle_timeout"),
             ("[socket]\npath = \"relative.sock\"\n", "socket.path"),
             ("[log]\nlevel = \"loud[\"\n", "log.level"),
+            ("[unlock]\nargon2_memory_kib = 1024\n", "unlock.argon2_*"),
+            ("[unlock]\nidle_lock = \"10ms\"\n", "unlock.idle_lock"),
         ] {
             let msg = Config::parse(text, None).unwrap_err().to_string();
             assert!(msg.contains(key), "{text:?} gave {msg}");

@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     auth::AccessGate,
     config::{Config, ConfigError, LogFormat, OctalMode, DEFAULT_CONFIG_PATH},
+    keystore::{Vault, VaultError},
     logging, secure_mem,
     server::{self, listener, Shared},
     systemd,
@@ -54,6 +55,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The keystore could not be opened or initialized.
+    #[error(transparent)]
+    Keystore(#[from] VaultError),
     /// Memory hardening that the configuration requires failed.
     #[error(transparent)]
     Memory(#[from] secure_mem::MemoryError),
@@ -153,6 +157,8 @@ pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
 /// # Errors
 /// [`DaemonError`] if it cannot start.
 pub fn run(opts: &Options) -> Result<(), DaemonError> {
+    // Everything hsmd creates (keystore, its WAL, key files) is private to it.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     // Dev mode's scratch directory lives as long as the daemon and is removed after.
     let scratch = if opts.dev {
         Some(
@@ -192,6 +198,15 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         Some(why) => tracing::warn!("memory is NOT locked, keys could reach swap: {why}"),
     }
     prepare_state_dir(&config.state_dir)?;
+    let vault = Arc::new(Vault::open(&config.state_dir, config.unlock.argon2_cost())?);
+    let dev_keyfile = if eff.dev {
+        dev_initialize(&vault, &config.state_dir)?
+    } else {
+        None
+    };
+    if let Some(path) = &config.unlock.keyfile {
+        unlock_at_start(&vault, path);
+    }
 
     let gate = if eff.dev {
         AccessGate::dev(nix::unistd::getuid().as_raw())
@@ -209,17 +224,25 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         .thread_name("hsmd-worker")
         .build()
         .map_err(DaemonError::Runtime)?;
-    let mut shared = Shared::new(config.limits.clone(), gate, eff.dev);
+    let mut shared = Shared::new(config.limits.clone(), gate, eff.dev, vault);
     shared.memory_locked = hardening.locked;
     let shared = Arc::new(shared);
-    let result = runtime.block_on(serve_until_signalled(config, Arc::clone(&shared), eff.dev));
+    let result = runtime.block_on(serve_until_signalled(
+        config,
+        Arc::clone(&shared),
+        dev_keyfile.as_deref(),
+    ));
     // Blocking jobs past the grace period are abandoned, not awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));
     drop(scratch);
     result
 }
 
-async fn serve_until_signalled(config: &Config, shared: Arc<Shared>, dev: bool) -> Result<(), DaemonError> {
+async fn serve_until_signalled(
+    config: &Config,
+    shared: Arc<Shared>,
+    dev_keyfile: Option<&Path>,
+) -> Result<(), DaemonError> {
     let listener = match listener::from_systemd()? {
         Some(l) => l,
         None => listener::bind(&config.socket)?,
@@ -228,8 +251,8 @@ async fn serve_until_signalled(config: &Config, shared: Arc<Shared>, dev: bool) 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
 
-    if dev {
-        announce_dev(&path, &config.state_dir);
+    if shared.dev {
+        announce_dev(&path, &config.state_dir, dev_keyfile);
     }
     tracing::info!(
         socket = %path,
@@ -242,6 +265,7 @@ async fn serve_until_signalled(config: &Config, shared: Arc<Shared>, dev: bool) 
     if let Some(period) = systemd::spawn_watchdog(shared.shutdown.clone()) {
         tracing::info!(?period, "systemd watchdog enabled");
     }
+    spawn_auto_lock(config, &shared);
 
     let stop = shared.shutdown.clone();
     let signals = tokio::spawn(async move {
@@ -290,7 +314,76 @@ fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn announce_dev(socket: &str, state_dir: &Path) {
+/// `--dev` comes up initialized and unlocked: a fresh master key behind one
+/// key-file slot whose file lives in the state dir, so `lock` and `unlock` can be
+/// tried. A state dir that already holds a keystore is used as it is (locked).
+fn dev_initialize(vault: &Vault, state_dir: &Path) -> Result<Option<PathBuf>, DaemonError> {
+    if vault.state() != protocol::ServiceState::Uninitialized {
+        return Ok(None);
+    }
+    let key = zeroize::Zeroizing::new(crate::keystore::crypto::random::<32>().map_err(VaultError::from)?);
+    let path = state_dir.join("dev.key");
+    fs::write(&path, key.as_ref()).map_err(|source| DaemonError::StateDir {
+        path: path.clone(),
+        source,
+    })?;
+    vault.init(&protocol::NewSlot::Keyfile {
+        label: "hsmd --dev".to_owned(),
+        key: protocol::SecretBytes::new(key.to_vec()),
+    })?;
+    Ok(Some(path))
+}
+
+/// `unlock.keyfile`: unattended unlock at start. Failure leaves hsmd locked and
+/// serving, so an operator can still unlock by hand; it is logged as an error.
+fn unlock_at_start(vault: &Vault, path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if vault.state() != protocol::ServiceState::Locked {
+        return;
+    }
+    let key = match fs::read(path) {
+        Ok(k) => zeroize::Zeroizing::new(k),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read unlock.keyfile; staying locked");
+            return;
+        }
+    };
+    if let Ok(meta) = fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "unlock.keyfile is readable by others; make it 0600 or 0400");
+        }
+    }
+    let secret = protocol::UnlockSecret::Keyfile(protocol::SecretBytes::new(key.to_vec()));
+    match vault.unlock(nix::unistd::getuid().as_raw(), &secret) {
+        Ok(slot) => tracing::info!(slot, "unlocked at start with unlock.keyfile"),
+        Err(e) => tracing::error!(path = %path.display(), error = %e, "unlock.keyfile did not unlock; staying locked"),
+    }
+}
+
+/// Locks by itself after `unlock.idle_lock` or `unlock.max_unlocked`, if set.
+fn spawn_auto_lock(config: &Config, shared: &Arc<Shared>) {
+    let (idle, max) = (config.unlock.idle_lock, config.unlock.max_unlocked);
+    let Some(shortest) = [idle, max].into_iter().flatten().min() else {
+        return;
+    };
+    let period = (shortest / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                () = shared.shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Some(why) = shared.vault.enforce_timeouts(idle, max) {
+                        tracing::info!("locked automatically: {why}");
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn announce_dev(socket: &str, state_dir: &Path, keyfile: Option<&Path>) {
     let uid = nix::unistd::getuid();
     let who = if uid.is_root() {
         "root only".to_owned()
@@ -305,8 +398,11 @@ fn announce_dev(socket: &str, state_dir: &Path) {
     eprintln!(
         "{bar}\n  hsmd --dev: A THROW-AWAY INSTANCE. NOT FOR PRODUCTION.\n  \
          State lives in {} and is deleted when hsmd exits.\n  \
-         It serves {who}.\n{bar}",
-        state_dir.display()
+         It serves {who}.\n  \
+         It is unlocked; after `hsmctl lock`, unlock again with\n    \
+         hsmctl unlock --keyfile {}\n{bar}",
+        state_dir.display(),
+        keyfile.map_or_else(|| "<the key file you used>".to_owned(), |p| p.display().to_string()),
     );
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "export HSMD_SOCKET={socket}");

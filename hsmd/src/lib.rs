@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod keystore;
 pub mod logging;
 pub mod secure_mem;
 pub mod server;

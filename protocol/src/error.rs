@@ -41,6 +41,22 @@ pub enum ErrorCode {
     NotAvailable,
     /// An argument is out of range or malformed; the message says which.
     InvalidArgument,
+    /// No keystore exists yet; `hsmctl init` creates one.
+    NotInitialized,
+    /// `init` was asked of a daemon that already has a keystore.
+    AlreadyInitialized,
+    /// The daemon is locked; `hsmctl unlock` first.
+    Locked,
+    /// The secret offered matched no unlock slot.
+    UnlockFailed,
+    /// The named thing (slot, key) does not exist.
+    NotFound,
+    /// The current state forbids this (e.g. removing the last unlock slot).
+    FailedPrecondition,
+    /// Too many attempts; the message says when to try again.
+    RateLimited,
+    /// A keystore record failed authentication: it was edited or moved.
+    Tampered,
     /// A code this build does not know, with its number.
     Unknown(u32),
 }
@@ -63,6 +79,14 @@ impl ErrorCode {
             Self::ShuttingDown => 11,
             Self::NotAvailable => 12,
             Self::InvalidArgument => 13,
+            Self::NotInitialized => 14,
+            Self::AlreadyInitialized => 15,
+            Self::Locked => 16,
+            Self::UnlockFailed => 17,
+            Self::NotFound => 18,
+            Self::FailedPrecondition => 19,
+            Self::RateLimited => 20,
+            Self::Tampered => 21,
             Self::Unknown(n) => n,
         }
     }
@@ -84,6 +108,14 @@ impl ErrorCode {
             Self::ShuttingDown => "shutting-down",
             Self::NotAvailable => "not-available",
             Self::InvalidArgument => "invalid-argument",
+            Self::NotInitialized => "not-initialized",
+            Self::AlreadyInitialized => "already-initialized",
+            Self::Locked => "locked",
+            Self::UnlockFailed => "unlock-failed",
+            Self::NotFound => "not-found",
+            Self::FailedPrecondition => "failed-precondition",
+            Self::RateLimited => "rate-limited",
+            Self::Tampered => "tampered",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -105,6 +137,14 @@ impl From<u32> for ErrorCode {
             11 => Self::ShuttingDown,
             12 => Self::NotAvailable,
             13 => Self::InvalidArgument,
+            14 => Self::NotInitialized,
+            15 => Self::AlreadyInitialized,
+            16 => Self::Locked,
+            17 => Self::UnlockFailed,
+            18 => Self::NotFound,
+            19 => Self::FailedPrecondition,
+            20 => Self::RateLimited,
+            21 => Self::Tampered,
             n => Self::Unknown(n),
         }
     }

@@ -24,6 +24,7 @@ pub mod error;
 pub mod frame;
 pub mod message;
 pub mod recv;
+pub mod secret;
 
 #[cfg(feature = "tokio")]
 mod async_client;
@@ -34,9 +35,10 @@ pub use async_client::AsyncClient;
 pub use client::{is_code, Client, ClientOptions, DEFAULT_SOCKET};
 pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
-    ClientHello, GroupInfo, Operation, PeerInfo, Reply, Request, Response, ServerHello, ServiceState, StatusInfo,
-    CONNECTION_ERROR_ID, PROTOCOL_VERSION,
+    ClientHello, GroupInfo, NewSlot, Operation, PeerInfo, Reply, Request, Response, ServerHello, ServiceState,
+    SlotInfo, StatusInfo, UnlockSecret, CONNECTION_ERROR_ID, PROTOCOL_VERSION,
 };
+pub use secret::SecretBytes;
 
 /// The client's hello.
 fn hello(client_name: &str) -> Operation {

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::WireError;
+use crate::{error::WireError, secret::SecretBytes};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 5;
+pub const OPERATION_VARIANTS: u32 = 11;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +50,59 @@ pub enum Operation {
         /// How long to hold the worker.
         millis: u32,
     },
+    /// Creates the keystore: a fresh master key wrapped by its first unlock slot.
+    /// Leaves the daemon unlocked.
+    Init {
+        /// The first unlock slot.
+        slot: NewSlot,
+    },
+    /// Unwraps the master key with any one slot's secret.
+    Unlock {
+        /// The secret to try.
+        secret: UnlockSecret,
+    },
+    /// Zeroizes the master key and every unlocked key at once.
+    Lock,
+    /// Lists the unlock slots (no secrets).
+    SlotList,
+    /// Adds an unlock slot; the daemon must be unlocked.
+    SlotAdd {
+        /// The slot to add.
+        slot: NewSlot,
+    },
+    /// Removes an unlock slot; the last one is never removed.
+    SlotRemove {
+        /// The slot's id, as `SlotList` shows it.
+        id: u32,
+    },
+}
+
+/// A new unlock slot and its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NewSlot {
+    /// Unlocked by a passphrase, stretched with Argon2id.
+    Passphrase {
+        /// Free-form label shown by `SlotList`.
+        label: String,
+        /// The passphrase.
+        passphrase: SecretBytes,
+    },
+    /// Unlocked by the 32 random bytes of a key file (automation, systemd credentials).
+    Keyfile {
+        /// Free-form label shown by `SlotList`.
+        label: String,
+        /// Exactly 32 bytes; the client generates them and keeps the file.
+        key: SecretBytes,
+    },
+}
+
+/// A secret offered to unlock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnlockSecret {
+    /// Tried against every passphrase slot.
+    Passphrase(SecretBytes),
+    /// Tried against every key-file slot.
+    Keyfile(SecretBytes),
 }
 
 impl Operation {
@@ -62,6 +115,12 @@ impl Operation {
             Self::Status => "status",
             Self::WhoAmI => "whoami",
             Self::DebugDelay { .. } => "debug-delay",
+            Self::Init { .. } => "init",
+            Self::Unlock { .. } => "unlock",
+            Self::Lock => "lock",
+            Self::SlotList => "slot-list",
+            Self::SlotAdd { .. } => "slot-add",
+            Self::SlotRemove { .. } => "slot-remove",
         }
     }
 }
@@ -104,6 +163,45 @@ pub enum Reply {
         /// How long the worker was held.
         millis: u32,
     },
+    /// Answer to [`Operation::Init`].
+    Initialized {
+        /// The id of the first slot.
+        slot: u32,
+    },
+    /// Answer to [`Operation::Unlock`].
+    Unlocked {
+        /// The slot that unlocked.
+        slot: u32,
+    },
+    /// Answer to [`Operation::Lock`].
+    Locked,
+    /// Answer to [`Operation::SlotList`].
+    Slots(Vec<SlotInfo>),
+    /// Answer to [`Operation::SlotAdd`].
+    SlotAdded {
+        /// The new slot's id.
+        slot: u32,
+    },
+    /// Answer to [`Operation::SlotRemove`].
+    SlotRemoved {
+        /// The removed slot's id.
+        slot: u32,
+    },
+}
+
+/// An unlock slot, as `SlotList` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotInfo {
+    /// The slot's id.
+    pub id: u32,
+    /// `passphrase` or `keyfile`.
+    pub kind: String,
+    /// The label given when it was added.
+    pub label: String,
+    /// When it was added, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The key-derivation parameters, for passphrase slots (e.g. `argon2id m=65536 t=3 p=1`).
+    pub kdf: Option<String>,
 }
 
 impl Reply {
@@ -116,6 +214,12 @@ impl Reply {
             Self::Status(_) => "status",
             Self::WhoAmI(_) => "whoami",
             Self::Delayed { .. } => "debug-delay",
+            Self::Initialized { .. } => "init",
+            Self::Unlocked { .. } => "unlock",
+            Self::Locked => "lock",
+            Self::Slots(_) => "slot-list",
+            Self::SlotAdded { .. } => "slot-add",
+            Self::SlotRemoved { .. } => "slot-remove",
         }
     }
 }

@@ -71,6 +71,7 @@ pub struct DaemonBuilder {
     limits: Vec<(String, String)>,
     env: Vec<(String, String)>,
     require_lock: bool,
+    unlock: Vec<(String, String)>,
 }
 
 impl Default for DaemonBuilder {
@@ -87,6 +88,7 @@ impl Default for DaemonBuilder {
             // Locking is still attempted; this only decides whether failing is fatal,
             // so the suite also runs for developers without CAP_IPC_LOCK.
             require_lock: false,
+            unlock: Vec::new(),
         }
     }
 }
@@ -140,6 +142,12 @@ impl DaemonBuilder {
         self.require_lock = require;
         self
     }
+    /// Sets `unlock.KEY = VALUE` (VALUE is a TOML literal).
+    #[must_use]
+    pub fn unlock(mut self, key: &str, value: &str) -> Self {
+        self.unlock.push((key.into(), value.into()));
+        self
+    }
     /// Adds an environment variable for the daemon.
     #[must_use]
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -173,6 +181,12 @@ impl DaemonBuilder {
             text = text.replacen("[access]", &format!("group = {group:?}\n\n[access]"), 1);
         }
         for (k, v) in &self.limits {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        // OWASP's floor keeps test unlocks fast; the default cost is covered by
+        // the keystore's unit tests.
+        text.push_str("\n[unlock]\nargon2_memory_kib = 19456\nargon2_iterations = 2\n");
+        for (k, v) in &self.unlock {
             text.push_str(&format!("{k} = {v}\n"));
         }
         fs::write(&config, text).expect("write config");
@@ -320,6 +334,45 @@ impl Daemon {
             .env_remove("HSMD_SOCKET")
             .output()
             .expect("run hsmctl")
+    }
+
+    /// Stops the daemon if it runs (SIGTERM, or SIGKILL when `hard`) and starts
+    /// it again on the same config, state and socket.
+    pub fn restart(&mut self, hard: bool) {
+        if self.is_running() {
+            self.signal(if hard { Signal::SIGKILL } else { Signal::SIGTERM });
+            let status = self.wait_exit(Duration::from_secs(15));
+            assert!(hard || status.success(), "hsmd exited {status}; log:\n{}", self.log());
+        }
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("open log");
+        self.child = self
+            .prepared
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("respawn hsmd");
+        self.wait_ready();
+    }
+
+    /// Runs `hsmctl` with `stdin` fed to it.
+    pub fn hsmctl_with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = Command::new(bin("hsmctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("HSMD_SOCKET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run hsmctl");
+        child.stdin.take().expect("stdin").write_all(stdin).expect("feed stdin");
+        child.wait_with_output().expect("hsmctl output")
     }
 
     /// Everything the daemon has logged so far.

@@ -62,7 +62,7 @@ fn dev_instance_prints_its_socket_and_a_loud_banner_and_answers_status() {
         assert!(Instant::now() < deadline, "hsmctl status never succeeded: {out:?}");
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(text.contains("state:        uninitialized"), "{text}");
+    assert!(text.contains("state:        unlocked"), "{text}");
     assert!(text.contains(&format!("hsmd {}", env!("CARGO_PKG_VERSION"))), "{text}");
     assert!(text.contains("dev (throw-away"), "{text}");
     assert!(text.contains(&format!("pid:          {}", child.id())), "{text}");
@@ -74,7 +74,7 @@ fn dev_instance_prints_its_socket_and_a_loud_banner_and_answers_status() {
         .expect("hsmctl");
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
-    assert_eq!(v["state"], "uninitialized");
+    assert_eq!(v["state"], "unlocked", "--dev comes up initialized and unlocked");
     assert_eq!(v["dev_mode"], true);
     assert_eq!(v["pid"], child.id());
     assert_eq!(v["protocol_version"], protocol::PROTOCOL_VERSION);

@@ -7,7 +7,10 @@ use std::{sync::Arc, time::Duration};
 use protocol::{ErrorCode, Operation, PeerInfo, Reply, StatusInfo, WireError, PROTOCOL_VERSION};
 
 use super::{Shared, VERSION};
-use crate::auth::PeerIdentity;
+use crate::{
+    auth::PeerIdentity,
+    keystore::{Vault, VaultError},
+};
 
 /// The most a `DebugDelay` may hold a worker.
 const MAX_DEBUG_DELAY_MS: u32 = 10_000;
@@ -68,6 +71,30 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                 Ok(Reply::Delayed { millis })
             }))
         }
+        Operation::Lock => {
+            // The panic button: answered at once, never queued behind other work.
+            let result = shared.vault.lock().map_err(|e| e.to_wire());
+            if result.is_ok() {
+                tracing::info!(uid = caller.peer.creds.uid, "locked: master key zeroized");
+            }
+            Work::Done(result.map(|()| Reply::Locked))
+        }
+        Operation::Init { slot } => custody(shared, caller, "init", move |v| {
+            v.init(&slot).map(|slot| Reply::Initialized { slot })
+        }),
+        Operation::Unlock { secret } => {
+            let uid = caller.peer.creds.uid;
+            custody(shared, caller, "unlock", move |v| {
+                v.unlock(uid, &secret).map(|slot| Reply::Unlocked { slot })
+            })
+        }
+        Operation::SlotList => custody(shared, caller, "slot-list", |v| v.slots().map(Reply::Slots)),
+        Operation::SlotAdd { slot } => custody(shared, caller, "slot-add", move |v| {
+            v.add_slot(&slot).map(|slot| Reply::SlotAdded { slot })
+        }),
+        Operation::SlotRemove { id } => custody(shared, caller, "slot-remove", move |v| {
+            v.remove_slot(id).map(|slot| Reply::SlotRemoved { slot })
+        }),
         Operation::Hello(_) => Work::Done(Err(WireError::new(
             ErrorCode::ProtocolViolation,
             "hello may only be the first request on a connection",
@@ -75,9 +102,36 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
     }
 }
 
+/// A custody operation on the blocking pool (SQLite, Argon2), logged with who
+/// asked and how it went.
+fn custody<F>(shared: &Arc<Shared>, caller: &Caller, what: &'static str, f: F) -> Work
+where
+    F: FnOnce(&Vault) -> Result<Reply, VaultError> + Send + 'static,
+{
+    let vault = Arc::clone(&shared.vault);
+    let uid = caller.peer.creds.uid;
+    Work::Blocking(Box::new(move || match f(&vault) {
+        Ok(reply) => {
+            if what != "slot-list" {
+                tracing::info!(uid, op = what, "custody operation succeeded");
+            }
+            Ok(reply)
+        }
+        Err(e) => {
+            match &e {
+                VaultError::Store(_) | VaultError::Crypto(_) | VaultError::Tampered(_) => {
+                    tracing::error!(uid, op = what, error = %e, "custody operation failed");
+                }
+                _ => tracing::warn!(uid, op = what, error = %e, "custody operation refused"),
+            }
+            Err(e.to_wire())
+        }
+    }))
+}
+
 fn status(shared: &Shared) -> StatusInfo {
     StatusInfo {
-        state: shared.state,
+        state: shared.vault.state(),
         daemon_version: VERSION.to_owned(),
         protocol_version: PROTOCOL_VERSION,
         uptime_secs: shared.started.elapsed().as_secs(),

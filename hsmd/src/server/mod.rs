@@ -13,11 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use protocol::{ErrorCode, ServiceState, WireError};
+use protocol::{ErrorCode, WireError};
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{auth::AccessGate, config::Limits};
+use crate::{auth::AccessGate, config::Limits, keystore::Vault};
 
 /// The daemon's package version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -50,8 +50,8 @@ pub struct Shared {
     pub gate: AccessGate,
     /// Whether this is `hsmd --dev`.
     pub dev: bool,
-    /// Custody state.
-    pub state: ServiceState,
+    /// The keystore and its custody state.
+    pub vault: Arc<Vault>,
     /// Whether all of the daemon's memory is locked.
     pub memory_locked: bool,
     /// When the daemon started.
@@ -65,12 +65,12 @@ pub struct Shared {
 impl Shared {
     /// Builds the shared state.
     #[must_use]
-    pub fn new(limits: Limits, gate: AccessGate, dev: bool) -> Self {
+    pub fn new(limits: Limits, gate: AccessGate, dev: bool, vault: Arc<Vault>) -> Self {
         Self {
             limits,
             gate,
             dev,
-            state: ServiceState::Uninitialized,
+            vault,
             memory_locked: false,
             started: Instant::now(),
             counters: Counters::default(),

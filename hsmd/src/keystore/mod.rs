@@ -1,0 +1,446 @@
+//! The keystore and the custody of its master key.
+//!
+//! States (DESIGN.md): `uninitialized → locked ⇄ unlocked`. A random 256-bit
+//! master key exists in memory only while unlocked; on disk it exists only sealed
+//! under each unlock slot's key (see [`slots`]).
+
+pub mod crypto;
+pub mod slots;
+pub mod store;
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use protocol::{ErrorCode, NewSlot, ServiceState, SlotInfo, UnlockSecret, WireError};
+use thiserror::Error;
+
+use self::{
+    crypto::{CryptoError, Key256},
+    slots::{Argon2Cost, SlotError, SlotParams},
+    store::{SlotRow, Store, StoreError},
+};
+
+/// Longest accepted passphrase, in bytes.
+const MAX_PASSPHRASE: usize = 1024;
+/// Shortest accepted passphrase, in bytes.
+const MIN_PASSPHRASE: usize = 8;
+/// Longest slot label.
+const MAX_LABEL: usize = 128;
+/// First wait after a wrong secret; doubles with each further one.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// Longest wait.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// What went wrong with a custody operation.
+#[derive(Debug, Error)]
+pub enum VaultError {
+    /// No keystore yet.
+    #[error("hsmd has no keystore yet; create one with `hsmctl init`")]
+    NotInitialized,
+    /// Init on an existing keystore.
+    #[error("hsmd already has a keystore; use `hsmctl unlock`")]
+    AlreadyInitialized,
+    /// The operation needs the master key.
+    #[error("hsmd is locked; unlock it with `hsmctl unlock`")]
+    Locked,
+    /// No slot accepted the secret.
+    #[error("no {kind} slot accepts this {kind}")]
+    UnlockFailed {
+        /// `passphrase` or `keyfile`.
+        kind: &'static str,
+    },
+    /// Too many wrong secrets from this uid.
+    #[error("too many failed unlock attempts from uid {uid}; try again in {} ms", retry_after.as_millis())]
+    Backoff {
+        /// The caller.
+        uid: u32,
+        /// How long to wait.
+        retry_after: Duration,
+    },
+    /// No such slot.
+    #[error("there is no unlock slot {0}; `hsmctl slot list` shows them")]
+    NoSuchSlot(u32),
+    /// The last slot cannot go.
+    #[error("slot {0} is the last unlock slot; add another before removing it")]
+    LastSlot(u32),
+    /// A secret or label is unacceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// A stored record failed its checks.
+    #[error("keystore record tampered: {0}")]
+    Tampered(String),
+    /// The file failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The OS random source failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+impl VaultError {
+    /// The wire form: a stable code and this message.
+    #[must_use]
+    pub fn to_wire(&self) -> WireError {
+        let code = match self {
+            Self::NotInitialized => ErrorCode::NotInitialized,
+            Self::AlreadyInitialized => ErrorCode::AlreadyInitialized,
+            Self::Locked => ErrorCode::Locked,
+            Self::UnlockFailed { .. } => ErrorCode::UnlockFailed,
+            Self::Backoff { .. } => ErrorCode::RateLimited,
+            Self::NoSuchSlot(_) => ErrorCode::NotFound,
+            Self::LastSlot(_) => ErrorCode::FailedPrecondition,
+            Self::Invalid(_) => ErrorCode::InvalidArgument,
+            Self::Tampered(_) => ErrorCode::Tampered,
+            Self::Store(_) | Self::Crypto(_) => ErrorCode::Internal,
+        };
+        let message = match self {
+            // Paths and SQLite detail stay in the daemon's log.
+            Self::Store(_) | Self::Crypto(_) => "hsmd could not read or write its keystore; see its log".to_owned(),
+            other => other.to_string(),
+        };
+        WireError::new(code, message)
+    }
+}
+
+enum Custody {
+    Uninitialized,
+    Locked,
+    Unlocked {
+        master: Key256,
+        since: Instant,
+        last_used: Instant,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    not_before: Instant,
+}
+
+/// The keystore with its custody state. All methods may block (SQLite, Argon2):
+/// call them from the blocking pool.
+pub struct Vault {
+    store: Mutex<Store>,
+    custody: Mutex<Custody>,
+    store_id: Mutex<Option<Vec<u8>>>,
+    cost: Argon2Cost,
+    failures: Mutex<HashMap<u32, Failures>>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a lock leaves state that is still consistent (every
+    // write is one assignment), so poisoning is not a reason to stop serving.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Associated data binding a sealed master key to its keystore and slot.
+fn slot_aad(store_id: &[u8], kind: &str, params: &str) -> Vec<u8> {
+    let mut aad = b"hsmd master key v1\0".to_vec();
+    aad.extend_from_slice(store_id);
+    aad.push(0);
+    aad.extend_from_slice(kind.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(params.as_bytes());
+    aad
+}
+
+impl Vault {
+    /// Opens the keystore in `state_dir`; comes up `locked` if it holds a
+    /// keystore, else `uninitialized`.
+    ///
+    /// # Errors
+    /// [`VaultError::Store`] if the file cannot be opened or migrated.
+    pub fn open(state_dir: &Path, cost: Argon2Cost) -> Result<Self, VaultError> {
+        let store = Store::open(state_dir)?;
+        let store_id = store.store_id()?;
+        let custody = if store_id.is_some() {
+            Custody::Locked
+        } else {
+            Custody::Uninitialized
+        };
+        Ok(Self {
+            store: Mutex::new(store),
+            custody: Mutex::new(custody),
+            store_id: Mutex::new(store_id),
+            cost,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The custody state.
+    pub fn state(&self) -> ServiceState {
+        match *lock(&self.custody) {
+            Custody::Uninitialized => ServiceState::Uninitialized,
+            Custody::Locked => ServiceState::Locked,
+            Custody::Unlocked { .. } => ServiceState::Unlocked,
+        }
+    }
+
+    /// Creates the keystore with a fresh master key and `first` as its only slot,
+    /// and leaves it unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::AlreadyInitialized`], or an unacceptable secret.
+    pub fn init(&self, first: &NewSlot) -> Result<u32, VaultError> {
+        if self.state() != ServiceState::Uninitialized {
+            return Err(VaultError::AlreadyInitialized);
+        }
+        let master = crypto::random_key()?;
+        let store_id = crypto::random::<16>()?.to_vec();
+        let row = self.seal_slot(first, &master, &store_id)?;
+        let mut custody = lock(&self.custody);
+        // Re-check under the lock: two inits may race.
+        if !matches!(*custody, Custody::Uninitialized) {
+            return Err(VaultError::AlreadyInitialized);
+        }
+        let id = lock(&self.store).initialize(&store_id, &row)?;
+        *lock(&self.store_id) = Some(store_id);
+        let now = Instant::now();
+        *custody = Custody::Unlocked {
+            master,
+            since: now,
+            last_used: now,
+        };
+        Ok(id)
+    }
+
+    /// Tries `secret` against every slot of its kind; on success the master key
+    /// is in memory. Wrong secrets from one uid are met with a growing wait.
+    ///
+    /// # Errors
+    /// [`VaultError::UnlockFailed`], [`VaultError::Backoff`], [`VaultError::NotInitialized`].
+    pub fn unlock(&self, uid: u32, secret: &UnlockSecret) -> Result<u32, VaultError> {
+        if let Some(f) = lock(&self.failures).get(&uid) {
+            let now = Instant::now();
+            if now < f.not_before {
+                return Err(VaultError::Backoff {
+                    uid,
+                    retry_after: f.not_before - now,
+                });
+            }
+        }
+        let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
+        let (kind, bytes) = match secret {
+            UnlockSecret::Passphrase(p) => ("passphrase", p.expose()),
+            UnlockSecret::Keyfile(k) => ("keyfile", k.expose()),
+        };
+        let rows = lock(&self.store).slots()?;
+        for row in rows.iter().filter(|r| r.kind == kind) {
+            let params: SlotParams = match serde_json::from_str(&row.params) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(slot = row.id, error = %e, "keystore record tampered: slot parameters unreadable");
+                    continue;
+                }
+            };
+            if params.kind() != row.kind {
+                tracing::error!(
+                    slot = row.id,
+                    "keystore record tampered: slot kind and parameters disagree"
+                );
+                continue;
+            }
+            let kek = match params.derive(bytes) {
+                Ok(k) => k,
+                Err(SlotError::BadSecret(why)) => return Err(VaultError::Invalid(why)),
+                Err(SlotError::BadParams(why)) => {
+                    tracing::error!(slot = row.id, why, "keystore record tampered: slot parameters refused");
+                    continue;
+                }
+            };
+            let aad = slot_aad(&store_id, &row.kind, &row.params);
+            let Ok(opened) = crypto::open(&kek, &row.wrapped, &aad) else {
+                continue;
+            };
+            let Ok(master) = <[u8; 32]>::try_from(opened.as_slice()) else {
+                return Err(VaultError::Tampered(format!(
+                    "slot {} holds a master key of the wrong size",
+                    row.id
+                )));
+            };
+            lock(&self.failures).remove(&uid);
+            let now = Instant::now();
+            let mut custody = lock(&self.custody);
+            if !matches!(*custody, Custody::Unlocked { .. }) {
+                *custody = Custody::Unlocked {
+                    master: zeroize::Zeroizing::new(master),
+                    since: now,
+                    last_used: now,
+                };
+            }
+            return Ok(row.id);
+        }
+        self.record_failure(uid);
+        Err(VaultError::UnlockFailed { kind })
+    }
+
+    fn record_failure(&self, uid: u32) {
+        let mut failures = lock(&self.failures);
+        let f = failures.entry(uid).or_insert(Failures {
+            count: 0,
+            not_before: Instant::now(),
+        });
+        f.count = f.count.saturating_add(1);
+        let wait = BACKOFF_BASE
+            .saturating_mul(1u32 << (f.count - 1).min(16))
+            .min(BACKOFF_MAX);
+        f.not_before = Instant::now() + wait;
+        tracing::warn!(
+            uid,
+            failures = f.count,
+            wait_ms = wait.as_millis() as u64,
+            "unlock failed"
+        );
+    }
+
+    /// Forgets the master key (zeroized on drop). Locking a locked keystore is fine.
+    ///
+    /// # Errors
+    /// [`VaultError::NotInitialized`].
+    pub fn lock(&self) -> Result<(), VaultError> {
+        let mut custody = lock(&self.custody);
+        match *custody {
+            Custody::Uninitialized => Err(VaultError::NotInitialized),
+            _ => {
+                *custody = Custody::Locked;
+                Ok(())
+            }
+        }
+    }
+
+    /// Locks if unlocked longer than `max_unlocked`, or unused longer than
+    /// `idle`; returns why it locked.
+    pub fn enforce_timeouts(&self, idle: Option<Duration>, max_unlocked: Option<Duration>) -> Option<String> {
+        let mut custody = lock(&self.custody);
+        let Custody::Unlocked { since, last_used, .. } = *custody else {
+            return None;
+        };
+        let reason = if max_unlocked.is_some_and(|m| since.elapsed() >= m) {
+            format!("unlocked for longer than {}", humantime::format_duration(max_unlocked?))
+        } else if idle.is_some_and(|i| last_used.elapsed() >= i) {
+            format!("unused for {}", humantime::format_duration(idle?))
+        } else {
+            return None;
+        };
+        *custody = Custody::Locked;
+        Some(reason)
+    }
+
+    /// The slots, without secrets.
+    ///
+    /// # Errors
+    /// [`VaultError::NotInitialized`], or the file failing.
+    pub fn slots(&self) -> Result<Vec<SlotInfo>, VaultError> {
+        if self.state() == ServiceState::Uninitialized {
+            return Err(VaultError::NotInitialized);
+        }
+        let rows = lock(&self.store).slots()?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SlotInfo {
+                id: r.id,
+                kdf: serde_json::from_str::<SlotParams>(&r.params).ok().map(|p| p.describe()),
+                kind: r.kind,
+                label: r.label,
+                created_unix: r.created_unix,
+            })
+            .collect())
+    }
+
+    /// Adds a slot sealing the master key under `slot`'s secret. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::Locked`], an unacceptable secret, or the file failing.
+    pub fn add_slot(&self, slot: &NewSlot) -> Result<u32, VaultError> {
+        let master = self.master()?;
+        let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
+        let row = self.seal_slot(slot, &master, &store_id)?;
+        Ok(lock(&self.store).add_slot(&row)?)
+    }
+
+    /// Removes a slot, never the last. Needs unlocked, so a locked daemon cannot
+    /// be stripped of its slots by whoever reaches the socket.
+    ///
+    /// # Errors
+    /// [`VaultError::Locked`], [`VaultError::NoSuchSlot`], [`VaultError::LastSlot`].
+    pub fn remove_slot(&self, id: u32) -> Result<u32, VaultError> {
+        self.master()?;
+        match lock(&self.store).remove_slot(id)? {
+            None => Err(VaultError::NoSuchSlot(id)),
+            Some(false) => Err(VaultError::LastSlot(id)),
+            Some(true) => Ok(id),
+        }
+    }
+
+    /// A copy of the master key, for the operation at hand; marks it used.
+    fn master(&self) -> Result<Key256, VaultError> {
+        match &mut *lock(&self.custody) {
+            Custody::Uninitialized => Err(VaultError::NotInitialized),
+            Custody::Locked => Err(VaultError::Locked),
+            Custody::Unlocked { master, last_used, .. } => {
+                *last_used = Instant::now();
+                Ok(master.clone())
+            }
+        }
+    }
+
+    /// Checks a new slot's secret and label, derives its key and seals `master`.
+    /// Runs the KDF without holding any lock.
+    fn seal_slot(&self, slot: &NewSlot, master: &Key256, store_id: &[u8]) -> Result<SlotRow, VaultError> {
+        let (label, params, secret) = match slot {
+            NewSlot::Passphrase { label, passphrase } => {
+                let n = passphrase.len();
+                if !(MIN_PASSPHRASE..=MAX_PASSPHRASE).contains(&n) {
+                    return Err(VaultError::Invalid(format!(
+                        "a passphrase must be {MIN_PASSPHRASE} to {MAX_PASSPHRASE} bytes; this one is {n}"
+                    )));
+                }
+                let params = SlotParams::Argon2id {
+                    cost: self.cost,
+                    salt: hex::encode(crypto::random::<16>()?),
+                };
+                (label, params, passphrase.expose())
+            }
+            NewSlot::Keyfile { label, key } => {
+                let params = SlotParams::HkdfSha256 {
+                    salt: hex::encode(crypto::random::<16>()?),
+                };
+                (label, params, key.expose())
+            }
+        };
+        if label.len() > MAX_LABEL || label.chars().any(char::is_control) {
+            return Err(VaultError::Invalid(format!(
+                "a slot label is at most {MAX_LABEL} bytes of printable text"
+            )));
+        }
+        let kek = params.derive(secret).map_err(|e| VaultError::Invalid(e.to_string()))?;
+        let json = serde_json::to_string(&params).map_err(|e| VaultError::Invalid(e.to_string()))?;
+        let kind = params.kind();
+        let wrapped = crypto::seal(&kek, master.as_ref(), &slot_aad(store_id, kind, &json))?;
+        Ok(SlotRow {
+            id: 0,
+            kind: kind.to_owned(),
+            label: label.clone(),
+            params: json,
+            wrapped,
+            created_unix: now_unix(),
+        })
+    }
+}

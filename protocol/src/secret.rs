@@ -1,0 +1,56 @@
+//! Secret bytes on the wire (passphrases, key-file contents): zeroized when
+//! dropped and never shown by `Debug`.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// Bytes that must not outlive their use or reach a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+pub struct SecretBytes(#[serde(with = "serde_bytes")] Vec<u8>);
+
+impl SecretBytes {
+    /// Takes ownership of `bytes`.
+    #[must_use]
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// The secret itself; keep the borrow short.
+    #[must_use]
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Length in bytes (not secret).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no bytes.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes([redacted; {} bytes])", self.0.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_bytes() {
+        let s = SecretBytes::new(b"hunter2".to_vec());
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("104"), "{shown}");
+        assert_eq!(shown, "SecretBytes([redacted; 7 bytes])");
+    }
+}

@@ -314,3 +314,36 @@ fn secrets_never_reach_the_log() {
     let log = d.log();
     assert!(!log.contains(PASS) && !log.contains("a wrong passphrase here"), "{log}");
 }
+
+#[test]
+fn parallel_guesses_get_one_try_and_the_rest_wait_their_turn() {
+    let d = Daemon::start();
+    init_with_passphrase(&d);
+    ok(&d.hsmctl(&["lock"]));
+    let mut clients: Vec<_> = (0..4).map(|_| d.client()).collect();
+    // All four guesses are in the daemon before any answer comes back.
+    for c in &mut clients {
+        c.send(Operation::Unlock {
+            secret: UnlockSecret::Passphrase(SecretBytes::new(b"guess guess guess".to_vec())),
+        })
+        .expect("send");
+    }
+    let mut codes: Vec<_> = clients
+        .iter_mut()
+        .map(|c| match c.recv().expect("answer").result {
+            Err(e) => e.code,
+            Ok(r) => panic!("a guess unlocked: {r:?}"),
+        })
+        .collect();
+    codes.sort_by_key(|c| c.number());
+    assert_eq!(
+        codes,
+        [
+            ErrorCode::UnlockFailed,
+            ErrorCode::RateLimited,
+            ErrorCode::RateLimited,
+            ErrorCode::RateLimited
+        ],
+        "only one guess may run the KDF; the others meet the back-off"
+    );
+}

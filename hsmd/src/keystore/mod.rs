@@ -130,6 +130,9 @@ pub struct Vault {
     store_id: Mutex<Option<Vec<u8>>>,
     cost: Argon2Cost,
     failures: Mutex<HashMap<u32, Failures>>,
+    /// Held for every key derivation: one Argon2id run at a time bounds memory
+    /// (64 MiB each, locked), and makes parallel guesses meet the back-off.
+    kdf_gate: Mutex<()>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -181,6 +184,7 @@ impl Vault {
             store_id: Mutex::new(store_id),
             cost,
             failures: Mutex::new(HashMap::new()),
+            kdf_gate: Mutex::new(()),
         })
     }
 
@@ -227,6 +231,7 @@ impl Vault {
     /// # Errors
     /// [`VaultError::UnlockFailed`], [`VaultError::Backoff`], [`VaultError::NotInitialized`].
     pub fn unlock(&self, uid: u32, secret: &UnlockSecret) -> Result<u32, VaultError> {
+        let _gate = lock(&self.kdf_gate);
         if let Some(f) = lock(&self.failures).get(&uid) {
             let now = Instant::now();
             if now < f.not_before {
@@ -430,7 +435,10 @@ impl Vault {
                 "a slot label is at most {MAX_LABEL} bytes of printable text"
             )));
         }
-        let kek = params.derive(secret).map_err(|e| VaultError::Invalid(e.to_string()))?;
+        let kek = {
+            let _gate = lock(&self.kdf_gate);
+            params.derive(secret).map_err(|e| VaultError::Invalid(e.to_string()))?
+        };
         let json = serde_json::to_string(&params).map_err(|e| VaultError::Invalid(e.to_string()))?;
         let kind = params.kind();
         let wrapped = crypto::seal(&kek, master.as_ref(), &slot_aad(store_id, kind, &json))?;

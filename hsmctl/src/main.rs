@@ -8,11 +8,12 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use protocol::{
-    Client, ClientError, ClientOptions, GroupInfo, NewSlot, Operation, PeerInfo, Reply, SlotInfo, StatusInfo,
-    UnlockSecret,
+    Client, ClientError, ClientOptions, GroupInfo, KeyInfo, KeyType, NewSlot, Operation, PeerInfo, Reply, SlotInfo,
+    StatusInfo, UnlockSecret, Usage,
 };
 use serde_json::json;
 
+mod keys;
 mod secrets;
 
 const EXAMPLES: &str = "\
@@ -25,7 +26,10 @@ Examples:
   hsmctl init                      # asks for a passphrase twice, without echo
   hsmctl lock; hsmctl unlock
   hsmctl unlock --passphrase-file /run/secrets/hsmd   # or - for stdin
-  hsmctl slot add keyfile --out /etc/hsmd/unlock.key
+  hsmctl slot add --keyfile-out /etc/hsmd/unlock.key
+  hsmctl key create release --type ed25519
+  hsmctl sign release -i app.tar.gz -o app.tar.gz.sig
+  hsmctl verify release -i app.tar.gz -s app.tar.gz.sig
 
 Exit codes:
   0  success
@@ -94,6 +98,103 @@ enum Command {
     /// Unlock slots: list, add, remove
     #[command(subcommand)]
     Slot(SlotCommand),
+    /// Keys: create, list, info, public, delete
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Sign a file (of any size: it is hashed here, hsmd signs the digest)
+    #[command(
+        after_help = "Signed bytes: Ed25519 signs SHA-512(file) (64 bytes) as its message; ECDSA\n\
+        P-256 / P-384 sign SHA-256(file) / SHA-384(file) as usual (openssl dgst -verify).\n\n\
+        Example:\n  hsmctl sign release -i app.tar.gz -o app.tar.gz.sig\n  hsmctl sign release -i - -o - --format raw < data > sig"
+    )]
+    Sign {
+        /// The key's name
+        name: String,
+        /// The file to sign (- for stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// Where to write the signature (- for stdout)
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// hsmd: a self-describing text file (key, version, signature); raw: the bare
+        /// signature (64 bytes for Ed25519, DER for ECDSA)
+        #[arg(long, default_value = "hsmd", value_parser = ["hsmd", "raw"])]
+        format: String,
+    },
+    /// Check a signature; exit 0 when valid, 1 when not
+    #[command(after_help = "Example:\n  hsmctl verify release -i app.tar.gz -s app.tar.gz.sig")]
+    Verify {
+        /// The key's name
+        name: String,
+        /// The signed file (- for stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// The signature file
+        #[arg(short, long, value_name = "FILE")]
+        signature: PathBuf,
+        /// Format of the signature file (as for sign)
+        #[arg(long, default_value = "hsmd", value_parser = ["hsmd", "raw"])]
+        format: String,
+        /// Key version for a raw signature [default: the newest]
+        #[arg(long, value_name = "N")]
+        key_version: Option<u32>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Generate a key inside hsmd (hsmd must be unlocked)
+    #[command(
+        after_help = "Names: 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit.\n\
+        Types: ed25519, ecdsa-p256, ecdsa-p384, aes256-gcm, hmac-sha256.\n\n\
+        Example:\n  hsmctl key create release --type ed25519\n  hsmctl key create audit-mac --type hmac-sha256"
+    )]
+    Create {
+        /// The key's name
+        name: String,
+        /// ed25519, ecdsa-p256, ecdsa-p384, aes256-gcm or hmac-sha256
+        #[arg(long = "type", value_name = "TYPE", value_parser = parse_key_type)]
+        key_type: KeyType,
+        /// sign, verify, encrypt, decrypt, mac (repeat or comma-separate); default: all the type allows
+        #[arg(long = "usage", value_name = "USAGE", value_delimiter = ',', value_parser = parse_usage)]
+        usages: Vec<Usage>,
+    },
+    /// List keys
+    List,
+    /// Show one key's metadata
+    Info {
+        /// The key's name
+        name: String,
+    },
+    /// Print the public key of an asymmetric key
+    Public {
+        /// The key's name
+        name: String,
+        /// pem (SubjectPublicKeyInfo), der, or raw (32-byte Ed25519 key, SEC1 point)
+        #[arg(long, default_value = "pem", value_parser = ["pem", "der", "raw"])]
+        format: String,
+        /// Write here instead of stdout
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Destroy a key (hsmd must be unlocked)
+    Delete {
+        /// The key's name
+        name: String,
+    },
+}
+
+fn parse_key_type(s: &str) -> Result<KeyType, String> {
+    KeyType::parse(s).ok_or_else(|| {
+        format!(
+            "unknown key type {s:?}; use one of {}",
+            KeyType::ALL.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+fn parse_usage(s: &str) -> Result<Usage, String> {
+    Usage::parse(s).ok_or_else(|| format!("unknown usage {s:?}; use sign, verify, encrypt, decrypt or mac"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -316,6 +417,88 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 .into())
             }
         },
+        Command::Key(cmd) => run_key(cli.json, &mut client, cmd)?,
+        Command::Sign {
+            name,
+            input,
+            output,
+            format,
+        } => {
+            let key = keys::info(&mut client, name)?;
+            let digest = keys::digest_file(key.key_type, input)?;
+            let (version, signature) = match client.call(Operation::Sign {
+                name: name.clone(),
+                digest,
+            })? {
+                Reply::Signature { version, signature } => (version, signature),
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "sign",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            };
+            let bytes = if format == "raw" {
+                signature
+            } else {
+                keys::signature_file(name, version, key.key_type, &signature).into_bytes()
+            };
+            keys::write_output(output, &bytes)?;
+        }
+        Command::Verify {
+            name,
+            input,
+            signature,
+            format,
+            key_version,
+        } => {
+            let key = keys::info(&mut client, name)?;
+            let raw = std::fs::read(signature)
+                .map_err(|e| Failure::Local(format!("cannot read {}: {e}", signature.display())))?;
+            let (version, sig) = if format == "raw" {
+                (key_version.unwrap_or(key.version), raw)
+            } else {
+                let (signer, version, sig) =
+                    keys::parse_signature_file(&String::from_utf8_lossy(&raw)).map_err(Failure::Local)?;
+                if signer != *name {
+                    return Err(Failure::Local(format!(
+                        "the signature was made by key {signer:?}, not {name:?}"
+                    )));
+                }
+                (version, sig)
+            };
+            let digest = keys::digest_file(key.key_type, input)?;
+            match client.call(Operation::Verify {
+                name: name.clone(),
+                version,
+                digest,
+                signature: sig,
+            })? {
+                Reply::Verified { valid: true } => {
+                    if cli.json {
+                        println!("{}", json!({ "valid": true, "key": name, "version": version }));
+                    } else {
+                        println!("signature valid (key {name}, version {version})");
+                    }
+                }
+                Reply::Verified { valid: false } => {
+                    if cli.json {
+                        println!("{}", json!({ "valid": false, "key": name, "version": version }));
+                    }
+                    return Err(Failure::Local(format!(
+                        "signature INVALID for key {name} version {version}"
+                    )));
+                }
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "verify",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            }
+        }
         Command::Slot(SlotCommand::List) => match client.call(Operation::SlotList)? {
             Reply::Slots(slots) => print_slots(cli.json, &slots),
             other => {
@@ -344,6 +527,111 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         },
     }
     Ok(())
+}
+
+fn run_key(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Failure> {
+    match cmd {
+        KeyCommand::Create { name, key_type, usages } => match client.call(Operation::KeyCreate {
+            name: name.clone(),
+            key_type: *key_type,
+            usages: usages.clone(),
+        })? {
+            Reply::KeyCreated(k) => {
+                if json {
+                    print_json(&k);
+                } else {
+                    println!(
+                        "created key {} ({}, version {})",
+                        k.name,
+                        k.key_type.as_str(),
+                        k.version
+                    );
+                }
+            }
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "key-create",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
+        KeyCommand::List => match client.call(Operation::KeyList)? {
+            Reply::Keys(list) => {
+                if json {
+                    print_json(&list);
+                } else {
+                    println!(
+                        "{:<24}  {:<11}  {:>7}  {:<8}  {:<22}  owner",
+                        "name", "type", "version", "backend", "usages"
+                    );
+                    for k in &list {
+                        println!(
+                            "{:<24}  {:<11}  {:>7}  {:<8}  {:<22}  {}",
+                            k.name,
+                            k.key_type.as_str(),
+                            k.version,
+                            k.backend,
+                            usages(k),
+                            k.owner_uid
+                        );
+                    }
+                }
+            }
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "key-list",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
+        KeyCommand::Info { name } => {
+            let k = keys::info(client, name)?;
+            if json {
+                print_json(&k);
+            } else {
+                println!("name:     {}\nid:       {}\ntype:     {}\nbackend:  {}\nusages:   {}\nversion:  {}\ncreated:  {}\nowner:    uid {}",
+                    k.name, k.id, k.key_type.as_str(), k.backend, usages(&k), k.version, k.created_unix, k.owner_uid);
+            }
+        }
+        KeyCommand::Public { name, format, output } => {
+            match client.call(Operation::KeyPublic { name: name.clone() })? {
+                Reply::PublicKey { key_type, spki_der, .. } => {
+                    let bytes = keys::format_public(key_type, &spki_der, format);
+                    keys::write_output(output.as_deref().unwrap_or(std::path::Path::new("-")), &bytes)?;
+                }
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "key-public",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            }
+        }
+        KeyCommand::Delete { name } => match client.call(Operation::KeyDelete { name: name.clone() })? {
+            Reply::KeyDeleted { name } => {
+                if json {
+                    println!("{}", json!({ "deleted": name }));
+                } else {
+                    println!("deleted key {name}");
+                }
+            }
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "key-delete",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
+    }
+    Ok(())
+}
+
+fn usages(k: &KeyInfo) -> String {
+    k.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(",")
 }
 
 /// A secret read (or a key file made) before connecting.

@@ -190,7 +190,12 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::SlotRemove { id: 1 },
+            op: Operation::Verify {
+                name: String::new(),
+                version: 1,
+                digest: vec![],
+                signature: vec![],
+            },
         };
         let body = encode_body(&last).unwrap();
         assert_eq!(peek_request_header(&body), Some((9, OPERATION_VARIANTS - 1)));

@@ -57,6 +57,8 @@ pub enum ErrorCode {
     RateLimited,
     /// A keystore record failed authentication: it was edited or moved.
     Tampered,
+    /// Something by that name exists already.
+    AlreadyExists,
     /// A code this build does not know, with its number.
     Unknown(u32),
 }
@@ -87,6 +89,7 @@ impl ErrorCode {
             Self::FailedPrecondition => 19,
             Self::RateLimited => 20,
             Self::Tampered => 21,
+            Self::AlreadyExists => 22,
             Self::Unknown(n) => n,
         }
     }
@@ -116,6 +119,7 @@ impl ErrorCode {
             Self::FailedPrecondition => "failed-precondition",
             Self::RateLimited => "rate-limited",
             Self::Tampered => "tampered",
+            Self::AlreadyExists => "already-exists",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -145,6 +149,7 @@ impl From<u32> for ErrorCode {
             19 => Self::FailedPrecondition,
             20 => Self::RateLimited,
             21 => Self::Tampered,
+            22 => Self::AlreadyExists,
             n => Self::Unknown(n),
         }
     }

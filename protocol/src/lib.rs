@@ -35,8 +35,8 @@ pub use async_client::AsyncClient;
 pub use client::{is_code, Client, ClientOptions, DEFAULT_SOCKET};
 pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
-    ClientHello, GroupInfo, NewSlot, Operation, PeerInfo, Reply, Request, Response, ServerHello, ServiceState,
-    SlotInfo, StatusInfo, UnlockSecret, CONNECTION_ERROR_ID, PROTOCOL_VERSION,
+    ClientHello, GroupInfo, KeyInfo, KeyType, NewSlot, Operation, PeerInfo, Reply, Request, Response, ServerHello,
+    ServiceState, SlotInfo, StatusInfo, UnlockSecret, Usage, CONNECTION_ERROR_ID, PROTOCOL_VERSION,
 };
 pub use secret::SecretBytes;
 

@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 11;
+pub const OPERATION_VARIANTS: u32 = 18;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +75,179 @@ pub enum Operation {
         /// The slot's id, as `SlotList` shows it.
         id: u32,
     },
+    /// Generates a key inside the daemon. Needs unlocked.
+    KeyCreate {
+        /// Unique name; see `docs/protocol.md` for the allowed characters.
+        name: String,
+        /// What kind of key.
+        key_type: KeyType,
+        /// What it may be used for; empty means the type's defaults.
+        usages: Vec<Usage>,
+    },
+    /// Every key's metadata.
+    KeyList,
+    /// One key's metadata.
+    KeyInfo {
+        /// The key's name.
+        name: String,
+    },
+    /// The public half of an asymmetric key (SubjectPublicKeyInfo, DER).
+    KeyPublic {
+        /// The key's name.
+        name: String,
+    },
+    /// Destroys a key. Needs unlocked.
+    KeyDelete {
+        /// The key's name.
+        name: String,
+    },
+    /// Signs a digest the client computed (SHA-512 for ed25519, SHA-256 for
+    /// ecdsa-p256, SHA-384 for ecdsa-p384). Needs unlocked.
+    Sign {
+        /// The key's name.
+        name: String,
+        /// The digest of the data.
+        #[serde(with = "serde_bytes")]
+        digest: Vec<u8>,
+    },
+    /// Checks a signature over a digest.
+    Verify {
+        /// The key's name.
+        name: String,
+        /// The key version the signature names.
+        version: u32,
+        /// The digest of the data.
+        #[serde(with = "serde_bytes")]
+        digest: Vec<u8>,
+        /// The signature: 64 bytes for ed25519, DER for ECDSA.
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+}
+
+/// The kinds of key hsmd holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    /// Ed25519 signatures.
+    Ed25519,
+    /// ECDSA on NIST P-256 with SHA-256.
+    EcdsaP256,
+    /// ECDSA on NIST P-384 with SHA-384.
+    EcdsaP384,
+    /// AES-256-GCM encryption.
+    Aes256Gcm,
+    /// HMAC-SHA-256.
+    HmacSha256,
+}
+
+impl KeyType {
+    /// Every type, in wire order.
+    pub const ALL: [Self; 5] = [
+        Self::Ed25519,
+        Self::EcdsaP256,
+        Self::EcdsaP384,
+        Self::Aes256Gcm,
+        Self::HmacSha256,
+    ];
+
+    /// The name used on the command line and in listings.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ed25519 => "ed25519",
+            Self::EcdsaP256 => "ecdsa-p256",
+            Self::EcdsaP384 => "ecdsa-p384",
+            Self::Aes256Gcm => "aes256-gcm",
+            Self::HmacSha256 => "hmac-sha256",
+        }
+    }
+
+    /// Parses [`KeyType::as_str`]'s names.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The usages a key of this type may have, the defaults.
+    #[must_use]
+    pub fn allowed_usages(self) -> &'static [Usage] {
+        match self {
+            Self::Ed25519 | Self::EcdsaP256 | Self::EcdsaP384 => &[Usage::Sign, Usage::Verify],
+            Self::Aes256Gcm => &[Usage::Encrypt, Usage::Decrypt],
+            Self::HmacSha256 => &[Usage::Mac],
+        }
+    }
+
+    /// Length of the digest a signature covers, for signing types.
+    #[must_use]
+    pub fn digest_len(self) -> Option<usize> {
+        match self {
+            Self::Ed25519 => Some(64),
+            Self::EcdsaP256 => Some(32),
+            Self::EcdsaP384 => Some(48),
+            Self::Aes256Gcm | Self::HmacSha256 => None,
+        }
+    }
+}
+
+/// What a key may be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Usage {
+    /// Make signatures.
+    Sign,
+    /// Check signatures.
+    Verify,
+    /// Encrypt.
+    Encrypt,
+    /// Decrypt.
+    Decrypt,
+    /// Compute and check MACs.
+    Mac,
+}
+
+impl Usage {
+    /// The name used on the command line.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sign => "sign",
+            Self::Verify => "verify",
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
+            Self::Mac => "mac",
+        }
+    }
+
+    /// Parses [`Usage::as_str`]'s names.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Sign, Self::Verify, Self::Encrypt, Self::Decrypt, Self::Mac]
+            .into_iter()
+            .find(|u| u.as_str() == s)
+    }
+}
+
+/// A key's metadata (never its material).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// Unique name.
+    pub name: String,
+    /// Stable random id.
+    pub id: String,
+    /// What kind of key.
+    pub key_type: KeyType,
+    /// Where it lives (`soft` for now).
+    pub backend: String,
+    /// What it may be used for.
+    pub usages: Vec<Usage>,
+    /// Newest version.
+    pub version: u32,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The uid that created it.
+    pub owner_uid: u32,
 }
 
 /// A new unlock slot and its secret.
@@ -121,6 +294,13 @@ impl Operation {
             Self::SlotList => "slot-list",
             Self::SlotAdd { .. } => "slot-add",
             Self::SlotRemove { .. } => "slot-remove",
+            Self::KeyCreate { .. } => "key-create",
+            Self::KeyList => "key-list",
+            Self::KeyInfo { .. } => "key-info",
+            Self::KeyPublic { .. } => "key-public",
+            Self::KeyDelete { .. } => "key-delete",
+            Self::Sign { .. } => "sign",
+            Self::Verify { .. } => "verify",
         }
     }
 }
@@ -187,6 +367,40 @@ pub enum Reply {
         /// The removed slot's id.
         slot: u32,
     },
+    /// Answer to [`Operation::KeyCreate`].
+    KeyCreated(KeyInfo),
+    /// Answer to [`Operation::KeyList`].
+    Keys(Vec<KeyInfo>),
+    /// Answer to [`Operation::KeyInfo`].
+    Key(KeyInfo),
+    /// Answer to [`Operation::KeyPublic`].
+    PublicKey {
+        /// The key's type.
+        key_type: KeyType,
+        /// The version this public key belongs to.
+        version: u32,
+        /// SubjectPublicKeyInfo, DER.
+        #[serde(with = "serde_bytes")]
+        spki_der: Vec<u8>,
+    },
+    /// Answer to [`Operation::KeyDelete`].
+    KeyDeleted {
+        /// The deleted key's name.
+        name: String,
+    },
+    /// Answer to [`Operation::Sign`].
+    Signature {
+        /// The key version that signed.
+        version: u32,
+        /// 64 bytes for ed25519, DER for ECDSA.
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+    /// Answer to [`Operation::Verify`].
+    Verified {
+        /// Whether the signature is valid.
+        valid: bool,
+    },
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -220,6 +434,13 @@ impl Reply {
             Self::Slots(_) => "slot-list",
             Self::SlotAdded { .. } => "slot-add",
             Self::SlotRemoved { .. } => "slot-remove",
+            Self::KeyCreated(_) => "key-create",
+            Self::Keys(_) => "key-list",
+            Self::Key(_) => "key-info",
+            Self::PublicKey { .. } => "key-public",
+            Self::KeyDeleted { .. } => "key-delete",
+            Self::Signature { .. } => "sign",
+            Self::Verified { .. } => "verify",
         }
     }
 }

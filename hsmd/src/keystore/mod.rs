@@ -5,23 +5,25 @@
 //! under each unlock slot's key (see [`slots`]).
 
 pub mod crypto;
+pub mod keys;
 pub mod slots;
 pub mod store;
 
 use std::{
     collections::HashMap,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use protocol::{ErrorCode, NewSlot, ServiceState, SlotInfo, UnlockSecret, WireError};
+use protocol::{ErrorCode, KeyInfo, KeyType, NewSlot, ServiceState, SlotInfo, UnlockSecret, Usage, WireError};
 use thiserror::Error;
 
 use self::{
     crypto::{CryptoError, Key256},
+    keys::Material,
     slots::{Argon2Cost, SlotError, SlotParams},
-    store::{SlotRow, Store, StoreError},
+    store::{KeyRow, SlotRow, Store, StoreError},
 };
 
 /// Longest accepted passphrase, in bytes.
@@ -67,9 +69,25 @@ pub enum VaultError {
     /// The last slot cannot go.
     #[error("slot {0} is the last unlock slot; add another before removing it")]
     LastSlot(u32),
-    /// A secret or label is unacceptable.
+    /// A secret, label, name or argument is unacceptable.
     #[error("{0}")]
     Invalid(String),
+    /// No key by that name (or not that version).
+    #[error("there is no key {0}; `hsmctl key list` shows them")]
+    NoSuchKey(String),
+    /// The name is taken.
+    #[error("a key named {0:?} already exists")]
+    KeyExists(String),
+    /// The key's usages do not include this operation.
+    #[error("key {name:?} may not be used to {usage}; its usages are {usages}")]
+    UsageNotAllowed {
+        /// The key.
+        name: String,
+        /// What was asked.
+        usage: &'static str,
+        /// What it allows.
+        usages: String,
+    },
     /// A stored record failed its checks.
     #[error("keystore record tampered: {0}")]
     Tampered(String),
@@ -95,6 +113,9 @@ impl VaultError {
             Self::LastSlot(_) => ErrorCode::FailedPrecondition,
             Self::Invalid(_) => ErrorCode::InvalidArgument,
             Self::Tampered(_) => ErrorCode::Tampered,
+            Self::NoSuchKey(_) => ErrorCode::NotFound,
+            Self::KeyExists(_) => ErrorCode::AlreadyExists,
+            Self::UsageNotAllowed { .. } => ErrorCode::FailedPrecondition,
             Self::Store(_) | Self::Crypto(_) => ErrorCode::Internal,
         };
         let message = match self {
@@ -113,6 +134,8 @@ enum Custody {
         master: Key256,
         since: Instant,
         last_used: Instant,
+        /// Unwrapped keys by (id, version); dropped (and zeroized) on lock.
+        keys: HashMap<(String, u32), Arc<Material>>,
     },
 }
 
@@ -151,6 +174,47 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Associated data binding a key version's sealed material to everything that
+/// says what the key is and may do: swapping rows, renaming, widening usages or
+/// substituting a public key all make it fail.
+fn key_aad(store_id: &[u8], row: &KeyRow) -> Vec<u8> {
+    let mut aad = b"hsmd key v1\0".to_vec();
+    for part in [
+        store_id,
+        row.id.as_bytes(),
+        row.name.as_bytes(),
+        row.key_type.as_bytes(),
+        row.backend.as_bytes(),
+        row.usages.as_bytes(),
+    ] {
+        aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        aad.extend_from_slice(part);
+    }
+    aad.extend_from_slice(&row.version.to_be_bytes());
+    let public = row.public.as_deref().unwrap_or_default();
+    aad.extend_from_slice(&(public.len() as u32).to_be_bytes());
+    aad.extend_from_slice(public);
+    aad
+}
+
+fn parse_type(row: &KeyRow) -> Result<KeyType, VaultError> {
+    KeyType::parse(&row.key_type)
+        .ok_or_else(|| VaultError::Tampered(format!("key {:?} has unknown type {:?}", row.name, row.key_type)))
+}
+
+fn key_info(row: &KeyRow) -> Result<KeyInfo, VaultError> {
+    Ok(KeyInfo {
+        name: row.name.clone(),
+        id: row.id.clone(),
+        key_type: parse_type(row)?,
+        backend: row.backend.clone(),
+        usages: row.usages.split(',').filter_map(Usage::parse).collect(),
+        version: row.version,
+        created_unix: row.created_unix,
+        owner_uid: row.owner_uid,
+    })
 }
 
 /// Associated data binding a sealed master key to its keystore and slot.
@@ -221,6 +285,7 @@ impl Vault {
             master,
             since: now,
             last_used: now,
+            keys: HashMap::new(),
         };
         Ok(id)
     }
@@ -288,6 +353,7 @@ impl Vault {
                     master: zeroize::Zeroizing::new(master),
                     since: now,
                     last_used: now,
+                    keys: HashMap::new(),
                 };
             }
             return Ok(row.id);
@@ -392,6 +458,191 @@ impl Vault {
             Some(false) => Err(VaultError::LastSlot(id)),
             Some(true) => Ok(id),
         }
+    }
+
+    /// Generates a key inside the daemon and stores it wrapped. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::Invalid`] for a bad name or usages, [`VaultError::KeyExists`],
+    /// [`VaultError::Locked`].
+    pub fn create_key(
+        &self,
+        name: &str,
+        key_type: KeyType,
+        usages: &[Usage],
+        owner_uid: u32,
+    ) -> Result<KeyInfo, VaultError> {
+        keys::check_name(name).map_err(VaultError::Invalid)?;
+        let usages = keys::check_usages(key_type, usages).map_err(VaultError::Invalid)?;
+        let master = self.master()?;
+        let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
+        let material = Material::generate(key_type)?;
+        let mut row = KeyRow {
+            id: hex::encode(crypto::random::<16>()?),
+            name: name.to_owned(),
+            key_type: key_type.as_str().to_owned(),
+            backend: "soft".to_owned(),
+            usages: usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
+            owner_uid,
+            created_unix: now_unix(),
+            version: 1,
+            wrapped: Vec::new(),
+            public: material.public_spki(),
+        };
+        row.wrapped = crypto::seal(&master, &material.secret(), &key_aad(&store_id, &row))?;
+        if !lock(&self.store).insert_key(&row)? {
+            return Err(VaultError::KeyExists(name.to_owned()));
+        }
+        key_info(&row)
+    }
+
+    /// Every key's metadata. Works while locked: metadata is not secret.
+    ///
+    /// # Errors
+    /// [`VaultError::NotInitialized`], or the file failing.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError> {
+        if self.state() == ServiceState::Uninitialized {
+            return Err(VaultError::NotInitialized);
+        }
+        let rows = lock(&self.store).keys()?;
+        rows.iter().map(key_info).collect()
+    }
+
+    /// One key's metadata.
+    ///
+    /// # Errors
+    /// [`VaultError::NoSuchKey`].
+    pub fn key_info(&self, name: &str) -> Result<KeyInfo, VaultError> {
+        key_info(&self.row(name, None)?)
+    }
+
+    /// The public key, authenticated by unwrapping the key. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::Locked`], [`VaultError::NoSuchKey`], [`VaultError::Invalid`]
+    /// for a symmetric key, [`VaultError::Tampered`].
+    pub fn public_key(&self, name: &str) -> Result<(KeyType, u32, Vec<u8>), VaultError> {
+        let row = self.row(name, None)?;
+        let material = self.material(&row)?;
+        let spki = material.public_spki().ok_or_else(|| {
+            VaultError::Invalid(format!("key {name:?} is a {} key and has no public half", row.key_type))
+        })?;
+        Ok((material.key_type(), row.version, spki))
+    }
+
+    /// Destroys a key and all its versions. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::Locked`], [`VaultError::NoSuchKey`].
+    pub fn delete_key(&self, name: &str) -> Result<(), VaultError> {
+        self.master()?;
+        let row = self.row(name, None)?;
+        if !lock(&self.store).delete_key(name)? {
+            return Err(VaultError::NoSuchKey(name.to_owned()));
+        }
+        if let Custody::Unlocked { keys, .. } = &mut *lock(&self.custody) {
+            keys.retain(|(id, _), _| *id != row.id);
+        }
+        Ok(())
+    }
+
+    /// Signs a digest with the key's newest version.
+    ///
+    /// # Errors
+    /// [`VaultError::Locked`], [`VaultError::NoSuchKey`], [`VaultError::UsageNotAllowed`],
+    /// [`VaultError::Invalid`] for a digest of the wrong length, [`VaultError::Tampered`].
+    pub fn sign(&self, name: &str, digest: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
+        let row = self.row(name, None)?;
+        let material = self.usable(&row, Usage::Sign, digest)?;
+        let signature = material.sign(digest).map_err(VaultError::Invalid)?;
+        Ok((row.version, signature))
+    }
+
+    /// Checks a signature made by `version` of the key.
+    ///
+    /// # Errors
+    /// As [`Vault::sign`].
+    pub fn verify(&self, name: &str, version: u32, digest: &[u8], signature: &[u8]) -> Result<bool, VaultError> {
+        let row = self.row(name, Some(version))?;
+        let material = self.usable(&row, Usage::Verify, digest)?;
+        Ok(material.verify(digest, signature))
+    }
+
+    fn row(&self, name: &str, version: Option<u32>) -> Result<KeyRow, VaultError> {
+        if self.state() == ServiceState::Uninitialized {
+            return Err(VaultError::NotInitialized);
+        }
+        lock(&self.store).key(name, version)?.ok_or_else(|| match version {
+            Some(v) => VaultError::NoSuchKey(format!("{name:?} version {v}")),
+            None => VaultError::NoSuchKey(format!("{name:?}")),
+        })
+    }
+
+    /// The key's material if its usages allow `usage` and `digest` fits its type.
+    fn usable(&self, row: &KeyRow, usage: Usage, digest: &[u8]) -> Result<Arc<Material>, VaultError> {
+        if !row.usages.split(',').any(|u| u == usage.as_str()) {
+            return Err(VaultError::UsageNotAllowed {
+                name: row.name.clone(),
+                usage: usage.as_str(),
+                usages: row.usages.replace(',', ", "),
+            });
+        }
+        let key_type = parse_type(row)?;
+        let Some(expected) = key_type.digest_len() else {
+            return Err(VaultError::Invalid(format!("a {} key does not sign", row.key_type)));
+        };
+        if digest.len() != expected {
+            return Err(VaultError::Invalid(format!(
+                "a {} signature covers a {expected}-byte digest, not {} bytes",
+                row.key_type,
+                digest.len()
+            )));
+        }
+        self.material(row)
+    }
+
+    /// Unwraps (or takes from the cache) a key version. Any failure to
+    /// authenticate is reported as tampering of that key alone.
+    fn material(&self, row: &KeyRow) -> Result<Arc<Material>, VaultError> {
+        let cache_key = (row.id.clone(), row.version);
+        let master = {
+            let mut custody = lock(&self.custody);
+            match &mut *custody {
+                Custody::Uninitialized => return Err(VaultError::NotInitialized),
+                Custody::Locked => return Err(VaultError::Locked),
+                Custody::Unlocked {
+                    master,
+                    last_used,
+                    keys,
+                    ..
+                } => {
+                    *last_used = Instant::now();
+                    if let Some(m) = keys.get(&cache_key) {
+                        return Ok(Arc::clone(m));
+                    }
+                    master.clone()
+                }
+            }
+        };
+        let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
+        let tampered = || {
+            tracing::error!(key = %row.name, version = row.version, "keystore record tampered");
+            VaultError::Tampered(format!(
+                "key {:?} version {} failed authentication; restore it from a backup",
+                row.name, row.version
+            ))
+        };
+        let key_type = parse_type(row)?;
+        let secret = crypto::open(&master, &row.wrapped, &key_aad(&store_id, row)).map_err(|_| tampered())?;
+        let material = Material::from_secret(key_type, &secret).ok_or_else(tampered)?;
+        if material.public_spki() != row.public {
+            return Err(tampered());
+        }
+        let material = Arc::new(material);
+        if let Custody::Unlocked { keys, .. } = &mut *lock(&self.custody) {
+            keys.insert(cache_key, Arc::clone(&material));
+        }
+        Ok(material)
     }
 
     /// A copy of the master key, for the operation at hand; marks it used.

@@ -25,6 +25,24 @@ const MIGRATIONS: &[&str] = &[
          wrapped BLOB NOT NULL,
          created_unix INTEGER NOT NULL
      ) STRICT;",
+    // 2: keys, each with its versions (rotation adds versions).
+    "CREATE TABLE keys (
+         id TEXT PRIMARY KEY,
+         name TEXT NOT NULL UNIQUE,
+         type TEXT NOT NULL,
+         backend TEXT NOT NULL,
+         usages TEXT NOT NULL,
+         owner_uid INTEGER NOT NULL,
+         created_unix INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE key_versions (
+         key_id TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+         version INTEGER NOT NULL,
+         wrapped BLOB NOT NULL,
+         public BLOB,
+         created_unix INTEGER NOT NULL,
+         PRIMARY KEY (key_id, version)
+     ) STRICT;",
 ];
 
 /// The keystore file could not be used.
@@ -258,6 +276,123 @@ impl Store {
         tx.execute("DELETE FROM slots WHERE id = ?1", [id]).map_err(wrap)?;
         tx.commit().map_err(wrap)?;
         Ok(Some(true))
+    }
+}
+
+/// A key with one of its versions, as stored.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    /// Random id (hex).
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Type name (`ed25519`, …).
+    pub key_type: String,
+    /// Backend name.
+    pub backend: String,
+    /// Usages, comma-separated.
+    pub usages: String,
+    /// Creator.
+    pub owner_uid: u32,
+    /// Creation time.
+    pub created_unix: u64,
+    /// This row's version.
+    pub version: u32,
+    /// The key material sealed under the master key.
+    pub wrapped: Vec<u8>,
+    /// Public key (SPKI DER) for asymmetric keys.
+    pub public: Option<Vec<u8>>,
+}
+
+const KEY_COLUMNS: &str =
+    "k.id, k.name, k.type, k.backend, k.usages, k.owner_uid, k.created_unix, v.version, v.wrapped, v.public";
+
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok(KeyRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        key_type: r.get(2)?,
+        backend: r.get(3)?,
+        usages: r.get(4)?,
+        owner_uid: r.get(5)?,
+        created_unix: r.get(6)?,
+        version: r.get(7)?,
+        wrapped: r.get(8)?,
+        public: r.get(9)?,
+    })
+}
+
+impl Store {
+    /// Adds a key with its first version, durably. `Ok(false)`: the name is taken.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn insert_key(&mut self, key: &KeyRow) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        let taken: bool = tx
+            .query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE name = ?1)", [&key.name], |r| {
+                r.get(0)
+            })
+            .map_err(wrap)?;
+        if taken {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO keys (id, name, type, backend, usages, owner_uid, created_unix) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![key.id, key.name, key.key_type, key.backend, key.usages, key.owner_uid, key.created_unix],
+        )
+        .map_err(wrap)?;
+        tx.execute(
+            "INSERT INTO key_versions (key_id, version, wrapped, public, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![key.id, key.version, key.wrapped, key.public, key.created_unix],
+        )
+        .map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(true)
+    }
+
+    /// Every key at its newest version, by name.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys k JOIN key_versions v ON v.key_id = k.id
+             WHERE v.version = (SELECT MAX(version) FROM key_versions WHERE key_id = k.id) ORDER BY k.name"
+        );
+        let mut stmt = self.sql(self.conn.prepare(&sql))?;
+        let rows = self.sql(stmt.query_map([], key_row))?;
+        self.sql(rows.collect())
+    }
+
+    /// One key at `version`, or its newest version when `None`.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn key(&self, name: &str, version: Option<u32>) -> Result<Option<KeyRow>, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keys k JOIN key_versions v ON v.key_id = k.id
+             WHERE k.name = ?1 AND v.version = COALESCE(?2, (SELECT MAX(version) FROM key_versions WHERE key_id = k.id))"
+        );
+        let r = self.conn.query_row(&sql, params![name, version], key_row).optional();
+        self.sql(r)
+    }
+
+    /// Deletes a key and all its versions. `false`: no such key.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is removed then.
+    pub fn delete_key(&mut self, name: &str) -> Result<bool, StoreError> {
+        let r = self.conn.execute("DELETE FROM keys WHERE name = ?1", [name]);
+        Ok(self.sql(r)? > 0)
     }
 }
 

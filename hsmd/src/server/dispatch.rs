@@ -95,6 +95,38 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
         Operation::SlotRemove { id } => custody(shared, caller, "slot-remove", move |v| {
             v.remove_slot(id).map(|slot| Reply::SlotRemoved { slot })
         }),
+        Operation::KeyCreate { name, key_type, usages } => {
+            let uid = caller.peer.creds.uid;
+            custody(shared, caller, "key-create", move |v| {
+                v.create_key(&name, key_type, &usages, uid).map(Reply::KeyCreated)
+            })
+        }
+        Operation::KeyList => custody(shared, caller, "key-list", |v| v.list_keys().map(Reply::Keys)),
+        Operation::KeyInfo { name } => custody(shared, caller, "key-info", move |v| v.key_info(&name).map(Reply::Key)),
+        Operation::KeyPublic { name } => custody(shared, caller, "key-public", move |v| {
+            v.public_key(&name)
+                .map(|(key_type, version, spki_der)| Reply::PublicKey {
+                    key_type,
+                    version,
+                    spki_der,
+                })
+        }),
+        Operation::KeyDelete { name } => custody(shared, caller, "key-delete", move |v| {
+            v.delete_key(&name).map(|()| Reply::KeyDeleted { name })
+        }),
+        Operation::Sign { name, digest } => custody(shared, caller, "sign", move |v| {
+            v.sign(&name, &digest)
+                .map(|(version, signature)| Reply::Signature { version, signature })
+        }),
+        Operation::Verify {
+            name,
+            version,
+            digest,
+            signature,
+        } => custody(shared, caller, "verify", move |v| {
+            v.verify(&name, version, &digest, &signature)
+                .map(|valid| Reply::Verified { valid })
+        }),
         Operation::Hello(_) => Work::Done(Err(WireError::new(
             ErrorCode::ProtocolViolation,
             "hello may only be the first request on a connection",
@@ -112,8 +144,14 @@ where
     let uid = caller.peer.creds.uid;
     Work::Blocking(Box::new(move || match f(&vault) {
         Ok(reply) => {
-            if what != "slot-list" {
+            // State changes are logged; reads and key use are too frequent to.
+            if matches!(
+                what,
+                "init" | "unlock" | "slot-add" | "slot-remove" | "key-create" | "key-delete"
+            ) {
                 tracing::info!(uid, op = what, "custody operation succeeded");
+            } else {
+                tracing::trace!(uid, op = what, "operation succeeded");
             }
             Ok(reply)
         }

@@ -1,0 +1,248 @@
+//! Key material of the software backend (`soft`): generation, public keys, and
+//! signatures over digests the client computed. Private material lives only in
+//! zeroizing types.
+
+use ed25519_dalek::Signer as _;
+use p256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
+use protocol::{KeyType, Usage};
+use zeroize::Zeroizing;
+
+use super::crypto::{self, CryptoError};
+
+/// Longest key name.
+pub const MAX_NAME: usize = 64;
+
+/// Checks a key name against the documented rule: 1 to 64 characters from
+/// `A-Z a-z 0-9 . _ -`, starting with a letter or digit.
+///
+/// # Errors
+/// The rule, naming the name.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid key name {name:?}: use 1 to {MAX_NAME} characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        ))
+    }
+}
+
+/// Checks requested usages against the type; empty means the type's defaults.
+///
+/// # Errors
+/// Which usage the type cannot have.
+pub fn check_usages(key_type: KeyType, requested: &[Usage]) -> Result<Vec<Usage>, String> {
+    let allowed = key_type.allowed_usages();
+    if requested.is_empty() {
+        return Ok(allowed.to_vec());
+    }
+    let mut usages = requested.to_vec();
+    usages.sort_unstable();
+    usages.dedup();
+    if let Some(bad) = usages.iter().find(|u| !allowed.contains(u)) {
+        return Err(format!(
+            "a {} key cannot be used to {}; it allows {}",
+            key_type.as_str(),
+            bad.as_str(),
+            allowed.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(usages)
+}
+
+/// Unwrapped key material.
+pub enum Material {
+    /// An Ed25519 signing key.
+    Ed25519(ed25519_dalek::SigningKey),
+    /// A P-256 ECDSA signing key.
+    P256(p256::ecdsa::SigningKey),
+    /// A P-384 ECDSA signing key.
+    P384(p384::ecdsa::SigningKey),
+    /// A 256-bit symmetric key (AES-256-GCM or HMAC-SHA-256).
+    Symmetric(KeyType, Zeroizing<[u8; 32]>),
+}
+
+impl std::fmt::Debug for Material {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Material({}, [redacted])", self.key_type().as_str())
+    }
+}
+
+impl Material {
+    /// A fresh key of `key_type` from the OS random source.
+    ///
+    /// # Errors
+    /// [`CryptoError::Random`].
+    pub fn generate(key_type: KeyType) -> Result<Self, CryptoError> {
+        loop {
+            let secret = Zeroizing::new(match key_type {
+                KeyType::EcdsaP384 => crypto::random::<48>()?.to_vec(),
+                _ => crypto::random::<32>()?.to_vec(),
+            });
+            // A random scalar is out of range with probability ~2^-32 on
+            // P-256 (less on P-384): draw again.
+            if let Some(m) = Self::from_secret(key_type, &secret) {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// Rebuilds material from its stored secret bytes; `None` if they are not a
+    /// valid key of that type.
+    #[must_use]
+    pub fn from_secret(key_type: KeyType, secret: &[u8]) -> Option<Self> {
+        Some(match key_type {
+            KeyType::Ed25519 => Self::Ed25519(ed25519_dalek::SigningKey::from_bytes(secret.try_into().ok()?)),
+            KeyType::EcdsaP256 => Self::P256(p256::ecdsa::SigningKey::from_slice(secret).ok()?),
+            KeyType::EcdsaP384 => Self::P384(p384::ecdsa::SigningKey::from_slice(secret).ok()?),
+            KeyType::Aes256Gcm | KeyType::HmacSha256 => {
+                Self::Symmetric(key_type, Zeroizing::new(secret.try_into().ok()?))
+            }
+        })
+    }
+
+    /// The secret bytes to store (wrapped).
+    #[must_use]
+    pub fn secret(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(match self {
+            Self::Ed25519(k) => k.to_bytes().to_vec(),
+            Self::P256(k) => k.to_bytes().to_vec(),
+            Self::P384(k) => k.to_bytes().to_vec(),
+            Self::Symmetric(_, k) => k.to_vec(),
+        })
+    }
+
+    /// The key's type.
+    #[must_use]
+    pub fn key_type(&self) -> KeyType {
+        match self {
+            Self::Ed25519(_) => KeyType::Ed25519,
+            Self::P256(_) => KeyType::EcdsaP256,
+            Self::P384(_) => KeyType::EcdsaP384,
+            Self::Symmetric(t, _) => *t,
+        }
+    }
+
+    /// The public key as SubjectPublicKeyInfo DER; `None` for symmetric keys.
+    #[must_use]
+    pub fn public_spki(&self) -> Option<Vec<u8>> {
+        use p256::pkcs8::EncodePublicKey;
+        let doc = match self {
+            Self::Ed25519(k) => k.verifying_key().to_public_key_der().ok()?,
+            Self::P256(k) => k.verifying_key().to_public_key_der().ok()?,
+            Self::P384(k) => k.verifying_key().to_public_key_der().ok()?,
+            Self::Symmetric(..) => return None,
+        };
+        Some(doc.as_bytes().to_vec())
+    }
+
+    /// Signs `digest` (already checked to be the type's digest length): Ed25519
+    /// over the 64-byte SHA-512 digest as its message; ECDSA over the digest as
+    /// the prehash, DER-encoded.
+    ///
+    /// # Errors
+    /// A message if the key cannot sign.
+    pub fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Self::Ed25519(k) => Ok(k.sign(digest).to_bytes().to_vec()),
+            Self::P256(k) => {
+                let sig: p256::ecdsa::Signature = k.sign_prehash(digest).map_err(|e| e.to_string())?;
+                Ok(sig.to_der().as_bytes().to_vec())
+            }
+            Self::P384(k) => {
+                let sig: p384::ecdsa::Signature = k.sign_prehash(digest).map_err(|e| e.to_string())?;
+                Ok(sig.to_der().as_bytes().to_vec())
+            }
+            Self::Symmetric(t, _) => Err(format!("a {} key cannot sign", t.as_str())),
+        }
+    }
+
+    /// Whether `signature` is valid over `digest`. Malformed signatures are
+    /// simply invalid.
+    #[must_use]
+    pub fn verify(&self, digest: &[u8], signature: &[u8]) -> bool {
+        match self {
+            Self::Ed25519(k) => ed25519_dalek::Signature::from_slice(signature)
+                .is_ok_and(|s| k.verifying_key().verify_strict(digest, &s).is_ok()),
+            Self::P256(k) => p256::ecdsa::Signature::from_der(signature)
+                .is_ok_and(|s| k.verifying_key().verify_prehash(digest, &s).is_ok()),
+            Self::P384(k) => p384::ecdsa::Signature::from_der(signature)
+                .is_ok_and(|s| k.verifying_key().verify_prehash(digest, &s).is_ok()),
+            Self::Symmetric(..) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_rule() {
+        for good in ["a", "ci-release.2026", "A_b-c.d", &"x".repeat(64)] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-lead",
+            ".hidden",
+            "has space",
+            "slash/y",
+            "ünï",
+            &"x".repeat(65),
+            "semi;colon",
+        ] {
+            let e = check_name(bad).unwrap_err();
+            assert!(e.contains("A-Z a-z 0-9 . _ -"), "{e}");
+        }
+    }
+
+    #[test]
+    fn usages_default_per_type_and_foreign_ones_are_refused() {
+        assert_eq!(
+            check_usages(KeyType::Ed25519, &[]).unwrap(),
+            vec![Usage::Sign, Usage::Verify]
+        );
+        assert_eq!(
+            check_usages(KeyType::Ed25519, &[Usage::Verify, Usage::Verify]).unwrap(),
+            vec![Usage::Verify]
+        );
+        let e = check_usages(KeyType::Aes256Gcm, &[Usage::Sign]).unwrap_err();
+        assert!(e.contains("cannot be used to sign"), "{e}");
+    }
+
+    #[test]
+    fn every_signing_type_round_trips_and_rejects_other_digests() {
+        for t in [KeyType::Ed25519, KeyType::EcdsaP256, KeyType::EcdsaP384] {
+            let k = Material::generate(t).unwrap();
+            let again = Material::from_secret(t, &k.secret()).unwrap();
+            assert_eq!(k.public_spki(), again.public_spki(), "{t:?} survives storage");
+            let n = t.digest_len().unwrap();
+            let digest = vec![7u8; n];
+            let sig = k.sign(&digest).unwrap();
+            assert!(again.verify(&digest, &sig), "{t:?}");
+            let mut other = digest.clone();
+            other[0] ^= 1;
+            assert!(!k.verify(&other, &sig), "{t:?} other digest");
+            let mut bad = sig.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(!k.verify(&digest, &bad), "{t:?} flipped signature");
+            assert!(!k.verify(&digest, b"garbage"), "{t:?} garbage");
+        }
+    }
+
+    #[test]
+    fn symmetric_keys_have_no_public_half_and_cannot_sign() {
+        let k = Material::generate(KeyType::Aes256Gcm).unwrap();
+        assert!(k.public_spki().is_none());
+        assert!(k.sign(&[0; 32]).is_err());
+        assert!(format!("{k:?}").contains("redacted"));
+    }
+}

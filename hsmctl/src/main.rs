@@ -14,6 +14,7 @@ use protocol::{
 use serde_json::json;
 
 mod keys;
+mod sealing;
 mod secrets;
 
 const EXAMPLES: &str = "\
@@ -120,6 +121,63 @@ enum Command {
         /// signature (64 bytes for Ed25519, DER for ECDSA)
         #[arg(long, default_value = "hsmd", value_parser = ["hsmd", "raw"])]
         format: String,
+    },
+    /// Encrypt a file of any size with an aes256-gcm key (in 256 KiB chunks)
+    #[command(after_help = "Example:\n  hsmctl encrypt backup -i db.dump -o db.dump.enc --aad host=db1")]
+    Encrypt {
+        /// The key's name
+        name: String,
+        /// The file (- for stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// The encrypted file (- for stdout); written only when complete
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Associated data: authenticated, not encrypted; decrypt needs the same
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
+    /// Decrypt what `hsmctl encrypt` wrote; the output appears only if every chunk checks
+    #[command(after_help = "Example:\n  hsmctl decrypt backup -i db.dump.enc -o db.dump --aad host=db1")]
+    Decrypt {
+        /// The key's name
+        name: String,
+        /// The encrypted file (- for stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// The decrypted file (- for stdout)
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// The associated data given to encrypt
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
+    /// HMAC-SHA-256 of a file (at most 768 KiB) with an hmac-sha256 key
+    #[command(after_help = "Example:\n  hsmctl mac audit-mac -i record.json -o record.json.mac")]
+    Mac {
+        /// The key's name
+        name: String,
+        /// The data (- for stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// The tag file (- for stdout): key, version and hex tag
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Check an HMAC tag file; exit 0 when valid, 1 when not
+    #[command(
+        name = "mac-verify",
+        after_help = "Example:\n  hsmctl mac-verify audit-mac -i record.json -t record.json.mac"
+    )]
+    MacVerify {
+        /// The key's name
+        name: String,
+        /// The data (- for stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// The tag file
+        #[arg(short, long, value_name = "FILE")]
+        tag: PathBuf,
     },
     /// Check a signature; exit 0 when valid, 1 when not
     #[command(after_help = "Example:\n  hsmctl verify release -i app.tar.gz -s app.tar.gz.sig")]
@@ -418,6 +476,65 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         },
         Command::Key(cmd) => run_key(cli.json, &mut client, cmd)?,
+        Command::Encrypt {
+            name,
+            input,
+            output,
+            aad,
+        } => sealing::encrypt(&mut client, name, input, output, aad.as_bytes())?,
+        Command::Decrypt {
+            name,
+            input,
+            output,
+            aad,
+        } => sealing::decrypt(&mut client, name, input, output, aad.as_bytes())?,
+        Command::Mac { name, input, output } => {
+            let data = sealing::read_mac_input(input)?;
+            match client.call(Operation::Mac {
+                name: name.clone(),
+                data,
+            })? {
+                Reply::MacTag { version, tag } => {
+                    keys::write_output(output, sealing::tag_file(name, version, &tag).as_bytes())?;
+                }
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "mac",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            }
+        }
+        Command::MacVerify { name, input, tag } => {
+            let text = std::fs::read_to_string(tag)
+                .map_err(|e| Failure::Local(format!("cannot read {}: {e}", tag.display())))?;
+            let (signer, version, tag) = sealing::parse_tag_file(&text).map_err(Failure::Local)?;
+            if signer != *name {
+                return Err(Failure::Local(format!(
+                    "the tag was made by key {signer:?}, not {name:?}"
+                )));
+            }
+            let data = sealing::read_mac_input(input)?;
+            match client.call(Operation::MacVerify {
+                name: name.clone(),
+                version,
+                data,
+                tag,
+            })? {
+                Reply::MacVerified { valid: true } => println!("tag valid (key {name}, version {version})"),
+                Reply::MacVerified { valid: false } => {
+                    return Err(Failure::Local(format!("tag INVALID for key {name} version {version}")));
+                }
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "mac-verify",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            }
+        }
         Command::Sign {
             name,
             input,

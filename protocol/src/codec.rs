@@ -190,11 +190,11 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::Verify {
+            op: Operation::MacVerify {
                 name: String::new(),
                 version: 1,
-                digest: vec![],
-                signature: vec![],
+                data: vec![],
+                tag: vec![],
             },
         };
         let body = encode_body(&last).unwrap();

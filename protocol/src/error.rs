@@ -59,6 +59,9 @@ pub enum ErrorCode {
     Tampered,
     /// Something by that name exists already.
     AlreadyExists,
+    /// Decryption failed: the ciphertext or associated data was altered, or it
+    /// belongs to another key.
+    DecryptFailed,
     /// A code this build does not know, with its number.
     Unknown(u32),
 }
@@ -90,6 +93,7 @@ impl ErrorCode {
             Self::RateLimited => 20,
             Self::Tampered => 21,
             Self::AlreadyExists => 22,
+            Self::DecryptFailed => 23,
             Self::Unknown(n) => n,
         }
     }
@@ -120,6 +124,7 @@ impl ErrorCode {
             Self::RateLimited => "rate-limited",
             Self::Tampered => "tampered",
             Self::AlreadyExists => "already-exists",
+            Self::DecryptFailed => "decrypt-failed",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -150,6 +155,7 @@ impl From<u32> for ErrorCode {
             20 => Self::RateLimited,
             21 => Self::Tampered,
             22 => Self::AlreadyExists,
+            23 => Self::DecryptFailed,
             n => Self::Unknown(n),
         }
     }

@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 18;
+pub const OPERATION_VARIANTS: u32 = 22;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +122,51 @@ pub enum Operation {
         /// The signature: 64 bytes for ed25519, DER for ECDSA.
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
+    },
+    /// Seals `plaintext` with an aes256-gcm key's newest version. Needs unlocked.
+    Encrypt {
+        /// The key's name.
+        name: String,
+        /// The data.
+        #[serde(with = "serde_bytes")]
+        plaintext: Vec<u8>,
+        /// Associated data, authenticated but not encrypted.
+        #[serde(with = "serde_bytes")]
+        aad: Vec<u8>,
+    },
+    /// Opens what `Encrypt` sealed. Needs unlocked.
+    Decrypt {
+        /// The key's name.
+        name: String,
+        /// The key version the ciphertext names.
+        version: u32,
+        /// 12-byte nonce, ciphertext, 16-byte tag.
+        #[serde(with = "serde_bytes")]
+        sealed: Vec<u8>,
+        /// The associated data given to `Encrypt`.
+        #[serde(with = "serde_bytes")]
+        aad: Vec<u8>,
+    },
+    /// HMAC-SHA-256 of `data` with an hmac-sha256 key's newest version. Needs unlocked.
+    Mac {
+        /// The key's name.
+        name: String,
+        /// The data.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Checks an HMAC tag in constant time. Needs unlocked.
+    MacVerify {
+        /// The key's name.
+        name: String,
+        /// The key version the tag names.
+        version: u32,
+        /// The data.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// The 32-byte tag.
+        #[serde(with = "serde_bytes")]
+        tag: Vec<u8>,
     },
 }
 
@@ -301,6 +346,10 @@ impl Operation {
             Self::KeyDelete { .. } => "key-delete",
             Self::Sign { .. } => "sign",
             Self::Verify { .. } => "verify",
+            Self::Encrypt { .. } => "encrypt",
+            Self::Decrypt { .. } => "decrypt",
+            Self::Mac { .. } => "mac",
+            Self::MacVerify { .. } => "mac-verify",
         }
     }
 }
@@ -401,6 +450,32 @@ pub enum Reply {
         /// Whether the signature is valid.
         valid: bool,
     },
+    /// Answer to [`Operation::Encrypt`].
+    Encrypted {
+        /// The key version that sealed.
+        version: u32,
+        /// 12-byte nonce, ciphertext, 16-byte tag.
+        #[serde(with = "serde_bytes")]
+        sealed: Vec<u8>,
+    },
+    /// Answer to [`Operation::Decrypt`].
+    Decrypted {
+        /// The data.
+        plaintext: crate::SecretBytes,
+    },
+    /// Answer to [`Operation::Mac`].
+    MacTag {
+        /// The key version used.
+        version: u32,
+        /// The 32-byte tag.
+        #[serde(with = "serde_bytes")]
+        tag: Vec<u8>,
+    },
+    /// Answer to [`Operation::MacVerify`].
+    MacVerified {
+        /// Whether the tag is valid.
+        valid: bool,
+    },
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -441,6 +516,10 @@ impl Reply {
             Self::KeyDeleted { .. } => "key-delete",
             Self::Signature { .. } => "sign",
             Self::Verified { .. } => "verify",
+            Self::Encrypted { .. } => "encrypt",
+            Self::Decrypted { .. } => "decrypt",
+            Self::MacTag { .. } => "mac",
+            Self::MacVerified { .. } => "mac-verify",
         }
     }
 }

@@ -163,6 +163,58 @@ impl Material {
         }
     }
 
+    /// The 32-byte key of an aes256-gcm or hmac-sha256 key of that type.
+    fn symmetric(&self, want: KeyType) -> Result<&[u8; 32], String> {
+        match self {
+            Self::Symmetric(t, k) if *t == want => Ok(k),
+            other => Err(format!(
+                "a {} key cannot do that; use a {} key",
+                other.key_type().as_str(),
+                want.as_str()
+            )),
+        }
+    }
+
+    /// AES-256-GCM seal: 12-byte random nonce ‖ ciphertext ‖ tag.
+    ///
+    /// # Errors
+    /// Not an aes256-gcm key, or no randomness.
+    pub fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, String> {
+        crypto::seal(self.symmetric(KeyType::Aes256Gcm)?, plaintext, aad).map_err(|e| e.to_string())
+    }
+
+    /// AES-256-GCM open; `Ok(None)` when authentication fails.
+    ///
+    /// # Errors
+    /// Not an aes256-gcm key.
+    pub fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+        Ok(crypto::open(self.symmetric(KeyType::Aes256Gcm)?, sealed, aad).ok())
+    }
+
+    /// HMAC-SHA-256 tag.
+    ///
+    /// # Errors
+    /// Not an hmac-sha256 key.
+    pub fn mac(&self, data: &[u8]) -> Result<Vec<u8>, String> {
+        use hmac::Mac as _;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.symmetric(KeyType::HmacSha256)?)
+            .map_err(|e| e.to_string())?;
+        m.update(data);
+        Ok(m.finalize().into_bytes().to_vec())
+    }
+
+    /// Checks an HMAC-SHA-256 tag in constant time.
+    ///
+    /// # Errors
+    /// Not an hmac-sha256 key.
+    pub fn mac_verify(&self, data: &[u8], tag: &[u8]) -> Result<bool, String> {
+        use hmac::Mac as _;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.symmetric(KeyType::HmacSha256)?)
+            .map_err(|e| e.to_string())?;
+        m.update(data);
+        Ok(m.verify_slice(tag).is_ok())
+    }
+
     /// Whether `signature` is valid over `digest`. Malformed signatures are
     /// simply invalid.
     #[must_use]
@@ -236,6 +288,30 @@ mod tests {
             assert!(!k.verify(&digest, &bad), "{t:?} flipped signature");
             assert!(!k.verify(&digest, b"garbage"), "{t:?} garbage");
         }
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4868_auth256_1_and_checks_tags() {
+        // RFC 4868, test case AUTH256-1: a 32-byte key of 0x0b over "Hi There".
+        let k = Material::from_secret(KeyType::HmacSha256, &[0x0b; 32]).unwrap();
+        let tag = k.mac(b"Hi There").unwrap();
+        assert_eq!(
+            hex::encode(&tag),
+            "198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7"
+        );
+        assert!(k.mac_verify(b"Hi There", &tag).unwrap());
+        assert!(!k.mac_verify(b"Hi there", &tag).unwrap());
+        assert!(!k.mac_verify(b"Hi There", &tag[..31]).unwrap());
+        assert!(k.encrypt(b"x", b"").is_err(), "an HMAC key does not encrypt");
+    }
+
+    #[test]
+    fn aes_gcm_round_trips_and_binds_its_aad() {
+        let k = Material::generate(KeyType::Aes256Gcm).unwrap();
+        let sealed = k.encrypt(b"plain", b"aad").unwrap();
+        assert_eq!(k.decrypt(&sealed, b"aad").unwrap().unwrap().as_slice(), b"plain");
+        assert!(k.decrypt(&sealed, b"other").unwrap().is_none());
+        assert!(k.mac(b"x").is_err(), "an AES key does not MAC");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::{
 
 use protocol::{ErrorCode, KeyInfo, KeyType, NewSlot, ServiceState, SlotInfo, UnlockSecret, Usage, WireError};
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 use self::{
     crypto::{CryptoError, Key256},
@@ -78,6 +79,9 @@ pub enum VaultError {
     /// The name is taken.
     #[error("a key named {0:?} already exists")]
     KeyExists(String),
+    /// Decryption failed authentication.
+    #[error("cannot decrypt with key {0:?}: the ciphertext or its associated data was altered, or it was made with another key")]
+    DecryptFailed(String),
     /// The key's usages do not include this operation.
     #[error("key {name:?} may not be used to {usage}; its usages are {usages}")]
     UsageNotAllowed {
@@ -115,6 +119,7 @@ impl VaultError {
             Self::Tampered(_) => ErrorCode::Tampered,
             Self::NoSuchKey(_) => ErrorCode::NotFound,
             Self::KeyExists(_) => ErrorCode::AlreadyExists,
+            Self::DecryptFailed(_) => ErrorCode::DecryptFailed,
             Self::UsageNotAllowed { .. } => ErrorCode::FailedPrecondition,
             Self::Store(_) | Self::Crypto(_) => ErrorCode::Internal,
         };
@@ -197,6 +202,21 @@ fn key_aad(store_id: &[u8], row: &KeyRow) -> Vec<u8> {
     aad.extend_from_slice(&(public.len() as u32).to_be_bytes());
     aad.extend_from_slice(public);
     aad
+}
+
+/// Checks that `digest` has the length the key type's signatures cover.
+fn check_digest(row: &KeyRow, digest: &[u8]) -> Result<(), VaultError> {
+    let Some(expected) = parse_type(row)?.digest_len() else {
+        return Err(VaultError::Invalid(format!("a {} key does not sign", row.key_type)));
+    };
+    if digest.len() != expected {
+        return Err(VaultError::Invalid(format!(
+            "a {} signature covers a {expected}-byte digest, not {} bytes",
+            row.key_type,
+            digest.len()
+        )));
+    }
+    Ok(())
 }
 
 fn parse_type(row: &KeyRow) -> Result<KeyType, VaultError> {
@@ -553,7 +573,8 @@ impl Vault {
     /// [`VaultError::Invalid`] for a digest of the wrong length, [`VaultError::Tampered`].
     pub fn sign(&self, name: &str, digest: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
         let row = self.row(name, None)?;
-        let material = self.usable(&row, Usage::Sign, digest)?;
+        check_digest(&row, digest)?;
+        let material = self.usable(&row, Usage::Sign)?;
         let signature = material.sign(digest).map_err(VaultError::Invalid)?;
         Ok((row.version, signature))
     }
@@ -564,8 +585,61 @@ impl Vault {
     /// As [`Vault::sign`].
     pub fn verify(&self, name: &str, version: u32, digest: &[u8], signature: &[u8]) -> Result<bool, VaultError> {
         let row = self.row(name, Some(version))?;
-        let material = self.usable(&row, Usage::Verify, digest)?;
+        check_digest(&row, digest)?;
+        let material = self.usable(&row, Usage::Verify)?;
         Ok(material.verify(digest, signature))
+    }
+
+    /// Seals with the key's newest version.
+    ///
+    /// # Errors
+    /// As [`Vault::sign`], and [`VaultError::Invalid`] for a key that is not aes256-gcm.
+    pub fn encrypt(&self, name: &str, plaintext: &[u8], aad: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
+        let row = self.row(name, None)?;
+        let sealed = self
+            .usable(&row, Usage::Encrypt)?
+            .encrypt(plaintext, aad)
+            .map_err(VaultError::Invalid)?;
+        Ok((row.version, sealed))
+    }
+
+    /// Opens what [`Vault::encrypt`] sealed with `version`.
+    ///
+    /// # Errors
+    /// [`VaultError::DecryptFailed`] when authentication fails.
+    pub fn decrypt(
+        &self,
+        name: &str,
+        version: u32,
+        sealed: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let row = self.row(name, Some(version))?;
+        self.usable(&row, Usage::Decrypt)?
+            .decrypt(sealed, aad)
+            .map_err(VaultError::Invalid)?
+            .ok_or_else(|| VaultError::DecryptFailed(name.to_owned()))
+    }
+
+    /// HMAC-SHA-256 with the key's newest version.
+    ///
+    /// # Errors
+    /// As [`Vault::sign`].
+    pub fn mac(&self, name: &str, data: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
+        let row = self.row(name, None)?;
+        let tag = self.usable(&row, Usage::Mac)?.mac(data).map_err(VaultError::Invalid)?;
+        Ok((row.version, tag))
+    }
+
+    /// Checks a tag made by `version`.
+    ///
+    /// # Errors
+    /// As [`Vault::sign`].
+    pub fn mac_verify(&self, name: &str, version: u32, data: &[u8], tag: &[u8]) -> Result<bool, VaultError> {
+        let row = self.row(name, Some(version))?;
+        self.usable(&row, Usage::Mac)?
+            .mac_verify(data, tag)
+            .map_err(VaultError::Invalid)
     }
 
     fn row(&self, name: &str, version: Option<u32>) -> Result<KeyRow, VaultError> {
@@ -578,25 +652,14 @@ impl Vault {
         })
     }
 
-    /// The key's material if its usages allow `usage` and `digest` fits its type.
-    fn usable(&self, row: &KeyRow, usage: Usage, digest: &[u8]) -> Result<Arc<Material>, VaultError> {
+    /// The key's material if its usages allow `usage`.
+    fn usable(&self, row: &KeyRow, usage: Usage) -> Result<Arc<Material>, VaultError> {
         if !row.usages.split(',').any(|u| u == usage.as_str()) {
             return Err(VaultError::UsageNotAllowed {
                 name: row.name.clone(),
                 usage: usage.as_str(),
                 usages: row.usages.replace(',', ", "),
             });
-        }
-        let key_type = parse_type(row)?;
-        let Some(expected) = key_type.digest_len() else {
-            return Err(VaultError::Invalid(format!("a {} key does not sign", row.key_type)));
-        };
-        if digest.len() != expected {
-            return Err(VaultError::Invalid(format!(
-                "a {} signature covers a {expected}-byte digest, not {} bytes",
-                row.key_type,
-                digest.len()
-            )));
         }
         self.material(row)
     }

@@ -127,6 +127,32 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
             v.verify(&name, version, &digest, &signature)
                 .map(|valid| Reply::Verified { valid })
         }),
+        Operation::Encrypt { name, plaintext, aad } => custody(shared, caller, "encrypt", move |v| {
+            v.encrypt(&name, &plaintext, &aad)
+                .map(|(version, sealed)| Reply::Encrypted { version, sealed })
+        }),
+        Operation::Decrypt {
+            name,
+            version,
+            sealed,
+            aad,
+        } => custody(shared, caller, "decrypt", move |v| {
+            v.decrypt(&name, version, &sealed, &aad).map(|p| Reply::Decrypted {
+                plaintext: protocol::SecretBytes::new(p.to_vec()),
+            })
+        }),
+        Operation::Mac { name, data } => custody(shared, caller, "mac", move |v| {
+            v.mac(&name, &data).map(|(version, tag)| Reply::MacTag { version, tag })
+        }),
+        Operation::MacVerify {
+            name,
+            version,
+            data,
+            tag,
+        } => custody(shared, caller, "mac-verify", move |v| {
+            v.mac_verify(&name, version, &data, &tag)
+                .map(|valid| Reply::MacVerified { valid })
+        }),
         Operation::Hello(_) => Work::Done(Err(WireError::new(
             ErrorCode::ProtocolViolation,
             "hello may only be the first request on a connection",

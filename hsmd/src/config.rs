@@ -141,6 +141,9 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Threads for work that blocks (key operations, disk, slow backends).
     pub blocking_threads: u32,
+    /// Threads running the reactor: 1 (one thread; the default, see BENCHMARKS.md)
+    /// or more (tokio's multi-threaded scheduler).
+    pub reactor_threads: u32,
 }
 
 /// `[log]`
@@ -230,6 +233,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
             blocking_threads: 16,
+            reactor_threads: 1,
         }
     }
 }
@@ -324,6 +328,7 @@ impl Config {
             ("limits.max_connections", l.max_connections, 1, 65_536),
             ("limits.max_requests_in_flight", l.max_requests_in_flight, 1, 4096),
             ("limits.blocking_threads", l.blocking_threads, 1, 512),
+            ("limits.reactor_threads", l.reactor_threads, 1, 64),
         ] {
             if !(lo..=hi).contains(&value) {
                 return Err((key, format!("{value} is out of range; use {lo} to {hi}")));

@@ -218,7 +218,14 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         gate
     };
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let mut builder = if config.limits.reactor_threads > 1 {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.limits.reactor_threads as usize);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = builder
         .enable_all()
         .max_blocking_threads(config.limits.blocking_threads as usize)
         .thread_name("hsmd-worker")

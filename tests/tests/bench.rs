@@ -7,7 +7,7 @@ use std::process::Command;
 #[test]
 fn benchmark_prints_hsmd_and_raw_echo_figures_side_by_side() {
     let out = Command::new(env!("CARGO_BIN_EXE_hsmd-bench"))
-        .args(["--quick", "--clients", "1,8"])
+        .args(["--quick", "--suite", "ping", "--clients", "1,8"])
         .output()
         .expect("run hsmd-bench");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -33,4 +33,32 @@ fn benchmark_prints_hsmd_and_raw_echo_figures_side_by_side() {
         assert!(row[2] <= row[3] && row[5] <= row[6], "p50 <= p99: {row:?}");
     }
     assert!(text.contains("target: at 8 clients"), "{text}");
+}
+
+#[test]
+fn key_benchmark_prints_in_process_and_socket_figures_for_each_operation() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hsmd-bench"))
+        .args(["--quick", "--suite", "keys", "--clients", "1,2"])
+        .output()
+        .expect("run hsmd-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for op in ["ed25519 sign:", "ecdsa-p256 sign:", "aes256-gcm encrypt 4 KiB:"] {
+        assert!(text.contains(op), "{op} missing: {text}");
+    }
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 6, "two client counts for each of three operations: {text}");
+    assert!(
+        rows.iter().all(|r| r.len() == 8 && r[1] > 0.0 && r[4] > 0.0),
+        "{rows:?}"
+    );
+    assert!(text.contains("target: ed25519 p99 at 1 client"), "{text}");
 }

@@ -158,6 +158,10 @@ pub struct Vault {
     store_id: Mutex<Option<Vec<u8>>>,
     cost: Argon2Cost,
     failures: Mutex<HashMap<u32, Failures>>,
+    /// Key rows by (name, version; `None` = newest), so key use does not query
+    /// SQLite. Cleared whenever a key is created or deleted (and must be by any
+    /// later operation that changes key rows, such as rotation).
+    rows: Mutex<HashMap<(String, Option<u32>), KeyRow>>,
     /// Held for every key derivation: one Argon2id run at a time bounds memory
     /// (64 MiB each, locked), and makes parallel guesses meet the back-off.
     kdf_gate: Mutex<()>,
@@ -269,6 +273,7 @@ impl Vault {
             cost,
             failures: Mutex::new(HashMap::new()),
             kdf_gate: Mutex::new(()),
+            rows: Mutex::new(HashMap::new()),
         })
     }
 
@@ -513,6 +518,7 @@ impl Vault {
         if !lock(&self.store).insert_key(&row)? {
             return Err(VaultError::KeyExists(name.to_owned()));
         }
+        lock(&self.rows).clear();
         key_info(&row)
     }
 
@@ -557,7 +563,9 @@ impl Vault {
     pub fn delete_key(&self, name: &str) -> Result<(), VaultError> {
         self.master()?;
         let row = self.row(name, None)?;
-        if !lock(&self.store).delete_key(name)? {
+        let deleted = lock(&self.store).delete_key(name)?;
+        lock(&self.rows).clear();
+        if !deleted {
             return Err(VaultError::NoSuchKey(name.to_owned()));
         }
         if let Custody::Unlocked { keys, .. } = &mut *lock(&self.custody) {
@@ -646,10 +654,30 @@ impl Vault {
         if self.state() == ServiceState::Uninitialized {
             return Err(VaultError::NotInitialized);
         }
-        lock(&self.store).key(name, version)?.ok_or_else(|| match version {
+        let cache_key = (name.to_owned(), version);
+        if let Some(row) = lock(&self.rows).get(&cache_key) {
+            return Ok(row.clone());
+        }
+        let row = lock(&self.store).key(name, version)?.ok_or_else(|| match version {
             Some(v) => VaultError::NoSuchKey(format!("{name:?} version {v}")),
             None => VaultError::NoSuchKey(format!("{name:?}")),
-        })
+        })?;
+        lock(&self.rows).insert(cache_key, row.clone());
+        Ok(row)
+    }
+
+    /// Whether using this key now needs neither disk nor a slow computation:
+    /// its row and unwrapped material are cached and its type is cheap (Ed25519,
+    /// AES-256-GCM, HMAC: tens of microseconds, against ~200 µs for ECDSA). Such
+    /// requests are served on the reactor, sparing two thread wake-ups.
+    pub fn is_hot(&self, name: &str, version: Option<u32>) -> bool {
+        let Some(row) = lock(&self.rows).get(&(name.to_owned(), version)).cloned() else {
+            return false;
+        };
+        if matches!(parse_type(&row), Ok(KeyType::EcdsaP256 | KeyType::EcdsaP384) | Err(_)) {
+            return false;
+        }
+        matches!(&*lock(&self.custody), Custody::Unlocked { keys, .. } if keys.contains_key(&(row.id, row.version)))
     }
 
     /// The key's material if its usages allow `usage`.

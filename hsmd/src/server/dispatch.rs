@@ -114,50 +114,94 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
         Operation::KeyDelete { name } => custody(shared, caller, "key-delete", move |v| {
             v.delete_key(&name).map(|()| Reply::KeyDeleted { name })
         }),
-        Operation::Sign { name, digest } => custody(shared, caller, "sign", move |v| {
-            v.sign(&name, &digest)
-                .map(|(version, signature)| Reply::Signature { version, signature })
-        }),
+        Operation::Sign { name, digest } => {
+            let hot = (name.clone(), None, digest.len());
+            key_use(shared, caller, "sign", hot, move |v| {
+                v.sign(&name, &digest)
+                    .map(|(version, signature)| Reply::Signature { version, signature })
+            })
+        }
         Operation::Verify {
             name,
             version,
             digest,
             signature,
-        } => custody(shared, caller, "verify", move |v| {
-            v.verify(&name, version, &digest, &signature)
-                .map(|valid| Reply::Verified { valid })
-        }),
-        Operation::Encrypt { name, plaintext, aad } => custody(shared, caller, "encrypt", move |v| {
-            v.encrypt(&name, &plaintext, &aad)
-                .map(|(version, sealed)| Reply::Encrypted { version, sealed })
-        }),
+        } => {
+            let hot = (name.clone(), Some(version), digest.len());
+            key_use(shared, caller, "verify", hot, move |v| {
+                v.verify(&name, version, &digest, &signature)
+                    .map(|valid| Reply::Verified { valid })
+            })
+        }
+        Operation::Encrypt { name, plaintext, aad } => {
+            let hot = (name.clone(), None, plaintext.len() + aad.len());
+            key_use(shared, caller, "encrypt", hot, move |v| {
+                v.encrypt(&name, &plaintext, &aad)
+                    .map(|(version, sealed)| Reply::Encrypted { version, sealed })
+            })
+        }
         Operation::Decrypt {
             name,
             version,
             sealed,
             aad,
-        } => custody(shared, caller, "decrypt", move |v| {
-            v.decrypt(&name, version, &sealed, &aad).map(|p| Reply::Decrypted {
-                plaintext: protocol::SecretBytes::new(p.to_vec()),
+        } => {
+            let hot = (name.clone(), Some(version), sealed.len() + aad.len());
+            key_use(shared, caller, "decrypt", hot, move |v| {
+                v.decrypt(&name, version, &sealed, &aad).map(|p| Reply::Decrypted {
+                    plaintext: protocol::SecretBytes::new(p.to_vec()),
+                })
             })
-        }),
-        Operation::Mac { name, data } => custody(shared, caller, "mac", move |v| {
-            v.mac(&name, &data).map(|(version, tag)| Reply::MacTag { version, tag })
-        }),
+        }
+        Operation::Mac { name, data } => {
+            let hot = (name.clone(), None, data.len());
+            key_use(shared, caller, "mac", hot, move |v| {
+                v.mac(&name, &data).map(|(version, tag)| Reply::MacTag { version, tag })
+            })
+        }
         Operation::MacVerify {
             name,
             version,
             data,
             tag,
-        } => custody(shared, caller, "mac-verify", move |v| {
-            v.mac_verify(&name, version, &data, &tag)
-                .map(|valid| Reply::MacVerified { valid })
-        }),
+        } => {
+            let hot = (name.clone(), Some(version), data.len());
+            key_use(shared, caller, "mac-verify", hot, move |v| {
+                v.mac_verify(&name, version, &data, &tag)
+                    .map(|valid| Reply::MacVerified { valid })
+            })
+        }
         Operation::Hello(_) => Work::Done(Err(WireError::new(
             ErrorCode::ProtocolViolation,
             "hello may only be the first request on a connection",
         ))),
     }
+}
+
+/// Payloads up to this size may be served on the reactor when the key is hot.
+const INLINE_MAX_PAYLOAD: usize = 64 * 1024;
+
+/// A key operation: on the reactor when the key is hot and the payload small
+/// (see [`Vault::is_hot`]), else on the blocking pool.
+/// `hot` is the key's name, the version asked for, and the payload size.
+fn key_use<F>(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    what: &'static str,
+    hot: (String, Option<u32>, usize),
+    f: F,
+) -> Work
+where
+    F: FnOnce(&Vault) -> Result<Reply, VaultError> + Send + 'static,
+{
+    let (name, version, payload) = hot;
+    if payload <= INLINE_MAX_PAYLOAD && shared.vault.is_hot(&name, version) {
+        return match custody(shared, caller, what, f) {
+            Work::Blocking(job) => Work::Done(job()),
+            done @ Work::Done(_) => done,
+        };
+    }
+    custody(shared, caller, what, f)
 }
 
 /// A custody operation on the blocking pool (SQLite, Argon2), logged with who

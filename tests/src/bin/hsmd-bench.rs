@@ -2,9 +2,15 @@
 //! the same frame size measured in the same run.
 //!
 //! ```text
-//! cargo run --release -p hsmd-tests --bin hsmd-bench              # full run
+//! cargo run --release -p hsmd-tests --bin hsmd-bench              # both suites
+//! cargo run --release -p hsmd-tests --bin hsmd-bench -- --suite keys
 //! cargo run --release -p hsmd-tests --bin hsmd-bench -- --quick   # a smoke run
 //! ```
+//!
+//! Suite `ping`: round trips beside a raw echo. Suite `keys`: Ed25519 and
+//! ECDSA-P256 signatures and AES-256-GCM encryptions of 4 KiB through hsmd,
+//! beside the same operation done in this process with the same crates, with as
+//! many threads as clients, on the same cores.
 //!
 //! The raw echo server is this binary re-executed with `--echo-server PATH`: a
 //! tokio current-thread reactor (the same I/O model hsmd uses) that reads each
@@ -36,6 +42,8 @@ struct Args {
     rounds: usize,
     clients: Vec<usize>,
     payload: usize,
+    suite: String,
+    reactor_threads: u32,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -44,6 +52,8 @@ fn parse_args() -> Result<Option<Args>> {
         rounds: 3,
         clients: vec![1, 2, 8],
         payload: 16,
+        suite: "all".to_owned(),
+        reactor_threads: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -60,6 +70,13 @@ fn parse_args() -> Result<Option<Args>> {
             "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
             "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
             "--payload" => args.payload = it.next().context("--payload BYTES")?.parse()?,
+            "--reactor-threads" => args.reactor_threads = it.next().context("--reactor-threads N")?.parse()?,
+            "--suite" => {
+                args.suite = it.next().context("--suite ping|keys|all")?;
+                if !matches!(args.suite.as_str(), "ping" | "keys" | "all") {
+                    bail!("--suite is ping, keys or all");
+                }
+            }
             "--clients" => {
                 args.clients = it
                     .next()
@@ -69,7 +86,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -145,7 +162,20 @@ fn main() -> Result<()> {
     let Some(args) = parse_args()? else {
         return Ok(());
     };
-    let daemon = Daemon::builder().limit("max_connections", "64").start();
+    if args.suite != "keys" {
+        ping_suite(&args)?;
+    }
+    if args.suite != "ping" {
+        key_suite(&args)?;
+    }
+    Ok(())
+}
+
+fn ping_suite(args: &Args) -> Result<()> {
+    let daemon = Daemon::builder()
+        .limit("max_connections", "64")
+        .limit("reactor_threads", &args.reactor_threads.to_string())
+        .start();
     let payload = vec![0x5au8; args.payload];
     let frame = codec::encode_frame(
         &Request {
@@ -220,6 +250,170 @@ fn main() -> Result<()> {
     }
     let _ = echo.kill();
     let _ = echo.wait();
+    Ok(())
+}
+
+/// One operation measured both ways.
+struct KeyOp {
+    label: &'static str,
+    request: Operation,
+    in_process: fn() -> Box<dyn FnMut() -> Result<()> + Send>,
+}
+
+fn in_process_ed25519() -> Box<dyn FnMut() -> Result<()> + Send> {
+    use ed25519_dalek::Signer as _;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).expect("random");
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let digest = [7u8; 64];
+    Box::new(move || {
+        std::hint::black_box(key.sign(&digest));
+        Ok(())
+    })
+}
+
+fn in_process_p256() -> Box<dyn FnMut() -> Result<()> + Send> {
+    use p256::ecdsa::signature::hazmat::PrehashSigner as _;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).expect("random");
+    let key = p256::ecdsa::SigningKey::from_slice(&seed).expect("scalar");
+    let digest = [7u8; 32];
+    Box::new(move || {
+        let sig: p256::ecdsa::Signature = key.sign_prehash(&digest).map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::hint::black_box(sig.to_der());
+        Ok(())
+    })
+}
+
+fn in_process_aes() -> Box<dyn FnMut() -> Result<()> + Send> {
+    use aes_gcm::{aead::Aead as _, KeyInit as _};
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).expect("random");
+    let cipher = aes_gcm::Aes256Gcm::new(&key.into());
+    let plaintext = vec![0x5a; 4096];
+    Box::new(move || {
+        // As hsmd does: a fresh random nonce per message.
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ct = cipher
+            .encrypt(aes_gcm::Nonce::from_slice(&nonce), plaintext.as_slice())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::hint::black_box(ct);
+        Ok(())
+    })
+}
+
+fn key_suite(args: &Args) -> Result<()> {
+    // --dev: initialized and unlocked.
+    let daemon = Daemon::builder()
+        .dev()
+        .limit("max_connections", "64")
+        .limit("reactor_threads", &args.reactor_threads.to_string())
+        .start();
+    let mut admin = daemon.client();
+    for (name, key_type) in [
+        ("bench-ed25519", protocol::KeyType::Ed25519),
+        ("bench-p256", protocol::KeyType::EcdsaP256),
+        ("bench-aes", protocol::KeyType::Aes256Gcm),
+    ] {
+        admin.call(Operation::KeyCreate {
+            name: name.into(),
+            key_type,
+            usages: Vec::new(),
+        })?;
+    }
+    let ops = [
+        KeyOp {
+            label: "ed25519 sign",
+            request: Operation::Sign {
+                name: "bench-ed25519".into(),
+                digest: vec![7; 64],
+            },
+            in_process: in_process_ed25519,
+        },
+        KeyOp {
+            label: "ecdsa-p256 sign",
+            request: Operation::Sign {
+                name: "bench-p256".into(),
+                digest: vec![7; 32],
+            },
+            in_process: in_process_p256,
+        },
+        KeyOp {
+            label: "aes256-gcm encrypt 4 KiB",
+            request: Operation::Encrypt {
+                name: "bench-aes".into(),
+                plaintext: vec![0x5a; 4096],
+                aad: Vec::new(),
+            },
+            in_process: in_process_aes,
+        },
+    ];
+    println!(
+        "\nhsmd key-operation benchmark: {} s per run, median of {} round{}, {} cores, hsmd reactor threads: {}",
+        args.seconds,
+        args.rounds,
+        if args.rounds == 1 { "" } else { "s" },
+        thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        args.reactor_threads,
+    );
+    let mut ed_at_8 = None;
+    let mut ed_p99_at_1 = None;
+    for op in &ops {
+        println!("{}:", op.label);
+        println!(
+            "{:>7} | {:>14} {:>8} {:>8} | {:>14} {:>8} {:>8} | {:>8}",
+            "clients", "in-process/s", "p50 µs", "p99 µs", "hsmd/s", "p50 µs", "p99 µs", "hsmd/in"
+        );
+        for &clients in &args.clients {
+            let mut local = Vec::new();
+            let mut remote = Vec::new();
+            for _ in 0..args.rounds {
+                let make = op.in_process;
+                local.push(measure(clients, args.seconds, move || Ok(make()))?);
+                let socket = daemon.socket.clone();
+                let request = op.request.clone();
+                remote.push(measure(clients, args.seconds, move || {
+                    let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
+                    let request = request.clone();
+                    Ok(move || -> Result<()> {
+                        c.call(request.clone())?;
+                        Ok(())
+                    })
+                })?);
+            }
+            let (l, r) = (median(local), median(remote));
+            let ratio = r.per_sec / l.per_sec * 100.0;
+            println!(
+                "{clients:>7} | {:>14.0} {:>8.1} {:>8.1} | {:>14.0} {:>8.1} {:>8.1} | {:>7.1}%",
+                l.per_sec, l.p50_us, l.p99_us, r.per_sec, r.p50_us, r.p99_us, ratio
+            );
+            if op.label.starts_with("ed25519") {
+                if clients == 8 {
+                    ed_at_8 = Some((r.per_sec, ratio));
+                }
+                if clients == 1 {
+                    ed_p99_at_1 = Some(r.p99_us);
+                }
+            }
+        }
+    }
+    if let Some((rate, ratio)) = ed_at_8 {
+        println!(
+            "target: ed25519 over the socket at 8 clients >= 80% of in-process: {} ({ratio:.1}%)",
+            if ratio >= 80.0 { "met" } else { "NOT met" }
+        );
+        println!(
+            "target: ed25519 over the socket at 8 clients >= 40000/s: {} ({rate:.0}/s)",
+            if rate >= 40_000.0 { "met" } else { "NOT met" }
+        );
+    }
+    if let Some(p99) = ed_p99_at_1 {
+        println!(
+            "target: ed25519 p99 at 1 client < 200 µs: {} ({p99:.1} µs)",
+            if p99 < 200.0 { "met" } else { "NOT met" }
+        );
+    }
     Ok(())
 }
 

@@ -220,15 +220,31 @@ impl Material {
     #[must_use]
     pub fn verify(&self, digest: &[u8], signature: &[u8]) -> bool {
         match self {
-            Self::Ed25519(k) => ed25519_dalek::Signature::from_slice(signature)
-                .is_ok_and(|s| k.verifying_key().verify_strict(digest, &s).is_ok()),
-            Self::P256(k) => p256::ecdsa::Signature::from_der(signature)
-                .is_ok_and(|s| k.verifying_key().verify_prehash(digest, &s).is_ok()),
-            Self::P384(k) => p384::ecdsa::Signature::from_der(signature)
-                .is_ok_and(|s| k.verifying_key().verify_prehash(digest, &s).is_ok()),
+            Self::Ed25519(k) => verify_ed25519(&k.verifying_key(), digest, signature),
+            Self::P256(k) => verify_p256(k.verifying_key(), digest, signature),
+            Self::P384(k) => verify_p384(k.verifying_key(), digest, signature),
             Self::Symmetric(..) => false,
         }
     }
+}
+
+/// Ed25519 verification as hsmd does it: strict (no malleable or small-order
+/// signatures), 64-byte signatures only.
+#[must_use]
+pub fn verify_ed25519(key: &ed25519_dalek::VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
+    ed25519_dalek::Signature::from_slice(signature).is_ok_and(|s| key.verify_strict(message, &s).is_ok())
+}
+
+/// ECDSA P-256 verification of a DER signature over a SHA-256 prehash.
+#[must_use]
+pub fn verify_p256(key: &p256::ecdsa::VerifyingKey, prehash: &[u8], der: &[u8]) -> bool {
+    p256::ecdsa::Signature::from_der(der).is_ok_and(|s| key.verify_prehash(prehash, &s).is_ok())
+}
+
+/// ECDSA P-384 verification of a DER signature over a SHA-384 prehash.
+#[must_use]
+pub fn verify_p384(key: &p384::ecdsa::VerifyingKey, prehash: &[u8], der: &[u8]) -> bool {
+    p384::ecdsa::Signature::from_der(der).is_ok_and(|s| key.verify_prehash(prehash, &s).is_ok())
 }
 
 #[cfg(test)]
@@ -312,6 +328,102 @@ mod tests {
         assert_eq!(k.decrypt(&sealed, b"aad").unwrap().unwrap().as_slice(), b"plain");
         assert!(k.decrypt(&sealed, b"other").unwrap().is_none());
         assert!(k.mac(b"x").is_err(), "an AES key does not MAC");
+    }
+
+    /// Wycheproof: every vector of a verification set through hsmd's own
+    /// verify function; a key that does not parse must only have invalid tests.
+    fn wycheproof_ecdsa<K>(
+        name: wycheproof::ecdsa::TestName,
+        parse: impl Fn(&[u8]) -> Option<K>,
+        hash: impl Fn(&[u8]) -> Vec<u8>,
+        verify: impl Fn(&K, &[u8], &[u8]) -> bool,
+    ) -> usize {
+        use wycheproof::TestResult;
+        let set = wycheproof::ecdsa::TestSet::load(name).unwrap();
+        let mut n = 0;
+        for group in set.test_groups {
+            let key = parse(&group.der);
+            for t in group.tests {
+                let ok = key.as_ref().is_some_and(|k| verify(k, &hash(&t.msg), &t.sig));
+                match t.result {
+                    TestResult::Valid => assert!(ok, "{name:?} tc {} ({}) should verify", t.tc_id, t.comment),
+                    TestResult::Invalid => assert!(!ok, "{name:?} tc {} ({}) must not verify", t.tc_id, t.comment),
+                    TestResult::Acceptable => {}
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn wycheproof_ecdsa_p256_and_p384_verification() {
+        use p256::pkcs8::DecodePublicKey;
+        use sha2::Digest;
+        let n = wycheproof_ecdsa(
+            wycheproof::ecdsa::TestName::EcdsaSecp256r1Sha256,
+            |der| p256::ecdsa::VerifyingKey::from_public_key_der(der).ok(),
+            |m| sha2::Sha256::digest(m).to_vec(),
+            verify_p256,
+        );
+        let m = wycheproof_ecdsa(
+            wycheproof::ecdsa::TestName::EcdsaSecp384r1Sha384,
+            |der| p384::ecdsa::VerifyingKey::from_public_key_der(der).ok(),
+            |m| sha2::Sha384::digest(m).to_vec(),
+            verify_p384,
+        );
+        assert!(n > 300 && m > 300, "ran {n} P-256 and {m} P-384 vectors");
+    }
+
+    #[test]
+    fn wycheproof_ed25519_verification() {
+        use wycheproof::TestResult;
+        let set = wycheproof::eddsa::TestSet::load(wycheproof::eddsa::TestName::Ed25519).unwrap();
+        let mut n = 0;
+        for group in set.test_groups {
+            let key = <[u8; 32]>::try_from(&group.key.pk[..])
+                .ok()
+                .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok());
+            for t in group.tests {
+                let ok = key.as_ref().is_some_and(|k| verify_ed25519(k, &t.msg, &t.sig));
+                match t.result {
+                    TestResult::Valid => assert!(ok, "tc {} ({}) should verify", t.tc_id, t.comment),
+                    TestResult::Invalid => assert!(!ok, "tc {} ({}) must not verify", t.tc_id, t.comment),
+                    TestResult::Acceptable => {}
+                }
+                n += 1;
+            }
+        }
+        assert!(n > 100, "ran {n} vectors");
+    }
+
+    #[test]
+    fn wycheproof_aes_256_gcm_through_the_keystore_seal_format() {
+        use wycheproof::TestResult;
+        let set = wycheproof::aead::TestSet::load(wycheproof::aead::TestName::AesGcm).unwrap();
+        let mut n = 0;
+        for group in set.test_groups {
+            // hsmd uses 256-bit keys, 96-bit nonces and 128-bit tags only.
+            if group.key_size != 256 || group.nonce_size != 96 || group.tag_size != 128 {
+                continue;
+            }
+            for t in group.tests {
+                let key: [u8; 32] = t.key[..].try_into().unwrap();
+                let mut sealed = t.nonce.to_vec();
+                sealed.extend_from_slice(&t.ct);
+                sealed.extend_from_slice(&t.tag);
+                let opened = crypto::open(&key, &sealed, &t.aad);
+                match t.result {
+                    TestResult::Valid => {
+                        assert_eq!(opened.unwrap().as_slice(), &t.pt[..], "tc {} ({})", t.tc_id, t.comment);
+                    }
+                    TestResult::Invalid => assert!(opened.is_err(), "tc {} ({}) must not open", t.tc_id, t.comment),
+                    TestResult::Acceptable => {}
+                }
+                n += 1;
+            }
+        }
+        assert!(n > 50, "ran {n} vectors");
     }
 
     #[test]

@@ -119,8 +119,46 @@ pub fn parse_signature_file(text: &str) -> Result<(String, u32, Vec<u8>), String
     }
 }
 
+/// An SSH wire string: u32 big-endian length, then the bytes.
+fn ssh_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// The public key as one `authorized_keys` line (RFC 4253 §6.6, RFC 5656 §3.1,
+/// RFC 8709 §4); `None` for key types OpenSSH does not take.
+fn openssh_line(t: KeyType, raw: &[u8], comment: &str) -> Option<String> {
+    let mut blob = Vec::new();
+    let algorithm = match t {
+        KeyType::Ed25519 => {
+            ssh_string(&mut blob, b"ssh-ed25519");
+            ssh_string(&mut blob, raw);
+            "ssh-ed25519"
+        }
+        KeyType::EcdsaP256 | KeyType::EcdsaP384 => {
+            let (alg, curve) = if t == KeyType::EcdsaP256 {
+                ("ecdsa-sha2-nistp256", "nistp256")
+            } else {
+                ("ecdsa-sha2-nistp384", "nistp384")
+            };
+            ssh_string(&mut blob, alg.as_bytes());
+            ssh_string(&mut blob, curve.as_bytes());
+            ssh_string(&mut blob, raw);
+            alg
+        }
+        _ => return None,
+    };
+    Some(format!("{algorithm} {} {comment}\n", STANDARD.encode(blob)))
+}
+
 /// `key public` output in the requested format.
-pub fn format_public(t: KeyType, spki_der: &[u8], format: &str) -> Vec<u8> {
+pub fn format_public(t: KeyType, spki_der: &[u8], format: &str, name: &str) -> Vec<u8> {
+    if format == "openssh" {
+        let raw = format_public(t, spki_der, "raw", name);
+        return openssh_line(t, &raw, &format!("hsmd:{name}"))
+            .unwrap_or_default()
+            .into_bytes();
+    }
     match format {
         "der" => spki_der.to_vec(),
         "raw" => {
@@ -149,6 +187,18 @@ pub fn format_public(t: KeyType, spki_der: &[u8], format: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openssh_lines_follow_rfc_8709_for_ed25519() {
+        let line = openssh_line(KeyType::Ed25519, &[0u8; 32], "hsmd:k").unwrap();
+        // "ssh-ed25519" (11) and the 32-byte key, each length-prefixed: 51 bytes.
+        let b64 = line.split(' ').nth(1).unwrap();
+        let blob = STANDARD.decode(b64).unwrap();
+        assert_eq!(blob.len(), 4 + 11 + 4 + 32);
+        assert_eq!(&blob[4..15], b"ssh-ed25519");
+        assert!(line.starts_with("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI"), "{line}");
+        assert!(openssh_line(KeyType::Aes256Gcm, &[], "x").is_none());
+    }
 
     #[test]
     fn signature_files_round_trip_and_foreign_text_is_refused() {

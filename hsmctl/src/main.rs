@@ -228,8 +228,9 @@ enum KeyCommand {
     Public {
         /// The key's name
         name: String,
-        /// pem (SubjectPublicKeyInfo), der, or raw (32-byte Ed25519 key, SEC1 point)
-        #[arg(long, default_value = "pem", value_parser = ["pem", "der", "raw"])]
+        /// pem (SubjectPublicKeyInfo), der, raw (32-byte Ed25519 key, SEC1 point), or
+        /// openssh (an authorized_keys line)
+        #[arg(long, default_value = "pem", value_parser = ["pem", "der", "raw", "openssh"])]
         format: String,
         /// Write here instead of stdout
         #[arg(short, long, value_name = "FILE")]
@@ -715,7 +716,7 @@ fn run_key(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
         KeyCommand::Public { name, format, output } => {
             match client.call(Operation::KeyPublic { name: name.clone() })? {
                 Reply::PublicKey { key_type, spki_der, .. } => {
-                    let bytes = keys::format_public(key_type, &spki_der, format);
+                    let bytes = keys::format_public(key_type, &spki_der, format, name);
                     keys::write_output(output.as_deref().unwrap_or(std::path::Path::new("-")), &bytes)?;
                 }
                 other => {

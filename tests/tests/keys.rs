@@ -428,3 +428,54 @@ fn sigkill_at_random_moments_loses_no_acknowledged_key() {
         started.elapsed()
     );
 }
+
+#[test]
+fn openssh_public_keys_read_back_by_ssh_keygen_as_the_same_key() {
+    let (d, _) = initialized();
+    for (t, algorithm) in [
+        ("ed25519", "ssh-ed25519"),
+        ("ecdsa-p256", "ecdsa-sha2-nistp256"),
+        ("ecdsa-p384", "ecdsa-sha2-nistp384"),
+    ] {
+        let name = format!("ssh-{t}");
+        ok(&d.hsmctl(&["key", "create", &name, "--type", t]));
+        let line = ok(&d.hsmctl(&["key", "public", &name, "--format", "openssh"]));
+        assert!(line.starts_with(&format!("{algorithm} ")), "{line}");
+        assert!(line.trim_end().ends_with(&format!("hsmd:{name}")), "{line}");
+        let pub_file = d.dir().join(format!("{t}.pub"));
+        fs::write(&pub_file, &line).expect("write");
+        if t == "ed25519" {
+            // OpenSSH 9.2 cannot export Ed25519 as PKCS#8; it still must parse the
+            // line and print the fingerprint of the key `key public --format raw` gives.
+            use base64::Engine as _;
+            use sha2::Digest as _;
+            let out = Command::new("ssh-keygen")
+                .args(["-l", "-E", "sha256", "-f", path(&pub_file)])
+                .output()
+                .expect("run ssh-keygen (Debian package openssh-client)");
+            let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success() && listed.contains("(ED25519)"), "{out:?}");
+            let raw = d.hsmctl(&["key", "public", &name, "--format", "raw"]).stdout;
+            assert_eq!(raw.len(), 32);
+            let mut blob = Vec::new();
+            for part in [&b"ssh-ed25519"[..], &raw] {
+                blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+                blob.extend_from_slice(part);
+            }
+            let fingerprint = base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(&blob));
+            assert!(
+                listed.contains(&format!("SHA256:{fingerprint}")),
+                "{listed} vs {fingerprint}"
+            );
+            continue;
+        }
+        // OpenSSH converts our line back to PKCS#8 PEM: it must be hsmd's own PEM.
+        let out = Command::new("ssh-keygen")
+            .args(["-e", "-m", "PKCS8", "-f", path(&pub_file)])
+            .output()
+            .expect("run ssh-keygen (Debian package openssh-client)");
+        assert!(out.status.success(), "ssh-keygen rejects hsmd's {t} line: {out:?}");
+        let pem = ok(&d.hsmctl(&["key", "public", &name, "--format", "pem"]));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pem.trim(), "{t}");
+    }
+}

@@ -30,7 +30,7 @@ fn unexpected(expected: &'static str, got: &Reply) -> Failure {
 /// Fetches one key's metadata.
 pub fn info(client: &mut Client, name: &str) -> Result<KeyInfo, Failure> {
     match client.call(Operation::KeyInfo { name: name.to_owned() })? {
-        Reply::Key(k) => Ok(k),
+        Reply::Key(k) => Ok(*k),
         other => Err(unexpected("key-info", &other)),
     }
 }

@@ -8,11 +8,14 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use protocol::{
-    Client, ClientError, ClientOptions, GroupInfo, KeyInfo, KeyType, NewSlot, Operation, PeerInfo, Reply, SlotInfo,
-    StatusInfo, UnlockSecret, Usage,
+    Client, ClientError, ClientOptions, GroupInfo, NewSlot, Operation, PeerInfo, Reply, SlotInfo, StatusInfo,
+    UnlockSecret,
 };
 use serde_json::json;
 
+use crate::key_cmd::KeyCommand;
+
+mod key_cmd;
 mod keys;
 mod sealing;
 mod secrets;
@@ -99,9 +102,43 @@ enum Command {
     /// Unlock slots: list, add, remove
     #[command(subcommand)]
     Slot(SlotCommand),
-    /// Keys: create, list, info, public, delete
+    /// Keys: create, list, info, public, rotate, set, disable, enable,
+    /// deactivate, compromise, destroy, delete, restore, purge
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Re-encrypt a file `hsmctl encrypt` wrote under the key's newest version;
+    /// the plaintext never leaves hsmd
+    #[command(after_help = "Example:\n  hsmctl rewrap backup -i db.dump.enc -o db.dump.enc2 --aad host=db1")]
+    Rewrap {
+        /// The key's name
+        name: String,
+        /// The encrypted file (- for stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// The re-encrypted file (- for stdout); written only when complete
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// The associated data given to encrypt
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
+    /// A fresh 256-bit data key, sealed by an aes256-gcm key (a file `hsmctl
+    /// decrypt` opens), and in plain too only with --plaintext-out
+    #[command(after_help = "Examples:\n  hsmctl datakey backup -o data.key.enc\n  \
+        hsmctl datakey backup -o data.key.enc --plaintext-out /run/app/data.key   # if the key allows it")]
+    Datakey {
+        /// The key's name
+        name: String,
+        /// Where to write the sealed data key
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Also write the data key itself here (mode 0600); the key must allow it
+        #[arg(long, value_name = "FILE")]
+        plaintext_out: Option<PathBuf>,
+        /// Associated data for the sealed data key
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
     /// Sign a file (of any size: it is hashed here, hsmd signs the digest)
     #[command(
         after_help = "Signed bytes: Ed25519 signs SHA-512(file) (64 bytes) as its message; ECDSA\n\
@@ -151,6 +188,9 @@ enum Command {
         /// The associated data given to encrypt
         #[arg(long, default_value = "")]
         aad: String,
+        /// Decrypt even though the key is compromised (logged at high risk)
+        #[arg(long)]
+        allow_compromised: bool,
     },
     /// HMAC-SHA-256 of a file (at most 768 KiB) with an hmac-sha256 key
     #[command(after_help = "Example:\n  hsmctl mac audit-mac -i record.json -o record.json.mac")]
@@ -178,6 +218,9 @@ enum Command {
         /// The tag file
         #[arg(short, long, value_name = "FILE")]
         tag: PathBuf,
+        /// Check even though the key is compromised (logged at high risk)
+        #[arg(long)]
+        allow_compromised: bool,
     },
     /// Check a signature; exit 0 when valid, 1 when not
     #[command(after_help = "Example:\n  hsmctl verify release -i app.tar.gz -s app.tar.gz.sig")]
@@ -196,64 +239,10 @@ enum Command {
         /// Key version for a raw signature [default: the newest]
         #[arg(long, value_name = "N")]
         key_version: Option<u32>,
+        /// Check even though the key is compromised (logged at high risk)
+        #[arg(long)]
+        allow_compromised: bool,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum KeyCommand {
-    /// Generate a key inside hsmd (hsmd must be unlocked)
-    #[command(
-        after_help = "Names: 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit.\n\
-        Types: ed25519, ecdsa-p256, ecdsa-p384, aes256-gcm, hmac-sha256.\n\n\
-        Example:\n  hsmctl key create release --type ed25519\n  hsmctl key create audit-mac --type hmac-sha256"
-    )]
-    Create {
-        /// The key's name
-        name: String,
-        /// ed25519, ecdsa-p256, ecdsa-p384, aes256-gcm or hmac-sha256
-        #[arg(long = "type", value_name = "TYPE", value_parser = parse_key_type)]
-        key_type: KeyType,
-        /// sign, verify, encrypt, decrypt, mac (repeat or comma-separate); default: all the type allows
-        #[arg(long = "usage", value_name = "USAGE", value_delimiter = ',', value_parser = parse_usage)]
-        usages: Vec<Usage>,
-    },
-    /// List keys
-    List,
-    /// Show one key's metadata
-    Info {
-        /// The key's name
-        name: String,
-    },
-    /// Print the public key of an asymmetric key
-    Public {
-        /// The key's name
-        name: String,
-        /// pem (SubjectPublicKeyInfo), der, raw (32-byte Ed25519 key, SEC1 point), or
-        /// openssh (an authorized_keys line)
-        #[arg(long, default_value = "pem", value_parser = ["pem", "der", "raw", "openssh"])]
-        format: String,
-        /// Write here instead of stdout
-        #[arg(short, long, value_name = "FILE")]
-        output: Option<PathBuf>,
-    },
-    /// Destroy a key (hsmd must be unlocked)
-    Delete {
-        /// The key's name
-        name: String,
-    },
-}
-
-fn parse_key_type(s: &str) -> Result<KeyType, String> {
-    KeyType::parse(s).ok_or_else(|| {
-        format!(
-            "unknown key type {s:?}; use one of {}",
-            KeyType::ALL.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
-        )
-    })
-}
-
-fn parse_usage(s: &str) -> Result<Usage, String> {
-    Usage::parse(s).ok_or_else(|| format!("unknown usage {s:?}; use sign, verify, encrypt, decrypt or mac"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -476,7 +465,45 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 .into())
             }
         },
-        Command::Key(cmd) => run_key(cli.json, &mut client, cmd)?,
+        Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
+        Command::Rewrap {
+            name,
+            input,
+            output,
+            aad,
+        } => {
+            let (from, to) = sealing::rewrap(&mut client, name, input, output, aad.as_bytes())?;
+            if cli.json {
+                println!("{}", json!({ "key": name, "from_version": from, "to_version": to }));
+            } else {
+                eprintln!(
+                    "rewrapped {} from version {from} to version {to} of key {name}",
+                    input.display()
+                );
+            }
+        }
+        Command::Datakey {
+            name,
+            output,
+            plaintext_out,
+            aad,
+        } => {
+            let version = sealing::datakey(&mut client, name, output, plaintext_out.as_deref(), aad.as_bytes())?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({ "key": name, "version": version, "sealed": output, "plaintext": plaintext_out })
+                );
+            } else {
+                println!(
+                    "data key sealed by key {name} version {version}: {}{}",
+                    output.display(),
+                    plaintext_out
+                        .as_ref()
+                        .map_or_else(String::new, |p| format!("; in plain: {}", p.display()))
+                );
+            }
+        }
         Command::Encrypt {
             name,
             input,
@@ -488,7 +515,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             input,
             output,
             aad,
-        } => sealing::decrypt(&mut client, name, input, output, aad.as_bytes())?,
+            allow_compromised,
+        } => sealing::decrypt(&mut client, name, input, output, aad.as_bytes(), *allow_compromised)?,
         Command::Mac { name, input, output } => {
             let data = sealing::read_mac_input(input)?;
             match client.call(Operation::Mac {
@@ -507,7 +535,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::MacVerify { name, input, tag } => {
+        Command::MacVerify {
+            name,
+            input,
+            tag,
+            allow_compromised,
+        } => {
             let text = std::fs::read_to_string(tag)
                 .map_err(|e| Failure::Local(format!("cannot read {}: {e}", tag.display())))?;
             let (signer, version, tag) = sealing::parse_tag_file(&text).map_err(Failure::Local)?;
@@ -522,6 +555,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 version,
                 data,
                 tag,
+                allow_compromised: *allow_compromised,
             })? {
                 Reply::MacVerified { valid: true } => println!("tag valid (key {name}, version {version})"),
                 Reply::MacVerified { valid: false } => {
@@ -570,6 +604,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             signature,
             format,
             key_version,
+            allow_compromised,
         } => {
             let key = keys::info(&mut client, name)?;
             let raw = std::fs::read(signature)
@@ -592,6 +627,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 version,
                 digest,
                 signature: sig,
+                allow_compromised: *allow_compromised,
             })? {
                 Reply::Verified { valid: true } => {
                     if cli.json {
@@ -645,111 +681,6 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         },
     }
     Ok(())
-}
-
-fn run_key(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Failure> {
-    match cmd {
-        KeyCommand::Create { name, key_type, usages } => match client.call(Operation::KeyCreate {
-            name: name.clone(),
-            key_type: *key_type,
-            usages: usages.clone(),
-        })? {
-            Reply::KeyCreated(k) => {
-                if json {
-                    print_json(&k);
-                } else {
-                    println!(
-                        "created key {} ({}, version {})",
-                        k.name,
-                        k.key_type.as_str(),
-                        k.version
-                    );
-                }
-            }
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "key-create",
-                    got: other.name(),
-                }
-                .into())
-            }
-        },
-        KeyCommand::List => match client.call(Operation::KeyList)? {
-            Reply::Keys(list) => {
-                if json {
-                    print_json(&list);
-                } else {
-                    println!(
-                        "{:<24}  {:<11}  {:>7}  {:<8}  {:<22}  owner",
-                        "name", "type", "version", "backend", "usages"
-                    );
-                    for k in &list {
-                        println!(
-                            "{:<24}  {:<11}  {:>7}  {:<8}  {:<22}  {}",
-                            k.name,
-                            k.key_type.as_str(),
-                            k.version,
-                            k.backend,
-                            usages(k),
-                            k.owner_uid
-                        );
-                    }
-                }
-            }
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "key-list",
-                    got: other.name(),
-                }
-                .into())
-            }
-        },
-        KeyCommand::Info { name } => {
-            let k = keys::info(client, name)?;
-            if json {
-                print_json(&k);
-            } else {
-                println!("name:     {}\nid:       {}\ntype:     {}\nbackend:  {}\nusages:   {}\nversion:  {}\ncreated:  {}\nowner:    uid {}",
-                    k.name, k.id, k.key_type.as_str(), k.backend, usages(&k), k.version, k.created_unix, k.owner_uid);
-            }
-        }
-        KeyCommand::Public { name, format, output } => {
-            match client.call(Operation::KeyPublic { name: name.clone() })? {
-                Reply::PublicKey { key_type, spki_der, .. } => {
-                    let bytes = keys::format_public(key_type, &spki_der, format, name);
-                    keys::write_output(output.as_deref().unwrap_or(std::path::Path::new("-")), &bytes)?;
-                }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "key-public",
-                        got: other.name(),
-                    }
-                    .into())
-                }
-            }
-        }
-        KeyCommand::Delete { name } => match client.call(Operation::KeyDelete { name: name.clone() })? {
-            Reply::KeyDeleted { name } => {
-                if json {
-                    println!("{}", json!({ "deleted": name }));
-                } else {
-                    println!("deleted key {name}");
-                }
-            }
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "key-delete",
-                    got: other.name(),
-                }
-                .into())
-            }
-        },
-    }
-    Ok(())
-}
-
-fn usages(k: &KeyInfo) -> String {
-    k.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(",")
 }
 
 /// A secret read (or a key file made) before connecting.

@@ -133,6 +133,7 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad
     let mut len = fill(&mut *reader, &mut current).map_err(read_err)?;
     let mut index = 0u64;
     let mut wrote_header = false;
+    let mut pinned = None;
     loop {
         // Look one chunk ahead to know whether this one is the last.
         let next_len = if len == CHUNK as usize {
@@ -143,6 +144,9 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad
         let last = next_len == 0;
         let (version, sealed) = match client.call(Operation::Encrypt {
             name: name.to_owned(),
+            // Every chunk under the version the header names, even if the key
+            // is rotated while this runs.
+            version: pinned,
             plaintext: current[..len].to_vec(),
             aad: chunk_aad(name, CHUNK, index, last, aad),
         })? {
@@ -156,13 +160,9 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad
             }
         };
         if !wrote_header {
-            let mut header = MAGIC.to_vec();
-            header.extend_from_slice(&(name.len() as u16).to_be_bytes());
-            header.extend_from_slice(name.as_bytes());
-            header.extend_from_slice(&version.to_be_bytes());
-            header.extend_from_slice(&CHUNK.to_be_bytes());
-            out.write(&header)?;
+            out.write(&header(name, version, CHUNK))?;
             wrote_header = true;
+            pinned = Some(version);
         }
         out.write(&(sealed.len() as u32).to_be_bytes())?;
         out.write(&sealed)?;
@@ -184,9 +184,17 @@ fn read_exact_or(reader: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<()
     })
 }
 
-/// Decrypts what [`encrypt`] wrote; the output appears only if every chunk checks.
-pub fn decrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad: &[u8]) -> Result<(), Failure> {
-    let mut reader = open_input(input)?;
+fn header(name: &str, version: u32, chunk_size: u32) -> Vec<u8> {
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    header.extend_from_slice(name.as_bytes());
+    header.extend_from_slice(&version.to_be_bytes());
+    header.extend_from_slice(&chunk_size.to_be_bytes());
+    header
+}
+
+/// Reads and checks an encrypted file's header: the key version and chunk size.
+fn read_header(reader: &mut dyn Read, input: &Path, name: &str) -> Result<(u32, u32), Failure> {
     let mut magic = [0u8; 8];
     read_exact_or(&mut *reader, &mut magic, "header")?;
     if &magic != MAGIC {
@@ -214,37 +222,101 @@ pub fn decrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad
             input.display()
         )));
     }
-    let max_sealed = chunk_size as usize + 28;
-    let mut out = Output::create(output)?;
-    let read_len = |reader: &mut dyn Read| -> Result<Option<usize>, Failure> {
+    Ok((version, chunk_size))
+}
+
+/// Reads an encrypted file's chunks one at a time, knowing which is last.
+struct Chunks<'a> {
+    reader: &'a mut dyn Read,
+    input: &'a Path,
+    max_sealed: usize,
+    pending: Option<usize>,
+    index: u64,
+    started: bool,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(reader: &'a mut dyn Read, input: &'a Path, chunk_size: u32) -> Self {
+        Self {
+            reader,
+            input,
+            max_sealed: chunk_size as usize + 28,
+            pending: None,
+            index: 0,
+            started: false,
+        }
+    }
+
+    fn read_len(&mut self) -> Result<Option<usize>, Failure> {
         let mut b = [0u8; 4];
-        match fill(reader, &mut b).map_err(|e| local(format!("cannot read {}: {e}", input.display())))? {
+        match fill(self.reader, &mut b).map_err(|e| local(format!("cannot read {}: {e}", self.input.display())))? {
             0 => Ok(None),
             4 => Ok(Some(u32::from_be_bytes(b) as usize)),
-            _ => Err(local(format!("{} is truncated inside a chunk length", input.display()))),
+            _ => Err(local(format!(
+                "{} is truncated inside a chunk length",
+                self.input.display()
+            ))),
         }
-    };
-    let mut pending = read_len(&mut *reader)?;
-    let mut index = 0u64;
-    loop {
-        let Some(len) = pending else {
-            return Err(local(format!("{} has no chunks: it is truncated", input.display())));
+    }
+
+    /// The next chunk: its index, sealed bytes, and whether it is the last.
+    fn next(&mut self) -> Result<Option<(u64, Vec<u8>, bool)>, Failure> {
+        if !self.started {
+            self.started = true;
+            self.pending = self.read_len()?;
+            if self.pending.is_none() {
+                return Err(local(format!(
+                    "{} has no chunks: it is truncated",
+                    self.input.display()
+                )));
+            }
+        }
+        let Some(len) = self.pending else {
+            return Ok(None);
         };
-        if len < 28 || len > max_sealed {
+        let index = self.index;
+        if len < 28 || len > self.max_sealed {
             return Err(local(format!(
                 "{}: chunk {index} has an invalid length {len}",
-                input.display()
+                self.input.display()
             )));
         }
         let mut sealed = vec![0u8; len];
-        read_exact_or(&mut *reader, &mut sealed, &format!("chunk {index}"))?;
-        pending = read_len(&mut *reader)?;
-        let last = pending.is_none();
+        read_exact_or(self.reader, &mut sealed, &format!("chunk {index}"))?;
+        self.pending = self.read_len()?;
+        self.index += 1;
+        Ok(Some((index, sealed, self.pending.is_none())))
+    }
+}
+
+fn chunk_failed(index: u64, input: &Path, e: &ClientError) -> Failure {
+    local(format!(
+        "chunk {index} of {} does not decrypt: the file was altered, reordered or truncated, \
+         the --aad differs, or it belongs to another key ({e})",
+        input.display()
+    ))
+}
+
+/// Decrypts what [`encrypt`] wrote; the output appears only if every chunk checks.
+pub fn decrypt(
+    client: &mut Client,
+    name: &str,
+    input: &Path,
+    output: &Path,
+    aad: &[u8],
+    allow_compromised: bool,
+) -> Result<(), Failure> {
+    let mut reader = open_input(input)?;
+    let (version, chunk_size) = read_header(&mut *reader, input, name)?;
+    let mut out = Output::create(output)?;
+    let mut chunks = Chunks::new(&mut *reader, input, chunk_size);
+    while let Some((index, sealed, last)) = chunks.next()? {
         let plaintext = match client.call(Operation::Decrypt {
             name: name.to_owned(),
             version,
             sealed,
             aad: chunk_aad(name, chunk_size, index, last, aad),
+            allow_compromised,
         }) {
             Ok(Reply::Decrypted { plaintext }) => plaintext,
             Ok(other) => {
@@ -255,21 +327,93 @@ pub fn decrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad
                 .into())
             }
             Err(e) if e.code() == Some(protocol::ErrorCode::DecryptFailed) => {
-                return Err(local(format!(
-                    "chunk {index} of {} does not decrypt: the file was altered, reordered or truncated, \
-                     the --aad differs, or it belongs to another key ({e})",
-                    input.display()
-                )));
+                return Err(chunk_failed(index, input, &e));
             }
             Err(e) => return Err(e.into()),
         };
         out.write(plaintext.expose())?;
-        if last {
-            break;
-        }
-        index += 1;
     }
     out.finish()
+}
+
+/// Re-seals every chunk of an encrypted file under the key's newest version
+/// (the first chunk decides it; the rest follow it even across a rotation).
+/// Returns the old and new versions.
+pub fn rewrap(client: &mut Client, name: &str, input: &Path, output: &Path, aad: &[u8]) -> Result<(u32, u32), Failure> {
+    let mut reader = open_input(input)?;
+    let (version, chunk_size) = read_header(&mut *reader, input, name)?;
+    let mut out = Output::create(output)?;
+    let mut chunks = Chunks::new(&mut *reader, input, chunk_size);
+    let mut to = None;
+    while let Some((index, sealed, last)) = chunks.next()? {
+        let (new_version, resealed) = match client.call(Operation::Rewrap {
+            name: name.to_owned(),
+            version,
+            sealed,
+            aad: chunk_aad(name, chunk_size, index, last, aad),
+            to_version: to,
+        }) {
+            Ok(Reply::Encrypted { version, sealed }) => (version, sealed),
+            Ok(other) => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "rewrap",
+                    got: other.name(),
+                }
+                .into())
+            }
+            Err(e) if e.code() == Some(protocol::ErrorCode::DecryptFailed) => {
+                return Err(chunk_failed(index, input, &e));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if to.is_none() {
+            out.write(&header(name, new_version, chunk_size))?;
+            to = Some(new_version);
+        }
+        out.write(&(resealed.len() as u32).to_be_bytes())?;
+        out.write(&resealed)?;
+    }
+    out.finish()?;
+    Ok((version, to.unwrap_or(version)))
+}
+
+/// Asks for a data key; writes it sealed (as a one-chunk encrypted file that
+/// `hsmctl decrypt` opens) and, if asked, in plain (mode 0600). Returns the
+/// version that sealed it.
+pub fn datakey(
+    client: &mut Client,
+    name: &str,
+    output: &Path,
+    plaintext_out: Option<&Path>,
+    aad: &[u8],
+) -> Result<u32, Failure> {
+    let (version, sealed, plaintext) = match client.call(Operation::DataKey {
+        name: name.to_owned(),
+        aad: chunk_aad(name, CHUNK, 0, true, aad),
+        plaintext: plaintext_out.is_some(),
+    })? {
+        Reply::DataKey {
+            version,
+            sealed,
+            plaintext,
+        } => (version, sealed, plaintext),
+        other => {
+            return Err(ClientError::UnexpectedReply {
+                expected: "datakey",
+                got: other.name(),
+            }
+            .into())
+        }
+    };
+    if let (Some(path), Some(key)) = (plaintext_out, plaintext) {
+        crate::secrets::write_secret_file(path, key.expose()).map_err(local)?;
+    }
+    let mut out = Output::create(output)?;
+    out.write(&header(name, version, CHUNK))?;
+    out.write(&(sealed.len() as u32).to_be_bytes())?;
+    out.write(&sealed)?;
+    out.finish()?;
+    Ok(version)
 }
 
 /// The text of a MAC tag file.

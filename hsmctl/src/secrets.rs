@@ -86,21 +86,22 @@ pub fn read_keyfile(path: &Path) -> Result<SecretBytes, String> {
 pub fn create_keyfile(path: &Path) -> Result<SecretBytes, String> {
     let mut key = Zeroizing::new([0u8; KEYFILE_LEN]);
     getrandom::fill(key.as_mut()).map_err(|e| format!("the system random source failed: {e}"))?;
+    write_secret_file(path, key.as_ref())?;
+    Ok(SecretBytes::new(key.to_vec()))
+}
+
+/// Writes secret bytes to a new file (never overwriting one), mode 0600 from
+/// its creation, written through to disk.
+pub fn write_secret_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| {
-            format!(
-                "cannot create the key file {}: {e} (it must not exist yet)",
-                path.display()
-            )
-        })?;
-    file.write_all(key.as_ref())
+        .map_err(|e| format!("cannot create {}: {e} (it must not exist yet)", path.display()))?;
+    file.write_all(bytes)
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write the key file {}: {e}", path.display()))?;
-    Ok(SecretBytes::new(key.to_vec()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[cfg(test)]

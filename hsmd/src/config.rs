@@ -31,6 +31,34 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Unlocking and automatic locking.
     pub unlock: UnlockConfig,
+    /// Key lifecycle housekeeping.
+    pub keys: KeysConfig,
+}
+
+/// `[keys]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// How long a deleted key can be restored before the daemon purges it (7 to 90 days).
+    #[serde(with = "humantime_serde")]
+    pub recovery_window: Duration,
+    /// How often use counts and last-use times are written to the keystore
+    /// (they are kept in memory in between, and written at a clean shutdown).
+    #[serde(with = "humantime_serde")]
+    pub usage_flush_interval: Duration,
+    /// How often the daemon looks for due rotations and ended recovery windows.
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            recovery_window: Duration::from_secs(30 * 86_400),
+            usage_flush_interval: Duration::from_secs(30),
+            maintenance_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// `[unlock]`
@@ -199,6 +227,7 @@ impl Default for Config {
             log: LogConfig::default(),
             memory: MemoryConfig::default(),
             unlock: UnlockConfig::default(),
+            keys: KeysConfig::default(),
         }
     }
 }
@@ -351,6 +380,18 @@ impl Config {
         ] {
             if value.is_some_and(|v| v < Duration::from_secs(1)) {
                 return Err((key, "use at least 1s, or leave it unset to turn it off".to_owned()));
+            }
+        }
+        let k = &self.keys;
+        if !(Duration::from_secs(7 * 86_400)..=Duration::from_secs(90 * 86_400)).contains(&k.recovery_window) {
+            return Err(("keys.recovery_window", "use 7 to 90 days (e.g. \"30d\")".to_owned()));
+        }
+        for (key, value) in [
+            ("keys.usage_flush_interval", k.usage_flush_interval),
+            ("keys.maintenance_interval", k.maintenance_interval),
+        ] {
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&value) {
+                return Err((key, "use 100ms to 1h".to_owned()));
             }
         }
         if !self.socket.path.is_absolute() {

@@ -233,6 +233,7 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         .map_err(DaemonError::Runtime)?;
     let mut shared = Shared::new(config.limits.clone(), gate, eff.dev, vault);
     shared.memory_locked = hardening.locked;
+    shared.recovery_window = config.keys.recovery_window;
     let shared = Arc::new(shared);
     let result = runtime.block_on(serve_until_signalled(
         config,
@@ -273,6 +274,7 @@ async fn serve_until_signalled(
         tracing::info!(?period, "systemd watchdog enabled");
     }
     spawn_auto_lock(config, &shared);
+    let maintenance = spawn_key_maintenance(config, &shared);
 
     let stop = shared.shutdown.clone();
     let signals = tokio::spawn(async move {
@@ -300,8 +302,49 @@ async fn serve_until_signalled(
             humantime::format_duration(grace)
         );
     }
+    // Use counts gathered since the last flush are written before exit.
+    let _ = maintenance.await;
+    let vault = Arc::clone(&shared.vault);
+    match tokio::task::spawn_blocking(move || vault.flush_usage()).await {
+        Ok(Ok(n)) if n > 0 => tracing::info!(versions = n, "key use counts written"),
+        Ok(Err(e)) => tracing::error!(error = %e, "could not write key use counts at shutdown"),
+        _ => {}
+    }
     tracing::info!("hsmd stopped");
     Ok(())
+}
+
+/// The daemon's own key work: scheduled rotations and purges (every
+/// `keys.maintenance_interval`) and use-count flushes (every
+/// `keys.usage_flush_interval`), on the blocking pool since they touch SQLite.
+fn spawn_key_maintenance(config: &Config, shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    let shared = Arc::clone(shared);
+    let (every, flush_every) = (config.keys.maintenance_interval, config.keys.usage_flush_interval);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(flush_every);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush.tick().await;
+        loop {
+            let vault = Arc::clone(&shared.vault);
+            tokio::select! {
+                () = shared.shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    match tokio::task::spawn_blocking(move || vault.maintain()).await {
+                        Ok(Ok(done)) => for line in done { tracing::info!("{line}"); },
+                        Ok(Err(e)) => tracing::error!(error = %e, "key maintenance failed"),
+                        Err(_) => {}
+                    }
+                }
+                _ = flush.tick() => {
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || vault.flush_usage()).await {
+                        tracing::error!(error = %e, "could not write key use counts; will retry");
+                    }
+                }
+            }
+        }
+    })
 }
 
 fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {

@@ -113,6 +113,27 @@ impl Client {
         Ok(id)
     }
 
+    /// Sends several requests in one write without waiting, and returns their
+    /// ids in order. Pipelining this way costs one system call for the lot,
+    /// where [`Client::send`] costs one each; the daemon answers each request
+    /// on its own, possibly out of order.
+    ///
+    /// # Errors
+    /// As [`Client::send`]. If one request cannot be encoded, none is sent.
+    pub fn send_many(&mut self, ops: impl IntoIterator<Item = Operation>) -> Result<Vec<u64>, ClientError> {
+        self.send_buf.clear();
+        let first = self.next_id;
+        let mut ids = Vec::new();
+        for op in ops {
+            let id = first + ids.len() as u64;
+            codec::encode_frame_into(&Request { id, op }, self.server.max_frame_bytes, &mut self.send_buf)?;
+            ids.push(id);
+        }
+        self.next_id = first + ids.len() as u64;
+        self.stream.write_all(&self.send_buf).map_err(ClientError::Io)?;
+        Ok(ids)
+    }
+
     /// Receives the next response, whichever request it answers.
     ///
     /// # Errors

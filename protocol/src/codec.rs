@@ -190,12 +190,7 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::MacVerify {
-                name: String::new(),
-                version: 1,
-                data: vec![],
-                tag: vec![],
-            },
+            op: Operation::DebugClock { advance_secs: 0 },
         };
         let body = encode_body(&last).unwrap();
         assert_eq!(peek_request_header(&body), Some((9, OPERATION_VARIANTS - 1)));

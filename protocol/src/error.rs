@@ -62,6 +62,9 @@ pub enum ErrorCode {
     /// Decryption failed: the ciphertext or associated data was altered, or it
     /// belongs to another key.
     DecryptFailed,
+    /// The key's lifecycle state (or its being deleted, or a minimum version)
+    /// forbids this use; the message names the state and what it allows.
+    KeyState,
     /// A code this build does not know, with its number.
     Unknown(u32),
 }
@@ -94,6 +97,7 @@ impl ErrorCode {
             Self::Tampered => 21,
             Self::AlreadyExists => 22,
             Self::DecryptFailed => 23,
+            Self::KeyState => 24,
             Self::Unknown(n) => n,
         }
     }
@@ -125,6 +129,7 @@ impl ErrorCode {
             Self::Tampered => "tampered",
             Self::AlreadyExists => "already-exists",
             Self::DecryptFailed => "decrypt-failed",
+            Self::KeyState => "key-state",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -156,6 +161,7 @@ impl From<u32> for ErrorCode {
             21 => Self::Tampered,
             22 => Self::AlreadyExists,
             23 => Self::DecryptFailed,
+            24 => Self::KeyState,
             n => Self::Unknown(n),
         }
     }

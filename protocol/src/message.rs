@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 22;
+pub const OPERATION_VARIANTS: u32 = 31;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +83,8 @@ pub enum Operation {
         key_type: KeyType,
         /// What it may be used for; empty means the type's defaults.
         usages: Vec<Usage>,
+        /// Lifecycle settings and descriptive metadata.
+        options: KeyOptions,
     },
     /// Every key's metadata.
     KeyList,
@@ -97,6 +99,8 @@ pub enum Operation {
         name: String,
     },
     /// Destroys a key. Needs unlocked.
+    /// Moves a key into its recovery window (soft delete): nothing can use it
+    /// until `KeyRestore`, and the daemon purges it when the window ends.
     KeyDelete {
         /// The key's name.
         name: String,
@@ -122,11 +126,17 @@ pub enum Operation {
         /// The signature: 64 bytes for ed25519, DER for ECDSA.
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
+        /// Allow this use of a key in state `compromised` (logged at high risk).
+        allow_compromised: bool,
     },
-    /// Seals `plaintext` with an aes256-gcm key's newest version. Needs unlocked.
+    /// Seals `plaintext` with an aes256-gcm key's newest version, or with
+    /// `version` (no lower than the key's minimum encryption version). Needs unlocked.
     Encrypt {
         /// The key's name.
         name: String,
+        /// The version to seal with; `None` for the newest. Lets a client that
+        /// seals a file chunk by chunk keep one version across a rotation.
+        version: Option<u32>,
         /// The data.
         #[serde(with = "serde_bytes")]
         plaintext: Vec<u8>,
@@ -146,6 +156,8 @@ pub enum Operation {
         /// The associated data given to `Encrypt`.
         #[serde(with = "serde_bytes")]
         aad: Vec<u8>,
+        /// Allow this use of a key in state `compromised` (logged at high risk).
+        allow_compromised: bool,
     },
     /// HMAC-SHA-256 of `data` with an hmac-sha256 key's newest version. Needs unlocked.
     Mac {
@@ -167,7 +179,340 @@ pub enum Operation {
         /// The 32-byte tag.
         #[serde(with = "serde_bytes")]
         tag: Vec<u8>,
+        /// Allow this use of a key in state `compromised` (logged at high risk).
+        allow_compromised: bool,
     },
+    /// Adds a version to a key; new signatures and ciphertexts use it. Needs unlocked.
+    KeyRotate {
+        /// The key's name.
+        name: String,
+    },
+    /// Changes a key's settings and metadata. Needs unlocked.
+    KeySet {
+        /// The key's name.
+        name: String,
+        /// What to change; `None` fields stay as they are.
+        changes: KeyChanges,
+    },
+    /// Moves a key to another lifecycle state. Needs unlocked.
+    KeyTransition {
+        /// The key's name.
+        name: String,
+        /// Where to.
+        to: Transition,
+    },
+    /// Brings a deleted key back from its recovery window. Needs unlocked.
+    KeyRestore {
+        /// The key's name.
+        name: String,
+    },
+    /// Destroys a deleted key at once and for good, with every version. Needs unlocked.
+    KeyPurge {
+        /// The key's name.
+        name: String,
+    },
+    /// Re-seals a ciphertext under the key's newest version (or `to_version`)
+    /// without the plaintext leaving the daemon. Answered with `Reply::Encrypted`.
+    Rewrap {
+        /// The key's name.
+        name: String,
+        /// The version the ciphertext names.
+        version: u32,
+        /// 12-byte nonce, ciphertext, 16-byte tag.
+        #[serde(with = "serde_bytes")]
+        sealed: Vec<u8>,
+        /// The associated data it was sealed with (kept for the new one).
+        #[serde(with = "serde_bytes")]
+        aad: Vec<u8>,
+        /// The version to re-seal under; `None` for the newest.
+        to_version: Option<u32>,
+    },
+    /// A fresh random 32-byte data key, sealed by an aes256-gcm key as
+    /// `Encrypt` would seal it, and in plain as well only when asked and the
+    /// key allows it (`KeyOptions::allow_plaintext_datakey`).
+    DataKey {
+        /// The key's name.
+        name: String,
+        /// Associated data for the sealed data key.
+        #[serde(with = "serde_bytes")]
+        aad: Vec<u8>,
+        /// Also return the data key in plain.
+        plaintext: bool,
+    },
+    /// Several key operations in one frame, answered by `Reply::Batch` with one
+    /// result per item, in order. At most [`MAX_BATCH_ITEMS`] items.
+    Batch {
+        /// The operations.
+        items: Vec<BatchItem>,
+    },
+    /// Dev mode only: moves the daemon's clock for key lifecycles (activation,
+    /// expiry, rotation, purge) forward, so tests need not wait for days.
+    DebugClock {
+        /// Seconds to add.
+        advance_secs: u64,
+    },
+}
+
+/// One item of a [`Operation::Batch`]: the key operations that may be batched,
+/// with the fields of the operations of the same name. A type of its own (not
+/// `Operation`) so that a batch cannot hold a batch: a frame of nested batches
+/// would otherwise make the decoder recurse as deep as the frame is long.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchItem {
+    /// As [`Operation::Sign`].
+    Sign {
+        /// The key's name.
+        name: String,
+        /// The digest of the data.
+        #[serde(with = "serde_bytes")]
+        digest: Vec<u8>,
+    },
+    /// As [`Operation::Verify`].
+    Verify {
+        /// The key's name.
+        name: String,
+        /// The key version the signature names.
+        version: u32,
+        /// The digest of the data.
+        #[serde(with = "serde_bytes")]
+        digest: Vec<u8>,
+        /// The signature.
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+        /// Allow this use of a compromised key.
+        allow_compromised: bool,
+    },
+    /// As [`Operation::Encrypt`].
+    Encrypt {
+        /// The key's name.
+        name: String,
+        /// The version to seal with; `None` for the newest.
+        version: Option<u32>,
+        /// The data.
+        #[serde(with = "serde_bytes")]
+        plaintext: Vec<u8>,
+        /// Associated data.
+        #[serde(with = "serde_bytes")]
+        aad: Vec<u8>,
+    },
+    /// As [`Operation::Decrypt`].
+    Decrypt {
+        /// The key's name.
+        name: String,
+        /// The key version the ciphertext names.
+        version: u32,
+        /// Nonce, ciphertext, tag.
+        #[serde(with = "serde_bytes")]
+        sealed: Vec<u8>,
+        /// Associated data.
+        #[serde(with = "serde_bytes")]
+        aad: Vec<u8>,
+        /// Allow this use of a compromised key.
+        allow_compromised: bool,
+    },
+    /// As [`Operation::Mac`].
+    Mac {
+        /// The key's name.
+        name: String,
+        /// The data.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// As [`Operation::MacVerify`].
+    MacVerify {
+        /// The key's name.
+        name: String,
+        /// The key version the tag names.
+        version: u32,
+        /// The data.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// The tag.
+        #[serde(with = "serde_bytes")]
+        tag: Vec<u8>,
+        /// Allow this use of a compromised key.
+        allow_compromised: bool,
+    },
+}
+
+impl From<BatchItem> for Operation {
+    fn from(item: BatchItem) -> Self {
+        match item {
+            BatchItem::Sign { name, digest } => Self::Sign { name, digest },
+            BatchItem::Verify {
+                name,
+                version,
+                digest,
+                signature,
+                allow_compromised,
+            } => Self::Verify {
+                name,
+                version,
+                digest,
+                signature,
+                allow_compromised,
+            },
+            BatchItem::Encrypt {
+                name,
+                version,
+                plaintext,
+                aad,
+            } => Self::Encrypt {
+                name,
+                version,
+                plaintext,
+                aad,
+            },
+            BatchItem::Decrypt {
+                name,
+                version,
+                sealed,
+                aad,
+                allow_compromised,
+            } => Self::Decrypt {
+                name,
+                version,
+                sealed,
+                aad,
+                allow_compromised,
+            },
+            BatchItem::Mac { name, data } => Self::Mac { name, data },
+            BatchItem::MacVerify {
+                name,
+                version,
+                data,
+                tag,
+                allow_compromised,
+            } => Self::MacVerify {
+                name,
+                version,
+                data,
+                tag,
+                allow_compromised,
+            },
+        }
+    }
+}
+
+/// The most items one `Operation::Batch` may carry.
+pub const MAX_BATCH_ITEMS: usize = 1024;
+
+/// Settings given when a key is created.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyOptions {
+    /// Free text for people.
+    pub description: String,
+    /// Free-form labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Rotate automatically this often (seconds); `None` for never.
+    pub rotate_every_secs: Option<u64>,
+    /// Stay `pre-active` until this time (seconds since the Unix epoch).
+    pub activate_at_unix: Option<u64>,
+    /// Become `deactivated` at this time.
+    pub expire_at_unix: Option<u64>,
+    /// Whether `DataKey` may return data keys in plain.
+    pub allow_plaintext_datakey: bool,
+}
+
+/// Changes to a key's settings; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyChanges {
+    /// New description.
+    pub description: Option<String>,
+    /// Labels to add or replace.
+    pub set_labels: std::collections::BTreeMap<String, String>,
+    /// Labels to remove.
+    pub remove_labels: Vec<String>,
+    /// New rotation period: `Some(None)` stops automatic rotation.
+    pub rotate_every_secs: Option<Option<u64>>,
+    /// New expiry: `Some(None)` removes it.
+    pub expire_at_unix: Option<Option<u64>>,
+    /// Oldest version that may still verify or decrypt.
+    pub min_decrypt_version: Option<u32>,
+    /// Oldest version a request may name to sign or encrypt with (requests
+    /// that name none use the newest).
+    pub min_encrypt_version: Option<u32>,
+    /// Whether `DataKey` may return data keys in plain.
+    pub allow_plaintext_datakey: Option<bool>,
+}
+
+/// A key's lifecycle state, after NIST SP 800-57 part 1, section 5.3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyState {
+    /// Not yet usable: waiting for its activation time.
+    PreActive,
+    /// Usable for everything its usages allow.
+    Active,
+    /// Disabled by an operator; usable for nothing until enabled.
+    Suspended,
+    /// Past use: may verify and decrypt, never sign or encrypt.
+    Deactivated,
+    /// Known or suspected to be exposed: verify and decrypt only when the
+    /// request says so explicitly, each such use logged at high risk.
+    Compromised,
+    /// Its material is gone; only its metadata remains.
+    Destroyed,
+}
+
+impl KeyState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [Self; 6] = [
+        Self::PreActive,
+        Self::Active,
+        Self::Suspended,
+        Self::Deactivated,
+        Self::Compromised,
+        Self::Destroyed,
+    ];
+
+    /// The state's name on the command line and in documents.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PreActive => "pre-active",
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Deactivated => "deactivated",
+            Self::Compromised => "compromised",
+            Self::Destroyed => "destroyed",
+        }
+    }
+
+    /// Parses [`KeyState::as_str`]'s names.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// A requested change of lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transition {
+    /// `active` → `suspended`.
+    Disable,
+    /// `suspended` or `pre-active` → `active`.
+    Enable,
+    /// `pre-active`, `active` or `suspended` → `deactivated`.
+    Deactivate,
+    /// Any state but `destroyed` → `compromised`.
+    Compromise,
+    /// Any state → `destroyed`: every version's material is erased.
+    Destroy,
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Its number, from 1.
+    pub version: u32,
+    /// When it was made.
+    pub created_unix: u64,
+    /// Operations it performed.
+    pub use_count: u64,
+    /// When it was last used.
+    pub last_used_unix: Option<u64>,
 }
 
 /// The kinds of key hsmd holds.
@@ -293,6 +638,40 @@ pub struct KeyInfo {
     pub created_unix: u64,
     /// The uid that created it.
     pub owner_uid: u32,
+    /// Its lifecycle state now (an expiry or activation time already applied).
+    pub state: KeyState,
+    /// When the state last changed by an operator's hand.
+    pub state_changed_unix: u64,
+    /// When it became active, if it has.
+    pub activated_unix: Option<u64>,
+    /// When a pre-active key becomes active.
+    pub activate_at_unix: Option<u64>,
+    /// When it becomes deactivated.
+    pub expire_at_unix: Option<u64>,
+    /// When any version was last used.
+    pub last_used_unix: Option<u64>,
+    /// When the newest version was made by a rotation.
+    pub last_rotated_unix: Option<u64>,
+    /// Automatic rotation period, seconds.
+    pub rotate_every_secs: Option<u64>,
+    /// When the next automatic rotation is due.
+    pub next_rotation_unix: Option<u64>,
+    /// Oldest version that may verify or decrypt.
+    pub min_decrypt_version: u32,
+    /// Oldest version a request may name to sign or encrypt with.
+    pub min_encrypt_version: u32,
+    /// Every version, oldest first.
+    pub versions: Vec<VersionInfo>,
+    /// Free text.
+    pub description: String,
+    /// Free-form labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Whether `DataKey` may return data keys in plain.
+    pub allow_plaintext_datakey: bool,
+    /// When it was deleted, if it is in its recovery window.
+    pub deleted_unix: Option<u64>,
+    /// When a deleted key is purged.
+    pub purge_at_unix: Option<u64>,
 }
 
 /// A new unlock slot and its secret.
@@ -350,6 +729,15 @@ impl Operation {
             Self::Decrypt { .. } => "decrypt",
             Self::Mac { .. } => "mac",
             Self::MacVerify { .. } => "mac-verify",
+            Self::KeyRotate { .. } => "key-rotate",
+            Self::KeySet { .. } => "key-set",
+            Self::KeyTransition { .. } => "key-transition",
+            Self::KeyRestore { .. } => "key-restore",
+            Self::KeyPurge { .. } => "key-purge",
+            Self::Rewrap { .. } => "rewrap",
+            Self::DataKey { .. } => "datakey",
+            Self::Batch { .. } => "batch",
+            Self::DebugClock { .. } => "debug-clock",
         }
     }
 }
@@ -417,11 +805,11 @@ pub enum Reply {
         slot: u32,
     },
     /// Answer to [`Operation::KeyCreate`].
-    KeyCreated(KeyInfo),
+    KeyCreated(Box<KeyInfo>),
     /// Answer to [`Operation::KeyList`].
     Keys(Vec<KeyInfo>),
     /// Answer to [`Operation::KeyInfo`].
-    Key(KeyInfo),
+    Key(Box<KeyInfo>),
     /// Answer to [`Operation::KeyPublic`].
     PublicKey {
         /// The key's type.
@@ -476,6 +864,31 @@ pub enum Reply {
         /// Whether the tag is valid.
         valid: bool,
     },
+    /// Answer to `KeyRotate`, `KeySet`, `KeyTransition` and `KeyRestore`: the
+    /// key as it is now.
+    KeyUpdated(Box<KeyInfo>),
+    /// Answer to `KeyPurge`.
+    KeyPurged {
+        /// The key that is gone.
+        name: String,
+    },
+    /// Answer to `DataKey`.
+    DataKey {
+        /// The version that sealed it.
+        version: u32,
+        /// The data key sealed like an `Encrypt` result.
+        #[serde(with = "serde_bytes")]
+        sealed: Vec<u8>,
+        /// The data key itself, when asked and allowed.
+        plaintext: Option<crate::SecretBytes>,
+    },
+    /// Answer to `Batch`: one result per item, in order.
+    Batch(Vec<Result<Reply, WireError>>),
+    /// Answer to `DebugClock`.
+    Clock {
+        /// The daemon's lifecycle clock now, seconds since the Unix epoch.
+        now_unix: u64,
+    },
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -520,6 +933,11 @@ impl Reply {
             Self::Decrypted { .. } => "decrypt",
             Self::MacTag { .. } => "mac",
             Self::MacVerified { .. } => "mac-verify",
+            Self::KeyUpdated(_) => "key-updated",
+            Self::KeyPurged { .. } => "key-purge",
+            Self::DataKey { .. } => "datakey",
+            Self::Batch(_) => "batch",
+            Self::Clock { .. } => "debug-clock",
         }
     }
 }
@@ -588,6 +1006,8 @@ pub struct StatusInfo {
     pub pid: u32,
     /// Whether all of the daemon's memory is locked (mlockall), so keys never reach swap.
     pub memory_locked: bool,
+    /// Write transactions committed to the keystore since the daemon started.
+    pub keystore_writes: u64,
 }
 
 /// A group as the daemon resolved it.

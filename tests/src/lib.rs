@@ -72,6 +72,7 @@ pub struct DaemonBuilder {
     env: Vec<(String, String)>,
     require_lock: bool,
     unlock: Vec<(String, String)>,
+    keys: Vec<(String, String)>,
 }
 
 impl Default for DaemonBuilder {
@@ -89,6 +90,7 @@ impl Default for DaemonBuilder {
             // so the suite also runs for developers without CAP_IPC_LOCK.
             require_lock: false,
             unlock: Vec::new(),
+            keys: Vec::new(),
         }
     }
 }
@@ -148,6 +150,12 @@ impl DaemonBuilder {
         self.unlock.push((key.into(), value.into()));
         self
     }
+    /// Sets `keys.KEY = VALUE` (VALUE is a TOML literal).
+    #[must_use]
+    pub fn keys(mut self, key: &str, value: &str) -> Self {
+        self.keys.push((key.into(), value.into()));
+        self
+    }
     /// Adds an environment variable for the daemon.
     #[must_use]
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -187,6 +195,10 @@ impl DaemonBuilder {
         // the keystore's unit tests.
         text.push_str("\n[unlock]\nargon2_memory_kib = 19456\nargon2_iterations = 2\n");
         for (k, v) in &self.unlock {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        text.push_str("\n[keys]\n");
+        for (k, v) in &self.keys {
             text.push_str(&format!("{k} = {v}\n"));
         }
         fs::write(&config, text).expect("write config");

@@ -177,6 +177,39 @@ fn many_connections_pipelining_at_once_get_every_answer_under_its_id() {
 }
 
 #[test]
+fn send_many_pipelines_requests_in_one_write_and_each_is_answered_under_its_id() {
+    let d = Daemon::builder().dev().start();
+    let mut c = d.client();
+    let ops = (0..40u8).map(|i| {
+        if i == 3 {
+            Operation::DebugDelay { millis: 30 }
+        } else {
+            Operation::Ping {
+                payload: vec![i; 1 + usize::from(i)],
+            }
+        }
+    });
+    let ids = c.send_many(ops).expect("send_many");
+    assert_eq!(ids.len(), 40);
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "consecutive ids: {ids:?}");
+    let mut seen = BTreeMap::new();
+    for _ in 0..40 {
+        let r = c.recv().expect("recv");
+        seen.insert(r.id, r.result.expect("ok"));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let i = u8::try_from(i).expect("small");
+        match &seen[id] {
+            Reply::Pong { payload } => assert_eq!(payload, &vec![i; 1 + usize::from(i)]),
+            Reply::Delayed { millis } => assert_eq!((i, *millis), (3, 30)),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The next single call continues the id sequence.
+    assert_eq!(c.send(Operation::Ping { payload: vec![] }).expect("send"), ids[39] + 1);
+}
+
+#[test]
 fn debug_delay_is_refused_outside_dev_mode() {
     let d = Daemon::start();
     let err = d

@@ -266,7 +266,11 @@ fn unlock_keyfile_in_the_config_unlocks_at_start() {
     let mut d = d;
     let config = d.dir().join("hsmd.toml");
     let mut text = fs::read_to_string(&config).expect("config");
-    text.push_str(&format!("keyfile = {:?}\n", keyfile.to_str().expect("utf-8")));
+    text = text.replacen(
+        "[unlock]\n",
+        &format!("[unlock]\nkeyfile = {:?}\n", keyfile.to_str().expect("utf-8")),
+        1,
+    );
     fs::write(&config, text).expect("config");
     d.restart(false);
     assert_eq!(state(&d), ServiceState::Unlocked);

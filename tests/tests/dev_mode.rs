@@ -32,8 +32,11 @@ fn start_bare_dev() -> (std::process::Child, PathBuf, String) {
         .into();
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
     let mut banner = String::new();
-    for _ in 0..5 {
-        stderr.read_line(&mut banner).expect("read banner");
+    // Log lines come first; the banner follows them.
+    for _ in 0..40 {
+        if stderr.read_line(&mut banner).expect("read banner") == 0 || banner.contains("hsmctl unlock --keyfile") {
+            break;
+        }
     }
     // Keep draining stderr so the daemon never blocks on a full pipe.
     std::thread::spawn(move || for _ in stderr.lines() {});

@@ -244,7 +244,10 @@ fn names_usages_and_duplicates_are_checked_with_the_rule_given() {
     assert_eq!(list[0]["usages"], serde_json::json!(["sign", "verify"]));
     assert_eq!(list[2]["usages"], serde_json::json!(["verify"]));
 
+    // Deleting is soft (see tests/lifecycle.rs); purging is final.
     ok(&d.hsmctl(&["key", "delete", "dup"]));
+    refused(&d.hsmctl(&["key", "delete", "dup"]), "key-state");
+    ok(&d.hsmctl(&["key", "purge", "dup", "--yes"]));
     refused(&d.hsmctl(&["key", "info", "dup"]), "not-found");
     refused(&d.hsmctl(&["key", "delete", "dup"]), "not-found");
 }
@@ -375,6 +378,7 @@ fn sigkill_at_random_moments_loses_no_acknowledged_key() {
                             name: name.clone(),
                             key_type: types[i % types.len()],
                             usages: Vec::<Usage>::new(),
+                            options: protocol::KeyOptions::default(),
                         });
                         match created {
                             Ok(Reply::KeyCreated(_)) => {

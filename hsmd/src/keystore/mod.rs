@@ -5,20 +5,22 @@
 //! under each unlock slot's key (see [`slots`]).
 
 pub mod crypto;
+mod key_ops;
+pub use key_ops::DataKey;
 pub mod keys;
+pub mod lifecycle;
 pub mod slots;
 pub mod store;
 
 use std::{
     collections::HashMap,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{atomic::AtomicU64, Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use protocol::{ErrorCode, KeyInfo, KeyType, NewSlot, ServiceState, SlotInfo, UnlockSecret, Usage, WireError};
+use protocol::{ErrorCode, KeyType, NewSlot, ServiceState, SlotInfo, UnlockSecret, WireError};
 use thiserror::Error;
-use zeroize::Zeroizing;
 
 use self::{
     crypto::{CryptoError, Key256},
@@ -92,6 +94,9 @@ pub enum VaultError {
         /// What it allows.
         usages: String,
     },
+    /// The key's state, deletion or minimum version forbids the operation.
+    #[error("{0}")]
+    KeyState(String),
     /// A stored record failed its checks.
     #[error("keystore record tampered: {0}")]
     Tampered(String),
@@ -121,6 +126,7 @@ impl VaultError {
             Self::KeyExists(_) => ErrorCode::AlreadyExists,
             Self::DecryptFailed(_) => ErrorCode::DecryptFailed,
             Self::UsageNotAllowed { .. } => ErrorCode::FailedPrecondition,
+            Self::KeyState(_) => ErrorCode::KeyState,
             Self::Store(_) | Self::Crypto(_) => ErrorCode::Internal,
         };
         let message = match self {
@@ -131,6 +137,9 @@ impl VaultError {
         WireError::new(code, message)
     }
 }
+
+/// Cached key rows by (name, version; `None` = newest).
+type RowCache = HashMap<(String, Option<u32>), Arc<key_ops::Cached>>;
 
 enum Custody {
     Uninitialized,
@@ -159,9 +168,16 @@ pub struct Vault {
     cost: Argon2Cost,
     failures: Mutex<HashMap<u32, Failures>>,
     /// Key rows by (name, version; `None` = newest), so key use does not query
-    /// SQLite. Cleared whenever a key is created or deleted (and must be by any
-    /// later operation that changes key rows, such as rotation).
-    rows: Mutex<HashMap<(String, Option<u32>), KeyRow>>,
+    /// SQLite. Cleared by every operation that changes a key.
+    rows: Mutex<RowCache>,
+    /// Uses per (key id, version) not yet written; see `Vault::flush_usage`.
+    usage: Mutex<HashMap<(String, u32), Arc<key_ops::UseCounter>>>,
+    /// Serializes changes to keys (read, change, seal, write).
+    manage_gate: Mutex<()>,
+    /// Seconds added to the clock by dev mode's `DebugClock`.
+    clock_offset: AtomicU64,
+    /// The store's count of write transactions.
+    writes: Arc<AtomicU64>,
     /// Held for every key derivation: one Argon2id run at a time bounds memory
     /// (64 MiB each, locked), and makes parallel guesses meet the back-off.
     kdf_gate: Mutex<()>,
@@ -228,19 +244,6 @@ fn parse_type(row: &KeyRow) -> Result<KeyType, VaultError> {
         .ok_or_else(|| VaultError::Tampered(format!("key {:?} has unknown type {:?}", row.name, row.key_type)))
 }
 
-fn key_info(row: &KeyRow) -> Result<KeyInfo, VaultError> {
-    Ok(KeyInfo {
-        name: row.name.clone(),
-        id: row.id.clone(),
-        key_type: parse_type(row)?,
-        backend: row.backend.clone(),
-        usages: row.usages.split(',').filter_map(Usage::parse).collect(),
-        version: row.version,
-        created_unix: row.created_unix,
-        owner_uid: row.owner_uid,
-    })
-}
-
 /// Associated data binding a sealed master key to its keystore and slot.
 fn slot_aad(store_id: &[u8], kind: &str, params: &str) -> Vec<u8> {
     let mut aad = b"hsmd master key v1\0".to_vec();
@@ -261,6 +264,7 @@ impl Vault {
     pub fn open(state_dir: &Path, cost: Argon2Cost) -> Result<Self, VaultError> {
         let store = Store::open(state_dir)?;
         let store_id = store.store_id()?;
+        let writes = store.write_counter();
         let custody = if store_id.is_some() {
             Custody::Locked
         } else {
@@ -274,6 +278,10 @@ impl Vault {
             failures: Mutex::new(HashMap::new()),
             kdf_gate: Mutex::new(()),
             rows: Mutex::new(HashMap::new()),
+            usage: Mutex::new(HashMap::new()),
+            manage_gate: Mutex::new(()),
+            clock_offset: AtomicU64::new(0),
+            writes,
         })
     }
 
@@ -372,14 +380,19 @@ impl Vault {
             };
             lock(&self.failures).remove(&uid);
             let now = Instant::now();
-            let mut custody = lock(&self.custody);
-            if !matches!(*custody, Custody::Unlocked { .. }) {
-                *custody = Custody::Unlocked {
-                    master: zeroize::Zeroizing::new(master),
-                    since: now,
-                    last_used: now,
-                    keys: HashMap::new(),
-                };
+            {
+                let mut custody = lock(&self.custody);
+                if !matches!(*custody, Custody::Unlocked { .. }) {
+                    *custody = Custody::Unlocked {
+                        master: zeroize::Zeroizing::new(master),
+                        since: now,
+                        last_used: now,
+                        keys: HashMap::new(),
+                    };
+                }
+            }
+            if let Err(e) = self.seal_pending_policies() {
+                tracing::error!(error = %e, "could not seal the policies of keys from before this version");
             }
             return Ok(row.id);
         }
@@ -483,213 +496,6 @@ impl Vault {
             Some(false) => Err(VaultError::LastSlot(id)),
             Some(true) => Ok(id),
         }
-    }
-
-    /// Generates a key inside the daemon and stores it wrapped. Needs unlocked.
-    ///
-    /// # Errors
-    /// [`VaultError::Invalid`] for a bad name or usages, [`VaultError::KeyExists`],
-    /// [`VaultError::Locked`].
-    pub fn create_key(
-        &self,
-        name: &str,
-        key_type: KeyType,
-        usages: &[Usage],
-        owner_uid: u32,
-    ) -> Result<KeyInfo, VaultError> {
-        keys::check_name(name).map_err(VaultError::Invalid)?;
-        let usages = keys::check_usages(key_type, usages).map_err(VaultError::Invalid)?;
-        let master = self.master()?;
-        let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
-        let material = Material::generate(key_type)?;
-        let mut row = KeyRow {
-            id: hex::encode(crypto::random::<16>()?),
-            name: name.to_owned(),
-            key_type: key_type.as_str().to_owned(),
-            backend: "soft".to_owned(),
-            usages: usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
-            owner_uid,
-            created_unix: now_unix(),
-            version: 1,
-            wrapped: Vec::new(),
-            public: material.public_spki(),
-        };
-        row.wrapped = crypto::seal(&master, &material.secret(), &key_aad(&store_id, &row))?;
-        if !lock(&self.store).insert_key(&row)? {
-            return Err(VaultError::KeyExists(name.to_owned()));
-        }
-        lock(&self.rows).clear();
-        key_info(&row)
-    }
-
-    /// Every key's metadata. Works while locked: metadata is not secret.
-    ///
-    /// # Errors
-    /// [`VaultError::NotInitialized`], or the file failing.
-    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError> {
-        if self.state() == ServiceState::Uninitialized {
-            return Err(VaultError::NotInitialized);
-        }
-        let rows = lock(&self.store).keys()?;
-        rows.iter().map(key_info).collect()
-    }
-
-    /// One key's metadata.
-    ///
-    /// # Errors
-    /// [`VaultError::NoSuchKey`].
-    pub fn key_info(&self, name: &str) -> Result<KeyInfo, VaultError> {
-        key_info(&self.row(name, None)?)
-    }
-
-    /// The public key, authenticated by unwrapping the key. Needs unlocked.
-    ///
-    /// # Errors
-    /// [`VaultError::Locked`], [`VaultError::NoSuchKey`], [`VaultError::Invalid`]
-    /// for a symmetric key, [`VaultError::Tampered`].
-    pub fn public_key(&self, name: &str) -> Result<(KeyType, u32, Vec<u8>), VaultError> {
-        let row = self.row(name, None)?;
-        let material = self.material(&row)?;
-        let spki = material.public_spki().ok_or_else(|| {
-            VaultError::Invalid(format!("key {name:?} is a {} key and has no public half", row.key_type))
-        })?;
-        Ok((material.key_type(), row.version, spki))
-    }
-
-    /// Destroys a key and all its versions. Needs unlocked.
-    ///
-    /// # Errors
-    /// [`VaultError::Locked`], [`VaultError::NoSuchKey`].
-    pub fn delete_key(&self, name: &str) -> Result<(), VaultError> {
-        self.master()?;
-        let row = self.row(name, None)?;
-        let deleted = lock(&self.store).delete_key(name)?;
-        lock(&self.rows).clear();
-        if !deleted {
-            return Err(VaultError::NoSuchKey(name.to_owned()));
-        }
-        if let Custody::Unlocked { keys, .. } = &mut *lock(&self.custody) {
-            keys.retain(|(id, _), _| *id != row.id);
-        }
-        Ok(())
-    }
-
-    /// Signs a digest with the key's newest version.
-    ///
-    /// # Errors
-    /// [`VaultError::Locked`], [`VaultError::NoSuchKey`], [`VaultError::UsageNotAllowed`],
-    /// [`VaultError::Invalid`] for a digest of the wrong length, [`VaultError::Tampered`].
-    pub fn sign(&self, name: &str, digest: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
-        let row = self.row(name, None)?;
-        check_digest(&row, digest)?;
-        let material = self.usable(&row, Usage::Sign)?;
-        let signature = material.sign(digest).map_err(VaultError::Invalid)?;
-        Ok((row.version, signature))
-    }
-
-    /// Checks a signature made by `version` of the key.
-    ///
-    /// # Errors
-    /// As [`Vault::sign`].
-    pub fn verify(&self, name: &str, version: u32, digest: &[u8], signature: &[u8]) -> Result<bool, VaultError> {
-        let row = self.row(name, Some(version))?;
-        check_digest(&row, digest)?;
-        let material = self.usable(&row, Usage::Verify)?;
-        Ok(material.verify(digest, signature))
-    }
-
-    /// Seals with the key's newest version.
-    ///
-    /// # Errors
-    /// As [`Vault::sign`], and [`VaultError::Invalid`] for a key that is not aes256-gcm.
-    pub fn encrypt(&self, name: &str, plaintext: &[u8], aad: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
-        let row = self.row(name, None)?;
-        let sealed = self
-            .usable(&row, Usage::Encrypt)?
-            .encrypt(plaintext, aad)
-            .map_err(VaultError::Invalid)?;
-        Ok((row.version, sealed))
-    }
-
-    /// Opens what [`Vault::encrypt`] sealed with `version`.
-    ///
-    /// # Errors
-    /// [`VaultError::DecryptFailed`] when authentication fails.
-    pub fn decrypt(
-        &self,
-        name: &str,
-        version: u32,
-        sealed: &[u8],
-        aad: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let row = self.row(name, Some(version))?;
-        self.usable(&row, Usage::Decrypt)?
-            .decrypt(sealed, aad)
-            .map_err(VaultError::Invalid)?
-            .ok_or_else(|| VaultError::DecryptFailed(name.to_owned()))
-    }
-
-    /// HMAC-SHA-256 with the key's newest version.
-    ///
-    /// # Errors
-    /// As [`Vault::sign`].
-    pub fn mac(&self, name: &str, data: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
-        let row = self.row(name, None)?;
-        let tag = self.usable(&row, Usage::Mac)?.mac(data).map_err(VaultError::Invalid)?;
-        Ok((row.version, tag))
-    }
-
-    /// Checks a tag made by `version`.
-    ///
-    /// # Errors
-    /// As [`Vault::sign`].
-    pub fn mac_verify(&self, name: &str, version: u32, data: &[u8], tag: &[u8]) -> Result<bool, VaultError> {
-        let row = self.row(name, Some(version))?;
-        self.usable(&row, Usage::Mac)?
-            .mac_verify(data, tag)
-            .map_err(VaultError::Invalid)
-    }
-
-    fn row(&self, name: &str, version: Option<u32>) -> Result<KeyRow, VaultError> {
-        if self.state() == ServiceState::Uninitialized {
-            return Err(VaultError::NotInitialized);
-        }
-        let cache_key = (name.to_owned(), version);
-        if let Some(row) = lock(&self.rows).get(&cache_key) {
-            return Ok(row.clone());
-        }
-        let row = lock(&self.store).key(name, version)?.ok_or_else(|| match version {
-            Some(v) => VaultError::NoSuchKey(format!("{name:?} version {v}")),
-            None => VaultError::NoSuchKey(format!("{name:?}")),
-        })?;
-        lock(&self.rows).insert(cache_key, row.clone());
-        Ok(row)
-    }
-
-    /// Whether using this key now needs neither disk nor a slow computation:
-    /// its row and unwrapped material are cached and its type is cheap (Ed25519,
-    /// AES-256-GCM, HMAC: tens of microseconds, against ~200 µs for ECDSA). Such
-    /// requests are served on the reactor, sparing two thread wake-ups.
-    pub fn is_hot(&self, name: &str, version: Option<u32>) -> bool {
-        let Some(row) = lock(&self.rows).get(&(name.to_owned(), version)).cloned() else {
-            return false;
-        };
-        if matches!(parse_type(&row), Ok(KeyType::EcdsaP256 | KeyType::EcdsaP384) | Err(_)) {
-            return false;
-        }
-        matches!(&*lock(&self.custody), Custody::Unlocked { keys, .. } if keys.contains_key(&(row.id, row.version)))
-    }
-
-    /// The key's material if its usages allow `usage`.
-    fn usable(&self, row: &KeyRow, usage: Usage) -> Result<Arc<Material>, VaultError> {
-        if !row.usages.split(',').any(|u| u == usage.as_str()) {
-            return Err(VaultError::UsageNotAllowed {
-                name: row.name.clone(),
-                usage: usage.as_str(),
-                usages: row.usages.replace(',', ", "),
-            });
-        }
-        self.material(row)
     }
 
     /// Unwraps (or takes from the cache) a key version. Any failure to

@@ -5,6 +5,10 @@ use std::{
     fs::{self, OpenOptions},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -43,6 +47,31 @@ const MIGRATIONS: &[&str] = &[
          created_unix INTEGER NOT NULL,
          PRIMARY KEY (key_id, version)
      ) STRICT;",
+    // 3: lifecycle (NIST states, activation and expiry, soft delete), rotation
+    // policy, minimum versions, descriptive metadata, per-version use counters,
+    // and a MAC over the fields that decide what a key may do.
+    "ALTER TABLE keys ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
+     ALTER TABLE keys ADD COLUMN state_changed_unix INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE keys ADD COLUMN activate_at_unix INTEGER;
+     ALTER TABLE keys ADD COLUMN activated_unix INTEGER;
+     ALTER TABLE keys ADD COLUMN expire_at_unix INTEGER;
+     ALTER TABLE keys ADD COLUMN rotate_every_secs INTEGER;
+     ALTER TABLE keys ADD COLUMN min_decrypt_version INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE keys ADD COLUMN min_encrypt_version INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE keys ADD COLUMN latest_version INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE keys ADD COLUMN deleted_unix INTEGER;
+     ALTER TABLE keys ADD COLUMN purge_at_unix INTEGER;
+     ALTER TABLE keys ADD COLUMN description TEXT NOT NULL DEFAULT '';
+     ALTER TABLE keys ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE keys ADD COLUMN allow_plaintext_datakey INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE keys ADD COLUMN policy_mac BLOB;
+     ALTER TABLE key_versions ADD COLUMN use_count INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE key_versions ADD COLUMN last_used_unix INTEGER;
+     UPDATE keys SET
+         latest_version = (SELECT MAX(version) FROM key_versions WHERE key_id = keys.id),
+         state_changed_unix = created_unix,
+         activated_unix = created_unix;
+     INSERT INTO meta (name, value) SELECT 'policy_seal_pending', x'01' WHERE EXISTS (SELECT 1 FROM keys);",
 ];
 
 /// The keystore file could not be used.
@@ -100,6 +129,9 @@ pub struct SlotRow {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Write transactions committed since open; shared so it can be read
+    /// without waiting for the store's lock.
+    writes: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -126,7 +158,11 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let mut store = Self { conn, path };
+        let mut store = Self {
+            conn,
+            path,
+            writes: Arc::new(AtomicU64::new(0)),
+        };
         store.configure()?;
         store.migrate()?;
         Ok(store)
@@ -178,6 +214,28 @@ impl Store {
         Ok(())
     }
 
+    /// The count of write transactions committed since the file was opened.
+    #[must_use]
+    pub fn write_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.writes)
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether keys from before policy MACs existed still need theirs.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn policy_seal_pending(&self) -> Result<bool, StoreError> {
+        self.sql(self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM meta WHERE name = 'policy_seal_pending')",
+            [],
+            |r| r.get(0),
+        ))
+    }
+
     /// The keystore's random identity, once initialized.
     ///
     /// # Errors
@@ -211,6 +269,7 @@ impl Store {
         .map_err(wrap)?;
         let id = insert_slot(&tx, slot).map_err(wrap)?;
         tx.commit().map_err(wrap)?;
+        self.wrote();
         Ok(id)
     }
 
@@ -243,6 +302,7 @@ impl Store {
     /// [`StoreError`]; nothing is written then.
     pub fn add_slot(&mut self, slot: &SlotRow) -> Result<u32, StoreError> {
         let r = insert_slot(&self.conn, slot);
+        self.wrote();
         self.sql(r)
     }
 
@@ -275,6 +335,7 @@ impl Store {
         }
         tx.execute("DELETE FROM slots WHERE id = ?1", [id]).map_err(wrap)?;
         tx.commit().map_err(wrap)?;
+        self.wrote();
         Ok(Some(true))
     }
 }
@@ -302,10 +363,66 @@ pub struct KeyRow {
     pub wrapped: Vec<u8>,
     /// Public key (SPKI DER) for asymmetric keys.
     pub public: Option<Vec<u8>>,
+    /// When this version was made.
+    pub version_created_unix: u64,
+    /// The key's lifecycle settings (one per key, the same in every version's row).
+    pub policy: KeyPolicy,
+    /// Descriptive metadata.
+    pub description: String,
+    /// Labels, a JSON object of strings.
+    pub labels: String,
+}
+
+/// The fields of a key that decide what it may do. All of them are covered by
+/// `mac`, which only the master key can make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPolicy {
+    /// Stored lifecycle state name.
+    pub state: String,
+    /// When an operator last changed it.
+    pub state_changed_unix: u64,
+    /// Pre-active until then.
+    pub activate_at_unix: Option<u64>,
+    /// When it became active.
+    pub activated_unix: Option<u64>,
+    /// Deactivated from then on.
+    pub expire_at_unix: Option<u64>,
+    /// Automatic rotation period.
+    pub rotate_every_secs: Option<u64>,
+    /// Oldest version that may verify or decrypt.
+    pub min_decrypt_version: u32,
+    /// Oldest version that may be named to sign or encrypt.
+    pub min_encrypt_version: u32,
+    /// Newest version.
+    pub latest_version: u32,
+    /// Soft-deleted at.
+    pub deleted_unix: Option<u64>,
+    /// To be purged at.
+    pub purge_at_unix: Option<u64>,
+    /// Data keys may be returned in plain.
+    pub allow_plaintext_datakey: bool,
+    /// HMAC over the above (see `Vault::policy_mac`); `None` before it was sealed.
+    pub mac: Option<Vec<u8>>,
+}
+
+/// One version's public facts and counters.
+#[derive(Debug, Clone)]
+pub struct VersionRow {
+    /// Its number.
+    pub version: u32,
+    /// When made.
+    pub created_unix: u64,
+    /// Uses flushed so far.
+    pub use_count: u64,
+    /// Last use flushed so far.
+    pub last_used_unix: Option<u64>,
 }
 
 const KEY_COLUMNS: &str =
-    "k.id, k.name, k.type, k.backend, k.usages, k.owner_uid, k.created_unix, v.version, v.wrapped, v.public";
+    "k.id, k.name, k.type, k.backend, k.usages, k.owner_uid, k.created_unix, v.version, v.wrapped, \
+     v.public, v.created_unix, k.state, k.state_changed_unix, k.activate_at_unix, k.activated_unix, k.expire_at_unix, \
+     k.rotate_every_secs, k.min_decrypt_version, k.min_encrypt_version, k.latest_version, k.deleted_unix, \
+     k.purge_at_unix, k.allow_plaintext_datakey, k.policy_mac, k.description, k.labels";
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow {
@@ -319,7 +436,55 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         version: r.get(7)?,
         wrapped: r.get(8)?,
         public: r.get(9)?,
+        version_created_unix: r.get(10)?,
+        policy: KeyPolicy {
+            state: r.get(11)?,
+            state_changed_unix: r.get(12)?,
+            activate_at_unix: r.get(13)?,
+            activated_unix: r.get(14)?,
+            expire_at_unix: r.get(15)?,
+            rotate_every_secs: r.get(16)?,
+            min_decrypt_version: r.get(17)?,
+            min_encrypt_version: r.get(18)?,
+            latest_version: r.get(19)?,
+            deleted_unix: r.get(20)?,
+            purge_at_unix: r.get(21)?,
+            allow_plaintext_datakey: r.get(22)?,
+            mac: r.get(23)?,
+        },
+        description: r.get(24)?,
+        labels: r.get(25)?,
     })
+}
+
+/// Writes a key's policy columns (and its description and labels).
+fn update_policy(conn: &Connection, key: &KeyRow) -> rusqlite::Result<usize> {
+    let p = &key.policy;
+    conn.execute(
+        "UPDATE keys SET state = ?2, state_changed_unix = ?3, activate_at_unix = ?4, activated_unix = ?5,
+             expire_at_unix = ?6, rotate_every_secs = ?7, min_decrypt_version = ?8, min_encrypt_version = ?9,
+             latest_version = ?10, deleted_unix = ?11, purge_at_unix = ?12, allow_plaintext_datakey = ?13,
+             policy_mac = ?14, description = ?15, labels = ?16
+         WHERE id = ?1",
+        params![
+            key.id,
+            p.state,
+            p.state_changed_unix,
+            p.activate_at_unix,
+            p.activated_unix,
+            p.expire_at_unix,
+            p.rotate_every_secs,
+            p.min_decrypt_version,
+            p.min_encrypt_version,
+            p.latest_version,
+            p.deleted_unix,
+            p.purge_at_unix,
+            p.allow_plaintext_datakey,
+            p.mac,
+            key.description,
+            key.labels,
+        ],
+    )
 }
 
 impl Store {
@@ -350,13 +515,185 @@ impl Store {
             params![key.id, key.name, key.key_type, key.backend, key.usages, key.owner_uid, key.created_unix],
         )
         .map_err(wrap)?;
+        update_policy(&tx, key).map_err(wrap)?;
         tx.execute(
             "INSERT INTO key_versions (key_id, version, wrapped, public, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![key.id, key.version, key.wrapped, key.public, key.created_unix],
+            params![key.id, key.version, key.wrapped, key.public, key.version_created_unix],
         )
         .map_err(wrap)?;
         tx.commit().map_err(wrap)?;
+        self.wrote();
         Ok(true)
+    }
+
+    /// Adds `key.version` as the key's newest version and writes its policy
+    /// (whose `latest_version` must name it), in one durable transaction.
+    /// `Ok(false)`: the version exists already (a concurrent rotation won).
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn add_version(&mut self, key: &KeyRow) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO key_versions (key_id, version, wrapped, public, created_unix)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![key.id, key.version, key.wrapped, key.public, key.version_created_unix],
+            )
+            .map_err(wrap)?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        update_policy(&tx, key).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        self.wrote();
+        Ok(true)
+    }
+
+    /// Writes a key's policy, description and labels. `false`: no such key.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn update_policy(&mut self, key: &KeyRow) -> Result<bool, StoreError> {
+        let r = update_policy(&self.conn, key);
+        let n = self.sql(r)?;
+        self.wrote();
+        Ok(n > 0)
+    }
+
+    /// Writes several keys' policies in one transaction.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn update_policies(&mut self, keys: &[KeyRow]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        for key in keys {
+            update_policy(&tx, key).map_err(wrap)?;
+        }
+        tx.execute("DELETE FROM meta WHERE name = 'policy_seal_pending'", [])
+            .map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Erases every version's sealed material (the key becomes `destroyed`) and
+    /// writes its policy, in one transaction.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn destroy_material(&mut self, key: &KeyRow) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        tx.execute("UPDATE key_versions SET wrapped = x'' WHERE key_id = ?1", [&key.id])
+            .map_err(wrap)?;
+        update_policy(&tx, key).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// A key's versions, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn versions(&self, key_id: &str) -> Result<Vec<VersionRow>, StoreError> {
+        let mut stmt = self.sql(self.conn.prepare_cached(
+            "SELECT version, created_unix, use_count, last_used_unix FROM key_versions
+             WHERE key_id = ?1 ORDER BY version",
+        ))?;
+        let rows = stmt.query_map([key_id], |r| {
+            Ok(VersionRow {
+                version: r.get(0)?,
+                created_unix: r.get(1)?,
+                use_count: r.get(2)?,
+                last_used_unix: r.get(3)?,
+            })
+        });
+        let rows = self.sql(rows)?;
+        self.sql(rows.collect())
+    }
+
+    /// Adds use counts and last-use times to versions, in one transaction.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn add_usage(&mut self, usage: &[(String, u32, u64, u64)]) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        for (key_id, version, count, last_used) in usage {
+            tx.execute(
+                "UPDATE key_versions SET use_count = use_count + ?3,
+                     last_used_unix = MAX(COALESCE(last_used_unix, 0), ?4)
+                 WHERE key_id = ?1 AND version = ?2",
+                params![key_id, version, count, last_used],
+            )
+            .map_err(wrap)?;
+        }
+        tx.commit().map_err(wrap)?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Names of keys whose automatic rotation is due at `now`: active (by their
+    /// stored state), not deleted, newest version older than their period.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn due_rotations(&self, now: u64) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.sql(self.conn.prepare_cached(
+            "SELECT k.name FROM keys k JOIN key_versions v ON v.key_id = k.id AND v.version = k.latest_version
+             WHERE k.rotate_every_secs IS NOT NULL AND k.deleted_unix IS NULL AND k.state = 'active'
+               AND v.created_unix + k.rotate_every_secs <= ?1
+             ORDER BY k.name",
+        ))?;
+        let rows = self.sql(stmt.query_map([now], |r| r.get(0)))?;
+        self.sql(rows.collect())
+    }
+
+    /// Names of deleted keys whose recovery window has ended at `now`.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn due_purges(&self, now: u64) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.sql(self.conn.prepare_cached(
+            "SELECT name FROM keys WHERE deleted_unix IS NOT NULL AND purge_at_unix <= ?1 ORDER BY name",
+        ))?;
+        let rows = self.sql(stmt.query_map([now], |r| r.get(0)))?;
+        self.sql(rows.collect())
     }
 
     /// Every key at its newest version, by name.
@@ -366,7 +703,7 @@ impl Store {
     pub fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM keys k JOIN key_versions v ON v.key_id = k.id
-             WHERE v.version = (SELECT MAX(version) FROM key_versions WHERE key_id = k.id) ORDER BY k.name"
+             WHERE v.version = k.latest_version ORDER BY k.name"
         );
         let mut stmt = self.sql(self.conn.prepare(&sql))?;
         let rows = self.sql(stmt.query_map([], key_row))?;
@@ -380,19 +717,22 @@ impl Store {
     pub fn key(&self, name: &str, version: Option<u32>) -> Result<Option<KeyRow>, StoreError> {
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM keys k JOIN key_versions v ON v.key_id = k.id
-             WHERE k.name = ?1 AND v.version = COALESCE(?2, (SELECT MAX(version) FROM key_versions WHERE key_id = k.id))"
+             WHERE k.name = ?1 AND v.version = COALESCE(?2, k.latest_version)"
         );
         let r = self.conn.query_row(&sql, params![name, version], key_row).optional();
         self.sql(r)
     }
 
-    /// Deletes a key and all its versions. `false`: no such key.
+    /// Removes a key and all its versions for good (`secure_delete` overwrites
+    /// the freed pages). `false`: no such key.
     ///
     /// # Errors
     /// [`StoreError`]; nothing is removed then.
-    pub fn delete_key(&mut self, name: &str) -> Result<bool, StoreError> {
+    pub fn purge_key(&mut self, name: &str) -> Result<bool, StoreError> {
         let r = self.conn.execute("DELETE FROM keys WHERE name = ?1", [name]);
-        Ok(self.sql(r)? > 0)
+        let n = self.sql(r)?;
+        self.wrote();
+        Ok(n > 0)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use protocol::{ErrorCode, Operation, PeerInfo, Reply, StatusInfo, WireError, PROTOCOL_VERSION};
+use protocol::{ErrorCode, Operation, PeerInfo, Reply, StatusInfo, WireError, MAX_BATCH_ITEMS, PROTOCOL_VERSION};
 
 use super::{Shared, VERSION};
 use crate::{
@@ -95,14 +95,22 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
         Operation::SlotRemove { id } => custody(shared, caller, "slot-remove", move |v| {
             v.remove_slot(id).map(|slot| Reply::SlotRemoved { slot })
         }),
-        Operation::KeyCreate { name, key_type, usages } => {
+        Operation::KeyCreate {
+            name,
+            key_type,
+            usages,
+            options,
+        } => {
             let uid = caller.peer.creds.uid;
             custody(shared, caller, "key-create", move |v| {
-                v.create_key(&name, key_type, &usages, uid).map(Reply::KeyCreated)
+                v.create_key(&name, key_type, &usages, &options, uid)
+                    .map(|k| Reply::KeyCreated(Box::new(k)))
             })
         }
         Operation::KeyList => custody(shared, caller, "key-list", |v| v.list_keys().map(Reply::Keys)),
-        Operation::KeyInfo { name } => custody(shared, caller, "key-info", move |v| v.key_info(&name).map(Reply::Key)),
+        Operation::KeyInfo { name } => custody(shared, caller, "key-info", move |v| {
+            v.key_info(&name).map(|k| Reply::Key(Box::new(k)))
+        }),
         Operation::KeyPublic { name } => custody(shared, caller, "key-public", move |v| {
             v.public_key(&name)
                 .map(|(key_type, version, spki_der)| Reply::PublicKey {
@@ -111,70 +119,168 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                     spki_der,
                 })
         }),
-        Operation::KeyDelete { name } => custody(shared, caller, "key-delete", move |v| {
-            v.delete_key(&name).map(|()| Reply::KeyDeleted { name })
+        Operation::KeyDelete { name } => {
+            let window = shared.recovery_window;
+            custody(shared, caller, "key-delete", move |v| {
+                v.delete_key(&name, window).map(|k| Reply::KeyUpdated(Box::new(k)))
+            })
+        }
+        Operation::KeyRotate { name } => custody(shared, caller, "key-rotate", move |v| {
+            v.rotate_key(&name).map(|k| Reply::KeyUpdated(Box::new(k)))
         }),
-        Operation::Sign { name, digest } => {
-            let hot = (name.clone(), None, digest.len());
-            key_use(shared, caller, "sign", hot, move |v| {
-                v.sign(&name, &digest)
-                    .map(|(version, signature)| Reply::Signature { version, signature })
+        Operation::KeySet { name, changes } => custody(shared, caller, "key-set", move |v| {
+            v.set_key(&name, &changes).map(|k| Reply::KeyUpdated(Box::new(k)))
+        }),
+        Operation::KeyTransition { name, to } => custody(shared, caller, "key-transition", move |v| {
+            v.transition_key(&name, to).map(|k| Reply::KeyUpdated(Box::new(k)))
+        }),
+        Operation::KeyRestore { name } => custody(shared, caller, "key-restore", move |v| {
+            v.restore_key(&name).map(|k| Reply::KeyUpdated(Box::new(k)))
+        }),
+        Operation::KeyPurge { name } => custody(shared, caller, "key-purge", move |v| {
+            v.purge_key(&name).map(|()| Reply::KeyPurged { name })
+        }),
+        Operation::DataKey { name, aad, plaintext } => custody(shared, caller, "datakey", move |v| {
+            v.datakey(&name, &aad, plaintext).map(|k| Reply::DataKey {
+                version: k.version,
+                sealed: k.sealed,
+                plaintext: k.plaintext.map(|p| protocol::SecretBytes::new(p.to_vec())),
             })
-        }
-        Operation::Verify {
-            name,
-            version,
-            digest,
-            signature,
-        } => {
-            let hot = (name.clone(), Some(version), digest.len());
-            key_use(shared, caller, "verify", hot, move |v| {
-                v.verify(&name, version, &digest, &signature)
-                    .map(|valid| Reply::Verified { valid })
-            })
-        }
-        Operation::Encrypt { name, plaintext, aad } => {
-            let hot = (name.clone(), None, plaintext.len() + aad.len());
-            key_use(shared, caller, "encrypt", hot, move |v| {
-                v.encrypt(&name, &plaintext, &aad)
-                    .map(|(version, sealed)| Reply::Encrypted { version, sealed })
-            })
-        }
-        Operation::Decrypt {
+        }),
+        Operation::Rewrap {
             name,
             version,
             sealed,
             aad,
-        } => {
-            let hot = (name.clone(), Some(version), sealed.len() + aad.len());
-            key_use(shared, caller, "decrypt", hot, move |v| {
-                v.decrypt(&name, version, &sealed, &aad).map(|p| Reply::Decrypted {
-                    plaintext: protocol::SecretBytes::new(p.to_vec()),
-                })
+            to_version,
+        } => custody(shared, caller, "rewrap", move |v| {
+            v.rewrap(&name, version, &sealed, &aad, to_version)
+                .map(|(version, sealed)| Reply::Encrypted { version, sealed })
+        }),
+        Operation::Batch { items } => {
+            if items.len() > MAX_BATCH_ITEMS {
+                return Work::Done(Err(WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "a batch holds at most {MAX_BATCH_ITEMS} items; this one has {}",
+                        items.len()
+                    ),
+                )));
+            }
+            // On the pool: a batch may hold many slow items, and one hand-off
+            // is cheap spread over all of them.
+            custody(shared, caller, "batch", move |v| {
+                Ok(Reply::Batch(
+                    items
+                        .into_iter()
+                        .map(|item| key_use_op(v, Operation::from(item)).map_err(|e| e.to_wire()))
+                        .collect(),
+                ))
             })
         }
-        Operation::Mac { name, data } => {
-            let hot = (name.clone(), None, data.len());
-            key_use(shared, caller, "mac", hot, move |v| {
-                v.mac(&name, &data).map(|(version, tag)| Reply::MacTag { version, tag })
-            })
+        Operation::DebugClock { advance_secs } => {
+            if !shared.dev {
+                return Work::Done(Err(WireError::new(
+                    ErrorCode::NotAvailable,
+                    "debug-clock is served only by hsmd --dev",
+                )));
+            }
+            Work::Done(Ok(Reply::Clock {
+                now_unix: shared.vault.advance_clock(advance_secs),
+            }))
         }
-        Operation::MacVerify {
-            name,
-            version,
-            data,
-            tag,
-        } => {
-            let hot = (name.clone(), Some(version), data.len());
-            key_use(shared, caller, "mac-verify", hot, move |v| {
-                v.mac_verify(&name, version, &data, &tag)
-                    .map(|valid| Reply::MacVerified { valid })
-            })
+        op @ (Operation::Sign { .. }
+        | Operation::Verify { .. }
+        | Operation::Encrypt { .. }
+        | Operation::Decrypt { .. }
+        | Operation::Mac { .. }
+        | Operation::MacVerify { .. }) => {
+            let what = op.name();
+            let hot = hot_hint(&op);
+            key_use(shared, caller, what, hot, move |v| key_use_op(v, op))
         }
         Operation::Hello(_) => Work::Done(Err(WireError::new(
             ErrorCode::ProtocolViolation,
             "hello may only be the first request on a connection",
         ))),
+    }
+}
+
+/// The key, version and payload size of a key operation, to decide whether it
+/// may run on the reactor.
+fn hot_hint(op: &Operation) -> (String, Option<u32>, usize) {
+    match op {
+        Operation::Sign { name, digest } => (name.clone(), None, digest.len()),
+        Operation::Verify {
+            name, version, digest, ..
+        } => (name.clone(), Some(*version), digest.len()),
+        Operation::Encrypt {
+            name,
+            version,
+            plaintext,
+            aad,
+        } => (name.clone(), *version, plaintext.len() + aad.len()),
+        Operation::Decrypt {
+            name,
+            version,
+            sealed,
+            aad,
+            ..
+        } => (name.clone(), Some(*version), sealed.len() + aad.len()),
+        Operation::Mac { name, data } => (name.clone(), None, data.len()),
+        Operation::MacVerify {
+            name, version, data, ..
+        } => (name.clone(), Some(*version), data.len()),
+        // Never hot.
+        _ => (String::new(), None, usize::MAX),
+    }
+}
+
+/// Performs one key operation (alone or as a batch item).
+fn key_use_op(v: &Vault, op: Operation) -> Result<Reply, VaultError> {
+    match op {
+        Operation::Sign { name, digest } => v
+            .sign(&name, &digest)
+            .map(|(version, signature)| Reply::Signature { version, signature }),
+        Operation::Verify {
+            name,
+            version,
+            digest,
+            signature,
+            allow_compromised,
+        } => v
+            .verify(&name, version, &digest, &signature, allow_compromised)
+            .map(|valid| Reply::Verified { valid }),
+        Operation::Encrypt {
+            name,
+            version,
+            plaintext,
+            aad,
+        } => v
+            .encrypt(&name, version, &plaintext, &aad)
+            .map(|(version, sealed)| Reply::Encrypted { version, sealed }),
+        Operation::Decrypt {
+            name,
+            version,
+            sealed,
+            aad,
+            allow_compromised,
+        } => v
+            .decrypt(&name, version, &sealed, &aad, allow_compromised)
+            .map(|p| Reply::Decrypted {
+                plaintext: protocol::SecretBytes::new(p.to_vec()),
+            }),
+        Operation::Mac { name, data } => v.mac(&name, &data).map(|(version, tag)| Reply::MacTag { version, tag }),
+        Operation::MacVerify {
+            name,
+            version,
+            data,
+            tag,
+            allow_compromised,
+        } => v
+            .mac_verify(&name, version, &data, &tag, allow_compromised)
+            .map(|valid| Reply::MacVerified { valid }),
+        other => Err(VaultError::Invalid(format!("{} is not a key operation", other.name()))),
     }
 }
 
@@ -217,7 +323,17 @@ where
             // State changes are logged; reads and key use are too frequent to.
             if matches!(
                 what,
-                "init" | "unlock" | "slot-add" | "slot-remove" | "key-create" | "key-delete"
+                "init"
+                    | "unlock"
+                    | "slot-add"
+                    | "slot-remove"
+                    | "key-create"
+                    | "key-delete"
+                    | "key-rotate"
+                    | "key-set"
+                    | "key-transition"
+                    | "key-restore"
+                    | "key-purge"
             ) {
                 tracing::info!(uid, op = what, "custody operation succeeded");
             } else {
@@ -250,6 +366,7 @@ fn status(shared: &Shared) -> StatusInfo {
         dev_mode: shared.dev,
         pid: std::process::id(),
         memory_locked: shared.memory_locked,
+        keystore_writes: shared.vault.keystore_writes(),
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Shared {
     pub vault: Arc<Vault>,
     /// Whether all of the daemon's memory is locked.
     pub memory_locked: bool,
+    /// How long a deleted key stays recoverable.
+    pub recovery_window: std::time::Duration,
     /// When the daemon started.
     pub started: Instant,
     /// Live counters.
@@ -72,6 +74,7 @@ impl Shared {
             dev,
             vault,
             memory_locked: false,
+            recovery_window: std::time::Duration::from_secs(30 * 86_400),
             started: Instant::now(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),

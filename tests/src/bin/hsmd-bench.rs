@@ -12,6 +12,10 @@
 //! beside the same operation done in this process with the same crates, with as
 //! many threads as clients, on the same cores.
 //!
+//! `--depth N` makes each hsmd client keep N requests in flight (sent in one
+//! write with `Client::send_many`, then N responses read): the rate counts
+//! operations, the latency columns are per batch of N.
+//!
 //! The raw echo server is this binary re-executed with `--echo-server PATH`: a
 //! tokio current-thread reactor (the same I/O model hsmd uses) that reads each
 //! length-prefixed frame and writes it back without decoding it. Both servers are
@@ -44,6 +48,7 @@ struct Args {
     payload: usize,
     suite: String,
     reactor_threads: u32,
+    depth: usize,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -54,6 +59,7 @@ fn parse_args() -> Result<Option<Args>> {
         payload: 16,
         suite: "all".to_owned(),
         reactor_threads: 1,
+        depth: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -70,6 +76,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
             "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
             "--payload" => args.payload = it.next().context("--payload BYTES")?.parse()?,
+            "--depth" => args.depth = it.next().context("--depth N")?.parse()?,
             "--reactor-threads" => args.reactor_threads = it.next().context("--reactor-threads N")?.parse()?,
             "--suite" => {
                 args.suite = it.next().context("--suite ping|keys|all")?;
@@ -86,14 +93,14 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--suite ping|keys|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
         }
     }
-    if args.rounds == 0 || args.clients.is_empty() || args.seconds <= 0.0 {
-        bail!("--rounds, --clients and --seconds must be positive");
+    if args.rounds == 0 || args.clients.is_empty() || args.seconds <= 0.0 || args.depth == 0 {
+        bail!("--rounds, --clients, --depth and --seconds must be positive");
     }
     Ok(Some(args))
 }
@@ -109,6 +116,16 @@ struct Figures {
 /// Runs `clients` threads, each calling `round_trip` on its own connection for
 /// `secs` after a warm-up, and returns the aggregate rate and latency percentiles.
 fn measure<C, F>(clients: usize, secs: f64, connect: C) -> Result<Figures>
+where
+    C: Fn() -> Result<F>,
+    F: FnMut() -> Result<()> + Send + 'static,
+{
+    measure_batched(clients, secs, 1, connect)
+}
+
+/// As [`measure`], where each call of `round_trip` completes `per_call`
+/// operations; the rate counts operations, the latencies are per call.
+fn measure_batched<C, F>(clients: usize, secs: f64, per_call: usize, connect: C) -> Result<Figures>
 where
     C: Fn() -> Result<F>,
     F: FnMut() -> Result<()> + Send + 'static,
@@ -147,7 +164,7 @@ where
     all.sort_unstable();
     let pct = |p: f64| f64::from(all[((all.len() - 1) as f64 * p) as usize]) / 1000.0;
     Ok(Figures {
-        per_sec: all.len() as f64 / secs,
+        per_sec: (all.len() * per_call) as f64 / secs,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
     })
@@ -320,6 +337,7 @@ fn key_suite(args: &Args) -> Result<()> {
             name: name.into(),
             key_type,
             usages: Vec::new(),
+            options: protocol::KeyOptions::default(),
         })?;
     }
     let ops = [
@@ -343,6 +361,7 @@ fn key_suite(args: &Args) -> Result<()> {
             label: "aes256-gcm encrypt 4 KiB",
             request: Operation::Encrypt {
                 name: "bench-aes".into(),
+                version: None,
                 plaintext: vec![0x5a; 4096],
                 aad: Vec::new(),
             },
@@ -350,12 +369,13 @@ fn key_suite(args: &Args) -> Result<()> {
         },
     ];
     println!(
-        "\nhsmd key-operation benchmark: {} s per run, median of {} round{}, {} cores, hsmd reactor threads: {}",
+        "\nhsmd key-operation benchmark: {} s per run, median of {} round{}, {} cores, hsmd reactor threads: {}, requests in flight per client: {}",
         args.seconds,
         args.rounds,
         if args.rounds == 1 { "" } else { "s" },
         thread::available_parallelism().map_or(0, std::num::NonZero::get),
         args.reactor_threads,
+        args.depth,
     );
     let mut ed_at_8 = None;
     let mut ed_p99_at_1 = None;
@@ -373,11 +393,21 @@ fn key_suite(args: &Args) -> Result<()> {
                 local.push(measure(clients, args.seconds, move || Ok(make()))?);
                 let socket = daemon.socket.clone();
                 let request = op.request.clone();
-                remote.push(measure(clients, args.seconds, move || {
+                let depth = args.depth;
+                remote.push(measure_batched(clients, args.seconds, depth, move || {
                     let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
                     let request = request.clone();
                     Ok(move || -> Result<()> {
-                        c.call(request.clone())?;
+                        if depth == 1 {
+                            c.call(request.clone())?;
+                            return Ok(());
+                        }
+                        c.send_many(std::iter::repeat_n(&request, depth).cloned())?;
+                        for _ in 0..depth {
+                            if let Err(e) = c.recv()?.result {
+                                bail!("daemon refused: {e}");
+                            }
+                        }
                         Ok(())
                     })
                 })?);

@@ -1,0 +1,983 @@
+//! Keys: creation, versions and rotation, settings, lifecycle transitions, soft
+//! delete, and every use, each checked against the key's state (see
+//! [`lifecycle`]) before any material is touched.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac as _};
+use protocol::{KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, Transition, Usage, VersionInfo};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::{
+    check_digest, crypto, key_aad,
+    keys::{self, Material},
+    lifecycle::{self, Action, Allowed},
+    lock, now_unix, parse_type,
+    store::{KeyPolicy, KeyRow},
+    Custody, Vault, VaultError,
+};
+
+/// Longest description, in bytes.
+const MAX_DESCRIPTION: usize = 1024;
+/// Most labels on one key.
+const MAX_LABELS: usize = 32;
+/// Longest label value, in bytes.
+const MAX_LABEL_VALUE: usize = 256;
+/// Shortest automatic rotation period.
+const MIN_ROTATION: u64 = 1;
+/// Longest automatic rotation period or lifetime setting (100 years).
+const MAX_PERIOD: u64 = 100 * 365 * 86_400;
+
+/// A data key made by [`Vault::datakey`].
+#[derive(Debug)]
+pub struct DataKey {
+    /// The version that sealed it.
+    pub version: u32,
+    /// Sealed as `Vault::encrypt` seals.
+    pub sealed: Vec<u8>,
+    /// In plain, when asked and allowed.
+    pub plaintext: Option<Zeroizing<Vec<u8>>>,
+}
+
+/// Uses of one key version not yet written to the keystore.
+#[derive(Debug, Default)]
+pub(super) struct UseCounter {
+    count: AtomicU64,
+    last_used: AtomicU64,
+}
+
+/// A key version's row as cached, with its use counter.
+#[derive(Debug)]
+pub(super) struct Cached {
+    pub(super) row: KeyRow,
+    counter: Arc<UseCounter>,
+    /// Whether the policy MAC was checked (it can be only while unlocked).
+    verified: bool,
+}
+
+type PolicyMac = Hmac<Sha256>;
+
+/// The MAC over the fields that decide what a key may do, under a key derived
+/// from the master key: editing the state, dates, minimum versions or deletion
+/// marks in the file makes the key fail as tampered.
+fn policy_mac(master: &[u8; 32], store_id: &[u8], row: &KeyRow) -> Vec<u8> {
+    policy_hmac(master, store_id, row).map_or_else(Vec::new, |m| m.finalize().into_bytes().to_vec())
+}
+
+fn policy_hmac(master: &[u8; 32], store_id: &[u8], row: &KeyRow) -> Option<PolicyMac> {
+    let mut mac_key = Zeroizing::new([0u8; 32]);
+    // Infallible: 32 bytes is far below HKDF-SHA-256's output limit.
+    let _ = Hkdf::<Sha256>::new(Some(store_id), master).expand(b"hsmd key policy mac v1", &mut *mac_key);
+    let mut m = PolicyMac::new_from_slice(&*mac_key).ok()?;
+    let p = &row.policy;
+    for part in [row.id.as_bytes(), row.name.as_bytes(), p.state.as_bytes()] {
+        m.update(&(part.len() as u32).to_be_bytes());
+        m.update(part);
+    }
+    for n in [
+        Some(p.state_changed_unix),
+        p.activate_at_unix,
+        p.activated_unix,
+        p.expire_at_unix,
+        p.rotate_every_secs,
+        Some(u64::from(p.min_decrypt_version)),
+        Some(u64::from(p.min_encrypt_version)),
+        Some(u64::from(p.latest_version)),
+        p.deleted_unix,
+        p.purge_at_unix,
+        Some(u64::from(p.allow_plaintext_datakey)),
+        Some(u64::from(row.owner_uid)),
+    ] {
+        match n {
+            Some(v) => {
+                m.update(&[1]);
+                m.update(&v.to_be_bytes());
+            }
+            None => m.update(&[0]),
+        }
+    }
+    Some(m)
+}
+
+fn stored_state(row: &KeyRow) -> Result<KeyState, VaultError> {
+    KeyState::parse(&row.policy.state)
+        .ok_or_else(|| VaultError::Tampered(format!("key {:?} has unknown state {:?}", row.name, row.policy.state)))
+}
+
+fn check_text(what: &str, text: &str, max: usize) -> Result<(), VaultError> {
+    if text.len() > max || text.chars().any(char::is_control) {
+        return Err(VaultError::Invalid(format!(
+            "a {what} is at most {max} bytes of printable text"
+        )));
+    }
+    Ok(())
+}
+
+fn check_label_name(name: &str) -> Result<(), VaultError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(VaultError::Invalid(format!(
+            "label name {name:?} is not allowed: 1 to 63 of a-z 0-9 . _ -, starting with a letter or digit"
+        )))
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), VaultError> {
+    if labels.len() > MAX_LABELS {
+        return Err(VaultError::Invalid(format!("a key has at most {MAX_LABELS} labels")));
+    }
+    for (k, v) in labels {
+        check_label_name(k)?;
+        check_text("label value", v, MAX_LABEL_VALUE)?;
+    }
+    Ok(())
+}
+
+fn check_period(what: &str, secs: u64) -> Result<(), VaultError> {
+    if (MIN_ROTATION..=MAX_PERIOD).contains(&secs) {
+        Ok(())
+    } else {
+        Err(VaultError::Invalid(format!(
+            "{what} must be between 1 second and 100 years"
+        )))
+    }
+}
+
+fn labels_json(labels: &BTreeMap<String, String>) -> Result<String, VaultError> {
+    serde_json::to_string(labels).map_err(|e| VaultError::Invalid(e.to_string()))
+}
+
+impl Vault {
+    /// The lifecycle clock: the system's, plus what `DebugClock` added (dev mode).
+    pub(super) fn now(&self) -> u64 {
+        now_unix().saturating_add(self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// Moves the lifecycle clock forward (dev mode's `DebugClock`); returns it.
+    pub fn advance_clock(&self, secs: u64) -> u64 {
+        self.clock_offset.fetch_add(secs, Ordering::Relaxed);
+        self.now()
+    }
+
+    /// Write transactions committed to the keystore since the daemon started.
+    pub fn keystore_writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn master_and_id(&self) -> Result<(super::crypto::Key256, Vec<u8>), VaultError> {
+        let master = self.master()?;
+        let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
+        Ok((master, store_id))
+    }
+
+    /// Seals the policy of keys that predate policy MACs; run once, at the
+    /// first unlock after the upgrade.
+    pub(super) fn seal_pending_policies(&self) -> Result<(), VaultError> {
+        if !lock(&self.store).policy_seal_pending()? {
+            return Ok(());
+        }
+        let (master, store_id) = self.master_and_id()?;
+        let mut rows = lock(&self.store).keys()?;
+        for row in &mut rows {
+            row.policy.mac = Some(policy_mac(&master, &store_id, row));
+        }
+        lock(&self.store).update_policies(&rows)?;
+        tracing::info!(keys = rows.len(), "key policies sealed under the master key");
+        Ok(())
+    }
+
+    fn seal(&self, row: &mut KeyRow) -> Result<(), VaultError> {
+        let (master, store_id) = self.master_and_id()?;
+        row.policy.mac = Some(policy_mac(&master, &store_id, row));
+        Ok(())
+    }
+
+    fn verify_policy(&self, row: &KeyRow) -> Result<(), VaultError> {
+        let (master, store_id) = self.master_and_id()?;
+        // verify_slice compares in constant time.
+        let good = match (row.policy.mac.as_deref(), policy_hmac(&master, &store_id, row)) {
+            (Some(mac), Some(m)) => m.verify_slice(mac).is_ok(),
+            _ => false,
+        };
+        if good {
+            Ok(())
+        } else {
+            tracing::error!(key = %row.name, "keystore record tampered: key policy fails its MAC");
+            Err(VaultError::Tampered(format!(
+                "the lifecycle settings of key {:?} (state, dates, minimum versions, deletion) were edited outside hsmd; restore it from a backup",
+                row.name
+            )))
+        }
+    }
+
+    /// The key's row at `version` (`None`: newest), from the cache when there.
+    /// Rows are cached only once their policy MAC checked out.
+    pub(super) fn cached(&self, name: &str, version: Option<u32>) -> Result<Arc<Cached>, VaultError> {
+        if self.state() == protocol::ServiceState::Uninitialized {
+            return Err(VaultError::NotInitialized);
+        }
+        let cache_key = (name.to_owned(), version);
+        if let Some(c) = lock(&self.rows).get(&cache_key) {
+            return Ok(Arc::clone(c));
+        }
+        let row = lock(&self.store).key(name, version)?.ok_or_else(|| match version {
+            Some(v) => VaultError::NoSuchKey(format!("{name:?} version {v}")),
+            None => VaultError::NoSuchKey(format!("{name:?}")),
+        })?;
+        let counter = Arc::clone(lock(&self.usage).entry((row.id.clone(), row.version)).or_default());
+        let verified = match self.verify_policy(&row) {
+            Ok(()) => true,
+            Err(VaultError::Locked) => false,
+            Err(e) => return Err(e),
+        };
+        let cached = Arc::new(Cached { row, counter, verified });
+        if verified {
+            lock(&self.rows).insert(cache_key, Arc::clone(&cached));
+        }
+        Ok(cached)
+    }
+
+    /// Drops cached rows: after anything that changes a key.
+    fn invalidate(&self, key_id: Option<&str>) {
+        lock(&self.rows).clear();
+        if let Some(id) = key_id {
+            if let Custody::Unlocked { keys, .. } = &mut *lock(&self.custody) {
+                keys.retain(|(k, _), _| k != id);
+            }
+        }
+    }
+
+    /// Metadata as clients see it: state in force, versions with their counts
+    /// (flushed plus not yet flushed).
+    fn info(&self, row: &KeyRow) -> Result<KeyInfo, VaultError> {
+        let now = self.now();
+        let p = &row.policy;
+        let state = lifecycle::effective(stored_state(row)?, p.activate_at_unix, p.expire_at_unix, now);
+        let stored_versions = lock(&self.store).versions(&row.id)?;
+        let usage = lock(&self.usage);
+        let versions: Vec<VersionInfo> = stored_versions
+            .into_iter()
+            .map(|v| {
+                let (pending, last) = usage.get(&(row.id.clone(), v.version)).map_or((0, 0), |c| {
+                    (c.count.load(Ordering::Relaxed), c.last_used.load(Ordering::Relaxed))
+                });
+                let last_used = match (v.last_used_unix, last) {
+                    (x, 0) => x,
+                    (Some(a), b) => Some(a.max(b)),
+                    (None, b) => Some(b),
+                };
+                VersionInfo {
+                    version: v.version,
+                    created_unix: v.created_unix,
+                    use_count: v.use_count + pending,
+                    last_used_unix: last_used,
+                }
+            })
+            .collect();
+        drop(usage);
+        let latest_created = versions
+            .iter()
+            .find(|v| v.version == p.latest_version)
+            .map_or(row.created_unix, |v| v.created_unix);
+        let labels = serde_json::from_str(&row.labels).unwrap_or_default();
+        Ok(KeyInfo {
+            name: row.name.clone(),
+            id: row.id.clone(),
+            key_type: parse_type(row)?,
+            backend: row.backend.clone(),
+            usages: row.usages.split(',').filter_map(Usage::parse).collect(),
+            version: p.latest_version,
+            created_unix: row.created_unix,
+            owner_uid: row.owner_uid,
+            state,
+            state_changed_unix: p.state_changed_unix,
+            activated_unix: p.activated_unix.or_else(|| p.activate_at_unix.filter(|&t| t <= now)),
+            activate_at_unix: p.activate_at_unix,
+            expire_at_unix: p.expire_at_unix,
+            last_used_unix: versions.iter().filter_map(|v| v.last_used_unix).max(),
+            last_rotated_unix: (p.latest_version > 1).then_some(latest_created),
+            rotate_every_secs: p.rotate_every_secs,
+            next_rotation_unix: p
+                .rotate_every_secs
+                .filter(|_| matches!(state, KeyState::Active | KeyState::PreActive) && p.deleted_unix.is_none())
+                .map(|e| latest_created.saturating_add(e)),
+            min_decrypt_version: p.min_decrypt_version,
+            min_encrypt_version: p.min_encrypt_version,
+            versions,
+            description: row.description.clone(),
+            labels,
+            allow_plaintext_datakey: p.allow_plaintext_datakey,
+            deleted_unix: p.deleted_unix,
+            purge_at_unix: p.purge_at_unix,
+        })
+    }
+
+    /// Generates a key inside the daemon and stores it wrapped. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::Invalid`] for a bad name, usages or options,
+    /// [`VaultError::KeyExists`], [`VaultError::Locked`].
+    pub fn create_key(
+        &self,
+        name: &str,
+        key_type: KeyType,
+        usages: &[Usage],
+        options: &KeyOptions,
+        owner_uid: u32,
+    ) -> Result<KeyInfo, VaultError> {
+        keys::check_name(name).map_err(VaultError::Invalid)?;
+        let usages = keys::check_usages(key_type, usages).map_err(VaultError::Invalid)?;
+        check_text("description", &options.description, MAX_DESCRIPTION)?;
+        check_labels(&options.labels)?;
+        if let Some(p) = options.rotate_every_secs {
+            check_period("the rotation period", p)?;
+        }
+        let now = self.now();
+        if let (Some(a), Some(e)) = (options.activate_at_unix, options.expire_at_unix) {
+            if e <= a {
+                return Err(VaultError::Invalid(
+                    "the expiry time must come after the activation time".into(),
+                ));
+            }
+        }
+        if options.allow_plaintext_datakey && key_type != KeyType::Aes256Gcm {
+            return Err(VaultError::Invalid("only aes256-gcm keys make data keys".into()));
+        }
+        let pre_active = options.activate_at_unix.is_some_and(|t| t > now);
+        let (master, store_id) = self.master_and_id()?;
+        let material = Material::generate(key_type)?;
+        let mut row = KeyRow {
+            id: hex::encode(crypto::random::<16>()?),
+            name: name.to_owned(),
+            key_type: key_type.as_str().to_owned(),
+            backend: "soft".to_owned(),
+            usages: usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
+            owner_uid,
+            created_unix: now,
+            version: 1,
+            wrapped: Vec::new(),
+            public: material.public_spki(),
+            version_created_unix: now,
+            policy: KeyPolicy {
+                state: if pre_active {
+                    KeyState::PreActive
+                } else {
+                    KeyState::Active
+                }
+                .as_str()
+                .to_owned(),
+                state_changed_unix: now,
+                activate_at_unix: options.activate_at_unix.filter(|_| pre_active),
+                activated_unix: (!pre_active).then_some(now),
+                expire_at_unix: options.expire_at_unix,
+                rotate_every_secs: options.rotate_every_secs,
+                min_decrypt_version: 1,
+                min_encrypt_version: 1,
+                latest_version: 1,
+                deleted_unix: None,
+                purge_at_unix: None,
+                allow_plaintext_datakey: options.allow_plaintext_datakey,
+                mac: None,
+            },
+            description: options.description.clone(),
+            labels: labels_json(&options.labels)?,
+        };
+        row.wrapped = crypto::seal(&master, &material.secret(), &key_aad(&store_id, &row))?;
+        row.policy.mac = Some(policy_mac(&master, &store_id, &row));
+        if !lock(&self.store).insert_key(&row)? {
+            return Err(VaultError::KeyExists(name.to_owned()));
+        }
+        self.invalidate(None);
+        self.info(&row)
+    }
+
+    /// Every key's metadata, deleted ones included. Works while locked:
+    /// metadata is not secret (but is checked against its MAC only when unlocked).
+    ///
+    /// # Errors
+    /// [`VaultError::NotInitialized`], or the file failing.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError> {
+        if self.state() == protocol::ServiceState::Uninitialized {
+            return Err(VaultError::NotInitialized);
+        }
+        let rows = lock(&self.store).keys()?;
+        rows.iter().map(|r| self.info(r)).collect()
+    }
+
+    /// One key's metadata.
+    ///
+    /// # Errors
+    /// [`VaultError::NoSuchKey`], [`VaultError::Tampered`].
+    pub fn key_info(&self, name: &str) -> Result<KeyInfo, VaultError> {
+        let c = self.cached(name, None)?;
+        self.info(&c.row)
+    }
+
+    /// Reads a key for a change, runs `change` on a copy, seals and writes it.
+    /// Changes are serialized so two of them never both apply to one old row.
+    fn modify<F>(&self, name: &str, change: F) -> Result<KeyInfo, VaultError>
+    where
+        F: FnOnce(&mut KeyRow, KeyState, u64) -> Result<(), VaultError>,
+    {
+        let _gate = lock(&self.manage_gate);
+        self.master()?;
+        let c = self.cached(name, None)?;
+        if !c.verified {
+            self.verify_policy(&c.row)?;
+        }
+        let mut row = c.row.clone();
+        let now = self.now();
+        let p = &row.policy;
+        let state = lifecycle::effective(stored_state(&row)?, p.activate_at_unix, p.expire_at_unix, now);
+        change(&mut row, state, now)?;
+        self.seal(&mut row)?;
+        lock(&self.store).update_policy(&row)?;
+        self.invalidate(None);
+        self.info(&row)
+    }
+
+    fn refuse_if_deleted(row: &KeyRow) -> Result<(), VaultError> {
+        match row.policy.purge_at_unix {
+            Some(at) if row.policy.deleted_unix.is_some() => Err(VaultError::KeyState(format!(
+                "key {:?} is deleted and will be purged at {}; `hsmctl key restore {}` brings it back",
+                row.name,
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(at)),
+                row.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Changes settings and metadata. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::Invalid`] for a bad value, [`VaultError::KeyState`] for a deleted key.
+    pub fn set_key(&self, name: &str, changes: &KeyChanges) -> Result<KeyInfo, VaultError> {
+        self.modify(name, |row, _state, _now| {
+            Self::refuse_if_deleted(row)?;
+            let key_type = parse_type(row)?;
+            if let Some(d) = &changes.description {
+                check_text("description", d, MAX_DESCRIPTION)?;
+                row.description.clone_from(d);
+            }
+            let mut labels: BTreeMap<String, String> = serde_json::from_str(&row.labels).unwrap_or_default();
+            for (k, v) in &changes.set_labels {
+                labels.insert(k.clone(), v.clone());
+            }
+            for k in &changes.remove_labels {
+                labels.remove(k);
+            }
+            check_labels(&labels)?;
+            row.labels = labels_json(&labels)?;
+            let p = &mut row.policy;
+            if let Some(r) = changes.rotate_every_secs {
+                if let Some(secs) = r {
+                    check_period("the rotation period", secs)?;
+                }
+                p.rotate_every_secs = r;
+            }
+            if let Some(e) = changes.expire_at_unix {
+                p.expire_at_unix = e;
+            }
+            if let Some(v) = changes.min_decrypt_version {
+                if v == 0 || v > p.latest_version {
+                    return Err(VaultError::Invalid(format!(
+                        "the minimum decryption version must be between 1 and the newest version, {}",
+                        p.latest_version
+                    )));
+                }
+                p.min_decrypt_version = v;
+                // What may not be opened any more must not be made any more.
+                p.min_encrypt_version = p.min_encrypt_version.max(v);
+            }
+            if let Some(v) = changes.min_encrypt_version {
+                if v < p.min_decrypt_version || v > p.latest_version {
+                    return Err(VaultError::Invalid(format!(
+                        "the minimum encryption version must be between the minimum decryption version ({}) and the newest version ({})",
+                        p.min_decrypt_version, p.latest_version
+                    )));
+                }
+                p.min_encrypt_version = v;
+            }
+            if let Some(a) = changes.allow_plaintext_datakey {
+                if a && key_type != KeyType::Aes256Gcm {
+                    return Err(VaultError::Invalid("only aes256-gcm keys make data keys".into()));
+                }
+                p.allow_plaintext_datakey = a;
+            }
+            Ok(())
+        })
+    }
+
+    /// Moves a key to another lifecycle state. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::KeyState`] when the change is not allowed from the state in force.
+    pub fn transition_key(&self, name: &str, to: Transition) -> Result<KeyInfo, VaultError> {
+        if to == Transition::Destroy {
+            return self.destroy_key(name);
+        }
+        self.modify(name, |row, state, now| {
+            Self::refuse_if_deleted(row)?;
+            let next = lifecycle::transition(name, state, to).map_err(VaultError::KeyState)?;
+            let p = &mut row.policy;
+            if next == KeyState::Active && state == KeyState::PreActive {
+                p.activate_at_unix = None;
+                p.activated_unix = Some(now);
+            }
+            if next == KeyState::Active {
+                p.activated_unix.get_or_insert(now);
+            }
+            p.state = next.as_str().to_owned();
+            p.state_changed_unix = now;
+            if next == KeyState::Compromised {
+                tracing::warn!(key = name, risk = "high", "key marked compromised");
+            }
+            Ok(())
+        })
+    }
+
+    fn destroy_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
+        let _gate = lock(&self.manage_gate);
+        self.master()?;
+        let c = self.cached(name, None)?;
+        if !c.verified {
+            self.verify_policy(&c.row)?;
+        }
+        let mut row = c.row.clone();
+        Self::refuse_if_deleted(&row)?;
+        let now = self.now();
+        let state = lifecycle::effective(
+            stored_state(&row)?,
+            row.policy.activate_at_unix,
+            row.policy.expire_at_unix,
+            now,
+        );
+        let next = lifecycle::transition(name, state, Transition::Destroy).map_err(VaultError::KeyState)?;
+        row.policy.state = next.as_str().to_owned();
+        row.policy.state_changed_unix = now;
+        row.policy.rotate_every_secs = None;
+        self.seal(&mut row)?;
+        lock(&self.store).destroy_material(&row)?;
+        self.invalidate(Some(&row.id));
+        tracing::warn!(key = name, "key destroyed: every version's material erased");
+        self.info(&row)
+    }
+
+    /// Adds a version with fresh material; new signatures and ciphertexts use
+    /// it. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::KeyState`] unless the key is active or pre-active.
+    pub fn rotate_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
+        let _gate = lock(&self.manage_gate);
+        let (master, store_id) = self.master_and_id()?;
+        let c = self.cached(name, None)?;
+        if !c.verified {
+            self.verify_policy(&c.row)?;
+        }
+        let mut row = c.row.clone();
+        Self::refuse_if_deleted(&row)?;
+        let now = self.now();
+        let p = &row.policy;
+        let state = lifecycle::effective(stored_state(&row)?, p.activate_at_unix, p.expire_at_unix, now);
+        lifecycle::check(name, state, Action::Rotate, false).map_err(VaultError::KeyState)?;
+        let key_type = parse_type(&row)?;
+        let material = Material::generate(key_type)?;
+        row.version = row.policy.latest_version + 1;
+        row.policy.latest_version = row.version;
+        row.version_created_unix = now;
+        row.public = material.public_spki();
+        row.wrapped = crypto::seal(&master, &material.secret(), &key_aad(&store_id, &row))?;
+        row.policy.mac = Some(policy_mac(&master, &store_id, &row));
+        if !lock(&self.store).add_version(&row)? {
+            return Err(VaultError::KeyState(format!(
+                "key {name:?} was rotated by another request at the same moment; look at `hsmctl key info {name}`"
+            )));
+        }
+        self.invalidate(None);
+        tracing::info!(key = name, version = row.version, "key rotated");
+        self.info(&row)
+    }
+
+    /// Soft delete: the key stays, unusable, for `window`, then is purged.
+    ///
+    /// # Errors
+    /// [`VaultError::Locked`], [`VaultError::NoSuchKey`], [`VaultError::KeyState`] if deleted already.
+    pub fn delete_key(&self, name: &str, window: Duration) -> Result<KeyInfo, VaultError> {
+        let info = self.modify(name, |row, _state, now| {
+            if row.policy.deleted_unix.is_some() {
+                return Self::refuse_if_deleted(row);
+            }
+            row.policy.deleted_unix = Some(now);
+            row.policy.purge_at_unix = Some(now.saturating_add(window.as_secs()));
+            Ok(())
+        })?;
+        self.invalidate(Some(&info.id));
+        Ok(info)
+    }
+
+    /// Brings a deleted key back.
+    ///
+    /// # Errors
+    /// [`VaultError::KeyState`] if the key is not deleted.
+    pub fn restore_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
+        self.modify(name, |row, _state, _now| {
+            if row.policy.deleted_unix.is_none() {
+                return Err(VaultError::KeyState(format!("key {name:?} is not deleted")));
+            }
+            row.policy.deleted_unix = None;
+            row.policy.purge_at_unix = None;
+            Ok(())
+        })
+    }
+
+    /// Removes a deleted key for good. Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::KeyState`] if the key was not deleted first.
+    pub fn purge_key(&self, name: &str) -> Result<(), VaultError> {
+        let _gate = lock(&self.manage_gate);
+        self.master()?;
+        let c = self.cached(name, None)?;
+        if c.row.policy.deleted_unix.is_none() {
+            return Err(VaultError::KeyState(format!(
+                "key {name:?} is not deleted; `hsmctl key delete {name}` first, then purge"
+            )));
+        }
+        lock(&self.store).purge_key(name)?;
+        lock(&self.usage).retain(|(id, _), _| *id != c.row.id);
+        self.invalidate(Some(&c.row.id));
+        tracing::warn!(key = name, "key purged");
+        Ok(())
+    }
+
+    /// Checks everything a use needs, then counts the use: the key exists and
+    /// is not deleted, its state allows `action`, the version is not below the
+    /// key's minimum, its usages include `usage`; returns the row and material.
+    fn prepare(
+        &self,
+        name: &str,
+        version: Option<u32>,
+        action: Action,
+        usage: Usage,
+        allow_compromised: bool,
+    ) -> Result<(Arc<Cached>, Arc<Material>), VaultError> {
+        let c = self.cached(name, version)?;
+        if !c.verified {
+            self.verify_policy(&c.row)?;
+        }
+        let row = &c.row;
+        Self::refuse_if_deleted(row)?;
+        let p = &row.policy;
+        let now = self.now();
+        let state = lifecycle::effective(stored_state(row)?, p.activate_at_unix, p.expire_at_unix, now);
+        let allowed = lifecycle::check(name, state, action, allow_compromised).map_err(VaultError::KeyState)?;
+        if action.processes_only() || action == Action::Rewrap {
+            if row.version < p.min_decrypt_version {
+                return Err(VaultError::KeyState(format!(
+                    "key {name:?} version {} is below its minimum decryption version {}: it no longer {}s; \
+                     `hsmctl key set {name} --min-decrypt-version {}` would allow it again",
+                    row.version,
+                    p.min_decrypt_version,
+                    if matches!(action, Action::Verify) {
+                        "verifie"
+                    } else {
+                        "decrypt"
+                    },
+                    row.version
+                )));
+            }
+        } else if version.is_some() && row.version < p.min_encrypt_version {
+            return Err(VaultError::KeyState(format!(
+                "key {name:?} version {} is below its minimum encryption version {}",
+                row.version, p.min_encrypt_version
+            )));
+        }
+        if allowed == Allowed::HighRisk {
+            tracing::warn!(
+                key = name,
+                version = row.version,
+                action = action.as_str(),
+                risk = "high",
+                "compromised key used because the request allowed it"
+            );
+        }
+        if !row.usages.split(',').any(|u| u == usage.as_str()) {
+            return Err(VaultError::UsageNotAllowed {
+                name: row.name.clone(),
+                usage: usage.as_str(),
+                usages: row.usages.replace(',', ", "),
+            });
+        }
+        let material = self.material(row)?;
+        c.counter.count.fetch_add(1, Ordering::Relaxed);
+        c.counter.last_used.fetch_max(now, Ordering::Relaxed);
+        Ok((c, material))
+    }
+
+    /// The public key. Needs unlocked (the key is unwrapped to check it).
+    ///
+    /// # Errors
+    /// [`VaultError::Invalid`] for a symmetric key; as [`Vault::sign`].
+    pub fn public_key(&self, name: &str) -> Result<(KeyType, u32, Vec<u8>), VaultError> {
+        let c = self.cached(name, None)?;
+        if !c.verified {
+            self.verify_policy(&c.row)?;
+        }
+        let row = &c.row;
+        Self::refuse_if_deleted(row)?;
+        let p = &row.policy;
+        let state = lifecycle::effective(stored_state(row)?, p.activate_at_unix, p.expire_at_unix, self.now());
+        lifecycle::check(name, state, Action::PublicKey, false).map_err(VaultError::KeyState)?;
+        let material = self.material(row)?;
+        let spki = material.public_spki().ok_or_else(|| {
+            VaultError::Invalid(format!("key {name:?} is a {} key and has no public half", row.key_type))
+        })?;
+        Ok((material.key_type(), row.version, spki))
+    }
+
+    /// Signs a digest with the key's newest version.
+    ///
+    /// # Errors
+    /// [`VaultError::Locked`], [`VaultError::NoSuchKey`], [`VaultError::KeyState`],
+    /// [`VaultError::UsageNotAllowed`], [`VaultError::Invalid`] for a digest of
+    /// the wrong length, [`VaultError::Tampered`].
+    pub fn sign(&self, name: &str, digest: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
+        let (c, material) = self.prepare(name, None, Action::Sign, Usage::Sign, false)?;
+        check_digest(&c.row, digest)?;
+        let signature = material.sign(digest).map_err(VaultError::Invalid)?;
+        Ok((c.row.version, signature))
+    }
+
+    /// Checks a signature made by `version` of the key.
+    ///
+    /// # Errors
+    /// As [`Vault::sign`].
+    pub fn verify(
+        &self,
+        name: &str,
+        version: u32,
+        digest: &[u8],
+        signature: &[u8],
+        allow_compromised: bool,
+    ) -> Result<bool, VaultError> {
+        let (c, material) = self.prepare(name, Some(version), Action::Verify, Usage::Verify, allow_compromised)?;
+        check_digest(&c.row, digest)?;
+        Ok(material.verify(digest, signature))
+    }
+
+    /// Seals with the key's newest version, or `version`.
+    ///
+    /// # Errors
+    /// As [`Vault::sign`], and [`VaultError::Invalid`] for a key that is not aes256-gcm.
+    pub fn encrypt(
+        &self,
+        name: &str,
+        version: Option<u32>,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<(u32, Vec<u8>), VaultError> {
+        let (c, material) = self.prepare(name, version, Action::Encrypt, Usage::Encrypt, false)?;
+        let sealed = material.encrypt(plaintext, aad).map_err(VaultError::Invalid)?;
+        Ok((c.row.version, sealed))
+    }
+
+    /// Opens what [`Vault::encrypt`] sealed with `version`.
+    ///
+    /// # Errors
+    /// [`VaultError::DecryptFailed`] when authentication fails; as [`Vault::sign`].
+    pub fn decrypt(
+        &self,
+        name: &str,
+        version: u32,
+        sealed: &[u8],
+        aad: &[u8],
+        allow_compromised: bool,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let (_, material) = self.prepare(name, Some(version), Action::Decrypt, Usage::Decrypt, allow_compromised)?;
+        material
+            .decrypt(sealed, aad)
+            .map_err(VaultError::Invalid)?
+            .ok_or_else(|| VaultError::DecryptFailed(name.to_owned()))
+    }
+
+    /// Opens a ciphertext and seals its plaintext again under the newest
+    /// version (or `to_version`), with the same associated data; the plaintext
+    /// exists only inside this call.
+    ///
+    /// # Errors
+    /// As [`Vault::decrypt`] and [`Vault::encrypt`].
+    pub fn rewrap(
+        &self,
+        name: &str,
+        version: u32,
+        sealed: &[u8],
+        aad: &[u8],
+        to_version: Option<u32>,
+    ) -> Result<(u32, Vec<u8>), VaultError> {
+        let (_, from) = self.prepare(name, Some(version), Action::Rewrap, Usage::Decrypt, false)?;
+        let (to_row, to) = self.prepare(name, to_version, Action::Rewrap, Usage::Encrypt, false)?;
+        if let Some(v) = to_version {
+            if v < to_row.row.policy.min_encrypt_version {
+                return Err(VaultError::KeyState(format!(
+                    "key {name:?} version {v} is below its minimum encryption version {}",
+                    to_row.row.policy.min_encrypt_version
+                )));
+            }
+        }
+        let plaintext = from
+            .decrypt(sealed, aad)
+            .map_err(VaultError::Invalid)?
+            .ok_or_else(|| VaultError::DecryptFailed(name.to_owned()))?;
+        let resealed = to.encrypt(&plaintext, aad).map_err(VaultError::Invalid)?;
+        Ok((to_row.row.version, resealed))
+    }
+
+    /// A fresh 32-byte data key sealed by the key's newest version, and in
+    /// plain too when asked and the key allows it.
+    ///
+    /// # Errors
+    /// [`VaultError::UsageNotAllowed`] for a plaintext data key the key does not
+    /// allow; as [`Vault::encrypt`].
+    pub fn datakey(&self, name: &str, aad: &[u8], plaintext: bool) -> Result<DataKey, VaultError> {
+        let (c, material) = self.prepare(name, None, Action::DataKey, Usage::Encrypt, false)?;
+        if plaintext && !c.row.policy.allow_plaintext_datakey {
+            return Err(VaultError::UsageNotAllowed {
+                name: name.to_owned(),
+                usage: "return plaintext data keys",
+                usages: format!(
+                    "{}; `hsmctl key set {name} --allow-plaintext-datakey true` permits it",
+                    c.row.usages.replace(',', ", ")
+                ),
+            });
+        }
+        let key = Zeroizing::new(crypto::random::<32>()?.to_vec());
+        let sealed = material.encrypt(&key, aad).map_err(VaultError::Invalid)?;
+        Ok(DataKey {
+            version: c.row.version,
+            sealed,
+            plaintext: plaintext.then_some(key),
+        })
+    }
+
+    /// HMAC-SHA-256 with the key's newest version.
+    ///
+    /// # Errors
+    /// As [`Vault::sign`].
+    pub fn mac(&self, name: &str, data: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
+        let (c, material) = self.prepare(name, None, Action::Mac, Usage::Mac, false)?;
+        let tag = material.mac(data).map_err(VaultError::Invalid)?;
+        Ok((c.row.version, tag))
+    }
+
+    /// Checks a tag made by `version`.
+    ///
+    /// # Errors
+    /// As [`Vault::sign`].
+    pub fn mac_verify(
+        &self,
+        name: &str,
+        version: u32,
+        data: &[u8],
+        tag: &[u8],
+        allow_compromised: bool,
+    ) -> Result<bool, VaultError> {
+        let (_, material) = self.prepare(name, Some(version), Action::MacVerify, Usage::Mac, allow_compromised)?;
+        material.mac_verify(data, tag).map_err(VaultError::Invalid)
+    }
+
+    /// Whether using this key now needs neither disk nor a slow computation:
+    /// its row is cached and checked, its material unwrapped, and its type cheap
+    /// (Ed25519, AES-256-GCM, HMAC: tens of microseconds, against ~200 µs for
+    /// ECDSA). Such requests are served on the reactor, sparing two thread
+    /// wake-ups.
+    pub fn is_hot(&self, name: &str, version: Option<u32>) -> bool {
+        let Some(c) = lock(&self.rows).get(&(name.to_owned(), version)).map(Arc::clone) else {
+            return false;
+        };
+        if matches!(parse_type(&c.row), Ok(KeyType::EcdsaP256 | KeyType::EcdsaP384) | Err(_)) {
+            return false;
+        }
+        matches!(&*lock(&self.custody), Custody::Unlocked { keys, .. } if keys.contains_key(&(c.row.id.clone(), c.row.version)))
+    }
+
+    /// Writes the use counts gathered since the last flush, in one
+    /// transaction; returns how many versions it updated. Counts that fail to
+    /// write are kept for the next flush.
+    ///
+    /// # Errors
+    /// [`VaultError::Store`].
+    pub fn flush_usage(&self) -> Result<usize, VaultError> {
+        let taken: Vec<(String, u32, u64, u64)> = lock(&self.usage)
+            .iter()
+            .filter_map(|((id, version), c)| {
+                let n = c.count.swap(0, Ordering::Relaxed);
+                (n > 0).then(|| (id.clone(), *version, n, c.last_used.load(Ordering::Relaxed)))
+            })
+            .collect();
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = lock(&self.store).add_usage(&taken) {
+            let usage = lock(&self.usage);
+            for (id, version, n, _) in &taken {
+                if let Some(c) = usage.get(&(id.clone(), *version)) {
+                    c.count.fetch_add(*n, Ordering::Relaxed);
+                }
+            }
+            return Err(e.into());
+        }
+        Ok(taken.len())
+    }
+
+    /// Lifecycle work the daemon does by itself: purges deleted keys whose
+    /// recovery window has ended, and (while unlocked, since it needs the
+    /// master key) rotates keys whose rotation is due, including rotations that
+    /// fell due while the daemon was stopped. Returns what it did, for the log.
+    ///
+    /// # Errors
+    /// [`VaultError::Store`] if the keystore cannot be read.
+    pub fn maintain(&self) -> Result<Vec<String>, VaultError> {
+        if self.state() == protocol::ServiceState::Uninitialized {
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        let mut done = Vec::new();
+        let purges = lock(&self.store).due_purges(now)?;
+        for name in purges {
+            if lock(&self.store).purge_key(&name)? {
+                done.push(format!("purged key {name:?}: its recovery window ended"));
+            }
+            self.invalidate(None);
+        }
+        if self.state() == protocol::ServiceState::Unlocked {
+            let due = lock(&self.store).due_rotations(now)?;
+            for name in due {
+                match self.rotate_key(&name) {
+                    Ok(info) => done.push(format!(
+                        "rotated key {name:?} to version {} by its rotation policy",
+                        info.version
+                    )),
+                    Err(e) => tracing::error!(key = %name, error = %e, "scheduled rotation failed"),
+                }
+            }
+        }
+        Ok(done)
+    }
+}

@@ -13,8 +13,9 @@ use protocol::{
 };
 use serde_json::json;
 
-use crate::key_cmd::KeyCommand;
+use crate::{backup_cmd::BackupCommand, key_cmd::KeyCommand};
 
+mod backup_cmd;
 mod key_cmd;
 mod keys;
 mod sealing;
@@ -106,6 +107,9 @@ enum Command {
     /// deactivate, compromise, destroy, delete, restore, purge
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Backups: create, verify, restore
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Re-encrypt a file `hsmctl encrypt` wrote under the key's newest version;
     /// the plaintext never leaves hsmd
     #[command(after_help = "Example:\n  hsmctl rewrap backup -i db.dump.enc -o db.dump.enc2 --aad host=db1")]
@@ -353,6 +357,9 @@ fn connect(cli: &Cli) -> Result<Client, ClientError> {
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
+    if let Command::Backup(cmd) = &cli.command {
+        return backup_cmd::run(cli, cmd);
+    }
     // Secrets are gathered before connecting, so a slow typist holds no connection.
     let prepared = prepare_secret(&cli.command)?;
     let mut client = connect(cli)?;
@@ -466,6 +473,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         },
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
+        Command::Backup(_) => return Err(Failure::Local("internal: backup handled above".into())),
         Command::Rewrap {
             name,
             input,

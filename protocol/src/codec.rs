@@ -190,7 +190,11 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::DebugClock { advance_secs: 0 },
+            op: Operation::BackupRestore {
+                transfer: 0,
+                secret: crate::UnlockSecret::Keyfile(crate::SecretBytes::new(vec![])),
+                force: false,
+            },
         };
         let body = encode_body(&last).unwrap();
         assert_eq!(peek_request_header(&body), Some((9, OPERATION_VARIANTS - 1)));

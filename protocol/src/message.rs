@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 31;
+pub const OPERATION_VARIANTS: u32 = 37;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +251,94 @@ pub enum Operation {
         /// Seconds to add.
         advance_secs: u64,
     },
+    /// Makes a backup archive of the whole keystore (see `docs/backup.md`) and
+    /// holds it for the caller to read with `TransferRead`. Needs unlocked.
+    BackupCreate {
+        /// What encrypts the archive.
+        protection: BackupProtection,
+    },
+    /// Reads part of a transfer the daemon holds (a backup archive).
+    TransferRead {
+        /// The transfer, from `BackupReady`.
+        transfer: u64,
+        /// Where to start.
+        offset: u64,
+        /// How many bytes at most (bounded by the frame limit).
+        len: u32,
+    },
+    /// Starts an upload of `size` bytes (a backup archive to verify or restore).
+    TransferBegin {
+        /// The total size.
+        size: u64,
+    },
+    /// Appends bytes to an upload; `offset` must be what was received so far.
+    TransferWrite {
+        /// The transfer, from `TransferStarted`.
+        transfer: u64,
+        /// Where these bytes go.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Checks an uploaded archive: its checksum and structure, and with a
+    /// secret also its encryption and the keystore inside.
+    BackupVerify {
+        /// The completed upload.
+        transfer: u64,
+        /// The backup passphrase, or a slot secret for a master-key backup.
+        secret: Option<UnlockSecret>,
+    },
+    /// Replaces the keystore with an uploaded archive's; the daemon is then
+    /// locked, and unlocks with the archive's slots.
+    BackupRestore {
+        /// The completed upload.
+        transfer: u64,
+        /// The backup passphrase, or a slot secret for a master-key backup.
+        secret: UnlockSecret,
+        /// Replace a keystore that already exists (it is kept aside, not deleted).
+        force: bool,
+    },
+}
+
+/// What encrypts a backup archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackupProtection {
+    /// A key derived from the master key: restoring needs a secret of one of
+    /// the archive's own unlock slots.
+    MasterKey,
+    /// A key derived from this passphrase with Argon2id.
+    Passphrase(SecretBytes),
+}
+
+/// What a backup archive says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupManifest {
+    /// Archive format version.
+    pub format: u32,
+    /// When it was made.
+    pub created_unix: u64,
+    /// The hsmd that made it.
+    pub hsmd_version: String,
+    /// The keystore's id (hex).
+    pub store_id: String,
+    /// The keystore's schema version.
+    pub schema_version: u32,
+    /// Keys in it (deleted ones included).
+    pub keys: u32,
+    /// Key versions in it.
+    pub key_versions: u32,
+    /// Unlock slots in it.
+    pub slots: u32,
+    /// `master-key` or `passphrase`.
+    pub protection: String,
+    /// Size of the keystore inside.
+    pub payload_bytes: u64,
+    /// SHA-256 of the keystore inside (hex).
+    pub payload_sha256: String,
+    /// Whether the contents were decrypted and checked (a secret was given),
+    /// or only the checksum and structure.
+    pub authenticated: bool,
 }
 
 /// One item of a [`Operation::Batch`]: the key operations that may be batched,
@@ -738,6 +826,12 @@ impl Operation {
             Self::DataKey { .. } => "datakey",
             Self::Batch { .. } => "batch",
             Self::DebugClock { .. } => "debug-clock",
+            Self::BackupCreate { .. } => "backup-create",
+            Self::TransferRead { .. } => "transfer-read",
+            Self::TransferBegin { .. } => "transfer-begin",
+            Self::TransferWrite { .. } => "transfer-write",
+            Self::BackupVerify { .. } => "backup-verify",
+            Self::BackupRestore { .. } => "backup-restore",
         }
     }
 }
@@ -889,6 +983,35 @@ pub enum Reply {
         /// The daemon's lifecycle clock now, seconds since the Unix epoch.
         now_unix: u64,
     },
+    /// Answer to `BackupCreate`: the archive waits to be read.
+    BackupReady {
+        /// Read it with `TransferRead`.
+        transfer: u64,
+        /// Its size.
+        size: u64,
+        /// What it holds.
+        manifest: BackupManifest,
+    },
+    /// Answer to `TransferRead`.
+    TransferData {
+        /// The bytes (fewer than asked only at the end).
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Answer to `TransferBegin`.
+    TransferStarted {
+        /// Write to it with `TransferWrite`.
+        transfer: u64,
+    },
+    /// Answer to `TransferWrite`.
+    TransferAck {
+        /// Bytes received so far.
+        received: u64,
+    },
+    /// Answer to `BackupVerify`.
+    BackupVerified(BackupManifest),
+    /// Answer to `BackupRestore`.
+    Restored(BackupManifest),
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -938,6 +1061,12 @@ impl Reply {
             Self::DataKey { .. } => "datakey",
             Self::Batch(_) => "batch",
             Self::Clock { .. } => "debug-clock",
+            Self::BackupReady { .. } => "backup-create",
+            Self::TransferData { .. } => "transfer-read",
+            Self::TransferStarted { .. } => "transfer-begin",
+            Self::TransferAck { .. } => "transfer-write",
+            Self::BackupVerified(_) => "backup-verify",
+            Self::Restored(_) => "backup-restore",
         }
     }
 }

@@ -4,6 +4,8 @@
 //! master key exists in memory only while unlocked; on disk it exists only sealed
 //! under each unlock slot's key (see [`slots`]).
 
+mod backup;
+pub use backup::MAX_ARCHIVE;
 pub mod crypto;
 mod key_ops;
 pub use key_ops::DataKey;
@@ -21,6 +23,7 @@ use std::{
 
 use protocol::{ErrorCode, KeyType, NewSlot, ServiceState, SlotInfo, UnlockSecret, WireError};
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 use self::{
     crypto::{CryptoError, Key256},
@@ -58,6 +61,9 @@ pub enum VaultError {
         /// `passphrase` or `keyfile`.
         kind: &'static str,
     },
+    /// A backup archive did not open with the secret given.
+    #[error("{0}")]
+    BackupSecret(String),
     /// Too many wrong secrets from this uid.
     #[error("too many failed unlock attempts from uid {uid}; try again in {} ms", retry_after.as_millis())]
     Backoff {
@@ -97,6 +103,9 @@ pub enum VaultError {
     /// The key's state, deletion or minimum version forbids the operation.
     #[error("{0}")]
     KeyState(String),
+    /// An error already in wire form (from a part of the daemon outside the keystore).
+    #[error("{}", .0.message)]
+    Wire(WireError),
     /// A stored record failed its checks.
     #[error("keystore record tampered: {0}")]
     Tampered(String),
@@ -112,11 +121,15 @@ impl VaultError {
     /// The wire form: a stable code and this message.
     #[must_use]
     pub fn to_wire(&self) -> WireError {
+        if let Self::Wire(w) = self {
+            return w.clone();
+        }
         let code = match self {
+            Self::Wire(w) => w.code,
             Self::NotInitialized => ErrorCode::NotInitialized,
             Self::AlreadyInitialized => ErrorCode::AlreadyInitialized,
             Self::Locked => ErrorCode::Locked,
-            Self::UnlockFailed { .. } => ErrorCode::UnlockFailed,
+            Self::UnlockFailed { .. } | Self::BackupSecret(_) => ErrorCode::UnlockFailed,
             Self::Backoff { .. } => ErrorCode::RateLimited,
             Self::NoSuchSlot(_) => ErrorCode::NotFound,
             Self::LastSlot(_) => ErrorCode::FailedPrecondition,
@@ -244,6 +257,58 @@ fn parse_type(row: &KeyRow) -> Result<KeyType, VaultError> {
         .ok_or_else(|| VaultError::Tampered(format!("key {:?} has unknown type {:?}", row.name, row.key_type)))
 }
 
+/// Tries `secret` against every slot of `kind` in `rows`; the first that opens
+/// gives the slot id and the master key. Slots whose parameters were edited
+/// are skipped (and logged): another slot may still unlock.
+///
+/// # Errors
+/// [`VaultError::Invalid`] for a secret no slot of its kind could take (a key
+/// file of the wrong size); [`VaultError::Tampered`] for a slot holding a
+/// master key of the wrong size.
+fn open_master(
+    store_id: &[u8],
+    rows: &[SlotRow],
+    kind: &str,
+    secret: &[u8],
+) -> Result<Option<(u32, Key256)>, VaultError> {
+    for row in rows.iter().filter(|r| r.kind == kind) {
+        let params: SlotParams = match serde_json::from_str(&row.params) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(slot = row.id, error = %e, "keystore record tampered: slot parameters unreadable");
+                continue;
+            }
+        };
+        if params.kind() != row.kind {
+            tracing::error!(
+                slot = row.id,
+                "keystore record tampered: slot kind and parameters disagree"
+            );
+            continue;
+        }
+        let kek = match params.derive(secret) {
+            Ok(k) => k,
+            Err(SlotError::BadSecret(why)) => return Err(VaultError::Invalid(why)),
+            Err(SlotError::BadParams(why)) => {
+                tracing::error!(slot = row.id, why, "keystore record tampered: slot parameters refused");
+                continue;
+            }
+        };
+        let aad = slot_aad(store_id, &row.kind, &row.params);
+        let Ok(opened) = crypto::open(&kek, &row.wrapped, &aad) else {
+            continue;
+        };
+        let Ok(master) = <[u8; 32]>::try_from(opened.as_slice()) else {
+            return Err(VaultError::Tampered(format!(
+                "slot {} holds a master key of the wrong size",
+                row.id
+            )));
+        };
+        return Ok(Some((row.id, Zeroizing::new(master))));
+    }
+    Ok(None)
+}
+
 /// Associated data binding a sealed master key to its keystore and slot.
 fn slot_aad(store_id: &[u8], kind: &str, params: &str) -> Vec<u8> {
     let mut aad = b"hsmd master key v1\0".to_vec();
@@ -330,61 +395,21 @@ impl Vault {
     /// [`VaultError::UnlockFailed`], [`VaultError::Backoff`], [`VaultError::NotInitialized`].
     pub fn unlock(&self, uid: u32, secret: &UnlockSecret) -> Result<u32, VaultError> {
         let _gate = lock(&self.kdf_gate);
-        if let Some(f) = lock(&self.failures).get(&uid) {
-            let now = Instant::now();
-            if now < f.not_before {
-                return Err(VaultError::Backoff {
-                    uid,
-                    retry_after: f.not_before - now,
-                });
-            }
-        }
+        self.check_backoff(uid)?;
         let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
         let (kind, bytes) = match secret {
             UnlockSecret::Passphrase(p) => ("passphrase", p.expose()),
             UnlockSecret::Keyfile(k) => ("keyfile", k.expose()),
         };
         let rows = lock(&self.store).slots()?;
-        for row in rows.iter().filter(|r| r.kind == kind) {
-            let params: SlotParams = match serde_json::from_str(&row.params) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(slot = row.id, error = %e, "keystore record tampered: slot parameters unreadable");
-                    continue;
-                }
-            };
-            if params.kind() != row.kind {
-                tracing::error!(
-                    slot = row.id,
-                    "keystore record tampered: slot kind and parameters disagree"
-                );
-                continue;
-            }
-            let kek = match params.derive(bytes) {
-                Ok(k) => k,
-                Err(SlotError::BadSecret(why)) => return Err(VaultError::Invalid(why)),
-                Err(SlotError::BadParams(why)) => {
-                    tracing::error!(slot = row.id, why, "keystore record tampered: slot parameters refused");
-                    continue;
-                }
-            };
-            let aad = slot_aad(&store_id, &row.kind, &row.params);
-            let Ok(opened) = crypto::open(&kek, &row.wrapped, &aad) else {
-                continue;
-            };
-            let Ok(master) = <[u8; 32]>::try_from(opened.as_slice()) else {
-                return Err(VaultError::Tampered(format!(
-                    "slot {} holds a master key of the wrong size",
-                    row.id
-                )));
-            };
+        if let Some((slot, master)) = open_master(&store_id, &rows, kind, bytes)? {
             lock(&self.failures).remove(&uid);
             let now = Instant::now();
             {
                 let mut custody = lock(&self.custody);
                 if !matches!(*custody, Custody::Unlocked { .. }) {
                     *custody = Custody::Unlocked {
-                        master: zeroize::Zeroizing::new(master),
+                        master,
                         since: now,
                         last_used: now,
                         keys: HashMap::new(),
@@ -394,10 +419,24 @@ impl Vault {
             if let Err(e) = self.seal_pending_policies() {
                 tracing::error!(error = %e, "could not seal the policies of keys from before this version");
             }
-            return Ok(row.id);
+            return Ok(slot);
         }
         self.record_failure(uid);
         Err(VaultError::UnlockFailed { kind })
+    }
+
+    /// Refuses while `uid` must still wait after a wrong secret.
+    fn check_backoff(&self, uid: u32) -> Result<(), VaultError> {
+        if let Some(f) = lock(&self.failures).get(&uid) {
+            let now = Instant::now();
+            if now < f.not_before {
+                return Err(VaultError::Backoff {
+                    uid,
+                    retry_after: f.not_before - now,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn record_failure(&self, uid: u32) {

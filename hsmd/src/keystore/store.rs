@@ -214,6 +214,79 @@ impl Store {
         Ok(())
     }
 
+    /// The directory the keystore file is in.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// The schema version this build writes.
+    #[must_use]
+    pub fn schema_version() -> usize {
+        MIGRATIONS.len()
+    }
+
+    /// Writes a consistent copy of the keystore to `path` (a new file).
+    ///
+    /// # Errors
+    /// [`StoreError`] if SQLite cannot.
+    pub fn vacuum_into(&self, path: &Path) -> Result<(), StoreError> {
+        let r = self
+            .conn
+            .execute("VACUUM INTO ?1", [path.to_string_lossy().as_ref()])
+            .map(|_| ());
+        self.sql(r)
+    }
+
+    /// Replaces the keystore file with `incoming` (a checked keystore in the
+    /// same directory): closes the current connection (so its WAL is folded in
+    /// and removed), keeps an initialized old file aside and returns its new
+    /// name, renames `incoming` into place, syncs the directory, and opens and
+    /// migrates the new file.
+    ///
+    /// # Errors
+    /// [`StoreError`]; if the rename fails the old keystore is reopened.
+    pub fn replace_with(&mut self, incoming: &Path) -> Result<Option<PathBuf>, StoreError> {
+        let path = self.path.clone();
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let had_keystore = self.store_id()?.is_some();
+        let placeholder = self.sql(Connection::open_in_memory())?;
+        let old = std::mem::replace(&mut self.conn, placeholder);
+        let _ = old.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+        old.close().map_err(|(_, source)| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        let kept = if had_keystore {
+            let aside = path.with_file_name(format!("{FILE_NAME}.before-restore-{}", now_secs()));
+            fs::rename(&path, &aside).map_err(io)?;
+            Some(aside)
+        } else {
+            None
+        };
+        for suffix in ["-wal", "-shm"] {
+            let _ = fs::remove_file(path.with_file_name(format!("{FILE_NAME}{suffix}")));
+        }
+        let renamed = fs::rename(incoming, &path).map_err(io);
+        if let Some(dir) = path.parent() {
+            if let Ok(d) = fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        if let (Err(_), Some(aside)) = (&renamed, &kept) {
+            let _ = fs::rename(aside, &path);
+        }
+        self.conn = self.sql(Connection::open(&path))?;
+        self.configure()?;
+        self.migrate()?;
+        renamed?;
+        self.wrote();
+        Ok(kept)
+    }
+
     /// The count of write transactions committed since the file was opened.
     #[must_use]
     pub fn write_counter(&self) -> Arc<AtomicU64> {
@@ -734,6 +807,12 @@ impl Store {
         self.wrote();
         Ok(n > 0)
     }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn insert_slot(conn: &Connection, slot: &SlotRow) -> rusqlite::Result<u32> {

@@ -9,7 +9,7 @@ use protocol::{ErrorCode, Operation, PeerInfo, Reply, StatusInfo, WireError, MAX
 use super::{Shared, VERSION};
 use crate::{
     auth::PeerIdentity,
-    keystore::{Vault, VaultError},
+    keystore::{Vault, VaultError, MAX_ARCHIVE},
 };
 
 /// The most a `DebugDelay` may hold a worker.
@@ -189,6 +189,70 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                 now_unix: shared.vault.advance_clock(advance_secs),
             }))
         }
+        Operation::BackupCreate { protection } => {
+            let (transfers, uid) = (Arc::clone(&shared.transfers), caller.peer.creds.uid);
+            custody(shared, caller, "backup-create", move |v| {
+                let (archive, manifest) = v.create_backup(&protection)?;
+                let size = archive.len() as u64;
+                let transfer = transfers.offer(uid, archive).map_err(VaultError::Wire)?;
+                Ok(Reply::BackupReady {
+                    transfer,
+                    size,
+                    manifest,
+                })
+            })
+        }
+        Operation::TransferRead { transfer, offset, len } => {
+            // Room for the reply's framing within the frame limit.
+            let max = (shared.limits.max_frame_bytes as usize).saturating_sub(1024);
+            Work::Done(
+                shared
+                    .transfers
+                    .read(caller.peer.creds.uid, transfer, offset, len, max)
+                    .map(|bytes| Reply::TransferData { bytes }),
+            )
+        }
+        Operation::TransferBegin { size } => Work::Done(
+            shared
+                .transfers
+                .begin(caller.peer.creds.uid, size, MAX_ARCHIVE)
+                .map(|transfer| Reply::TransferStarted { transfer }),
+        ),
+        Operation::TransferWrite {
+            transfer,
+            offset,
+            bytes,
+        } => Work::Done(
+            shared
+                .transfers
+                .write(caller.peer.creds.uid, transfer, offset, &bytes)
+                .map(|received| Reply::TransferAck { received }),
+        ),
+        Operation::BackupVerify { transfer, secret } => {
+            let uid = caller.peer.creds.uid;
+            let archive = match shared.transfers.take(uid, transfer) {
+                Ok(a) => a,
+                Err(e) => return Work::Done(Err(e)),
+            };
+            custody(shared, caller, "backup-verify", move |v| {
+                v.verify_backup(uid, &archive, secret.as_ref())
+                    .map(Reply::BackupVerified)
+            })
+        }
+        Operation::BackupRestore {
+            transfer,
+            secret,
+            force,
+        } => {
+            let uid = caller.peer.creds.uid;
+            let archive = match shared.transfers.take(uid, transfer) {
+                Ok(a) => a,
+                Err(e) => return Work::Done(Err(e)),
+            };
+            custody(shared, caller, "backup-restore", move |v| {
+                v.restore_backup(uid, &archive, &secret, force).map(Reply::Restored)
+            })
+        }
         op @ (Operation::Sign { .. }
         | Operation::Verify { .. }
         | Operation::Encrypt { .. }
@@ -334,6 +398,8 @@ where
                     | "key-transition"
                     | "key-restore"
                     | "key-purge"
+                    | "backup-create"
+                    | "backup-restore"
             ) {
                 tracing::info!(uid, op = what, "custody operation succeeded");
             } else {

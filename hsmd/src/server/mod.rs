@@ -4,6 +4,7 @@
 mod connection;
 pub mod dispatch;
 pub mod listener;
+pub mod transfer;
 
 use std::{
     sync::{
@@ -56,6 +57,8 @@ pub struct Shared {
     pub memory_locked: bool,
     /// How long a deleted key stays recoverable.
     pub recovery_window: std::time::Duration,
+    /// Backup archives on their way in or out.
+    pub transfers: Arc<transfer::Transfers>,
     /// When the daemon started.
     pub started: Instant,
     /// Live counters.
@@ -75,6 +78,7 @@ impl Shared {
             vault,
             memory_locked: false,
             recovery_window: std::time::Duration::from_secs(30 * 86_400),
+            transfers: Arc::default(),
             started: Instant::now(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),

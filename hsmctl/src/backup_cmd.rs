@@ -1,0 +1,298 @@
+//! `hsmctl backup create | verify | restore`: archives move in pieces over the
+//! socket (transfers), so their size is not bound by the frame limit.
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use clap::Subcommand;
+use protocol::{BackupManifest, BackupProtection, Client, ClientError, Operation, Reply, UnlockSecret};
+use serde_json::json;
+use sha2::Digest as _;
+
+use crate::{print_json, secrets, Failure};
+
+/// The largest archive hsmctl uploads (the daemon's limit too).
+const MAX_ARCHIVE: u64 = 256 * 1024 * 1024;
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Write one consistent, encrypted archive of the keystore (hsmd must be unlocked)
+    #[command(
+        after_help = "By default the archive is encrypted under a key derived from the master key:\n\
+        restoring it needs a secret of one of its unlock slots (a passphrase or key file).\n\
+        With --passphrase it is encrypted under a backup passphrase (Argon2id) instead.\n\n\
+        Examples:\n  hsmctl backup create /srv/backup/hsmd-$(date +%F).hsmdbak\n  \
+        hsmctl backup create offsite.hsmdbak --passphrase-file /run/secrets/backup-pass"
+    )]
+    Create {
+        /// The archive to write (created; never overwritten)
+        file: PathBuf,
+        /// Protect with a backup passphrase asked twice without echo
+        #[arg(long, conflicts_with = "passphrase_file")]
+        passphrase: bool,
+        /// Protect with a backup passphrase read from this file (- for stdin)
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Check an archive: checksum and structure; with a secret also that it
+    /// decrypts and holds a sound keystore matching its manifest
+    #[command(after_help = "Examples:\n  hsmctl backup verify b.hsmdbak\n  \
+        hsmctl backup verify b.hsmdbak --keyfile /etc/hsmd/unlock.key")]
+    Verify {
+        /// The archive
+        file: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Restore an archive into this daemon (empty, or with --force); hsmd is
+    /// locked afterwards and unlocks with the archive's slots
+    #[command(after_help = "Example:\n  hsmctl backup restore b.hsmdbak --keyfile /etc/hsmd/unlock.key")]
+    Restore {
+        /// The archive
+        file: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+        /// Replace an existing keystore (kept aside as keystore.sqlite.before-restore-<time>)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// The secret that opens an archive: the backup passphrase, or for a
+/// master-key archive a passphrase or key file of one of its slots.
+#[derive(Debug, clap::Args)]
+pub struct SecretArgs {
+    /// Read the passphrase from this file (- for stdin)
+    #[arg(long, value_name = "FILE", conflicts_with = "keyfile")]
+    passphrase_file: Option<PathBuf>,
+    /// A key file of one of the archive's slots (master-key archives)
+    #[arg(long, value_name = "FILE")]
+    keyfile: Option<PathBuf>,
+    /// Ask for the passphrase on the terminal
+    #[arg(long, conflicts_with_all = ["keyfile", "passphrase_file"])]
+    passphrase: bool,
+}
+
+impl SecretArgs {
+    fn given(&self) -> bool {
+        self.passphrase || self.passphrase_file.is_some() || self.keyfile.is_some()
+    }
+
+    fn read(&self, prompt: &str) -> Result<UnlockSecret, Failure> {
+        Ok(match &self.keyfile {
+            Some(path) => UnlockSecret::Keyfile(secrets::read_keyfile(path).map_err(Failure::Local)?),
+            None => UnlockSecret::Passphrase(
+                secrets::passphrase(self.passphrase_file.as_deref(), prompt).map_err(Failure::Local)?,
+            ),
+        })
+    }
+}
+
+fn local(msg: String) -> Failure {
+    Failure::Local(msg)
+}
+
+/// The protection an archive names in its header (read here only to ask for
+/// the right secret; hsmd checks everything).
+fn protection_of(archive: &[u8]) -> Option<String> {
+    let len = u32::from_be_bytes(archive.get(8..12)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(archive.get(12..12usize.checked_add(len)?)?).ok()?;
+    header["manifest"]["protection"].as_str().map(str::to_owned)
+}
+
+fn read_archive(path: &Path) -> Result<Vec<u8>, Failure> {
+    let size = fs::metadata(path)
+        .map_err(|e| local(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    if size > MAX_ARCHIVE {
+        return Err(local(format!(
+            "{} is {size} bytes, more than the {MAX_ARCHIVE}-byte limit of an archive",
+            path.display()
+        )));
+    }
+    fs::read(path).map_err(|e| local(format!("cannot read {}: {e}", path.display())))
+}
+
+fn chunk_len(client: &Client) -> usize {
+    (client.server().max_frame_bytes as usize)
+        .saturating_sub(4096)
+        .max(1024)
+}
+
+fn upload(client: &mut Client, archive: &[u8]) -> Result<u64, Failure> {
+    let transfer = match client.call(Operation::TransferBegin {
+        size: archive.len() as u64,
+    })? {
+        Reply::TransferStarted { transfer } => transfer,
+        other => return Err(unexpected("transfer-begin", &other)),
+    };
+    let mut offset = 0u64;
+    for piece in archive.chunks(chunk_len(client)) {
+        match client.call(Operation::TransferWrite {
+            transfer,
+            offset,
+            bytes: piece.to_vec(),
+        })? {
+            Reply::TransferAck { received } => offset = received,
+            other => return Err(unexpected("transfer-write", &other)),
+        }
+    }
+    Ok(transfer)
+}
+
+fn unexpected(expected: &'static str, got: &Reply) -> Failure {
+    ClientError::UnexpectedReply {
+        expected,
+        got: got.name(),
+    }
+    .into()
+}
+
+fn print_manifest(json: bool, what: &str, m: &BackupManifest, extra: serde_json::Value) {
+    if json {
+        let mut v = serde_json::to_value(m).unwrap_or_default();
+        if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+            obj.extend(more.clone());
+        }
+        print_json(&v);
+        return;
+    }
+    println!("{what}");
+    println!("  keystore:   {} (schema {})", m.store_id, m.schema_version);
+    println!(
+        "  contents:   {} keys, {} key versions, {} unlock slots",
+        m.keys, m.key_versions, m.slots
+    );
+    println!(
+        "  made:       {} by hsmd {}",
+        crate::key_cmd::time(m.created_unix),
+        m.hsmd_version
+    );
+    println!("  protection: {}", m.protection);
+    println!("  keystore:   {} bytes, sha256 {}", m.payload_bytes, m.payload_sha256);
+}
+
+/// Runs a backup command; connects only once any secret has been read.
+pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
+    match cmd {
+        BackupCommand::Create {
+            file,
+            passphrase,
+            passphrase_file,
+        } => {
+            let protection = if *passphrase || passphrase_file.is_some() {
+                BackupProtection::Passphrase(
+                    secrets::new_passphrase(passphrase_file.as_deref()).map_err(Failure::Local)?,
+                )
+            } else {
+                BackupProtection::MasterKey
+            };
+            if file.exists() {
+                return Err(local(format!("{} exists; choose a new name", file.display())));
+            }
+            let mut client = crate::connect(cli)?;
+            let (transfer, size, manifest) = match client.call(Operation::BackupCreate { protection })? {
+                Reply::BackupReady {
+                    transfer,
+                    size,
+                    manifest,
+                } => (transfer, size, manifest),
+                other => return Err(unexpected("backup-create", &other)),
+            };
+            let mut archive = Vec::new();
+            while (archive.len() as u64) < size {
+                let want = u32::try_from(chunk_len(&client)).unwrap_or(u32::MAX);
+                match client.call(Operation::TransferRead {
+                    transfer,
+                    offset: archive.len() as u64,
+                    len: want,
+                })? {
+                    Reply::TransferData { bytes } if !bytes.is_empty() => archive.extend_from_slice(&bytes),
+                    other => return Err(unexpected("transfer-read", &other)),
+                }
+            }
+            let (body, sum) = archive.split_at(archive.len().saturating_sub(32));
+            if sha2::Sha256::digest(body).as_slice() != sum {
+                return Err(local(
+                    "the archive arrived damaged (checksum mismatch); nothing written".into(),
+                ));
+            }
+            let dir = file
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)
+                .map_err(|e| local(format!("cannot create a file in {}: {e}", dir.display())))?;
+            tmp.write_all(&archive)
+                .and_then(|()| tmp.as_file().sync_all())
+                .map_err(|e| local(format!("cannot write {}: {e}", file.display())))?;
+            tmp.persist_noclobber(file)
+                .map_err(|e| local(format!("cannot write {}: {e}", file.display())))?;
+            print_manifest(
+                cli.json,
+                &format!("backup written to {} ({size} bytes)", file.display()),
+                &manifest,
+                json!({ "file": file, "size": size }),
+            );
+        }
+        BackupCommand::Verify { file, secret } => {
+            let archive = read_archive(file)?;
+            let secret = if secret.given() {
+                let prompt = match protection_of(&archive).as_deref() {
+                    Some("passphrase") => "Backup passphrase: ",
+                    _ => "Passphrase of one of the backup's slots: ",
+                };
+                Some(secret.read(prompt)?)
+            } else {
+                None
+            };
+            let mut client = crate::connect(cli)?;
+            let transfer = upload(&mut client, &archive)?;
+            match client.call(Operation::BackupVerify { transfer, secret })? {
+                Reply::BackupVerified(m) => {
+                    let what = if m.authenticated {
+                        format!("{}: checksum, encryption and keystore all check", file.display())
+                    } else {
+                        format!(
+                            "{}: checksum and structure check (give --keyfile, --passphrase-file or \
+                             --passphrase to decrypt and check the keystore too)",
+                            file.display()
+                        )
+                    };
+                    print_manifest(cli.json, &what, &m, json!({ "file": file }));
+                }
+                other => return Err(unexpected("backup-verify", &other)),
+            }
+        }
+        BackupCommand::Restore { file, secret, force } => {
+            let archive = read_archive(file)?;
+            let prompt = match protection_of(&archive).as_deref() {
+                Some("passphrase") => "Backup passphrase: ",
+                _ => "Passphrase of one of the backup's slots: ",
+            };
+            let secret = secret.read(prompt)?;
+            let mut client = crate::connect(cli)?;
+            let transfer = upload(&mut client, &archive)?;
+            match client.call(Operation::BackupRestore {
+                transfer,
+                secret,
+                force: *force,
+            })? {
+                Reply::Restored(m) => print_manifest(
+                    cli.json,
+                    &format!(
+                        "restored from {}; hsmd is locked: unlock it with one of the backup's slots",
+                        file.display()
+                    ),
+                    &m,
+                    json!({ "file": file, "state": "locked" }),
+                ),
+                other => return Err(unexpected("backup-restore", &other)),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,491 @@
+//! Backup archives: one consistent copy of the keystore (`VACUUM INTO`, so it
+//! is a snapshot even while keys are used), encrypted under a key derived from
+//! the master key or from a backup passphrase, with a manifest and a checksum.
+//! The format is specified in `docs/backup.md`:
+//!
+//! ```text
+//! "HSMDBAK1" | u32 header length | header (JSON) | sealed keystore | SHA-256 of all before
+//! ```
+//!
+//! The header (manifest, protection, KDF parameters, and for master-key backups
+//! the unlock slots, which hold the master key only sealed) is the associated
+//! data of the AES-256-GCM seal, so neither part can be changed alone; the
+//! trailing checksum finds a damaged archive without any secret.
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use hkdf::Hkdf;
+use protocol::{BackupManifest, BackupProtection, ServiceState, UnlockSecret};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
+
+use super::{
+    crypto::{self, Key256},
+    lock, now_unix, open_master,
+    slots::SlotParams,
+    store::{SlotRow, Store},
+    Custody, Vault, VaultError,
+};
+
+const MAGIC: &[u8; 8] = b"HSMDBAK1";
+const FORMAT: u32 = 1;
+/// The largest header accepted (it holds a few slots, not data).
+const MAX_HEADER: usize = 1024 * 1024;
+/// The largest archive accepted.
+pub const MAX_ARCHIVE: u64 = 256 * 1024 * 1024;
+
+/// A slot as the archive carries it: the master key only sealed, as on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ArchivedSlot {
+    id: u32,
+    kind: String,
+    label: String,
+    params: String,
+    wrapped: String,
+    created_unix: u64,
+}
+
+/// The archive's header, authenticated as the seal's associated data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    manifest: BackupManifest,
+    /// For passphrase backups: the Argon2id parameters and salt.
+    kdf: Option<SlotParams>,
+    /// For master-key backups: the keystore's unlock slots.
+    slots: Vec<ArchivedSlot>,
+    /// Salt of the HKDF that derives a master-key backup's key.
+    salt: String,
+}
+
+/// A parsed archive whose checksum matched.
+struct Parsed<'a> {
+    header: Header,
+    header_bytes: &'a [u8],
+    sealed: &'a [u8],
+}
+
+fn damaged(why: impl std::fmt::Display) -> VaultError {
+    VaultError::Invalid(format!("not a usable hsmd backup: {why}"))
+}
+
+fn aad(header_bytes: &[u8]) -> Vec<u8> {
+    let mut aad = b"hsmd backup v1\0".to_vec();
+    aad.extend_from_slice(header_bytes);
+    aad
+}
+
+fn parse(archive: &[u8]) -> Result<Parsed<'_>, VaultError> {
+    if archive.len() < MAGIC.len() + 4 + 32 || &archive[..8] != MAGIC {
+        return Err(damaged("it does not start with the HSMDBAK1 signature"));
+    }
+    let (body, sum) = archive.split_at(archive.len() - 32);
+    if Sha256::digest(body).as_slice() != sum {
+        return Err(damaged(
+            "its checksum does not match: the file is damaged, truncated or was edited",
+        ));
+    }
+    let header_len = u32::from_be_bytes([body[8], body[9], body[10], body[11]]) as usize;
+    if header_len > MAX_HEADER || 12 + header_len > body.len() {
+        return Err(damaged("its header length is out of range"));
+    }
+    let header_bytes = &body[12..12 + header_len];
+    let header: Header = serde_json::from_slice(header_bytes).map_err(|e| damaged(format!("its header: {e}")))?;
+    if header.manifest.format != FORMAT {
+        return Err(damaged(format!(
+            "it has format {}, and this hsmd reads format {FORMAT}",
+            header.manifest.format
+        )));
+    }
+    Ok(Parsed {
+        header,
+        header_bytes,
+        sealed: &body[12 + header_len..],
+    })
+}
+
+fn master_backup_key(master: &Key256, salt: &[u8]) -> Key256 {
+    let mut key = Zeroizing::new([0u8; 32]);
+    // Infallible: 32 bytes is far below HKDF-SHA-256's output limit.
+    let _ = Hkdf::<Sha256>::new(Some(salt), master.as_ref()).expand(b"hsmd backup key v1", key.as_mut());
+    key
+}
+
+fn hex_decode(what: &str, s: &str) -> Result<Vec<u8>, VaultError> {
+    hex::decode(s).map_err(|_| damaged(format!("its {what} is not hex")))
+}
+
+/// Facts about a keystore file, read from a snapshot of it.
+fn inspect(path: &Path) -> Result<(Vec<u8>, u32, u32, u32, u32), VaultError> {
+    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| damaged(format!("the keystore inside does not open: {e}")))?;
+    let q = |sql: &str| -> Result<u32, VaultError> {
+        conn.query_row(sql, [], |r| r.get(0))
+            .map_err(|e| damaged(format!("the keystore inside does not read: {e}")))
+    };
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| damaged(format!("the keystore inside does not read: {e}")))?;
+    if check != "ok" {
+        return Err(damaged(format!(
+            "the keystore inside fails SQLite's integrity check: {check}"
+        )));
+    }
+    let schema = q("PRAGMA user_version")?;
+    let store_id: Vec<u8> = conn
+        .query_row("SELECT value FROM meta WHERE name = 'store_id'", [], |r| r.get(0))
+        .map_err(|_| damaged("the keystore inside is not initialized"))?;
+    Ok((
+        store_id,
+        schema,
+        q("SELECT COUNT(*) FROM keys")?,
+        q("SELECT COUNT(*) FROM key_versions")?,
+        q("SELECT COUNT(*) FROM slots")?,
+    ))
+}
+
+/// A temp file in `dir` that is removed when dropped, unless kept.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+fn scratch(dir: &Path, what: &str) -> Result<Scratch, VaultError> {
+    let name = format!(".{what}-{}.tmp", hex::encode(crypto::random::<8>()?));
+    Ok(Scratch(dir.join(name)))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), VaultError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |e: std::io::Error| damaged(format!("cannot write {}: {e}", path.display()));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)
+}
+
+impl Vault {
+    /// Makes a backup archive of the keystore as it is now (use counts are
+    /// flushed first). Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::Locked`]; [`VaultError::Invalid`] for a passphrase out of
+    /// range; [`VaultError::Store`] if the snapshot fails.
+    pub fn create_backup(&self, protection: &BackupProtection) -> Result<(Vec<u8>, BackupManifest), VaultError> {
+        let master = self.master()?;
+        if let Err(e) = self.flush_usage() {
+            tracing::warn!(error = %e, "use counts not flushed before the backup");
+        }
+        let dir = lock(&self.store).dir().to_owned();
+        let snapshot = scratch(&dir, "backup")?;
+        lock(&self.store).vacuum_into(&snapshot.0)?;
+        let (store_id, schema, keys, versions, slot_count) = inspect(&snapshot.0)?;
+        let payload =
+            Zeroizing::new(fs::read(&snapshot.0).map_err(|e| damaged(format!("cannot read the snapshot: {e}")))?);
+        drop(snapshot);
+        let salt = crypto::random::<16>()?;
+        let (key, kdf, slots, kind) = match protection {
+            BackupProtection::MasterKey => {
+                let slots = lock(&self.store)
+                    .slots()?
+                    .into_iter()
+                    .map(|r| ArchivedSlot {
+                        id: r.id,
+                        kind: r.kind,
+                        label: r.label,
+                        params: r.params,
+                        wrapped: hex::encode(&r.wrapped),
+                        created_unix: r.created_unix,
+                    })
+                    .collect();
+                (master_backup_key(&master, &salt), None, slots, "master-key")
+            }
+            BackupProtection::Passphrase(p) => {
+                let n = p.len();
+                if !(super::MIN_PASSPHRASE..=super::MAX_PASSPHRASE).contains(&n) {
+                    return Err(VaultError::Invalid(format!(
+                        "a backup passphrase must be {} to {} bytes; this one is {n}",
+                        super::MIN_PASSPHRASE,
+                        super::MAX_PASSPHRASE
+                    )));
+                }
+                let params = SlotParams::Argon2id {
+                    cost: self.cost,
+                    salt: hex::encode(crypto::random::<16>()?),
+                };
+                let key = {
+                    let _gate = lock(&self.kdf_gate);
+                    params
+                        .derive(p.expose())
+                        .map_err(|e| VaultError::Invalid(e.to_string()))?
+                };
+                (key, Some(params), Vec::new(), "passphrase")
+            }
+        };
+        let manifest = BackupManifest {
+            format: FORMAT,
+            created_unix: now_unix(),
+            hsmd_version: env!("CARGO_PKG_VERSION").to_owned(),
+            store_id: hex::encode(&store_id),
+            schema_version: schema,
+            keys,
+            key_versions: versions,
+            slots: slot_count,
+            protection: kind.to_owned(),
+            payload_bytes: payload.len() as u64,
+            payload_sha256: hex::encode(Sha256::digest(&payload[..])),
+            authenticated: true,
+        };
+        let header = Header {
+            manifest: manifest.clone(),
+            kdf,
+            slots,
+            salt: hex::encode(salt),
+        };
+        let header_bytes = serde_json::to_vec(&header).map_err(|e| VaultError::Invalid(e.to_string()))?;
+        let sealed = crypto::seal(&key, &payload, &aad(&header_bytes))?;
+        let mut archive = Vec::with_capacity(12 + header_bytes.len() + sealed.len() + 32);
+        archive.extend_from_slice(MAGIC);
+        archive.extend_from_slice(&(header_bytes.len() as u32).to_be_bytes());
+        archive.extend_from_slice(&header_bytes);
+        archive.extend_from_slice(&sealed);
+        let sum = Sha256::digest(&archive);
+        archive.extend_from_slice(&sum);
+        tracing::info!(keys, bytes = archive.len(), protection = kind, "backup archive made");
+        Ok((archive, manifest))
+    }
+
+    /// Opens an archive with `secret`: checksum, header, key derivation, seal,
+    /// payload digest. Wrong secrets count toward the uid's unlock back-off.
+    fn open_backup(
+        &self,
+        uid: u32,
+        parsed: &Parsed<'_>,
+        secret: &UnlockSecret,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let _gate = lock(&self.kdf_gate);
+        self.check_backoff(uid)?;
+        let h = &parsed.header;
+        let key = match (&h.kdf, secret) {
+            (Some(params), UnlockSecret::Passphrase(p)) => params
+                .derive(p.expose())
+                .map_err(|e| damaged(format!("its key derivation: {e}")))?,
+            (Some(_), UnlockSecret::Keyfile(_)) => {
+                return Err(VaultError::Invalid(
+                    "this backup is protected by a backup passphrase; give it with --passphrase-file".into(),
+                ))
+            }
+            (None, secret) => {
+                let rows: Vec<SlotRow> = h
+                    .slots
+                    .iter()
+                    .map(|s| {
+                        Ok(SlotRow {
+                            id: s.id,
+                            kind: s.kind.clone(),
+                            label: s.label.clone(),
+                            params: s.params.clone(),
+                            wrapped: hex_decode("slot", &s.wrapped)?,
+                            created_unix: s.created_unix,
+                        })
+                    })
+                    .collect::<Result<_, VaultError>>()?;
+                let (kind, bytes) = match secret {
+                    UnlockSecret::Passphrase(p) => ("passphrase", p.expose()),
+                    UnlockSecret::Keyfile(k) => ("keyfile", k.expose()),
+                };
+                let store_id = hex_decode("store id", &h.manifest.store_id)?;
+                match open_master(&store_id, &rows, kind, bytes)? {
+                    Some((_, master)) => master_backup_key(&master, &hex_decode("salt", &h.salt)?),
+                    None => {
+                        self.record_failure(uid);
+                        return Err(VaultError::BackupSecret(format!(
+                            "no {kind} slot of the backup accepts this {kind}"
+                        )));
+                    }
+                }
+            }
+        };
+        let payload = crypto::open(&key, parsed.sealed, &aad(parsed.header_bytes)).map_err(|_| {
+            self.record_failure(uid);
+            VaultError::BackupSecret("the backup does not open with this passphrase".into())
+        })?;
+        if hex::encode(Sha256::digest(&payload[..])) != h.manifest.payload_sha256
+            || payload.len() as u64 != h.manifest.payload_bytes
+        {
+            return Err(damaged("the keystore inside does not match its manifest"));
+        }
+        lock(&self.failures).remove(&uid);
+        Ok(payload)
+    }
+
+    /// Checks an archive. Without a secret: its signature, checksum and
+    /// header; with one: also that it decrypts and holds a sound keystore
+    /// matching its manifest. Changes nothing.
+    ///
+    /// # Errors
+    /// [`VaultError::Invalid`] naming what is wrong; [`VaultError::UnlockFailed`]
+    /// for a wrong secret.
+    pub fn verify_backup(
+        &self,
+        uid: u32,
+        archive: &[u8],
+        secret: Option<&UnlockSecret>,
+    ) -> Result<BackupManifest, VaultError> {
+        let parsed = parse(archive)?;
+        let mut manifest = parsed.header.manifest.clone();
+        manifest.authenticated = false;
+        let Some(secret) = secret else {
+            return Ok(manifest);
+        };
+        let payload = self.open_backup(uid, &parsed, secret)?;
+        let dir = lock(&self.store).dir().to_owned();
+        let check = scratch(&dir, "verify")?;
+        write_private(&check.0, &payload)?;
+        self.check_payload(&check.0, &manifest)?;
+        manifest.authenticated = true;
+        Ok(manifest)
+    }
+
+    fn check_payload(&self, path: &Path, manifest: &BackupManifest) -> Result<(), VaultError> {
+        let (store_id, schema, keys, versions, slots) = inspect(path)?;
+        if hex::encode(store_id) != manifest.store_id
+            || (keys, versions, slots) != (manifest.keys, manifest.key_versions, manifest.slots)
+        {
+            return Err(damaged("the keystore inside does not match its manifest"));
+        }
+        if schema as usize > Store::schema_version() {
+            return Err(damaged(format!(
+                "its keystore has schema version {schema}, newer than this hsmd knows; upgrade hsmd"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replaces the keystore with an archive's. Refuses to replace an
+    /// initialized keystore unless `force` (which keeps the old file aside).
+    /// Afterwards the daemon is locked and unlocks with the archive's slots.
+    ///
+    /// # Errors
+    /// As [`Vault::verify_backup`]; [`VaultError::AlreadyInitialized`] without `force`.
+    pub fn restore_backup(
+        &self,
+        uid: u32,
+        archive: &[u8],
+        secret: &UnlockSecret,
+        force: bool,
+    ) -> Result<BackupManifest, VaultError> {
+        let parsed = parse(archive)?;
+        if self.state() != ServiceState::Uninitialized && !force {
+            return Err(VaultError::KeyState(
+                "hsmd already has a keystore; restoring would replace it. Add --force to replace it \
+                 (the current file is kept beside it as keystore.sqlite.before-restore-<time>)"
+                    .into(),
+            ));
+        }
+        let payload = self.open_backup(uid, &parsed, secret)?;
+        let manifest = parsed.header.manifest.clone();
+        let dir = lock(&self.store).dir().to_owned();
+        let incoming = scratch(&dir, "restore")?;
+        write_private(&incoming.0, &payload)?;
+        self.check_payload(&incoming.0, &manifest)?;
+        let store_id = hex_decode("store id", &manifest.store_id)?;
+        // Nothing may use the old keys or rows from here on.
+        *lock(&self.custody) = Custody::Locked;
+        let kept = {
+            let mut store = lock(&self.store);
+            let kept = store.replace_with(&incoming.0)?;
+            *lock(&self.store_id) = Some(store_id);
+            kept
+        };
+        lock(&self.rows).clear();
+        lock(&self.usage).clear();
+        if let Some(k) = &kept {
+            tracing::warn!(kept = %k.display(), "keystore replaced by a backup; the previous one is kept");
+        }
+        tracing::info!(keys = manifest.keys, store_id = %manifest.store_id, "keystore restored from a backup; locked");
+        Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive_with(header: &Header, sealed: &[u8]) -> Vec<u8> {
+        let header_bytes = serde_json::to_vec(header).unwrap();
+        let mut a = MAGIC.to_vec();
+        a.extend_from_slice(&(header_bytes.len() as u32).to_be_bytes());
+        a.extend_from_slice(&header_bytes);
+        a.extend_from_slice(sealed);
+        let sum = Sha256::digest(&a);
+        a.extend_from_slice(&sum);
+        a
+    }
+
+    fn header() -> Header {
+        Header {
+            manifest: BackupManifest {
+                format: FORMAT,
+                created_unix: 1,
+                hsmd_version: "0".into(),
+                store_id: "00".into(),
+                schema_version: 3,
+                keys: 0,
+                key_versions: 0,
+                slots: 0,
+                protection: "master-key".into(),
+                payload_bytes: 0,
+                payload_sha256: String::new(),
+                authenticated: true,
+            },
+            kdf: None,
+            slots: Vec::new(),
+            salt: "00".into(),
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught_by_the_checksum() {
+        let a = archive_with(&header(), &[7u8; 60]);
+        assert!(parse(&a).is_ok());
+        for i in 0..a.len() {
+            let mut b = a.clone();
+            b[i] ^= 0x01;
+            assert!(parse(&b).is_err(), "flip at {i} went unnoticed");
+        }
+        assert!(parse(&a[..a.len() - 1]).is_err(), "truncation");
+        assert!(parse(b"HSMDBAK1").is_err(), "too short");
+    }
+
+    #[test]
+    fn a_header_length_past_the_end_is_refused_without_reading_it() {
+        let mut a = MAGIC.to_vec();
+        a.extend_from_slice(&u32::MAX.to_be_bytes());
+        let sum = Sha256::digest(&a);
+        a.extend_from_slice(&sum);
+        let Err(e) = parse(&a) else { panic!("accepted") };
+        assert!(e.to_string().contains("header length"), "{e}");
+    }
+
+    #[test]
+    fn other_formats_are_named_in_the_refusal() {
+        let mut h = header();
+        h.manifest.format = 9;
+        let Err(e) = parse(&archive_with(&h, &[])) else {
+            panic!("accepted")
+        };
+        assert!(e.to_string().contains("format 9"), "{e}");
+    }
+}

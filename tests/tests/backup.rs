@@ -1,0 +1,276 @@
+//! Backup and restore (issue 4, must-show 6): an archive made from a live
+//! keystore restores into a fresh daemon with every key, version, state and
+//! counter; a damaged archive is refused by verify and restore and changes
+//! nothing; a live keystore is replaced only with --force.
+
+use std::{fs, path::Path, process::Output};
+
+use hsmd_tests::Daemon;
+use serde_json::Value;
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "hsmctl failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn refused(out: &Output, code: &str) -> String {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains(&format!("({code})")), "expected {code}: {err}");
+    err
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_str(&ok(out)).expect("json")
+}
+
+/// Key metadata that a restore must bring back exactly (use times aside,
+/// since the daemon keeps counting while the test runs).
+fn keys_summary(d: &Daemon) -> Vec<Value> {
+    let list = json(&d.hsmctl(&["--json", "key", "list"]));
+    list.as_array()
+        .expect("array")
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "name": k["name"], "id": k["id"], "type": k["key_type"], "version": k["version"],
+                "state": k["state"], "deleted": k["deleted_unix"], "labels": k["labels"],
+                "rotate": k["rotate_every_secs"], "min_decrypt": k["min_decrypt_version"],
+                "uses": k["versions"].as_array().expect("versions").iter().map(|v| v["use_count"].clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
+/// A fresh daemon on an empty state directory, as on another machine.
+fn fresh() -> Daemon {
+    let d = Daemon::start();
+    assert_eq!(json(&d.hsmctl(&["--json", "status"]))["state"], "uninitialized");
+    d
+}
+
+#[test]
+fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
+    let d = Daemon::start();
+    let dir = d.dir().to_owned();
+    let keyfile = dir.join("unlock.key");
+    ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+    let data = dir.join("data");
+    fs::write(&data, b"ledger").expect("write");
+    ok(&d.hsmctl(&[
+        "key",
+        "create",
+        "rel",
+        "--type",
+        "ed25519",
+        "--label",
+        "team=ci",
+        "--rotate-every",
+        "90d",
+    ]));
+    ok(&d.hsmctl(&["key", "create", "p384", "--type", "ecdsa-p384"]));
+    ok(&d.hsmctl(&["key", "create", "vault", "--type", "aes256-gcm"]));
+    ok(&d.hsmctl(&["key", "create", "tags", "--type", "hmac-sha256"]));
+    ok(&d.hsmctl(&["key", "create", "old", "--type", "ed25519"]));
+    ok(&d.hsmctl(&["key", "create", "trash", "--type", "ecdsa-p256"]));
+    ok(&d.hsmctl(&["sign", "rel", "-i", p(&data), "-o", p(&dir.join("rel.v1.sig"))]));
+    ok(&d.hsmctl(&["key", "rotate", "rel"]));
+    ok(&d.hsmctl(&["sign", "rel", "-i", p(&data), "-o", p(&dir.join("rel.v2.sig"))]));
+    ok(&d.hsmctl(&["sign", "p384", "-i", p(&data), "-o", p(&dir.join("p384.sig"))]));
+    ok(&d.hsmctl(&["encrypt", "vault", "-i", p(&data), "-o", p(&dir.join("data.enc"))]));
+    ok(&d.hsmctl(&["key", "rotate", "vault"]));
+    ok(&d.hsmctl(&["key", "set", "vault", "--min-decrypt-version", "2"]));
+    ok(&d.hsmctl(&["encrypt", "vault", "-i", p(&data), "-o", p(&dir.join("data.v2.enc"))]));
+    ok(&d.hsmctl(&["mac", "tags", "-i", p(&data), "-o", p(&dir.join("data.mac"))]));
+    ok(&d.hsmctl(&["sign", "old", "-i", p(&data), "-o", p(&dir.join("old.sig"))]));
+    ok(&d.hsmctl(&["key", "deactivate", "old"]));
+    ok(&d.hsmctl(&["key", "delete", "trash"]));
+    let before = keys_summary(&d);
+
+    let by_master = dir.join("master.hsmdbak");
+    let by_pass = dir.join("pass.hsmdbak");
+    let pass_file = dir.join("backup-pass");
+    fs::write(&pass_file, "correct horse battery staple\n").expect("write");
+    let made = json(&d.hsmctl(&["--json", "backup", "create", p(&by_master)]));
+    assert_eq!(made["keys"], 6);
+    assert_eq!(made["protection"], "master-key");
+    ok(&d.hsmctl(&["backup", "create", p(&by_pass), "--passphrase-file", p(&pass_file)]));
+    let out = d.hsmctl(&["backup", "create", p(&by_pass)]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists; choose a new name"),
+        "{out:?}"
+    );
+    // The archives reveal nothing: no key name in the sealed part, no material.
+    let raw = fs::read(&by_pass).expect("read");
+    assert!(!raw.windows(6).any(|w| w == b"ledger"));
+
+    // Verify: checksum only, then with secrets.
+    let v = json(&d.hsmctl(&["--json", "backup", "verify", p(&by_master)]));
+    assert_eq!(v["authenticated"], false);
+    let v = json(&d.hsmctl(&["--json", "backup", "verify", p(&by_master), "--keyfile", p(&keyfile)]));
+    assert_eq!(v["authenticated"], true);
+    let v = json(&d.hsmctl(&[
+        "--json",
+        "backup",
+        "verify",
+        p(&by_pass),
+        "--passphrase-file",
+        p(&pass_file),
+    ]));
+    assert_eq!(v["authenticated"], true);
+    let wrong = dir.join("wrong");
+    fs::write(&wrong, "not the passphrase at all").expect("write");
+    refused(
+        &d.hsmctl(&["backup", "verify", p(&by_pass), "--passphrase-file", p(&wrong)]),
+        "unlock-failed",
+    );
+
+    // A live keystore is replaced only with --force.
+    let err = refused(
+        &d.hsmctl(&["backup", "restore", p(&by_master), "--keyfile", p(&keyfile)]),
+        "key-state",
+    );
+    assert!(err.contains("--force"), "{err}");
+
+    // Another machine: a fresh daemon restores the master-key archive with the
+    // old slot's key file, and a third one the passphrase archive.
+    for (archive, secret) in [
+        (&by_master, ["--keyfile", p(&keyfile)]),
+        (&by_pass, ["--passphrase-file", p(&pass_file)]),
+    ] {
+        let other = fresh();
+        let copy = other.dir().join("in.hsmdbak");
+        fs::copy(archive, &copy).expect("copy");
+        let out = ok(&other.hsmctl(&["backup", "restore", p(&copy), secret[0], secret[1]]));
+        assert!(out.contains("hsmd is locked"), "{out}");
+        assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "locked");
+        ok(&other.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
+        assert_eq!(keys_summary(&other), before, "same keys, versions, states, counters");
+        let sig = |n: &str| dir.join(n);
+        for (key, s) in [
+            ("rel", "rel.v1.sig"),
+            ("rel", "rel.v2.sig"),
+            ("p384", "p384.sig"),
+            ("old", "old.sig"),
+        ] {
+            ok(&other.hsmctl(&["verify", key, "-i", p(&data), "-s", p(&sig(s))]));
+        }
+        ok(&other.hsmctl(&["mac-verify", "tags", "-i", p(&data), "-t", p(&dir.join("data.mac"))]));
+        let out = other.dir().join("plain");
+        ok(&other.hsmctl(&["decrypt", "vault", "-i", p(&dir.join("data.v2.enc")), "-o", p(&out)]));
+        assert_eq!(fs::read(&out).expect("read"), b"ledger");
+        // States came along: the v1 ciphertext stays below the minimum, the
+        // deactivated key does not sign, the deleted key can be restored.
+        refused(
+            &other.hsmctl(&["decrypt", "vault", "-i", p(&dir.join("data.enc")), "-o", p(&out)]),
+            "key-state",
+        );
+        refused(
+            &other.hsmctl(&["sign", "old", "-i", p(&data), "-o", p(&out)]),
+            "key-state",
+        );
+        ok(&other.hsmctl(&["key", "restore", "trash"]));
+        ok(&other.hsmctl(&["sign", "rel", "-i", p(&data), "-o", p(&other.dir().join("new.sig"))]));
+    }
+
+    // With --force the live keystore is replaced and the old file kept aside.
+    ok(&d.hsmctl(&["key", "create", "after-backup", "--type", "ed25519"]));
+    ok(&d.hsmctl(&["backup", "restore", p(&by_master), "--keyfile", p(&keyfile), "--force"]));
+    ok(&d.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
+    refused(&d.hsmctl(&["key", "info", "after-backup"]), "not-found");
+    let kept = fs::read_dir(dir.join("state"))
+        .expect("state dir")
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("keystore.sqlite.before-restore-")
+        });
+    assert!(kept, "the replaced keystore is kept aside");
+}
+
+#[test]
+fn a_damaged_archive_fails_verify_and_restore_and_changes_nothing() {
+    let d = Daemon::start();
+    let dir = d.dir().to_owned();
+    let keyfile = dir.join("unlock.key");
+    ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+    ok(&d.hsmctl(&["key", "create", "k", "--type", "ed25519"]));
+    let archive = dir.join("b.hsmdbak");
+    ok(&d.hsmctl(&["backup", "create", p(&archive)]));
+    let bytes = fs::read(&archive).expect("read");
+
+    let other = fresh();
+    let state_before: Vec<_> = fs::read_dir(other.dir().join("state"))
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    // One flipped byte in the header, the sealed keystore, and the checksum.
+    for at in [20, bytes.len() / 2, bytes.len() - 1] {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x10;
+        let path = other.dir().join(format!("bad-{at}.hsmdbak"));
+        fs::write(&path, &bad).expect("write");
+        let err = refused(&other.hsmctl(&["backup", "verify", p(&path)]), "invalid-argument");
+        assert!(err.contains("checksum does not match"), "{err}");
+        refused(
+            &other.hsmctl(&["backup", "verify", p(&path), "--keyfile", p(&keyfile)]),
+            "invalid-argument",
+        );
+        let err = refused(
+            &other.hsmctl(&["backup", "restore", p(&path), "--keyfile", p(&keyfile)]),
+            "invalid-argument",
+        );
+        assert!(err.contains("not a usable hsmd backup"), "{err}");
+        assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "uninitialized");
+    }
+    let truncated = other.dir().join("short.hsmdbak");
+    fs::write(&truncated, &bytes[..bytes.len() - 100]).expect("write");
+    refused(
+        &other.hsmctl(&["backup", "restore", p(&truncated), "--keyfile", p(&keyfile)]),
+        "invalid-argument",
+    );
+    let state_after: Vec<_> = fs::read_dir(other.dir().join("state"))
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        state_before, state_after,
+        "no file added or removed in the state directory"
+    );
+    // The good archive still restores there.
+    let good = other.dir().join("good.hsmdbak");
+    fs::write(&good, &bytes).expect("write");
+    ok(&other.hsmctl(&["backup", "restore", p(&good), "--keyfile", p(&keyfile)]));
+    ok(&other.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
+    ok(&other.hsmctl(&["key", "info", "k"]));
+}
+
+#[test]
+fn a_backup_needs_the_keystore_unlocked_and_the_right_slot_secret() {
+    let d = Daemon::start();
+    let dir = d.dir().to_owned();
+    let keyfile = dir.join("unlock.key");
+    ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+    ok(&d.hsmctl(&["lock"]));
+    refused(&d.hsmctl(&["backup", "create", p(&dir.join("x.hsmdbak"))]), "locked");
+    assert!(!dir.join("x.hsmdbak").exists());
+    ok(&d.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
+    let archive = dir.join("b.hsmdbak");
+    ok(&d.hsmctl(&["backup", "create", p(&archive)]));
+    let other = fresh();
+    let stranger = other.dir().join("stranger.key");
+    fs::write(&stranger, [7u8; 32]).expect("write");
+    let err = refused(
+        &other.hsmctl(&["backup", "restore", p(&archive), "--keyfile", p(&stranger)]),
+        "unlock-failed",
+    );
+    assert!(err.contains("no keyfile slot of the backup accepts"), "{err}");
+    assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "uninitialized");
+}

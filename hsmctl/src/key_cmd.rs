@@ -215,7 +215,13 @@ fn never_or<T>(s: Option<&String>, parse: fn(&str) -> Result<T, String>) -> Resu
 
 /// A Unix time as RFC 3339 (UTC, seconds).
 pub fn time(t: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t)).to_string()
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(t))
+        .filter(|_| t <= 253_402_300_799)
+        .map_or_else(
+            || format!("{t} (seconds since 1970)"),
+            |at| humantime::format_rfc3339_seconds(at).to_string(),
+        )
 }
 
 fn span(secs: u64) -> String {

@@ -140,6 +140,20 @@ impl AsyncClient {
         }
     }
 
+    /// Several key operations in one frame; one result per item, in order.
+    ///
+    /// # Errors
+    /// As [`crate::Client::call`]; an item's own failure is in its result.
+    pub async fn batch(
+        &mut self,
+        items: Vec<crate::BatchItem>,
+    ) -> Result<Vec<Result<Reply, crate::WireError>>, ClientError> {
+        match self.call(Operation::Batch { items }).await? {
+            Reply::Batch(results) => Ok(results),
+            other => Err(crate::unexpected("batch", &other)),
+        }
+    }
+
     /// The caller's identity as the daemon sees it.
     ///
     /// # Errors

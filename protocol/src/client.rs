@@ -157,6 +157,20 @@ impl Client {
         }
     }
 
+    /// Several key operations (`Sign`, `Verify`, `Encrypt`, `Decrypt`, `Mac`,
+    /// `MacVerify`) in one frame, at most [`crate::MAX_BATCH_ITEMS`]; returns
+    /// one result per item, in order. One round trip for many operations is
+    /// how a busy client gets the most signatures per second out of hsmd.
+    ///
+    /// # Errors
+    /// As [`Client::call`]; an item's own failure is in its result.
+    pub fn batch(&mut self, items: Vec<crate::BatchItem>) -> Result<Vec<Result<Reply, crate::WireError>>, ClientError> {
+        match self.call(Operation::Batch { items })? {
+            Reply::Batch(results) => Ok(results),
+            other => Err(crate::unexpected("batch", &other)),
+        }
+    }
+
     /// Sends `op` and waits for its answer.
     ///
     /// # Errors

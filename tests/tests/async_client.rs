@@ -22,6 +22,30 @@ async fn async_client_handshakes_calls_and_pipelines() {
     assert_eq!(c.recv().await.expect("recv").id, fast);
     let r = c.recv().await.expect("recv");
     assert_eq!((r.id, r.result), (slow, Ok(Reply::Delayed { millis: 300 })));
+
+    c.call(Operation::KeyCreate {
+        name: "a".into(),
+        key_type: protocol::KeyType::HmacSha256,
+        usages: vec![],
+        options: protocol::KeyOptions::default(),
+    })
+    .await
+    .expect("create");
+    let results = c
+        .batch(vec![
+            protocol::BatchItem::Mac {
+                name: "a".into(),
+                data: b"x".to_vec(),
+            },
+            protocol::BatchItem::Mac {
+                name: "nope".into(),
+                data: b"x".to_vec(),
+            },
+        ])
+        .await
+        .expect("batch");
+    assert!(matches!(results[0], Ok(Reply::MacTag { version: 1, .. })));
+    assert_eq!(results[1].as_ref().expect_err("no such key").code, ErrorCode::NotFound);
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -62,3 +62,25 @@ fn key_benchmark_prints_in_process_and_socket_figures_for_each_operation() {
     );
     assert!(text.contains("target: ed25519 p99 at 1 client"), "{text}");
 }
+
+#[test]
+fn key_benchmark_pipelines_and_batches_when_asked() {
+    for mode in [["--depth", "4"], ["--batch", "4"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hsmd-bench"))
+            .args(["--quick", "--suite", "keys", "--clients", "2"])
+            .args(mode)
+            .output()
+            .expect("run hsmd-bench");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        let per = if mode[0] == "--depth" {
+            "requests in flight per client: 4, operations per request: 1"
+        } else {
+            "requests in flight per client: 1, operations per request: 4"
+        };
+        assert!(text.contains(per), "{text}");
+        assert!(text.contains("not judged here"), "{text}");
+        let rows = text.lines().filter(|l| l.trim_start().starts_with("2 |")).count();
+        assert_eq!(rows, 3, "{text}");
+    }
+}

@@ -509,6 +509,19 @@ fn lifecycle_transitions_refuse_what_the_lifecycle_forbids() {
     assert_eq!(info(&mut c, "soon").state.as_str(), "active");
     c.call(Operation::DebugClock { advance_secs: 3700 }).expect("clock");
     assert_eq!(info(&mut c, "soon").state.as_str(), "deactivated");
+    // Times that cannot be dates are refused, not stored.
+    let err = c
+        .call(Operation::KeyCreate {
+            name: "far".into(),
+            key_type: KeyType::Ed25519,
+            usages: vec![],
+            options: KeyOptions {
+                expire_at_unix: Some(u64::MAX),
+                ..KeyOptions::default()
+            },
+        })
+        .expect_err("year 584 billion");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument));
 }
 
 #[test]
@@ -585,15 +598,11 @@ fn ten_thousand_signatures_are_counted_with_few_keystore_writes_and_survive_a_re
             };
             500
         ];
-        match c.call(Operation::Batch { items }).expect("batch") {
-            Reply::Batch(results) => {
-                assert_eq!(results.len(), 500);
-                assert!(results
-                    .iter()
-                    .all(|r| matches!(r, Ok(Reply::Signature { version: 1, .. }))));
-            }
-            other => panic!("{other:?}"),
-        }
+        let results = c.batch(items).expect("batch");
+        assert_eq!(results.len(), 500);
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Ok(Reply::Signature { version: 1, .. }))));
     }
     for _ in 0..1000 {
         c.call(Operation::Sign {

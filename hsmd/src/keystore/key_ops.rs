@@ -158,6 +158,17 @@ fn check_period(what: &str, secs: u64) -> Result<(), VaultError> {
     }
 }
 
+/// The last second of the year 9999: times past it are refused, so every
+/// stored time can be printed as a date.
+const MAX_TIME: u64 = 253_402_300_799;
+
+fn check_time(what: &str, t: Option<u64>) -> Result<(), VaultError> {
+    match t {
+        Some(t) if t > MAX_TIME => Err(VaultError::Invalid(format!("the {what} is after the year 9999"))),
+        _ => Ok(()),
+    }
+}
+
 fn labels_json(labels: &BTreeMap<String, String>) -> Result<String, VaultError> {
     serde_json::to_string(labels).map_err(|e| VaultError::Invalid(e.to_string()))
 }
@@ -347,6 +358,8 @@ impl Vault {
         if let Some(p) = options.rotate_every_secs {
             check_period("the rotation period", p)?;
         }
+        check_time("activation time", options.activate_at_unix)?;
+        check_time("expiry time", options.expire_at_unix)?;
         let now = self.now();
         if let (Some(a), Some(e)) = (options.activate_at_unix, options.expire_at_unix) {
             if e <= a {
@@ -492,6 +505,7 @@ impl Vault {
                 p.rotate_every_secs = r;
             }
             if let Some(e) = changes.expire_at_unix {
+                check_time("expiry time", e)?;
                 p.expire_at_unix = e;
             }
             if let Some(v) = changes.min_decrypt_version {

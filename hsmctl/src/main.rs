@@ -110,6 +110,9 @@ enum Command {
     /// Backups: create, verify, restore
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// The policy: show it, or check what a user may do
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Re-encrypt a file `hsmctl encrypt` wrote under the key's newest version;
     /// the plaintext never leaves hsmd
     #[command(after_help = "Example:\n  hsmctl rewrap backup -i db.dump.enc -o db.dump.enc2 --aad host=db1")]
@@ -249,6 +252,26 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// The policy file in force and its roles
+    Show,
+    /// Would USER be allowed ACTION on KEY, and by which role and binding?
+    #[command(
+        after_help = "ACTION is a key action (sign, decrypt, rotate, purge, …) or RESOURCE:ACTION\n\
+        (keystore:unlock, audit:read, …).\n\n\
+        Examples:\n  hsmctl policy check alice sign ci-release\n  hsmctl policy check 1001 keystore:backup"
+    )]
+    Check {
+        /// A user name or uid
+        user: String,
+        /// The action
+        action: String,
+        /// The key, for key actions
+        key: Option<String>,
+    },
+}
+
 #[derive(Debug, clap::Args)]
 struct NewSecretArgs {
     /// Read the passphrase from this file (- for stdin); one trailing newline is dropped
@@ -285,6 +308,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Quiet) => ExitCode::from(1),
         Err(e) => {
             if cli.json {
                 let code = e.code();
@@ -309,6 +333,8 @@ fn main() -> ExitCode {
 enum Failure {
     Client(ClientError),
     Local(String),
+    /// Exit 1 with nothing more to say (the answer was printed).
+    Quiet,
 }
 
 impl From<ClientError> for Failure {
@@ -322,6 +348,7 @@ impl std::fmt::Display for Failure {
         match self {
             Self::Client(e) => e.fmt(f),
             Self::Local(m) => f.write_str(m),
+            Self::Quiet => Ok(()),
         }
     }
 }
@@ -330,7 +357,7 @@ impl Failure {
     fn code(&self) -> Option<protocol::ErrorCode> {
         match self {
             Self::Client(e) => e.code(),
-            Self::Local(_) => None,
+            Self::Local(_) | Self::Quiet => None,
         }
     }
 }
@@ -474,6 +501,55 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         },
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
         Command::Backup(_) => return Err(Failure::Local("internal: backup handled above".into())),
+        Command::Policy(PolicyCommand::Show) => match client.call(Operation::PolicyShow)? {
+            Reply::Policy { source, text, roles } => {
+                if cli.json {
+                    println!("{}", json!({ "source": source, "roles": roles, "text": text }));
+                } else {
+                    println!("policy: {source}\nroles:  {}", roles.join(", "));
+                    if !text.is_empty() {
+                        println!("\n{text}");
+                    }
+                }
+            }
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "policy-show",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
+        Command::Policy(PolicyCommand::Check { user, action, key }) => {
+            let (resource, action) = match action.split_once(':') {
+                Some((r, a)) => (r.to_owned(), a.to_owned()),
+                None => ("keys".to_owned(), action.clone()),
+            };
+            match client.call(Operation::PolicyCheck {
+                user: user.clone(),
+                resource,
+                action,
+                key: key.clone(),
+            })? {
+                Reply::PolicyDecision { allowed, reason } => {
+                    if cli.json {
+                        println!("{}", json!({ "allowed": allowed, "reason": reason }));
+                    } else {
+                        println!("{}: {reason}", if allowed { "ALLOWED" } else { "DENIED" });
+                    }
+                    if !allowed {
+                        return Err(Failure::Quiet);
+                    }
+                }
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "policy-check",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            }
+        }
         Command::Rewrap {
             name,
             input,
@@ -802,11 +878,14 @@ fn print_whoami(p: &PeerInfo) {
     println!(
         "roles:        {}",
         if p.roles.is_empty() {
-            "none (roles and permissions arrive with the policy file)".to_owned()
+            "none: no binding in the policy names you or your groups".to_owned()
         } else {
             p.roles.join(", ")
         }
     );
+    for (i, perm) in p.permissions.iter().enumerate() {
+        println!("{}{perm}", if i == 0 { "permissions:  " } else { "              " });
+    }
     println!("connection:   {}", p.connection_id);
 }
 

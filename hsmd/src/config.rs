@@ -33,6 +33,45 @@ pub struct Config {
     pub unlock: UnlockConfig,
     /// Key lifecycle housekeeping.
     pub keys: KeysConfig,
+    /// Roles and bindings.
+    pub policy: PolicyConfig,
+    /// Per-uid request rates.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// The policy file (roles, bindings); watched and reloaded when it changes.
+    /// Unset: every admitted peer is admin (the connection gate is the only check).
+    pub path: Option<PathBuf>,
+}
+
+/// `[rate_limit]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per uid; 0 turns the default limit off
+    /// (roles may still set their own).
+    pub per_second: u32,
+    /// Requests a uid may send at once above the rate (default: twice the rate).
+    pub burst: u32,
+}
+
+impl RateLimitConfig {
+    /// The default rate, if on.
+    #[must_use]
+    pub fn rate(&self) -> Option<crate::auth::policy::Rate> {
+        (self.per_second > 0).then(|| crate::auth::policy::Rate {
+            per_second: self.per_second,
+            burst: if self.burst == 0 {
+                self.per_second.saturating_mul(2)
+            } else {
+                self.burst
+            },
+        })
+    }
 }
 
 /// `[keys]`
@@ -228,6 +267,8 @@ impl Default for Config {
             memory: MemoryConfig::default(),
             unlock: UnlockConfig::default(),
             keys: KeysConfig::default(),
+            policy: PolicyConfig::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -393,6 +434,12 @@ impl Config {
             if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&value) {
                 return Err((key, "use 100ms to 1h".to_owned()));
             }
+        }
+        if self.policy.path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(("policy.path", "use an absolute path".to_owned()));
+        }
+        if self.rate_limit.per_second == 0 && self.rate_limit.burst > 0 {
+            return Err(("rate_limit.burst", "set rate_limit.per_second as well".to_owned()));
         }
         if !self.socket.path.is_absolute() {
             return Err((

@@ -61,6 +61,9 @@ pub enum DaemonError {
     /// Memory hardening that the configuration requires failed.
     #[error(transparent)]
     Memory(#[from] secure_mem::MemoryError),
+    /// The policy file was refused.
+    #[error("{0}; fix it or remove policy.path")]
+    Policy(#[from] crate::auth::policy::PolicyError),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -234,6 +237,12 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     let mut shared = Shared::new(config.limits.clone(), gate, eff.dev, vault);
     shared.memory_locked = hardening.locked;
     shared.recovery_window = config.keys.recovery_window;
+    shared.limiters = crate::auth::rate::Limiters::new(config.rate_limit.rate());
+    if let Some(path) = &config.policy.path {
+        let policy = crate::auth::policy::Policy::load(path)?;
+        tracing::info!(path = %path.display(), roles = policy.role_names().len(), "policy loaded");
+        shared.set_policy(policy);
+    }
     let shared = Arc::new(shared);
     let result = runtime.block_on(serve_until_signalled(
         config,
@@ -275,6 +284,9 @@ async fn serve_until_signalled(
     }
     spawn_auto_lock(config, &shared);
     let maintenance = spawn_key_maintenance(config, &shared);
+    if let Some(path) = &config.policy.path {
+        spawn_policy_watch(path.clone(), &shared);
+    }
 
     let stop = shared.shutdown.clone();
     let signals = tokio::spawn(async move {
@@ -312,6 +324,57 @@ async fn serve_until_signalled(
     }
     tracing::info!("hsmd stopped");
     Ok(())
+}
+
+/// Reloads the policy when its file changes. The directory is watched, not
+/// the file: editors replace files, which ends a watch on the old inode. A file
+/// that does not load leaves the old policy in force.
+fn spawn_policy_watch(path: PathBuf, shared: &Arc<Shared>) {
+    use notify::Watcher as _;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let name = path.file_name().map(std::ffi::OsStr::to_owned);
+    let watched = path.parent().map(Path::to_owned).unwrap_or_default();
+    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event {
+            if e.paths.iter().any(|p| p.file_name() == name.as_deref()) {
+                let _ = tx.send(());
+            }
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the policy file; changes need a restart");
+            return;
+        }
+    };
+    if let Err(e) = watcher.watch(&watched, notify::RecursiveMode::NonRecursive) {
+        tracing::error!(dir = %watched.display(), error = %e, "cannot watch the policy file; changes need a restart");
+        return;
+    }
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                () = shared.shutdown.cancelled() => break,
+                got = rx.recv() => if got.is_none() { break },
+            }
+            // Let a burst of events from one save settle, then read once.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            while rx.try_recv().is_ok() {}
+            let p = path.clone();
+            match tokio::task::spawn_blocking(move || crate::auth::policy::Policy::load(&p)).await {
+                Ok(Ok(policy)) => {
+                    if policy.text() != shared.policy().text() {
+                        shared.set_policy(policy);
+                        tracing::info!(path = %path.display(), "policy reloaded");
+                    }
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "policy reload refused; the previous policy stays in force"),
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 /// The daemon's own key work: scheduled rotations and purges (every

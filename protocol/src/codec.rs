@@ -190,10 +190,11 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::BackupRestore {
-                transfer: 0,
-                secret: crate::UnlockSecret::Keyfile(crate::SecretBytes::new(vec![])),
-                force: false,
+            op: Operation::PolicyCheck {
+                user: String::new(),
+                resource: String::new(),
+                action: String::new(),
+                key: None,
             },
         };
         let body = encode_body(&last).unwrap();

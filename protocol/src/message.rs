@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 37;
+pub const OPERATION_VARIANTS: u32 = 39;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,6 +298,19 @@ pub enum Operation {
         secret: UnlockSecret,
         /// Replace a keystore that already exists (it is kept aside, not deleted).
         force: bool,
+    },
+    /// The policy in force: its source and text.
+    PolicyShow,
+    /// Would `user` be allowed `resource:action` on `key`, and by what?
+    PolicyCheck {
+        /// A user name or uid.
+        user: String,
+        /// `keys`, `keystore`, `audit`, `policy` or `metrics`.
+        resource: String,
+        /// The action, e.g. `sign`.
+        action: String,
+        /// The key, for key actions.
+        key: Option<String>,
     },
 }
 
@@ -832,6 +845,8 @@ impl Operation {
             Self::TransferWrite { .. } => "transfer-write",
             Self::BackupVerify { .. } => "backup-verify",
             Self::BackupRestore { .. } => "backup-restore",
+            Self::PolicyShow => "policy-show",
+            Self::PolicyCheck { .. } => "policy-check",
         }
     }
 }
@@ -1012,6 +1027,22 @@ pub enum Reply {
     BackupVerified(BackupManifest),
     /// Answer to `BackupRestore`.
     Restored(BackupManifest),
+    /// Answer to `PolicyShow`.
+    Policy {
+        /// The file, or a sentence saying there is none.
+        source: String,
+        /// The file's text (empty without one).
+        text: String,
+        /// Every role's name, built-in ones included.
+        roles: Vec<String>,
+    },
+    /// Answer to `PolicyCheck`.
+    PolicyDecision {
+        /// Whether it would be allowed.
+        allowed: bool,
+        /// The role, permission and binding that allow it, or why not.
+        reason: String,
+    },
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -1067,6 +1098,8 @@ impl Reply {
             Self::TransferAck { .. } => "transfer-write",
             Self::BackupVerified(_) => "backup-verify",
             Self::Restored(_) => "backup-restore",
+            Self::Policy { .. } => "policy-show",
+            Self::PolicyDecision { .. } => "policy-check",
         }
     }
 }
@@ -1169,6 +1202,8 @@ pub struct PeerInfo {
     pub connection_id: u64,
     /// Why the daemon let this peer connect (e.g. `member of group hsmd`).
     pub admitted_because: String,
-    /// Roles the policy grants; empty until policies exist.
+    /// Roles the policy grants, each with the binding that grants it.
     pub roles: Vec<String>,
+    /// Every permission those roles give, as text.
+    pub permissions: Vec<String>,
 }

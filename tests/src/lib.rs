@@ -73,6 +73,7 @@ pub struct DaemonBuilder {
     require_lock: bool,
     unlock: Vec<(String, String)>,
     keys: Vec<(String, String)>,
+    extra: String,
 }
 
 impl Default for DaemonBuilder {
@@ -91,6 +92,7 @@ impl Default for DaemonBuilder {
             require_lock: false,
             unlock: Vec::new(),
             keys: Vec::new(),
+            extra: String::new(),
         }
     }
 }
@@ -156,6 +158,13 @@ impl DaemonBuilder {
         self.keys.push((key.into(), value.into()));
         self
     }
+    /// Appends raw TOML (whole sections) to the config.
+    #[must_use]
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
     /// Adds an environment variable for the daemon.
     #[must_use]
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -201,6 +210,8 @@ impl DaemonBuilder {
         for (k, v) in &self.keys {
             text.push_str(&format!("{k} = {v}\n"));
         }
+        text.push('\n');
+        text.push_str(&self.extra.replace("$DIR", &dir.path().display().to_string()));
         fs::write(&config, text).expect("write config");
         Prepared {
             dir,

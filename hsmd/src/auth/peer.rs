@@ -55,6 +55,25 @@ impl PeerIdentity {
         }
     }
 
+    /// Resolves a user given by name or uid, as if they had connected (for
+    /// `hsmctl policy check`). Blocking, as [`PeerIdentity::resolve`].
+    #[must_use]
+    pub fn lookup(user: &str) -> Option<Self> {
+        let found = match user.parse::<u32>() {
+            Ok(uid) => User::from_uid(Uid::from_raw(uid)).ok().flatten(),
+            Err(_) => User::from_name(user).ok().flatten(),
+        };
+        let (uid, gid) = match (found, user.parse::<u32>()) {
+            (Some(u), _) => (u.uid.as_raw(), u.gid.as_raw()),
+            // A uid without a user entry still has an identity.
+            (None, Ok(uid)) => (uid, uid),
+            (None, Err(_)) => return None,
+        };
+        let mut peer = Self::resolve(Credentials { uid, gid, pid: None });
+        peer.executable = None;
+        Some(peer)
+    }
+
     /// `name (uid N)` or `uid N`, for logs.
     #[must_use]
     pub fn describe(&self) -> String {

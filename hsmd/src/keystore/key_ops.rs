@@ -185,6 +185,11 @@ impl Vault {
         self.now()
     }
 
+    /// The uid that created a key, if it exists.
+    pub fn key_owner(&self, name: &str) -> Option<u32> {
+        self.cached(name, None).ok().map(|c| c.row.owner_uid)
+    }
+
     /// Write transactions committed to the keystore since the daemon started.
     pub fn keystore_writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)

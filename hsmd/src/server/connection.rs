@@ -133,6 +133,10 @@ struct Connection {
     /// Encoded responses waiting to be written.
     out: Vec<u8>,
     greeted: bool,
+    /// The caller's rate under the policy last seen, so roles are not worked
+    /// out again for every request. Holding the policy keeps the comparison
+    /// by address sound.
+    rate: Option<(Arc<crate::auth::policy::Policy>, Option<crate::auth::policy::Rate>)>,
 }
 
 impl Connection {
@@ -149,6 +153,7 @@ impl Connection {
             in_flight: 0,
             out: Vec::with_capacity(8 * 1024),
             greeted: false,
+            rate: None,
         }
     }
 
@@ -347,6 +352,19 @@ impl Connection {
             return false;
         }
         tracing::trace!(request = id, op = op.name(), "request");
+        if let Err(wait) = self.take_token() {
+            tracing::debug!(request = id, op = op.name(), "rate limited");
+            self.push_error(
+                id,
+                ErrorCode::RateLimited,
+                format!(
+                    "{} is over its request rate; retry after {} ms",
+                    self.caller.peer.describe(),
+                    wait.as_millis().max(1)
+                ),
+            );
+            return true;
+        }
         match dispatch::route(op, &self.caller, &self.shared) {
             Work::Done(result) => encode(&Response { id, result }, &mut self.out),
             Work::Blocking(job) => {
@@ -369,6 +387,20 @@ impl Connection {
             }
         }
         true
+    }
+
+    /// Takes a request from the caller's token bucket.
+    fn take_token(&mut self) -> Result<(), Duration> {
+        let policy = self.shared.policy();
+        let rate = match &self.rate {
+            Some((seen, rate)) if Arc::ptr_eq(seen, &policy) => *rate,
+            _ => {
+                let rate = policy.rate_of(&self.caller.peer);
+                self.rate = Some((policy, rate));
+                rate
+            }
+        };
+        self.shared.limiters.check(self.caller.peer.creds.uid, rate)
     }
 
     fn handshake(&mut self, id: u64, op: Operation) -> bool {

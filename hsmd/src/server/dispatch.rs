@@ -4,11 +4,16 @@
 
 use std::{sync::Arc, time::Duration};
 
-use protocol::{ErrorCode, Operation, PeerInfo, Reply, StatusInfo, WireError, MAX_BATCH_ITEMS, PROTOCOL_VERSION};
+use protocol::{
+    ErrorCode, Operation, PeerInfo, Reply, StatusInfo, Transition, WireError, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
+};
 
 use super::{Shared, VERSION};
 use crate::{
-    auth::PeerIdentity,
+    auth::{
+        policy::{Ask, Source as PolicySource, RESOURCES},
+        PeerIdentity,
+    },
     keystore::{Vault, VaultError, MAX_ARCHIVE},
 };
 
@@ -49,10 +54,72 @@ impl std::fmt::Debug for Work {
 /// Decides how to answer `op` for `caller`. `Hello` never reaches here: the
 /// connection handles the handshake.
 pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
+    if let Some(ask) = ask_of(&op) {
+        if let Err(denied) = authorize(shared, caller, ask) {
+            return Work::Done(Err(denied));
+        }
+    }
     match op {
         Operation::Ping { payload } => Work::Done(Ok(Reply::Pong { payload })),
         Operation::Status => Work::Done(Ok(Reply::Status(status(shared)))),
-        Operation::WhoAmI => Work::Done(Ok(Reply::WhoAmI(whoami(caller)))),
+        Operation::WhoAmI => Work::Done(Ok(Reply::WhoAmI(whoami(caller, shared)))),
+        Operation::PolicyShow => {
+            let policy = shared.policy();
+            let source = match policy.source() {
+                PolicySource::Open => "none: no policy.path in the config, so every admitted peer is admin".to_owned(),
+                PolicySource::File(p) => p.display().to_string(),
+            };
+            Work::Done(Ok(Reply::Policy {
+                source,
+                text: policy.text().to_owned(),
+                roles: policy.role_names(),
+            }))
+        }
+        Operation::PolicyCheck {
+            user,
+            resource,
+            action,
+            key,
+        } => {
+            let policy = shared.policy();
+            let vault = Arc::clone(&shared.vault);
+            Work::Blocking(Box::new(move || {
+                let Some(peer) = PeerIdentity::lookup(&user) else {
+                    return Err(WireError::new(
+                        ErrorCode::NotFound,
+                        format!("there is no user {user:?}"),
+                    ));
+                };
+                let (Some(resource), Some(action)) = (static_name(&resource, true), static_name(&action, false)) else {
+                    return Err(WireError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("unknown permission {resource}:{action}; `hsmctl policy show` lists them"),
+                    ));
+                };
+                let ask = Ask {
+                    resource,
+                    action,
+                    key: key.as_deref(),
+                };
+                let decision = policy.check(&peer, ask, "soft", || key.as_deref().and_then(|k| vault.key_owner(k)));
+                Ok(match decision {
+                    Ok(g) => Reply::PolicyDecision {
+                        allowed: true,
+                        reason: format!(
+                            "allowed by role {} (permission {}), which {} has through {}",
+                            g.role,
+                            g.permission,
+                            peer.describe(),
+                            g.binding
+                        ),
+                    },
+                    Err(why) => Reply::PolicyDecision {
+                        allowed: false,
+                        reason: why,
+                    },
+                })
+            }))
+        }
         Operation::DebugDelay { millis } => {
             if !shared.dev {
                 return Work::Done(Err(WireError::new(
@@ -107,7 +174,26 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                     .map(|k| Reply::KeyCreated(Box::new(k)))
             })
         }
-        Operation::KeyList => custody(shared, caller, "key-list", |v| v.list_keys().map(Reply::Keys)),
+        Operation::KeyList => {
+            // Only the keys the caller may list.
+            let (policy, peer) = (shared.policy(), caller.peer.clone());
+            custody(shared, caller, "key-list", move |v| {
+                v.list_keys().map(|keys| {
+                    Reply::Keys(
+                        keys.into_iter()
+                            .filter(|k| {
+                                let ask = Ask {
+                                    resource: "keys",
+                                    action: "list",
+                                    key: Some(&k.name),
+                                };
+                                policy.check(&peer, ask, &k.backend, || Some(k.owner_uid)).is_ok()
+                            })
+                            .collect(),
+                    )
+                })
+            })
+        }
         Operation::KeyInfo { name } => custody(shared, caller, "key-info", move |v| {
             v.key_info(&name).map(|k| Reply::Key(Box::new(k)))
         }),
@@ -167,13 +253,23 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                     ),
                 )));
             }
+            // Each item is authorized on its own; a refused item is refused in
+            // its slot and the others still run.
+            let items: Vec<(Operation, Result<(), WireError>)> = items
+                .into_iter()
+                .map(|item| {
+                    let op = Operation::from(item);
+                    let allowed = ask_of(&op).map_or(Ok(()), |ask| authorize(shared, caller, ask));
+                    (op, allowed)
+                })
+                .collect();
             // On the pool: a batch may hold many slow items, and one hand-off
             // is cheap spread over all of them.
             custody(shared, caller, "batch", move |v| {
                 Ok(Reply::Batch(
                     items
                         .into_iter()
-                        .map(|item| key_use_op(v, Operation::from(item)).map_err(|e| e.to_wire()))
+                        .map(|(op, allowed)| allowed.and_then(|()| key_use_op(v, op).map_err(|e| e.to_wire())))
                         .collect(),
                 ))
             })
@@ -436,8 +532,9 @@ fn status(shared: &Shared) -> StatusInfo {
     }
 }
 
-fn whoami(caller: &Caller) -> PeerInfo {
+fn whoami(caller: &Caller, shared: &Shared) -> PeerInfo {
     let p = &caller.peer;
+    let policy = shared.policy();
     PeerInfo {
         uid: p.creds.uid,
         user: p.user.clone(),
@@ -447,6 +544,122 @@ fn whoami(caller: &Caller) -> PeerInfo {
         executable: p.executable.as_ref().map(|e| e.display().to_string()),
         connection_id: caller.connection_id,
         admitted_because: caller.admitted_because.clone(),
-        roles: Vec::new(),
+        roles: policy
+            .roles_of(p)
+            .iter()
+            .map(|(r, why)| format!("{} ({why})", r.name))
+            .collect(),
+        permissions: policy.permissions_of(p),
+    }
+}
+
+/// The permission a request needs; `None` for what every admitted peer may do
+/// (hello, ping, status, whoami, dev-only debugging, reading its own
+/// transfers) and for batches, whose items are checked one by one.
+fn ask_of(op: &Operation) -> Option<Ask<'_>> {
+    fn keys<'a>(action: &'static str, name: &'a str) -> Option<Ask<'a>> {
+        Some(Ask {
+            resource: "keys",
+            action,
+            key: Some(name),
+        })
+    }
+    let keystore = |action: &'static str| {
+        Some(Ask {
+            resource: "keystore",
+            action,
+            key: None,
+        })
+    };
+    match op {
+        Operation::Hello(_)
+        | Operation::Ping { .. }
+        | Operation::Status
+        | Operation::WhoAmI
+        | Operation::DebugDelay { .. }
+        | Operation::DebugClock { .. }
+        | Operation::TransferRead { .. }
+        | Operation::TransferWrite { .. }
+        | Operation::Batch { .. } => None,
+        Operation::Init { .. } => keystore("init"),
+        Operation::Unlock { .. } => keystore("unlock"),
+        Operation::Lock => keystore("lock"),
+        Operation::SlotList => keystore("slot-list"),
+        Operation::SlotAdd { .. } => keystore("slot-add"),
+        Operation::SlotRemove { .. } => keystore("slot-remove"),
+        Operation::BackupCreate { .. } | Operation::TransferBegin { .. } | Operation::BackupVerify { .. } => {
+            keystore("backup")
+        }
+        Operation::BackupRestore { .. } => keystore("restore"),
+        Operation::KeyList => Some(Ask {
+            resource: "keys",
+            action: "list",
+            key: None,
+        }),
+        Operation::KeyCreate { name, .. } => keys("create", name),
+        Operation::KeyInfo { name } => keys("info", name),
+        Operation::KeyPublic { name } => keys("public", name),
+        Operation::KeyDelete { name } => keys("delete", name),
+        Operation::KeyRotate { name } => keys("rotate", name),
+        Operation::KeySet { name, .. } => keys("set", name),
+        Operation::KeyTransition { name, to } => keys(
+            match to {
+                Transition::Disable => "disable",
+                Transition::Enable => "enable",
+                Transition::Deactivate => "deactivate",
+                Transition::Compromise => "compromise",
+                Transition::Destroy => "destroy",
+            },
+            name,
+        ),
+        Operation::KeyRestore { name } => keys("restore", name),
+        Operation::KeyPurge { name } => keys("purge", name),
+        Operation::Sign { name, .. } => keys("sign", name),
+        Operation::Verify { name, .. } => keys("verify", name),
+        Operation::Encrypt { name, .. } => keys("encrypt", name),
+        Operation::Decrypt { name, .. } => keys("decrypt", name),
+        Operation::Mac { name, .. } => keys("mac", name),
+        Operation::MacVerify { name, .. } => keys("mac-verify", name),
+        Operation::Rewrap { name, .. } => keys("rewrap", name),
+        Operation::DataKey { name, plaintext, .. } => {
+            keys(if *plaintext { "datakey-plaintext" } else { "datakey" }, name)
+        }
+        Operation::PolicyShow | Operation::PolicyCheck { .. } => Some(Ask {
+            resource: "policy",
+            action: "read",
+            key: None,
+        }),
+    }
+}
+
+/// Checks `ask` against the policy in force; a refusal is logged and says
+/// which permission was missing.
+fn authorize(shared: &Shared, caller: &Caller, ask: Ask<'_>) -> Result<(), WireError> {
+    let policy = shared.policy();
+    // The owner is looked up only for permissions limited to owned keys; the
+    // key's row is usually cached, else this is one indexed SQLite read.
+    let owner = || ask.key.and_then(|k| shared.vault.key_owner(k));
+    match policy.check(&caller.peer, ask, "soft", owner) {
+        Ok(_) => Ok(()),
+        Err(why) => {
+            tracing::warn!(uid = caller.peer.creds.uid, permission = %ask, "access denied");
+            Err(WireError::new(ErrorCode::PermissionDenied, why))
+        }
+    }
+}
+
+/// The `'static` name of a known resource or action (so a check can be asked
+/// about one given as text).
+fn static_name(name: &str, resource: bool) -> Option<&'static str> {
+    if name == "*" {
+        return Some("*");
+    }
+    if resource {
+        RESOURCES.iter().map(|(r, _)| *r).find(|r| *r == name)
+    } else {
+        RESOURCES
+            .iter()
+            .flat_map(|(_, a)| a.iter().copied())
+            .find(|a| *a == name)
     }
 }

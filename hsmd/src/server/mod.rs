@@ -59,6 +59,10 @@ pub struct Shared {
     pub recovery_window: std::time::Duration,
     /// Backup archives on their way in or out.
     pub transfers: Arc<transfer::Transfers>,
+    /// The policy in force; replaced whole on reload.
+    pub policy: std::sync::RwLock<Arc<crate::auth::policy::Policy>>,
+    /// Per-uid request rates.
+    pub limiters: crate::auth::rate::Limiters,
     /// When the daemon started.
     pub started: Instant,
     /// Live counters.
@@ -68,6 +72,17 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The policy in force now.
+    #[must_use]
+    pub fn policy(&self) -> Arc<crate::auth::policy::Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Puts a new policy in force.
+    pub fn set_policy(&self, policy: crate::auth::policy::Policy) {
+        *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+    }
+
     /// Builds the shared state.
     #[must_use]
     pub fn new(limits: Limits, gate: AccessGate, dev: bool, vault: Arc<Vault>) -> Self {
@@ -79,6 +94,8 @@ impl Shared {
             memory_locked: false,
             recovery_window: std::time::Duration::from_secs(30 * 86_400),
             transfers: Arc::default(),
+            policy: std::sync::RwLock::new(Arc::new(crate::auth::policy::Policy::open())),
+            limiters: crate::auth::rate::Limiters::new(None),
             started: Instant::now(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),

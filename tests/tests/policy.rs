@@ -1,0 +1,241 @@
+//! The policy and rate limits (issue 5, must-shows 1–3), acted out by three
+//! numeric uids in child processes (`setpriv`, so the test needs root):
+//! 4001 is a viewer, 4002 operates `ci-*` keys, 4003 is an admin.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    thread,
+    time::{Duration, Instant},
+};
+
+use hsmd_tests::{bin, is_root, Daemon};
+
+const POLICY: &str = r#"
+[roles.ci-operator]
+permissions = [
+  { resource = "keys", action = "*", keys = "ci-*" },
+]
+
+[[bind]]
+users = ["4001"]
+roles = ["viewer"]
+
+[[bind]]
+users = ["4002"]
+roles = ["ci-operator"]
+
+[[bind]]
+users = ["4003", "0"]
+roles = ["admin"]
+"#;
+
+struct Setup {
+    d: Daemon,
+    hsmctl: PathBuf,
+    work: PathBuf,
+    policy: PathBuf,
+}
+
+fn setup(extra: &str) -> Option<Setup> {
+    if !is_root() {
+        eprintln!("skipped: acting as other uids needs root (CI runs as root)");
+        return None;
+    }
+    let d = Daemon::builder()
+        .socket_mode("0666")
+        .users(&["4001", "4002", "4003"])
+        .extra(&format!("[policy]\npath = \"$DIR/policy.toml\"\n{extra}"))
+        .prepare();
+    fs::write(d.dir.path().join("policy.toml"), POLICY).expect("write policy");
+    let d = d.start();
+    ok(&d.hsmctl(&[
+        "init",
+        "--keyfile-out",
+        d.dir().join("unlock.key").to_str().expect("utf-8"),
+    ]));
+    let hsmctl = d.dir().join("hsmctl");
+    fs::copy(bin("hsmctl"), &hsmctl).expect("copy hsmctl");
+    fs::set_permissions(&hsmctl, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let work = d.dir().join("work");
+    fs::create_dir(&work).expect("mkdir");
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o777)).expect("chmod");
+    fs::write(work.join("data"), b"release 1.0").expect("write");
+    fs::set_permissions(work.join("data"), fs::Permissions::from_mode(0o644)).expect("chmod");
+    let policy = d.dir().join("policy.toml");
+    Some(Setup {
+        d,
+        hsmctl,
+        work,
+        policy,
+    })
+}
+
+impl Setup {
+    fn as_uid(&self, uid: u32, args: &[&str]) -> Output {
+        Command::new("setpriv")
+            .args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &uid.to_string(),
+                "--clear-groups",
+                "--",
+            ])
+            .arg(&self.hsmctl)
+            .arg("--socket")
+            .arg(&self.d.socket)
+            .args(args)
+            .current_dir(&self.work)
+            .output()
+            .expect("run setpriv (util-linux)")
+    }
+
+    fn sign(&self, uid: u32, key: &str) -> Output {
+        self.as_uid(uid, &["sign", key, "-i", "data", "-o", &format!("{key}.{uid}.sig")])
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn denied(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("(permission-denied)"), "{err}");
+    err
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).expect("write");
+    fs::rename(&tmp, path).expect("rename");
+}
+
+#[test]
+fn viewers_operators_of_a_pattern_and_admins_get_exactly_their_permissions() {
+    let Some(s) = setup("") else { return };
+    ok(&s.d.hsmctl(&["key", "create", "ci-release", "--type", "ed25519"]));
+    ok(&s.d.hsmctl(&["key", "create", "prod-root", "--type", "ed25519"]));
+
+    // Viewer: lists, never signs.
+    let list = ok(&s.as_uid(4001, &["key", "list"]));
+    assert!(list.contains("ci-release") && list.contains("prod-root"), "{list}");
+    let err = denied(&s.sign(4001, "ci-release"));
+    assert!(
+        err.contains("keys:sign on key \"ci-release\"") && err.contains("your roles are viewer"),
+        "{err}"
+    );
+
+    // Operator of ci-*: signs ci-release, not prod-root, and sees only ci-*.
+    ok(&s.sign(4002, "ci-release"));
+    // hsmctl reads the key's type first; with no permission at all on the key
+    // even that is refused, and the refusal says so.
+    let err = denied(&s.sign(4002, "prod-root"));
+    assert!(
+        err.contains("uid 4002 may not use key \"prod-root\": no role grants any keys permission on it"),
+        "{err}"
+    );
+    // Asked directly, the refusal names the permission.
+    let err = denied(&s.as_uid(4002, &["key", "rotate", "prod-root"]));
+    assert!(err.contains("keys:rotate on key \"prod-root\""), "{err}");
+    let list = ok(&s.as_uid(4002, &["key", "list"]));
+    assert!(list.contains("ci-release") && !list.contains("prod-root"), "{list}");
+    ok(&s.as_uid(4002, &["key", "create", "ci-new", "--type", "ecdsa-p256"]));
+    denied(&s.as_uid(4002, &["key", "create", "prod-new", "--type", "ecdsa-p256"]));
+    denied(&s.as_uid(4002, &["lock"]));
+
+    // Admin: everything.
+    ok(&s.sign(4003, "prod-root"));
+    ok(&s.as_uid(4003, &["key", "delete", "ci-new"]));
+    ok(&s.as_uid(4003, &["key", "purge", "ci-new", "--yes"]));
+
+    // whoami and policy check explain.
+    let who = ok(&s.as_uid(4002, &["whoami"]));
+    assert!(who.contains("ci-operator (binding 2 (user 4002))"), "{who}");
+    assert!(who.contains("keys:* on ci-* (role ci-operator)"), "{who}");
+    let out = s.d.hsmctl(&["policy", "check", "4002", "sign", "prod-root"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("DENIED"), "{out:?}");
+    let yes = ok(&s.d.hsmctl(&["policy", "check", "4002", "sign", "ci-release"]));
+    assert!(
+        yes.contains("ALLOWED") && yes.contains("role ci-operator") && yes.contains("binding 2"),
+        "{yes}"
+    );
+    // Reading the policy is itself a permission.
+    denied(&s.as_uid(4001, &["policy", "show"]));
+    assert!(ok(&s.d.hsmctl(&["policy", "show"])).contains("ci-operator"));
+    // Refusals are logged with who and what.
+    assert!(s.d.log().contains("access denied"), "{}", s.d.log());
+}
+
+#[test]
+fn an_edited_policy_applies_within_seconds_and_a_broken_one_is_refused() {
+    let Some(s) = setup("") else { return };
+    ok(&s.d.hsmctl(&["key", "create", "ci-release", "--type", "ed25519"]));
+    denied(&s.sign(4001, "ci-release"));
+    // An editor's save: write elsewhere, rename over.
+    write_atomically(
+        &s.policy,
+        &POLICY.replace("roles = [\"viewer\"]", "roles = [\"ci-operator\"]"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !s.sign(4001, "ci-release").status.success() {
+        assert!(Instant::now() < deadline, "policy not reloaded: {}", s.d.log());
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.d.log().contains("policy reloaded"), "{}", s.d.log());
+
+    // A broken edit, written in place: refused, the previous policy stays.
+    fs::write(
+        &s.policy,
+        POLICY.replace("roles = [\"viewer\"]", "roles = [\"no-such-role\"]"),
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !s.d.log().contains("policy reload refused") {
+        assert!(Instant::now() < deadline, "no refusal logged: {}", s.d.log());
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.d.log().contains("unknown role \\\"no-such-role\\\"") || s.d.log().contains("no-such-role"));
+    ok(&s.sign(4001, "ci-release"));
+}
+
+#[test]
+fn a_uid_over_its_rate_is_limited_and_another_is_not() {
+    let Some(s) = setup("[rate_limit]\nper_second = 2\nburst = 5\n") else {
+        return;
+    };
+    let out = s.as_uid(4002, &["ping", "-c", "30"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(rate-limited)") && err.contains("retry after"), "{err}");
+    // Another uid has its own bucket.
+    ok(&s.as_uid(4003, &["ping", "-c", "5"]));
+    // And the limited uid gets through again after waiting.
+    thread::sleep(Duration::from_millis(1100));
+    ok(&s.as_uid(4002, &["ping", "-c", "2"]));
+}
+
+#[test]
+fn a_policy_that_does_not_load_stops_the_daemon_from_starting() {
+    let prepared = Daemon::builder()
+        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
+        .prepare();
+    fs::write(
+        prepared.dir.path().join("policy.toml"),
+        "[[bind]]\nusers = [\"x\"]\nroles = [\"wizard\"]\n",
+    )
+    .expect("write");
+    let out = prepared.command().output().expect("run hsmd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown role \"wizard\"") && err.contains("policy.path"),
+        "{err}"
+    );
+}

@@ -113,6 +113,9 @@ enum Command {
     /// The policy: show it, or check what a user may do
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The audit log: verify its hash chain, show its events
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Re-encrypt a file `hsmctl encrypt` wrote under the key's newest version;
     /// the plaintext never leaves hsmd
     #[command(after_help = "Example:\n  hsmctl rewrap backup -i db.dump.enc -o db.dump.enc2 --aad host=db1")]
@@ -269,6 +272,35 @@ enum PolicyCommand {
         action: String,
         /// The key, for key actions
         key: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of every line against the keystore's record;
+    /// names the first bad sequence number (exit 1)
+    Verify,
+    /// Show events, oldest first (a table, or JSON lines with --json)
+    #[command(after_help = "Example:\n  hsmctl audit show --since 1d --event SIGN --user alice --key release")]
+    Show {
+        /// Only the last span (e.g. 7d, 12h)
+        #[arg(long, value_name = "SPAN", value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Only this event type (SIGN, KEY_CREATED, ACCESS_DENIED, …)
+        #[arg(long, value_name = "TYPE")]
+        event: Option<String>,
+        /// Only this user (name or uid)
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// Only events about this key
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
+        /// Only success or failure
+        #[arg(long, value_parser = ["success", "failure"])]
+        result: Option<String>,
+        /// At most this many (the newest)
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
     },
 }
 
@@ -501,6 +533,58 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         },
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
         Command::Backup(_) => return Err(Failure::Local("internal: backup handled above".into())),
+        Command::Audit(AuditCommand::Verify) => match client.call(Operation::AuditVerify)? {
+            Reply::AuditVerified {
+                lines,
+                first_seq,
+                last_seq,
+                files,
+            } => {
+                if cli.json {
+                    println!(
+                        "{}",
+                        json!({ "valid": true, "lines": lines, "first_seq": first_seq, "last_seq": last_seq, "files": files })
+                    );
+                } else {
+                    println!(
+                        "audit log intact: {lines} lines, seq {first_seq} to {last_seq}, in {} file{}",
+                        files.len(),
+                        if files.len() == 1 { "" } else { "s" }
+                    );
+                }
+            }
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "audit-verify",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
+        Command::Audit(AuditCommand::Show {
+            since,
+            event,
+            user,
+            key,
+            result,
+            limit,
+        }) => match client.call(Operation::AuditShow {
+            since_secs: since.map(|d| d.as_secs()),
+            event_type: event.clone(),
+            user: user.clone(),
+            key: key.clone(),
+            result: result.clone(),
+            limit: *limit,
+        })? {
+            Reply::AuditLines(lines) => print_audit(cli.json, &lines),
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "audit-show",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
         Command::Policy(PolicyCommand::Show) => match client.call(Operation::PolicyShow)? {
             Reply::Policy { source, text, roles } => {
                 if cli.json {
@@ -812,6 +896,37 @@ fn print_slots(json: bool, slots: &[SlotInfo]) {
             s.kdf.as_deref().unwrap_or("-"),
             s.created_unix,
             s.label
+        );
+    }
+}
+
+fn print_audit(json: bool, lines: &[String]) {
+    if json {
+        for l in lines {
+            println!("{l}");
+        }
+        return;
+    }
+    println!(
+        "{:>7}  {:<24}  {:<20}  {:<16}  {:<24}  {:<7}  {:>4}",
+        "seq", "time", "event", "user", "resource", "result", "risk"
+    );
+    for l in lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
+        let user = v["user"]
+            .as_str()
+            .map_or_else(|| format!("uid {}", v["uid"]), str::to_owned);
+        println!(
+            "{:>7}  {:<24}  {:<20}  {:<16}  {:<24}  {:<7}  {:>4}",
+            v["seq"],
+            v["timestamp"].as_str().unwrap_or("-"),
+            v["event_type"].as_str().unwrap_or("-"),
+            user,
+            v["resource"].as_str().unwrap_or("-"),
+            v["result"].as_str().unwrap_or("-"),
+            v["risk_score"]
         );
     }
 }

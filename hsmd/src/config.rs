@@ -37,6 +37,40 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Per-uid request rates.
     pub rate_limit: RateLimitConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Write the audit log at all.
+    pub enabled: bool,
+    /// The log file; default `audit.log` in the state directory.
+    pub path: Option<PathBuf>,
+    /// How often buffered operation events are written.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Buffered events that trigger a write before the interval ends.
+    pub buffer_events: usize,
+    /// Rotate the file when it passes this many bytes.
+    pub max_file_bytes: u64,
+    /// Rotated files kept.
+    pub keep_files: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            flush_interval: Duration::from_secs(1),
+            buffer_events: 4096,
+            max_file_bytes: 64 * 1024 * 1024,
+            keep_files: 8,
+        }
+    }
 }
 
 /// `[policy]`
@@ -269,6 +303,7 @@ impl Default for Config {
             keys: KeysConfig::default(),
             policy: PolicyConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -434,6 +469,22 @@ impl Config {
             if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&value) {
                 return Err((key, "use 100ms to 1h".to_owned()));
             }
+        }
+        let a = &self.audit;
+        if a.path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(("audit.path", "use an absolute path".to_owned()));
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&a.flush_interval) {
+            return Err(("audit.flush_interval", "use 10ms to 1h".to_owned()));
+        }
+        if !(1..=1_000_000).contains(&a.buffer_events) {
+            return Err(("audit.buffer_events", "use 1 to 1000000".to_owned()));
+        }
+        if a.max_file_bytes < 4096 || !(1..=1000).contains(&a.keep_files) {
+            return Err((
+                "audit.max_file_bytes",
+                "use at least 4096 bytes, and audit.keep_files 1 to 1000".to_owned(),
+            ));
         }
         if self.policy.path.as_ref().is_some_and(|p| !p.is_absolute()) {
             return Err(("policy.path", "use an absolute path".to_owned()));

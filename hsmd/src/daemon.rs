@@ -61,6 +61,15 @@ pub enum DaemonError {
     /// Memory hardening that the configuration requires failed.
     #[error(transparent)]
     Memory(#[from] secure_mem::MemoryError),
+    /// The audit log cannot be opened.
+    #[error("cannot open the audit log {}: {source}", path.display())]
+    Audit {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The policy file was refused.
     #[error("{0}; fix it or remove policy.path")]
     Policy(#[from] crate::auth::policy::PolicyError),
@@ -243,6 +252,27 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         tracing::info!(path = %path.display(), roles = policy.role_names().len(), "policy loaded");
         shared.set_policy(policy);
     }
+    if config.audit.enabled {
+        let settings = crate::audit::Settings {
+            path: config
+                .audit
+                .path
+                .clone()
+                .unwrap_or_else(|| config.state_dir.join("audit.log")),
+            max_file_bytes: config.audit.max_file_bytes,
+            keep_files: config.audit.keep_files,
+            buffer_events: config.audit.buffer_events,
+        };
+        let vault = Arc::clone(&shared.vault);
+        let head = vault.audit_head();
+        let path = settings.path.clone();
+        let auditor = crate::audit::Auditor::open(settings, head, Box::new(move |h| vault.set_audit_head(h)))
+            .map_err(|source| DaemonError::Audit { path, source })?;
+        tracing::info!(path = %auditor.path().display(), "audit log open");
+        shared.audit = Some(Arc::new(auditor));
+    } else {
+        tracing::warn!("the audit log is off (audit.enabled = false)");
+    }
     let shared = Arc::new(shared);
     let result = runtime.block_on(serve_until_signalled(
         config,
@@ -316,6 +346,14 @@ async fn serve_until_signalled(
     }
     // Use counts gathered since the last flush are written before exit.
     let _ = maintenance.await;
+    if let Some(audit) = shared.audit.clone() {
+        let pending = audit.pending();
+        match tokio::task::spawn_blocking(move || audit.flush()).await {
+            Ok(Ok(_)) if pending > 0 => tracing::info!(events = pending, "audit events written"),
+            Ok(Err(e)) => tracing::error!(error = %e, "could not write the audit log at shutdown"),
+            _ => {}
+        }
+    }
     let vault = Arc::clone(&shared.vault);
     match tokio::task::spawn_blocking(move || vault.flush_usage()).await {
         Ok(Ok(n)) if n > 0 => tracing::info!(versions = n, "key use counts written"),
@@ -324,6 +362,48 @@ async fn serve_until_signalled(
     }
     tracing::info!("hsmd stopped");
     Ok(())
+}
+
+/// Writes buffered audit events, on the blocking pool.
+async fn flush_audit(shared: &Arc<Shared>) {
+    let Some(audit) = shared.audit.clone() else { return };
+    if audit.pending() == 0 {
+        return;
+    }
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || audit.flush()).await {
+        tracing::error!(error = %e, "cannot write the audit log; events stay buffered");
+    }
+}
+
+/// Records a daemon-side security event (no client), written at once.
+fn audit_now(
+    shared: &Shared,
+    event_type: &'static str,
+    resource: &str,
+    result: crate::audit::Outcome,
+    risk: u8,
+    detail: String,
+) {
+    let Some(audit) = &shared.audit else { return };
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("message".into(), detail.into());
+    audit.record_now(crate::audit::Event {
+        event_type,
+        who: Arc::new(crate::audit::Who {
+            uid: nix::unistd::getuid().as_raw(),
+            user: Some("hsmd".into()),
+            pid: Some(std::process::id()),
+            executable: None,
+            connection: 0,
+        }),
+        backend: None,
+        resource: resource.to_owned(),
+        action: "reload",
+        result,
+        metadata,
+        risk_score: risk,
+        time: std::time::SystemTime::now(),
+    });
 }
 
 /// Reloads the policy when its file changes. The directory is watched, not
@@ -362,17 +442,35 @@ fn spawn_policy_watch(path: PathBuf, shared: &Arc<Shared>) {
             // Let a burst of events from one save settle, then read once.
             tokio::time::sleep(Duration::from_millis(150)).await;
             while rx.try_recv().is_ok() {}
-            let p = path.clone();
-            match tokio::task::spawn_blocking(move || crate::auth::policy::Policy::load(&p)).await {
-                Ok(Ok(policy)) => {
-                    if policy.text() != shared.policy().text() {
-                        shared.set_policy(policy);
-                        tracing::info!(path = %path.display(), "policy reloaded");
+            let (p, s) = (path.clone(), Arc::clone(&shared));
+            let _ = tokio::task::spawn_blocking(move || match crate::auth::policy::Policy::load(&p) {
+                Ok(policy) => {
+                    if policy.text() != s.policy().text() {
+                        s.set_policy(policy);
+                        tracing::info!(path = %p.display(), "policy reloaded");
+                        audit_now(
+                            &s,
+                            "POLICY_RELOADED",
+                            "policy",
+                            crate::audit::Outcome::Success,
+                            4,
+                            p.display().to_string(),
+                        );
                     }
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "policy reload refused; the previous policy stays in force"),
-                Err(_) => {}
-            }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
+                    audit_now(
+                        &s,
+                        "CONFIG_ERROR",
+                        "policy",
+                        crate::audit::Outcome::Failure,
+                        7,
+                        format!("{e}; the previous policy stays in force"),
+                    );
+                }
+            })
+            .await;
         }
     });
 }
@@ -383,16 +481,27 @@ fn spawn_policy_watch(path: PathBuf, shared: &Arc<Shared>) {
 fn spawn_key_maintenance(config: &Config, shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
     let shared = Arc::clone(shared);
     let (every, flush_every) = (config.keys.maintenance_interval, config.keys.usage_flush_interval);
+    let audit_every = config.audit.flush_interval;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(flush_every);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         flush.tick().await;
+        let mut audit_tick = tokio::time::interval(audit_every);
+        audit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let vault = Arc::clone(&shared.vault);
+            let audit_full = async {
+                match &shared.audit {
+                    Some(a) => a.full.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shared.shutdown.cancelled() => break,
+                _ = audit_tick.tick() => flush_audit(&shared).await,
+                () = audit_full => flush_audit(&shared).await,
                 _ = tick.tick() => {
                     match tokio::task::spawn_blocking(move || vault.maintain()).await {
                         Ok(Ok(done)) => for line in done { tracing::info!("{line}"); },

@@ -190,11 +190,13 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::PolicyCheck {
-                user: String::new(),
-                resource: String::new(),
-                action: String::new(),
+            op: Operation::AuditShow {
+                since_secs: None,
+                event_type: None,
+                user: None,
                 key: None,
+                result: None,
+                limit: 1,
             },
         };
         let body = encode_body(&last).unwrap();

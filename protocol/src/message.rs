@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 39;
+pub const OPERATION_VARIANTS: u32 = 41;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +311,23 @@ pub enum Operation {
         action: String,
         /// The key, for key actions.
         key: Option<String>,
+    },
+    /// Checks the audit log's hash chain against the head the keystore records.
+    AuditVerify,
+    /// Audit lines that pass the filter, oldest first (at most `limit`, the newest).
+    AuditShow {
+        /// Only events of the last this many seconds.
+        since_secs: Option<u64>,
+        /// Only this event type (e.g. `SIGN`).
+        event_type: Option<String>,
+        /// Only this user (name or uid).
+        user: Option<String>,
+        /// Only events about this key.
+        key: Option<String>,
+        /// Only `success` or `failure`.
+        result: Option<String>,
+        /// At most this many lines (at most 100,000).
+        limit: u32,
     },
 }
 
@@ -847,6 +864,8 @@ impl Operation {
             Self::BackupRestore { .. } => "backup-restore",
             Self::PolicyShow => "policy-show",
             Self::PolicyCheck { .. } => "policy-check",
+            Self::AuditVerify => "audit-verify",
+            Self::AuditShow { .. } => "audit-show",
         }
     }
 }
@@ -1043,6 +1062,20 @@ pub enum Reply {
         /// The role, permission and binding that allow it, or why not.
         reason: String,
     },
+    /// Answer to `AuditVerify` when the chain is whole (a broken chain is the
+    /// error `Tampered`, naming the first bad sequence number).
+    AuditVerified {
+        /// Lines checked.
+        lines: u64,
+        /// First sequence number present (above 1 once old files rotated away).
+        first_seq: u64,
+        /// Last sequence number, as the keystore records it.
+        last_seq: u64,
+        /// The files read, oldest first.
+        files: Vec<String>,
+    },
+    /// Answer to `AuditShow`: JSON lines as written.
+    AuditLines(Vec<String>),
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -1100,6 +1133,8 @@ impl Reply {
             Self::Restored(_) => "backup-restore",
             Self::Policy { .. } => "policy-show",
             Self::PolicyDecision { .. } => "policy-check",
+            Self::AuditVerified { .. } => "audit-verify",
+            Self::AuditLines(_) => "audit-show",
         }
     }
 }

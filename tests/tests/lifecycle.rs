@@ -613,7 +613,9 @@ fn ten_thousand_signatures_are_counted_with_few_keystore_writes_and_survive_a_re
     }
     let writes = c.status().expect("status").keystore_writes - writes_before;
     println!("keystore writes for 10,000 signatures: {writes}");
-    assert!(writes <= 2, "{writes} keystore writes for 10,000 signatures");
+    // Use counts cost none; the audit log records its head in the keystore at
+    // each of its flushes (every second, or per 4,096 events).
+    assert!(writes <= 10, "{writes} keystore writes for 10,000 signatures");
     let live = info(&mut c, "busy");
     assert_eq!(live.versions[0].use_count, 10_000, "counted in memory");
 

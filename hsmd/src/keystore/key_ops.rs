@@ -185,6 +185,24 @@ impl Vault {
         self.now()
     }
 
+    /// The audit log's head as the keystore records it.
+    pub fn audit_head(&self) -> Option<crate::audit::Head> {
+        match lock(&self.store).audit_head() {
+            Ok(h) => h.map(|(seq, hash)| crate::audit::Head { seq, hash }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the audit head from the keystore");
+                None
+            }
+        }
+    }
+
+    /// Records the audit log's head in the keystore.
+    pub fn set_audit_head(&self, head: &crate::audit::Head) {
+        if let Err(e) = lock(&self.store).set_audit_head(head.seq, &head.hash) {
+            tracing::error!(error = %e, "cannot record the audit head in the keystore");
+        }
+    }
+
     /// The uid that created a key, if it exists.
     pub fn key_owner(&self, name: &str) -> Option<u32> {
         self.cached(name, None).ok().map(|c| c.row.owner_uid)

@@ -309,6 +309,51 @@ impl Store {
         ))
     }
 
+    /// The audit log's head as last recorded: (sequence number, hash).
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn audit_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let get = |name: &str| -> Result<Option<Vec<u8>>, StoreError> {
+            self.sql(
+                self.conn
+                    .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0))
+                    .optional(),
+            )
+        };
+        let (Some(seq), Some(hash)) = (get("audit_seq")?, get("audit_hash")?) else {
+            return Ok(None);
+        };
+        let seq = String::from_utf8_lossy(&seq).parse().unwrap_or(0);
+        Ok(Some((seq, String::from_utf8_lossy(&hash).into_owned())))
+    }
+
+    /// Records the audit log's head, in one transaction.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn set_audit_head(&mut self, seq: u64, hash: &str) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let wrap = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        for (name, value) in [("audit_seq", seq.to_string()), ("audit_hash", hash.to_owned())] {
+            tx.execute(
+                "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                params![name, value.as_bytes()],
+            )
+            .map_err(wrap)?;
+        }
+        tx.commit().map_err(wrap)?;
+        self.wrote();
+        Ok(())
+    }
+
     /// The keystore's random identity, once initialized.
     ///
     /// # Errors

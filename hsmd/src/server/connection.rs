@@ -90,15 +90,45 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
             Admission::Admitted(why) => why,
             Admission::Refused(why) => {
                 tracing::warn!(user = ?peer.user, exe = ?exe, reason = %why, "connection refused");
+                if let Some(audit) = shared.audit.clone() {
+                    let mut metadata = serde_json::Map::new();
+                    metadata.insert("message".into(), why.clone().into());
+                    let event = crate::audit::Event {
+                        event_type: "AUTH_FAILURE",
+                        who: Arc::new(crate::audit::Who {
+                            uid: peer.creds.uid,
+                            user: peer.user.clone(),
+                            pid: peer.creds.pid,
+                            executable: exe.clone(),
+                            connection: id,
+                        }),
+                        backend: None,
+                        resource: "connection".into(),
+                        action: "connect",
+                        result: crate::audit::Outcome::Failure,
+                        metadata,
+                        risk_score: 6,
+                        time: std::time::SystemTime::now(),
+                    };
+                    let _ = tokio::task::spawn_blocking(move || audit.record_now(event)).await;
+                }
                 refuse(stream, WireError::new(ErrorCode::PermissionDenied, why)).await;
                 return;
             }
         };
         tracing::debug!(user = ?peer.user, exe = ?exe, "connection admitted: {admitted_because}");
+        let who = Arc::new(crate::audit::Who {
+            uid: peer.creds.uid,
+            user: peer.user.clone(),
+            pid: peer.creds.pid,
+            executable: exe,
+            connection: id,
+        });
         let caller = Arc::new(Caller {
             peer,
             admitted_because,
             connection_id: id,
+            who,
         });
         Connection::new(stream, caller, Arc::clone(shared)).run().await;
     }
@@ -354,6 +384,19 @@ impl Connection {
         tracing::trace!(request = id, op = op.name(), "request");
         if let Err(wait) = self.take_token() {
             tracing::debug!(request = id, op = op.name(), "rate limited");
+            if let Some(audit) = &self.shared.audit {
+                audit.record(crate::audit::Event {
+                    event_type: "RATE_LIMITED",
+                    who: Arc::clone(&self.caller.who),
+                    backend: None,
+                    resource: "connection".into(),
+                    action: op.name(),
+                    result: crate::audit::Outcome::Failure,
+                    metadata: serde_json::Map::new(),
+                    risk_score: 4,
+                    time: std::time::SystemTime::now(),
+                });
+            }
             self.push_error(
                 id,
                 ErrorCode::RateLimited,

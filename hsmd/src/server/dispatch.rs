@@ -29,6 +29,8 @@ pub struct Caller {
     pub admitted_because: String,
     /// The daemon's number for the connection.
     pub connection_id: u64,
+    /// The peer as audit lines name it.
+    pub who: Arc<crate::audit::Who>,
 }
 
 /// A job for the blocking pool.
@@ -54,6 +56,223 @@ impl std::fmt::Debug for Work {
 /// Decides how to answer `op` for `caller`. `Hello` never reaches here: the
 /// connection handles the handshake.
 pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
+    let Some(audit) = shared.audit.clone() else {
+        return route_inner(op, caller, shared);
+    };
+    let Some(spec) = audit_spec(&op) else {
+        return route_inner(op, caller, shared);
+    };
+    let who = Arc::clone(&caller.who);
+    match route_inner(op, caller, shared) {
+        Work::Done(result) => {
+            let (event, security) = spec.event(who, &result);
+            if security {
+                // Written before the answer, so off the reactor.
+                return Work::Blocking(Box::new(move || {
+                    audit.record_now(event);
+                    result
+                }));
+            }
+            audit.record(event);
+            Work::Done(result)
+        }
+        Work::Blocking(job) => Work::Blocking(Box::new(move || {
+            let result = job();
+            let (event, security) = spec.event(who, &result);
+            if security {
+                audit.record_now(event);
+            } else {
+                audit.record(event);
+            }
+            result
+        })),
+    }
+}
+
+/// What the audit line of an operation says, decided before it runs.
+struct AuditSpec {
+    event_type: &'static str,
+    resource: String,
+    action: &'static str,
+    risk: u8,
+    security: bool,
+}
+
+impl AuditSpec {
+    fn new(event_type: &'static str, resource: String, action: &'static str, risk: u8, security: bool) -> Self {
+        Self {
+            event_type,
+            resource,
+            action,
+            risk,
+            security,
+        }
+    }
+
+    /// The event for `result`, and whether it must be written before the answer.
+    fn event(&self, who: Arc<crate::audit::Who>, result: &Result<Reply, WireError>) -> (crate::audit::Event, bool) {
+        use crate::audit::{Event, Outcome};
+        let mut metadata = serde_json::Map::new();
+        let mut event_type = self.event_type;
+        let mut risk = self.risk;
+        let mut security = self.security;
+        let outcome = match result {
+            Ok(reply) => {
+                let version = match reply {
+                    Reply::Signature { version, .. }
+                    | Reply::Encrypted { version, .. }
+                    | Reply::MacTag { version, .. }
+                    | Reply::DataKey { version, .. }
+                    | Reply::PublicKey { version, .. } => Some(*version),
+                    Reply::KeyCreated(k) | Reply::KeyUpdated(k) => Some(k.version),
+                    _ => None,
+                };
+                if let Some(v) = version {
+                    metadata.insert("version".into(), v.into());
+                }
+                if let Reply::Verified { valid } | Reply::MacVerified { valid } = reply {
+                    metadata.insert("valid".into(), (*valid).into());
+                }
+                if let Reply::KeyUpdated(k) = reply {
+                    metadata.insert("state".into(), k.state.as_str().into());
+                }
+                Outcome::Success
+            }
+            Err(e) => {
+                metadata.insert("error".into(), e.code.as_str().into());
+                metadata.insert("message".into(), e.message.clone().into());
+                match e.code {
+                    ErrorCode::PermissionDenied => {
+                        event_type = "ACCESS_DENIED";
+                        security = true;
+                        risk = risk.max(6);
+                    }
+                    ErrorCode::RateLimited if self.event_type != "UNLOCK" => event_type = "RATE_LIMITED",
+                    ErrorCode::Tampered => {
+                        security = true;
+                        risk = 10;
+                    }
+                    ErrorCode::UnlockFailed => {
+                        event_type = if self.event_type == "UNLOCK" {
+                            "UNLOCK_FAILED"
+                        } else {
+                            event_type
+                        };
+                        security = true;
+                        risk = risk.max(6);
+                    }
+                    _ => risk = (risk + 3).min(10),
+                }
+                Outcome::Failure
+            }
+        };
+        (
+            Event {
+                event_type,
+                who,
+                backend: self.resource.starts_with("key:").then_some("soft"),
+                resource: self.resource.clone(),
+                action: self.action,
+                result: outcome,
+                metadata,
+                risk_score: risk,
+                time: std::time::SystemTime::now(),
+            },
+            security,
+        )
+    }
+}
+
+/// How an operation is audited; `None` for liveness and transfer plumbing
+/// (ping, status, whoami, debugging, transfer reads and writes) and for
+/// batches, whose items are audited one by one.
+fn audit_spec(op: &Operation) -> Option<AuditSpec> {
+    let key = |n: &str| format!("key:{n}");
+    let ks = || "keystore".to_owned();
+    Some(match op {
+        Operation::Hello(_)
+        | Operation::Ping { .. }
+        | Operation::Status
+        | Operation::WhoAmI
+        | Operation::DebugDelay { .. }
+        | Operation::DebugClock { .. }
+        | Operation::TransferRead { .. }
+        | Operation::TransferWrite { .. }
+        | Operation::TransferBegin { .. }
+        | Operation::Batch { .. } => return None,
+        Operation::Init { .. } => AuditSpec::new("KEYSTORE_INITIALIZED", ks(), "init", 5, true),
+        Operation::Unlock { .. } => AuditSpec::new("UNLOCK", ks(), "unlock", 3, true),
+        Operation::Lock => AuditSpec::new("LOCK", ks(), "lock", 2, true),
+        Operation::SlotList => AuditSpec::new("SLOT_LIST", ks(), "slot-list", 1, false),
+        Operation::SlotAdd { .. } => AuditSpec::new("SLOT_ADDED", ks(), "slot-add", 6, true),
+        Operation::SlotRemove { .. } => AuditSpec::new("SLOT_REMOVED", ks(), "slot-remove", 6, true),
+        Operation::KeyCreate { name, .. } => AuditSpec::new("KEY_CREATED", key(name), "create", 3, true),
+        Operation::KeyList => AuditSpec::new("KEY_LIST", "keys".into(), "list", 1, false),
+        Operation::KeyInfo { name } => AuditSpec::new("KEY_INFO", key(name), "info", 1, false),
+        Operation::KeyPublic { name } => AuditSpec::new("KEY_PUBLIC", key(name), "public", 1, false),
+        Operation::KeyDelete { name } => AuditSpec::new("KEY_DELETED", key(name), "delete", 5, true),
+        Operation::KeyRotate { name } => AuditSpec::new("KEY_ROTATED", key(name), "rotate", 3, true),
+        Operation::KeySet { name, .. } => AuditSpec::new("KEY_UPDATED", key(name), "set", 3, true),
+        Operation::KeyTransition { name, to } => {
+            let (action, risk) = match to {
+                Transition::Disable => ("disable", 4),
+                Transition::Enable => ("enable", 4),
+                Transition::Deactivate => ("deactivate", 4),
+                Transition::Compromise => ("compromise", 8),
+                Transition::Destroy => ("destroy", 8),
+            };
+            AuditSpec::new("KEY_STATE_CHANGED", key(name), action, risk, true)
+        }
+        Operation::KeyRestore { name } => AuditSpec::new("KEY_RESTORED", key(name), "restore", 4, true),
+        Operation::KeyPurge { name } => AuditSpec::new("KEY_PURGED", key(name), "purge", 8, true),
+        Operation::Sign { name, .. } => AuditSpec::new("SIGN", key(name), "sign", 1, false),
+        Operation::Encrypt { name, .. } => AuditSpec::new("ENCRYPT", key(name), "encrypt", 1, false),
+        Operation::Mac { name, .. } => AuditSpec::new("MAC", key(name), "mac", 1, false),
+        Operation::Verify {
+            name,
+            allow_compromised,
+            ..
+        } => compromised_use("VERIFY", key(name), "verify", *allow_compromised),
+        Operation::Decrypt {
+            name,
+            allow_compromised,
+            ..
+        } => compromised_use("DECRYPT", key(name), "decrypt", *allow_compromised),
+        Operation::MacVerify {
+            name,
+            allow_compromised,
+            ..
+        } => compromised_use("MAC_VERIFY", key(name), "mac-verify", *allow_compromised),
+        Operation::Rewrap { name, .. } => AuditSpec::new("REWRAP", key(name), "rewrap", 2, false),
+        Operation::DataKey { name, plaintext, .. } => {
+            if *plaintext {
+                AuditSpec::new("DATAKEY", key(name), "datakey-plaintext", 6, true)
+            } else {
+                AuditSpec::new("DATAKEY", key(name), "datakey", 2, false)
+            }
+        }
+        Operation::BackupCreate { .. } => AuditSpec::new("BACKUP_CREATED", ks(), "backup", 6, true),
+        Operation::BackupVerify { .. } => AuditSpec::new("BACKUP_VERIFIED", ks(), "backup-verify", 1, false),
+        Operation::BackupRestore { .. } => AuditSpec::new("BACKUP_RESTORED", ks(), "restore", 9, true),
+        Operation::PolicyShow | Operation::PolicyCheck { .. } => {
+            AuditSpec::new("POLICY_READ", "policy".into(), "read", 1, false)
+        }
+        Operation::AuditVerify | Operation::AuditShow { .. } => {
+            AuditSpec::new("AUDIT_READ", "audit".into(), "read", 1, false)
+        }
+    })
+}
+
+/// Uses that open or check with a compromised key are security events at high risk.
+fn compromised_use(event: &'static str, resource: String, action: &'static str, allowed: bool) -> AuditSpec {
+    if allowed {
+        AuditSpec::new(event, resource, action, 9, true)
+    } else {
+        AuditSpec::new(event, resource, action, 1, false)
+    }
+}
+
+fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
     if let Some(ask) = ask_of(&op) {
         if let Err(denied) = authorize(shared, caller, ask) {
             return Work::Done(Err(denied));
@@ -63,6 +282,64 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
         Operation::Ping { payload } => Work::Done(Ok(Reply::Pong { payload })),
         Operation::Status => Work::Done(Ok(Reply::Status(status(shared)))),
         Operation::WhoAmI => Work::Done(Ok(Reply::WhoAmI(whoami(caller, shared)))),
+        Operation::AuditVerify => {
+            let (audit, vault) = (shared.audit.clone(), Arc::clone(&shared.vault));
+            Work::Blocking(Box::new(move || {
+                let Some(audit) = audit else {
+                    return Err(WireError::new(
+                        ErrorCode::NotAvailable,
+                        "the audit log is off (audit.enabled = false)",
+                    ));
+                };
+                // Everything buffered is written first, so the keystore's head is current.
+                audit
+                    .flush()
+                    .map_err(|e| WireError::new(ErrorCode::Internal, format!("cannot write the audit log: {e}")))?;
+                let head = vault.audit_head().unwrap_or_default();
+                match audit.verify(&head) {
+                    Ok(v) => Ok(Reply::AuditVerified {
+                        lines: v.lines,
+                        first_seq: v.first_seq,
+                        last_seq: v.last_seq,
+                        files: v.files.iter().map(|f| f.display().to_string()).collect(),
+                    }),
+                    Err(broken) => {
+                        tracing::error!(seq = broken.seq, why = %broken.why, "audit log verification failed");
+                        Err(WireError::new(ErrorCode::Tampered, broken.to_string()))
+                    }
+                }
+            }))
+        }
+        Operation::AuditShow {
+            since_secs,
+            event_type,
+            user,
+            key,
+            result,
+            limit,
+        } => {
+            let audit = shared.audit.clone();
+            Work::Blocking(Box::new(move || {
+                let Some(audit) = audit else {
+                    return Err(WireError::new(
+                        ErrorCode::NotAvailable,
+                        "the audit log is off (audit.enabled = false)",
+                    ));
+                };
+                if let Err(e) = audit.flush() {
+                    tracing::error!(error = %e, "cannot write the audit log");
+                }
+                let filter = crate::audit::Filter {
+                    since: since_secs.and_then(|s| std::time::SystemTime::now().checked_sub(Duration::from_secs(s))),
+                    event_type,
+                    user,
+                    key,
+                    result,
+                    limit: (limit as usize).clamp(1, 100_000),
+                };
+                Ok(Reply::AuditLines(crate::audit::show(&audit.files(), &filter)))
+            }))
+        }
         Operation::PolicyShow => {
             let policy = shared.policy();
             let source = match policy.source() {
@@ -265,13 +542,28 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                 .collect();
             // On the pool: a batch may hold many slow items, and one hand-off
             // is cheap spread over all of them.
+            let (audit, who) = (shared.audit.clone(), Arc::clone(&caller.who));
             custody(shared, caller, "batch", move |v| {
-                Ok(Reply::Batch(
-                    items
-                        .into_iter()
-                        .map(|(op, allowed)| allowed.and_then(|()| key_use_op(v, op).map_err(|e| e.to_wire())))
-                        .collect(),
-                ))
+                let mut security = false;
+                let results = items
+                    .into_iter()
+                    .map(|(op, allowed)| {
+                        let spec = audit_spec(&op);
+                        let result = allowed.and_then(|()| key_use_op(v, op).map_err(|e| e.to_wire()));
+                        if let (Some(audit), Some(spec)) = (&audit, spec) {
+                            let (event, sec) = spec.event(Arc::clone(&who), &result);
+                            security |= sec;
+                            audit.record(event);
+                        }
+                        result
+                    })
+                    .collect();
+                if let (true, Some(audit)) = (security, &audit) {
+                    if let Err(e) = audit.flush() {
+                        tracing::error!(error = %e, "cannot write the audit log");
+                    }
+                }
+                Ok(Reply::Batch(results))
             })
         }
         Operation::DebugClock { advance_secs } => {
@@ -626,6 +918,11 @@ fn ask_of(op: &Operation) -> Option<Ask<'_>> {
         }
         Operation::PolicyShow | Operation::PolicyCheck { .. } => Some(Ask {
             resource: "policy",
+            action: "read",
+            key: None,
+        }),
+        Operation::AuditVerify | Operation::AuditShow { .. } => Some(Ask {
+            resource: "audit",
             action: "read",
             key: None,
         }),

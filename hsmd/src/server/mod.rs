@@ -63,6 +63,8 @@ pub struct Shared {
     pub policy: std::sync::RwLock<Arc<crate::auth::policy::Policy>>,
     /// Per-uid request rates.
     pub limiters: crate::auth::rate::Limiters,
+    /// The audit log, unless turned off.
+    pub audit: Option<Arc<crate::audit::Auditor>>,
     /// When the daemon started.
     pub started: Instant,
     /// Live counters.
@@ -96,6 +98,7 @@ impl Shared {
             transfers: Arc::default(),
             policy: std::sync::RwLock::new(Arc::new(crate::auth::policy::Policy::open())),
             limiters: crate::auth::rate::Limiters::new(None),
+            audit: None,
             started: Instant::now(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),

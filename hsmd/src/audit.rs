@@ -67,17 +67,38 @@ pub struct Event {
     /// How it ended.
     pub result: Outcome,
     /// Small facts: versions, error codes and messages. Never secrets.
-    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub metadata: Meta,
     /// 0 (routine) to 10 (alarming).
     pub risk_score: u8,
     /// When.
     pub time: SystemTime,
 }
 
+/// An event's metadata: a fixed set of small facts (a struct, not a map, so
+/// recording an event on the hot path allocates little).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Meta {
+    /// The key version used or made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// A check's verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid: Option<bool>,
+    /// A key's state after the operation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    /// The error code of a failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+    /// The message of a failure or decision (hsmd's own text, never a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// The line as written, field order fixed.
 #[derive(Serialize)]
 struct Line<'a> {
-    id: String,
+    id: &'a str,
     seq: u64,
     timestamp: String,
     event_type: &'a str,
@@ -90,7 +111,7 @@ struct Line<'a> {
     resource: &'a str,
     action: &'a str,
     result: Outcome,
-    metadata: &'a serde_json::Map<String, serde_json::Value>,
+    metadata: &'a Meta,
     risk_score: u8,
     prev_hash: &'a str,
 }
@@ -139,6 +160,7 @@ struct Writer {
 /// The daemon's audit log.
 pub struct Auditor {
     settings: Settings,
+    run: String,
     buffer: Mutex<Vec<Event>>,
     writer: Mutex<Writer>,
     /// Stores the head durably (in the keystore).
@@ -182,17 +204,28 @@ fn rfc3339_millis(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-fn random_id() -> String {
-    let mut b = [0u8; 16];
+/// A random prefix for this run's event ids: `<prefix>-<seq>` is unique
+/// without a random draw per line.
+fn run_id() -> String {
+    let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);
     hex::encode(b)
 }
 
-/// Serializes `event` as line `seq` after `prev`; returns the line (with its
-/// newline) and its hash.
-fn render(event: &Event, seq: u64, prev: &str) -> (String, String) {
+fn hex32(bytes: &[u8]) -> String {
+    let mut out = [0u8; 64];
+    match hex::encode_to_slice(bytes, &mut out) {
+        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
+        Err(_) => hex::encode(bytes),
+    }
+}
+
+/// Serializes `event` as line `seq` after `prev`, appending it (with its
+/// newline) to `out`; returns its hash.
+fn render(event: &Event, seq: u64, prev: &str, run: &str, out: &mut Vec<u8>) -> String {
+    let id = format!("{run}-{seq}");
     let line = Line {
-        id: random_id(),
+        id: &id,
         seq,
         timestamp: rfc3339_millis(event.time),
         event_type: event.event_type,
@@ -209,13 +242,19 @@ fn render(event: &Event, seq: u64, prev: &str) -> (String, String) {
         risk_score: event.risk_score,
         prev_hash: prev,
     };
-    let mut text = serde_json::to_string(&line).unwrap_or_else(|_| "{}".to_owned());
-    text.pop(); // the closing brace
-    let hash = hex::encode(Sha256::digest(text.as_bytes()));
-    text.push_str(HASH_KEY);
-    text.push_str(&hash);
-    text.push_str("\"}\n");
-    (text, hash)
+    let start = out.len();
+    // Serializing plain structs into memory cannot fail; if it did, the line
+    // would still be a valid (empty) object in the chain.
+    if serde_json::to_writer(&mut *out, &line).is_err() {
+        out.truncate(start);
+        out.extend_from_slice(b"{}");
+    }
+    out.pop(); // the closing brace
+    let hash = hex32(&Sha256::digest(&out[start..]));
+    out.extend_from_slice(HASH_KEY.as_bytes());
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    hash
 }
 
 /// Splits a line into the hashed part and the hash it claims.
@@ -255,6 +294,7 @@ impl Auditor {
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(Self {
             settings,
+            run: run_id(),
             buffer: Mutex::new(Vec::new()),
             writer: Mutex::new(Writer {
                 file: Some(file),
@@ -315,18 +355,17 @@ impl Auditor {
         if events.is_empty() {
             return Ok(0);
         }
-        let mut text = String::with_capacity(events.len() * 400);
+        let mut text: Vec<u8> = Vec::with_capacity(events.len() * 400);
         let mut head = w.head.clone();
         for e in &events {
-            let (line, hash) = render(e, head.seq + 1, &head.hash);
-            text.push_str(&line);
+            let hash = render(e, head.seq + 1, &head.hash, &self.run, &mut text);
             head = Head {
                 seq: head.seq + 1,
                 hash,
             };
         }
         let written = match w.file.as_mut() {
-            Some(f) => f.write_all(text.as_bytes()).and_then(|()| f.sync_data()),
+            Some(f) => f.write_all(&text).and_then(|()| f.sync_data()),
             None => Err(std::io::Error::other("the audit file is not open")),
         };
         if let Err(e) = written {
@@ -612,7 +651,7 @@ mod tests {
             resource: "key:k".into(),
             action: "sign",
             result: Outcome::Success,
-            metadata: serde_json::Map::new(),
+            metadata: Meta::default(),
             risk_score: 1,
             time: SystemTime::now(),
         }

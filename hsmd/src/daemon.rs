@@ -385,8 +385,10 @@ fn audit_now(
     detail: String,
 ) {
     let Some(audit) = &shared.audit else { return };
-    let mut metadata = serde_json::Map::new();
-    metadata.insert("message".into(), detail.into());
+    let metadata = crate::audit::Meta {
+        message: Some(detail),
+        ..crate::audit::Meta::default()
+    };
     audit.record_now(crate::audit::Event {
         event_type,
         who: Arc::new(crate::audit::Who {

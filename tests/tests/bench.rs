@@ -84,3 +84,35 @@ fn key_benchmark_pipelines_and_batches_when_asked() {
         assert_eq!(rows, 3, "{text}");
     }
 }
+
+#[test]
+fn security_benchmark_compares_policy_rate_limits_and_audit_on_against_off() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hsmd-bench"))
+        .args(["--quick", "--suite", "security", "--clients", "1,8"])
+        .output()
+        .expect("run hsmd-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows.iter().all(|r| r.len() == 8 && r[1] > 0.0 && r[4] > 0.0),
+        "{rows:?}"
+    );
+    assert!(text.contains("target: with policy, rate limits and audit on"), "{text}");
+    // The "on" daemon really audited: its lines are counted.
+    let audited: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("audit lines written by the \"on\" daemon so far: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("audit line count");
+    assert!(audited > 100, "{text}");
+}

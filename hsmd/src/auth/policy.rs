@@ -237,15 +237,36 @@ pub struct Policy {
     text: String,
 }
 
-/// An allowed request: which role and binding allowed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
+/// Why a peer has a role: which binding, and which of its entries matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why<'a> {
+    /// No policy file.
+    Open,
+    /// Binding `index` (from 1) names the user.
+    User(usize, &'a str),
+    /// Binding `index` names one of the user's groups.
+    Group(usize, &'a str),
+}
+
+impl fmt::Display for Why<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Open => f.write_str("no policy file: every admitted peer is admin"),
+            Self::User(i, u) => write!(f, "binding {i} (user {u})"),
+            Self::Group(i, g) => write!(f, "binding {i} (group {g})"),
+        }
+    }
+}
+
+/// An allowed request: which role, permission and binding allowed it.
+#[derive(Debug, Clone)]
+pub struct Grant<'a> {
     /// The role.
-    pub role: String,
-    /// The permission, as text.
-    pub permission: String,
+    pub role: &'a Role,
+    /// The permission.
+    pub permission: &'a Permission,
     /// Why the peer has the role.
-    pub binding: String,
+    pub why: Why<'a>,
 }
 
 fn perm(resource: &str, action: &str, keys: &str) -> Permission {
@@ -463,38 +484,33 @@ impl Policy {
 
     /// The peer's roles, each with the binding entry that gives it.
     #[must_use]
-    pub fn roles_of(&self, peer: &PeerIdentity) -> Vec<(&Role, String)> {
+    pub fn roles_of(&self, peer: &PeerIdentity) -> Vec<(&Role, Why<'_>)> {
         if self.source == Source::Open {
-            return self
-                .roles
-                .get("admin")
-                .map(|r| (r, "no policy file: every admitted peer is admin".to_owned()))
-                .into_iter()
-                .collect();
+            return self.roles.get("admin").map(|r| (r, Why::Open)).into_iter().collect();
         }
-        let uid = peer.creds.uid.to_string();
-        let mut out: Vec<(&Role, String)> = Vec::new();
+        let is_uid = |s: &str| s.parse::<u32>().ok() == Some(peer.creds.uid);
+        let mut out: Vec<(&Role, Why<'_>)> = Vec::new();
         for (i, b) in self.bindings.iter().enumerate() {
             let why = b
                 .users
                 .iter()
-                .find(|u| **u == uid || peer.user.as_deref() == Some(u.as_str()))
-                .map(|u| format!("binding {} (user {u})", i + 1))
+                .find(|u| is_uid(u) || peer.user.as_deref() == Some(u.as_str()))
+                .map(|u| Why::User(i + 1, u))
                 .or_else(|| {
                     b.groups
                         .iter()
                         .find(|g| {
-                            peer.groups
-                                .iter()
-                                .any(|pg| pg.gid.to_string() == **g || pg.name.as_deref() == Some(g.as_str()))
+                            peer.groups.iter().any(|pg| {
+                                g.parse::<u32>().ok() == Some(pg.gid) || pg.name.as_deref() == Some(g.as_str())
+                            })
                         })
-                        .map(|g| format!("binding {} (group {g})", i + 1))
+                        .map(|g| Why::Group(i + 1, g))
                 });
             if let Some(why) = why {
                 for r in &b.roles {
                     if let Some(role) = self.roles.get(r) {
                         if !out.iter().any(|(have, _)| have.name == role.name) {
-                            out.push((role, why.clone()));
+                            out.push((role, why));
                         }
                     }
                 }
@@ -533,7 +549,7 @@ impl Policy {
         ask: Ask<'_>,
         backend: &str,
         owner: impl FnOnce() -> Option<u32>,
-    ) -> Result<Grant, String> {
+    ) -> Result<Grant<'_>, String> {
         let roles = self.roles_of(peer);
         let mut owner = Some(owner);
         let mut owner_uid: Option<Option<u32>> = None;
@@ -560,9 +576,9 @@ impl Policy {
                     }
                 }
                 return Ok(Grant {
-                    role: role.name.clone(),
-                    permission: p.to_string(),
-                    binding: why.clone(),
+                    role,
+                    permission: p,
+                    why: *why,
                 });
             }
         }
@@ -695,6 +711,6 @@ mod tests {
         let p = Policy::open();
         let eve = peer(1003, "eve", &[(1003, "eve")]);
         let g = p.check(&eve, ask("purge", "x"), "soft", || None).unwrap();
-        assert_eq!(g.role, "admin");
+        assert_eq!(g.role.name, "admin");
     }
 }

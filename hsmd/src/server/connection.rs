@@ -91,8 +91,10 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
             Admission::Refused(why) => {
                 tracing::warn!(user = ?peer.user, exe = ?exe, reason = %why, "connection refused");
                 if let Some(audit) = shared.audit.clone() {
-                    let mut metadata = serde_json::Map::new();
-                    metadata.insert("message".into(), why.clone().into());
+                    let metadata = crate::audit::Meta {
+                        message: Some(why.clone()),
+                        ..crate::audit::Meta::default()
+                    };
                     let event = crate::audit::Event {
                         event_type: "AUTH_FAILURE",
                         who: Arc::new(crate::audit::Who {
@@ -392,7 +394,7 @@ impl Connection {
                     resource: "connection".into(),
                     action: op.name(),
                     result: crate::audit::Outcome::Failure,
-                    metadata: serde_json::Map::new(),
+                    metadata: crate::audit::Meta::default(),
                     risk_score: 4,
                     time: std::time::SystemTime::now(),
                 });

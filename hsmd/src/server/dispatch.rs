@@ -112,7 +112,7 @@ impl AuditSpec {
     /// The event for `result`, and whether it must be written before the answer.
     fn event(&self, who: Arc<crate::audit::Who>, result: &Result<Reply, WireError>) -> (crate::audit::Event, bool) {
         use crate::audit::{Event, Outcome};
-        let mut metadata = serde_json::Map::new();
+        let mut metadata = crate::audit::Meta::default();
         let mut event_type = self.event_type;
         let mut risk = self.risk;
         let mut security = self.security;
@@ -127,20 +127,18 @@ impl AuditSpec {
                     Reply::KeyCreated(k) | Reply::KeyUpdated(k) => Some(k.version),
                     _ => None,
                 };
-                if let Some(v) = version {
-                    metadata.insert("version".into(), v.into());
-                }
+                metadata.version = version;
                 if let Reply::Verified { valid } | Reply::MacVerified { valid } = reply {
-                    metadata.insert("valid".into(), (*valid).into());
+                    metadata.valid = Some(*valid);
                 }
                 if let Reply::KeyUpdated(k) = reply {
-                    metadata.insert("state".into(), k.state.as_str().into());
+                    metadata.state = Some(k.state.as_str());
                 }
                 Outcome::Success
             }
             Err(e) => {
-                metadata.insert("error".into(), e.code.as_str().into());
-                metadata.insert("message".into(), e.message.clone().into());
+                metadata.error = Some(e.code.as_str());
+                metadata.message = Some(e.message.clone());
                 match e.code {
                     ErrorCode::PermissionDenied => {
                         event_type = "ACCESS_DENIED";
@@ -384,10 +382,10 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                         allowed: true,
                         reason: format!(
                             "allowed by role {} (permission {}), which {} has through {}",
-                            g.role,
+                            g.role.name,
                             g.permission,
                             peer.describe(),
-                            g.binding
+                            g.why
                         ),
                     },
                     Err(why) => Reply::PolicyDecision {

@@ -83,9 +83,9 @@ fn parse_args() -> Result<Option<Args>> {
             "--batch" => args.batch = it.next().context("--batch N")?.parse()?,
             "--reactor-threads" => args.reactor_threads = it.next().context("--reactor-threads N")?.parse()?,
             "--suite" => {
-                args.suite = it.next().context("--suite ping|keys|all")?;
-                if !matches!(args.suite.as_str(), "ping" | "keys" | "all") {
-                    bail!("--suite is ping, keys or all");
+                args.suite = it.next().context("--suite ping|keys|security|all")?;
+                if !matches!(args.suite.as_str(), "ping" | "keys" | "security" | "all") {
+                    bail!("--suite is ping, keys, security or all");
                 }
             }
             "--clients" => {
@@ -97,7 +97,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--suite ping|keys|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|security|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -186,11 +186,116 @@ fn main() -> Result<()> {
     let Some(args) = parse_args()? else {
         return Ok(());
     };
-    if args.suite != "keys" {
-        ping_suite(&args)?;
+    match args.suite.as_str() {
+        "ping" => ping_suite(&args),
+        "keys" => key_suite(&args),
+        "security" => security_suite(&args),
+        _ => {
+            ping_suite(&args)?;
+            key_suite(&args)
+        }
     }
-    if args.suite != "ping" {
-        key_suite(&args)?;
+}
+
+/// Ed25519 signing with the policy, rate limits (set high) and the audit log
+/// on, beside the same daemon with all three off, in the same run.
+fn security_suite(args: &Args) -> Result<()> {
+    let uid = nix::unistd::getuid().as_raw();
+    let policy = format!(
+        "[roles.bench]\npermissions = [ {{ resource = \"keys\", action = \"*\", keys = \"bench-*\" }} ]\n\n\
+         [[bind]]\nusers = [\"{uid}\"]\nroles = [\"bench\"]\n"
+    );
+    let base = || {
+        Daemon::builder()
+            .dev()
+            .limit("max_connections", "64")
+            .limit("reactor_threads", &args.reactor_threads.to_string())
+    };
+    let off = base().extra("[audit]\nenabled = false\n").start();
+    let on = {
+        let prepared = base()
+            .extra("[policy]\npath = \"$DIR/policy.toml\"\n[rate_limit]\nper_second = 10000000\nburst = 10000000\n")
+            .prepare();
+        std::fs::write(prepared.dir.path().join("policy.toml"), &policy)?;
+        prepared.start()
+    };
+    for d in [&off, &on] {
+        d.client().call(Operation::KeyCreate {
+            name: "bench-ed25519".into(),
+            key_type: protocol::KeyType::Ed25519,
+            usages: Vec::new(),
+            options: protocol::KeyOptions::default(),
+        })?;
+    }
+    println!(
+        "\nhsmd security-overhead benchmark: ed25519 sign, {} s per run, median of {} round{}, requests in flight per client: {}, operations per request: {}",
+        args.seconds,
+        args.rounds,
+        if args.rounds == 1 { "" } else { "s" },
+        args.depth,
+        args.batch
+    );
+    println!("off: no policy file, no rate limit, audit.enabled = false");
+    println!("on:  policy (a role on bench-*), rate_limit 10,000,000/s per uid, audit log on (defaults)");
+    println!(
+        "{:>7} | {:>14} {:>8} {:>8} | {:>14} {:>8} {:>8} | {:>8}",
+        "clients", "off/s", "p50 µs", "p99 µs", "on/s", "p50 µs", "p99 µs", "on/off"
+    );
+    let mut at_8 = None;
+    for &clients in &args.clients {
+        let (mut off_runs, mut on_runs) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            for (d, runs) in [(&off, &mut off_runs), (&on, &mut on_runs)] {
+                let socket = d.socket.clone();
+                let (depth, batch) = (args.depth, args.batch);
+                runs.push(measure_batched(clients, args.seconds, depth * batch, move || {
+                    let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
+                    let item = protocol::BatchItem::Sign {
+                        name: "bench-ed25519".into(),
+                        digest: vec![7; 64],
+                    };
+                    let request = if batch == 1 {
+                        Operation::from(item)
+                    } else {
+                        Operation::Batch {
+                            items: vec![item; batch],
+                        }
+                    };
+                    Ok(move || -> Result<()> {
+                        c.send_many(std::iter::repeat_n(&request, depth).cloned())?;
+                        for _ in 0..depth {
+                            match c.recv()?.result {
+                                Ok(protocol::Reply::Batch(r)) => {
+                                    if let Some(Err(e)) = r.into_iter().find(Result::is_err) {
+                                        bail!("daemon refused a batch item: {e}");
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(e) => bail!("daemon refused: {e}"),
+                            }
+                        }
+                        Ok(())
+                    })
+                })?);
+            }
+        }
+        let (f, n) = (median(off_runs), median(on_runs));
+        let ratio = n.per_sec / f.per_sec * 100.0;
+        println!(
+            "{clients:>7} | {:>14.0} {:>8.1} {:>8.1} | {:>14.0} {:>8.1} {:>8.1} | {:>7.1}%",
+            f.per_sec, f.p50_us, f.p99_us, n.per_sec, n.p50_us, n.p99_us, ratio
+        );
+        if clients == 8 {
+            at_8 = Some(ratio);
+        }
+    }
+    let lines = std::fs::read_to_string(on.dir().join("state/audit.log")).map_or(0, |t| t.lines().count());
+    println!("audit lines written by the \"on\" daemon so far: {lines}");
+    if let Some(ratio) = at_8 {
+        println!(
+            "target: with policy, rate limits and audit on, within 15% of off at 8 clients: {} ({ratio:.1}%)",
+            if ratio >= 85.0 { "met" } else { "NOT met" }
+        );
     }
     Ok(())
 }

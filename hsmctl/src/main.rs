@@ -116,6 +116,8 @@ enum Command {
     /// The audit log: verify its hash chain, show its events
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The daemon's Prometheus metrics (OpenMetrics text)
+    Metrics,
     /// Re-encrypt a file `hsmctl encrypt` wrote under the key's newest version;
     /// the plaintext never leaves hsmd
     #[command(after_help = "Example:\n  hsmctl rewrap backup -i db.dump.enc -o db.dump.enc2 --aad host=db1")]
@@ -533,6 +535,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         },
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
         Command::Backup(_) => return Err(Failure::Local("internal: backup handled above".into())),
+        Command::Metrics => match client.call(Operation::Metrics)? {
+            Reply::Metrics { text } => print!("{text}"),
+            other => {
+                return Err(ClientError::UnexpectedReply {
+                    expected: "metrics",
+                    got: other.name(),
+                }
+                .into())
+            }
+        },
         Command::Audit(AuditCommand::Verify) => match client.call(Operation::AuditVerify)? {
             Reply::AuditVerified {
                 lines,

@@ -39,6 +39,17 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// The audit log.
     pub audit: AuditConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` here (a loopback address, e.g. `127.0.0.1:9091`);
+    /// off when unset. `hsmctl metrics` works either way.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[audit]`
@@ -304,6 +315,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             rate_limit: RateLimitConfig::default(),
             audit: AuditConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -469,6 +481,13 @@ impl Config {
             if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&value) {
                 return Err((key, "use 100ms to 1h".to_owned()));
             }
+        }
+        if self.metrics.listen.is_some_and(|a| !a.ip().is_loopback()) {
+            return Err((
+                "metrics.listen",
+                "the metrics listener has no authentication, so it binds loopback only (127.0.0.1:PORT or [::1]:PORT)"
+                    .to_owned(),
+            ));
         }
         let a = &self.audit;
         if a.path.as_ref().is_some_and(|p| !p.is_absolute()) {

@@ -61,6 +61,15 @@ pub enum DaemonError {
     /// Memory hardening that the configuration requires failed.
     #[error(transparent)]
     Memory(#[from] secure_mem::MemoryError),
+    /// The metrics listener cannot bind.
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The audit log cannot be opened.
     #[error("cannot open the audit log {}: {source}", path.display())]
     Audit {
@@ -316,6 +325,11 @@ async fn serve_until_signalled(
     let maintenance = spawn_key_maintenance(config, &shared);
     if let Some(path) = &config.policy.path {
         spawn_policy_watch(path.clone(), &shared);
+    }
+    if let Some(addr) = config.metrics.listen {
+        crate::metrics::serve(addr, Arc::clone(&shared))
+            .await
+            .map_err(|source| DaemonError::Metrics { addr, source })?;
     }
 
     let stop = shared.shutdown.clone();

@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod keystore;
 pub mod logging;
+pub mod metrics;
 pub mod secure_mem;
 pub mod server;
 pub mod systemd;

@@ -190,14 +190,7 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::AuditShow {
-                since_secs: None,
-                event_type: None,
-                user: None,
-                key: None,
-                result: None,
-                limit: 1,
-            },
+            op: Operation::Metrics,
         };
         let body = encode_body(&last).unwrap();
         assert_eq!(peek_request_header(&body), Some((9, OPERATION_VARIANTS - 1)));

@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 41;
+pub const OPERATION_VARIANTS: u32 = 42;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -329,6 +329,8 @@ pub enum Operation {
         /// At most this many lines (at most 100,000).
         limit: u32,
     },
+    /// The daemon's Prometheus metrics, as OpenMetrics text.
+    Metrics,
 }
 
 /// What encrypts a backup archive.
@@ -866,6 +868,7 @@ impl Operation {
             Self::PolicyCheck { .. } => "policy-check",
             Self::AuditVerify => "audit-verify",
             Self::AuditShow { .. } => "audit-show",
+            Self::Metrics => "metrics",
         }
     }
 }
@@ -1076,6 +1079,11 @@ pub enum Reply {
     },
     /// Answer to `AuditShow`: JSON lines as written.
     AuditLines(Vec<String>),
+    /// Answer to `Metrics`.
+    Metrics {
+        /// OpenMetrics text.
+        text: String,
+    },
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -1135,6 +1143,7 @@ impl Reply {
             Self::PolicyDecision { .. } => "policy-check",
             Self::AuditVerified { .. } => "audit-verify",
             Self::AuditLines(_) => "audit-show",
+            Self::Metrics { .. } => "metrics",
         }
     }
 }

@@ -90,6 +90,7 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
             Admission::Admitted(why) => why,
             Admission::Refused(why) => {
                 tracing::warn!(user = ?peer.user, exe = ?exe, reason = %why, "connection refused");
+                shared.metrics.auth_failure("connection_refused");
                 if let Some(audit) = shared.audit.clone() {
                     let metadata = crate::audit::Meta {
                         message: Some(why.clone()),
@@ -386,6 +387,7 @@ impl Connection {
         tracing::trace!(request = id, op = op.name(), "request");
         if let Err(wait) = self.take_token() {
             tracing::debug!(request = id, op = op.name(), "rate limited");
+            self.shared.metrics.rate_limited();
             if let Some(audit) = &self.shared.audit {
                 audit.record(crate::audit::Event {
                     event_type: "RATE_LIMITED",

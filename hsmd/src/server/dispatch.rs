@@ -56,6 +56,28 @@ impl std::fmt::Debug for Work {
 /// Decides how to answer `op` for `caller`. `Hello` never reaches here: the
 /// connection handles the handshake.
 pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
+    let started = std::time::Instant::now();
+    let name = op.name();
+    let metrics = Arc::clone(&shared.metrics);
+    let label = |r: &Result<Reply, WireError>| match r {
+        Ok(_) => "ok",
+        Err(e) => e.code.as_str(),
+    };
+    match route_audited(op, caller, shared) {
+        Work::Done(result) => {
+            metrics.request(name, label(&result), started.elapsed());
+            Work::Done(result)
+        }
+        Work::Blocking(job) => Work::Blocking(Box::new(move || {
+            let result = job();
+            metrics.request(name, label(&result), started.elapsed());
+            result
+        })),
+    }
+}
+
+/// Routes with an audit line for every operation that has one.
+fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
     let Some(audit) = shared.audit.clone() else {
         return route_inner(op, caller, shared);
     };
@@ -258,6 +280,7 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
         Operation::AuditVerify | Operation::AuditShow { .. } => {
             AuditSpec::new("AUDIT_READ", "audit".into(), "read", 1, false)
         }
+        Operation::Metrics => return None,
     })
 }
 
@@ -280,6 +303,14 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
         Operation::Ping { payload } => Work::Done(Ok(Reply::Pong { payload })),
         Operation::Status => Work::Done(Ok(Reply::Status(status(shared)))),
         Operation::WhoAmI => Work::Done(Ok(Reply::WhoAmI(whoami(caller, shared)))),
+        Operation::Metrics => {
+            let s = Arc::clone(shared);
+            Work::Blocking(Box::new(move || {
+                Ok(Reply::Metrics {
+                    text: s.metrics.render(&s),
+                })
+            }))
+        }
         Operation::AuditVerify => {
             let (audit, vault) = (shared.audit.clone(), Arc::clone(&shared.vault));
             Work::Blocking(Box::new(move || {
@@ -921,6 +952,11 @@ fn ask_of(op: &Operation) -> Option<Ask<'_>> {
         }),
         Operation::AuditVerify | Operation::AuditShow { .. } => Some(Ask {
             resource: "audit",
+            action: "read",
+            key: None,
+        }),
+        Operation::Metrics => Some(Ask {
+            resource: "metrics",
             action: "read",
             key: None,
         }),

@@ -65,6 +65,8 @@ pub struct Shared {
     pub limiters: crate::auth::rate::Limiters,
     /// The audit log, unless turned off.
     pub audit: Option<Arc<crate::audit::Auditor>>,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// When the daemon started.
     pub started: Instant,
     /// Live counters.
@@ -99,6 +101,7 @@ impl Shared {
             policy: std::sync::RwLock::new(Arc::new(crate::auth::policy::Policy::open())),
             limiters: crate::auth::rate::Limiters::new(None),
             audit: None,
+            metrics: Arc::default(),
             started: Instant::now(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),

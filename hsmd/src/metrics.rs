@@ -1,0 +1,279 @@
+//! Prometheus metrics (`prometheus-client`, OpenMetrics text): requests by
+//! operation and result, latency histograms, keys by type, backend and state,
+//! backend health, authentication failures by reason, rate-limited requests,
+//! custody state and the audit buffer. Served by `hsmctl metrics` and, when
+//! configured, on a loopback HTTP listener.
+//!
+//! The listener answers `GET /metrics` and nothing else, on loopback only; it
+//! is a few lines over tokio rather than an HTTP framework because that is all
+//! it does (bounded request head, 5 s timeout, one response, close).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+use crate::server::Shared;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Request {
+    operation: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Operation {
+    operation: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    key_type: String,
+    backend: String,
+    state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Backend {
+    backend: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to about 40 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-5, 2.0, 22,
+    ))
+}
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Request, Counter>,
+    latency: Family<Operation, Histogram, fn() -> Histogram>,
+    keys: Family<KeyLabels, Gauge>,
+    backend_up: Family<Backend, Gauge>,
+    auth_failures: Family<Reason, Counter>,
+    rate_limited: Counter,
+    unlocked: Gauge,
+    initialized: Gauge,
+    audit_buffer: Gauge,
+    connections: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("hsmd");
+        let requests = Family::<Request, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by operation and result (ok or the error code)",
+            requests.clone(),
+        );
+        let latency = Family::<Operation, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from reading a request to its answer being ready, by operation",
+            latency.clone(),
+        );
+        let keys = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "keys",
+            "Keys by type, backend and lifecycle state (deleted keys as state \"deleted\")",
+            keys.clone(),
+        );
+        let backend_up = Family::<Backend, Gauge>::default();
+        registry.register(
+            "backend_up",
+            "Whether each backend is healthy (1) or not (0)",
+            backend_up.clone(),
+        );
+        let auth_failures = Family::<Reason, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Refusals: connection_refused (the gate), permission_denied (the policy), unlock_failed (a wrong secret)",
+            auth_failures.clone(),
+        );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused for going over a rate limit",
+            rate_limited.clone(),
+        );
+        let unlocked = Gauge::default();
+        registry.register(
+            "unlocked",
+            "Whether the master key is in memory (1) or not (0)",
+            unlocked.clone(),
+        );
+        let initialized = Gauge::default();
+        registry.register(
+            "initialized",
+            "Whether a keystore exists (1) or not (0)",
+            initialized.clone(),
+        );
+        let audit_buffer = Gauge::default();
+        registry.register(
+            "audit_buffer_events",
+            "Audit events waiting to be written",
+            audit_buffer.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register("connections", "Open client connections", connections.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            keys,
+            backend_up,
+            auth_failures,
+            rate_limited,
+            unlocked,
+            initialized,
+            audit_buffer,
+            connections,
+        }
+    }
+
+    /// Counts one answered request and its latency.
+    pub fn request(&self, operation: &'static str, result: &'static str, elapsed: Duration) {
+        self.requests.get_or_create(&Request { operation, result }).inc();
+        self.latency
+            .get_or_create(&Operation { operation })
+            .observe(elapsed.as_secs_f64());
+        if result == "permission-denied" {
+            self.auth_failure("permission_denied");
+        } else if result == "unlock-failed" {
+            self.auth_failure("unlock_failed");
+        }
+    }
+
+    /// Counts a refusal by reason.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a rate-limited request.
+    pub fn rate_limited(&self) {
+        self.rate_limited.inc();
+    }
+
+    /// The metrics as OpenMetrics text, with the gauges read now. Blocking
+    /// (it lists the keys): call it off the reactor.
+    #[must_use]
+    pub fn render(&self, shared: &Shared) -> String {
+        use protocol::ServiceState;
+        let state = shared.vault.state();
+        self.unlocked.set(i64::from(state == ServiceState::Unlocked));
+        self.initialized.set(i64::from(state != ServiceState::Uninitialized));
+        self.audit_buffer.set(
+            shared
+                .audit
+                .as_ref()
+                .map_or(0, |a| i64::try_from(a.pending()).unwrap_or(i64::MAX)),
+        );
+        self.connections.set(i64::from(shared.counters.connections()));
+        self.backend_up.get_or_create(&Backend { backend: "soft" }).set(1);
+        self.keys.clear();
+        if let Ok(keys) = shared.vault.list_keys() {
+            for k in keys {
+                let state = if k.deleted_unix.is_some() {
+                    "deleted"
+                } else {
+                    k.state.as_str()
+                };
+                self.keys
+                    .get_or_create(&KeyLabels {
+                        key_type: k.key_type.as_str().to_owned(),
+                        backend: k.backend.clone(),
+                        state: state.to_owned(),
+                    })
+                    .inc();
+            }
+        }
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        text
+    }
+}
+
+/// Serves `GET /metrics` on `addr` (loopback) until shutdown.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listener on");
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = tokio::select! {
+                () = shared.shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    let mut head = Vec::with_capacity(1024);
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = stream.read(&mut buf).await?;
+                        if n == 0 || head.len() + n > 8192 {
+                            return Ok::<(), std::io::Error>(());
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let first = head.split(|b| *b == b'\r').next().unwrap_or_default();
+                    let (status, ctype, body) = if first.starts_with(b"GET /metrics ") {
+                        let s = Arc::clone(&shared);
+                        let body = tokio::task::spawn_blocking(move || s.metrics.render(&s)).await.unwrap_or_default();
+                        ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
+                    } else {
+                        ("404 Not Found", "text/plain", "only GET /metrics is served here\n".to_owned())
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(response.as_bytes()).await?;
+                    stream.shutdown().await
+                })
+                .await;
+            });
+        }
+    });
+    Ok(())
+}

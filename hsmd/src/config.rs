@@ -17,6 +17,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/hsmd/hsmd.toml";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `production` refuses to run with any setting that weakens the daemon
+    /// (see [`Config::production_problems`]); `development` (the default) only warns.
+    pub profile: Profile,
     /// Where the keystore and other state live.
     pub state_dir: PathBuf,
     /// The listening socket.
@@ -81,6 +84,34 @@ impl Default for AuditConfig {
             max_file_bytes: 64 * 1024 * 1024,
             keep_files: 8,
         }
+    }
+}
+
+/// The deployment profile.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Everything is allowed; weak settings are warnings.
+    #[default]
+    Development,
+    /// Weak settings are refused at start and by `--check-config`.
+    Production,
+}
+
+/// One setting the production profile refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductionProblem {
+    /// The dotted key.
+    pub key: &'static str,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do.
+    pub fix: String,
+}
+
+impl std::fmt::Display for ProductionProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}; {}", self.key, self.problem, self.fix)
     }
 }
 
@@ -304,6 +335,7 @@ impl TryFrom<String> for OctalMode {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            profile: Profile::default(),
             state_dir: PathBuf::from("/var/lib/hsmd"),
             socket: SocketConfig::default(),
             access: AccessConfig::default(),
@@ -399,6 +431,96 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Every setting the production profile refuses, each naming the key and
+    /// the fix. Reads the policy file and the state directory's mode; `dev` is
+    /// whether this is `hsmd --dev`.
+    #[must_use]
+    pub fn production_problems(&self, dev: bool) -> Vec<ProductionProblem> {
+        let mut out = Vec::new();
+        let mut no = |key: &'static str, problem: String, fix: &str| {
+            out.push(ProductionProblem {
+                key,
+                problem,
+                fix: fix.to_owned(),
+            });
+        };
+        if dev {
+            no(
+                "profile",
+                "hsmd --dev is a throw-away instance".into(),
+                "run without --dev, or set profile = \"development\"",
+            );
+        }
+        let mode = self.socket.mode.0;
+        if mode & !0o660 != 0 {
+            no(
+                "socket.mode",
+                format!("{mode:04o} lets users outside the socket's owner and group connect"),
+                "use 0660 (or narrower) and admit users through socket.group",
+            );
+        }
+        match &self.policy.path {
+            None => no(
+                "policy.path",
+                "no policy file: every admitted peer would be admin".into(),
+                "write a policy (roles and bindings) and set policy.path",
+            ),
+            Some(path) => match crate::auth::policy::Policy::load(path) {
+                Ok(p) if p.is_empty() => no(
+                    "policy.path",
+                    format!("{} binds no user or group to any role", path.display()),
+                    "add [[bind]] entries",
+                ),
+                Ok(_) => {}
+                Err(e) => no("policy.path", e.to_string(), "fix the policy file"),
+            },
+        }
+        if !self.audit.enabled {
+            no(
+                "audit.enabled",
+                "the audit log is off".into(),
+                "set audit.enabled = true",
+            );
+        }
+        if self.rate_limit.per_second == 0 {
+            no(
+                "rate_limit.per_second",
+                "rate limits are off".into(),
+                "set a per-uid rate, e.g. rate_limit.per_second = 1000 (roles may raise it)",
+            );
+        }
+        if !self.memory.require_lock {
+            no(
+                "memory.require_lock",
+                "hsmd would run even if keys could reach swap".into(),
+                "set memory.require_lock = true and give hsmd CAP_IPC_LOCK or a large LimitMEMLOCK",
+            );
+        }
+        if let Ok(meta) = std::fs::metadata(&self.state_dir) {
+            use std::os::unix::fs::PermissionsExt as _;
+            let m = meta.permissions().mode() & 0o777;
+            if m & 0o077 != 0 {
+                no(
+                    "state_dir",
+                    format!(
+                        "{} is mode {m:04o}: others can read the keystore and audit log",
+                        self.state_dir.display()
+                    ),
+                    "chmod 0700 it (systemd: StateDirectoryMode=0700)",
+                );
+            }
+        }
+        let level = self.log.level.to_ascii_lowercase();
+        if level.contains("debug") || level.contains("trace") {
+            no(
+                "log.level",
+                format!("{:?} logs every request in detail", self.log.level),
+                "use info (or warn)",
+            );
+        }
+        out
+    }
+
     /// Reads and validates the file at `path`.
     ///
     /// # Errors

@@ -79,6 +79,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The production profile refuses the configuration.
+    #[error("profile = \"production\" refuses this configuration:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Production(Vec<crate::config::ProductionProblem>),
     /// The policy file was refused.
     #[error("{0}; fix it or remove policy.path")]
     Policy(#[from] crate::auth::policy::PolicyError),
@@ -166,6 +169,13 @@ pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
             return Err(listener::ListenError::NoSuchGroup { group: group.clone() }.into());
         }
     }
+    if eff.config.profile == crate::config::Profile::Production {
+        let problems = eff.config.production_problems(eff.dev);
+        if !problems.is_empty() {
+            return Err(DaemonError::Production(problems));
+        }
+        lines.push("profile production: no setting weakens the daemon".to_owned());
+    }
     let (_, access_warnings) = AccessGate::from_config(&eff.config.access);
     for w in eff.config.warnings().into_iter().chain(access_warnings) {
         lines.push(format!("warning: {w}"));
@@ -211,6 +221,15 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     }
     for w in config.warnings() {
         tracing::warn!("{w}");
+    }
+    let weak = config.production_problems(eff.dev);
+    if config.profile == crate::config::Profile::Production && !weak.is_empty() {
+        return Err(DaemonError::Production(weak));
+    }
+    if !eff.dev {
+        for p in &weak {
+            tracing::warn!("not fit for profile = \"production\": {p}");
+        }
     }
     // Before any secret can exist in this process.
     let hardening = secure_mem::harden(config.memory.require_lock && !eff.dev)?;

@@ -298,7 +298,15 @@ fn print_info(k: &KeyInfo) {
         "min versions: decrypt/verify {}, encrypt {}",
         k.min_decrypt_version, k.min_encrypt_version
     );
-    println!("owner:       uid {}", k.owner_uid);
+    match (&k.owner_name, k.owner_exists) {
+        (Some(n), true) => println!("owner:       uid {} ({n})", k.owner_uid),
+        (None, true) => println!("owner:       uid {}", k.owner_uid),
+        (n, false) => println!(
+            "owner:       uid {} ({}) NO LONGER EXISTS: the key is an admin's to delete",
+            k.owner_uid,
+            n.as_deref().unwrap_or("no name")
+        ),
+    }
     if !k.description.is_empty() {
         println!("description: {}", k.description);
     }
@@ -390,6 +398,13 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                         }
                         if let Some(n) = rotation_note(k, now) {
                             notes.push(n);
+                        }
+                        if !k.owner_exists {
+                            notes.push(format!(
+                                "OWNER GONE (uid {} is no longer {}): an admin's to delete",
+                                k.owner_uid,
+                                k.owner_name.as_deref().unwrap_or("the user it was")
+                            ));
                         }
                         println!(
                             "{:<24}  {:<11}  {:>7}  {:<12}  {:<22}  {:>5}  {}",
@@ -565,7 +580,8 @@ mod tests {
     fn rotation_notes_say_overdue_or_soon() {
         let mut k: KeyInfo = serde_json::from_value(serde_json::json!({
             "name": "k", "id": "i", "key_type": "ed25519", "backend": "soft", "usages": [],
-            "version": 1, "created_unix": 0, "owner_uid": 0, "state": "active", "state_changed_unix": 0,
+            "version": 1, "created_unix": 0, "owner_uid": 0, "owner_name": null, "owner_exists": true,
+            "state": "active", "state_changed_unix": 0,
             "activated_unix": null, "activate_at_unix": null, "expire_at_unix": null, "last_used_unix": null,
             "last_rotated_unix": null, "rotate_every_secs": 1000, "next_rotation_unix": 5000,
             "min_decrypt_version": 1, "min_encrypt_version": 1, "versions": [], "description": "",

@@ -676,6 +676,30 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_packaged_config_is_valid_and_names_every_section() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/hsmd.toml"));
+        let c = Config::load(path).unwrap();
+        assert_eq!(c.profile, Profile::Development);
+        let text = std::fs::read_to_string(path).unwrap();
+        for section in [
+            "[socket]",
+            "[access]",
+            "[limits]",
+            "[memory]",
+            "[unlock]",
+            "[policy]",
+            "[rate_limit]",
+            "[audit]",
+            "[metrics]",
+            "[keys]",
+            "profile",
+        ] {
+            assert!(text.contains(section), "{section} is not in the packaged config");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -758,6 +758,11 @@ pub struct KeyInfo {
     pub created_unix: u64,
     /// The uid that created it.
     pub owner_uid: u32,
+    /// The creator's user name when the key was made.
+    pub owner_name: Option<String>,
+    /// Whether that uid is still that user (a deleted or recycled uid owns
+    /// nothing; such keys are an admin's to delete).
+    pub owner_exists: bool,
     /// Its lifecycle state now (an expiry or activation time already applied).
     pub state: KeyState,
     /// When the state last changed by an operator's hand.

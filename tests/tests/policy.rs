@@ -46,7 +46,7 @@ fn setup(extra: &str) -> Option<Setup> {
     }
     let d = Daemon::builder()
         .socket_mode("0666")
-        .users(&["4001", "4002", "4003"])
+        .users(&["4001", "4002", "4003", "4005"])
         .extra(&format!("[policy]\npath = \"$DIR/policy.toml\"\n{extra}"))
         .prepare();
     fs::write(d.dir.path().join("policy.toml"), POLICY).expect("write policy");
@@ -310,4 +310,62 @@ fn audit_show_returns_exactly_the_events_asked_for_and_denials_are_audited() {
     // The human table too.
     let table = ok(&s.d.hsmctl(&["audit", "show", "--event", "SIGN", "--user", "4002"]));
     assert_eq!(table.lines().count(), 4, "a header and three rows: {table}");
+}
+
+/// A user made for one test and removed after it (even if the test fails).
+struct TempUser(String);
+
+impl TempUser {
+    fn add(name: &str, uid: u32) -> Self {
+        let _ = Command::new("userdel").arg(name).output();
+        let out = Command::new("useradd")
+            .args(["--no-create-home", "--uid", &uid.to_string(), "--user-group", name])
+            .output()
+            .expect("useradd (passwd)");
+        assert!(out.status.success(), "useradd: {out:?}");
+        Self(name.to_owned())
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn owned_only_rights_follow_the_user_not_a_recycled_uid() {
+    let Some(s) = setup("") else { return };
+    let with_self_service = POLICY.to_owned()
+        + "\n[roles.self-service]\npermissions = [ { resource = \"keys\", action = \"*\", owned = true } ]\n\n\
+           [[bind]]\nusers = [\"4005\"]\nroles = [\"self-service\"]\n";
+    fs::write(&s.policy, &with_self_service).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !s.d.log().contains("policy reloaded") {
+        assert!(Instant::now() < deadline, "{}", s.d.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    ok(&s.d.hsmctl(&["key", "create", "roots", "--type", "ed25519"]));
+    let alice = TempUser::add("hsmd-test-alice", 4005);
+    ok(&s.as_uid(4005, &["key", "create", "alices", "--type", "ed25519"]));
+    ok(&s.sign(4005, "alices"));
+    denied(&s.sign(4005, "roots"));
+    let info = ok(&s.d.hsmctl(&["key", "info", "alices"]));
+    assert!(info.contains("uid 4005 (hsmd-test-alice)"), "{info}");
+
+    // Alice leaves; her uid goes to someone else.
+    drop(alice);
+    let list = ok(&s.d.hsmctl(&["key", "list"]));
+    assert!(
+        list.contains("OWNER GONE (uid 4005 is no longer hsmd-test-alice)"),
+        "{list}"
+    );
+    let _mallory = TempUser::add("hsmd-test-mallory", 4005);
+    let err = denied(&s.sign(4005, "alices"));
+    assert!(err.contains("alices"), "{err}");
+    let list = ok(&s.d.hsmctl(&["key", "list"]));
+    assert!(list.contains("OWNER GONE"), "recycled, still gone: {list}");
+    // Deleting the orphan is an admin's call.
+    denied(&s.as_uid(4005, &["key", "delete", "alices"]));
+    ok(&s.as_uid(4003, &["key", "delete", "alices"]));
 }

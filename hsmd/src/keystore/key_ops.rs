@@ -105,7 +105,25 @@ fn policy_hmac(master: &[u8; 32], store_id: &[u8], row: &KeyRow) -> Option<Polic
             None => m.update(&[0]),
         }
     }
+    // Only when recorded, so keys sealed before names were recorded still check;
+    // removing a recorded name breaks the MAC.
+    if let Some(name) = &row.owner_name {
+        m.update(&[2]);
+        m.update(&(name.len() as u32).to_be_bytes());
+        m.update(name.as_bytes());
+    }
     Some(m)
+}
+
+/// Whether `uid` still names the user who made the key.
+fn owner_is_live(uid: u32, recorded: Option<&str>) -> bool {
+    match nix::unistd::User::from_uid(uid.into()) {
+        Ok(Some(user)) => recorded.is_none_or(|name| name == user.name),
+        // A uid without a user entry is live only if it had none when the key
+        // was made: then the uid is all there ever was to go by.
+        Ok(None) => recorded.is_none(),
+        Err(_) => false,
+    }
 }
 
 fn stored_state(row: &KeyRow) -> Result<KeyState, VaultError> {
@@ -206,6 +224,14 @@ impl Vault {
     /// The uid that created a key, if it exists.
     pub fn key_owner(&self, name: &str) -> Option<u32> {
         self.cached(name, None).ok().map(|c| c.row.owner_uid)
+    }
+
+    /// The uid that created a key, if that user still exists as it was: the
+    /// uid has the same user name as when the key was made. A deleted or
+    /// recycled uid owns nothing. Blocking (a user-database lookup).
+    pub fn live_owner(&self, name: &str) -> Option<u32> {
+        let c = self.cached(name, None).ok()?;
+        owner_is_live(c.row.owner_uid, c.row.owner_name.as_deref()).then_some(c.row.owner_uid)
     }
 
     /// Write transactions committed to the keystore since the daemon started.
@@ -338,6 +364,8 @@ impl Vault {
             version: p.latest_version,
             created_unix: row.created_unix,
             owner_uid: row.owner_uid,
+            owner_name: row.owner_name.clone(),
+            owner_exists: owner_is_live(row.owner_uid, row.owner_name.as_deref()),
             state,
             state_changed_unix: p.state_changed_unix,
             activated_unix: p.activated_unix.or_else(|| p.activate_at_unix.filter(|&t| t <= now)),
@@ -373,6 +401,7 @@ impl Vault {
         usages: &[Usage],
         options: &KeyOptions,
         owner_uid: u32,
+        owner_name: Option<&str>,
     ) -> Result<KeyInfo, VaultError> {
         keys::check_name(name).map_err(VaultError::Invalid)?;
         let usages = keys::check_usages(key_type, usages).map_err(VaultError::Invalid)?;
@@ -404,6 +433,7 @@ impl Vault {
             backend: "soft".to_owned(),
             usages: usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
             owner_uid,
+            owner_name: owner_name.map(str::to_owned),
             created_unix: now,
             version: 1,
             wrapped: Vec::new(),

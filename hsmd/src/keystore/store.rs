@@ -72,6 +72,8 @@ const MIGRATIONS: &[&str] = &[
          state_changed_unix = created_unix,
          activated_unix = created_unix;
      INSERT INTO meta (name, value) SELECT 'policy_seal_pending', x'01' WHERE EXISTS (SELECT 1 FROM keys);",
+    // 4: the creator's user name, so a recycled uid does not inherit keys.
+    "ALTER TABLE keys ADD COLUMN owner_name TEXT;",
 ];
 
 /// The keystore file could not be used.
@@ -473,6 +475,9 @@ pub struct KeyRow {
     pub usages: String,
     /// Creator.
     pub owner_uid: u32,
+    /// The creator's user name then (`None` for a uid without one, and for
+    /// keys made before hsmd recorded it).
+    pub owner_name: Option<String>,
     /// Creation time.
     pub created_unix: u64,
     /// This row's version.
@@ -540,7 +545,7 @@ const KEY_COLUMNS: &str =
     "k.id, k.name, k.type, k.backend, k.usages, k.owner_uid, k.created_unix, v.version, v.wrapped, \
      v.public, v.created_unix, k.state, k.state_changed_unix, k.activate_at_unix, k.activated_unix, k.expire_at_unix, \
      k.rotate_every_secs, k.min_decrypt_version, k.min_encrypt_version, k.latest_version, k.deleted_unix, \
-     k.purge_at_unix, k.allow_plaintext_datakey, k.policy_mac, k.description, k.labels";
+     k.purge_at_unix, k.allow_plaintext_datakey, k.policy_mac, k.description, k.labels, k.owner_name";
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow {
@@ -572,6 +577,7 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         },
         description: r.get(24)?,
         labels: r.get(25)?,
+        owner_name: r.get(26)?,
     })
 }
 
@@ -629,8 +635,18 @@ impl Store {
             return Ok(false);
         }
         tx.execute(
-            "INSERT INTO keys (id, name, type, backend, usages, owner_uid, created_unix) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![key.id, key.name, key.key_type, key.backend, key.usages, key.owner_uid, key.created_unix],
+            "INSERT INTO keys (id, name, type, backend, usages, owner_uid, created_unix, owner_name)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                key.id,
+                key.name,
+                key.key_type,
+                key.backend,
+                key.usages,
+                key.owner_uid,
+                key.created_unix,
+                key.owner_name
+            ],
         )
         .map_err(wrap)?;
         update_policy(&tx, key).map_err(wrap)?;

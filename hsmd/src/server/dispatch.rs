@@ -407,7 +407,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                     action,
                     key: key.as_deref(),
                 };
-                let decision = policy.check(&peer, ask, "soft", || key.as_deref().and_then(|k| vault.key_owner(k)));
+                let decision = policy.check(&peer, ask, "soft", || key.as_deref().and_then(|k| vault.live_owner(k)));
                 Ok(match decision {
                     Ok(g) => Reply::PolicyDecision {
                         allowed: true,
@@ -474,9 +474,9 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
             usages,
             options,
         } => {
-            let uid = caller.peer.creds.uid;
+            let (uid, user) = (caller.peer.creds.uid, caller.peer.user.clone());
             custody(shared, caller, "key-create", move |v| {
-                v.create_key(&name, key_type, &usages, &options, uid)
+                v.create_key(&name, key_type, &usages, &options, uid, user.as_deref())
                     .map(|k| Reply::KeyCreated(Box::new(k)))
             })
         }
@@ -493,7 +493,9 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                                     action: "list",
                                     key: Some(&k.name),
                                 };
-                                policy.check(&peer, ask, &k.backend, || Some(k.owner_uid)).is_ok()
+                                policy
+                                    .check(&peer, ask, &k.backend, || k.owner_exists.then_some(k.owner_uid))
+                                    .is_ok()
                             })
                             .collect(),
                     )
@@ -969,7 +971,7 @@ fn authorize(shared: &Shared, caller: &Caller, ask: Ask<'_>) -> Result<(), WireE
     let policy = shared.policy();
     // The owner is looked up only for permissions limited to owned keys; the
     // key's row is usually cached, else this is one indexed SQLite read.
-    let owner = || ask.key.and_then(|k| shared.vault.key_owner(k));
+    let owner = || ask.key.and_then(|k| shared.vault.live_owner(k));
     match policy.check(&caller.peer, ask, "soft", owner) {
         Ok(_) => Ok(()),
         Err(why) => {

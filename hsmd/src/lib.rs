@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod daemon;
+pub mod filestore;
 pub mod keystore;
 pub mod logging;
 pub mod metrics;

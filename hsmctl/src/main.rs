@@ -13,9 +13,10 @@ use protocol::{
 };
 use serde_json::json;
 
-use crate::{backup_cmd::BackupCommand, key_cmd::KeyCommand};
+use crate::{backup_cmd::BackupCommand, file_cmd::FileCommand, key_cmd::KeyCommand};
 
 mod backup_cmd;
+mod file_cmd;
 mod key_cmd;
 mod keys;
 mod sealing;
@@ -118,6 +119,9 @@ enum Command {
     Audit(AuditCommand),
     /// The daemon's Prometheus metrics (OpenMetrics text)
     Metrics,
+    /// The token file store: store, retrieve, list, info, delete
+    #[command(subcommand)]
+    File(FileCommand),
     /// Re-encrypt a file `hsmctl encrypt` wrote under the key's newest version;
     /// the plaintext never leaves hsmd
     #[command(after_help = "Example:\n  hsmctl rewrap backup -i db.dump.enc -o db.dump.enc2 --aad host=db1")]
@@ -535,6 +539,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         },
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
         Command::Backup(_) => return Err(Failure::Local("internal: backup handled above".into())),
+        Command::File(cmd) => file_cmd::run(cli.json, &mut client, cmd)?,
         Command::Metrics => match client.call(Operation::Metrics)? {
             Reply::Metrics { text } => print!("{text}"),
             other => {

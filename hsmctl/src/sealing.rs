@@ -45,7 +45,7 @@ fn chunk_aad(name: &str, chunk_size: u32, index: u64, last: bool, user: &[u8]) -
     aad
 }
 
-fn open_input(path: &Path) -> Result<Box<dyn Read>, Failure> {
+pub(crate) fn open_input(path: &Path) -> Result<Box<dyn Read>, Failure> {
     Ok(if path == Path::new("-") {
         Box::new(io::stdin().lock())
     } else {
@@ -57,14 +57,14 @@ fn open_input(path: &Path) -> Result<Box<dyn Read>, Failure> {
 
 /// Output that appears under its name only when complete: a temp file renamed
 /// into place (or stdout).
-struct Output {
+pub(crate) struct Output {
     target: PathBuf,
     temp: Option<tempfile::NamedTempFile>,
     stdout: Option<io::StdoutLock<'static>>,
 }
 
 impl Output {
-    fn create(path: &Path) -> Result<Self, Failure> {
+    pub(crate) fn create(path: &Path) -> Result<Self, Failure> {
         if path == Path::new("-") {
             return Ok(Self {
                 target: path.to_owned(),
@@ -85,7 +85,7 @@ impl Output {
         })
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), Failure> {
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<(), Failure> {
         let r = match (&mut self.temp, &mut self.stdout) {
             (Some(t), _) => t.write_all(bytes),
             (None, Some(s)) => s.write_all(bytes),
@@ -94,7 +94,7 @@ impl Output {
         r.map_err(|e| local(format!("cannot write {}: {e}", self.target.display())))
     }
 
-    fn finish(self) -> Result<(), Failure> {
+    pub(crate) fn finish(self) -> Result<(), Failure> {
         if let Some(mut s) = self.stdout {
             s.flush().map_err(|e| local(format!("cannot write stdout: {e}")))?;
         }
@@ -110,7 +110,7 @@ impl Output {
 }
 
 /// Reads up to `buf.len()` bytes, stopping early only at end of input.
-fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize, io::Error> {
+pub(crate) fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize, io::Error> {
     let mut n = 0;
     while n < buf.len() {
         match reader.read(&mut buf[n..]) {

@@ -90,6 +90,9 @@ pub struct Meta {
     /// The error code of a failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'static str>,
+    /// A stored file's token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// The message of a failure or decision (hsmd's own text, never a secret).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -301,6 +301,11 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     } else {
         tracing::warn!("the audit log is off (audit.enabled = false)");
     }
+    let files = crate::filestore::Files::open(&config.state_dir).map_err(|e| DaemonError::StateDir {
+        path: config.state_dir.join("files"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    shared.files = Some(Arc::new(files));
     let shared = Arc::new(shared);
     let result = runtime.block_on(serve_until_signalled(
         config,

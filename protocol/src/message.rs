@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 42;
+pub const OPERATION_VARIANTS: u32 = 50;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,6 +331,80 @@ pub enum Operation {
     },
     /// The daemon's Prometheus metrics, as OpenMetrics text.
     Metrics,
+    /// Starts storing a file (`docs/filestore.md`): answered with a session to
+    /// send its chunks to, in order, and the token it will have.
+    FileStoreBegin {
+        /// The original file name (no directories).
+        name: String,
+        /// The aes256-gcm key that wraps the file's data key.
+        key: String,
+        /// Plaintext bytes per chunk (4 KiB to 8 MiB).
+        chunk_size: u32,
+    },
+    /// The next chunk of a file being stored (exactly `chunk_size` bytes except
+    /// the last).
+    FileStoreChunk {
+        /// From `FileSession`.
+        session: u64,
+        /// Its index, from 0, in order.
+        index: u64,
+        /// Whether it is the last.
+        last: bool,
+        /// The plaintext.
+        bytes: crate::SecretBytes,
+    },
+    /// Completes a store after its last chunk: from now on the token exists.
+    FileStoreFinish {
+        /// From `FileSession`.
+        session: u64,
+    },
+    /// Starts reading a stored file, answered with a session and its info.
+    FileRetrieveBegin {
+        /// The file's token.
+        token: String,
+    },
+    /// The next chunk of a file being read.
+    FileRetrieveNext {
+        /// From `FileSession`.
+        session: u64,
+    },
+    /// Stored files (the caller's own, or all for `files:admin`).
+    FileList,
+    /// One stored file's metadata.
+    FileInfo {
+        /// The file's token.
+        token: String,
+    },
+    /// Wipes and removes a stored file.
+    FileDelete {
+        /// The file's token.
+        token: String,
+    },
+}
+
+/// A stored file's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Its token.
+    pub token: String,
+    /// The original name.
+    pub name: String,
+    /// Plaintext bytes.
+    pub size: u64,
+    /// Plaintext bytes per chunk.
+    pub chunk_size: u32,
+    /// Chunks.
+    pub chunks: u64,
+    /// The key that wraps its data key.
+    pub key: String,
+    /// That key's version.
+    pub key_version: u32,
+    /// Who stored it.
+    pub owner_uid: u32,
+    /// When.
+    pub stored_unix: u64,
+    /// SHA-256 over the chunks' SHA-256s, hex (`docs/filestore.md`).
+    pub checksum: String,
 }
 
 /// What encrypts a backup archive.
@@ -874,6 +948,14 @@ impl Operation {
             Self::AuditVerify => "audit-verify",
             Self::AuditShow { .. } => "audit-show",
             Self::Metrics => "metrics",
+            Self::FileStoreBegin { .. } => "file-store-begin",
+            Self::FileStoreChunk { .. } => "file-store-chunk",
+            Self::FileStoreFinish { .. } => "file-store-finish",
+            Self::FileRetrieveBegin { .. } => "file-retrieve-begin",
+            Self::FileRetrieveNext { .. } => "file-retrieve-next",
+            Self::FileList => "file-list",
+            Self::FileInfo { .. } => "file-info",
+            Self::FileDelete { .. } => "file-delete",
         }
     }
 }
@@ -1089,6 +1171,36 @@ pub enum Reply {
         /// OpenMetrics text.
         text: String,
     },
+    /// Answer to `FileStoreBegin` and `FileRetrieveBegin`.
+    FileSession {
+        /// Send chunks to, or read chunks from, this session.
+        session: u64,
+        /// The file (while storing: the token it will have, size so far 0).
+        info: FileInfo,
+    },
+    /// Answer to `FileStoreChunk`.
+    FileChunkStored {
+        /// The chunk's index.
+        index: u64,
+    },
+    /// Answer to `FileRetrieveNext`.
+    FileChunk {
+        /// Its index.
+        index: u64,
+        /// Whether it is the last (its arrival means the checksum matched).
+        last: bool,
+        /// The plaintext.
+        bytes: crate::SecretBytes,
+    },
+    /// Answer to `FileStoreFinish` and `FileInfo`.
+    File(FileInfo),
+    /// Answer to `FileList`.
+    Files(Vec<FileInfo>),
+    /// Answer to `FileDelete`.
+    FileDeleted {
+        /// The token that is gone.
+        token: String,
+    },
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -1149,6 +1261,12 @@ impl Reply {
             Self::AuditVerified { .. } => "audit-verify",
             Self::AuditLines(_) => "audit-show",
             Self::Metrics { .. } => "metrics",
+            Self::FileSession { .. } => "file-session",
+            Self::FileChunkStored { .. } => "file-store-chunk",
+            Self::FileChunk { .. } => "file-retrieve-next",
+            Self::File(_) => "file-info",
+            Self::Files(_) => "file-list",
+            Self::FileDeleted { .. } => "file-delete",
         }
     }
 }

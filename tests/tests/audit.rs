@@ -24,7 +24,11 @@ fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).expect("mkdir");
     for e in fs::read_dir(from).expect("read dir") {
         let e = e.expect("entry");
-        fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+        }
     }
 }
 

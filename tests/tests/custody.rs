@@ -209,6 +209,16 @@ fn keystore_files_are_private_and_hold_no_secret_in_clear() {
     let mut seen = 0;
     for entry in fs::read_dir(&state_dir).expect("read state dir") {
         let path = entry.expect("entry").path();
+        if path.is_dir() {
+            // The file store's directory: private to hsmd, like the state dir.
+            assert_eq!(
+                fs::metadata(&path).expect("stat").permissions().mode() & 0o777,
+                0o700,
+                "{}",
+                path.display()
+            );
+            continue;
+        }
         assert_eq!(
             fs::metadata(&path).expect("stat").permissions().mode() & 0o777,
             0o600,

@@ -73,6 +73,7 @@ pub const RESOURCES: &[(&str, &[&str])] = &[
             "restore",
         ],
     ),
+    ("files", &["store", "retrieve", "list", "info", "delete", "admin"]),
     ("audit", &["read"]),
     ("policy", &["read"]),
     ("metrics", &["read"]),
@@ -315,9 +316,15 @@ fn builtin_roles() -> BTreeMap<String, Role> {
     };
     let mut v: Vec<Permission> = viewer.iter().map(|a| perm("keys", a, "*")).collect();
     v.push(perm("keystore", "slot-list", "*"));
+    v.extend(["list", "info"].iter().map(|a| perm("files", a, "*")));
     add("viewer", v);
     let mut o: Vec<Permission> = operator.iter().map(|a| perm("keys", a, "*")).collect();
     o.extend(["unlock", "lock", "slot-list"].iter().map(|a| perm("keystore", a, "*")));
+    o.extend(
+        ["store", "retrieve", "list", "info", "delete"]
+            .iter()
+            .map(|a| perm("files", a, "*")),
+    );
     add("operator", o);
     add("admin", vec![perm("*", "*", "*")]);
     roles

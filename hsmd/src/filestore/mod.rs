@@ -4,4 +4,7 @@
 //! layout ([`store`]); the protocol operations and `hsmctl file …` follow.
 
 pub mod format;
+pub mod service;
 pub mod store;
+
+pub use service::Files;

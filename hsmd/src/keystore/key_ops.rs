@@ -48,6 +48,17 @@ pub struct DataKey {
     pub plaintext: Option<Zeroizing<Vec<u8>>>,
 }
 
+/// A data key for hsmd's own use: [`Vault::internal_data_key`].
+#[derive(Debug)]
+pub struct InternalDataKey {
+    /// The version that sealed it.
+    pub version: u32,
+    /// Sealed as `Vault::encrypt` seals.
+    pub sealed: Vec<u8>,
+    /// The key itself.
+    pub key: Zeroizing<[u8; 32]>,
+}
+
 /// Uses of one key version not yet written to the keystore.
 #[derive(Debug, Default)]
 pub(super) struct UseCounter {
@@ -940,6 +951,23 @@ impl Vault {
             version: c.row.version,
             sealed,
             plaintext: plaintext.then_some(key),
+        })
+    }
+
+    /// A fresh data key for hsmd's own use (the file store), sealed by the
+    /// key's newest version: the plain key never leaves the daemon, so the key's
+    /// plaintext-data-key permission does not apply; its state and usages do.
+    ///
+    /// # Errors
+    /// As [`Vault::encrypt`].
+    pub fn internal_data_key(&self, name: &str, aad: &[u8]) -> Result<InternalDataKey, VaultError> {
+        let (c, material) = self.prepare(name, None, Action::DataKey, Usage::Encrypt, false)?;
+        let key = Zeroizing::new(crypto::random::<32>()?);
+        let sealed = material.encrypt(key.as_ref(), aad).map_err(VaultError::Invalid)?;
+        Ok(InternalDataKey {
+            version: c.row.version,
+            sealed,
+            key,
         })
     }
 

@@ -156,6 +156,9 @@ impl AuditSpec {
                 if let Reply::KeyUpdated(k) = reply {
                     metadata.state = Some(k.state.as_str());
                 }
+                if let Reply::File(f) | Reply::FileSession { info: f, .. } = reply {
+                    metadata.token = Some(f.token.clone());
+                }
                 Outcome::Success
             }
             Err(e) => {
@@ -280,7 +283,17 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
         Operation::AuditVerify | Operation::AuditShow { .. } => {
             AuditSpec::new("AUDIT_READ", "audit".into(), "read", 1, false)
         }
-        Operation::Metrics => return None,
+        Operation::Metrics
+        | Operation::FileStoreBegin { .. }
+        | Operation::FileStoreChunk { .. }
+        | Operation::FileRetrieveNext { .. } => return None,
+        Operation::FileStoreFinish { .. } => AuditSpec::new("FILE_STORED", "files".into(), "store", 2, false),
+        Operation::FileRetrieveBegin { token } => {
+            AuditSpec::new("FILE_RETRIEVED", format!("file:{token}"), "retrieve", 2, false)
+        }
+        Operation::FileList => AuditSpec::new("FILE_LIST", "files".into(), "list", 1, false),
+        Operation::FileInfo { token } => AuditSpec::new("FILE_INFO", format!("file:{token}"), "info", 1, false),
+        Operation::FileDelete { token } => AuditSpec::new("FILE_DELETED", format!("file:{token}"), "delete", 4, true),
     })
 }
 
@@ -303,6 +316,51 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
         Operation::Ping { payload } => Work::Done(Ok(Reply::Pong { payload })),
         Operation::Status => Work::Done(Ok(Reply::Status(status(shared)))),
         Operation::WhoAmI => Work::Done(Ok(Reply::WhoAmI(whoami(caller, shared)))),
+        op @ (Operation::FileStoreBegin { .. }
+        | Operation::FileStoreChunk { .. }
+        | Operation::FileStoreFinish { .. }
+        | Operation::FileRetrieveBegin { .. }
+        | Operation::FileRetrieveNext { .. }
+        | Operation::FileList
+        | Operation::FileInfo { .. }
+        | Operation::FileDelete { .. }) => {
+            let Some(files) = shared.files.clone() else {
+                return Work::Done(Err(WireError::new(
+                    ErrorCode::NotAvailable,
+                    "the file store is not open",
+                )));
+            };
+            let uid = caller.peer.creds.uid;
+            // files:admin lets a caller use files others stored.
+            let any = shared
+                .policy()
+                .check(
+                    &caller.peer,
+                    Ask {
+                        resource: "files",
+                        action: "admin",
+                        key: None,
+                    },
+                    "soft",
+                    || None,
+                )
+                .is_ok();
+            if let Operation::FileStoreBegin { chunk_size, .. } = &op {
+                let room = shared.limits.max_frame_bytes.saturating_sub(1024);
+                if *chunk_size > room {
+                    return Work::Done(Err(WireError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "a chunk of {chunk_size} bytes does not fit hsmd's frame limit of {} bytes; use at most {room} \
+                             (or raise limits.max_frame_bytes)",
+                            shared.limits.max_frame_bytes
+                        ),
+                    )));
+                }
+            }
+            let vault = Arc::clone(&shared.vault);
+            Work::Blocking(Box::new(move || file_op(&files, &vault, uid, any, op)))
+        }
         Operation::Metrics => {
             let s = Arc::clone(shared);
             Work::Blocking(Box::new(move || {
@@ -689,6 +747,49 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
     }
 }
 
+/// Performs one file store operation (on the blocking pool).
+fn file_op(
+    files: &crate::filestore::Files,
+    vault: &Vault,
+    uid: u32,
+    any: bool,
+    op: Operation,
+) -> Result<Reply, WireError> {
+    match op {
+        Operation::FileStoreBegin { name, key, chunk_size } => files
+            .begin_store(vault, uid, &name, &key, chunk_size)
+            .map(|(session, info)| Reply::FileSession { session, info }),
+        Operation::FileStoreChunk {
+            session,
+            index,
+            last,
+            bytes,
+        } => files
+            .store_chunk(uid, session, index, last, bytes.expose())
+            .map(|index| Reply::FileChunkStored { index }),
+        Operation::FileStoreFinish { session } => files.finish_store(uid, session).map(Reply::File),
+        Operation::FileRetrieveBegin { token } => files
+            .begin_retrieve(vault, uid, &token, any)
+            .map(|(session, info)| Reply::FileSession { session, info }),
+        Operation::FileRetrieveNext { session } => {
+            files
+                .retrieve_next(uid, session)
+                .map(|(index, last, bytes)| Reply::FileChunk {
+                    index,
+                    last,
+                    bytes: protocol::SecretBytes::new(bytes.to_vec()),
+                })
+        }
+        Operation::FileList => files.list(uid, any).map(Reply::Files),
+        Operation::FileInfo { token } => files.info(uid, &token, any).map(Reply::File),
+        Operation::FileDelete { token } => files.delete(uid, &token, any).map(|()| Reply::FileDeleted { token }),
+        other => Err(WireError::new(
+            ErrorCode::Internal,
+            format!("{} is not a file operation", other.name()),
+        )),
+    }
+}
+
 /// The key, version and payload size of a key operation, to decide whether it
 /// may run on the reactor.
 fn hot_hint(op: &Operation) -> (String, Option<u32>, usize) {
@@ -887,6 +988,13 @@ fn ask_of(op: &Operation) -> Option<Ask<'_>> {
             key: Some(name),
         })
     }
+    let files = |action: &'static str| {
+        Some(Ask {
+            resource: "files",
+            action,
+            key: None,
+        })
+    };
     let keystore = |action: &'static str| {
         Some(Ask {
             resource: "keystore",
@@ -962,6 +1070,13 @@ fn ask_of(op: &Operation) -> Option<Ask<'_>> {
             action: "read",
             key: None,
         }),
+        Operation::FileStoreBegin { .. } | Operation::FileStoreChunk { .. } | Operation::FileStoreFinish { .. } => {
+            files("store")
+        }
+        Operation::FileRetrieveBegin { .. } | Operation::FileRetrieveNext { .. } => files("retrieve"),
+        Operation::FileList => files("list"),
+        Operation::FileInfo { .. } => files("info"),
+        Operation::FileDelete { .. } => files("delete"),
     }
 }
 

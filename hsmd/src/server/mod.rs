@@ -67,6 +67,8 @@ pub struct Shared {
     pub audit: Option<Arc<crate::audit::Auditor>>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The token file store.
+    pub files: Option<Arc<crate::filestore::Files>>,
     /// When the daemon started.
     pub started: Instant,
     /// Live counters.
@@ -102,6 +104,7 @@ impl Shared {
             limiters: crate::auth::rate::Limiters::new(None),
             audit: None,
             metrics: Arc::default(),
+            files: None,
             started: Instant::now(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),

@@ -1,0 +1,384 @@
+//! The token file store (issue 6, must-shows 1–4): round trips at the chunk
+//! boundaries and of 100 MiB; each kind of tampering with the stored chunks or
+//! header fails retrieval naming the chunk and writes nothing; a store killed
+//! midway leaves no token and its debris is cleaned at the next start; other
+//! uids, traversal tokens and names, and planted symlinks are refused.
+
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use hsmd_tests::{bin, is_root, Daemon};
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "hsmctl failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn refused(out: &Output, code: &str) -> String {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains(&format!("({code})")), "expected {code}: {err}");
+    err
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn token_of(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Token: "))
+        .expect("a Token: line")
+        .trim()
+        .to_owned()
+}
+
+fn random_bytes(n: usize, _seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    getrandom::fill(&mut v).expect("random");
+    v
+}
+
+fn dev() -> Daemon {
+    let d = Daemon::builder().dev().start();
+    ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
+    d
+}
+
+#[test]
+fn files_of_every_boundary_size_and_100_mib_come_back_identical_under_their_names() {
+    let d = dev();
+    let dir = d.dir().to_owned();
+    let chunk = 64 * 1024;
+    for (size, chunk_arg) in [
+        (0, "64KiB"),
+        (1, "64KiB"),
+        (chunk, "64KiB"),
+        (chunk + 1, "64KiB"),
+        (100 << 20, "512KiB"),
+    ] {
+        let name = format!("data-{size}.bin");
+        let src = dir.join(&name);
+        let data = random_bytes(size, size as u64 + 7);
+        fs::write(&src, &data).expect("write");
+        let token = token_of(&ok(&d.hsmctl(&["file", "store", p(&src), "--chunk-size", chunk_arg])));
+        let out = dir.join(format!("out-{size}"));
+        fs::create_dir(&out).expect("mkdir");
+        ok(&d.hsmctl(&["file", "retrieve", &token, p(&out)]));
+        let back = fs::read(out.join(&name)).expect("restored under its original name");
+        assert!(back == data, "size {size}: bytes differ");
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&d.hsmctl(&["--json", "file", "info", &token]))).expect("json");
+        assert_eq!(info["size"], size);
+        assert_eq!(info["name"], name.as_str());
+    }
+    // A chunk that cannot fit a frame is refused before anything is stored.
+    let err = refused(
+        &d.hsmctl(&["file", "store", p(&dir.join("data-1.bin")), "--chunk-size", "1MiB"]),
+        "invalid-argument",
+    );
+    assert!(err.contains("frame limit"), "{err}");
+
+    // stdin in, stdout out.
+    let mut child = Command::new(bin("hsmctl"))
+        .args(["--socket", p(&d.socket), "file", "store", "-", "--name", "piped.txt"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"through a pipe")
+        .expect("write");
+    let token = token_of(&String::from_utf8_lossy(
+        &child.wait_with_output().expect("wait").stdout,
+    ));
+    let out = ok(&d.hsmctl(&["file", "retrieve", &token, "-o", "-"]));
+    assert_eq!(out, "through a pipe");
+    let list = ok(&d.hsmctl(&["file", "list"]));
+    assert!(list.contains("piped.txt") && list.contains(&token), "{list}");
+}
+
+/// A stored file's sealed chunks as (length-prefixed) records of its one segment.
+fn records(seg: &Path) -> Vec<Vec<u8>> {
+    let bytes = fs::read(seg).expect("segment");
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4")) as usize;
+        out.push(bytes[at + 4..at + 4 + len].to_vec());
+        at += 4 + len;
+    }
+    out
+}
+
+fn write_records(seg: &Path, recs: &[Vec<u8>]) {
+    let mut bytes = Vec::new();
+    for r in recs {
+        bytes.extend_from_slice(&(r.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(r);
+    }
+    fs::write(seg, bytes).expect("write segment");
+}
+
+#[test]
+fn every_kind_of_tampering_fails_retrieval_naming_the_chunk_and_writes_nothing() {
+    let d = dev();
+    let dir = d.dir().to_owned();
+    let src = dir.join("five.bin");
+    fs::write(&src, random_bytes(4 * 4096 + 100, 3)).expect("write");
+    let store = |path: &Path| token_of(&ok(&d.hsmctl(&["file", "store", p(path), "--chunk-size", "4KiB"])));
+    let token = store(&src);
+    let other = store(&src);
+    let files = dir.join("state/files");
+    let seg = files.join(&token).join("seg-000000");
+    let header = files.join(&token).join("header.json");
+    let original = records(&seg);
+    let original_header = fs::read(&header).expect("header");
+    assert_eq!(original.len(), 5);
+    let theirs = records(&files.join(&other).join("seg-000000"));
+
+    // (what, the segment's records, a replacement header, what the error says)
+    type Case<'a> = (&'a str, Vec<Vec<u8>>, Option<Vec<u8>>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "a flipped bit",
+            {
+                let mut r = original.clone();
+                r[2][50] ^= 0x04;
+                r
+            },
+            None,
+            "chunk 2 of 5 does not authenticate",
+        ),
+        (
+            "two chunks swapped",
+            {
+                let mut r = original.clone();
+                r.swap(1, 3);
+                r
+            },
+            None,
+            "chunk 1 of 5 does not authenticate",
+        ),
+        (
+            "the last chunk dropped",
+            original[..4].to_vec(),
+            None,
+            "ends after chunk 3 of 5",
+        ),
+        (
+            "a chunk duplicated",
+            {
+                let mut r = original.clone();
+                r.insert(2, original[1].clone());
+                r
+            },
+            None,
+            "chunk 2 of 5 does not authenticate",
+        ),
+        (
+            "a chunk added at the end",
+            {
+                let mut r = original.clone();
+                r.push(original[4].clone());
+                r
+            },
+            None,
+            "chunk 5 is beyond the 5 chunks",
+        ),
+        (
+            "a chunk from another file",
+            {
+                let mut r = original.clone();
+                r[3] = theirs[3].clone();
+                r
+            },
+            None,
+            "chunk 3 of 5 does not authenticate",
+        ),
+        (
+            "the header edited",
+            original.clone(),
+            Some(
+                String::from_utf8(original_header.clone())
+                    .expect("utf-8")
+                    .replace("five.bin", "fivE.bin")
+                    .into_bytes(),
+            ),
+            "chunk 0 of 5 does not authenticate",
+        ),
+    ];
+    for (what, recs, new_header, says) in cases {
+        write_records(&seg, &recs);
+        if let Some(h) = &new_header {
+            fs::write(&header, h).expect("write header");
+        }
+        let out_path = dir.join("restored.bin");
+        let err = refused(
+            &d.hsmctl(&["file", "retrieve", &token, "-o", p(&out_path)]),
+            "decrypt-failed",
+        );
+        assert!(err.contains(says) && err.contains(&token), "{what}: {err}");
+        assert!(!out_path.exists(), "{what}: an output file was written");
+        write_records(&seg, &original);
+        fs::write(&header, &original_header).expect("restore header");
+    }
+    // Untouched, it retrieves.
+    ok(&d.hsmctl(&["file", "retrieve", &token, "-o", p(&dir.join("fine.bin"))]));
+    assert_eq!(
+        fs::read(dir.join("fine.bin")).expect("read"),
+        fs::read(&src).expect("read")
+    );
+}
+
+#[test]
+fn a_store_killed_midway_leaves_no_token_and_its_debris_is_cleaned_at_start() {
+    let mut d = Daemon::start();
+    let keyfile = d.dir().join("unlock.key");
+    ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+    ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
+    let mut child = Command::new(bin("hsmctl"))
+        .args([
+            "--socket",
+            p(&d.socket),
+            "file",
+            "store",
+            "-",
+            "--name",
+            "partial.bin",
+            "--chunk-size",
+            "4KiB",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(&random_bytes(64 * 1024, 9)).expect("write");
+    stdin.flush().expect("flush");
+    // Wait until hsmd has begun writing this file.
+    let files = d.dir().join("state/files");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !fs::read_dir(&files)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with(".incoming-"))
+        })
+        .unwrap_or(false)
+    {
+        assert!(std::time::Instant::now() < deadline, "no store began: {}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    d.restart(true);
+    drop(stdin);
+    let _ = child.wait();
+    assert!(
+        d.log().contains("removed what interrupted file stores left behind"),
+        "{}",
+        d.log()
+    );
+    let left: Vec<_> = fs::read_dir(&files)
+        .expect("files dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "debris left: {left:?}");
+    ok(&d.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
+    assert_eq!(ok(&d.hsmctl(&["--json", "file", "list"])).trim(), "[]");
+}
+
+#[test]
+fn tokens_names_and_symlinks_cannot_reach_outside_the_store() {
+    let d = dev();
+    let dir = d.dir().to_owned();
+    for token in [
+        "../../etc/passwd",
+        "..",
+        "0f8fad5b-d9cb-469f-a165-70867728950e/../x",
+        "/etc",
+    ] {
+        refused(
+            &d.hsmctl(&["file", "retrieve", token, "-o", p(&dir.join("x"))]),
+            "invalid-argument",
+        );
+        refused(&d.hsmctl(&["file", "delete", token]), "invalid-argument");
+    }
+    let src = dir.join("a");
+    fs::write(&src, b"a").expect("write");
+    for name in ["../evil", "a/b", "..", "."] {
+        let err = refused(
+            &d.hsmctl(&["file", "store", p(&src), "--name", name]),
+            "invalid-argument",
+        );
+        assert!(err.contains("not a file name hsmd keeps"), "{err}");
+    }
+    // A symlink planted where a token would be is not followed.
+    let planted = "0f8fad5b-d9cb-469f-a165-70867728950e";
+    std::os::unix::fs::symlink(&dir, dir.join("state/files").join(planted)).expect("symlink");
+    let err = refused(&d.hsmctl(&["file", "info", planted]), "tampered");
+    assert!(err.contains("not a directory"), "{err}");
+    refused(&d.hsmctl(&["file", "delete", planted]), "tampered");
+    assert!(dir.join("a").exists(), "nothing outside the store was touched");
+}
+
+#[test]
+fn another_uid_can_neither_retrieve_nor_delete_a_file() {
+    if !is_root() {
+        eprintln!("skipped: acting as another uid needs root (CI runs as root)");
+        return;
+    }
+    let prepared = Daemon::builder()
+        .socket_mode("0666")
+        .users(&["4002"])
+        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
+        .prepare();
+    fs::write(
+        prepared.dir.path().join("policy.toml"),
+        "[[bind]]\nusers = [\"4002\"]\nroles = [\"operator\"]\n[[bind]]\nusers = [\"0\"]\nroles = [\"admin\"]\n",
+    )
+    .expect("policy");
+    let d = prepared.start();
+    ok(&d.hsmctl(&["init", "--keyfile-out", p(&d.dir().join("k"))]));
+    ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
+    let src = d.dir().join("secret.txt");
+    fs::write(&src, b"root's").expect("write");
+    let token = token_of(&ok(&d.hsmctl(&["file", "store", p(&src)])));
+    let hsmctl: PathBuf = d.dir().join("hsmctl");
+    fs::copy(bin("hsmctl"), &hsmctl).expect("copy");
+    fs::set_permissions(&hsmctl, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let as_4002 = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid", "4002", "--regid", "4002", "--clear-groups", "--"])
+            .arg(&hsmctl)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .current_dir("/tmp")
+            .output()
+            .expect("setpriv")
+    };
+    let err = refused(&as_4002(&["file", "retrieve", &token, "-o", "-"]), "permission-denied");
+    assert!(err.contains("belongs to uid 0"), "{err}");
+    refused(&as_4002(&["file", "delete", &token]), "permission-denied");
+    refused(&as_4002(&["file", "info", &token]), "permission-denied");
+    assert_eq!(
+        ok(&as_4002(&["--json", "file", "list"])).trim(),
+        "[]",
+        "others' files are not listed"
+    );
+    // 4002's own file is 4002's.
+    let theirs = token_of(&ok(&as_4002(&["file", "store", "-", "--name", "mine"])));
+    ok(&as_4002(&["file", "delete", &theirs]));
+    // The owner (an admin here) still can.
+    ok(&d.hsmctl(&["file", "delete", &token]));
+}

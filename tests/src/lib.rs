@@ -429,6 +429,16 @@ impl Daemon {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
+    /// The daemon's peak resident set (VmHWM), KiB.
+    pub fn vm_hwm_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc status")
+    }
+
     /// Peak virtual memory of the daemon (VmPeak), in KiB.
     pub fn vm_peak_kib(&self) -> u64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");

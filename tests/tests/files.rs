@@ -382,3 +382,46 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     // The owner (an admin here) still can.
     ok(&d.hsmctl(&["file", "delete", &token]));
 }
+
+#[test]
+fn storing_and_retrieving_a_gibibyte_keeps_the_daemon_under_64_mib_resident() {
+    let d = dev();
+    let mut child = Command::new(bin("hsmctl"))
+        .args([
+            "--socket",
+            p(&d.socket),
+            "file",
+            "store",
+            "-",
+            "--name",
+            "big.bin",
+            "--chunk-size",
+            "512KiB",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let block = random_bytes(1 << 20, 0);
+    for _ in 0..1024 {
+        stdin.write_all(&block).expect("write");
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{out:?}");
+    let token = token_of(&String::from_utf8_lossy(&out.stdout));
+    let after_store = d.vm_hwm_kib();
+    // Read it back to /dev/null.
+    ok(&d.hsmctl(&["file", "retrieve", &token, "-o", "/dev/null"]));
+    let peak = d.vm_hwm_kib();
+    println!("hsmd peak resident: {after_store} KiB after storing 1 GiB, {peak} KiB after retrieving it");
+    assert!(peak < 64 * 1024, "hsmd peaked at {peak} KiB");
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&d.hsmctl(&["--json", "file", "info", &token]))).expect("json");
+    assert_eq!(info["size"], 1u64 << 30);
+    let segments = fs::read_dir(d.dir().join("state/files").join(&token))
+        .expect("dir")
+        .count();
+    assert!(segments <= 20, "{segments} files for 1 GiB");
+}

@@ -251,6 +251,16 @@ impl Files {
     /// # Errors
     /// Out-of-order or mis-sized chunks, another uid's session, disk.
     pub fn store_chunk(&self, uid: u32, id: u64, index: u64, last: bool, bytes: &[u8]) -> Result<u64, WireError> {
+        self.storing(uid, id, |s| Self::seal_chunk(s, index, last, bytes))
+    }
+
+    /// Runs `f` on the caller's store session `id`.
+    fn storing<R>(
+        &self,
+        uid: u32,
+        id: u64,
+        f: impl FnOnce(&mut Storing) -> Result<R, WireError>,
+    ) -> Result<R, WireError> {
         let entry = self.entry(id)?;
         let mut guard = entry.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Session::Store(s) = &mut *guard else {
@@ -265,6 +275,10 @@ impl Files {
                 format!("there is no file session {id} of yours"),
             ));
         }
+        f(s)
+    }
+
+    fn seal_chunk(s: &mut Storing, index: u64, last: bool, bytes: &[u8]) -> Result<u64, WireError> {
         if s.done || index != s.next {
             return Err(wire(
                 ErrorCode::InvalidArgument,
@@ -301,20 +315,13 @@ impl Files {
     /// # Errors
     /// The last chunk has not arrived; disk.
     pub fn finish_store(&self, uid: u32, id: u64) -> Result<FileInfo, WireError> {
-        let entry = self.entry(id)?;
-        let mut guard = entry.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Session::Store(s) = &mut *guard else {
-            return Err(wire(
-                ErrorCode::InvalidArgument,
-                format!("file session {id} is reading, not storing"),
-            ));
-        };
-        if s.uid != uid {
-            return Err(wire(
-                ErrorCode::NotFound,
-                format!("there is no file session {id} of yours"),
-            ));
-        }
+        let info = self.storing(uid, id, Self::complete)?;
+        self.sessions().remove(&id);
+        tracing::info!(token = %info.token, size = info.size, chunks = info.chunks, "file stored");
+        Ok(info)
+    }
+
+    fn complete(s: &mut Storing) -> Result<FileInfo, WireError> {
         if !s.done {
             return Err(wire(
                 ErrorCode::FailedPrecondition,
@@ -335,11 +342,7 @@ impl Files {
         writer.finish(&meta).map_err(store_err)?;
         s.info.checksum.clone_from(&meta.checksum);
         s.info.stored_unix = meta.stored_unix;
-        let info = s.info.clone();
-        drop(guard);
-        self.sessions().remove(&id);
-        tracing::info!(token = %info.token, size = info.size, chunks = info.chunks, "file stored");
-        Ok(info)
+        Ok(s.info.clone())
     }
 
     fn header_meta(&self, token: &str) -> Result<(Header, Reader), WireError> {

@@ -335,6 +335,24 @@ impl Store {
     /// # Errors
     /// [`StoreError`]; nothing is written then.
     pub fn set_audit_head(&mut self, seq: u64, hash: &str) -> Result<(), StoreError> {
+        self.write_tx(|tx| {
+            for (name, value) in [("audit_seq", seq.to_string()), ("audit_hash", hash.to_owned())] {
+                tx.execute(
+                    "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    params![name, value.as_bytes()],
+                )
+                ?;
+            }
+            Ok(((), true))
+        })
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction: committed durably (and counted)
+    /// when `f` says it wrote, rolled back when it made no change.
+    fn write_tx<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<(T, bool)>,
+    ) -> Result<T, StoreError> {
         let path = self.path.clone();
         let wrap = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -344,16 +362,12 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(wrap)?;
-        for (name, value) in [("audit_seq", seq.to_string()), ("audit_hash", hash.to_owned())] {
-            tx.execute(
-                "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                params![name, value.as_bytes()],
-            )
-            .map_err(wrap)?;
+        let (value, wrote) = f(&tx).map_err(wrap)?;
+        if wrote {
+            tx.commit().map_err(wrap)?;
+            self.wrote();
         }
-        tx.commit().map_err(wrap)?;
-        self.wrote();
-        Ok(())
+        Ok(value)
     }
 
     /// The keystore's random identity, once initialized.
@@ -373,24 +387,14 @@ impl Store {
     /// # Errors
     /// [`StoreError`]; nothing is written then.
     pub fn initialize(&mut self, store_id: &[u8], slot: &SlotRow) -> Result<u32, StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        tx.execute(
-            "INSERT INTO meta (name, value) VALUES ('store_id', ?1)",
-            params![store_id],
-        )
-        .map_err(wrap)?;
-        let id = insert_slot(&tx, slot).map_err(wrap)?;
-        tx.commit().map_err(wrap)?;
-        self.wrote();
-        Ok(id)
+        self.write_tx(|tx| {
+            tx.execute(
+                "INSERT INTO meta (name, value) VALUES ('store_id', ?1)",
+                params![store_id],
+            )?;
+            let id = insert_slot(tx, slot)?;
+            Ok((id, true))
+        })
     }
 
     /// Every slot, oldest first.
@@ -432,31 +436,18 @@ impl Store {
     /// # Errors
     /// [`StoreError`]; nothing is removed then.
     pub fn remove_slot(&mut self, id: u32) -> Result<Option<bool>, StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        let exists: bool = tx
-            .query_row("SELECT EXISTS(SELECT 1 FROM slots WHERE id = ?1)", [id], |r| r.get(0))
-            .map_err(wrap)?;
-        if !exists {
-            return Ok(None);
-        }
-        let count: i64 = tx
-            .query_row("SELECT COUNT(*) FROM slots", [], |r| r.get(0))
-            .map_err(wrap)?;
-        if count <= 1 {
-            return Ok(Some(false));
-        }
-        tx.execute("DELETE FROM slots WHERE id = ?1", [id]).map_err(wrap)?;
-        tx.commit().map_err(wrap)?;
-        self.wrote();
-        Ok(Some(true))
+        self.write_tx(|tx| {
+            let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM slots WHERE id = ?1)", [id], |r| r.get(0))?;
+            if !exists {
+                return Ok((None, false));
+            }
+            let count: i64 = tx.query_row("SELECT COUNT(*) FROM slots", [], |r| r.get(0))?;
+            if count <= 1 {
+                return Ok((Some(false), false));
+            }
+            tx.execute("DELETE FROM slots WHERE id = ?1", [id])?;
+            Ok((Some(true), true))
+        })
     }
 }
 
@@ -617,47 +608,34 @@ impl Store {
     /// # Errors
     /// [`StoreError`]; nothing is written then.
     pub fn insert_key(&mut self, key: &KeyRow) -> Result<bool, StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        let taken: bool = tx
-            .query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE name = ?1)", [&key.name], |r| {
+        self.write_tx(|tx| {
+            let taken: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE name = ?1)", [&key.name], |r| {
                 r.get(0)
-            })
-            .map_err(wrap)?;
-        if taken {
-            return Ok(false);
-        }
-        tx.execute(
-            "INSERT INTO keys (id, name, type, backend, usages, owner_uid, created_unix, owner_name)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                key.id,
-                key.name,
-                key.key_type,
-                key.backend,
-                key.usages,
-                key.owner_uid,
-                key.created_unix,
-                key.owner_name
-            ],
-        )
-        .map_err(wrap)?;
-        update_policy(&tx, key).map_err(wrap)?;
-        tx.execute(
-            "INSERT INTO key_versions (key_id, version, wrapped, public, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![key.id, key.version, key.wrapped, key.public, key.version_created_unix],
-        )
-        .map_err(wrap)?;
-        tx.commit().map_err(wrap)?;
-        self.wrote();
-        Ok(true)
+            })?;
+            if taken {
+                return Ok((false, false));
+            }
+            tx.execute(
+                "INSERT INTO keys (id, name, type, backend, usages, owner_uid, created_unix, owner_name)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    key.id,
+                    key.name,
+                    key.key_type,
+                    key.backend,
+                    key.usages,
+                    key.owner_uid,
+                    key.created_unix,
+                    key.owner_name
+                ],
+            )?;
+            update_policy(tx, key)?;
+            tx.execute(
+                "INSERT INTO key_versions (key_id, version, wrapped, public, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![key.id, key.version, key.wrapped, key.public, key.version_created_unix],
+            )?;
+            Ok((true, true))
+        })
     }
 
     /// Adds `key.version` as the key's newest version and writes its policy
@@ -667,29 +645,18 @@ impl Store {
     /// # Errors
     /// [`StoreError`]; nothing is written then.
     pub fn add_version(&mut self, key: &KeyRow) -> Result<bool, StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        let inserted = tx
-            .execute(
+        self.write_tx(|tx| {
+            let inserted = tx.execute(
                 "INSERT OR IGNORE INTO key_versions (key_id, version, wrapped, public, created_unix)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![key.id, key.version, key.wrapped, key.public, key.version_created_unix],
-            )
-            .map_err(wrap)?;
-        if inserted == 0 {
-            return Ok(false);
-        }
-        update_policy(&tx, key).map_err(wrap)?;
-        tx.commit().map_err(wrap)?;
-        self.wrote();
-        Ok(true)
+            )?;
+            if inserted == 0 {
+                return Ok((false, false));
+            }
+            update_policy(tx, key)?;
+            Ok((true, true))
+        })
     }
 
     /// Writes a key's policy, description and labels. `false`: no such key.
@@ -708,23 +675,13 @@ impl Store {
     /// # Errors
     /// [`StoreError`]; nothing is written then.
     pub fn update_policies(&mut self, keys: &[KeyRow]) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        for key in keys {
-            update_policy(&tx, key).map_err(wrap)?;
-        }
-        tx.execute("DELETE FROM meta WHERE name = 'policy_seal_pending'", [])
-            .map_err(wrap)?;
-        tx.commit().map_err(wrap)?;
-        self.wrote();
-        Ok(())
+        self.write_tx(|tx| {
+            for key in keys {
+                update_policy(tx, key)?;
+            }
+            tx.execute("DELETE FROM meta WHERE name = 'policy_seal_pending'", [])?;
+            Ok(((), true))
+        })
     }
 
     /// Erases every version's sealed material (the key becomes `destroyed`) and
@@ -733,21 +690,11 @@ impl Store {
     /// # Errors
     /// [`StoreError`]; nothing is written then.
     pub fn destroy_material(&mut self, key: &KeyRow) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        tx.execute("UPDATE key_versions SET wrapped = x'' WHERE key_id = ?1", [&key.id])
-            .map_err(wrap)?;
-        update_policy(&tx, key).map_err(wrap)?;
-        tx.commit().map_err(wrap)?;
-        self.wrote();
-        Ok(())
+        self.write_tx(|tx| {
+            tx.execute("UPDATE key_versions SET wrapped = x'' WHERE key_id = ?1", [&key.id])?;
+            update_policy(tx, key)?;
+            Ok(((), true))
+        })
     }
 
     /// A key's versions, oldest first.
@@ -779,27 +726,17 @@ impl Store {
         if usage.is_empty() {
             return Ok(());
         }
-        let path = self.path.clone();
-        let wrap = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(wrap)?;
-        for (key_id, version, count, last_used) in usage {
-            tx.execute(
-                "UPDATE key_versions SET use_count = use_count + ?3,
-                     last_used_unix = MAX(COALESCE(last_used_unix, 0), ?4)
-                 WHERE key_id = ?1 AND version = ?2",
-                params![key_id, version, count, last_used],
-            )
-            .map_err(wrap)?;
-        }
-        tx.commit().map_err(wrap)?;
-        self.wrote();
-        Ok(())
+        self.write_tx(|tx| {
+            for (key_id, version, count, last_used) in usage {
+                tx.execute(
+                    "UPDATE key_versions SET use_count = use_count + ?3,
+                         last_used_unix = MAX(COALESCE(last_used_unix, 0), ?4)
+                     WHERE key_id = ?1 AND version = ?2",
+                    params![key_id, version, count, last_used],
+                )?;
+            }
+            Ok(((), true))
+        })
     }
 
     /// Names of keys whose automatic rotation is due at `now`: active (by their

@@ -1,16 +1,30 @@
-//! `hsmctl file …`: the token file store. Files travel as chunks over the
-//! socket; hsmd seals and keeps them, and the file key never leaves it.
+//! `hsmctl file …`: the token file store. By default hsmctl opens the file
+//! and passes the open descriptor to hsmd (SCM_RIGHTS), which reads or writes
+//! it directly with the access hsmctl opened it with and seals or opens the
+//! chunks on several cores; `--via frames` sends the bytes through the socket
+//! instead, one chunk per request. Either way the file key never leaves hsmd.
 
 use std::{
-    io,
+    fs::File,
+    io::{self, Seek as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
-use clap::Subcommand;
+use clap::{Subcommand, ValueEnum};
 use protocol::{Client, ClientError, FileInfo, Operation, Reply, SecretBytes};
 use serde_json::json;
 
-use crate::{print_json, sealing, Failure};
+use crate::{print_json, progress::Progress, sealing, Failure};
+
+/// How file bytes travel between hsmctl and hsmd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Via {
+    /// Pass the open file to hsmd, which reads or writes it itself (fastest)
+    Fd,
+    /// Send the bytes through the socket, one chunk per request
+    Frames,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum FileCommand {
@@ -24,12 +38,18 @@ pub enum FileCommand {
         /// The aes256-gcm key that wraps the file's key
         #[arg(long, default_value = "files")]
         key: String,
-        /// Plaintext per chunk (4KiB to 8MiB)
+        /// Plaintext per chunk: a power of two from 4KiB to 8MiB
         #[arg(long, default_value = "64KiB", value_parser = parse_size)]
         chunk_size: u32,
         /// The name to keep (default: the file's own name; required for stdin)
         #[arg(long)]
         name: Option<String>,
+        /// How the bytes reach hsmd
+        #[arg(long, value_enum, default_value = "fd")]
+        via: Via,
+        /// No progress bar (there is none anyway when stderr is not a terminal)
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Restore a stored file: into OUTDIR under its original name, or to -o FILE (- for stdout)
     #[command(
@@ -44,6 +64,12 @@ pub enum FileCommand {
         /// Write here instead (- for stdout); appears only when every chunk checked
         #[arg(short, long, value_name = "FILE", conflicts_with = "outdir")]
         output: Option<PathBuf>,
+        /// How the bytes come from hsmd
+        #[arg(long, value_enum, default_value = "fd")]
+        via: Via,
+        /// No progress bar (there is none anyway when stderr is not a terminal)
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Stored files: token, name, size, stored at, key, owner
     List,
@@ -101,69 +127,33 @@ fn print_info(json: bool, f: &FileInfo) {
     println!("stored:     {}", crate::key_cmd::time(f.stored_unix));
     println!("key:        {} (version {})", f.key, f.key_version);
     println!("owner:      uid {}", f.owner_uid);
-    println!("checksum:   sha256 of chunk sha256s {}", f.checksum);
+    println!("checksum:   blake3 {} (as b3sum prints it)", f.checksum);
 }
 
-fn store(
-    client: &mut Client,
-    json: bool,
-    path: &Path,
-    key: &str,
+struct StoreArgs<'a> {
+    path: &'a Path,
+    key: &'a str,
     chunk_size: u32,
-    name: Option<&str>,
-) -> Result<(), Failure> {
-    let name = match (name, path == Path::new("-")) {
+    name: Option<&'a str>,
+    via: Via,
+    quiet: bool,
+}
+
+fn store(client: &mut Client, json: bool, a: &StoreArgs<'_>) -> Result<(), Failure> {
+    let stdin = a.path == Path::new("-");
+    let name = match (a.name, stdin) {
         (Some(n), _) => n.to_owned(),
         (None, true) => return Err(local("storing stdin needs --name".into())),
-        (None, false) => path
+        (None, false) => a
+            .path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| local(format!("{} has no file name; give --name", path.display())))?,
+            .ok_or_else(|| local(format!("{} has no file name; give --name", a.path.display())))?,
     };
-    let mut input = sealing::open_input(path)?;
-    let (session, info) = match client.call(Operation::FileStoreBegin {
-        name,
-        key: key.to_owned(),
-        chunk_size,
-    })? {
-        Reply::FileSession { session, info } => (session, info),
-        other => return Err(unexpected("file-store-begin", &other)),
+    let stored = match a.via {
+        Via::Fd => store_fd(client, a, name)?,
+        Via::Frames => store_frames(client, a, name)?,
     };
-    let size = chunk_size as usize;
-    let mut current = vec![0u8; size];
-    let mut next = vec![0u8; size];
-    let read_err = |e: io::Error| local(format!("cannot read {}: {e}", path.display()));
-    let mut len = sealing::fill(&mut *input, &mut current).map_err(read_err)?;
-    let mut index = 0u64;
-    loop {
-        // One chunk ahead, to know which is the last.
-        let next_len = if len == size {
-            sealing::fill(&mut *input, &mut next).map_err(read_err)?
-        } else {
-            0
-        };
-        let last = next_len == 0;
-        match client.call(Operation::FileStoreChunk {
-            session,
-            index,
-            last,
-            bytes: SecretBytes::new(current[..len].to_vec()),
-        })? {
-            Reply::FileChunkStored { .. } => {}
-            other => return Err(unexpected("file-store-chunk", &other)),
-        }
-        if last {
-            break;
-        }
-        std::mem::swap(&mut current, &mut next);
-        len = next_len;
-        index += 1;
-    }
-    let stored = match client.call(Operation::FileStoreFinish { session })? {
-        Reply::File(f) => f,
-        other => return Err(unexpected("file-store-finish", &other)),
-    };
-    debug_assert_eq!(stored.token, info.token);
     if json {
         print_json(&stored);
     } else {
@@ -172,20 +162,144 @@ fn store(
     Ok(())
 }
 
-fn retrieve(
-    client: &mut Client,
-    json: bool,
-    token: &str,
-    outdir: Option<&Path>,
-    output: Option<&Path>,
-) -> Result<(), Failure> {
-    let (session, info) = match client.call(Operation::FileRetrieveBegin {
-        token: token.to_owned(),
+/// Opens the input (stdin with -), refusing what is not a file or a stream.
+fn open_for_store(path: &Path) -> Result<File, Failure> {
+    let file = if path == Path::new("-") {
+        io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from)
+            .map_err(|e| local(format!("cannot use stdin: {e}")))?
+    } else {
+        File::open(path).map_err(|e| local(format!("cannot open {}: {e}", path.display())))?
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| local(format!("cannot read {}: {e}", path.display())))?;
+    if meta.is_dir() {
+        return Err(local(format!(
+            "{} is a directory; store one file (or tar c DIR | hsmctl file store - --name DIR.tar)",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// What is left to read of a regular file, from its offset (for the bar).
+fn remaining(file: &File) -> (Option<u64>, u64) {
+    let start = (&*file).stream_position().unwrap_or(0);
+    match file.metadata() {
+        Ok(m) if m.is_file() => (Some(m.len().saturating_sub(start)), start),
+        _ => (None, start),
+    }
+}
+
+fn store_fd(client: &mut Client, a: &StoreArgs<'_>, name: String) -> Result<FileInfo, Failure> {
+    let input = open_for_store(a.path)?;
+    let (total, start) = remaining(&input);
+    let bar = Progress::new("storing", total, a.quiet);
+    let op = Operation::FileStoreFd {
+        name,
+        key: a.key.to_owned(),
+        chunk_size: a.chunk_size,
+    };
+    let result = bar.follow(&input, start, || client.call_with_fd(op, input.as_fd()));
+    match result {
+        Ok(Reply::File(f)) => {
+            bar.set(f.size);
+            bar.finish();
+            Ok(f)
+        }
+        Ok(other) => {
+            bar.clear();
+            Err(unexpected("file-store", &other))
+        }
+        Err(e) => {
+            bar.clear();
+            Err(e.into())
+        }
+    }
+}
+
+fn store_frames(client: &mut Client, a: &StoreArgs<'_>, name: String) -> Result<FileInfo, Failure> {
+    let input_file = open_for_store(a.path)?;
+    let (total, _) = remaining(&input_file);
+    let mut input = io::BufReader::new(input_file);
+    let (session, info) = match client.call(Operation::FileStoreBegin {
+        name,
+        key: a.key.to_owned(),
+        chunk_size: a.chunk_size,
     })? {
         Reply::FileSession { session, info } => (session, info),
-        other => return Err(unexpected("file-retrieve-begin", &other)),
+        other => return Err(unexpected("file-store-begin", &other)),
     };
-    let target = match (output, outdir) {
+    let bar = Progress::new("storing", total, a.quiet);
+    let size = a.chunk_size as usize;
+    let mut current = vec![0u8; size];
+    let mut next = vec![0u8; size];
+    let read_err = |e: io::Error| local(format!("cannot read {}: {e}", a.path.display()));
+    let sent = (|| {
+        let mut len = sealing::fill(&mut input, &mut current).map_err(read_err)?;
+        let mut index = 0u64;
+        loop {
+            // One chunk ahead, to know which is the last.
+            let next_len = if len == size {
+                sealing::fill(&mut input, &mut next).map_err(read_err)?
+            } else {
+                0
+            };
+            let last = next_len == 0;
+            match client.call(Operation::FileStoreChunk {
+                session,
+                index,
+                last,
+                bytes: SecretBytes::new(current[..len].to_vec()),
+            })? {
+                Reply::FileChunkStored { .. } => {}
+                other => return Err(unexpected("file-store-chunk", &other)),
+            }
+            bar.add(len as u64);
+            if last {
+                break;
+            }
+            std::mem::swap(&mut current, &mut next);
+            len = next_len;
+            index += 1;
+        }
+        match client.call(Operation::FileStoreFinish { session })? {
+            Reply::File(f) => Ok(f),
+            other => Err(unexpected("file-store-finish", &other)),
+        }
+    })();
+    match sent {
+        Ok(stored) => {
+            bar.finish();
+            debug_assert_eq!(stored.token, info.token);
+            Ok(stored)
+        }
+        Err(e) => {
+            bar.clear();
+            Err(e)
+        }
+    }
+}
+
+struct RetrieveArgs<'a> {
+    token: &'a str,
+    outdir: Option<&'a Path>,
+    output: Option<&'a Path>,
+    via: Via,
+    quiet: bool,
+}
+
+fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(), Failure> {
+    let info = match client.call(Operation::FileInfo {
+        token: a.token.to_owned(),
+    })? {
+        Reply::File(f) => f,
+        other => return Err(unexpected("file-info", &other)),
+    };
+    let target = match (a.output, a.outdir) {
         (Some(o), _) => o.to_owned(),
         (None, dir) => {
             // hsmd checked the name when it was stored; check again before
@@ -200,27 +314,66 @@ fn retrieve(
         }
     };
     let mut out = sealing::Output::create(&target)?;
-    loop {
-        match client.call(Operation::FileRetrieveNext { session })? {
-            Reply::FileChunk { last, bytes, .. } => {
-                out.write(bytes.expose())?;
-                if last {
-                    break;
-                }
-            }
-            other => return Err(unexpected("file-retrieve-next", &other)),
-        }
+    let bar = Progress::new("retrieving", Some(info.size), a.quiet);
+    let result = match a.via {
+        Via::Fd => retrieve_fd(client, a.token, &out, &bar),
+        Via::Frames => retrieve_frames(client, a.token, &mut out, &bar),
+    };
+    if let Err(e) = result {
+        // The temporary output is removed when `out` drops.
+        bar.clear();
+        return Err(e);
     }
     out.finish()?;
+    bar.finish();
     if json {
         println!(
             "{}",
             json!({ "token": info.token, "name": info.name, "size": info.size, "path": target })
         );
-    } else if target != Path::new("-") {
+    } else if target != Path::new("-") && !bar.shown() {
         eprintln!("retrieved {} ({} bytes) to {}", info.name, info.size, target.display());
     }
     Ok(())
+}
+
+fn retrieve_fd(client: &mut Client, token: &str, out: &sealing::Output, bar: &Progress) -> Result<(), Failure> {
+    let (fd, file) = out.descriptor();
+    let op = Operation::FileRetrieveFd {
+        token: token.to_owned(),
+    };
+    let reply = match file {
+        Some(f) => bar.follow(f, 0, || client.call_with_fd(op, fd)),
+        None => client.call_with_fd(op, fd),
+    }?;
+    match reply {
+        Reply::File(f) => {
+            bar.set(f.size);
+            Ok(())
+        }
+        other => Err(unexpected("file-retrieve", &other)),
+    }
+}
+
+fn retrieve_frames(client: &mut Client, token: &str, out: &mut sealing::Output, bar: &Progress) -> Result<(), Failure> {
+    let session = match client.call(Operation::FileRetrieveBegin {
+        token: token.to_owned(),
+    })? {
+        Reply::FileSession { session, .. } => session,
+        other => return Err(unexpected("file-retrieve-begin", &other)),
+    };
+    loop {
+        match client.call(Operation::FileRetrieveNext { session })? {
+            Reply::FileChunk { last, bytes, .. } => {
+                out.write(bytes.expose())?;
+                bar.add(bytes.expose().len() as u64);
+                if last {
+                    return Ok(());
+                }
+            }
+            other => return Err(unexpected("file-retrieve-next", &other)),
+        }
+    }
 }
 
 /// Runs one `hsmctl file …` command.
@@ -231,10 +384,37 @@ pub fn run(json: bool, client: &mut Client, cmd: &FileCommand) -> Result<(), Fai
             key,
             chunk_size,
             name,
-        } => store(client, json, path, key, *chunk_size, name.as_deref()),
-        FileCommand::Retrieve { token, outdir, output } => {
-            retrieve(client, json, token, outdir.as_deref(), output.as_deref())
-        }
+            via,
+            quiet,
+        } => store(
+            client,
+            json,
+            &StoreArgs {
+                path,
+                key,
+                chunk_size: *chunk_size,
+                name: name.as_deref(),
+                via: *via,
+                quiet: *quiet,
+            },
+        ),
+        FileCommand::Retrieve {
+            token,
+            outdir,
+            output,
+            via,
+            quiet,
+        } => retrieve(
+            client,
+            json,
+            &RetrieveArgs {
+                token,
+                outdir: outdir.as_deref(),
+                output: output.as_deref(),
+                via: *via,
+                quiet: *quiet,
+            },
+        ),
         FileCommand::List => match client.call(Operation::FileList)? {
             Reply::Files(files) => {
                 if json {

@@ -19,6 +19,7 @@ mod backup_cmd;
 mod file_cmd;
 mod key_cmd;
 mod keys;
+mod progress;
 mod sealing;
 mod secrets;
 

@@ -44,6 +44,40 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Prometheus metrics.
     pub metrics: MetricsConfig,
+    /// The token file store.
+    pub files: FilesConfig,
+}
+
+/// `[files]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// Threads that seal or open one file's chunks at once (0: one per core).
+    pub workers: u32,
+    /// How long a transfer waits on a caller's pipe that neither gives nor
+    /// takes bytes before it gives up.
+    #[serde(with = "humantime_serde")]
+    pub io_timeout: Duration,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            io_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl FilesConfig {
+    /// Workers per transfer, with 0 resolved to the number of cores.
+    #[must_use]
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            n => n as usize,
+        }
+    }
 }
 
 /// `[metrics]`
@@ -348,6 +382,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             audit: AuditConfig::default(),
             metrics: MetricsConfig::default(),
+            files: FilesConfig::default(),
         }
     }
 }
@@ -591,6 +626,12 @@ impl Config {
             if value.is_some_and(|v| v < Duration::from_secs(1)) {
                 return Err((key, "use at least 1s, or leave it unset to turn it off".to_owned()));
             }
+        }
+        if self.files.workers > 64 {
+            return Err(("files.workers", "use 1 to 64, or 0 for one per core".to_owned()));
+        }
+        if self.files.io_timeout < Duration::from_secs(1) {
+            return Err(("files.io_timeout", "use at least 1s".to_owned()));
         }
         let k = &self.keys;
         if !(Duration::from_secs(7 * 86_400)..=Duration::from_secs(90 * 86_400)).contains(&k.recovery_window) {

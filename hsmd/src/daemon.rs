@@ -301,7 +301,11 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     } else {
         tracing::warn!("the audit log is off (audit.enabled = false)");
     }
-    let files = crate::filestore::Files::open(&config.state_dir).map_err(|e| DaemonError::StateDir {
+    let tuning = crate::filestore::pipeline::Tuning {
+        workers: config.files.workers(),
+        io_timeout: config.files.io_timeout,
+    };
+    let files = crate::filestore::Files::open(&config.state_dir, tuning).map_err(|e| DaemonError::StateDir {
         path: config.state_dir.join("files"),
         source: std::io::Error::other(e.to_string()),
     })?;

@@ -5,6 +5,7 @@
 //! it, may they connect) → [`server::dispatch`] → the code that serves it → the
 //! response.
 
+pub mod aead;
 pub mod audit;
 pub mod auth;
 pub mod config;

@@ -1,8 +1,11 @@
 //! The blocking client over `std::os::unix::net::UnixStream`.
 
 use std::{
-    io::{self, Read, Write},
-    os::unix::net::UnixStream,
+    io::{self, IoSlice, Read, Write},
+    os::{
+        fd::{AsRawFd, BorrowedFd},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -179,6 +182,47 @@ impl Client {
     pub fn call(&mut self, op: Operation) -> Result<Reply, ClientError> {
         let id = self.send(op)?;
         crate::expect_id(self.recv()?, id)
+    }
+
+    /// Sends `op` with the open file `fd` attached (`SCM_RIGHTS`), for the
+    /// requests that carry one ([`Operation::carries_fd`]), and waits for the
+    /// answer with no response timeout: a whole-file transfer takes as long as
+    /// the file needs. The daemon gets its own copy of the descriptor, so it
+    /// reads or writes with the access the caller opened it with, and nothing
+    /// more.
+    ///
+    /// # Errors
+    /// [`ClientError::Io`] if the request cannot be sent; otherwise as
+    /// [`Client::call`].
+    pub fn call_with_fd(&mut self, op: Operation, fd: BorrowedFd<'_>) -> Result<Reply, ClientError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_buf.clear();
+        codec::encode_frame_into(&Request { id, op }, self.server.max_frame_bytes, &mut self.send_buf)?;
+        let fds = [fd.as_raw_fd()];
+        let sent = loop {
+            match sendmsg::<()>(
+                self.stream.as_raw_fd(),
+                &[IoSlice::new(&self.send_buf)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(ClientError::Io(e.into())),
+            }
+        };
+        // The descriptor travelled with the first byte; the rest of a long
+        // frame follows as plain bytes.
+        if let Some(rest) = self.send_buf.get(sent..) {
+            self.stream.write_all(rest).map_err(ClientError::Io)?;
+        }
+        self.stream.set_read_timeout(None).map_err(ClientError::Io)?;
+        let response = self.recv();
+        self.stream.set_read_timeout(self.timeout).map_err(ClientError::Io)?;
+        crate::expect_id(response?, id)
     }
 
     /// Round trip with an echoed payload.

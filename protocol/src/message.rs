@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 50;
+pub const OPERATION_VARIANTS: u32 = 52;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -380,6 +380,36 @@ pub enum Operation {
         /// The file's token.
         token: String,
     },
+    /// Stores a whole file that hsmd reads from the descriptor sent with this
+    /// request (`SCM_RIGHTS`, see [`crate::Client::call_with_fd`]) to its end:
+    /// hsmd reads with the caller's own access and seals chunks in parallel.
+    /// hsmd reads the descriptor in order with read(2), so its shared file
+    /// offset shows the progress. Answered with `File` once stored.
+    FileStoreFd {
+        /// The original file name (no directories).
+        name: String,
+        /// The aes256-gcm key that wraps the file's data key.
+        key: String,
+        /// Plaintext bytes per chunk (a power of two, 4 KiB to 8 MiB).
+        chunk_size: u32,
+    },
+    /// Writes a stored file's plaintext to the descriptor sent with this
+    /// request, in order with write(2) (so the offset of a regular file shows
+    /// the progress); the last chunk is written only once every chunk and the
+    /// checksum have checked out. Answered with `File`.
+    FileRetrieveFd {
+        /// The file's token.
+        token: String,
+    },
+}
+
+impl Operation {
+    /// Whether this request carries a file descriptor (sent with it as
+    /// `SCM_RIGHTS` ancillary data).
+    #[must_use]
+    pub fn carries_fd(&self) -> bool {
+        matches!(self, Self::FileStoreFd { .. } | Self::FileRetrieveFd { .. })
+    }
 }
 
 /// A stored file's metadata.
@@ -956,6 +986,8 @@ impl Operation {
             Self::FileList => "file-list",
             Self::FileInfo { .. } => "file-info",
             Self::FileDelete { .. } => "file-delete",
+            Self::FileStoreFd { .. } => "file-store",
+            Self::FileRetrieveFd { .. } => "file-retrieve",
         }
     }
 }
@@ -1192,7 +1224,7 @@ pub enum Reply {
         /// The plaintext.
         bytes: crate::SecretBytes,
     },
-    /// Answer to `FileStoreFinish` and `FileInfo`.
+    /// Answer to `FileStoreFinish`, `FileStoreFd`, `FileRetrieveFd` and `FileInfo`.
     File(FileInfo),
     /// Answer to `FileList`.
     Files(Vec<FileInfo>),

@@ -3,6 +3,8 @@
 //! talk to the daemon only through its public surfaces: the socket (via the
 //! `protocol` client or raw bytes) and the `hsmctl` binary.
 
+pub mod file_bench;
+
 use std::{
     fs,
     io::{Read, Write},
@@ -74,6 +76,7 @@ pub struct DaemonBuilder {
     unlock: Vec<(String, String)>,
     keys: Vec<(String, String)>,
     extra: String,
+    base: Option<PathBuf>,
 }
 
 impl Default for DaemonBuilder {
@@ -93,11 +96,20 @@ impl Default for DaemonBuilder {
             unlock: Vec::new(),
             keys: Vec::new(),
             extra: String::new(),
+            base: None,
         }
     }
 }
 
 impl DaemonBuilder {
+    /// Puts the daemon's directory (state, socket, config) under `base`
+    /// instead of the system temp directory (the file benchmark uses tmpfs).
+    #[must_use]
+    pub fn base_dir(mut self, base: &Path) -> Self {
+        self.base = Some(base.to_owned());
+        self
+    }
+
     /// Runs with `--dev` (throw-away; serves its owner and root; dev-only ops).
     #[must_use]
     pub fn dev(mut self) -> Self {
@@ -175,10 +187,13 @@ impl DaemonBuilder {
     /// Writes the config into a fresh temp dir and returns the dir and paths,
     /// without starting anything.
     pub fn prepare(&self) -> Prepared {
-        let dir = tempfile::Builder::new()
-            .prefix("hsmd-test-")
-            .tempdir()
-            .expect("tempdir");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("hsmd-test-");
+        let dir = match &self.base {
+            Some(base) => builder.tempdir_in(base),
+            None => builder.tempdir(),
+        }
+        .expect("tempdir");
         // Other uids (the `nobody` tests) must be able to reach the socket.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod tempdir");
         let socket = dir.path().join("hsmd.sock");

@@ -116,3 +116,34 @@ fn security_benchmark_compares_policy_rate_limits_and_audit_on_against_off() {
         .expect("audit line count");
     assert!(audited > 100, "{text}");
 }
+
+#[test]
+fn file_benchmark_prints_hsmd_beside_dd_age_and_in_process_aead() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hsmd-bench"))
+        .args(["--quick", "--suite", "files", "--file-mib", "32"])
+        .output()
+        .expect("run hsmd-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for row in [
+        "hsmctl file store (descriptor passed)",
+        "hsmctl file store --via frames",
+        "dd bs=1M, same filesystem",
+        "hsmctl file retrieve -o - (descriptor)",
+        "age -d to /dev/null",
+        "AES-256-GCM open",
+        "raw Unix socket",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(row))
+            .unwrap_or_else(|| panic!("{row} missing: {text}"));
+        let mbps: f64 = line
+            .split_whitespace()
+            .last()
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("no MB/s figure (is age installed? scripts/install-test-deps): {line}"));
+        assert!(mbps > 0.0, "{line}");
+    }
+    assert!(text.contains("targets: store >= 90% of dd"), "{text}");
+}

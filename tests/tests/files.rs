@@ -1,8 +1,11 @@
-//! The token file store (issue 6, must-shows 1–4): round trips at the chunk
-//! boundaries and of 100 MiB; each kind of tampering with the stored chunks or
-//! header fails retrieval naming the chunk and writes nothing; a store killed
-//! midway leaves no token and its debris is cleaned at the next start; other
-//! uids, traversal tokens and names, and planted symlinks are refused.
+//! The token file store (issue 6, must-shows 1–5): round trips at the chunk
+//! boundaries and of 100 MiB, with the descriptor passed to hsmd and with the
+//! bytes in frames; each kind of tampering with the stored chunks or header
+//! fails retrieval naming the chunk and writes nothing; a store killed midway
+//! leaves no token and its debris is cleaned at the next start; other uids,
+//! traversal tokens and names, and planted symlinks are refused; passed
+//! descriptors are checked and a stalled pipe times out; the progress bar
+//! shows on a terminal only; a gibibyte goes through in bounded memory.
 
 use std::{
     fs,
@@ -13,6 +16,10 @@ use std::{
 };
 
 use hsmd_tests::{bin, is_root, Daemon};
+use protocol::{ErrorCode, Operation, Reply};
+
+/// Both ways bytes travel: the descriptor passed to hsmd, and frames.
+const VIAS: [&str; 2] = ["fd", "frames"];
 
 fn ok(out: &Output) -> String {
     assert!(out.status.success(), "hsmctl failed: {out:?}");
@@ -55,55 +62,95 @@ fn files_of_every_boundary_size_and_100_mib_come_back_identical_under_their_name
     let d = dev();
     let dir = d.dir().to_owned();
     let chunk = 64 * 1024;
-    for (size, chunk_arg) in [
-        (0, "64KiB"),
-        (1, "64KiB"),
-        (chunk, "64KiB"),
-        (chunk + 1, "64KiB"),
-        (100 << 20, "512KiB"),
-    ] {
-        let name = format!("data-{size}.bin");
-        let src = dir.join(&name);
-        let data = random_bytes(size, size as u64 + 7);
-        fs::write(&src, &data).expect("write");
-        let token = token_of(&ok(&d.hsmctl(&["file", "store", p(&src), "--chunk-size", chunk_arg])));
-        let out = dir.join(format!("out-{size}"));
-        fs::create_dir(&out).expect("mkdir");
-        ok(&d.hsmctl(&["file", "retrieve", &token, p(&out)]));
-        let back = fs::read(out.join(&name)).expect("restored under its original name");
-        assert!(back == data, "size {size}: bytes differ");
-        let info: serde_json::Value =
-            serde_json::from_str(&ok(&d.hsmctl(&["--json", "file", "info", &token]))).expect("json");
-        assert_eq!(info["size"], size);
-        assert_eq!(info["name"], name.as_str());
+    for via in VIAS {
+        for (size, chunk_arg) in [
+            (0, "64KiB"),
+            (1, "64KiB"),
+            (chunk, "64KiB"),
+            (chunk + 1, "64KiB"),
+            (100 << 20, "512KiB"),
+        ] {
+            let name = format!("data-{via}-{size}.bin");
+            let src = dir.join(&name);
+            let data = random_bytes(size, size as u64 + 7);
+            fs::write(&src, &data).expect("write");
+            let stored = d.hsmctl(&["file", "store", p(&src), "--chunk-size", chunk_arg, "--via", via]);
+            let token = token_of(&ok(&stored));
+            assert!(stored.stderr.is_empty(), "no progress bar off a terminal: {stored:?}");
+            let out = dir.join(format!("out-{via}-{size}"));
+            fs::create_dir(&out).expect("mkdir");
+            ok(&d.hsmctl(&["file", "retrieve", &token, p(&out), "--via", via]));
+            let back = fs::read(out.join(&name)).expect("restored under its original name");
+            assert!(back == data, "{via}, size {size}: bytes differ");
+            let info: serde_json::Value =
+                serde_json::from_str(&ok(&d.hsmctl(&["--json", "file", "info", &token]))).expect("json");
+            assert_eq!(info["size"], size);
+            assert_eq!(info["name"], name.as_str());
+            // The checksum is the BLAKE3 hash of the file, as b3sum prints it.
+            assert_eq!(
+                info["checksum"],
+                blake3::hash(&data).to_hex().as_str(),
+                "{via}, size {size}"
+            );
+            fs::remove_file(&src).expect("rm");
+        }
     }
-    // A chunk that cannot fit a frame is refused before anything is stored.
+    let one = dir.join("one");
+    fs::write(&one, b"1").expect("write");
+    // A chunk that cannot fit a frame is refused before anything is stored
+    // when chunks travel in frames; a passed descriptor has no such limit.
     let err = refused(
-        &d.hsmctl(&["file", "store", p(&dir.join("data-1.bin")), "--chunk-size", "1MiB"]),
+        &d.hsmctl(&["file", "store", p(&one), "--chunk-size", "1MiB", "--via", "frames"]),
         "invalid-argument",
     );
     assert!(err.contains("frame limit"), "{err}");
+    ok(&d.hsmctl(&["file", "store", p(&one), "--chunk-size", "8MiB"]));
+    for bad in ["5000", "2KiB", "16MiB"] {
+        let err = refused(
+            &d.hsmctl(&["file", "store", p(&one), "--chunk-size", bad]),
+            "invalid-argument",
+        );
+        assert!(err.contains("power of two"), "{bad}: {err}");
+    }
 
-    // stdin in, stdout out.
-    let mut child = Command::new(bin("hsmctl"))
-        .args(["--socket", p(&d.socket), "file", "store", "-", "--name", "piped.txt"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"through a pipe")
-        .expect("write");
-    let token = token_of(&String::from_utf8_lossy(
-        &child.wait_with_output().expect("wait").stdout,
-    ));
-    let out = ok(&d.hsmctl(&["file", "retrieve", &token, "-o", "-"]));
-    assert_eq!(out, "through a pipe");
-    let list = ok(&d.hsmctl(&["file", "list"]));
-    assert!(list.contains("piped.txt") && list.contains(&token), "{list}");
+    // stdin in, stdout out, both ways.
+    for via in VIAS {
+        let mut child = Command::new(bin("hsmctl"))
+            .args([
+                "--socket",
+                p(&d.socket),
+                "file",
+                "store",
+                "-",
+                "--name",
+                "piped.txt",
+                "--via",
+                via,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"through a pipe")
+            .expect("write");
+        let token = token_of(&String::from_utf8_lossy(
+            &child.wait_with_output().expect("wait").stdout,
+        ));
+        let out = ok(&d.hsmctl(&["file", "retrieve", &token, "-o", "-", "--via", via]));
+        assert_eq!(out, "through a pipe");
+        let list = ok(&d.hsmctl(&["file", "list"]));
+        assert!(list.contains("piped.txt") && list.contains(&token), "{list}");
+        // Into a device, which must stay the device.
+        ok(&d.hsmctl(&["file", "retrieve", &token, "-o", "/dev/null", "--via", via]));
+        assert!(
+            !fs::metadata("/dev/null").expect("stat").is_file(),
+            "/dev/null was replaced"
+        );
+    }
 }
 
 /// A stored file's sealed chunks as (length-prefixed) records of its one segment.
@@ -221,13 +268,24 @@ fn every_kind_of_tampering_fails_retrieval_naming_the_chunk_and_writes_nothing()
         if let Some(h) = &new_header {
             fs::write(&header, h).expect("write header");
         }
-        let out_path = dir.join("restored.bin");
-        let err = refused(
-            &d.hsmctl(&["file", "retrieve", &token, "-o", p(&out_path)]),
-            "decrypt-failed",
-        );
-        assert!(err.contains(says) && err.contains(&token), "{what}: {err}");
-        assert!(!out_path.exists(), "{what}: an output file was written");
+        for via in VIAS {
+            let out_path = dir.join("restored.bin");
+            let err = refused(
+                &d.hsmctl(&["file", "retrieve", &token, "-o", p(&out_path), "--via", via]),
+                "decrypt-failed",
+            );
+            assert!(err.contains(says) && err.contains(&token), "{what}, {via}: {err}");
+            assert!(!out_path.exists(), "{what}, {via}: an output file was written");
+            let leftovers: Vec<_> = fs::read_dir(&dir)
+                .expect("dir")
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+                .collect();
+            assert!(
+                leftovers.is_empty(),
+                "{what}, {via}: temporary output left: {leftovers:?}"
+            );
+        }
         write_records(&seg, &original);
         fs::write(&header, &original_header).expect("restore header");
     }
@@ -424,4 +482,126 @@ fn storing_and_retrieving_a_gibibyte_keeps_the_daemon_under_64_mib_resident() {
         .expect("dir")
         .count();
     assert!(segments <= 20, "{segments} files for 1 GiB");
+}
+
+#[test]
+fn passed_descriptors_are_checked_and_a_stalled_pipe_times_out_without_a_token() {
+    let d = Daemon::builder().dev().extra("[files]\nio_timeout = \"1s\"\n").start();
+    ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
+    let store = || Operation::FileStoreFd {
+        name: "x".into(),
+        key: "files".into(),
+        chunk_size: 65536,
+    };
+    let mut c = d.client();
+    let code = |r: Result<Reply, protocol::ClientError>| r.err().and_then(|e| e.code());
+
+    // A request that must carry a descriptor and came without one.
+    let e = c.call(store()).expect_err("no descriptor");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidArgument));
+    assert!(e.to_string().contains("must carry a file descriptor"), "{e}");
+
+    // Descriptors open the wrong way round.
+    let w = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(d.dir().join("w"))
+        .expect("open");
+    let e = c
+        .call_with_fd(store(), std::os::fd::AsFd::as_fd(&w))
+        .expect_err("write-only input");
+    assert!(e.to_string().contains("not open for reading"), "{e}");
+    let r = fs::File::open(d.dir().join("w")).expect("open");
+    let e = c
+        .call_with_fd(
+            Operation::FileRetrieveFd {
+                token: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
+            },
+            std::os::fd::AsFd::as_fd(&r),
+        )
+        .expect_err("read-only output");
+    assert!(e.to_string().contains("not open for writing"), "{e}");
+
+    // A pipe whose writer neither writes nor closes: the store gives up after
+    // files.io_timeout, leaves nothing, and others are served meanwhile.
+    let (rd, wr) = nix::unistd::pipe().expect("pipe");
+    let stalled = std::thread::spawn({
+        let socket = d.socket.clone();
+        move || {
+            let mut c = protocol::Client::connect(&socket).expect("connect");
+            let started = std::time::Instant::now();
+            let r = c.call_with_fd(
+                Operation::FileStoreFd {
+                    name: "stalled".into(),
+                    key: "files".into(),
+                    chunk_size: 65536,
+                },
+                std::os::fd::AsFd::as_fd(&rd),
+            );
+            (r, started.elapsed())
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(c.ping(b"still here".to_vec()).expect("ping"), b"still here");
+    let (result, took) = stalled.join().expect("join");
+    drop(wr);
+    let e = result.expect_err("stalled");
+    assert_eq!(e.code(), Some(ErrorCode::FrameTimeout), "{e}");
+    assert!(e.to_string().contains("neither gave nor took bytes"), "{e}");
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+    assert_eq!(ok(&d.hsmctl(&["--json", "file", "list"])).trim(), "[]");
+    let debris = fs::read_dir(d.dir().join("state/files")).expect("files").count();
+    assert_eq!(debris, 0, "an abandoned store left its directory");
+
+    // Descriptors sent ahead of any request that uses them: a few wait, more
+    // close the connection.
+    let mut c = d.client();
+    for _ in 0..4 {
+        assert!(matches!(
+            c.call_with_fd(Operation::Ping { payload: vec![] }, std::os::fd::AsFd::as_fd(&r)),
+            Ok(Reply::Pong { .. })
+        ));
+    }
+    assert_eq!(
+        code(c.call_with_fd(Operation::Ping { payload: vec![] }, std::os::fd::AsFd::as_fd(&r))),
+        Some(ErrorCode::ProtocolViolation)
+    );
+    assert!(d.client().ping(vec![1]).is_ok(), "the daemon serves on");
+}
+
+#[test]
+fn the_progress_bar_shows_bytes_rate_and_eta_on_a_terminal_and_nothing_with_quiet() {
+    let d = dev();
+    let src = d.dir().join("forty.bin");
+    fs::write(&src, random_bytes(40 << 20, 1)).expect("write");
+    // `script` runs hsmctl on a pseudo-terminal and copies what it drew.
+    let on_tty = |extra: &str| {
+        let cmd = format!(
+            "{} --socket {} file store {} --chunk-size 4KiB {extra}",
+            p(&bin("hsmctl")),
+            p(&d.socket),
+            p(&src)
+        );
+        let out = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("TERM", "xterm")
+            .output()
+            .expect("script (bsdutils)");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let drawn = on_tty("");
+    assert!(drawn.contains("Token: "), "{drawn}");
+    assert!(drawn.contains("storing") && drawn.contains("ETA"), "no bar: {drawn}");
+    assert!(
+        drawn.contains("40.00 MiB/40.00 MiB"),
+        "the bar's last state is not the whole file: {drawn}"
+    );
+    let quiet = on_tty("--quiet");
+    assert!(quiet.contains("Token: "), "{quiet}");
+    assert!(
+        !quiet.contains("storing") && !quiet.contains("ETA"),
+        "--quiet drew a bar: {quiet}"
+    );
 }

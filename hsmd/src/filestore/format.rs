@@ -6,10 +6,7 @@
 //! dropped, cut off or moved from another file, and a header that is edited,
 //! all fail to open, and the error names the chunk.
 
-use aes_gcm::{
-    aead::{AeadInPlace, KeyInit},
-    Aes256Gcm, Nonce,
-};
+use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt as _, Mode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
@@ -19,8 +16,9 @@ pub const FORMAT: u32 = 1;
 /// Bytes of random nonce prefix per file.
 pub const PREFIX_LEN: usize = 7;
 /// AES-GCM tag length.
-pub const TAG_LEN: usize = 16;
-/// Smallest and largest chunk sizes accepted.
+pub const TAG_LEN: usize = crate::aead::TAG_LEN;
+/// Smallest and largest chunk sizes accepted (powers of two in between, so a
+/// chunk is a whole BLAKE3 subtree: see [`Checksum`]).
 pub const MIN_CHUNK: u32 = 4 * 1024;
 /// See [`MIN_CHUNK`].
 pub const MAX_CHUNK: u32 = 8 * 1024 * 1024;
@@ -59,7 +57,7 @@ pub enum FormatError {
     #[error("the header is invalid: {0}")]
     Header(String),
     /// The plaintext does not match the checksum recorded at store time.
-    #[error("the retrieved data does not match its recorded SHA-256 checksum")]
+    #[error("the retrieved data does not match its recorded BLAKE3 checksum")]
     Checksum,
 }
 
@@ -112,9 +110,7 @@ impl Header {
                 h.format
             )));
         }
-        if !(MIN_CHUNK..=MAX_CHUNK).contains(&h.chunk_size) {
-            return Err(FormatError::Header(format!("chunk size {} out of range", h.chunk_size)));
-        }
+        check_chunk_size(h.chunk_size).map_err(FormatError::Header)?;
         h.prefix()?;
         Ok(h)
     }
@@ -128,6 +124,22 @@ impl Header {
             .ok()
             .and_then(|b| <[u8; PREFIX_LEN]>::try_from(b.as_slice()).ok())
             .ok_or_else(|| FormatError::Header("the nonce prefix is not 7 hex bytes".into()))
+    }
+}
+
+/// Checks a chunk size: a power of two from [`MIN_CHUNK`] to [`MAX_CHUNK`].
+///
+/// # Errors
+/// What is wrong with it, for the caller's message.
+pub fn check_chunk_size(chunk_size: u32) -> Result<(), String> {
+    if (MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) && chunk_size.is_power_of_two() {
+        Ok(())
+    } else {
+        Err(format!(
+            "a chunk is a power of two from {} KiB to {} MiB bytes (4KiB, 64KiB, 1MiB, ...); {chunk_size} is not",
+            MIN_CHUNK / 1024,
+            MAX_CHUNK >> 20
+        ))
     }
 }
 
@@ -177,10 +189,11 @@ pub fn chunk_aad(header_hash: &[u8; 32], index: u64, last: bool, total_size: u64
     aad
 }
 
-/// Seals and opens the chunks of one file under its data key. The one place
-/// the daemon's bulk AEAD is chosen.
+/// Seals and opens the chunks of one file under its data key (with the
+/// daemon's one AES-256-GCM, [`crate::aead`]). Shared by the workers of a
+/// transfer: it holds no per-chunk state.
 pub struct ChunkCipher {
-    aead: Aes256Gcm,
+    aead: crate::aead::Aes256Gcm,
     prefix: [u8; PREFIX_LEN],
     header_hash: [u8; 32],
 }
@@ -198,7 +211,7 @@ impl ChunkCipher {
     /// [`FormatError::Header`].
     pub fn new(data_key: &[u8; 32], header: &Header, header_bytes: &[u8]) -> Result<Self, FormatError> {
         Ok(Self {
-            aead: Aes256Gcm::new(data_key.into()),
+            aead: crate::aead::Aes256Gcm::new(data_key),
             prefix: header.prefix()?,
             header_hash: header_hash(header_bytes),
         })
@@ -209,10 +222,26 @@ impl ChunkCipher {
     /// # Errors
     /// [`FormatError::Header`] for an impossible index.
     pub fn seal(&self, index: u64, last: bool, total_size: u64, buf: &mut Vec<u8>) -> Result<(), FormatError> {
+        let tag = self.seal_detached(index, last, total_size, buf)?;
+        buf.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Seals chunk `index` in place and returns its tag.
+    ///
+    /// # Errors
+    /// [`FormatError::Header`] for an impossible index.
+    pub fn seal_detached(
+        &self,
+        index: u64,
+        last: bool,
+        total_size: u64,
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], FormatError> {
         let n = nonce(&self.prefix, index, last)?;
         let aad = chunk_aad(&self.header_hash, index, last, total_size);
         self.aead
-            .encrypt_in_place(Nonce::from_slice(&n), &aad, buf)
+            .seal_detached(&n, &aad, buf)
             .map_err(|_| FormatError::Header("a chunk is too large to seal".into()))
     }
 
@@ -221,11 +250,23 @@ impl ChunkCipher {
     /// # Errors
     /// [`FormatError::Chunk`] naming the chunk.
     pub fn open(&self, index: u64, total: u64, total_size: u64, buf: &mut Vec<u8>) -> Result<(), FormatError> {
+        let len = self.open_in_place(index, total, total_size, buf)?;
+        buf.truncate(len);
+        Ok(())
+    }
+
+    /// Opens chunk `index` of `total` (ciphertext ‖ tag) in place; returns the
+    /// plaintext's length, at the front of `buf`.
+    ///
+    /// # Errors
+    /// [`FormatError::Chunk`] naming the chunk.
+    pub fn open_in_place(&self, index: u64, total: u64, total_size: u64, buf: &mut [u8]) -> Result<usize, FormatError> {
         let last = index + 1 == total;
         let n = nonce(&self.prefix, index, last)?;
         let aad = chunk_aad(&self.header_hash, index, last, total_size);
         self.aead
-            .decrypt_in_place(Nonce::from_slice(&n), &aad, buf)
+            .open_in_place(&n, &aad, buf)
+            .map(|p| p.len())
             .map_err(|_| FormatError::Chunk { index, total })
     }
 }
@@ -236,31 +277,88 @@ pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
     size.div_ceil(u64::from(chunk_size)).max(1)
 }
 
-/// The file checksum: SHA-256 over the SHA-256 of each chunk's plaintext, in
-/// order, so chunks can be hashed in parallel and one stream never limits the
-/// pipeline.
+/// One chunk's part of the file checksum, computed on its own (by any worker,
+/// in any order) and given to [`Checksum::push`] in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkHash {
+    /// The BLAKE3 chaining value of a chunk of a file of several chunks: the
+    /// non-root hash of the subtree the chunk is in the file's BLAKE3 tree.
+    Subtree(ChainingValue),
+    /// The BLAKE3 hash of a file of one chunk: the chunk is the whole tree.
+    Whole([u8; 32]),
+}
+
+/// Hashes chunk `index` of a file cut in chunks of `chunk_size` bytes; `only`
+/// says it is the file's one chunk. `chunk_size` must have passed
+/// [`check_chunk_size`] and `plaintext` be at most that long (and not empty
+/// unless `only`), as the store and the reader ensure.
+#[must_use]
+pub fn chunk_hash(index: u64, chunk_size: u32, only: bool, plaintext: &[u8]) -> ChunkHash {
+    if only {
+        return ChunkHash::Whole(*blake3::hash(plaintext).as_bytes());
+    }
+    // A power-of-two chunk size of at least 4 KiB at a multiple of itself is a
+    // whole BLAKE3 subtree (1 KiB leaves), which is what the offset rules of
+    // the hazmat API ask for.
+    ChunkHash::Subtree(
+        blake3::Hasher::new()
+            .set_input_offset(index * u64::from(chunk_size))
+            .update(plaintext)
+            .finalize_non_root(),
+    )
+}
+
+/// The file checksum: the BLAKE3 hash of the whole plaintext, exactly what
+/// `b3sum` prints for the original file, assembled from per-chunk subtree
+/// hashes ([`chunk_hash`]) so that chunks are hashed in parallel and no single
+/// hash stream limits the pipeline. Pushed in order, it keeps one chaining
+/// value per level of the tree (about 20 for a 10 GiB file), as BLAKE3's own
+/// incremental hasher does.
 #[derive(Debug, Default, Clone)]
 pub struct Checksum {
-    list: Sha256,
+    stack: Vec<ChainingValue>,
+    /// The newest chunk: merged only once another follows, because the last
+    /// one is merged differently (into the root).
+    pending: Option<ChunkHash>,
+    merged: u64,
 }
 
 impl Checksum {
-    /// Adds chunk hashes in order.
-    pub fn push(&mut self, chunk_hash: &[u8; 32]) {
-        self.list.update(chunk_hash);
+    /// Adds the next chunk's hash.
+    pub fn push(&mut self, hash: ChunkHash) {
+        if let Some(ChunkHash::Subtree(cv)) = self.pending.take() {
+            self.merged += 1;
+            let mut cv = cv;
+            // Each trailing zero bit of the count closes a complete subtree.
+            let mut count = self.merged;
+            while count & 1 == 0 {
+                let Some(left) = self.stack.pop() else { break };
+                cv = merge_subtrees_non_root(&left, &cv, Mode::Hash);
+                count >>= 1;
+            }
+            self.stack.push(cv);
+        }
+        self.pending = Some(hash);
     }
 
-    /// The checksum, hex.
+    /// The checksum (hex), or `None` if the chunks pushed do not make a file
+    /// (none at all, a lone chunk hashed as part of a larger file, or a
+    /// whole-file hash after other chunks).
     #[must_use]
-    pub fn finish(self) -> String {
-        hex::encode(self.list.finalize())
+    pub fn finish(mut self) -> Option<String> {
+        let root = match self.pending.take()? {
+            ChunkHash::Whole(h) if self.stack.is_empty() => h,
+            ChunkHash::Subtree(mut cv) if !self.stack.is_empty() => loop {
+                let left = self.stack.pop()?;
+                if self.stack.is_empty() {
+                    break *merge_subtrees_root(&left, &cv, Mode::Hash).as_bytes();
+                }
+                cv = merge_subtrees_non_root(&left, &cv, Mode::Hash);
+            },
+            _ => return None,
+        };
+        Some(hex::encode(root))
     }
-}
-
-/// One chunk's hash, for [`Checksum::push`].
-#[must_use]
-pub fn chunk_hash(plaintext: &[u8]) -> [u8; 32] {
-    Sha256::digest(plaintext).into()
 }
 
 #[cfg(test)]
@@ -391,19 +489,63 @@ mod tests {
         assert!(nonce(&p, 1 << 32, false).is_err());
     }
 
+    fn checksum_of(data: &[u8], chunk_size: u32) -> Option<String> {
+        let n = chunk_count(data.len() as u64, chunk_size);
+        let mut c = Checksum::default();
+        for i in 0..n {
+            let start = (i * u64::from(chunk_size)) as usize;
+            let end = (start + chunk_size as usize).min(data.len());
+            c.push(chunk_hash(i, chunk_size, n == 1, &data[start..end]));
+        }
+        c.finish()
+    }
+
+    /// The hazmat API's own advice: check the assembled tree against
+    /// `blake3::hash` over many shapes (1, 2, 3, 4, 5, 7, 8, 9, 16, 17 chunks,
+    /// short and full last chunks, every allowed small chunk size).
     #[test]
-    fn the_checksum_is_a_hash_of_chunk_hashes_in_order() {
-        let mut a = Checksum::default();
-        a.push(&chunk_hash(b"one"));
-        a.push(&chunk_hash(b"two"));
-        let mut b = Checksum::default();
-        b.push(&chunk_hash(b"two"));
-        b.push(&chunk_hash(b"one"));
-        assert_ne!(a.clone().finish(), b.finish());
-        let mut direct = Sha256::new();
-        direct.update(chunk_hash(b"one"));
-        direct.update(chunk_hash(b"two"));
-        assert_eq!(a.finish(), hex::encode(direct.finalize()));
+    fn the_checksum_is_the_blake3_hash_of_the_whole_file() {
+        let data: Vec<u8> = (0..(17 * 16384 + 3)).map(|i: usize| (i * 31 % 253) as u8).collect();
+        for chunk_size in [4096u32, 8192, 16384] {
+            let cs = chunk_size as usize;
+            let mut sizes = vec![0usize, 1, 1023, 1024, 1025, cs - 1, cs, cs + 1];
+            for chunks in [2usize, 3, 4, 5, 7, 8, 9, 16, 17] {
+                sizes.extend([
+                    chunks * cs - 1,
+                    chunks * cs,
+                    (chunks - 1) * cs + 1,
+                    (chunks - 1) * cs + 1024,
+                ]);
+            }
+            for size in sizes {
+                let size = size.min(data.len());
+                assert_eq!(
+                    checksum_of(&data[..size], chunk_size).as_deref(),
+                    Some(blake3::hash(&data[..size]).to_hex().as_str()),
+                    "size {size}, chunk {chunk_size}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_checksum_of_chunks_out_of_order_or_mislabelled_is_refused_or_differs() {
+        let data = vec![9u8; 3 * 4096];
+        let mut swapped = Checksum::default();
+        swapped.push(chunk_hash(1, 4096, false, &data[4096..8192]));
+        swapped.push(chunk_hash(0, 4096, false, &data[..4096]));
+        swapped.push(chunk_hash(2, 4096, false, &data[8192..]));
+        // Equal chunks at other offsets hash differently, so even identical
+        // content in another order does not collide.
+        assert_ne!(swapped.finish(), checksum_of(&data, 4096));
+        let mut lone = Checksum::default();
+        lone.push(chunk_hash(0, 4096, false, &data[..10]));
+        assert_eq!(lone.finish(), None);
+        assert_eq!(Checksum::default().finish(), None);
+        assert!(check_chunk_size(4096).is_ok() && check_chunk_size(1 << 23).is_ok());
+        for bad in [0, 1024, 4095, 5000, 65_537, 1 << 24] {
+            assert!(check_chunk_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! The token file store (issue 6): files of any size kept under the state
-//! directory, each sealed chunk by chunk under its own data key, which a named
-//! key wraps. This first part is the format ([`format`]) and the on-disk
-//! layout ([`store`]); the protocol operations and `hsmctl file …` follow.
+//! The token file store: files of any size kept under the state directory,
+//! each sealed chunk by chunk under its own data key, which a named key wraps.
+//! [`format`] is the cryptography, [`store`] the on-disk layout, [`pipeline`]
+//! the parallel path between a caller's descriptor and the store, [`service`]
+//! the operations the dispatcher calls.
 
 pub mod format;
+pub mod pipeline;
 pub mod service;
 pub mod store;
 

@@ -1,11 +1,18 @@
-//! The file store's operations: sessions that take a file's chunks in (seal,
-//! hash, append) or give them out (read, open, hash, check), and listing,
-//! metadata and deletion. Every method may block on disk: call them from the
-//! blocking pool. Memory per session is one chunk.
+//! The file store's operations: whole-file transfers through a descriptor the
+//! caller passed ([`Files::store_fd`], [`Files::retrieve_fd`], run by
+//! [`super::pipeline`]), sessions that take a file's chunks in or give them out
+//! one frame at a time, and listing, metadata and deletion. Every method may
+//! block on disk: call them from the blocking pool. Memory per session is one
+//! chunk; per descriptor transfer, a fixed pool of chunks.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    fs::File,
+    os::fd::AsFd,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -14,7 +21,8 @@ use zeroize::Zeroizing;
 
 use super::{
     format::{self, Checksum, ChunkCipher, FormatError, Header},
-    store::{self, FileStore, Meta, Reader, StoreError, Writer},
+    pipeline::{self, TransferError, Tuning},
+    store::{self, Chunks, FileStore, Meta, ReadError, Reader, StoreError, Writer, RECORD_PREFIX},
 };
 use crate::keystore::Vault;
 
@@ -24,6 +32,8 @@ const MAX_SESSIONS: usize = 64;
 const IDLE: Duration = Duration::from_secs(600);
 /// Longest original file name, in bytes.
 const MAX_NAME: usize = 255;
+/// Descriptor transfers running at once, daemon-wide (each runs its workers).
+const MAX_TRANSFERS: usize = 16;
 
 struct Storing {
     uid: u32,
@@ -39,7 +49,7 @@ struct Reading {
     uid: u32,
     info: FileInfo,
     cipher: ChunkCipher,
-    reader: Reader,
+    chunks: Chunks,
     next: u64,
     checksum: Checksum,
 }
@@ -58,6 +68,17 @@ struct Entry {
 pub struct Files {
     store: FileStore,
     sessions: Mutex<HashMap<u64, Arc<Entry>>>,
+    transfers: AtomicUsize,
+    tuning: Tuning,
+}
+
+/// Holds one of the [`MAX_TRANSFERS`] places while a transfer runs.
+struct TransferSlot<'a>(&'a AtomicUsize);
+
+impl Drop for TransferSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Files {
@@ -82,6 +103,50 @@ fn store_err(e: StoreError) -> WireError {
                 "hsmd could not read or write its file store; see its log",
             )
         }
+    }
+}
+
+fn read_err(token: &str, e: ReadError) -> WireError {
+    match e {
+        ReadError::Format(f) => format_err(token, &f),
+        ReadError::Store(s) => store_err(s),
+    }
+}
+
+fn transfer_err(token: &str, e: TransferError) -> WireError {
+    match e {
+        TransferError::Format(f) => format_err(token, &f),
+        TransferError::Store(s) => store_err(s),
+        e @ (TransferError::Input(_) | TransferError::Output(_) | TransferError::TooLarge) => {
+            wire(ErrorCode::InvalidArgument, format!("file {token}: {e}"))
+        }
+        e @ TransferError::Stalled(..) => wire(ErrorCode::FrameTimeout, format!("file {token}: {e}")),
+    }
+}
+
+/// Checks that a passed descriptor is open for what hsmd will do with it.
+fn check_access(fd: &File, write: bool) -> Result<(), WireError> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL)
+        .map(OFlag::from_bits_truncate)
+        .map_err(|e| wire(ErrorCode::InvalidArgument, format!("the descriptor you passed: {e}")))?;
+    let mode = flags & OFlag::O_ACCMODE;
+    let ok = if write {
+        mode == OFlag::O_WRONLY || mode == OFlag::O_RDWR
+    } else {
+        mode == OFlag::O_RDONLY || mode == OFlag::O_RDWR
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(wire(
+            ErrorCode::InvalidArgument,
+            if write {
+                "the descriptor you passed for the output is not open for writing"
+            } else {
+                "the descriptor you passed for the input is not open for reading"
+            },
+        ))
     }
 }
 
@@ -125,7 +190,7 @@ impl Files {
     ///
     /// # Errors
     /// The store directory cannot be prepared.
-    pub fn open(state_dir: &std::path::Path) -> Result<Self, StoreError> {
+    pub fn open(state_dir: &std::path::Path, tuning: Tuning) -> Result<Self, StoreError> {
         let (store, cleaned) = FileStore::open(state_dir)?;
         if cleaned > 0 {
             tracing::warn!(cleaned, "removed what interrupted file stores left behind");
@@ -133,7 +198,20 @@ impl Files {
         Ok(Self {
             store,
             sessions: Mutex::new(HashMap::new()),
+            transfers: AtomicUsize::new(0),
+            tuning,
         })
+    }
+
+    fn transfer_slot(&self) -> Result<TransferSlot<'_>, WireError> {
+        if self.transfers.fetch_add(1, Ordering::AcqRel) >= MAX_TRANSFERS {
+            self.transfers.fetch_sub(1, Ordering::AcqRel);
+            return Err(wire(
+                ErrorCode::RateLimited,
+                format!("{MAX_TRANSFERS} file transfers are running; try again soon"),
+            ));
+        }
+        Ok(TransferSlot(&self.transfers))
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
@@ -188,29 +266,18 @@ impl Files {
         }
     }
 
-    /// Starts a store under a new token.
-    ///
-    /// # Errors
-    /// A bad name or chunk size, the key refusing (state, usage, locked), disk.
-    pub fn begin_store(
+    /// Everything a store needs before its first chunk: a token, a data key
+    /// wrapped by `key`, the header, the cipher and the temporary directory.
+    fn prepare_store(
         &self,
         vault: &Vault,
         uid: u32,
         name: &str,
         key: &str,
         chunk_size: u32,
-    ) -> Result<(u64, FileInfo), WireError> {
+    ) -> Result<(FileInfo, ChunkCipher, Writer), WireError> {
         check_name(name)?;
-        if !(format::MIN_CHUNK..=format::MAX_CHUNK).contains(&chunk_size) {
-            return Err(wire(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "a chunk is {} to {} bytes; {chunk_size} is not",
-                    format::MIN_CHUNK,
-                    format::MAX_CHUNK
-                ),
-            ));
-        }
+        format::check_chunk_size(chunk_size).map_err(|e| wire(ErrorCode::InvalidArgument, e))?;
         let token = store::new_token().map_err(|_| wire(ErrorCode::Internal, "the random source failed"))?;
         let dk = vault
             .internal_data_key(key, &format::data_key_aad(&token))
@@ -232,8 +299,26 @@ impl Files {
         };
         let header_bytes = header.to_bytes().map_err(|e| format_err(&token, &e))?;
         let cipher = ChunkCipher::new(&data_key, &header, &header_bytes).map_err(|e| format_err(&token, &e))?;
-        let writer = self.store.create(&token, &header_bytes).map_err(store_err)?;
-        let info = Self::info_of(&header, None);
+        let writer = self
+            .store
+            .create(&token, &header_bytes, chunk_size)
+            .map_err(store_err)?;
+        Ok((Self::info_of(&header, None), cipher, writer))
+    }
+
+    /// Starts a store under a new token, its chunks to come one frame each.
+    ///
+    /// # Errors
+    /// A bad name or chunk size, the key refusing (state, usage, locked), disk.
+    pub fn begin_store(
+        &self,
+        vault: &Vault,
+        uid: u32,
+        name: &str,
+        key: &str,
+        chunk_size: u32,
+    ) -> Result<(u64, FileInfo), WireError> {
+        let (info, cipher, writer) = self.prepare_store(vault, uid, name, key, chunk_size)?;
         let id = self.insert(Session::Store(Box::new(Storing {
             uid,
             info: info.clone(),
@@ -244,6 +329,43 @@ impl Files {
             done: false,
         })))?;
         Ok((id, info))
+    }
+
+    /// Stores everything `input` (a descriptor the caller passed) gives until
+    /// its end, sealing chunks on the configured workers.
+    ///
+    /// # Errors
+    /// As [`Files::begin_store`]; reading the input; disk. Nothing is stored then.
+    pub fn store_fd(
+        &self,
+        vault: &Vault,
+        uid: u32,
+        name: &str,
+        key: &str,
+        chunk_size: u32,
+        input: &File,
+    ) -> Result<FileInfo, WireError> {
+        check_access(input, false)?;
+        let _slot = self.transfer_slot()?;
+        let (mut info, cipher, mut writer) = self.prepare_store(vault, uid, name, key, chunk_size)?;
+        let started = Instant::now();
+        let (size, checksum) = pipeline::store_from(input, &cipher, &mut writer, chunk_size, self.tuning)
+            .map_err(|e| transfer_err(&info.token, e))?;
+        let (chunks, segments) = writer.counts();
+        let meta = Meta {
+            size,
+            chunks,
+            segments,
+            checksum,
+            stored_unix: now_unix(),
+        };
+        writer.finish(&meta).map_err(store_err)?;
+        info.size = size;
+        info.chunks = chunks;
+        info.checksum = meta.checksum;
+        info.stored_unix = meta.stored_unix;
+        tracing::info!(token = %info.token, size, chunks, elapsed = ?started.elapsed(), "file stored from a passed descriptor");
+        Ok(info)
     }
 
     /// Seals and appends the next chunk.
@@ -287,21 +409,29 @@ impl Files {
         }
         let size = bytes.len() as u64;
         let full = u64::from(s.info.chunk_size);
-        if size > full || (!last && size != full) {
+        if size > full || (!last && size != full) || (index > 0 && size == 0) {
             return Err(wire(
                 ErrorCode::InvalidArgument,
-                format!("chunk {index} has {size} bytes; every chunk but the last has exactly {full}"),
+                format!(
+                    "chunk {index} has {size} bytes; every chunk but the last has exactly {full}, \
+                     and only an empty file's one chunk is empty"
+                ),
             ));
         }
-        s.checksum.push(&format::chunk_hash(bytes));
+        s.checksum
+            .push(format::chunk_hash(index, s.info.chunk_size, index == 0 && last, bytes));
         let total = s.info.size + size;
-        let mut buf = Zeroizing::new(Vec::with_capacity(bytes.len() + format::TAG_LEN));
+        let mut buf = Zeroizing::new(Vec::with_capacity(RECORD_PREFIX + bytes.len() + format::TAG_LEN));
+        let sealed_len = u32::try_from(bytes.len() + format::TAG_LEN).unwrap_or(u32::MAX);
+        buf.extend_from_slice(&sealed_len.to_be_bytes());
         buf.extend_from_slice(bytes);
-        s.cipher
-            .seal(index, last, total, &mut buf)
+        let tag = s
+            .cipher
+            .seal_detached(index, last, total, &mut buf[RECORD_PREFIX..])
             .map_err(|e| format_err(&s.info.token, &e))?;
+        buf.extend_from_slice(&tag);
         if let Some(w) = s.writer.as_mut() {
-            w.append(&buf).map_err(store_err)?;
+            w.append_record(&buf).map_err(store_err)?;
         }
         s.info.size = total;
         s.info.chunks += 1;
@@ -332,11 +462,14 @@ impl Files {
             return Err(wire(ErrorCode::FailedPrecondition, "this store was finished already"));
         };
         let (chunks, segments) = writer.counts();
+        let checksum = std::mem::take(&mut s.checksum)
+            .finish()
+            .ok_or_else(|| wire(ErrorCode::Internal, "the file's checksum could not be assembled"))?;
         let meta = Meta {
             size: s.info.size,
             chunks,
             segments,
-            checksum: std::mem::take(&mut s.checksum).finish(),
+            checksum,
             stored_unix: now_unix(),
         };
         writer.finish(&meta).map_err(store_err)?;
@@ -368,17 +501,15 @@ impl Files {
         }
     }
 
-    /// Starts reading a stored file.
-    ///
-    /// # Errors
-    /// Unknown or malformed token, not the owner, the key refusing, damage.
-    pub fn begin_retrieve(
+    /// What reading a file needs: its info, its cipher (the data key
+    /// unwrapped) and its chunks, after checking the caller may read it.
+    fn prepare_read(
         &self,
         vault: &Vault,
         uid: u32,
         token: &str,
         any: bool,
-    ) -> Result<(u64, FileInfo), WireError> {
+    ) -> Result<(FileInfo, ChunkCipher, Chunks), WireError> {
         let (header, reader) = self.header_meta(token)?;
         Self::may(header.owner_uid, uid, any, token)?;
         let wrapped = hex::decode(&header.wrapped_data_key).map_err(|_| {
@@ -403,16 +534,56 @@ impl Files {
             )
         })?);
         let cipher = ChunkCipher::new(&key, &header, &reader.header).map_err(|e| format_err(token, &e))?;
-        let info = Self::info_of(&header, Some(&reader.meta));
+        let chunks = reader.chunks(header.chunk_size).map_err(|e| read_err(token, e))?;
+        Ok((Self::info_of(&header, Some(&reader.meta)), cipher, chunks))
+    }
+
+    /// Starts reading a stored file one chunk per request.
+    ///
+    /// # Errors
+    /// Unknown or malformed token, not the owner, the key refusing, damage.
+    pub fn begin_retrieve(
+        &self,
+        vault: &Vault,
+        uid: u32,
+        token: &str,
+        any: bool,
+    ) -> Result<(u64, FileInfo), WireError> {
+        let (info, cipher, chunks) = self.prepare_read(vault, uid, token, any)?;
         let id = self.insert(Session::Read(Box::new(Reading {
             uid,
             info: info.clone(),
             cipher,
-            reader,
+            chunks,
             next: 0,
             checksum: Checksum::default(),
         })))?;
         Ok((id, info))
+    }
+
+    /// Writes a stored file's plaintext to `output` (a descriptor the caller
+    /// passed), opening chunks on the configured workers; the last chunk is
+    /// written only once the whole file has checked out.
+    ///
+    /// # Errors
+    /// As [`Files::begin_retrieve`]; the first chunk that fails, named; the
+    /// output failing.
+    pub fn retrieve_fd(
+        &self,
+        vault: &Vault,
+        uid: u32,
+        token: &str,
+        any: bool,
+        output: &File,
+    ) -> Result<FileInfo, WireError> {
+        check_access(output, true)?;
+        let _slot = self.transfer_slot()?;
+        let (info, cipher, chunks) = self.prepare_read(vault, uid, token, any)?;
+        let started = Instant::now();
+        pipeline::retrieve_into(&chunks, &cipher, output, info.chunk_size, &info.checksum, self.tuning)
+            .map_err(|e| transfer_err(token, e))?;
+        tracing::info!(token, size = info.size, elapsed = ?started.elapsed(), "file retrieved to a passed descriptor");
+        Ok(info)
     }
 
     /// The next chunk's plaintext; the last comes only if the checksum matches.
@@ -435,16 +606,8 @@ impl Files {
             ));
         }
         let token = s.info.token.clone();
-        let total = s.info.chunks;
+        let total = s.chunks.total();
         let index = s.next;
-        let max = s.info.chunk_size as usize + format::TAG_LEN;
-        let end = |s: &mut Reading| -> Result<(), WireError> {
-            // Anything after the last chunk is an added or duplicated chunk.
-            match s.reader.next_chunk(max).map_err(store_err)? {
-                Some(_) => Err(format_err(&s.info.token, &FormatError::Extra { index: total, total })),
-                None => Ok(()),
-            }
-        };
         let result = (|| {
             if index >= total {
                 return Err(wire(
@@ -452,29 +615,25 @@ impl Files {
                     format!("file {token} was read to its end"),
                 ));
             }
-            let Some(sealed) = s.reader.next_chunk(max).map_err(store_err)? else {
-                return Err(format_err(
-                    &token,
-                    &FormatError::Truncated {
-                        last_present: i64::try_from(index).unwrap_or(i64::MAX) - 1,
-                        total,
-                    },
-                ));
-            };
-            let mut buf = Zeroizing::new(sealed);
-            s.cipher
-                .open(index, total, s.info.size, &mut buf)
+            let mut buf = Zeroizing::new(vec![0u8; RECORD_PREFIX + s.chunks.sealed_len(index)]);
+            let sealed = s.chunks.read_record(index, &mut buf).map_err(|e| read_err(&token, e))?;
+            let body = &mut buf[RECORD_PREFIX..RECORD_PREFIX + sealed];
+            let len = s
+                .cipher
+                .open_in_place(index, total, s.chunks.size(), body)
                 .map_err(|e| format_err(&token, &e))?;
-            s.checksum.push(&format::chunk_hash(&buf));
+            s.checksum
+                .push(format::chunk_hash(index, s.info.chunk_size, total == 1, &body[..len]));
+            let plain = Zeroizing::new(body[..len].to_vec());
             let last = index + 1 == total;
             if last {
-                end(s)?;
-                if std::mem::take(&mut s.checksum).finish() != s.info.checksum {
+                s.chunks.check_end().map_err(|e| read_err(&token, e))?;
+                if std::mem::take(&mut s.checksum).finish().as_deref() != Some(s.info.checksum.as_str()) {
                     return Err(format_err(&token, &FormatError::Checksum));
                 }
             }
             s.next += 1;
-            Ok((index, last, buf))
+            Ok((index, last, plain))
         })();
         let finished = matches!(result, Ok((_, true, _)) | Err(_));
         drop(guard);

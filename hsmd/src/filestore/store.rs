@@ -4,16 +4,34 @@
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{BufReader, Read as _, Write as _},
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    io::Write as _,
+    os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
+
+use super::format::{self, FormatError};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Bytes of sealed chunks per segment file before the next one starts.
+/// Segment files hold at most this many bytes of chunk records.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes a chunk record adds to the sealed chunk: its `u32_be` length.
+pub const RECORD_PREFIX: usize = 4;
+
+/// A full chunk's record: length prefix, ciphertext, tag.
+#[must_use]
+pub fn record_len(chunk_size: u32) -> u64 {
+    RECORD_PREFIX as u64 + u64::from(chunk_size) + format::TAG_LEN as u64
+}
+
+/// Records per segment: as many full ones as fit in [`SEGMENT_BYTES`] (at
+/// least one). Fixed by the chunk size alone, so chunk `i` is record
+/// `i % per` of segment `i / per` and can be read without reading the others.
+#[must_use]
+pub fn chunks_per_segment(chunk_size: u32) -> u64 {
+    (SEGMENT_BYTES / record_len(chunk_size)).max(1)
+}
 const HEADER: &str = "header.json";
 const META: &str = "meta.json";
 const INCOMING: &str = ".incoming-";
@@ -154,7 +172,7 @@ impl FileStore {
     ///
     /// # Errors
     /// [`StoreError::Io`].
-    pub fn create(&self, token: &str, header_bytes: &[u8]) -> Result<Writer, StoreError> {
+    pub fn create(&self, token: &str, header_bytes: &[u8], chunk_size: u32) -> Result<Writer, StoreError> {
         if !valid_token(token) {
             return Err(StoreError::BadToken(token.to_owned()));
         }
@@ -168,7 +186,8 @@ impl FileStore {
             dir,
             token: token.to_owned(),
             segment: None,
-            segment_bytes: 0,
+            per_segment: chunks_per_segment(chunk_size),
+            in_segment: 0,
             segments: 0,
             chunks: 0,
         })
@@ -193,8 +212,6 @@ impl FileStore {
             token: token.to_owned(),
             header,
             meta,
-            segment: None,
-            next_segment: 0,
         })
     }
 
@@ -284,42 +301,85 @@ pub struct Writer {
     dir: PathBuf,
     token: String,
     segment: Option<File>,
-    segment_bytes: u64,
+    per_segment: u64,
+    in_segment: u64,
     segments: u32,
     chunks: u64,
 }
 
 impl Writer {
-    /// Appends the next sealed chunk.
+    /// Appends the next chunk's record: `u32_be(len) ‖ sealed chunk`, in one
+    /// write.
     ///
     /// # Errors
+    /// [`StoreError::Damaged`] for a record whose prefix is not its length;
     /// [`StoreError::Io`].
-    pub fn append(&mut self, sealed: &[u8]) -> Result<(), StoreError> {
-        let len = u32::try_from(sealed.len()).map_err(|_| StoreError::Damaged {
-            token: self.token.clone(),
-            why: "a sealed chunk over 4 GiB".into(),
-        })?;
-        if self.segment.is_none() || self.segment_bytes + 4 + u64::from(len) > SEGMENT_BYTES && self.segment_bytes > 0 {
-            self.finish_segment()?;
-            let path = self.dir.join(segment_name(self.segments));
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io(&path))?;
-            self.segment = Some(f);
-            self.segments += 1;
-            self.segment_bytes = 0;
+    pub fn append_record(&mut self, record: &[u8]) -> Result<(), StoreError> {
+        self.append_records(record, &[record.len()])
+    }
+
+    /// Appends consecutive records lying end to end in `bytes` (of the
+    /// lengths `records`), each segment's share in one write.
+    ///
+    /// # Errors
+    /// As [`Writer::append_record`].
+    pub fn append_records(&mut self, bytes: &[u8], records: &[usize]) -> Result<(), StoreError> {
+        let mut at = 0;
+        let mut i = 0;
+        while i < records.len() {
+            if self.segment.is_none() || self.in_segment == self.per_segment {
+                self.next_segment()?;
+            }
+            let room = usize::try_from(self.per_segment - self.in_segment).unwrap_or(usize::MAX);
+            let take = room.min(records.len() - i);
+            let start = at;
+            for &len in &records[i..i + take] {
+                let record = bytes.get(at..at + len).ok_or_else(|| StoreError::Damaged {
+                    token: self.token.clone(),
+                    why: "a batch shorter than its records".into(),
+                })?;
+                self.check_record(record)?;
+                at += len;
+            }
+            let dir = self.dir.clone();
+            if let Some(f) = self.segment.as_mut() {
+                f.write_all(&bytes[start..at]).map_err(io(&dir))?;
+            }
+            self.in_segment += take as u64;
+            self.chunks += take as u64;
+            i += take;
         }
-        let dir = self.dir.clone();
-        if let Some(f) = self.segment.as_mut() {
-            f.write_all(&len.to_be_bytes())
-                .and_then(|()| f.write_all(sealed))
-                .map_err(io(&dir))?;
+        Ok(())
+    }
+
+    fn check_record(&self, record: &[u8]) -> Result<(), StoreError> {
+        let consistent = record.len() >= RECORD_PREFIX
+            && record[..RECORD_PREFIX]
+                == u32::try_from(record.len() - RECORD_PREFIX)
+                    .unwrap_or(u32::MAX)
+                    .to_be_bytes();
+        if consistent {
+            Ok(())
+        } else {
+            Err(StoreError::Damaged {
+                token: self.token.clone(),
+                why: "a chunk record whose length prefix is wrong".into(),
+            })
         }
-        self.segment_bytes += 4 + u64::from(len);
-        self.chunks += 1;
+    }
+
+    fn next_segment(&mut self) -> Result<(), StoreError> {
+        self.finish_segment()?;
+        let path = self.dir.join(segment_name(self.segments));
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        self.segment = Some(f);
+        self.segments += 1;
+        self.in_segment = 0;
         Ok(())
     }
 
@@ -365,14 +425,19 @@ impl Writer {
     pub fn counts(&self) -> (u64, u32) {
         (self.chunks, self.segments)
     }
+}
 
-    /// Gives up: removes what was written.
-    pub fn abandon(self) {
-        let _ = fs::remove_dir_all(&self.dir);
+impl Drop for Writer {
+    /// A store that never reached [`Writer::finish`] leaves nothing behind
+    /// (a crash leaves debris, removed at the next start).
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
-/// A stored file being read, chunk by chunk.
+/// A stored file's header and metadata.
 #[derive(Debug)]
 pub struct Reader {
     dir: PathBuf,
@@ -381,58 +446,182 @@ pub struct Reader {
     pub header: Vec<u8>,
     /// What the store recorded.
     pub meta: Meta,
-    segment: Option<BufReader<File>>,
-    next_segment: u32,
+}
+
+/// Why a chunk could not be read: the file's content is wrong (named in the
+/// format's terms), or the store is.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    /// Missing, extra or mis-sized chunks.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The store's files.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl Reader {
-    /// The next sealed chunk, or `None` after the last segment ends.
+    /// Opens the segments to read chunks at their positions, after checking
+    /// that the metadata agrees with the layout the size implies.
     ///
     /// # Errors
-    /// [`StoreError::Damaged`] for a length past the end of a segment.
-    pub fn next_chunk(&mut self, max_len: usize) -> Result<Option<Vec<u8>>, StoreError> {
-        loop {
-            if self.segment.is_none() {
-                if self.next_segment >= self.meta.segments {
-                    return Ok(None);
-                }
-                let path = self.dir.join(segment_name(self.next_segment));
-                match fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_file() => {}
-                    _ => {
-                        return Err(StoreError::Damaged {
-                            token: self.token.clone(),
-                            why: format!("segment {} is missing", self.next_segment),
-                        })
-                    }
-                }
-                self.segment = Some(BufReader::with_capacity(1 << 20, File::open(&path).map_err(io(&path))?));
-                self.next_segment += 1;
-            }
-            let Some(seg) = self.segment.as_mut() else { continue };
-            let mut len = [0u8; 4];
-            match seg.read_exact(&mut len) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    self.segment = None;
-                    continue;
-                }
-                Err(e) => return Err(io(&self.dir)(e)),
-            }
-            let len = u32::from_be_bytes(len) as usize;
-            if len > max_len {
-                return Err(StoreError::Damaged {
-                    token: self.token.clone(),
-                    why: format!("a chunk of {len} bytes, more than the chunk size allows"),
-                });
-            }
-            let mut buf = vec![0u8; len];
-            seg.read_exact(&mut buf).map_err(|_| StoreError::Damaged {
+    /// [`StoreError::Damaged`] for metadata that disagrees; a missing segment
+    /// is [`FormatError::Truncated`] at its first chunk.
+    pub fn chunks(&self, chunk_size: u32) -> Result<Chunks, ReadError> {
+        let total = format::chunk_count(self.meta.size, chunk_size);
+        let per_segment = chunks_per_segment(chunk_size);
+        let segments = total.div_ceil(per_segment);
+        if self.meta.chunks != total || u64::from(self.meta.segments) != segments {
+            return Err(StoreError::Damaged {
                 token: self.token.clone(),
-                why: format!("segment {} ends inside a chunk", self.next_segment - 1),
-            })?;
-            return Ok(Some(buf));
+                why: format!(
+                    "meta.json records {} chunks in {} segments, but {} bytes make {total} chunks in {segments}",
+                    self.meta.chunks, self.meta.segments, self.meta.size
+                ),
+            }
+            .into());
         }
+        let mut files = Vec::new();
+        for s in 0..self.meta.segments {
+            let path = self.dir.join(segment_name(s));
+            let opened = match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => OpenOptions::new()
+                    .read(true)
+                    .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                    .open(&path)
+                    .ok(),
+                _ => None,
+            };
+            let Some(f) = opened else {
+                let first = u64::from(s) * per_segment;
+                return Err(FormatError::Truncated {
+                    last_present: i64::try_from(first).unwrap_or(i64::MAX) - 1,
+                    total,
+                }
+                .into());
+            };
+            files.push(f);
+        }
+        Ok(Chunks {
+            dir: self.dir.clone(),
+            token: self.token.clone(),
+            files,
+            chunk_size,
+            size: self.meta.size,
+            total,
+            per_segment,
+        })
+    }
+}
+
+/// A stored file's segments, open for reading chunk records by position from
+/// any number of threads at once.
+#[derive(Debug)]
+pub struct Chunks {
+    dir: PathBuf,
+    token: String,
+    files: Vec<File>,
+    chunk_size: u32,
+    size: u64,
+    total: u64,
+    per_segment: u64,
+}
+
+impl Chunks {
+    /// How many chunks the file has.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The plaintext size.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes of sealed chunk (ciphertext and tag) chunk `index` must have.
+    #[must_use]
+    pub fn sealed_len(&self, index: u64) -> usize {
+        let cs = u64::from(self.chunk_size);
+        let plain = if index + 1 == self.total {
+            self.size - index * cs
+        } else {
+            cs
+        };
+        // At most a chunk size plus a tag: fits any usize hsmd runs on.
+        usize::try_from(plain).unwrap_or(usize::MAX) + format::TAG_LEN
+    }
+
+    /// Reads chunk `index`'s record into `buf` (which must hold at least
+    /// [`RECORD_PREFIX`] + [`Chunks::sealed_len`] bytes); the sealed chunk is
+    /// then `buf[RECORD_PREFIX..RECORD_PREFIX + sealed_len]`.
+    ///
+    /// # Errors
+    /// [`FormatError::Truncated`] where the segment ends early;
+    /// [`FormatError::Chunk`] for a record of the wrong length.
+    pub fn read_record(&self, index: u64, buf: &mut [u8]) -> Result<usize, ReadError> {
+        let sealed = self.sealed_len(index);
+        let record = RECORD_PREFIX + sealed;
+        let Some(buf) = buf.get_mut(..record) else {
+            return Err(StoreError::Damaged {
+                token: self.token.clone(),
+                why: "a read buffer smaller than a chunk".into(),
+            }
+            .into());
+        };
+        let segment = usize::try_from(index / self.per_segment).unwrap_or(usize::MAX);
+        let offset = (index % self.per_segment) * record_len(self.chunk_size);
+        let Some(file) = self.files.get(segment) else {
+            return Err(self.truncated(index).into());
+        };
+        match file.read_exact_at(buf, offset) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(self.truncated(index).into()),
+            Err(e) => return Err(io(&self.dir)(e).into()),
+        }
+        if buf[..RECORD_PREFIX] != u32::try_from(sealed).unwrap_or(u32::MAX).to_be_bytes() {
+            return Err(FormatError::Chunk {
+                index,
+                total: self.total,
+            }
+            .into());
+        }
+        Ok(sealed)
+    }
+
+    fn truncated(&self, index: u64) -> FormatError {
+        FormatError::Truncated {
+            last_present: i64::try_from(index).unwrap_or(i64::MAX) - 1,
+            total: self.total,
+        }
+    }
+
+    /// Checks that nothing follows the last chunk: no segment is longer than
+    /// its chunks and no segment follows the last.
+    ///
+    /// # Errors
+    /// [`FormatError::Extra`]; [`StoreError::Io`].
+    pub fn check_end(&self) -> Result<(), ReadError> {
+        let extra = FormatError::Extra {
+            index: self.total,
+            total: self.total,
+        };
+        let full = record_len(self.chunk_size);
+        for (s, f) in self.files.iter().enumerate() {
+            let first = s as u64 * self.per_segment;
+            let last = (first + self.per_segment).min(self.total) - 1;
+            let expected = (last - first) * full + (RECORD_PREFIX + self.sealed_len(last)) as u64;
+            let len = f.metadata().map_err(io(&self.dir))?.len();
+            if len != expected {
+                return Err(if len > expected { extra } else { self.truncated(last) }.into());
+            }
+        }
+        let next = u32::try_from(self.files.len()).unwrap_or(u32::MAX);
+        if fs::symlink_metadata(self.dir.join(segment_name(next))).is_ok() {
+            return Err(extra.into());
+        }
+        Ok(())
     }
 }
 
@@ -465,14 +654,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = FileStore::open(dir.path()).unwrap();
         let t = new_token().unwrap();
-        let mut w = s.create(&t, b"{\"h\":1}").unwrap();
+        let mut w = s.create(&t, b"{\"h\":1}", 4096).unwrap();
         for i in 0..5u8 {
-            w.append(&[i; 100]).unwrap();
+            let mut record = 4112u32.to_be_bytes().to_vec();
+            record.extend_from_slice(&[i; 4112]);
+            w.append_record(&record).unwrap();
         }
+        assert!(
+            w.append_record(&[0, 0, 0, 9, 1]).is_err(),
+            "a prefix that lies is refused"
+        );
         assert!(s.tokens().unwrap().is_empty(), "not visible before finish");
         let (chunks, segments) = w.counts();
         w.finish(&Meta {
-            size: 500,
+            size: 5 * 4096,
             chunks,
             segments,
             checksum: "x".into(),
@@ -480,17 +675,28 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.tokens().unwrap(), vec![t.clone()]);
-        let mut r = s.open_file(&t).unwrap();
+        let r = s.open_file(&t).unwrap();
         assert_eq!(r.header, b"{\"h\":1}");
-        let mut n = 0;
-        while let Some(c) = r.next_chunk(1000).unwrap() {
-            assert_eq!(c, vec![n; 100]);
-            n += 1;
+        let chunks = r.chunks(4096).unwrap();
+        let mut buf = vec![0u8; 4 + 4112];
+        for i in (0..5u8).rev() {
+            assert_eq!(chunks.read_record(u64::from(i), &mut buf).unwrap(), 4112);
+            assert_eq!(&buf[4..], &[i; 4112][..]);
         }
-        assert_eq!(n, 5);
+        assert!(matches!(
+            chunks.read_record(5, &mut buf),
+            Err(ReadError::Format(FormatError::Truncated { last_present: 4, .. }))
+        ));
+        chunks.check_end().unwrap();
+        assert!(
+            r.chunks(8192).is_err(),
+            "metadata that disagrees with the layout is refused"
+        );
 
-        // A store interrupted midway (as by a crash) is debris, removed at open.
-        let w = s.create(&new_token().unwrap(), b"{}").unwrap();
+        // A store dropped midway leaves nothing; one interrupted by a crash
+        // is debris, removed at open.
+        drop(s.create(&new_token().unwrap(), b"{}", 4096).unwrap());
+        let w = s.create(&new_token().unwrap(), b"{}", 4096).unwrap();
         std::mem::forget(w);
         let (s, cleaned) = FileStore::open(dir.path()).unwrap();
         assert_eq!(cleaned, 1);

@@ -1,17 +1,13 @@
 //! The keystore's primitives: AES-256-GCM sealing with associated data, and
 //! randomness from the OS. Sealed form: 12-byte random nonce ‖ ciphertext ‖ tag.
 
-use aes_gcm::{
-    aead::{Aead, KeyInit, Payload},
-    Aes256Gcm, Nonce,
-};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
 /// A 256-bit key that is wiped when dropped.
 pub type Key256 = Zeroizing<[u8; 32]>;
 
-const NONCE_LEN: usize = 12;
+use crate::aead::{Aes256Gcm, NONCE_LEN, TAG_LEN};
 
 /// A cryptographic step failed.
 #[derive(Debug, Error)]
@@ -50,14 +46,14 @@ pub fn random_key() -> Result<Key256, CryptoError> {
 /// [`CryptoError::Random`] if no nonce can be drawn.
 pub fn seal(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoError> {
     let nonce: [u8; NONCE_LEN] = random()?;
-    let cipher = Aes256Gcm::new(key.into());
-    let ct = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
-        // aes-gcm only fails for plaintexts over 64 GiB.
-        .map_err(|_| CryptoError::Authentication)?;
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(plaintext);
+    let tag = Aes256Gcm::new(key)
+        .seal_detached(&nonce, aad, &mut out[NONCE_LEN..])
+        // Only a plaintext over 64 GiB fails.
+        .map_err(|_| CryptoError::Authentication)?;
+    out.extend_from_slice(&tag);
     Ok(out)
 }
 
@@ -66,14 +62,16 @@ pub fn seal(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, Cry
 /// # Errors
 /// [`CryptoError::Authentication`] for a wrong key, edited bytes or other `aad`.
 pub fn open(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    if sealed.len() < NONCE_LEN + 16 {
+    if sealed.len() < NONCE_LEN + TAG_LEN {
         return Err(CryptoError::Authentication);
     }
     let (nonce, ct) = sealed.split_at(NONCE_LEN);
-    Aes256Gcm::new(key.into())
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-        .map(Zeroizing::new)
-        .map_err(|_| CryptoError::Authentication)
+    let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Authentication)?;
+    let mut buf = Zeroizing::new(ct.to_vec());
+    Aes256Gcm::new(key)
+        .open_vec(nonce, aad, &mut buf)
+        .map_err(|_| CryptoError::Authentication)?;
+    Ok(buf)
 }
 
 #[cfg(test)]

@@ -3,12 +3,16 @@
 //! limit is broken, or the daemon shuts down.
 
 use std::{
+    collections::VecDeque,
+    io::{self, IoSliceMut},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     panic::{catch_unwind, AssertUnwindSafe},
     sync::Arc,
     time::Duration,
 };
 
 use bytes::{Buf, BytesMut};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use protocol::{
     codec,
     frame::{self, FrameStatus, HEADER_LEN, MAX_FRAME_CEILING},
@@ -16,7 +20,7 @@ use protocol::{
     ErrorCode, Operation, Reply, Request, Response, ServerHello, WireError, CONNECTION_ERROR_ID, PROTOCOL_VERSION,
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncWriteExt, Interest},
     net::UnixStream,
     sync::mpsc,
     time::{sleep_until, timeout, Instant},
@@ -33,6 +37,12 @@ use crate::auth::{Admission, Credentials, PeerIdentity};
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of responses gathered into one write when several are ready.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Descriptors a peer may send ahead of the requests that use them.
+const MAX_QUEUED_FDS: usize = 4;
+/// Linux's limit of descriptors in one message (SCM_MAX_FD): room for that
+/// many means the kernel never truncates what it passes, so none can be
+/// installed in our table without our knowing.
+const SCM_MAX_FD: usize = 253;
 
 /// Writes one error frame to a peer we will not serve, then closes.
 pub async fn refuse(mut stream: UnixStream, error: WireError) {
@@ -170,6 +180,20 @@ struct Connection {
     /// out again for every request. Holding the policy keeps the comparison
     /// by address sound.
     rate: Option<(Arc<crate::auth::policy::Policy>, Option<crate::auth::policy::Rate>)>,
+    /// Descriptors received (SCM_RIGHTS) for requests not yet read.
+    fds: VecDeque<OwnedFd>,
+    /// Room for the ancillary data of one read.
+    cmsg: Vec<u8>,
+}
+
+/// What one read from the peer brought.
+enum Received {
+    /// Bytes (0: the peer closed).
+    Bytes(usize),
+    /// Nothing after all (readiness was stale).
+    Nothing,
+    /// More descriptors than may wait for their requests.
+    TooManyFds,
 }
 
 impl Connection {
@@ -187,6 +211,62 @@ impl Connection {
             out: Vec::with_capacity(8 * 1024),
             greeted: false,
             rate: None,
+            fds: VecDeque::new(),
+            cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
+        }
+    }
+
+    /// Reads what the peer sent, with any descriptors it passed (recvmsg, not
+    /// read: a plain read would make the kernel close passed descriptors).
+    fn receive(&mut self, buf: &mut BytesMut) -> io::Result<Received> {
+        let start = buf.len();
+        // recvmsg wants initialized memory: zero only what one read can fill.
+        let room = buf.capacity().saturating_sub(start).clamp(4096, 256 * 1024);
+        buf.resize(start + room, 0);
+        let (stream, cmsg) = (&self.stream, &mut self.cmsg);
+        let result = stream.try_io(Interest::READABLE, || {
+            let mut iov = [IoSliceMut::new(&mut buf[start..])];
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(cmsg.as_mut_slice()),
+                MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from)?;
+            let mut fds = Vec::new();
+            if let Ok(messages) = msg.cmsgs() {
+                for m in messages {
+                    if let ControlMessageOwned::ScmRights(list) = m {
+                        for fd in list {
+                            // SAFETY: the kernel just installed this descriptor in
+                            // our table for this message (SCM_RIGHTS, with
+                            // MSG_CMSG_CLOEXEC); nothing else refers to it, so
+                            // owning it here closes it exactly once.
+                            #[allow(unsafe_code)]
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+            }
+            Ok((msg.bytes, fds))
+        });
+        match result {
+            Ok((n, fds)) => {
+                buf.truncate(start + n);
+                if self.fds.len() + fds.len() > MAX_QUEUED_FDS {
+                    return Ok(Received::TooManyFds);
+                }
+                self.fds.extend(fds);
+                Ok(Received::Bytes(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf.truncate(start);
+                Ok(Received::Nothing)
+            }
+            Err(e) => {
+                buf.truncate(start);
+                Err(e)
+            }
         }
     }
 
@@ -304,14 +384,21 @@ impl Connection {
                         humantime::format_duration(limits.idle_timeout)));
                     return Ending::Refused;
                 }
-                read = self.stream.read_buf(&mut buf), if may_read => match read {
-                    Ok(0) => {
+                ready = self.stream.readable(), if may_read => match ready.and_then(|()| self.receive(&mut buf)) {
+                    Ok(Received::Bytes(0)) => {
                         if !buf.is_empty() {
                             tracing::warn!(buffered = buf.len(), "peer disconnected in the middle of a frame");
                         }
                         return Ending::PeerClosed;
                     }
-                    Ok(_) => {}
+                    Ok(Received::Bytes(_) | Received::Nothing) => {}
+                    Ok(Received::TooManyFds) => {
+                        tracing::warn!("peer sent more descriptors than requests to use them; closing");
+                        self.push_error(CONNECTION_ERROR_ID, ErrorCode::ProtocolViolation, format!(
+                            "more than {MAX_QUEUED_FDS} file descriptors were sent ahead of the requests that use them; \
+                             the connection is closed"));
+                        return Ending::Refused;
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "read failed");
                         return Ending::Broken;
@@ -385,6 +472,25 @@ impl Connection {
             return false;
         }
         tracing::trace!(request = id, op = op.name(), "request");
+        // The descriptor a request carries is taken before anything can refuse
+        // it, so the next request's descriptor stays the next in line.
+        let attached = if op.carries_fd() {
+            let Some(fd) = self.fds.pop_front() else {
+                self.push_error(
+                    id,
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "{} must carry a file descriptor sent with it (SCM_RIGHTS), and none came; \
+                         use hsmctl or Client::call_with_fd",
+                        op.name()
+                    ),
+                );
+                return true;
+            };
+            Some(fd)
+        } else {
+            None
+        };
         if let Err(wait) = self.take_token() {
             tracing::debug!(request = id, op = op.name(), "rate limited");
             self.shared.metrics.rate_limited();
@@ -412,7 +518,7 @@ impl Connection {
             );
             return true;
         }
-        match dispatch::route(op, &self.caller, &self.shared) {
+        match dispatch::route(op, &self.caller, &self.shared, attached) {
             Work::Done(result) => encode(&Response { id, result }, &mut self.out),
             Work::Blocking(job) => {
                 self.in_flight += 1;

@@ -2,7 +2,7 @@
 //! computed on the reactor; anything that may block is handed back as a job for
 //! the blocking pool, so a slow request never stalls other connections.
 
-use std::{sync::Arc, time::Duration};
+use std::{os::fd::OwnedFd, sync::Arc, time::Duration};
 
 use protocol::{
     ErrorCode, Operation, PeerInfo, Reply, StatusInfo, Transition, WireError, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
@@ -53,9 +53,10 @@ impl std::fmt::Debug for Work {
     }
 }
 
-/// Decides how to answer `op` for `caller`. `Hello` never reaches here: the
-/// connection handles the handshake.
-pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
+/// Decides how to answer `op` for `caller`; `attached` is the descriptor that
+/// came with it, for the requests that carry one. `Hello` never reaches here:
+/// the connection handles the handshake.
+pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Option<OwnedFd>) -> Work {
     let started = std::time::Instant::now();
     let name = op.name();
     let metrics = Arc::clone(&shared.metrics);
@@ -63,7 +64,7 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
         Ok(_) => "ok",
         Err(e) => e.code.as_str(),
     };
-    match route_audited(op, caller, shared) {
+    match route_audited(op, caller, shared, attached) {
         Work::Done(result) => {
             metrics.request(name, label(&result), started.elapsed());
             Work::Done(result)
@@ -77,15 +78,15 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
 }
 
 /// Routes with an audit line for every operation that has one.
-fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
+fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Option<OwnedFd>) -> Work {
     let Some(audit) = shared.audit.clone() else {
-        return route_inner(op, caller, shared);
+        return route_inner(op, caller, shared, attached);
     };
     let Some(spec) = audit_spec(&op) else {
-        return route_inner(op, caller, shared);
+        return route_inner(op, caller, shared, attached);
     };
     let who = Arc::clone(&caller.who);
-    match route_inner(op, caller, shared) {
+    match route_inner(op, caller, shared, attached) {
         Work::Done(result) => {
             let (event, security) = spec.event(who, &result);
             if security {
@@ -287,8 +288,10 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
         | Operation::FileStoreBegin { .. }
         | Operation::FileStoreChunk { .. }
         | Operation::FileRetrieveNext { .. } => return None,
-        Operation::FileStoreFinish { .. } => AuditSpec::new("FILE_STORED", "files".into(), "store", 2, false),
-        Operation::FileRetrieveBegin { token } => {
+        Operation::FileStoreFinish { .. } | Operation::FileStoreFd { .. } => {
+            AuditSpec::new("FILE_STORED", "files".into(), "store", 2, false)
+        }
+        Operation::FileRetrieveBegin { token } | Operation::FileRetrieveFd { token } => {
             AuditSpec::new("FILE_RETRIEVED", format!("file:{token}"), "retrieve", 2, false)
         }
         Operation::FileList => AuditSpec::new("FILE_LIST", "files".into(), "list", 1, false),
@@ -306,7 +309,7 @@ fn compromised_use(event: &'static str, resource: String, action: &'static str, 
     }
 }
 
-fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
+fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Option<OwnedFd>) -> Work {
     if let Some(ask) = ask_of(&op) {
         if let Err(denied) = authorize(shared, caller, ask) {
             return Work::Done(Err(denied));
@@ -323,7 +326,9 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
         | Operation::FileRetrieveNext { .. }
         | Operation::FileList
         | Operation::FileInfo { .. }
-        | Operation::FileDelete { .. }) => {
+        | Operation::FileDelete { .. }
+        | Operation::FileStoreFd { .. }
+        | Operation::FileRetrieveFd { .. }) => {
             let Some(files) = shared.files.clone() else {
                 return Work::Done(Err(WireError::new(
                     ErrorCode::NotAvailable,
@@ -359,7 +364,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>) -> Work {
                 }
             }
             let vault = Arc::clone(&shared.vault);
-            Work::Blocking(Box::new(move || file_op(&files, &vault, uid, any, op)))
+            Work::Blocking(Box::new(move || file_op(&files, &vault, uid, any, op, attached)))
         }
         Operation::Metrics => {
             let s = Arc::clone(shared);
@@ -754,8 +759,27 @@ fn file_op(
     uid: u32,
     any: bool,
     op: Operation,
+    attached: Option<OwnedFd>,
 ) -> Result<Reply, WireError> {
+    let passed = |what: &str| {
+        attached.map(std::fs::File::from).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::InvalidArgument,
+                format!("{what} needs the file descriptor sent with the request (SCM_RIGHTS), and none came"),
+            )
+        })
+    };
     match op {
+        Operation::FileStoreFd { name, key, chunk_size } => {
+            let input = passed("file-store")?;
+            files
+                .store_fd(vault, uid, &name, &key, chunk_size, &input)
+                .map(Reply::File)
+        }
+        Operation::FileRetrieveFd { token } => {
+            let output = passed("file-retrieve")?;
+            files.retrieve_fd(vault, uid, &token, any, &output).map(Reply::File)
+        }
         Operation::FileStoreBegin { name, key, chunk_size } => files
             .begin_store(vault, uid, &name, &key, chunk_size)
             .map(|(session, info)| Reply::FileSession { session, info }),
@@ -1070,10 +1094,13 @@ fn ask_of(op: &Operation) -> Option<Ask<'_>> {
             action: "read",
             key: None,
         }),
-        Operation::FileStoreBegin { .. } | Operation::FileStoreChunk { .. } | Operation::FileStoreFinish { .. } => {
-            files("store")
+        Operation::FileStoreBegin { .. }
+        | Operation::FileStoreChunk { .. }
+        | Operation::FileStoreFinish { .. }
+        | Operation::FileStoreFd { .. } => files("store"),
+        Operation::FileRetrieveBegin { .. } | Operation::FileRetrieveNext { .. } | Operation::FileRetrieveFd { .. } => {
+            files("retrieve")
         }
-        Operation::FileRetrieveBegin { .. } | Operation::FileRetrieveNext { .. } => files("retrieve"),
         Operation::FileList => files("list"),
         Operation::FileInfo { .. } => files("info"),
         Operation::FileDelete { .. } => files("delete"),

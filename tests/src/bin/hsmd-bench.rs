@@ -7,6 +7,10 @@
 //! cargo run --release -p hsmd-tests --bin hsmd-bench -- --quick   # a smoke run
 //! ```
 //!
+//! Suite `files` (not part of `all`): `hsmctl file store | retrieve` of a
+//! 1 GiB file on tmpfs (`--file-mib`, `--chunk`, `--workers`, `--dir`) beside
+//! dd, age, in-process AES-256-GCM and a raw socket (see `file_bench`).
+//!
 //! Suite `ping`: round trips beside a raw echo. Suite `keys`: Ed25519 and
 //! ECDSA-P256 signatures and AES-256-GCM encryptions of 4 KiB through hsmd,
 //! beside the same operation done in this process with the same crates, with as
@@ -51,6 +55,10 @@ struct Args {
     reactor_threads: u32,
     depth: usize,
     batch: usize,
+    file_mib: usize,
+    chunk: String,
+    workers: u32,
+    dir: String,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -63,6 +71,15 @@ fn parse_args() -> Result<Option<Args>> {
         reactor_threads: 1,
         depth: 1,
         batch: 1,
+        file_mib: 1024,
+        chunk: "64KiB".to_owned(),
+        workers: 0,
+        // tmpfs where there is one; the system temp directory otherwise.
+        dir: if Path::new("/dev/shm").is_dir() {
+            "/dev/shm".to_owned()
+        } else {
+            std::env::temp_dir().display().to_string()
+        },
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -75,7 +92,12 @@ fn parse_args() -> Result<Option<Args>> {
             "--quick" => {
                 args.seconds = 0.3;
                 args.rounds = 1;
+                args.file_mib = 64;
             }
+            "--file-mib" => args.file_mib = it.next().context("--file-mib N")?.parse()?,
+            "--chunk" => args.chunk = it.next().context("--chunk 64KiB")?,
+            "--workers" => args.workers = it.next().context("--workers N")?.parse()?,
+            "--dir" => args.dir = it.next().context("--dir PATH (tmpfs)")?,
             "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
             "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
             "--payload" => args.payload = it.next().context("--payload BYTES")?.parse()?,
@@ -83,9 +105,9 @@ fn parse_args() -> Result<Option<Args>> {
             "--batch" => args.batch = it.next().context("--batch N")?.parse()?,
             "--reactor-threads" => args.reactor_threads = it.next().context("--reactor-threads N")?.parse()?,
             "--suite" => {
-                args.suite = it.next().context("--suite ping|keys|security|all")?;
-                if !matches!(args.suite.as_str(), "ping" | "keys" | "security" | "all") {
-                    bail!("--suite is ping, keys, security or all");
+                args.suite = it.next().context("--suite ping|keys|security|files|all")?;
+                if !matches!(args.suite.as_str(), "ping" | "keys" | "security" | "files" | "all") {
+                    bail!("--suite is ping, keys, security, files or all");
                 }
             }
             "--clients" => {
@@ -97,7 +119,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--suite ping|keys|security|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -190,6 +212,13 @@ fn main() -> Result<()> {
         "ping" => ping_suite(&args),
         "keys" => key_suite(&args),
         "security" => security_suite(&args),
+        "files" => hsmd_tests::file_bench::run(&hsmd_tests::file_bench::FileBench {
+            mib: args.file_mib,
+            chunk: args.chunk.clone(),
+            rounds: args.rounds,
+            workers: args.workers,
+            dir: args.dir.clone().into(),
+        }),
         _ => {
             ping_suite(&args)?;
             key_suite(&args)

@@ -1,0 +1,519 @@
+//! Moving a whole file between a caller's descriptor and the store, with its
+//! chunks sealed or opened by several workers at once.
+//!
+//! Store: this thread reads the caller's descriptor in order with read(2)
+//! (so the descriptor's shared offset is the progress `hsmctl` shows),
+//! workers hash and seal chunks in place, and one writer appends the records
+//! in order. Retrieve: workers read records at their known positions
+//! (`pread`), open and hash them, and this thread writes the plaintext to the
+//! caller's descriptor in order, the last chunk only once the checksum and the
+//! file's end have been checked.
+//!
+//! Memory is a fixed pool of chunk buffers, whatever the file's size: a stage
+//! that runs ahead waits for a buffer. Any stage that fails stops the others
+//! (channels close behind it) and its error, the first, is the answer.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{self, Read as _, Write as _},
+    os::fd::AsFd,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{sync_channel, Receiver, SyncSender},
+        Arc, Mutex, PoisonError,
+    },
+    time::Duration,
+};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use super::{
+    format::{self, Checksum, ChunkCipher, ChunkHash, FormatError},
+    store::{Chunks, ReadError, StoreError, Writer, RECORD_PREFIX},
+};
+
+/// How a transfer runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Worker threads.
+    pub workers: usize,
+    /// How long a pipe may neither give nor take bytes.
+    pub io_timeout: Duration,
+}
+
+/// Bytes of chunk buffers a transfer aims to keep at most (the pool never
+/// has fewer than workers + 2 batches, so 8 MiB chunks use more).
+const POOL_BYTES: usize = 16 << 20;
+/// Chunks travel between the stages in batches of about this many bytes, so
+/// that a hand-over (a thread waking another) is paid per batch, not per
+/// 64 KiB chunk, and a batch of records is written with one system call.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Why a transfer failed.
+#[derive(Debug, Error)]
+pub enum TransferError {
+    /// The stored file is wrong (retrieve) or a chunk could not be sealed.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The store's own files.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The caller's descriptor could not be read.
+    #[error("reading the file you passed failed: {0}")]
+    Input(#[source] io::Error),
+    /// The caller's descriptor could not be written.
+    #[error("writing to the file you passed failed: {0}")]
+    Output(#[source] io::Error),
+    /// A pipe stalled.
+    #[error("the {0} you passed neither gave nor took bytes for {1:?}; the transfer was abandoned")]
+    Stalled(&'static str, Duration),
+    /// The file has more chunks than nonces allow (2^32).
+    #[error("the file is too large: more than 2^32 chunks; use a larger --chunk-size")]
+    TooLarge,
+}
+
+impl From<ReadError> for TransferError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Format(f) => Self::Format(f),
+            ReadError::Store(s) => Self::Store(s),
+        }
+    }
+}
+
+type Buf = Zeroizing<Vec<u8>>;
+
+/// The first error any stage hit.
+#[derive(Default)]
+struct FirstError(Mutex<Option<TransferError>>);
+
+impl FirstError {
+    fn set(&self, e: TransferError) {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    fn take(&self) -> Option<TransferError> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+fn pool(count: usize, len: usize) -> (SyncSender<Buf>, Receiver<Buf>) {
+    let (tx, rx) = sync_channel(count);
+    for _ in 0..count {
+        // The channel holds exactly `count`, so these sends never block or fail.
+        let _ = tx.send(Zeroizing::new(vec![0u8; len]));
+    }
+    (tx, rx)
+}
+
+/// Chunks per batch.
+fn per_batch(chunk_size: u32) -> usize {
+    (BATCH_BYTES / chunk_size as usize).max(1)
+}
+
+/// Batches in the pool.
+fn pool_size(workers: usize, batch_bytes: usize) -> usize {
+    (POOL_BYTES / batch_bytes).clamp(workers + 2, 4 * workers + 4)
+}
+
+/// Waits until `file` is ready for `flags`, for pipes and sockets set
+/// non-blocking by their owner.
+fn wait_ready(file: &File, flags: PollFlags, timeout: Duration, what: &'static str) -> Result<(), TransferError> {
+    let mut fds = [PollFd::new(file.as_fd(), flags)];
+    let t = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, t) {
+        Ok(0) => Err(TransferError::Stalled(what, timeout)),
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(if what == "input" {
+            TransferError::Input(e.into())
+        } else {
+            TransferError::Output(e.into())
+        }),
+    }
+}
+
+/// Whether reads and writes on `file` can wait forever (a pipe, socket or
+/// terminal, as opposed to a regular file or a block device).
+fn can_stall(file: &File) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    file.metadata()
+        .map(|m| {
+            let t = m.file_type();
+            t.is_fifo() || t.is_socket() || t.is_char_device()
+        })
+        .unwrap_or(true)
+}
+
+/// Reads until `buf` is full or the input ends; returns how much was read.
+/// A descriptor that can stall is polled first, so a caller that holds a pipe
+/// open without writing costs a worker at most `timeout`.
+fn read_full(input: &File, stalls: bool, buf: &mut [u8], timeout: Duration) -> Result<usize, TransferError> {
+    let mut got = 0;
+    while got < buf.len() {
+        if stalls {
+            wait_ready(input, PollFlags::POLLIN, timeout, "input")?;
+        }
+        match (&*input).read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_ready(input, PollFlags::POLLIN, timeout, "input")?,
+            Err(e) => return Err(TransferError::Input(e)),
+        }
+    }
+    Ok(got)
+}
+
+/// Consecutive chunks on their way through a store. Chunk `j` of the batch
+/// sits in slot `j` of `buf` (slots of `RECORD_PREFIX + chunk + tag` bytes),
+/// plaintext first, then its whole record, so that the batch's records lie
+/// end to end.
+struct Batch {
+    first: u64,
+    /// Plaintext bytes of each chunk.
+    lens: Vec<usize>,
+    /// Whether its last chunk is the file's last.
+    last: bool,
+    buf: Buf,
+    /// Filled in by the worker.
+    hashes: Vec<ChunkHash>,
+}
+
+/// Reads up to `per` chunks into the slots of `buf`; returns their lengths
+/// and whether the input ended.
+fn fill_batch(
+    input: &File,
+    stalls: bool,
+    buf: &mut [u8],
+    per: usize,
+    cs: usize,
+    timeout: Duration,
+) -> Result<(Vec<usize>, bool), TransferError> {
+    let slot = RECORD_PREFIX + cs + format::TAG_LEN;
+    let mut lens = Vec::with_capacity(per);
+    for j in 0..per {
+        let at = j * slot + RECORD_PREFIX;
+        let n = read_full(input, stalls, &mut buf[at..at + cs], timeout)?;
+        if n == 0 {
+            return Ok((lens, true));
+        }
+        lens.push(n);
+        if n < cs {
+            return Ok((lens, true));
+        }
+    }
+    Ok((lens, false))
+}
+
+/// Reads `input` to its end and stores it through `writer`: returns the
+/// plaintext size and checksum.
+///
+/// # Errors
+/// The first failure of any stage: reading the input, sealing, the disk.
+pub fn store_from(
+    input: &File,
+    cipher: &ChunkCipher,
+    writer: &mut Writer,
+    chunk_size: u32,
+    tuning: Tuning,
+) -> Result<(u64, String), TransferError> {
+    let cs = chunk_size as usize;
+    let workers = tuning.workers.max(1);
+    let per = per_batch(chunk_size);
+    let slot = RECORD_PREFIX + cs + format::TAG_LEN;
+    let (free_tx, free_rx) = pool(pool_size(workers, per * slot), per * slot);
+    let (work_tx, work_rx) = sync_channel::<Batch>(workers);
+    let work_rx = Arc::new(Mutex::new(work_rx));
+    let (done_tx, done_rx) = sync_channel::<Batch>(workers);
+    let failed = FirstError::default();
+    let stop = AtomicBool::new(false);
+
+    let outcome = std::thread::scope(|s| {
+        for _ in 0..workers {
+            let rx = Arc::clone(&work_rx);
+            let tx = done_tx.clone();
+            let (failed, stop) = (&failed, &stop);
+            s.spawn(move || loop {
+                let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                let Ok(mut batch) = next else { break };
+                let count = batch.lens.len();
+                let sealed = (|| {
+                    for (j, &len) in batch.lens.iter().enumerate() {
+                        let index = batch.first + j as u64;
+                        let last = batch.last && j + 1 == count;
+                        let at = j * slot;
+                        let body = &mut batch.buf[at + RECORD_PREFIX..at + RECORD_PREFIX + len];
+                        batch
+                            .hashes
+                            .push(format::chunk_hash(index, chunk_size, index == 0 && last, body));
+                        let total = index * u64::from(chunk_size) + len as u64;
+                        let tag = cipher.seal_detached(index, last, total, body)?;
+                        let end = at + RECORD_PREFIX + len;
+                        batch.buf[end..end + format::TAG_LEN].copy_from_slice(&tag);
+                        // At most 8 MiB + 16: fits a u32.
+                        let record = (len + format::TAG_LEN) as u32;
+                        batch.buf[at..at + RECORD_PREFIX].copy_from_slice(&record.to_be_bytes());
+                    }
+                    Ok::<_, FormatError>(())
+                })();
+                if let Err(e) = sealed {
+                    failed.set(e.into());
+                    stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+                if tx.send(batch).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(done_tx);
+
+        let writing = s.spawn(|| {
+            let done_rx = done_rx;
+            let free_tx = free_tx;
+            let mut waiting = BTreeMap::new();
+            let mut next = 0u64;
+            let mut size = 0u64;
+            let mut checksum = Checksum::default();
+            while let Ok(batch) = done_rx.recv() {
+                waiting.insert(batch.first, batch);
+                while let Some(mut batch) = waiting.remove(&next) {
+                    let records: Vec<usize> = batch.lens.iter().map(|l| RECORD_PREFIX + l + format::TAG_LEN).collect();
+                    let bytes: usize = records.iter().sum();
+                    if let Err(e) = writer.append_records(&batch.buf[..bytes], &records) {
+                        failed.set(e.into());
+                        stop.store(true, Ordering::Relaxed);
+                        return None;
+                    }
+                    for h in batch.hashes.drain(..) {
+                        checksum.push(h);
+                    }
+                    size += batch.lens.iter().map(|&l| l as u64).sum::<u64>();
+                    next += batch.lens.len() as u64;
+                    if batch.last {
+                        return checksum.finish().map(|c| (size, c));
+                    }
+                    let _ = free_tx.send(batch.buf);
+                }
+            }
+            None
+        });
+
+        // Reading, one batch ahead so the file's last chunk is known as such.
+        let stalls = can_stall(input);
+        let read = (|| {
+            let work_tx = work_tx;
+            let mut held: Option<Batch> = None;
+            let mut first = 0u64;
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                if first > u64::from(u32::MAX) {
+                    return Err(TransferError::TooLarge);
+                }
+                let Ok(mut buf) = free_rx.recv() else { return Ok(()) };
+                let (lens, ended) = fill_batch(input, stalls, &mut buf, per, cs, tuning.io_timeout)?;
+                if let Some(mut prev) = held.take() {
+                    // Full chunks followed by nothing: the held batch ends the file.
+                    prev.last = lens.is_empty();
+                    if work_tx.send(prev).is_err() || lens.is_empty() {
+                        return Ok(());
+                    }
+                } else if lens.is_empty() {
+                    // An empty file is one empty chunk.
+                    let _ = work_tx.send(Batch {
+                        first: 0,
+                        lens: vec![0],
+                        last: true,
+                        buf,
+                        hashes: Vec::with_capacity(1),
+                    });
+                    return Ok(());
+                }
+                let count = lens.len();
+                let batch = Batch {
+                    first,
+                    lens,
+                    last: ended,
+                    buf,
+                    hashes: Vec::with_capacity(count),
+                };
+                first += count as u64;
+                if ended {
+                    let _ = work_tx.send(batch);
+                    return Ok(());
+                }
+                held = Some(batch);
+            }
+        })();
+        if let Err(e) = read {
+            failed.set(e);
+            stop.store(true, Ordering::Relaxed);
+        }
+        drop(free_rx);
+        writing.join().ok().flatten()
+    });
+    match (failed.take(), outcome) {
+        (Some(e), _) => Err(e),
+        (None, Some(done)) => Ok(done),
+        (None, None) => Err(StoreError::Damaged {
+            token: String::new(),
+            why: "the store ended without its last chunk".into(),
+        }
+        .into()),
+    }
+}
+
+/// A batch of chunks opened: chunk `j`'s plaintext is in slot `j` of `buf`
+/// at `RECORD_PREFIX`, `lens[j]` bytes long.
+struct Opened {
+    first: u64,
+    result: Result<(Buf, Vec<usize>, Vec<ChunkHash>), TransferError>,
+}
+
+/// Writes every slice of `parts` to `output`, in order (writev).
+fn write_parts(
+    output: &File,
+    stalls: bool,
+    parts: &mut [io::IoSlice<'_>],
+    timeout: Duration,
+) -> Result<(), TransferError> {
+    let mut parts = parts;
+    while !parts.is_empty() {
+        if stalls {
+            wait_ready(output, PollFlags::POLLOUT, timeout, "output")?;
+        }
+        match (&*output).write_vectored(parts) {
+            Ok(0) => return Err(TransferError::Output(io::ErrorKind::WriteZero.into())),
+            Ok(n) => io::IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_ready(output, PollFlags::POLLOUT, timeout, "output")?;
+            }
+            Err(e) => return Err(TransferError::Output(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes a stored file's plaintext to `output`, in order. The last batch is
+/// written only after every chunk opened, the checksum matched `checksum`, and
+/// nothing follows the last chunk.
+///
+/// # Errors
+/// The first chunk (in file order) that fails, a checksum mismatch, extra
+/// chunks, the output failing.
+pub fn retrieve_into(
+    chunks: &Chunks,
+    cipher: &ChunkCipher,
+    output: &File,
+    chunk_size: u32,
+    checksum: &str,
+    tuning: Tuning,
+) -> Result<(), TransferError> {
+    let workers = tuning.workers.max(1);
+    let total = chunks.total();
+    let size = chunks.size();
+    let per = per_batch(chunk_size);
+    let slot = RECORD_PREFIX + chunk_size as usize + format::TAG_LEN;
+    let (free_tx, free_rx) = pool(pool_size(workers, per * slot), per * slot);
+    let free_rx = Mutex::new(free_rx);
+    let (done_tx, done_rx) = sync_channel::<Opened>(workers);
+    let next_batch = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let tx = done_tx.clone();
+            let (free_rx, next_batch, stop) = (&free_rx, &next_batch, &stop);
+            s.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                // A buffer first, then a batch: every batch handed out has a
+                // buffer, so the writer never waits for one that cannot come.
+                let Ok(mut buf) = free_rx.lock().unwrap_or_else(PoisonError::into_inner).recv() else {
+                    break;
+                };
+                let first = next_batch.fetch_add(1, Ordering::Relaxed) * per as u64;
+                if first >= total {
+                    break;
+                }
+                let count = (total - first).min(per as u64) as usize;
+                let opened = (|| {
+                    let mut lens = Vec::with_capacity(count);
+                    let mut hashes = Vec::with_capacity(count);
+                    for j in 0..count {
+                        let index = first + j as u64;
+                        let at = j * slot;
+                        let sealed = chunks.read_record(index, &mut buf[at..at + slot])?;
+                        let body = &mut buf[at + RECORD_PREFIX..at + RECORD_PREFIX + sealed];
+                        let len = cipher.open_in_place(index, total, size, body)?;
+                        hashes.push(format::chunk_hash(index, chunk_size, total == 1, &body[..len]));
+                        lens.push(len);
+                    }
+                    Ok::<_, TransferError>((lens, hashes))
+                })();
+                let result = opened.map(|(lens, hashes)| (buf, lens, hashes));
+                if tx.send(Opened { first, result }).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(done_tx);
+
+        let stalls = can_stall(output);
+        let result = (|| {
+            let done_rx = done_rx;
+            let free_tx = free_tx;
+            let mut waiting = BTreeMap::new();
+            let mut next = 0u64;
+            let mut sum = Checksum::default();
+            while next < total {
+                let Ok(opened) = done_rx.recv() else {
+                    return Err(StoreError::Damaged {
+                        token: String::new(),
+                        why: "the readers stopped before the last chunk".into(),
+                    }
+                    .into());
+                };
+                waiting.insert(opened.first, opened.result);
+                while let Some(result) = waiting.remove(&next) {
+                    let (buf, lens, hashes) = result?;
+                    for h in hashes {
+                        sum.push(h);
+                    }
+                    let count = lens.len() as u64;
+                    if next + count == total {
+                        chunks.check_end()?;
+                        if std::mem::take(&mut sum).finish().as_deref() != Some(checksum) {
+                            return Err(FormatError::Checksum.into());
+                        }
+                    }
+                    let mut parts: Vec<io::IoSlice<'_>> = lens
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &len)| len > 0)
+                        .map(|(j, &len)| {
+                            io::IoSlice::new(&buf[j * slot + RECORD_PREFIX..j * slot + RECORD_PREFIX + len])
+                        })
+                        .collect();
+                    write_parts(output, stalls, &mut parts, tuning.io_timeout)?;
+                    drop(parts);
+                    let _ = free_tx.send(buf);
+                    next += count;
+                }
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        result
+    })
+}

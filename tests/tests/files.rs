@@ -51,6 +51,18 @@ fn random_bytes(n: usize, _seed: u64) -> Vec<u8> {
     v
 }
 
+/// `hsmctl file store -` with `args`, its stdin and stdout piped.
+fn store_from_stdin(d: &Daemon, args: &[&str]) -> std::process::Child {
+    Command::new(bin("hsmctl"))
+        .args(["--socket", p(&d.socket), "file", "store", "-"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn hsmctl")
+}
+
 fn dev() -> Daemon {
     let d = Daemon::builder().dev().start();
     ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
@@ -115,22 +127,7 @@ fn files_of_every_boundary_size_and_100_mib_come_back_identical_under_their_name
 
     // stdin in, stdout out, both ways.
     for via in VIAS {
-        let mut child = Command::new(bin("hsmctl"))
-            .args([
-                "--socket",
-                p(&d.socket),
-                "file",
-                "store",
-                "-",
-                "--name",
-                "piped.txt",
-                "--via",
-                via,
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut child = store_from_stdin(&d, &["--name", "piped.txt", "--via", via]);
         child
             .stdin
             .take()
@@ -303,23 +300,7 @@ fn a_store_killed_midway_leaves_no_token_and_its_debris_is_cleaned_at_start() {
     let keyfile = d.dir().join("unlock.key");
     ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
     ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
-    let mut child = Command::new(bin("hsmctl"))
-        .args([
-            "--socket",
-            p(&d.socket),
-            "file",
-            "store",
-            "-",
-            "--name",
-            "partial.bin",
-            "--chunk-size",
-            "4KiB",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = store_from_stdin(&d, &["--name", "partial.bin", "--chunk-size", "4KiB"]);
     let mut stdin = child.stdin.take().expect("stdin");
     stdin.write_all(&random_bytes(64 * 1024, 9)).expect("write");
     stdin.flush().expect("flush");
@@ -444,22 +425,7 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
 #[test]
 fn storing_and_retrieving_a_gibibyte_keeps_the_daemon_under_64_mib_resident() {
     let d = dev();
-    let mut child = Command::new(bin("hsmctl"))
-        .args([
-            "--socket",
-            p(&d.socket),
-            "file",
-            "store",
-            "-",
-            "--name",
-            "big.bin",
-            "--chunk-size",
-            "512KiB",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = store_from_stdin(&d, &["--name", "big.bin", "--chunk-size", "512KiB"]);
     let mut stdin = child.stdin.take().expect("stdin");
     let block = random_bytes(1 << 20, 0);
     for _ in 0..1024 {

@@ -32,7 +32,7 @@ use zeroize::Zeroizing;
 
 use super::{
     format::{self, Checksum, ChunkCipher, ChunkHash, FormatError},
-    store::{Chunks, ReadError, StoreError, Writer, RECORD_PREFIX},
+    store::{Chunks, Cursor, ReadError, StoreError, Writer, RECORD_PREFIX},
 };
 
 /// How a transfer runs.
@@ -433,6 +433,7 @@ pub fn retrieve_into(
         for _ in 0..workers {
             let tx = done_tx.clone();
             let (free_rx, next_batch, stop) = (&free_rx, &next_batch, &stop);
+            let mut cursor = Cursor::default();
             s.spawn(move || loop {
                 if stop.load(Ordering::Relaxed) {
                     break;
@@ -453,7 +454,7 @@ pub fn retrieve_into(
                     for j in 0..count {
                         let index = first + j as u64;
                         let at = j * slot;
-                        let sealed = chunks.read_record(index, &mut buf[at..at + slot])?;
+                        let sealed = chunks.read_record(index, &mut buf[at..at + slot], &mut cursor)?;
                         let body = &mut buf[at + RECORD_PREFIX..at + RECORD_PREFIX + sealed];
                         let len = cipher.open_in_place(index, total, size, body)?;
                         hashes.push(format::chunk_hash(index, chunk_size, total == 1, &body[..len]));

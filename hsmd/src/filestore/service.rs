@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 use super::{
     format::{self, Checksum, ChunkCipher, FormatError, Header},
     pipeline::{self, TransferError, Tuning},
-    store::{self, Chunks, FileStore, Meta, ReadError, Reader, StoreError, Writer, RECORD_PREFIX},
+    store::{self, Chunks, Cursor, FileStore, Meta, ReadError, Reader, StoreError, Writer, RECORD_PREFIX},
 };
 use crate::keystore::Vault;
 
@@ -50,6 +50,7 @@ struct Reading {
     info: FileInfo,
     cipher: ChunkCipher,
     chunks: Chunks,
+    cursor: Cursor,
     next: u64,
     checksum: Checksum,
 }
@@ -555,6 +556,7 @@ impl Files {
             info: info.clone(),
             cipher,
             chunks,
+            cursor: Cursor::default(),
             next: 0,
             checksum: Checksum::default(),
         })))?;
@@ -616,7 +618,10 @@ impl Files {
                 ));
             }
             let mut buf = Zeroizing::new(vec![0u8; RECORD_PREFIX + s.chunks.sealed_len(index)]);
-            let sealed = s.chunks.read_record(index, &mut buf).map_err(|e| read_err(&token, e))?;
+            let sealed = s
+                .chunks
+                .read_record(index, &mut buf, &mut s.cursor)
+                .map_err(|e| read_err(&token, e))?;
             let body = &mut buf[RECORD_PREFIX..RECORD_PREFIX + sealed];
             let len = s
                 .cipher

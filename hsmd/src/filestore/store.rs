@@ -481,31 +481,23 @@ impl Reader {
             }
             .into());
         }
-        let mut files = Vec::new();
+        // Segments are opened as they are read (one at a time per reader),
+        // never all at once: a 100 GiB file has 1,600 of them, more than a
+        // default descriptor limit. Here they are only looked for.
         for s in 0..self.meta.segments {
-            let path = self.dir.join(segment_name(s));
-            let opened = match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_file() => OpenOptions::new()
-                    .read(true)
-                    .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-                    .open(&path)
-                    .ok(),
-                _ => None,
-            };
-            let Some(f) = opened else {
+            if !fs::symlink_metadata(self.dir.join(segment_name(s))).is_ok_and(|m| m.is_file()) {
                 let first = u64::from(s) * per_segment;
                 return Err(FormatError::Truncated {
                     last_present: i64::try_from(first).unwrap_or(i64::MAX) - 1,
                     total,
                 }
                 .into());
-            };
-            files.push(f);
+            }
         }
         Ok(Chunks {
             dir: self.dir.clone(),
             token: self.token.clone(),
-            files,
+            segments: self.meta.segments,
             chunk_size,
             size: self.meta.size,
             total,
@@ -514,20 +506,49 @@ impl Reader {
     }
 }
 
-/// A stored file's segments, open for reading chunk records by position from
-/// any number of threads at once.
+/// A stored file's segments, for reading chunk records by position from any
+/// number of threads at once, each with its own [`Cursor`].
 #[derive(Debug)]
 pub struct Chunks {
     dir: PathBuf,
     token: String,
-    files: Vec<File>,
+    segments: u32,
     chunk_size: u32,
     size: u64,
     total: u64,
     per_segment: u64,
 }
 
+/// The one segment a reader has open.
+#[derive(Debug, Default)]
+pub struct Cursor(Option<(u64, File)>);
+
 impl Chunks {
+    fn open_segment(&self, segment: u64) -> Result<File, ReadError> {
+        let missing = || self.truncated(segment * self.per_segment);
+        let name = u32::try_from(segment).map_err(|_| missing())?;
+        if name >= self.segments {
+            return Err(missing().into());
+        }
+        let path = self.dir.join(segment_name(name));
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&path)
+        {
+            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => Ok(f),
+            Ok(_) => Err(missing().into()),
+            // Gone, or replaced by a symlink (O_NOFOLLOW refuses it with ELOOP).
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) =>
+            {
+                Err(missing().into())
+            }
+            Err(e) => Err(io(&path)(e).into()),
+        }
+    }
+
     /// How many chunks the file has.
     #[must_use]
     pub fn total(&self) -> u64 {
@@ -560,7 +581,7 @@ impl Chunks {
     /// # Errors
     /// [`FormatError::Truncated`] where the segment ends early;
     /// [`FormatError::Chunk`] for a record of the wrong length.
-    pub fn read_record(&self, index: u64, buf: &mut [u8]) -> Result<usize, ReadError> {
+    pub fn read_record(&self, index: u64, buf: &mut [u8], cursor: &mut Cursor) -> Result<usize, ReadError> {
         let sealed = self.sealed_len(index);
         let record = RECORD_PREFIX + sealed;
         let Some(buf) = buf.get_mut(..record) else {
@@ -570,9 +591,12 @@ impl Chunks {
             }
             .into());
         };
-        let segment = usize::try_from(index / self.per_segment).unwrap_or(usize::MAX);
+        let segment = index / self.per_segment;
         let offset = (index % self.per_segment) * record_len(self.chunk_size);
-        let Some(file) = self.files.get(segment) else {
+        if cursor.0.as_ref().is_none_or(|(s, _)| *s != segment) {
+            cursor.0 = Some((segment, self.open_segment(segment)?));
+        }
+        let Some((_, file)) = cursor.0.as_ref() else {
             return Err(self.truncated(index).into());
         };
         match file.read_exact_at(buf, offset) {
@@ -608,17 +632,20 @@ impl Chunks {
             total: self.total,
         };
         let full = record_len(self.chunk_size);
-        for (s, f) in self.files.iter().enumerate() {
-            let first = s as u64 * self.per_segment;
+        for s in 0..self.segments {
+            let first = u64::from(s) * self.per_segment;
             let last = (first + self.per_segment).min(self.total) - 1;
             let expected = (last - first) * full + (RECORD_PREFIX + self.sealed_len(last)) as u64;
-            let len = f.metadata().map_err(io(&self.dir))?.len();
+            let path = self.dir.join(segment_name(s));
+            let len = match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => m.len(),
+                _ => return Err(self.truncated(first).into()),
+            };
             if len != expected {
                 return Err(if len > expected { extra } else { self.truncated(last) }.into());
             }
         }
-        let next = u32::try_from(self.files.len()).unwrap_or(u32::MAX);
-        if fs::symlink_metadata(self.dir.join(segment_name(next))).is_ok() {
+        if fs::symlink_metadata(self.dir.join(segment_name(self.segments))).is_ok() {
             return Err(extra.into());
         }
         Ok(())
@@ -679,12 +706,13 @@ mod tests {
         assert_eq!(r.header, b"{\"h\":1}");
         let chunks = r.chunks(4096).unwrap();
         let mut buf = vec![0u8; 4 + 4112];
+        let mut cursor = Cursor::default();
         for i in (0..5u8).rev() {
-            assert_eq!(chunks.read_record(u64::from(i), &mut buf).unwrap(), 4112);
+            assert_eq!(chunks.read_record(u64::from(i), &mut buf, &mut cursor).unwrap(), 4112);
             assert_eq!(&buf[4..], &[i; 4112][..]);
         }
         assert!(matches!(
-            chunks.read_record(5, &mut buf),
+            chunks.read_record(5, &mut buf, &mut cursor),
             Err(ReadError::Format(FormatError::Truncated { last_present: 4, .. }))
         ));
         chunks.check_end().unwrap();

@@ -293,15 +293,20 @@ struct RetrieveArgs<'a> {
 }
 
 fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(), Failure> {
+    // The name and size come from `file info`; a role that may retrieve but
+    // not read metadata (files:retrieve without files:info) can still
+    // retrieve to -o, without a size for the bar.
     let info = match client.call(Operation::FileInfo {
         token: a.token.to_owned(),
-    })? {
-        Reply::File(f) => f,
-        other => return Err(unexpected("file-info", &other)),
+    }) {
+        Ok(Reply::File(f)) => Some(f),
+        Ok(other) => return Err(unexpected("file-info", &other)),
+        Err(e) if a.output.is_some() && protocol::is_code(&e, protocol::ErrorCode::PermissionDenied) => None,
+        Err(e) => return Err(e.into()),
     };
-    let target = match (a.output, a.outdir) {
-        (Some(o), _) => o.to_owned(),
-        (None, dir) => {
+    let target = match (a.output, a.outdir, &info) {
+        (Some(o), _, _) => o.to_owned(),
+        (None, dir, Some(info)) => {
             // hsmd checked the name when it was stored; check again before
             // building a path from it.
             if info.name.contains('/') || info.name == ".." || info.name == "." || info.name.is_empty() {
@@ -312,18 +317,22 @@ fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(),
             }
             dir.unwrap_or(Path::new(".")).join(&info.name)
         }
+        (None, _, None) => return Err(local("file info was refused; give -o FILE".into())),
     };
     let mut out = sealing::Output::create(&target)?;
-    let bar = Progress::new("retrieving", Some(info.size), a.quiet);
+    let bar = Progress::new("retrieving", info.as_ref().map(|i| i.size), a.quiet);
     let result = match a.via {
         Via::Fd => retrieve_fd(client, a.token, &out, &bar),
         Via::Frames => retrieve_frames(client, a.token, &mut out, &bar),
     };
-    if let Err(e) = result {
-        // The temporary output is removed when `out` drops.
-        bar.clear();
-        return Err(e);
-    }
+    let info = match result {
+        Ok(info) => info,
+        Err(e) => {
+            // The temporary output is removed when `out` drops.
+            bar.clear();
+            return Err(e);
+        }
+    };
     out.finish()?;
     bar.finish();
     if json {
@@ -337,7 +346,7 @@ fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(),
     Ok(())
 }
 
-fn retrieve_fd(client: &mut Client, token: &str, out: &sealing::Output, bar: &Progress) -> Result<(), Failure> {
+fn retrieve_fd(client: &mut Client, token: &str, out: &sealing::Output, bar: &Progress) -> Result<FileInfo, Failure> {
     let (fd, file) = out.descriptor();
     let op = Operation::FileRetrieveFd {
         token: token.to_owned(),
@@ -349,17 +358,22 @@ fn retrieve_fd(client: &mut Client, token: &str, out: &sealing::Output, bar: &Pr
     match reply {
         Reply::File(f) => {
             bar.set(f.size);
-            Ok(())
+            Ok(f)
         }
         other => Err(unexpected("file-retrieve", &other)),
     }
 }
 
-fn retrieve_frames(client: &mut Client, token: &str, out: &mut sealing::Output, bar: &Progress) -> Result<(), Failure> {
-    let session = match client.call(Operation::FileRetrieveBegin {
+fn retrieve_frames(
+    client: &mut Client,
+    token: &str,
+    out: &mut sealing::Output,
+    bar: &Progress,
+) -> Result<FileInfo, Failure> {
+    let (session, info) = match client.call(Operation::FileRetrieveBegin {
         token: token.to_owned(),
     })? {
-        Reply::FileSession { session, .. } => session,
+        Reply::FileSession { session, info } => (session, info),
         other => return Err(unexpected("file-retrieve-begin", &other)),
     };
     loop {
@@ -368,7 +382,7 @@ fn retrieve_frames(client: &mut Client, token: &str, out: &mut sealing::Output, 
                 out.write(bytes.expose())?;
                 bar.add(bytes.expose().len() as u64);
                 if last {
-                    return Ok(());
+                    return Ok(info);
                 }
             }
             other => return Err(unexpected("file-retrieve-next", &other)),

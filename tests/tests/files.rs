@@ -378,12 +378,15 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     }
     let prepared = Daemon::builder()
         .socket_mode("0666")
-        .users(&["4002"])
+        .users(&["4002", "4005"])
         .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
         .prepare();
     fs::write(
         prepared.dir.path().join("policy.toml"),
-        "[[bind]]\nusers = [\"4002\"]\nroles = [\"operator\"]\n[[bind]]\nusers = [\"0\"]\nroles = [\"admin\"]\n",
+        "[roles.fetcher]\npermissions = [ { resource = \"files\", action = \"store\" }, \
+         { resource = \"files\", action = \"retrieve\" } ]\n\
+         [[bind]]\nusers = [\"4002\"]\nroles = [\"operator\"]\n[[bind]]\nusers = [\"4005\"]\nroles = [\"fetcher\"]\n\
+         [[bind]]\nusers = [\"0\"]\nroles = [\"admin\"]\n",
     )
     .expect("policy");
     let d = prepared.start();
@@ -395,9 +398,9 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     let hsmctl: PathBuf = d.dir().join("hsmctl");
     fs::copy(bin("hsmctl"), &hsmctl).expect("copy");
     fs::set_permissions(&hsmctl, fs::Permissions::from_mode(0o755)).expect("chmod");
-    let as_4002 = |args: &[&str]| {
+    let as_uid = |uid: &str, args: &[&str]| {
         Command::new("setpriv")
-            .args(["--reuid", "4002", "--regid", "4002", "--clear-groups", "--"])
+            .args(["--reuid", uid, "--regid", uid, "--clear-groups", "--"])
             .arg(&hsmctl)
             .arg("--socket")
             .arg(&d.socket)
@@ -406,6 +409,7 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
             .output()
             .expect("setpriv")
     };
+    let as_4002 = |args: &[&str]| as_uid("4002", args);
     let err = refused(&as_4002(&["file", "retrieve", &token, "-o", "-"]), "permission-denied");
     assert!(err.contains("belongs to uid 0"), "{err}");
     refused(&as_4002(&["file", "delete", &token]), "permission-denied");
@@ -418,6 +422,11 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     // 4002's own file is 4002's.
     let theirs = token_of(&ok(&as_4002(&["file", "store", "-", "--name", "mine"])));
     ok(&as_4002(&["file", "delete", &theirs]));
+    // A role that may store and retrieve but not read metadata
+    // (files:info) still retrieves its own file to -o.
+    let fetched = token_of(&ok(&as_uid("4005", &["file", "store", "-", "--name", "f"])));
+    refused(&as_uid("4005", &["file", "info", &fetched]), "permission-denied");
+    assert_eq!(ok(&as_uid("4005", &["file", "retrieve", &fetched, "-o", "-"])), "");
     // The owner (an admin here) still can.
     ok(&d.hsmctl(&["file", "delete", &token]));
 }

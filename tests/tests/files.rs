@@ -283,6 +283,15 @@ fn every_kind_of_tampering_fails_retrieval_naming_the_chunk_and_writes_nothing()
                 "{what}, {via}: temporary output left: {leftovers:?}"
             );
         }
+        // To stdout, where nothing can be taken back: the descriptor path holds
+        // the batch with the last chunk (here, all five) until every check passed.
+        let out = d.hsmctl(&["file", "retrieve", &token, "-o", "-"]);
+        refused(&out, "decrypt-failed");
+        assert!(
+            out.stdout.is_empty(),
+            "{what}: {} bytes reached stdout",
+            out.stdout.len()
+        );
         write_records(&seg, &original);
         fs::write(&header, &original_header).expect("restore header");
     }

@@ -217,16 +217,6 @@ impl ChunkCipher {
         })
     }
 
-    /// Seals chunk `index` in place (appending the tag).
-    ///
-    /// # Errors
-    /// [`FormatError::Header`] for an impossible index.
-    pub fn seal(&self, index: u64, last: bool, total_size: u64, buf: &mut Vec<u8>) -> Result<(), FormatError> {
-        let tag = self.seal_detached(index, last, total_size, buf)?;
-        buf.extend_from_slice(&tag);
-        Ok(())
-    }
-
     /// Seals chunk `index` in place and returns its tag.
     ///
     /// # Errors
@@ -243,16 +233,6 @@ impl ChunkCipher {
         self.aead
             .seal_detached(&n, &aad, buf)
             .map_err(|_| FormatError::Header("a chunk is too large to seal".into()))
-    }
-
-    /// Opens chunk `index` of `total` in place (removing the tag).
-    ///
-    /// # Errors
-    /// [`FormatError::Chunk`] naming the chunk.
-    pub fn open(&self, index: u64, total: u64, total_size: u64, buf: &mut Vec<u8>) -> Result<(), FormatError> {
-        let len = self.open_in_place(index, total, total_size, buf)?;
-        buf.truncate(len);
-        Ok(())
     }
 
     /// Opens chunk `index` of `total` (ciphertext ‖ tag) in place; returns the
@@ -391,7 +371,8 @@ mod tests {
             let start = (i * u64::from(h.chunk_size)) as usize;
             let end = (start + h.chunk_size as usize).min(data.len());
             let mut buf = data[start..end].to_vec();
-            c.seal(i, i + 1 == total, data.len() as u64, &mut buf).unwrap();
+            let tag = c.seal_detached(i, i + 1 == total, data.len() as u64, &mut buf).unwrap();
+            buf.extend_from_slice(&tag);
             chunks.push(buf);
         }
         (hb, chunks)
@@ -408,7 +389,8 @@ mod tests {
                 return Err(FormatError::Extra { index: i, total });
             }
             let mut buf = chunk.clone();
-            c.open(i, total, size, &mut buf)?;
+            let len = c.open_in_place(i, total, size, &mut buf)?;
+            buf.truncate(len);
             out.extend_from_slice(&buf);
         }
         if (chunks.len() as u64) < total {

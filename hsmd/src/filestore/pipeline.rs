@@ -170,6 +170,68 @@ fn read_full(input: &File, stalls: bool, buf: &mut [u8], timeout: Duration) -> R
     Ok(got)
 }
 
+/// Seals chunk `index`, whose plaintext is `slot[RECORD_PREFIX..][..len]`,
+/// into the record that then fills the front of `slot` (length prefix,
+/// ciphertext, tag); returns the record's length and the chunk's hash. The
+/// one way a record is made, for transfers and for chunks sent in frames.
+///
+/// # Errors
+/// [`FormatError::Header`] for an impossible index.
+pub fn seal_record(
+    cipher: &ChunkCipher,
+    chunk_size: u32,
+    index: u64,
+    last: bool,
+    slot: &mut [u8],
+    len: usize,
+) -> Result<(usize, ChunkHash), FormatError> {
+    let body = &mut slot[RECORD_PREFIX..RECORD_PREFIX + len];
+    let hash = format::chunk_hash(index, chunk_size, index == 0 && last, body);
+    let total = index * u64::from(chunk_size) + len as u64;
+    let tag = cipher.seal_detached(index, last, total, body)?;
+    let end = RECORD_PREFIX + len;
+    slot[end..end + format::TAG_LEN].copy_from_slice(&tag);
+    // At most 8 MiB + 16: fits a u32.
+    let sealed = (len + format::TAG_LEN) as u32;
+    slot[..RECORD_PREFIX].copy_from_slice(&sealed.to_be_bytes());
+    Ok((end + format::TAG_LEN, hash))
+}
+
+/// Reads chunk `index`'s record into `slot` and opens it in place; returns
+/// the plaintext's length (it starts at `slot[RECORD_PREFIX]`) and the
+/// chunk's hash. The one way a chunk is read, for transfers and frames.
+///
+/// # Errors
+/// A missing, mis-sized or unauthentic chunk, named.
+pub fn open_record(
+    chunks: &Chunks,
+    cipher: &ChunkCipher,
+    chunk_size: u32,
+    index: u64,
+    slot: &mut [u8],
+    cursor: &mut Cursor,
+) -> Result<(usize, ChunkHash), TransferError> {
+    let total = chunks.total();
+    let sealed = chunks.read_record(index, slot, cursor)?;
+    let body = &mut slot[RECORD_PREFIX..RECORD_PREFIX + sealed];
+    let len = cipher.open_in_place(index, total, chunks.size(), body)?;
+    Ok((len, format::chunk_hash(index, chunk_size, total == 1, &body[..len])))
+}
+
+/// What must hold before a file's last chunk is released: nothing follows it
+/// and the whole file's hash is the one recorded.
+///
+/// # Errors
+/// [`FormatError::Extra`] or [`FormatError::Checksum`].
+pub fn check_complete(chunks: &Chunks, sum: Checksum, checksum: &str) -> Result<(), TransferError> {
+    chunks.check_end()?;
+    if sum.finish().as_deref() == Some(checksum) {
+        Ok(())
+    } else {
+        Err(FormatError::Checksum.into())
+    }
+}
+
 /// Consecutive chunks on their way through a store. Chunk `j` of the batch
 /// sits in slot `j` of `buf` (slots of `RECORD_PREFIX + chunk + tag` bytes),
 /// plaintext first, then its whole record, so that the batch's records lie
@@ -247,18 +309,9 @@ pub fn store_from(
                     for (j, &len) in batch.lens.iter().enumerate() {
                         let index = batch.first + j as u64;
                         let last = batch.last && j + 1 == count;
-                        let at = j * slot;
-                        let body = &mut batch.buf[at + RECORD_PREFIX..at + RECORD_PREFIX + len];
-                        batch
-                            .hashes
-                            .push(format::chunk_hash(index, chunk_size, index == 0 && last, body));
-                        let total = index * u64::from(chunk_size) + len as u64;
-                        let tag = cipher.seal_detached(index, last, total, body)?;
-                        let end = at + RECORD_PREFIX + len;
-                        batch.buf[end..end + format::TAG_LEN].copy_from_slice(&tag);
-                        // At most 8 MiB + 16: fits a u32.
-                        let record = (len + format::TAG_LEN) as u32;
-                        batch.buf[at..at + RECORD_PREFIX].copy_from_slice(&record.to_be_bytes());
+                        let slot_bytes = &mut batch.buf[j * slot..(j + 1) * slot];
+                        let (_, hash) = seal_record(cipher, chunk_size, index, last, slot_bytes, len)?;
+                        batch.hashes.push(hash);
                     }
                     Ok::<_, FormatError>(())
                 })();
@@ -420,7 +473,6 @@ pub fn retrieve_into(
 ) -> Result<(), TransferError> {
     let workers = tuning.workers.max(1);
     let total = chunks.total();
-    let size = chunks.size();
     let per = per_batch(chunk_size);
     let slot = RECORD_PREFIX + chunk_size as usize + format::TAG_LEN;
     let (free_tx, free_rx) = pool(pool_size(workers, per * slot), per * slot);
@@ -453,11 +505,9 @@ pub fn retrieve_into(
                     let mut hashes = Vec::with_capacity(count);
                     for j in 0..count {
                         let index = first + j as u64;
-                        let at = j * slot;
-                        let sealed = chunks.read_record(index, &mut buf[at..at + slot], &mut cursor)?;
-                        let body = &mut buf[at + RECORD_PREFIX..at + RECORD_PREFIX + sealed];
-                        let len = cipher.open_in_place(index, total, size, body)?;
-                        hashes.push(format::chunk_hash(index, chunk_size, total == 1, &body[..len]));
+                        let slot_bytes = &mut buf[j * slot..(j + 1) * slot];
+                        let (len, hash) = open_record(chunks, cipher, chunk_size, index, slot_bytes, &mut cursor)?;
+                        hashes.push(hash);
                         lens.push(len);
                     }
                     Ok::<_, TransferError>((lens, hashes))
@@ -493,10 +543,7 @@ pub fn retrieve_into(
                     }
                     let count = lens.len() as u64;
                     if next + count == total {
-                        chunks.check_end()?;
-                        if std::mem::take(&mut sum).finish().as_deref() != Some(checksum) {
-                            return Err(FormatError::Checksum.into());
-                        }
+                        check_complete(chunks, std::mem::take(&mut sum), checksum)?;
                     }
                     let mut parts: Vec<io::IoSlice<'_>> = lens
                         .iter()

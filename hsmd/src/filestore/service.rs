@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 
 use super::{
     format::{self, Checksum, ChunkCipher, FormatError, Header},
-    pipeline::{self, TransferError, Tuning},
+    pipeline::{self, check_complete, TransferError, Tuning},
     store::{self, Chunks, Cursor, FileStore, Meta, ReadError, Reader, StoreError, Writer, RECORD_PREFIX},
 };
 use crate::keystore::Vault;
@@ -419,22 +419,15 @@ impl Files {
                 ),
             ));
         }
-        s.checksum
-            .push(format::chunk_hash(index, s.info.chunk_size, index == 0 && last, bytes));
-        let total = s.info.size + size;
-        let mut buf = Zeroizing::new(Vec::with_capacity(RECORD_PREFIX + bytes.len() + format::TAG_LEN));
-        let sealed_len = u32::try_from(bytes.len() + format::TAG_LEN).unwrap_or(u32::MAX);
-        buf.extend_from_slice(&sealed_len.to_be_bytes());
-        buf.extend_from_slice(bytes);
-        let tag = s
-            .cipher
-            .seal_detached(index, last, total, &mut buf[RECORD_PREFIX..])
+        let mut slot = Zeroizing::new(vec![0u8; RECORD_PREFIX + bytes.len() + format::TAG_LEN]);
+        slot[RECORD_PREFIX..RECORD_PREFIX + bytes.len()].copy_from_slice(bytes);
+        let (record, hash) = pipeline::seal_record(&s.cipher, s.info.chunk_size, index, last, &mut slot, bytes.len())
             .map_err(|e| format_err(&s.info.token, &e))?;
-        buf.extend_from_slice(&tag);
+        s.checksum.push(hash);
         if let Some(w) = s.writer.as_mut() {
-            w.append_record(&buf).map_err(store_err)?;
+            w.append_record(&slot[..record]).map_err(store_err)?;
         }
-        s.info.size = total;
+        s.info.size += size;
         s.info.chunks += 1;
         s.next += 1;
         s.done = last;
@@ -617,25 +610,16 @@ impl Files {
                     format!("file {token} was read to its end"),
                 ));
             }
-            let mut buf = Zeroizing::new(vec![0u8; RECORD_PREFIX + s.chunks.sealed_len(index)]);
-            let sealed = s
-                .chunks
-                .read_record(index, &mut buf, &mut s.cursor)
-                .map_err(|e| read_err(&token, e))?;
-            let body = &mut buf[RECORD_PREFIX..RECORD_PREFIX + sealed];
-            let len = s
-                .cipher
-                .open_in_place(index, total, s.chunks.size(), body)
-                .map_err(|e| format_err(&token, &e))?;
-            s.checksum
-                .push(format::chunk_hash(index, s.info.chunk_size, total == 1, &body[..len]));
-            let plain = Zeroizing::new(body[..len].to_vec());
+            let mut slot = Zeroizing::new(vec![0u8; RECORD_PREFIX + s.chunks.sealed_len(index)]);
+            let (len, hash) =
+                pipeline::open_record(&s.chunks, &s.cipher, s.info.chunk_size, index, &mut slot, &mut s.cursor)
+                    .map_err(|e| transfer_err(&token, e))?;
+            s.checksum.push(hash);
+            let plain = Zeroizing::new(slot[RECORD_PREFIX..RECORD_PREFIX + len].to_vec());
             let last = index + 1 == total;
             if last {
-                s.chunks.check_end().map_err(|e| read_err(&token, e))?;
-                if std::mem::take(&mut s.checksum).finish().as_deref() != Some(s.info.checksum.as_str()) {
-                    return Err(format_err(&token, &FormatError::Checksum));
-                }
+                check_complete(&s.chunks, std::mem::take(&mut s.checksum), &s.info.checksum)
+                    .map_err(|e| transfer_err(&token, e))?;
             }
             s.next += 1;
             Ok((index, last, plain))

@@ -50,6 +50,10 @@ pub enum KeyCommand {
         /// Let `hsmctl datakey --plaintext` return data keys in plain (aes256-gcm)
         #[arg(long)]
         allow_plaintext_datakey: bool,
+        /// Where the key lives: soft, pkcs11, tpm or mock (`hsmctl status` lists the
+        /// configured ones) [default: the daemon's backends.default]
+        #[arg(long, value_name = "BACKEND")]
+        backend: Option<String>,
     },
     /// List keys, deleted ones included (with their purge date)
     List,
@@ -353,6 +357,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
             description,
             labels,
             allow_plaintext_datakey,
+            backend,
         } => {
             let k = expect_key(
                 client.call(Operation::KeyCreate {
@@ -366,6 +371,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                         activate_at_unix: *activate_at,
                         expire_at_unix: *expire_at,
                         allow_plaintext_datakey: *allow_plaintext_datakey,
+                        backend: backend.clone(),
                     },
                 })?,
                 "key-create",
@@ -373,9 +379,10 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
             say(
                 &k,
                 format!(
-                    "created key {} ({}, version {}, {})",
+                    "created key {} ({}, backend {}, version {}, {})",
                     k.name,
                     k.key_type.as_str(),
+                    k.backend,
                     k.version,
                     k.state.as_str()
                 ),

@@ -957,18 +957,21 @@ fn print_json<T: serde::Serialize>(value: &T) {
 }
 
 fn print_status(s: &StatusInfo) {
-    let backends = if s.backends.is_empty() {
-        "none".to_owned()
-    } else {
-        s.backends.join(", ")
-    };
     println!("state:        {}", s.state.as_str());
     println!(
         "version:      hsmd {} (protocol {})",
         s.daemon_version, s.protocol_version
     );
     println!("uptime:       {}", format_duration(s.uptime_secs));
-    println!("backends:     {backends}");
+    for (i, b) in s.backends.iter().enumerate() {
+        println!(
+            "{:<14}{:<8} {:<9} {}",
+            if i == 0 { "backends:" } else { "" },
+            b.name,
+            if b.healthy { "ok" } else { "UNHEALTHY" },
+            b.detail
+        );
+    }
     println!("connections:  {} of {}", s.connections, s.max_connections);
     println!("in flight:    {}", s.requests_in_flight);
     println!(

@@ -46,6 +46,39 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The token file store.
     pub files: FilesConfig,
+    /// Where keys live besides `soft`.
+    pub backends: BackendsConfig,
+}
+
+/// `[backends]`: `soft` is always there; each other backend is on when its
+/// section is present.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendsConfig {
+    /// The backend of keys whose creation names none.
+    pub default: String,
+    /// `[backends.mock]`: development and tests only.
+    pub mock: Option<MockConfig>,
+}
+
+impl Default for BackendsConfig {
+    fn default() -> Self {
+        Self {
+            default: "soft".to_owned(),
+            mock: None,
+        }
+    }
+}
+
+/// `[backends.mock]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockConfig {
+    /// Added to every key generation and operation.
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+    /// Fraction of generations and operations that fail (0.0 to 1.0).
+    pub failure_rate: f64,
 }
 
 /// `[files]`
@@ -383,6 +416,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             metrics: MetricsConfig::default(),
             files: FilesConfig::default(),
+            backends: BackendsConfig::default(),
         }
     }
 }
@@ -545,6 +579,13 @@ impl Config {
                 );
             }
         }
+        if self.backends.mock.is_some() {
+            no(
+                "backends.mock",
+                "the mock backend injects failures and delays and is for development only".into(),
+                "remove the [backends.mock] section",
+            );
+        }
         let level = self.log.level.to_ascii_lowercase();
         if level.contains("debug") || level.contains("trace") {
             no(
@@ -695,6 +736,34 @@ impl Config {
                 ),
             ));
         }
+        if let Some(m) = &self.backends.mock {
+            if !(0.0..=1.0).contains(&m.failure_rate) {
+                return Err((
+                    "backends.mock.failure_rate",
+                    format!("{} is out of range; use 0.0 to 1.0", m.failure_rate),
+                ));
+            }
+            if m.latency > Duration::from_secs(60) {
+                return Err((
+                    "backends.mock.latency",
+                    format!("{:?} is out of range; use at most 60s", m.latency),
+                ));
+            }
+        }
+        let configured = |name: &str| match name {
+            "soft" => true,
+            "mock" => self.backends.mock.is_some(),
+            _ => false,
+        };
+        if !configured(&self.backends.default) {
+            return Err((
+                "backends.default",
+                format!(
+                    "{:?} is not a configured backend; use soft, or a backend whose [backends.NAME] section is present",
+                    self.backends.default
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -735,6 +804,8 @@ mod tests {
             "[audit]",
             "[metrics]",
             "[keys]",
+            "[files]",
+            "[backends]",
             "profile",
         ] {
             assert!(text.contains(section), "{section} is not in the packaged config");
@@ -761,6 +832,35 @@ mod tests {
         assert!(msg.contains("/etc/hsmd/hsmd.toml"), "{msg}");
         assert!(msg.contains("max_conections"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn backends_are_checked_and_mock_is_not_for_production() {
+        let c = Config::parse(
+            "[backends]\ndefault = \"mock\"\n[backends.mock]\nlatency = \"5ms\"\nfailure_rate = 0.25\n",
+            None,
+        )
+        .unwrap();
+        let m = c.backends.mock.as_ref().unwrap();
+        assert_eq!((m.latency, m.failure_rate), (Duration::from_millis(5), 0.25));
+        assert!(c
+            .production_problems(false)
+            .iter()
+            .any(|p| p.key == "backends.mock" && p.fix.contains("remove")));
+        for (text, key) in [
+            ("[backends.mock]\nfailure_rate = 1.5\n", "backends.mock.failure_rate"),
+            ("[backends.mock]\nlatency = \"2m\"\n", "backends.mock.latency"),
+            ("[backends]\ndefault = \"mock\"\n", "backends.default"),
+            ("[backends]\ndefault = \"hsm9000\"\n", "backends.default"),
+        ] {
+            let e = Config::parse(text, None).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        assert!(Config::parse("", None)
+            .unwrap()
+            .production_problems(false)
+            .iter()
+            .all(|p| p.key != "backends.mock"));
     }
 
     #[test]

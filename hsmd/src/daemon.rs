@@ -85,6 +85,9 @@ pub enum DaemonError {
     /// The policy file was refused.
     #[error("{0}; fix it or remove policy.path")]
     Policy(#[from] crate::auth::policy::PolicyError),
+    /// A configured backend cannot start.
+    #[error("cannot start the key backends: {0}")]
+    Backend(String),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -238,7 +241,9 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         Some(why) => tracing::warn!("memory is NOT locked, keys could reach swap: {why}"),
     }
     prepare_state_dir(&config.state_dir)?;
-    let vault = Arc::new(Vault::open(&config.state_dir, config.unlock.argon2_cost())?);
+    let backends = crate::backend::from_config(&config.backends).map_err(DaemonError::Backend)?;
+    tracing::info!(backends = %backends.names().join(", "), default = backends.default_name(), "key backends ready");
+    let vault = Arc::new(Vault::open(&config.state_dir, config.unlock.argon2_cost())?.with_backends(backends));
     let dev_keyfile = if eff.dev {
         dev_initialize(&vault, &config.state_dir)?
     } else {

@@ -8,6 +8,7 @@
 pub mod aead;
 pub mod audit;
 pub mod auth;
+pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod filestore;

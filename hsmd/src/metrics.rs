@@ -198,7 +198,13 @@ impl Metrics {
                 .map_or(0, |a| i64::try_from(a.pending()).unwrap_or(i64::MAX)),
         );
         self.connections.set(i64::from(shared.counters.connections()));
-        self.backend_up.get_or_create(&Backend { backend: "soft" }).set(1);
+        for b in shared.vault.backends().statuses() {
+            self.backend_up
+                .get_or_create(&Backend {
+                    backend: crate::backend::static_name(&b.name),
+                })
+                .set(i64::from(b.healthy));
+        }
         self.keys.clear();
         if let Ok(keys) = shared.vault.list_keys() {
             for k in keys {

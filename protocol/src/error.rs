@@ -65,6 +65,13 @@ pub enum ErrorCode {
     /// The key's lifecycle state (or its being deleted, or a minimum version)
     /// forbids this use; the message names the state and what it allows.
     KeyState,
+    /// The key's backend (a PKCS#11 token, the TPM) cannot be reached now: the
+    /// device is gone, its helper is restarting, or the backend is not
+    /// configured. Retrying later may succeed; `hsmctl status` shows its health.
+    BackendUnavailable,
+    /// The backend was reached but refused or failed the operation; the
+    /// message carries what it said.
+    BackendFailed,
     /// A code this build does not know, with its number.
     Unknown(u32),
 }
@@ -98,6 +105,8 @@ impl ErrorCode {
             Self::AlreadyExists => 22,
             Self::DecryptFailed => 23,
             Self::KeyState => 24,
+            Self::BackendUnavailable => 25,
+            Self::BackendFailed => 26,
             Self::Unknown(n) => n,
         }
     }
@@ -130,6 +139,8 @@ impl ErrorCode {
             Self::AlreadyExists => "already-exists",
             Self::DecryptFailed => "decrypt-failed",
             Self::KeyState => "key-state",
+            Self::BackendUnavailable => "backend-unavailable",
+            Self::BackendFailed => "backend-failed",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -162,6 +173,8 @@ impl From<u32> for ErrorCode {
             22 => Self::AlreadyExists,
             23 => Self::DecryptFailed,
             24 => Self::KeyState,
+            25 => Self::BackendUnavailable,
+            26 => Self::BackendFailed,
             n => Self::Unknown(n),
         }
     }

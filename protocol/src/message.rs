@@ -636,6 +636,9 @@ pub struct KeyOptions {
     pub expire_at_unix: Option<u64>,
     /// Whether `DataKey` may return data keys in plain.
     pub allow_plaintext_datakey: bool,
+    /// Where the key lives: `soft`, `mock`, `pkcs11` or `tpm`; `None` for the
+    /// daemon's configured default. Fixed for the key's life, every version.
+    pub backend: Option<String>,
 }
 
 /// Changes to a key's settings; `None` leaves a field as it is.
@@ -1353,8 +1356,8 @@ pub struct StatusInfo {
     pub protocol_version: u32,
     /// Seconds since the daemon started.
     pub uptime_secs: u64,
-    /// Names of the key backends that are configured and available.
-    pub backends: Vec<String>,
+    /// Each configured key backend and its health.
+    pub backends: Vec<BackendStatus>,
     /// Connections open now, this one included.
     pub connections: u32,
     /// The configured connection limit.
@@ -1369,6 +1372,17 @@ pub struct StatusInfo {
     pub memory_locked: bool,
     /// Write transactions committed to the keystore since the daemon started.
     pub keystore_writes: u64,
+}
+
+/// One key backend as `Status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    /// `soft`, `mock`, `pkcs11` or `tpm`.
+    pub name: String,
+    /// Whether the backend answered its last health check.
+    pub healthy: bool,
+    /// What the backend is (module and token, TCTI), or why it is unhealthy.
+    pub detail: String,
 }
 
 /// A group as the daemon resolved it.

@@ -59,7 +59,7 @@ fn a_production_config_without_weak_settings_passes() {
 fn each_weak_setting_is_refused_with_its_key_and_fix() {
     let dir = tempfile::tempdir().expect("tempdir");
     let good = base(dir.path());
-    let cases: [(&str, String, &str); 7] = [
+    let cases: [(&str, String, &str); 8] = [
         (
             "socket.mode",
             good.replace("mode = \"0660\"", "mode = \"0666\""),
@@ -90,6 +90,11 @@ fn each_weak_setting_is_refused_with_its_key_and_fix() {
             "log.level",
             good.replace("level = \"info\"", "level = \"debug\""),
             "use info",
+        ),
+        (
+            "backends.mock",
+            format!("{good}\n[backends.mock]\nlatency = \"1ms\"\n"),
+            "remove the [backends.mock] section",
         ),
         (
             "log.level",

@@ -544,6 +544,16 @@ impl Policy {
             .max_by_key(|r| (r.per_second, r.burst))
     }
 
+    /// Whether any permission is limited to some backends (so a check needs
+    /// the key's backend, not a guess).
+    #[must_use]
+    pub fn restricts_backends(&self) -> bool {
+        self.roles
+            .values()
+            .flat_map(|r| r.permissions.iter())
+            .any(|p| p.backend.as_str() != "*")
+    }
+
     /// Whether `peer` may do `ask`. `owner` gives the key's owner uid when a
     /// permission is limited to owned keys (it is called at most once, and only
     /// then).

@@ -17,9 +17,10 @@ use protocol::{KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, Transition, U
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use crate::backend::{Backend, KeyHandle, KeyLabel};
+
 use super::{
-    check_digest, crypto, key_aad,
-    keys::{self, Material},
+    check_digest, crypto, key_aad, keys,
     lifecycle::{self, Action, Allowed},
     lock, now_unix, parse_type,
     store::{KeyPolicy, KeyRow},
@@ -142,6 +143,15 @@ fn stored_state(row: &KeyRow) -> Result<KeyState, VaultError> {
         .ok_or_else(|| VaultError::Tampered(format!("key {:?} has unknown state {:?}", row.name, row.policy.state)))
 }
 
+/// Removes an object a backend made for a key that was then not stored (its
+/// name was taken, or a concurrent rotation won), so it does not linger in a
+/// token. Failures are only logged: the keystore holds no reference to it.
+fn discard(backend: &dyn Backend, key_type: KeyType, reference: &[u8]) {
+    if let Err(e) = backend.destroy(key_type, reference) {
+        tracing::warn!(backend = backend.name(), error = %e, "could not remove an unused key object");
+    }
+}
+
 fn check_text(what: &str, text: &str, max: usize) -> Result<(), VaultError> {
     if text.len() > max || text.chars().any(char::is_control) {
         return Err(VaultError::Invalid(format!(
@@ -230,6 +240,24 @@ impl Vault {
         if let Err(e) = lock(&self.store).set_audit_head(head.seq, &head.hash) {
             tracing::error!(error = %e, "cannot record the audit head in the keystore");
         }
+    }
+
+    /// The backend of a key whose row is cached (the cache only: this is
+    /// called on the reactor); `None` if it is not there.
+    pub fn known_backend(&self, name: &str) -> Option<&'static str> {
+        let rows = lock(&self.rows);
+        let row = match rows.get(&(name.to_owned(), None)) {
+            Some(c) => Some(c),
+            None => rows.iter().find(|((n, _), _)| n == name).map(|(_, c)| c),
+        };
+        row.map(|c| crate::backend::static_name(&c.row.backend))
+    }
+
+    /// A key's backend, read from the keystore if its row is not cached.
+    pub fn key_backend(&self, name: &str) -> Option<&'static str> {
+        self.cached(name, None)
+            .ok()
+            .map(|c| crate::backend::static_name(&c.row.backend))
     }
 
     /// The uid that created a key, if it exists.
@@ -436,19 +464,34 @@ impl Vault {
         }
         let pre_active = options.activate_at_unix.is_some_and(|t| t > now);
         let (master, store_id) = self.master_and_id()?;
-        let material = Material::generate(key_type)?;
+        let backend = self
+            .backends
+            .get(options.backend.as_deref().unwrap_or(self.backends.default_name()))?;
+        if lock(&self.store).key(name, None)?.is_some() {
+            // Before the backend makes an object that would then be orphaned.
+            return Err(VaultError::KeyExists(name.to_owned()));
+        }
+        let id = hex::encode(crypto::random::<16>()?);
+        let made = backend.generate(
+            key_type,
+            KeyLabel {
+                key_id: &id,
+                name,
+                version: 1,
+            },
+        )?;
         let mut row = KeyRow {
-            id: hex::encode(crypto::random::<16>()?),
+            id,
             name: name.to_owned(),
             key_type: key_type.as_str().to_owned(),
-            backend: "soft".to_owned(),
+            backend: backend.name().to_owned(),
             usages: usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
             owner_uid,
             owner_name: owner_name.map(str::to_owned),
             created_unix: now,
             version: 1,
             wrapped: Vec::new(),
-            public: material.public_spki(),
+            public: made.public.clone(),
             version_created_unix: now,
             policy: KeyPolicy {
                 state: if pre_active {
@@ -474,9 +517,10 @@ impl Vault {
             description: options.description.clone(),
             labels: labels_json(&options.labels)?,
         };
-        row.wrapped = crypto::seal(&master, &material.secret(), &key_aad(&store_id, &row))?;
+        row.wrapped = crypto::seal(&master, &made.reference, &key_aad(&store_id, &row))?;
         row.policy.mac = Some(policy_mac(&master, &store_id, &row));
         if !lock(&self.store).insert_key(&row)? {
+            discard(backend.as_ref(), key_type, &made.reference);
             return Err(VaultError::KeyExists(name.to_owned()));
         }
         self.invalidate(None);
@@ -651,10 +695,49 @@ impl Vault {
         row.policy.state_changed_unix = now;
         row.policy.rotate_every_secs = None;
         self.seal(&mut row)?;
+        self.remove_backend_objects(&c.row);
         lock(&self.store).destroy_material(&row)?;
         self.invalidate(Some(&row.id));
         tracing::warn!(key = name, "key destroyed: every version's material erased");
         self.info(&row)
+    }
+
+    /// Removes every version's object from the key's backend, for backends
+    /// that keep objects (a token); the keystore's record goes regardless, so
+    /// failures are logged with what remains. Needs unlocked.
+    fn remove_backend_objects(&self, row: &KeyRow) {
+        let Ok(backend) = self.backends.get(&row.backend) else {
+            tracing::warn!(key = %row.name, backend = %row.backend, "backend not configured: its key objects stay");
+            return;
+        };
+        if !backend.holds_objects() {
+            return;
+        }
+        let Ok((master, store_id)) = self.master_and_id() else {
+            return;
+        };
+        let Ok(key_type) = parse_type(row) else { return };
+        for version in 1..=row.policy.latest_version {
+            let Ok(Some(v)) = lock(&self.store).key(&row.name, Some(version)) else {
+                continue;
+            };
+            if v.wrapped.is_empty() {
+                continue;
+            }
+            let Ok(reference) = crypto::open(&master, &v.wrapped, &key_aad(&store_id, &v)) else {
+                tracing::error!(key = %row.name, version, "key reference fails authentication: its backend object stays");
+                continue;
+            };
+            match backend.destroy(key_type, &reference) {
+                Ok(()) => {
+                    tracing::info!(key = %row.name, version, backend = backend.name(), "backend key object removed")
+                }
+                Err(e) => tracing::warn!(
+                    key = %row.name, version, backend = backend.name(), error = %e,
+                    "could not remove the backend's key object; it stays in the device"
+                ),
+            }
+        }
     }
 
     /// Adds a version with fresh material; new signatures and ciphertexts use
@@ -676,14 +759,23 @@ impl Vault {
         let state = lifecycle::effective(stored_state(&row)?, p.activate_at_unix, p.expire_at_unix, now);
         lifecycle::check(name, state, Action::Rotate, false).map_err(VaultError::KeyState)?;
         let key_type = parse_type(&row)?;
-        let material = Material::generate(key_type)?;
+        let backend = self.backends.get(&row.backend)?;
         row.version = row.policy.latest_version + 1;
+        let made = backend.generate(
+            key_type,
+            KeyLabel {
+                key_id: &row.id,
+                name,
+                version: row.version,
+            },
+        )?;
         row.policy.latest_version = row.version;
         row.version_created_unix = now;
-        row.public = material.public_spki();
-        row.wrapped = crypto::seal(&master, &material.secret(), &key_aad(&store_id, &row))?;
+        row.public = made.public.clone();
+        row.wrapped = crypto::seal(&master, &made.reference, &key_aad(&store_id, &row))?;
         row.policy.mac = Some(policy_mac(&master, &store_id, &row));
         if !lock(&self.store).add_version(&row)? {
+            discard(backend.as_ref(), key_type, &made.reference);
             return Err(VaultError::KeyState(format!(
                 "key {name:?} was rotated by another request at the same moment; look at `hsmctl key info {name}`"
             )));
@@ -738,6 +830,7 @@ impl Vault {
                 "key {name:?} is not deleted; `hsmctl key delete {name}` first, then purge"
             )));
         }
+        self.remove_backend_objects(&c.row);
         lock(&self.store).purge_key(name)?;
         lock(&self.usage).retain(|(id, _), _| *id != c.row.id);
         self.invalidate(Some(&c.row.id));
@@ -755,7 +848,7 @@ impl Vault {
         action: Action,
         usage: Usage,
         allow_compromised: bool,
-    ) -> Result<(Arc<Cached>, Arc<Material>), VaultError> {
+    ) -> Result<(Arc<Cached>, Arc<dyn KeyHandle>), VaultError> {
         let c = self.cached(name, version)?;
         if !c.verified {
             self.verify_policy(&c.row)?;
@@ -839,7 +932,7 @@ impl Vault {
     pub fn sign(&self, name: &str, digest: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
         let (c, material) = self.prepare(name, None, Action::Sign, Usage::Sign, false)?;
         check_digest(&c.row, digest)?;
-        let signature = material.sign(digest).map_err(VaultError::Invalid)?;
+        let signature = material.sign(digest)?;
         Ok((c.row.version, signature))
     }
 
@@ -857,7 +950,7 @@ impl Vault {
     ) -> Result<bool, VaultError> {
         let (c, material) = self.prepare(name, Some(version), Action::Verify, Usage::Verify, allow_compromised)?;
         check_digest(&c.row, digest)?;
-        Ok(material.verify(digest, signature))
+        Ok(material.verify(digest, signature)?)
     }
 
     /// Seals with the key's newest version, or `version`.
@@ -872,7 +965,7 @@ impl Vault {
         aad: &[u8],
     ) -> Result<(u32, Vec<u8>), VaultError> {
         let (c, material) = self.prepare(name, version, Action::Encrypt, Usage::Encrypt, false)?;
-        let sealed = material.encrypt(plaintext, aad).map_err(VaultError::Invalid)?;
+        let sealed = material.encrypt(plaintext, aad)?;
         Ok((c.row.version, sealed))
     }
 
@@ -890,8 +983,7 @@ impl Vault {
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let (_, material) = self.prepare(name, Some(version), Action::Decrypt, Usage::Decrypt, allow_compromised)?;
         material
-            .decrypt(sealed, aad)
-            .map_err(VaultError::Invalid)?
+            .decrypt(sealed, aad)?
             .ok_or_else(|| VaultError::DecryptFailed(name.to_owned()))
     }
 
@@ -920,10 +1012,9 @@ impl Vault {
             }
         }
         let plaintext = from
-            .decrypt(sealed, aad)
-            .map_err(VaultError::Invalid)?
+            .decrypt(sealed, aad)?
             .ok_or_else(|| VaultError::DecryptFailed(name.to_owned()))?;
-        let resealed = to.encrypt(&plaintext, aad).map_err(VaultError::Invalid)?;
+        let resealed = to.encrypt(&plaintext, aad)?;
         Ok((to_row.row.version, resealed))
     }
 
@@ -946,7 +1037,7 @@ impl Vault {
             });
         }
         let key = Zeroizing::new(crypto::random::<32>()?.to_vec());
-        let sealed = material.encrypt(&key, aad).map_err(VaultError::Invalid)?;
+        let sealed = material.encrypt(&key, aad)?;
         Ok(DataKey {
             version: c.row.version,
             sealed,
@@ -963,7 +1054,7 @@ impl Vault {
     pub fn internal_data_key(&self, name: &str, aad: &[u8]) -> Result<InternalDataKey, VaultError> {
         let (c, material) = self.prepare(name, None, Action::DataKey, Usage::Encrypt, false)?;
         let key = Zeroizing::new(crypto::random::<32>()?);
-        let sealed = material.encrypt(key.as_ref(), aad).map_err(VaultError::Invalid)?;
+        let sealed = material.encrypt(key.as_ref(), aad)?;
         Ok(InternalDataKey {
             version: c.row.version,
             sealed,
@@ -977,7 +1068,7 @@ impl Vault {
     /// As [`Vault::sign`].
     pub fn mac(&self, name: &str, data: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
         let (c, material) = self.prepare(name, None, Action::Mac, Usage::Mac, false)?;
-        let tag = material.mac(data).map_err(VaultError::Invalid)?;
+        let tag = material.mac(data)?;
         Ok((c.row.version, tag))
     }
 
@@ -994,7 +1085,7 @@ impl Vault {
         allow_compromised: bool,
     ) -> Result<bool, VaultError> {
         let (_, material) = self.prepare(name, Some(version), Action::MacVerify, Usage::Mac, allow_compromised)?;
-        material.mac_verify(data, tag).map_err(VaultError::Invalid)
+        Ok(material.mac_verify(data, tag)?)
     }
 
     /// Whether using this key now needs neither disk nor a slow computation:
@@ -1007,6 +1098,10 @@ impl Vault {
             return false;
         };
         if matches!(parse_type(&c.row), Ok(KeyType::EcdsaP256 | KeyType::EcdsaP384) | Err(_)) {
+            return false;
+        }
+        // A device round trip (or the mock's latency) must not stall the reactor.
+        if !self.backends.get(&c.row.backend).is_ok_and(|b| b.is_fast()) {
             return false;
         }
         matches!(&*lock(&self.custody), Custody::Unlocked { keys, .. } if keys.contains_key(&(c.row.id.clone(), c.row.version)))
@@ -1056,6 +1151,15 @@ impl Vault {
         let mut done = Vec::new();
         let purges = lock(&self.store).due_purges(now)?;
         for name in purges {
+            let Ok(c) = self.cached(&name, None) else { continue };
+            if self.backends.get(&c.row.backend).is_ok_and(|b| b.holds_objects()) {
+                // Its token objects can only be found with the master key: the
+                // purge waits for the next maintenance while unlocked.
+                if self.state() != protocol::ServiceState::Unlocked {
+                    continue;
+                }
+                self.remove_backend_objects(&c.row);
+            }
             if lock(&self.store).purge_key(&name)? {
                 done.push(format!("purged key {name:?}: its recovery window ended"));
             }

@@ -25,9 +25,10 @@ use protocol::{ErrorCode, KeyType, NewSlot, ServiceState, SlotInfo, UnlockSecret
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use crate::backend::{BackendError, Backends, KeyHandle};
+
 use self::{
     crypto::{CryptoError, Key256},
-    keys::Material,
     slots::{Argon2Cost, SlotError, SlotParams},
     store::{KeyRow, SlotRow, Store, StoreError},
 };
@@ -115,6 +116,9 @@ pub enum VaultError {
     /// The OS random source failed.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// The key's backend could not do it.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 impl VaultError {
@@ -141,6 +145,10 @@ impl VaultError {
             Self::UsageNotAllowed { .. } => ErrorCode::FailedPrecondition,
             Self::KeyState(_) => ErrorCode::KeyState,
             Self::Store(_) | Self::Crypto(_) => ErrorCode::Internal,
+            Self::Backend(BackendError::Unavailable { .. }) => ErrorCode::BackendUnavailable,
+            Self::Backend(BackendError::Failed { .. }) => ErrorCode::BackendFailed,
+            Self::Backend(BackendError::Unsupported(_)) => ErrorCode::InvalidArgument,
+            Self::Backend(BackendError::BadReference { .. }) => ErrorCode::Tampered,
         };
         let message = match self {
             // Paths and SQLite detail stay in the daemon's log.
@@ -162,7 +170,7 @@ enum Custody {
         since: Instant,
         last_used: Instant,
         /// Unwrapped keys by (id, version); dropped (and zeroized) on lock.
-        keys: HashMap<(String, u32), Arc<Material>>,
+        keys: HashMap<(String, u32), Arc<dyn KeyHandle>>,
     },
 }
 
@@ -194,6 +202,8 @@ pub struct Vault {
     /// Held for every key derivation: one Argon2id run at a time bounds memory
     /// (64 MiB each, locked), and makes parallel guesses meet the back-off.
     kdf_gate: Mutex<()>,
+    /// Where keys live; set once at start.
+    backends: Backends,
 }
 
 impl std::fmt::Debug for Vault {
@@ -347,7 +357,21 @@ impl Vault {
             manage_gate: Mutex::new(()),
             clock_offset: AtomicU64::new(0),
             writes,
+            backends: Backends::default(),
         })
+    }
+
+    /// Uses `backends` for keys (the default is `soft` alone).
+    #[must_use]
+    pub fn with_backends(mut self, backends: Backends) -> Self {
+        self.backends = backends;
+        self
+    }
+
+    /// The configured backends.
+    #[must_use]
+    pub fn backends(&self) -> &Backends {
+        &self.backends
     }
 
     /// The custody state.
@@ -539,7 +563,7 @@ impl Vault {
 
     /// Unwraps (or takes from the cache) a key version. Any failure to
     /// authenticate is reported as tampering of that key alone.
-    fn material(&self, row: &KeyRow) -> Result<Arc<Material>, VaultError> {
+    fn material(&self, row: &KeyRow) -> Result<Arc<dyn KeyHandle>, VaultError> {
         let cache_key = (row.id.clone(), row.version);
         let master = {
             let mut custody = lock(&self.custody);
@@ -569,12 +593,16 @@ impl Vault {
             ))
         };
         let key_type = parse_type(row)?;
-        let secret = crypto::open(&master, &row.wrapped, &key_aad(&store_id, row)).map_err(|_| tampered())?;
-        let material = Material::from_secret(key_type, &secret).ok_or_else(tampered)?;
+        let backend = self.backends.get(&row.backend)?;
+        let reference = crypto::open(&master, &row.wrapped, &key_aad(&store_id, row)).map_err(|_| tampered())?;
+        let material = match backend.load(key_type, &reference) {
+            Ok(m) => m,
+            Err(BackendError::BadReference { .. }) => return Err(tampered()),
+            Err(e) => return Err(e.into()),
+        };
         if material.public_spki() != row.public {
             return Err(tampered());
         }
-        let material = Arc::new(material);
         if let Custody::Unlocked { keys, .. } = &mut *lock(&self.custody) {
             keys.insert(cache_key, Arc::clone(&material));
         }

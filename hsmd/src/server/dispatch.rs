@@ -86,9 +86,10 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
         return route_inner(op, caller, shared, attached);
     };
     let who = Arc::clone(&caller.who);
+    let vault = Arc::clone(&shared.vault);
     match route_inner(op, caller, shared, attached) {
         Work::Done(result) => {
-            let (event, security) = spec.event(who, &result);
+            let (event, security) = spec.event(who, &result, &vault);
             if security {
                 // Written before the answer, so off the reactor.
                 return Work::Blocking(Box::new(move || {
@@ -101,7 +102,7 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
         }
         Work::Blocking(job) => Work::Blocking(Box::new(move || {
             let result = job();
-            let (event, security) = spec.event(who, &result);
+            let (event, security) = spec.event(who, &result, &vault);
             if security {
                 audit.record_now(event);
             } else {
@@ -116,6 +117,9 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
 struct AuditSpec {
     event_type: &'static str,
     resource: String,
+    /// The backend a key creation asked for; other key operations take the
+    /// key's own when the event is written.
+    backend: Option<&'static str>,
     action: &'static str,
     risk: u8,
     security: bool,
@@ -126,6 +130,7 @@ impl AuditSpec {
         Self {
             event_type,
             resource,
+            backend: None,
             action,
             risk,
             security,
@@ -133,7 +138,12 @@ impl AuditSpec {
     }
 
     /// The event for `result`, and whether it must be written before the answer.
-    fn event(&self, who: Arc<crate::audit::Who>, result: &Result<Reply, WireError>) -> (crate::audit::Event, bool) {
+    fn event(
+        &self,
+        who: Arc<crate::audit::Who>,
+        result: &Result<Reply, WireError>,
+        vault: &Vault,
+    ) -> (crate::audit::Event, bool) {
         use crate::audit::{Event, Outcome};
         let mut metadata = crate::audit::Meta::default();
         let mut event_type = self.event_type;
@@ -194,7 +204,12 @@ impl AuditSpec {
             Event {
                 event_type,
                 who,
-                backend: self.resource.starts_with("key:").then_some("soft"),
+                backend: match result {
+                    Ok(Reply::KeyCreated(k) | Reply::KeyUpdated(k)) => Some(crate::backend::static_name(&k.backend)),
+                    _ => self
+                        .backend
+                        .or_else(|| self.resource.strip_prefix("key:").and_then(|k| vault.known_backend(k))),
+                },
                 resource: self.resource.clone(),
                 action: self.action,
                 result: outcome,
@@ -230,7 +245,11 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
         Operation::SlotList => AuditSpec::new("SLOT_LIST", ks(), "slot-list", 1, false),
         Operation::SlotAdd { .. } => AuditSpec::new("SLOT_ADDED", ks(), "slot-add", 6, true),
         Operation::SlotRemove { .. } => AuditSpec::new("SLOT_REMOVED", ks(), "slot-remove", 6, true),
-        Operation::KeyCreate { name, .. } => AuditSpec::new("KEY_CREATED", key(name), "create", 3, true),
+        Operation::KeyCreate { name, options, .. } => {
+            let mut spec = AuditSpec::new("KEY_CREATED", key(name), "create", 3, true);
+            spec.backend = options.backend.as_deref().map(crate::backend::static_name);
+            spec
+        }
         Operation::KeyList => AuditSpec::new("KEY_LIST", "keys".into(), "list", 1, false),
         Operation::KeyInfo { name } => AuditSpec::new("KEY_INFO", key(name), "info", 1, false),
         Operation::KeyPublic { name } => AuditSpec::new("KEY_PUBLIC", key(name), "public", 1, false),
@@ -311,7 +330,12 @@ fn compromised_use(event: &'static str, resource: String, action: &'static str, 
 
 fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Option<OwnedFd>) -> Work {
     if let Some(ask) = ask_of(&op) {
-        if let Err(denied) = authorize(shared, caller, ask) {
+        // A new key is checked against the backend it asks for.
+        let backend = match &op {
+            Operation::KeyCreate { options, .. } => options.backend.as_deref(),
+            _ => None,
+        };
+        if let Err(denied) = authorize(shared, caller, ask, backend) {
             return Work::Done(Err(denied));
         }
     }
@@ -630,7 +654,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                 .into_iter()
                 .map(|item| {
                     let op = Operation::from(item);
-                    let allowed = ask_of(&op).map_or(Ok(()), |ask| authorize(shared, caller, ask));
+                    let allowed = ask_of(&op).map_or(Ok(()), |ask| authorize(shared, caller, ask, None));
                     (op, allowed)
                 })
                 .collect();
@@ -645,7 +669,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                         let spec = audit_spec(&op);
                         let result = allowed.and_then(|()| key_use_op(v, op).map_err(|e| e.to_wire()));
                         if let (Some(audit), Some(spec)) = (&audit, spec) {
-                            let (event, sec) = spec.event(Arc::clone(&who), &result);
+                            let (event, sec) = spec.event(Arc::clone(&who), &result, v);
                             security |= sec;
                             audit.record(event);
                         }
@@ -969,7 +993,7 @@ fn status(shared: &Shared) -> StatusInfo {
         daemon_version: VERSION.to_owned(),
         protocol_version: PROTOCOL_VERSION,
         uptime_secs: shared.started.elapsed().as_secs(),
-        backends: Vec::new(),
+        backends: shared.vault.backends().statuses(),
         connections: shared.counters.connections(),
         max_connections: shared.limits.max_connections,
         requests_in_flight: shared.counters.in_flight(),
@@ -1109,12 +1133,25 @@ fn ask_of(op: &Operation) -> Option<Ask<'_>> {
 
 /// Checks `ask` against the policy in force; a refusal is logged and says
 /// which permission was missing.
-fn authorize(shared: &Shared, caller: &Caller, ask: Ask<'_>) -> Result<(), WireError> {
+fn authorize(shared: &Shared, caller: &Caller, ask: Ask<'_>, backend: Option<&str>) -> Result<(), WireError> {
     let policy = shared.policy();
     // The owner is looked up only for permissions limited to owned keys; the
     // key's row is usually cached, else this is one indexed SQLite read.
     let owner = || ask.key.and_then(|k| shared.vault.live_owner(k));
-    match policy.check(&caller.peer, ask, "soft", owner) {
+    // The key's backend: read from the keystore (one indexed read, as for the
+    // owner) only when some permission depends on it.
+    let key_backend = |k: &str| {
+        if policy.restricts_backends() {
+            shared.vault.key_backend(k)
+        } else {
+            shared.vault.known_backend(k)
+        }
+    };
+    let backend = backend
+        .map(crate::backend::static_name)
+        .or_else(|| ask.key.and_then(key_backend))
+        .unwrap_or_else(|| shared.vault.backends().default_name());
+    match policy.check(&caller.peer, ask, backend, owner) {
         Ok(_) => Ok(()),
         Err(why) => {
             tracing::warn!(uid = caller.peer.creds.uid, permission = %ask, "access denied");

@@ -59,6 +59,51 @@ pub struct BackendsConfig {
     pub default: String,
     /// `[backends.mock]`: development and tests only.
     pub mock: Option<MockConfig>,
+    /// `[backends.pkcs11]`: a PKCS#11 token.
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+/// `[backends.pkcs11]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pkcs11Config {
+    /// The vendor's PKCS#11 module (loaded only in hsmd's helper process).
+    pub module: PathBuf,
+    /// The token, by label.
+    pub token_label: Option<String>,
+    /// The token, by serial number.
+    pub token_serial: Option<String>,
+    /// A file holding the token's user PIN, readable by hsmd's user only.
+    pub pin_file: Option<PathBuf>,
+    /// Directories a module may be loaded from (its real path, symlinks resolved).
+    pub allowed_module_dirs: Vec<PathBuf>,
+    /// Sessions (one per helper worker thread), capped by the token's limit.
+    pub sessions: u32,
+    /// How long one token operation may take before the helper is deemed hung
+    /// and restarted.
+    #[serde(with = "humantime_serde")]
+    pub op_timeout: Duration,
+    /// How often the token's health is checked.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+}
+
+impl Default for Pkcs11Config {
+    fn default() -> Self {
+        Self {
+            module: PathBuf::new(),
+            token_label: None,
+            token_serial: None,
+            pin_file: None,
+            allowed_module_dirs: ["/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib"]
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+            sessions: 4,
+            op_timeout: Duration::from_secs(10),
+            health_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 impl Default for BackendsConfig {
@@ -66,6 +111,7 @@ impl Default for BackendsConfig {
         Self {
             default: "soft".to_owned(),
             mock: None,
+            pkcs11: None,
         }
     }
 }
@@ -750,9 +796,48 @@ impl Config {
                 ));
             }
         }
+        if let Some(p) = &self.backends.pkcs11 {
+            if p.module.as_os_str().is_empty() {
+                return Err((
+                    "backends.pkcs11.module",
+                    "is not set; name the vendor's PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so)".into(),
+                ));
+            }
+            if p.token_label.is_none() && p.token_serial.is_none() {
+                return Err((
+                    "backends.pkcs11.token_label",
+                    "name the token by token_label or token_serial (or both)".into(),
+                ));
+            }
+            if p.pin_file.is_none() {
+                return Err((
+                    "backends.pkcs11.pin_file",
+                    "is not set; hsmd needs the token's user PIN in a file only it may read".into(),
+                ));
+            }
+            if !(1..=64).contains(&p.sessions) {
+                return Err((
+                    "backends.pkcs11.sessions",
+                    format!("{} is out of range; use 1 to 64", p.sessions),
+                ));
+            }
+            if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&p.op_timeout) {
+                return Err((
+                    "backends.pkcs11.op_timeout",
+                    format!("{:?} is out of range; use 100ms to 5m", p.op_timeout),
+                ));
+            }
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&p.health_interval) {
+                return Err((
+                    "backends.pkcs11.health_interval",
+                    format!("{:?} is out of range; use 100ms to 1h", p.health_interval),
+                ));
+            }
+        }
         let configured = |name: &str| match name {
             "soft" => true,
             "mock" => self.backends.mock.is_some(),
+            "pkcs11" => self.backends.pkcs11.is_some(),
             _ => false,
         };
         if !configured(&self.backends.default) {

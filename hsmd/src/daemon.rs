@@ -179,6 +179,13 @@ pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
         }
         lines.push("profile production: no setting weakens the daemon".to_owned());
     }
+    if let Some(p) = &eff.config.backends.pkcs11 {
+        // The checks start-up makes, short of loading the module.
+        crate::backend::pkcs11::check_module(&p.module, &p.allowed_module_dirs).map_err(DaemonError::Backend)?;
+        if let Some(pin) = &p.pin_file {
+            crate::backend::pkcs11::read_pin(pin).map_err(DaemonError::Backend)?;
+        }
+    }
     let (_, access_warnings) = AccessGate::from_config(&eff.config.access);
     for w in eff.config.warnings().into_iter().chain(access_warnings) {
         lines.push(format!("warning: {w}"));

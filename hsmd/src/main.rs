@@ -32,6 +32,9 @@ struct Cli {
     /// Override log.format
     #[arg(long, value_enum)]
     log_format: Option<CliLogFormat>,
+    /// Internal: run as the PKCS#11 helper process hsmd spawns itself
+    #[arg(long, hide = true)]
+    pkcs11_helper: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -42,6 +45,9 @@ enum CliLogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.pkcs11_helper {
+        return hsmd::backend::pkcs11::helper::run();
+    }
     let opts = Options {
         config: cli.config,
         dev: cli.dev,

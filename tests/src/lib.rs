@@ -543,3 +543,164 @@ pub fn error_code(r: &Response) -> protocol::ErrorCode {
 pub fn is_root() -> bool {
     nix::unistd::getuid().is_root()
 }
+
+/// The PKCS#11 module of Debian's `softhsm2` package.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A SoftHSM2 token of its own in a temp dir (its config, its token
+/// directory, its PIN file), for one test.
+#[derive(Debug)]
+pub struct SoftHsm {
+    dir: tempfile::TempDir,
+    /// The token's label.
+    pub label: String,
+    /// The user PIN.
+    pub pin: String,
+}
+
+impl SoftHsm {
+    /// Initializes a fresh token labelled `label`. Panics, naming the fix, if
+    /// SoftHSM2 is not installed (`scripts/install-test-deps` installs it).
+    pub fn new(label: &str) -> Self {
+        assert!(
+            Path::new(SOFTHSM_MODULE).exists(),
+            "{SOFTHSM_MODULE} is missing: install softhsm2 (scripts/install-test-deps)"
+        );
+        let dir = tempfile::Builder::new().prefix("softhsm-").tempdir().expect("tempdir");
+        fs::create_dir(dir.path().join("tokens")).expect("mkdir tokens");
+        fs::write(
+            dir.path().join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.path().join("tokens").display()
+            ),
+        )
+        .expect("softhsm2.conf");
+        let me = Self {
+            dir,
+            label: label.to_owned(),
+            pin: "246813579".to_owned(),
+        };
+        let out = Command::new("softhsm2-util")
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--so-pin",
+                "13572468",
+                "--pin",
+                &me.pin,
+            ])
+            .env("SOFTHSM2_CONF", me.conf())
+            .output()
+            .expect("run softhsm2-util");
+        assert!(out.status.success(), "softhsm2-util: {out:?}");
+        let pin = me.dir.path().join("pin");
+        fs::write(&pin, format!("{}\n", me.pin)).expect("pin file");
+        fs::set_permissions(&pin, fs::Permissions::from_mode(0o600)).expect("chmod pin");
+        me
+    }
+
+    /// The `SOFTHSM2_CONF` file.
+    pub fn conf(&self) -> PathBuf {
+        self.dir.path().join("softhsm2.conf")
+    }
+
+    /// Where the token's files live.
+    pub fn token_dir(&self) -> PathBuf {
+        self.dir.path().join("tokens")
+    }
+
+    /// The `[backends.pkcs11]` section for this token, with `more` lines added.
+    pub fn config(&self, more: &str) -> String {
+        format!(
+            "[backends.pkcs11]\nmodule = {SOFTHSM_MODULE:?}\ntoken_label = {:?}\npin_file = {:?}\n{more}\n",
+            self.label,
+            self.dir.path().join("pin")
+        )
+    }
+
+    /// A daemon builder that uses this token.
+    pub fn daemon(&self, more: &str) -> DaemonBuilder {
+        Daemon::builder()
+            .env("SOFTHSM2_CONF", &self.conf().display().to_string())
+            .extra(&self.config(more))
+    }
+
+    /// Runs `pkcs11-tool` (OpenSC) logged in to this token.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> Output {
+        Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                SOFTHSM_MODULE,
+                "--token-label",
+                &self.label,
+                "--login",
+                "--pin",
+                &self.pin,
+            ])
+            .args(args)
+            .env("SOFTHSM2_CONF", self.conf())
+            .output()
+            .expect("run pkcs11-tool (Debian opensc)")
+    }
+}
+
+fn os_path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Whether OpenSSL (the independent checker) accepts `sig`, as `hsmctl sign
+/// --format raw` writes it, over `data` with the PEM public key `public`; `t`
+/// is the key type's name.
+pub fn openssl_verifies(t: &str, public: &Path, data: &Path, sig: &Path) -> bool {
+    let out = match t {
+        "ed25519" => {
+            let digest = data.with_extension("sha512");
+            let d = Command::new("openssl")
+                .args(["dgst", "-sha512", "-binary", "-out", os_path(&digest), os_path(data)])
+                .output()
+                .expect("openssl");
+            assert!(d.status.success(), "{d:?}");
+            Command::new("openssl")
+                .args([
+                    "pkeyutl",
+                    "-verify",
+                    "-pubin",
+                    "-inkey",
+                    os_path(public),
+                    "-rawin",
+                    "-in",
+                    os_path(&digest),
+                    "-sigfile",
+                    os_path(sig),
+                ])
+                .output()
+        }
+        "ecdsa-p256" => Command::new("openssl")
+            .args([
+                "dgst",
+                "-sha256",
+                "-verify",
+                os_path(public),
+                "-signature",
+                os_path(sig),
+                os_path(data),
+            ])
+            .output(),
+        _ => Command::new("openssl")
+            .args([
+                "dgst",
+                "-sha384",
+                "-verify",
+                os_path(public),
+                "-signature",
+                os_path(sig),
+                os_path(data),
+            ])
+            .output(),
+    }
+    .expect("run openssl (Debian package openssl)");
+    out.status.success()
+}

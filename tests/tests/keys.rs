@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hsmd_tests::Daemon;
+use hsmd_tests::{openssl_verifies, Daemon};
 use protocol::{Client, ErrorCode, KeyType, Operation, Reply, ServiceState, Usage};
 
 fn ok(out: &Output) -> String {
@@ -39,57 +39,6 @@ fn initialized() -> (Daemon, std::path::PathBuf) {
     let keyfile = d.dir().join("unlock.key");
     ok(&d.hsmctl(&["init", "--keyfile-out", path(&keyfile)]));
     (d, keyfile)
-}
-
-fn openssl_verifies(t: &str, public: &Path, data: &Path, sig: &Path) -> bool {
-    let out = match t {
-        "ed25519" => {
-            let digest = data.with_extension("sha512");
-            let d = Command::new("openssl")
-                .args(["dgst", "-sha512", "-binary", "-out", path(&digest), path(data)])
-                .output()
-                .expect("openssl");
-            assert!(d.status.success(), "{d:?}");
-            Command::new("openssl")
-                .args([
-                    "pkeyutl",
-                    "-verify",
-                    "-pubin",
-                    "-inkey",
-                    path(public),
-                    "-rawin",
-                    "-in",
-                    path(&digest),
-                    "-sigfile",
-                    path(sig),
-                ])
-                .output()
-        }
-        "ecdsa-p256" => Command::new("openssl")
-            .args([
-                "dgst",
-                "-sha256",
-                "-verify",
-                path(public),
-                "-signature",
-                path(sig),
-                path(data),
-            ])
-            .output(),
-        _ => Command::new("openssl")
-            .args([
-                "dgst",
-                "-sha384",
-                "-verify",
-                path(public),
-                "-signature",
-                path(sig),
-                path(data),
-            ])
-            .output(),
-    }
-    .expect("run openssl (Debian package openssl)");
-    out.status.success()
 }
 
 #[test]

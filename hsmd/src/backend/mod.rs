@@ -6,7 +6,7 @@
 //! - `mock`: software keys with injected latency and failures (development and
 //!   tests; the production profile refuses it);
 //! - `pkcs11`: keys generated inside a PKCS#11 token, driven through a helper
-//!   process so that no vendor module runs inside hsmd.
+//!   process so that no vendor module runs inside hsmd ([`pkcs11`]).
 //!
 //! The keystore keeps, for every key version, the backend's *reference* sealed
 //! under the master key and bound to the key's row: for `soft` that is the
@@ -14,6 +14,7 @@
 //! a reference back into a usable [`KeyHandle`].
 
 pub mod mock;
+pub mod pkcs11;
 pub mod soft;
 
 use std::{
@@ -271,11 +272,14 @@ pub fn from_config(config: &crate::config::BackendsConfig) -> Result<Backends, S
             failure_rate: m.failure_rate,
         })));
     }
+    if let Some(p) = &config.pkcs11 {
+        others.push(Arc::new(pkcs11::Pkcs11::start(p)?));
+    }
     Backends::new(&config.default, others)
 }
 
 /// Every backend name hsmd knows, for audit lines and metrics labels.
-pub const KNOWN: [&str; 4] = [soft::NAME, mock::NAME, "pkcs11", "tpm"];
+pub const KNOWN: [&str; 4] = [soft::NAME, mock::NAME, pkcs11::NAME, "tpm"];
 
 /// The `'static` spelling of a known backend name (audit events carry
 /// `'static` names); anything else is `"unknown"`.

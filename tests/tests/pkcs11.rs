@@ -1,0 +1,398 @@
+//! Issue 7, the `pkcs11` backend against SoftHSM2 (must-shows 1 and 2): keys
+//! made inside the token and never extractable, used through hsmctl and
+//! checked by OpenSSL and OpenSC's pkcs11-tool; eight signers at once; a
+//! token that goes away and comes back; a helper killed or hung mid-request;
+//! a module outside the allow-list.
+
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use hsmd_tests::{bin, openssl_verifies, Daemon, SoftHsm};
+use nix::sys::signal::{kill, Signal};
+use protocol::{Client, ErrorCode, Operation, Reply};
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "command failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The pid of hsmd's PKCS#11 helper (a child running `--pkcs11-helper`).
+fn helper_pid(d: &Daemon) -> Option<i32> {
+    // Any of hsmd's threads may have spawned it: look at each one's children.
+    let tasks = fs::read_dir(format!("/proc/{}/task", d.pid())).ok()?;
+    tasks
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .find(|p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--pkcs11-helper"))
+        })
+}
+
+fn pkcs11_health(d: &Daemon) -> (bool, String) {
+    let v: serde_json::Value = serde_json::from_str(&ok(&d.hsmctl(&["--json", "status"]))).expect("json");
+    let b = v["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["name"] == "pkcs11")
+        .expect("pkcs11 in status")
+        .clone();
+    (
+        b["healthy"].as_bool().expect("healthy"),
+        b["detail"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn wait_health(d: &Daemon, healthy: bool, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (h, detail) = pkcs11_health(d);
+        if h == healthy {
+            return detail;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pkcs11 health stayed {h} ({detail}); log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sign(c: &mut Client, name: &str, len: usize) -> Result<Vec<u8>, ErrorCode> {
+    match c.call(Operation::Sign {
+        name: name.into(),
+        digest: vec![0x5a; len],
+    }) {
+        Ok(Reply::Signature { signature, .. }) => Ok(signature),
+        Ok(other) => panic!("sign answered {other:?}"),
+        Err(e) => Err(e.code().unwrap_or(ErrorCode::Internal)),
+    }
+}
+
+fn started(hsm: &SoftHsm, more: &str) -> (Daemon, std::path::PathBuf) {
+    let d = hsm.daemon(more).start();
+    let keyfile = d.dir().join("unlock.key");
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&keyfile)]));
+    (d, keyfile)
+}
+
+/// pkcs11-tool's listing cut into one block per object.
+fn objects(list: &str) -> Vec<String> {
+    let mut blocks: Vec<String> = Vec::new();
+    for line in list.lines() {
+        if !line.starts_with(' ') && line.contains("Object;") {
+            blocks.push(String::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    blocks
+}
+
+#[test]
+fn token_keys_sign_encrypt_survive_a_restart_and_stay_inside_the_token() {
+    let hsm = SoftHsm::new("hsmd-keys");
+    let (mut d, keyfile) = started(&hsm, "");
+    let data = d.dir().join("data.bin");
+    fs::write(&data, b"the release artefact, version 1.2.3").expect("write");
+    for t in ["ecdsa-p256", "ecdsa-p384", "ed25519", "aes256-gcm"] {
+        let out = ok(&d.hsmctl(&["key", "create", &format!("tok-{t}"), "--type", t, "--backend", "pkcs11"]));
+        assert!(out.contains("backend pkcs11"), "{out}");
+    }
+    // What the token cannot make is refused, naming what it can.
+    let out = d.hsmctl(&[
+        "key",
+        "create",
+        "tok-mac",
+        "--type",
+        "hmac-sha256",
+        "--backend",
+        "pkcs11",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot make hmac-sha256 keys") && err.contains("(invalid-argument)"),
+        "{err}"
+    );
+
+    let sigs = |d: &Daemon, round: &str| {
+        for t in ["ecdsa-p256", "ecdsa-p384", "ed25519"] {
+            let name = format!("tok-{t}");
+            let public = d.dir().join(format!("{t}.pem"));
+            ok(&d.hsmctl(&["key", "public", &name, "-o", path(&public)]));
+            let sig = d.dir().join(format!("{t}.{round}.sig"));
+            ok(&d.hsmctl(&["sign", &name, "-i", path(&data), "-o", path(&sig), "--format", "raw"]));
+            ok(&d.hsmctl(&["verify", &name, "-i", path(&data), "-s", path(&sig), "--format", "raw"]));
+            assert!(
+                openssl_verifies(t, &public, &data, &sig),
+                "openssl rejects the token's {t} signature"
+            );
+            let mut bad = fs::read(&sig).expect("sig");
+            bad[8] ^= 1;
+            fs::write(&sig, &bad).expect("write");
+            assert!(
+                !openssl_verifies(t, &public, &data, &sig),
+                "{t}: openssl accepted a flipped bit"
+            );
+        }
+    };
+    sigs(&d, "before");
+    let ct = d.dir().join("ct");
+    ok(&d.hsmctl(&["encrypt", "tok-aes256-gcm", "-i", path(&data), "-o", path(&ct)]));
+    let pt = d.dir().join("pt");
+    ok(&d.hsmctl(&["decrypt", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]));
+    assert_eq!(fs::read(&pt).expect("pt"), fs::read(&data).expect("data"));
+
+    // Restart: the keys are found again by CKA_ID, and old ciphertext opens.
+    d.restart(false);
+    ok(&d.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
+    sigs(&d, "after");
+    fs::remove_file(&pt).expect("rm");
+    ok(&d.hsmctl(&["decrypt", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]));
+    assert_eq!(fs::read(&pt).expect("pt"), fs::read(&data).expect("data"));
+    // A flipped ciphertext bit is a decryption failure, not a backend error.
+    let mut bad = fs::read(&ct).expect("ct");
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    fs::write(&ct, &bad).expect("write");
+    let out = d.hsmctl(&["decrypt", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(decrypt-failed)"),
+        "{out:?}"
+    );
+
+    // OpenSC lists the objects: private and secret keys sensitive and never
+    // extractable, labelled with the key's name and version.
+    let list = ok(&hsm.pkcs11_tool(&["--list-objects"]));
+    for (t, class) in [
+        ("ecdsa-p256", "Private Key Object; EC"),
+        ("ecdsa-p384", "Private Key Object; EC"),
+        ("ed25519", "Private Key Object; EC_EDWARDS"),
+        ("aes256-gcm", "Secret Key Object; AES"),
+    ] {
+        let label = format!("hsmd:tok-{t}:v1");
+        let block = objects(&list)
+            .into_iter()
+            .find(|b| b.starts_with(class) && b.lines().any(|l| l.trim() == format!("label:      {label}")))
+            .unwrap_or_else(|| panic!("no {class} labelled {label}:\n{list}"));
+        let access = block
+            .lines()
+            .find(|l| l.trim_start().starts_with("Access:"))
+            .unwrap_or("");
+        assert!(
+            access.contains("sensitive") && access.contains("never extractable"),
+            "{t}: {access}\n{list}"
+        );
+        let usage = block
+            .lines()
+            .find(|l| l.trim_start().starts_with("Usage:"))
+            .unwrap_or("");
+        assert!(!usage.contains("unwrap") && !usage.contains("derive"), "{t}: {usage}");
+    }
+    // Reading a private value out is refused by the token itself.
+    let out = hsm.pkcs11_tool(&[
+        "--read-object",
+        "--type",
+        "secrkey",
+        "--label",
+        "hsmd:tok-aes256-gcm:v1",
+    ]);
+    assert!(!out.status.success(), "the AES key was read out: {out:?}");
+
+    // Rotation makes a new token object per version; purge removes them all.
+    ok(&d.hsmctl(&["key", "rotate", "tok-ecdsa-p256"]));
+    let list = ok(&hsm.pkcs11_tool(&["--list-objects", "--type", "privkey"]));
+    assert!(
+        list.contains("hsmd:tok-ecdsa-p256:v1") && list.contains("hsmd:tok-ecdsa-p256:v2"),
+        "{list}"
+    );
+    ok(&d.hsmctl(&["key", "delete", "tok-ecdsa-p256"]));
+    ok(&d.hsmctl(&["key", "purge", "tok-ecdsa-p256", "--yes"]));
+    let list = ok(&hsm.pkcs11_tool(&["--list-objects"]));
+    assert!(!list.contains("tok-ecdsa-p256"), "purged key's objects remain:\n{list}");
+    assert!(list.contains("hsmd:tok-ed25519:v1"), "{list}");
+}
+
+#[test]
+fn eight_clients_sign_at_once_and_all_succeed() {
+    let hsm = SoftHsm::new("hsmd-par");
+    let (d, _) = started(&hsm, "sessions = 4\n");
+    ok(&d.hsmctl(&["key", "create", "p", "--type", "ecdsa-p256", "--backend", "pkcs11"]));
+    let public = d.hsmctl(&["key", "public", "p", "--format", "der"]).stdout;
+    use p256::pkcs8::DecodePublicKey as _;
+    let key = p256::ecdsa::VerifyingKey::from_public_key_der(&public).expect("spki");
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = d.client();
+            std::thread::spawn(move || (0..100).map(|_| sign(&mut c, "p", 32)).collect::<Vec<_>>())
+        })
+        .collect();
+    let mut n = 0;
+    for t in threads {
+        for s in t.join().expect("thread") {
+            let der = s.expect("every signature succeeds");
+            let sig = p256::ecdsa::Signature::from_der(&der).expect("DER");
+            use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+            key.verify_prehash(&[0x5a; 32], &sig).expect("valid");
+            n += 1;
+        }
+    }
+    assert_eq!(n, 800);
+    assert!(pkcs11_health(&d).1.contains("4 sessions"));
+}
+
+#[test]
+fn a_removed_token_is_unavailable_with_red_health_and_comes_back() {
+    let hsm = SoftHsm::new("hsmd-gone");
+    let (d, _) = started(&hsm, "health_interval = \"200ms\"\n");
+    ok(&d.hsmctl(&["key", "create", "t", "--type", "ed25519", "--backend", "pkcs11"]));
+    ok(&d.hsmctl(&["key", "create", "s", "--type", "ed25519"]));
+    let mut c = d.client();
+    sign(&mut c, "t", 64).expect("signs while present");
+
+    let moved = hsm.token_dir().with_extension("away");
+    fs::rename(hsm.token_dir(), &moved).expect("move token away");
+    fs::create_dir(hsm.token_dir()).expect("empty token dir");
+    assert_eq!(sign(&mut c, "t", 64), Err(ErrorCode::BackendUnavailable));
+    let detail = wait_health(&d, false, Duration::from_secs(5));
+    assert!(detail.contains("hsmd-gone"), "{detail}");
+    let metrics = ok(&d.hsmctl(&["metrics"]));
+    assert!(metrics.contains("hsmd_backend_up{backend=\"pkcs11\"} 0"), "{metrics}");
+    // Other backends keep working, and the daemon is up.
+    sign(&mut c, "s", 64).expect("soft key signs");
+    let out = d.hsmctl(&["sign", "t", "-i", "/etc/hostname", "-o", path(&d.dir().join("x"))]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(backend-unavailable)") && err.contains("pkcs11"), "{err}");
+
+    fs::remove_dir(hsm.token_dir()).expect("rmdir");
+    fs::rename(&moved, hsm.token_dir()).expect("token back");
+    wait_health(&d, true, Duration::from_secs(40));
+    sign(&mut c, "t", 64).expect("signs again once the token is back");
+}
+
+#[test]
+fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
+    let hsm = SoftHsm::new("hsmd-kill");
+    let (d, _) = started(&hsm, "op_timeout = \"1s\"\n");
+    ok(&d.hsmctl(&["key", "create", "k", "--type", "ecdsa-p256", "--backend", "pkcs11"]));
+    let mut c = d.client();
+    sign(&mut c, "k", 32).expect("first signature");
+
+    // Killed mid-signature: stop the helper so the request is surely inside
+    // it, send the request, then kill it.
+    let first = helper_pid(&d).expect("helper running");
+    kill(nix::unistd::Pid::from_raw(first), Signal::SIGSTOP).expect("stop helper");
+    let mut c2 = d.client();
+    let inflight = std::thread::spawn(move || sign(&mut c2, "k", 32));
+    std::thread::sleep(Duration::from_millis(300));
+    kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).expect("kill helper");
+    assert_eq!(inflight.join().expect("thread"), Err(ErrorCode::BackendUnavailable));
+    sign(&mut c, "k", 32).expect("the next signature works on a new helper");
+    let second = helper_pid(&d).expect("helper restarted");
+    assert_ne!(first, second);
+    assert!(wait_health(&d, true, Duration::from_secs(5)).contains("restarted 1 times"));
+
+    // Hung: a helper that stops answering is given op_timeout, then replaced.
+    kill(nix::unistd::Pid::from_raw(second), Signal::SIGSTOP).expect("stop helper");
+    let t = Instant::now();
+    assert_eq!(sign(&mut c, "k", 32), Err(ErrorCode::BackendUnavailable));
+    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+    assert!(d.log().contains("did not answer within 1s"), "{}", d.log());
+    sign(&mut c, "k", 32).expect("works again after the hung helper is replaced");
+    assert_ne!(helper_pid(&d), Some(second));
+    // hsmd itself never went down.
+    ok(&d.hsmctl(&["status"]));
+}
+
+#[test]
+fn a_missing_module_leaves_the_backend_red_but_hsmd_up() {
+    let hsm = SoftHsm::new("hsmd-nomod");
+    let d = Daemon::builder()
+        .extra(
+            &hsm.config("")
+                .replace(hsmd_tests::SOFTHSM_MODULE, "/usr/lib/hsmd-test-no-such/libvendor.so"),
+        )
+        .start();
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&d.dir().join("k"))]));
+    let detail = wait_health(&d, false, Duration::from_secs(5));
+    assert!(detail.contains("does not exist"), "{detail}");
+    let out = d.hsmctl(&["key", "create", "t", "--type", "ed25519", "--backend", "pkcs11"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(backend-unavailable)"),
+        "{out:?}"
+    );
+    ok(&d.hsmctl(&["key", "create", "s", "--type", "ed25519"]));
+}
+
+#[test]
+fn a_module_outside_the_allow_list_is_refused_at_start_with_the_rule_named() {
+    let hsm = SoftHsm::new("hsmd-allow");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("libsofthsm2.so");
+    fs::copy(hsmd_tests::SOFTHSM_MODULE, &copy).expect("copy module");
+    let config = dir.path().join("hsmd.toml");
+    fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[socket]\npath = {:?}\n{}",
+            dir.path().join("state"),
+            dir.path().join("s.sock"),
+            hsm.config("").replace(hsmd_tests::SOFTHSM_MODULE, path(&copy))
+        ),
+    )
+    .expect("config");
+    for args in [vec!["--check-config"], vec![]] {
+        let out = Command::new(bin("hsmd"))
+            .args(&args)
+            .arg("--config")
+            .arg(&config)
+            .env("SOFTHSM2_CONF", hsm.conf())
+            .output()
+            .expect("run hsmd");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is outside backends.pkcs11.allowed_module_dirs") && err.contains(path(&copy)),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_pin_is_tried_once_and_not_again() {
+    let hsm = SoftHsm::new("hsmd-pin");
+    let d = hsm.daemon("").start();
+    // Replace the PIN file's content with a wrong PIN and restart hsmd on it.
+    let pin = hsm.config("");
+    let pin_path = pin
+        .lines()
+        .find_map(|l| l.strip_prefix("pin_file = "))
+        .map(|p| p.trim_matches('"').to_owned())
+        .expect("pin_file line");
+    fs::write(&pin_path, "00000000\n").expect("wrong pin");
+    drop(d);
+    let d = hsm.daemon("health_interval = \"200ms\"\n").start();
+    let detail = wait_health(&d, false, Duration::from_secs(5));
+    assert!(
+        detail.contains("refused the PIN") && detail.contains("until restarted"),
+        "{detail}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(d.log().matches("the PKCS#11 token refused the PIN").count(), 1, "{}", d.log());
+}

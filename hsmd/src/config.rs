@@ -61,6 +61,25 @@ pub struct BackendsConfig {
     pub mock: Option<MockConfig>,
     /// `[backends.pkcs11]`: a PKCS#11 token.
     pub pkcs11: Option<Pkcs11Config>,
+    /// `[backends.tpm]`: the machine's TPM 2.0.
+    pub tpm: Option<TpmConfig>,
+}
+
+/// `[backends.tpm]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TpmConfig {
+    /// How to reach the TPM (a tss2 TCTI string): the kernel resource manager
+    /// by default, so other programs can use the TPM too.
+    pub tcti: String,
+}
+
+impl Default for TpmConfig {
+    fn default() -> Self {
+        Self {
+            tcti: "device:/dev/tpmrm0".to_owned(),
+        }
+    }
 }
 
 /// `[backends.pkcs11]`
@@ -112,6 +131,7 @@ impl Default for BackendsConfig {
             default: "soft".to_owned(),
             mock: None,
             pkcs11: None,
+            tpm: None,
         }
     }
 }
@@ -838,6 +858,7 @@ impl Config {
             "soft" => true,
             "mock" => self.backends.mock.is_some(),
             "pkcs11" => self.backends.pkcs11.is_some(),
+            "tpm" => self.backends.tpm.is_some(),
             _ => false,
         };
         if !configured(&self.backends.default) {

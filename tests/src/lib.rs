@@ -37,9 +37,21 @@ pub fn bin_dir() -> &'static Path {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let target_dir = dir.parent().expect("target dir");
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "hsmd", "-p", "hsmctl", "--target-dir"])
-                .arg(target_dir)
-                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            // With the TPM backend: the tests start swtpm (scripts/install-test-deps
+            // installs it and libtss2-dev).
+            cmd.args([
+                "build",
+                "--quiet",
+                "-p",
+                "hsmd",
+                "-p",
+                "hsmctl",
+                "--features",
+                "hsmd/tpm",
+                "--target-dir",
+            ])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
             if dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -703,4 +715,96 @@ pub fn openssl_verifies(t: &str, public: &Path, data: &Path, sig: &Path) -> bool
     }
     .expect("run openssl (Debian package openssl)");
     out.status.success()
+}
+
+/// A software TPM (`swtpm`, Debian `swtpm`) of its own: state in a temp dir,
+/// listening on two free loopback ports; stopped on drop.
+#[derive(Debug)]
+pub struct Swtpm {
+    dir: TempDir,
+    /// The TPM command port; the control port is the next one.
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Swtpm {
+    /// Starts a fresh TPM. Panics, naming the fix, if swtpm is not installed.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("swtpm-").tempdir().expect("tempdir");
+        let mut me = Self {
+            dir,
+            port: 0,
+            child: None,
+        };
+        me.launch();
+        me
+    }
+
+    fn launch(&mut self) {
+        for _ in 0..20 {
+            let port = free_port_pair();
+            let child = Command::new("swtpm")
+                .args(["socket", "--tpm2", "--server"])
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .arg("--tpmstate")
+                .arg(format!("dir={}", self.dir.path().display()))
+                .args(["--flags", "not-need-init,startup-clear"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run swtpm (Debian swtpm; scripts/install-test-deps)");
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    self.port = port;
+                    return;
+                }
+                if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                    break; // the port was taken: try another
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            self.stop();
+        }
+        panic!("swtpm did not start");
+    }
+
+    /// The TCTI string for hsmd and tpm2-tools.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Stops the TPM (its state stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same state (a TPM reset: a reboot).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Two consecutive free TCP ports on loopback (the OS picks the first).
+fn free_port_pair() -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = a.local_addr().expect("addr").port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
 }

@@ -147,3 +147,37 @@ fn file_benchmark_prints_hsmd_beside_dd_age_and_in_process_aead() {
     }
     assert!(text.contains("targets: store >= 90% of dd"), "{text}");
 }
+
+#[test]
+fn backend_benchmark_signs_with_soft_pkcs11_and_tpm_keys_beside_cryptoki_directly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hsmd-bench"))
+        .args(["--quick", "--suite", "backends", "--clients", "1,2"])
+        .output()
+        .expect("run hsmd-bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for op in ["ecdsa-p256 sign:", "ed25519 sign:"] {
+        assert!(text.contains(op), "{op} missing: {text}");
+    }
+    let rows: Vec<Vec<f64>> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 4, "two client counts for each of two operations: {text}");
+    // clients, soft/s, p50, pkcs11/s, p50, cryptoki/s, p50, in-process/s,
+    // ratio, then tpm/s and p50 for ecdsa-p256 only
+    assert!(
+        rows.iter()
+            .all(|r| r.len() >= 9 && r[1] > 0.0 && r[3] > 0.0 && r[5] > 0.0 && r[7] > 0.0),
+        "{rows:?}"
+    );
+    assert!(
+        rows[..2].iter().all(|r| r.len() == 11 && r[9] > 0.0),
+        "tpm figures: {rows:?}"
+    );
+}

@@ -394,5 +394,10 @@ fn a_refused_pin_is_tried_once_and_not_again() {
         "{detail}"
     );
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(d.log().matches("the PKCS#11 token refused the PIN").count(), 1, "{}", d.log());
+    assert_eq!(
+        d.log().matches("the PKCS#11 token refused the PIN").count(),
+        1,
+        "{}",
+        d.log()
+    );
 }

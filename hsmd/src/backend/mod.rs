@@ -6,7 +6,8 @@
 //! - `mock`: software keys with injected latency and failures (development and
 //!   tests; the production profile refuses it);
 //! - `pkcs11`: keys generated inside a PKCS#11 token, driven through a helper
-//!   process so that no vendor module runs inside hsmd ([`pkcs11`]).
+//!   process so that no vendor module runs inside hsmd ([`pkcs11`]);
+//! - `tpm`: ECDSA P-256 keys inside a TPM 2.0 (feature `tpm`).
 //!
 //! The keystore keeps, for every key version, the backend's *reference* sealed
 //! under the master key and bound to the key's row: for `soft` that is the
@@ -16,6 +17,8 @@
 pub mod mock;
 pub mod pkcs11;
 pub mod soft;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 use std::{
     fmt,
@@ -274,6 +277,16 @@ pub fn from_config(config: &crate::config::BackendsConfig) -> Result<Backends, S
     }
     if let Some(p) = &config.pkcs11 {
         others.push(Arc::new(pkcs11::Pkcs11::start(p)?));
+    }
+    if let Some(t) = &config.tpm {
+        #[cfg(feature = "tpm")]
+        others.push(Arc::new(tpm::Tpm::start(&t.tcti)?));
+        #[cfg(not(feature = "tpm"))]
+        return Err(format!(
+            "[backends.tpm] (tcti {:?}) is configured, but this hsmd was built without TPM support; \
+             build it with `--features tpm` (needs libtss2-dev)",
+            t.tcti
+        ));
     }
     Backends::new(&config.default, others)
 }

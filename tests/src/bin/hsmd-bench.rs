@@ -11,6 +11,12 @@
 //! 1 GiB file on tmpfs (`--file-mib`, `--chunk`, `--workers`, `--dir`) beside
 //! dd, age, in-process AES-256-GCM and a raw socket (see `file_bench`).
 //!
+//! Suite `backends` (not part of `all`): the same signatures through hsmd with
+//! keys in each backend (`soft`, `pkcs11` on a SoftHSM2 token), with the same
+//! clients, beside the token driven directly through cryptoki in this process
+//! (one session per thread) and the software signature in this process; and
+//! ECDSA P-256 with the key in a TPM (`tpm`, swtpm on loopback).
+//!
 //! Suite `ping`: round trips beside a raw echo. Suite `keys`: Ed25519 and
 //! ECDSA-P256 signatures and AES-256-GCM encryptions of 4 KiB through hsmd,
 //! beside the same operation done in this process with the same crates, with as
@@ -105,9 +111,12 @@ fn parse_args() -> Result<Option<Args>> {
             "--batch" => args.batch = it.next().context("--batch N")?.parse()?,
             "--reactor-threads" => args.reactor_threads = it.next().context("--reactor-threads N")?.parse()?,
             "--suite" => {
-                args.suite = it.next().context("--suite ping|keys|security|files|all")?;
-                if !matches!(args.suite.as_str(), "ping" | "keys" | "security" | "files" | "all") {
-                    bail!("--suite is ping, keys, security, files or all");
+                args.suite = it.next().context("--suite ping|keys|security|files|backends|all")?;
+                if !matches!(
+                    args.suite.as_str(),
+                    "ping" | "keys" | "security" | "files" | "backends" | "all"
+                ) {
+                    bail!("--suite is ping, keys, security, files, backends or all");
                 }
             }
             "--clients" => {
@@ -119,7 +128,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backends|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -212,6 +221,7 @@ fn main() -> Result<()> {
         "ping" => ping_suite(&args),
         "keys" => key_suite(&args),
         "security" => security_suite(&args),
+        "backends" => backend_suite(&args),
         "files" => hsmd_tests::file_bench::run(&hsmd_tests::file_bench::FileBench {
             mib: args.file_mib,
             chunk: args.chunk.clone(),
@@ -665,4 +675,172 @@ fn echo_server(path: &Path) -> Result<()> {
             });
         }
     })
+}
+
+/// Signs through cryptoki in this process: `clients` threads, each with its
+/// own session on the token, using the private key labelled `label`.
+fn direct_pkcs11(hsm: &hsmd_tests::SoftHsm, label: &str, ed: bool, clients: usize, secs: f64) -> Result<Figures> {
+    use cryptoki::{
+        context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+        mechanism::{eddsa::EddsaParams, eddsa::EddsaSignatureScheme, Mechanism},
+        object::{Attribute, ObjectClass},
+        session::UserType,
+        types::AuthPin,
+    };
+    static P11: std::sync::OnceLock<Pkcs11> = std::sync::OnceLock::new();
+    // SoftHSM reads its configuration when the module is first initialized,
+    // here, before any client thread exists.
+    std::env::set_var("SOFTHSM2_CONF", hsm.conf());
+    let p11 = match P11.get() {
+        Some(p) => p.clone(),
+        None => {
+            let p = Pkcs11::new(hsmd_tests::SOFTHSM_MODULE)?;
+            p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
+            let _ = P11.set(p.clone());
+            p
+        }
+    };
+    let slot = p11
+        .get_slots_with_token()?
+        .into_iter()
+        .find(|s| p11.get_token_info(*s).is_ok_and(|t| t.label().trim() == hsm.label))
+        .context("token not found")?;
+    let label = label.to_owned();
+    let pin = hsm.pin.clone();
+    let logged_in = std::sync::atomic::AtomicBool::new(false);
+    measure(clients, secs, move || {
+        let session = p11.open_ro_session(slot)?;
+        if !logged_in.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            match session.login(UserType::User, Some(&AuthPin::new(pin.clone().into()))) {
+                Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let key = *session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])?
+            .first()
+            .context("key not in the token")?;
+        let digest = vec![7u8; if ed { 64 } else { 32 }];
+        Ok(move || -> Result<()> {
+            let mechanism = if ed {
+                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure))
+            } else {
+                Mechanism::Ecdsa
+            };
+            session.sign(&mechanism, key, &digest)?;
+            Ok(())
+        })
+    })
+}
+
+/// Signing through hsmd with keys in each backend, same clients, beside the
+/// token used directly and software signing in this process.
+fn backend_suite(args: &Args) -> Result<()> {
+    let hsm = hsmd_tests::SoftHsm::new("hsmd-bench");
+    let tpm = hsmd_tests::Swtpm::start();
+    let daemon = hsm
+        .daemon(&format!("sessions = 8\n\n[backends.tpm]\ntcti = {:?}\n", tpm.tcti()))
+        .env("TSS2_LOG", "all+NONE")
+        .dev()
+        .limit("max_connections", "64")
+        .limit("reactor_threads", &args.reactor_threads.to_string())
+        .start();
+    let mut admin = daemon.client();
+    for (name, key_type, backend) in [
+        ("soft-ed25519", protocol::KeyType::Ed25519, "soft"),
+        ("soft-p256", protocol::KeyType::EcdsaP256, "soft"),
+        ("p11-ed25519", protocol::KeyType::Ed25519, "pkcs11"),
+        ("p11-p256", protocol::KeyType::EcdsaP256, "pkcs11"),
+        ("tpm-p256", protocol::KeyType::EcdsaP256, "tpm"),
+    ] {
+        admin.call(Operation::KeyCreate {
+            name: name.into(),
+            key_type,
+            usages: Vec::new(),
+            options: protocol::KeyOptions {
+                backend: Some(backend.into()),
+                ..protocol::KeyOptions::default()
+            },
+        })?;
+    }
+    println!(
+        "\nhsmd backend signing benchmark: {} s per run, median of {} round{}, {} cores, SoftHSM2 token with 8 sessions, swtpm on loopback (tpm: ecdsa-p256 only)",
+        args.seconds,
+        args.rounds,
+        if args.rounds == 1 { "" } else { "s" },
+        thread::available_parallelism().map_or(0, std::num::NonZero::get),
+    );
+    for (label, ed) in [("ecdsa-p256 sign", false), ("ed25519 sign", true)] {
+        let t = if ed { "ed25519" } else { "p256" };
+        println!("{label}:");
+        println!(
+            "{:>7} | {:>12} {:>9} | {:>12} {:>9} | {:>12} {:>9} | {:>12} | {:>9} | {:>11} {:>9}",
+            "clients",
+            "hsmd soft/s",
+            "p50 µs",
+            "hsmd p11/s",
+            "p50 µs",
+            "cryptoki/s",
+            "p50 µs",
+            "in-proc/s",
+            "p11/ck",
+            "hsmd tpm/s",
+            "p50 µs"
+        );
+        for &clients in &args.clients {
+            let (mut soft, mut p11, mut direct, mut local, mut tpm) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..args.rounds {
+                let mut targets = vec![(format!("soft-{t}"), &mut soft), (format!("p11-{t}"), &mut p11)];
+                if !ed {
+                    targets.push(("tpm-p256".to_owned(), &mut tpm));
+                }
+                for (name, out) in targets {
+                    let socket = daemon.socket.clone();
+                    out.push(measure(clients, args.seconds, move || {
+                        let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
+                        let request = Operation::Sign {
+                            name: name.clone(),
+                            digest: vec![7; if ed { 64 } else { 32 }],
+                        };
+                        Ok(move || -> Result<()> {
+                            c.call(request.clone())?;
+                            Ok(())
+                        })
+                    })?);
+                }
+                direct.push(direct_pkcs11(
+                    &hsm,
+                    &format!("hsmd:p11-{t}:v1"),
+                    ed,
+                    clients,
+                    args.seconds,
+                )?);
+                let make = if ed { in_process_ed25519 } else { in_process_p256 };
+                local.push(measure(clients, args.seconds, move || Ok(make()))?);
+            }
+            let (s, p, d, l) = (median(soft), median(p11), median(direct), median(local));
+            let tpm = if tpm.is_empty() {
+                format!("{:>11} {:>9}", "-", "-")
+            } else {
+                let t = median(tpm);
+                format!("{:>11.0} {:>9.1}", t.per_sec, t.p50_us)
+            };
+            println!(
+                "{clients:>7} | {:>12.0} {:>9.1} | {:>12.0} {:>9.1} | {:>12.0} {:>9.1} | {:>12.0} | {:>8.1}% | {tpm}",
+                s.per_sec,
+                s.p50_us,
+                p.per_sec,
+                p.p50_us,
+                d.per_sec,
+                d.p50_us,
+                l.per_sec,
+                p.per_sec / d.per_sec * 100.0
+            );
+        }
+    }
+    Ok(())
 }

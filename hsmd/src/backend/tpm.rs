@@ -1,0 +1,483 @@
+//! The `tpm` backend: ECDSA P-256 signing keys created inside a TPM 2.0
+//! under a primary storage key of the owner hierarchy. The TPM returns each
+//! key as a public and an encrypted private blob that only that TPM can load;
+//! the keystore keeps both (sealed under the master key), and hsmd loads a key
+//! for each signature and flushes it again. The primary key is re-derived from
+//! a fixed template whenever hsmd connects, so nothing depends on saved
+//! contexts, persistent handles or the null hierarchy: keys survive TPM resets
+//! and reboots.
+//!
+//! One thread owns the TPM context (the TPM serves one command at a time);
+//! the kernel resource manager (`/dev/tpmrm0`, the default TCTI) shares the
+//! TPM with other programs.
+
+use std::{
+    str::FromStr as _,
+    sync::{mpsc, Arc, Mutex},
+    time::Duration,
+};
+
+use protocol::KeyType;
+use serde::{Deserialize, Serialize};
+use tss_esapi::{
+    attributes::ObjectAttributesBuilder,
+    constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK},
+    handles::KeyHandle as TpmHandle,
+    interface_types::{
+        algorithm::{HashingAlgorithm, PublicAlgorithm},
+        ecc::EccCurve,
+        resource_handles::Hierarchy,
+    },
+    structures::{
+        Digest, EccPoint, EccScheme, HashScheme, Private, Public, PublicBuilder, PublicEccParametersBuilder, Signature,
+        SignatureScheme, SymmetricDefinitionObject,
+    },
+    tcti_ldr::TctiNameConf,
+    traits::{Marshall as _, UnMarshall as _},
+    tss2_esys::TPMT_TK_HASHCHECK,
+    Context,
+};
+use zeroize::Zeroizing;
+
+use super::{soft::verify_spki, Backend, BackendError, Health, HealthCell, KeyHandle, KeyLabel, NewKey};
+
+/// The backend's name.
+pub const NAME: &str = "tpm";
+
+/// How long one TPM command may take before the TPM is deemed unreachable.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Job {
+    Generate,
+    Sign {
+        public: Vec<u8>,
+        private: Vec<u8>,
+        digest: Vec<u8>,
+    },
+    Probe,
+}
+
+type Answer = Result<Done, BackendError>;
+/// A job and where its answer goes.
+type Envelope = (Job, mpsc::SyncSender<Answer>);
+
+enum Done {
+    Generated {
+        public: Vec<u8>,
+        private: Vec<u8>,
+        spki: Vec<u8>,
+    },
+    Signature(Vec<u8>),
+    Probed,
+}
+
+/// The TPM backend.
+#[derive(Clone)]
+pub struct Tpm {
+    jobs: Arc<Mutex<mpsc::Sender<Envelope>>>,
+    health: Arc<HealthCell>,
+    tcti: String,
+}
+
+impl std::fmt::Debug for Tpm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tpm").field("tcti", &self.tcti).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> BackendError {
+    BackendError::Unavailable {
+        backend: NAME,
+        reason: reason.into(),
+    }
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Failed {
+        backend: NAME,
+        reason: format!("{what}: {e}"),
+    }
+}
+
+/// The storage primary's template: fixed, so the TPM derives the same key
+/// from its owner seed every time.
+fn primary_template() -> Result<Public, tss_esapi::Error> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_decrypt(true)
+        .with_restricted(true)
+        .with_no_da(true)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+fn signing_template() -> Result<Public, tss_esapi::Error> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_sign_encrypt(true)
+        .with_no_da(true)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_unrestricted_signing_key(
+                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                EccCurve::NistP256,
+            )
+            .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
+/// A connection to the TPM with its primary key loaded.
+struct Connection {
+    context: Context,
+    primary: TpmHandle,
+    vendor: String,
+}
+
+impl Connection {
+    fn open(tcti: &str) -> Result<Self, BackendError> {
+        let conf = TctiNameConf::from_str(tcti).map_err(|e| unavailable(format!("TCTI {tcti:?}: {e}")))?;
+        let mut context =
+            Context::new(conf).map_err(|e| unavailable(format!("cannot reach the TPM at {tcti}: {e}")))?;
+        let template = primary_template().map_err(|e| failed("primary template", e))?;
+        let primary = context
+            .execute_with_nullauth_session(|ctx| ctx.create_primary(Hierarchy::Owner, template, None, None, None, None))
+            .map_err(|e: tss_esapi::Error| unavailable(format!("cannot create the storage primary key: {e}")))?
+            .key_handle;
+        let vendor = tss_esapi::utils::get_tpm_vendor(&mut context).unwrap_or_else(|_| "unknown vendor".into());
+        Ok(Self {
+            context,
+            primary,
+            vendor,
+        })
+    }
+
+    fn run(&mut self, job: Job) -> Answer {
+        match job {
+            Job::Probe => {
+                self.context
+                    .get_random(8)
+                    .map_err(|e| unavailable(format!("the TPM does not answer: {e}")))?;
+                Ok(Done::Probed)
+            }
+            Job::Generate => {
+                let template = signing_template().map_err(|e| failed("key template", e))?;
+                let primary = self.primary;
+                let made = self
+                    .context
+                    .execute_with_nullauth_session(|ctx| ctx.create(primary, template, None, None, None, None))
+                    .map_err(|e: tss_esapi::Error| failed("creating the key", e))?;
+                let spki = spki_of(&made.out_public).ok_or_else(|| failed("the new key", "not a P-256 point"))?;
+                Ok(Done::Generated {
+                    public: made.out_public.marshall().map_err(|e| failed("marshalling", e))?,
+                    private: made.out_private.value().to_vec(),
+                    spki,
+                })
+            }
+            Job::Sign {
+                public,
+                private,
+                digest,
+            } => {
+                let public = Public::unmarshall(&public).map_err(|_| BackendError::BadReference { backend: NAME })?;
+                let private = Private::try_from(private).map_err(|_| BackendError::BadReference { backend: NAME })?;
+                let digest = Digest::try_from(digest).map_err(|e| BackendError::Unsupported(e.to_string()))?;
+                let primary = self.primary;
+                let validation = TPMT_TK_HASHCHECK {
+                    tag: TPM2_ST_HASHCHECK,
+                    hierarchy: TPM2_RH_NULL,
+                    digest: Default::default(),
+                };
+                let signature = self.context.execute_with_nullauth_session(|ctx| {
+                    let key = ctx.load(primary, private, public)?;
+                    let signed = ctx.sign(
+                        key,
+                        digest,
+                        SignatureScheme::EcDsa {
+                            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+                        },
+                        validation.try_into()?,
+                    );
+                    // Flushed whatever happened: the TPM has few object slots.
+                    let _ = ctx.flush_context(key.into());
+                    signed
+                });
+                let signature = signature.map_err(|e: tss_esapi::Error| failed("signing", e))?;
+                let Signature::EcDsa(sig) = signature else {
+                    return Err(failed("signing", "the TPM answered with another signature scheme"));
+                };
+                let (r, s) = (sig.signature_r().value(), sig.signature_s().value());
+                let mut rs = [0u8; 64];
+                if r.len() > 32 || s.len() > 32 {
+                    return Err(failed("signing", "r or s longer than 32 bytes"));
+                }
+                rs[32 - r.len()..32].copy_from_slice(r);
+                rs[64 - s.len()..].copy_from_slice(s);
+                let der = p256::ecdsa::Signature::from_slice(&rs)
+                    .map_err(|e| failed("the TPM's signature", e))?
+                    .to_der();
+                Ok(Done::Signature(der.as_bytes().to_vec()))
+            }
+        }
+    }
+}
+
+/// SubjectPublicKeyInfo DER of a P-256 TPM public area.
+fn spki_of(public: &Public) -> Option<Vec<u8>> {
+    use p256::pkcs8::EncodePublicKey as _;
+    let Public::Ecc { unique, .. } = public else {
+        return None;
+    };
+    let (x, y) = (unique.x().value(), unique.y().value());
+    if x.len() > 32 || y.len() > 32 {
+        return None;
+    }
+    let mut sec1 = [0u8; 65];
+    sec1[0] = 4;
+    sec1[33 - x.len()..33].copy_from_slice(x);
+    sec1[65 - y.len()..].copy_from_slice(y);
+    let key = p256::PublicKey::from_sec1_bytes(&sec1).ok()?;
+    Some(key.to_public_key_der().ok()?.as_bytes().to_vec())
+}
+
+/// Owns the connection; reconnects on the next job after a failure.
+fn serve(tcti: &str, jobs: &mpsc::Receiver<Envelope>, health: &HealthCell) {
+    let mut connection: Option<Connection> = None;
+    loop {
+        let (job, reply) = match jobs.recv_timeout(Duration::from_secs(5)) {
+            Ok(j) => j,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // A periodic probe keeps the health current.
+                let (tx, _rx) = mpsc::sync_channel(1);
+                (Job::Probe, tx)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        if connection.is_none() {
+            match Connection::open(tcti) {
+                Ok(c) => {
+                    health.set(
+                        NAME,
+                        Health {
+                            healthy: true,
+                            detail: format!("TPM 2.0 ({}) at {tcti}", c.vendor),
+                        },
+                    );
+                    connection = Some(c);
+                }
+                Err(e) => {
+                    health.set(
+                        NAME,
+                        Health {
+                            healthy: false,
+                            detail: e.to_string(),
+                        },
+                    );
+                    let _ = reply.try_send(Err(e));
+                    continue;
+                }
+            }
+        }
+        let Some(c) = connection.as_mut() else { continue };
+        let mut answer = c.run(job);
+        if let Err(BackendError::Failed { reason, .. }) = &answer {
+            // A failure may be a lost connection: probe it now, and report
+            // the TPM as gone if it is.
+            if c.context.get_random(1).is_err() {
+                answer = Err(unavailable(format!("the TPM at {tcti} stopped answering ({reason})")));
+            }
+        }
+        if let Err(e @ BackendError::Unavailable { .. }) = &answer {
+            health.set(
+                NAME,
+                Health {
+                    healthy: false,
+                    detail: e.to_string(),
+                },
+            );
+            connection = None;
+        }
+        let _ = reply.try_send(answer);
+    }
+}
+
+impl Tpm {
+    /// Starts the TPM thread and tries to connect (the daemon starts even if
+    /// the TPM is unreachable; its keys then fail with `BackendUnavailable`).
+    ///
+    /// # Errors
+    /// The thread cannot start.
+    pub fn start(tcti: &str) -> Result<Self, String> {
+        let (tx, rx) = mpsc::channel();
+        let health = Arc::new(HealthCell::new(Health {
+            healthy: false,
+            detail: format!("connecting to the TPM at {tcti}"),
+        }));
+        let (t, h) = (tcti.to_owned(), Arc::clone(&health));
+        std::thread::Builder::new()
+            .name("hsmd-tpm".into())
+            .spawn(move || serve(&t, &rx, &h))
+            .map_err(|e| format!("cannot start the TPM thread: {e}"))?;
+        let me = Self {
+            jobs: Arc::new(Mutex::new(tx)),
+            health,
+            tcti: tcti.to_owned(),
+        };
+        if let Err(e) = me.call(Job::Probe) {
+            tracing::error!(error = %e, "the TPM is not reachable; tpm keys fail until it is");
+        }
+        Ok(me)
+    }
+
+    fn call(&self, job: Job) -> Answer {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send((job, tx))
+            .map_err(|_| unavailable("the TPM thread stopped"))?;
+        rx.recv_timeout(OP_TIMEOUT)
+            .map_err(|_| unavailable(format!("the TPM at {} did not answer within {OP_TIMEOUT:?}", self.tcti)))?
+    }
+}
+
+/// What the keystore keeps for a TPM key.
+#[derive(Serialize, Deserialize)]
+struct Reference {
+    /// TPM2B_PUBLIC, marshalled, hex.
+    public: String,
+    /// TPM2B_PRIVATE (encrypted by the TPM under the primary), hex.
+    private: String,
+    /// SubjectPublicKeyInfo DER, hex.
+    spki: String,
+}
+
+impl Backend for Tpm {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn generate(&self, key_type: KeyType, _label: KeyLabel<'_>) -> Result<NewKey, BackendError> {
+        if key_type != KeyType::EcdsaP256 {
+            return Err(BackendError::Unsupported(format!(
+                "the tpm backend makes ecdsa-p256 keys, not {}",
+                key_type.as_str()
+            )));
+        }
+        let Done::Generated { public, private, spki } = self.call(Job::Generate)? else {
+            return Err(failed("generating", "unexpected answer"));
+        };
+        let reference = serde_json::to_vec(&Reference {
+            public: hex::encode(public),
+            private: hex::encode(private),
+            spki: hex::encode(&spki),
+        })
+        .map_err(|e| failed("reference", e))?;
+        Ok(NewKey {
+            reference: Zeroizing::new(reference),
+            public: Some(spki),
+        })
+    }
+
+    fn load(&self, key_type: KeyType, reference: &[u8]) -> Result<Arc<dyn KeyHandle>, BackendError> {
+        let bad = || BackendError::BadReference { backend: NAME };
+        let r: Reference = serde_json::from_slice(reference).map_err(|_| bad())?;
+        Ok(Arc::new(TpmKey {
+            backend: self.clone(),
+            key_type,
+            public: hex::decode(r.public).map_err(|_| bad())?,
+            private: hex::decode(r.private).map_err(|_| bad())?,
+            spki: hex::decode(r.spki).map_err(|_| bad())?,
+        }))
+    }
+
+    fn health(&self) -> Health {
+        self.health.get()
+    }
+}
+
+struct TpmKey {
+    backend: Tpm,
+    key_type: KeyType,
+    public: Vec<u8>,
+    private: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+impl std::fmt::Debug for TpmKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmKey")
+            .field("key_type", &self.key_type)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TpmKey {
+    fn unsupported(&self, what: &str) -> BackendError {
+        BackendError::Unsupported(format!("a tpm {} key cannot {what}", self.key_type.as_str()))
+    }
+}
+
+impl KeyHandle for TpmKey {
+    fn key_type(&self) -> KeyType {
+        self.key_type
+    }
+
+    fn public_spki(&self) -> Option<Vec<u8>> {
+        Some(self.spki.clone())
+    }
+
+    fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, BackendError> {
+        match self.backend.call(Job::Sign {
+            public: self.public.clone(),
+            private: self.private.clone(),
+            digest: digest.to_vec(),
+        })? {
+            Done::Signature(s) => Ok(s),
+            _ => Err(failed("signing", "unexpected answer")),
+        }
+    }
+
+    fn verify(&self, digest: &[u8], signature: &[u8]) -> Result<bool, BackendError> {
+        Ok(verify_spki(self.key_type, &self.spki, digest, signature))
+    }
+
+    fn encrypt(&self, _plaintext: &[u8], _aad: &[u8]) -> Result<Vec<u8>, BackendError> {
+        Err(self.unsupported("encrypt"))
+    }
+
+    fn decrypt(&self, _sealed: &[u8], _aad: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, BackendError> {
+        Err(self.unsupported("decrypt"))
+    }
+
+    fn mac(&self, _data: &[u8]) -> Result<Vec<u8>, BackendError> {
+        Err(self.unsupported("compute a MAC"))
+    }
+
+    fn mac_verify(&self, _data: &[u8], _tag: &[u8]) -> Result<bool, BackendError> {
+        Err(self.unsupported("verify a MAC"))
+    }
+}

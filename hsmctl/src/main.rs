@@ -17,6 +17,7 @@ use crate::{backup_cmd::BackupCommand, file_cmd::FileCommand, key_cmd::KeyComman
 
 mod backup_cmd;
 mod file_cmd;
+mod hardware;
 mod key_cmd;
 mod keys;
 mod progress;
@@ -99,6 +100,9 @@ enum Command {
         /// Unlock with this 32-byte key file
         #[arg(long, value_name = "FILE")]
         keyfile: Option<PathBuf>,
+        /// Unlock with the TPM2 slots (hsmd's TPM unseals them)
+        #[arg(long, conflicts_with_all = ["passphrase_file", "keyfile"])]
+        tpm2: bool,
     },
     /// Zeroize the master key and every unlocked key now (the panic button)
     Lock,
@@ -120,6 +124,9 @@ enum Command {
     Audit(AuditCommand),
     /// The daemon's Prometheus metrics (OpenMetrics text)
     Metrics,
+    /// What security hardware this machine has (no daemon needed)
+    #[command(subcommand)]
+    Hardware(HardwareCommand),
     /// The token file store: store, retrieve, list, info, delete
     #[command(subcommand)]
     File(FileCommand),
@@ -325,16 +332,44 @@ struct NewSecretArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum HardwareCommand {
+    /// List TPMs, PKCS#11 modules with their slots and tokens, and FIDO2/U2F authenticators
+    #[command(
+        after_help = "Examples:\n  hsmctl hardware scan\n  hsmctl --json hardware scan --tcti swtpm:host=127.0.0.1,port=2321"
+    )]
+    Scan {
+        /// Also ask this TPM (a tss2 TCTI string) [env: TPM2TOOLS_TCTI]
+        #[arg(long, value_name = "TCTI", env = "TPM2TOOLS_TCTI")]
+        tcti: Option<String>,
+        /// Also probe this PKCS#11 module (repeatable)
+        #[arg(long, value_name = "PATH")]
+        module: Vec<PathBuf>,
+    },
+    /// Internal: probe one PKCS#11 module and print JSON (run by `scan` in a child process)
+    #[command(hide = true)]
+    ProbeModule {
+        /// The module
+        path: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum SlotCommand {
     /// List the unlock slots
     List,
     /// Add a slot (hsmd must be unlocked)
     #[command(
-        after_help = "Examples:\n  hsmctl slot add --label backup\n  hsmctl slot add --keyfile-out /etc/hsmd/unlock.key --label boot"
+        after_help = "Examples:\n  hsmctl slot add --label backup\n  hsmctl slot add --keyfile-out /etc/hsmd/unlock.key --label boot\n  hsmctl slot add --tpm2 --pcrs 0,7 --label measured-boot"
     )]
     Add {
         #[command(flatten)]
         secret: NewSecretArgs,
+        /// A TPM2 slot: hsmd seals a random secret in its TPM ([backends.tpm])
+        #[arg(long, conflicts_with_all = ["passphrase_file", "keyfile_out"])]
+        tpm2: bool,
+        /// With --tpm2: bind the slot to these PCRs' current values (SHA-256 bank), e.g. 0,7
+        #[arg(long, value_name = "LIST", value_delimiter = ',', requires = "tpm2")]
+        pcrs: Vec<u8>,
     },
     /// Remove a slot (never the last; hsmd must be unlocked)
     Remove {
@@ -425,6 +460,20 @@ fn connect(cli: &Cli) -> Result<Client, ClientError> {
 fn run(cli: &Cli) -> Result<(), Failure> {
     if let Command::Backup(cmd) = &cli.command {
         return backup_cmd::run(cli, cmd);
+    }
+    if let Command::Hardware(cmd) = &cli.command {
+        match cmd {
+            HardwareCommand::Scan { tcti, module } => {
+                let scan = hardware::scan(tcti.as_deref(), module);
+                if cli.json {
+                    print_json(&scan);
+                } else {
+                    hardware::print(&scan);
+                }
+            }
+            HardwareCommand::ProbeModule { path } => print_json(&hardware::probe_module(path)),
+        }
+        return Ok(());
     }
     // Secrets are gathered before connecting, so a slow typist holds no connection.
     let prepared = prepare_secret(&cli.command)?;
@@ -539,7 +588,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         },
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
-        Command::Backup(_) => return Err(Failure::Local("internal: backup handled above".into())),
+        Command::Backup(_) | Command::Hardware(_) => {
+            return Err(Failure::Local("internal: backup and hardware handled above".into()))
+        }
         Command::File(cmd) => file_cmd::run(cli.json, &mut client, cmd)?,
         Command::Metrics => match client.call(Operation::Metrics)? {
             Reply::Metrics { text } => print!("{text}"),
@@ -886,11 +937,25 @@ fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
         Ok(Prepared::NewSlot(NewSlot::Passphrase { label, passphrase }, None))
     };
     Ok(match command {
-        Command::Init { secret } | Command::Slot(SlotCommand::Add { secret }) => Some(new_slot(secret)?),
+        Command::Slot(SlotCommand::Add {
+            secret,
+            tpm2: true,
+            pcrs,
+            ..
+        }) => Some(Prepared::NewSlot(
+            NewSlot::Tpm2 {
+                label: secret.label.clone(),
+                pcrs: pcrs.clone(),
+            },
+            None,
+        )),
+        Command::Init { secret } | Command::Slot(SlotCommand::Add { secret, .. }) => Some(new_slot(secret)?),
         Command::Unlock {
             passphrase_file,
             keyfile,
+            tpm2,
         } => Some(Prepared::Unlock(match keyfile {
+            _ if *tpm2 => UnlockSecret::Tpm2,
             Some(path) => UnlockSecret::Keyfile(secrets::read_keyfile(path).map_err(Failure::Local)?),
             None => UnlockSecret::Passphrase(
                 secrets::passphrase(passphrase_file.as_deref(), "Passphrase: ").map_err(Failure::Local)?,

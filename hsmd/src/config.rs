@@ -316,6 +316,9 @@ pub struct UnlockConfig {
     /// A key file (32 bytes) to unlock with at start, for unattended boots
     /// (e.g. a systemd credential under `$CREDENTIALS_DIRECTORY`).
     pub keyfile: Option<PathBuf>,
+    /// Unlock at start from the TPM2 slots (needs `[backends.tpm]`): an
+    /// unattended boot with no passphrase; a changed PCR leaves hsmd locked.
+    pub tpm2: bool,
     /// Lock after this long without a key operation. Off when unset.
     #[serde(with = "humantime_serde")]
     pub idle_lock: Option<Duration>,
@@ -335,6 +338,7 @@ impl Default for UnlockConfig {
         let cost = crate::keystore::slots::Argon2Cost::default();
         Self {
             keyfile: None,
+            tpm2: false,
             idle_lock: None,
             max_unlocked: None,
             argon2_memory_kib: cost.memory_kib,
@@ -815,6 +819,12 @@ impl Config {
                     format!("{:?} is out of range; use at most 60s", m.latency),
                 ));
             }
+        }
+        if self.unlock.tpm2 && self.backends.tpm.is_none() {
+            return Err((
+                "unlock.tpm2",
+                "needs a TPM: add a [backends.tpm] section (its tcti says how to reach the TPM)".into(),
+            ));
         }
         if let Some(p) = &self.backends.pkcs11 {
             if p.module.as_os_str().is_empty() {

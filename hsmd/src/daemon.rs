@@ -259,6 +259,12 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     if let Some(path) = &config.unlock.keyfile {
         unlock_at_start(&vault, path);
     }
+    if config.unlock.tpm2 && vault.state() == protocol::ServiceState::Locked {
+        match vault.unlock(nix::unistd::getuid().as_raw(), &protocol::UnlockSecret::Tpm2) {
+            Ok(slot) => tracing::info!(slot, "unlocked at start by the TPM (tpm2 slot)"),
+            Err(e) => tracing::error!(error = %e, "the TPM did not unlock; staying locked (unlock with another slot)"),
+        }
+    }
 
     let gate = if eff.dev {
         AccessGate::dev(nix::unistd::getuid().as_raw())

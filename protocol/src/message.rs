@@ -923,6 +923,15 @@ pub enum NewSlot {
         /// Exactly 32 bytes; the client generates them and keeps the file.
         key: SecretBytes,
     },
+    /// Unlocked by the machine's TPM 2.0: the daemon seals a random secret in
+    /// its TPM, optionally bound to the current values of some PCRs (SHA-256
+    /// bank), so that a changed boot chain cannot unseal it.
+    Tpm2 {
+        /// Free-form label shown by `SlotList`.
+        label: String,
+        /// PCR indexes (0 to 23) to bind to; empty for none.
+        pcrs: Vec<u8>,
+    },
 }
 
 /// A secret offered to unlock.
@@ -932,6 +941,8 @@ pub enum UnlockSecret {
     Passphrase(SecretBytes),
     /// Tried against every key-file slot.
     Keyfile(SecretBytes),
+    /// Every TPM2 slot, unsealed by the daemon's TPM.
+    Tpm2,
 }
 
 impl Operation {

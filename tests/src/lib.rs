@@ -47,7 +47,7 @@ pub fn bin_dir() -> &'static Path {
                 "-p",
                 "hsmctl",
                 "--features",
-                "hsmd/tpm",
+                "hsmd/tpm,hsmctl/tpm",
                 "--target-dir",
             ])
             .arg(target_dir)
@@ -807,4 +807,35 @@ fn free_port_pair() -> u16 {
             return port;
         }
     }
+}
+
+/// A backend's health as `hsmctl --json status` reports it: (healthy, detail).
+pub fn backend_health(d: &Daemon, name: &str) -> (bool, String) {
+    let out = d.hsmctl(&["--json", "status"]);
+    assert!(out.status.success(), "hsmctl status: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let b = v["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in status: {v}"))
+        .clone();
+    (
+        b["healthy"] == true,
+        b["detail"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// The numeric rows of a benchmark table (the lines that start with a
+/// client count), each cut into its numbers.
+pub fn table_rows(text: &str) -> Vec<Vec<f64>> {
+    text.lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .collect()
 }

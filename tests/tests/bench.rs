@@ -16,15 +16,7 @@ fn benchmark_prints_hsmd_and_raw_echo_figures_side_by_side() {
         text.contains("raw echo rt/s") && text.contains("hsmd ping rt/s"),
         "{text}"
     );
-    let rows: Vec<Vec<f64>> = text
-        .lines()
-        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
-        .map(|l| {
-            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
-                .filter_map(|f| f.parse().ok())
-                .collect()
-        })
-        .collect();
+    let rows = hsmd_tests::table_rows(&text);
     assert_eq!(rows.len(), 2, "one row per client count: {text}");
     for row in rows {
         // clients, raw rt/s, p50, p99, hsmd rt/s, p50, p99, ratio
@@ -46,15 +38,7 @@ fn key_benchmark_prints_in_process_and_socket_figures_for_each_operation() {
     for op in ["ed25519 sign:", "ecdsa-p256 sign:", "aes256-gcm encrypt 4 KiB:"] {
         assert!(text.contains(op), "{op} missing: {text}");
     }
-    let rows: Vec<Vec<f64>> = text
-        .lines()
-        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
-        .map(|l| {
-            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
-                .filter_map(|f| f.parse().ok())
-                .collect()
-        })
-        .collect();
+    let rows = hsmd_tests::table_rows(&text);
     assert_eq!(rows.len(), 6, "two client counts for each of three operations: {text}");
     assert!(
         rows.iter().all(|r| r.len() == 8 && r[1] > 0.0 && r[4] > 0.0),
@@ -93,15 +77,7 @@ fn security_benchmark_compares_policy_rate_limits_and_audit_on_against_off() {
         .expect("run hsmd-bench");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<Vec<f64>> = text
-        .lines()
-        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
-        .map(|l| {
-            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
-                .filter_map(|f| f.parse().ok())
-                .collect()
-        })
-        .collect();
+    let rows = hsmd_tests::table_rows(&text);
     assert_eq!(rows.len(), 2, "{text}");
     assert!(
         rows.iter().all(|r| r.len() == 8 && r[1] > 0.0 && r[4] > 0.0),
@@ -159,15 +135,7 @@ fn backend_benchmark_signs_with_soft_pkcs11_and_tpm_keys_beside_cryptoki_directl
     for op in ["ecdsa-p256 sign:", "ed25519 sign:"] {
         assert!(text.contains(op), "{op} missing: {text}");
     }
-    let rows: Vec<Vec<f64>> = text
-        .lines()
-        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
-        .map(|l| {
-            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
-                .filter_map(|f| f.parse().ok())
-                .collect()
-        })
-        .collect();
+    let rows = hsmd_tests::table_rows(&text);
     assert_eq!(rows.len(), 4, "two client counts for each of two operations: {text}");
     // clients, soft/s, p50, pkcs11/s, p50, cryptoki/s, p50, in-process/s,
     // ratio, then tpm/s and p50 for ecdsa-p256 only

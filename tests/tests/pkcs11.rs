@@ -42,18 +42,7 @@ fn helper_pid(d: &Daemon) -> Option<i32> {
 }
 
 fn pkcs11_health(d: &Daemon) -> (bool, String) {
-    let v: serde_json::Value = serde_json::from_str(&ok(&d.hsmctl(&["--json", "status"]))).expect("json");
-    let b = v["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .find(|b| b["name"] == "pkcs11")
-        .expect("pkcs11 in status")
-        .clone();
-    (
-        b["healthy"].as_bool().expect("healthy"),
-        b["detail"].as_str().unwrap_or_default().to_owned(),
-    )
+    hsmd_tests::backend_health(d, "pkcs11")
 }
 
 fn wait_health(d: &Daemon, healthy: bool, within: Duration) -> String {

@@ -17,18 +17,7 @@ fn path(p: &Path) -> &str {
 }
 
 fn health(d: &Daemon) -> (bool, String) {
-    let v: serde_json::Value = serde_json::from_str(&ok(&d.hsmctl(&["--json", "status"]))).expect("json");
-    let b = v["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .find(|b| b["name"] == "tpm")
-        .expect("tpm in status")
-        .clone();
-    (
-        b["healthy"] == true,
-        b["detail"].as_str().unwrap_or_default().to_owned(),
-    )
+    hsmd_tests::backend_health(d, "tpm")
 }
 
 #[test]
@@ -96,4 +85,70 @@ fn a_tpm_key_signs_for_openssl_and_survives_a_tpm_reset_and_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     check(&d, "two");
+}
+
+#[test]
+fn a_tpm2_slot_unlocks_at_start_and_refuses_after_a_bound_pcr_changes() {
+    let tpm = Swtpm::start();
+    let mut d = Daemon::builder()
+        .env("TSS2_LOG", "all+NONE")
+        .unlock("tpm2", "true")
+        .extra(&format!("[backends.tpm]\ntcti = {:?}\n", tpm.tcti()))
+        .start();
+    let pass = d.dir().join("pass");
+    fs::write(&pass, "correct horse battery staple").expect("write");
+    ok(&d.hsmctl(&["init", "--passphrase-file", path(&pass)]));
+    ok(&d.hsmctl(&["key", "create", "k", "--type", "ed25519"]));
+    let out = ok(&d.hsmctl(&["slot", "add", "--tpm2", "--pcrs", "16,23", "--label", "boot"]));
+    assert!(out.contains("slot"), "{out}");
+    let list = ok(&d.hsmctl(&["slot", "list"]));
+    assert!(list.contains("tpm2, sealed to PCRs 16,23"), "{list}");
+
+    // An unattended start: the TPM unlocks, no passphrase.
+    d.restart(false);
+    let status = ok(&d.hsmctl(&["status"]));
+    assert!(status.contains("state:        unlocked"), "{status}\n{}", d.log());
+    assert!(d.log().contains("unlocked at start by the TPM"));
+    ok(&d.hsmctl(&["sign", "k", "-i", path(&pass), "-o", path(&d.dir().join("s1"))]));
+    // And on request, after a lock.
+    ok(&d.hsmctl(&["lock"]));
+    ok(&d.hsmctl(&["unlock", "--tpm2"]));
+
+    // Extending a bound PCR (as a changed boot chain would) makes the slot refuse.
+    let ext = std::process::Command::new("tpm2_pcrextend")
+        .arg(format!("16:sha256={}", "ab".repeat(32)))
+        .env("TPM2TOOLS_TCTI", tpm.tcti())
+        .env("TSS2_LOG", "all+NONE")
+        .output()
+        .expect("run tpm2_pcrextend (Debian tpm2-tools)");
+    assert!(ext.status.success(), "{ext:?}");
+    d.restart(false);
+    let status = ok(&d.hsmctl(&["status"]));
+    assert!(status.contains("state:        locked"), "{status}");
+    assert!(d.log().contains("the TPM did not unlock"), "{}", d.log());
+    let out = d.hsmctl(&["unlock", "--tpm2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("(unlock-failed)") && err.contains("PCR") && err.contains("another slot"),
+        "{err}"
+    );
+    // The passphrase still works.
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&d.hsmctl(&["unlock", "--passphrase-file", path(&pass)]));
+    ok(&d.hsmctl(&["sign", "k", "-i", path(&pass), "-o", path(&d.dir().join("s2"))]));
+}
+
+#[test]
+fn tpm2_slots_need_a_configured_tpm() {
+    let d = Daemon::builder().start();
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&d.dir().join("k"))]));
+    let out = d.hsmctl(&["slot", "add", "--tpm2"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no TPM is configured"),
+        "{out:?}"
+    );
+    ok(&d.hsmctl(&["lock"]));
+    let out = d.hsmctl(&["unlock", "--tpm2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("(unlock-failed)") && err.contains("no tpm2 slot"), "{err}");
 }

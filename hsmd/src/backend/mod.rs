@@ -182,11 +182,30 @@ pub trait KeyHandle: Send + Sync + fmt::Debug {
     fn mac_verify(&self, data: &[u8], tag: &[u8]) -> Result<bool, BackendError>;
 }
 
+/// Seals small secrets to this machine's TPM, for TPM2 unlock slots.
+pub trait Sealer: Send + Sync + fmt::Debug {
+    /// Seals `secret`, bound to the current values of `pcrs` (SHA-256 bank;
+    /// none: no PCR policy); returns the sealed object's public and private
+    /// blobs.
+    ///
+    /// # Errors
+    /// The TPM is unreachable or refuses.
+    fn seal(&self, secret: &[u8], pcrs: &[u8]) -> Result<(Vec<u8>, Vec<u8>), BackendError>;
+
+    /// Unseals what [`Sealer::seal`] made; fails if a bound PCR changed.
+    ///
+    /// # Errors
+    /// The TPM is unreachable, the blobs are not this TPM's, or the PCR
+    /// policy fails.
+    fn unseal(&self, public: &[u8], private: &[u8], pcrs: &[u8]) -> Result<Zeroizing<Vec<u8>>, BackendError>;
+}
+
 /// The configured backends; `soft` is always there.
 #[derive(Debug, Clone)]
 pub struct Backends {
     default: &'static str,
     list: Vec<Arc<dyn Backend>>,
+    sealer: Option<Arc<dyn Sealer>>,
 }
 
 impl Default for Backends {
@@ -194,6 +213,7 @@ impl Default for Backends {
         Self {
             default: soft::NAME,
             list: vec![Arc::new(soft::Soft)],
+            sealer: None,
         }
     }
 }
@@ -213,7 +233,17 @@ impl Backends {
                 list.iter().map(|b| b.name()).collect::<Vec<_>>().join(", ")
             ));
         };
-        Ok(Self { default, list })
+        Ok(Self {
+            default,
+            list,
+            sealer: None,
+        })
+    }
+
+    /// The TPM sealer for TPM2 slots, when a TPM is configured.
+    #[must_use]
+    pub fn sealer(&self) -> Option<&Arc<dyn Sealer>> {
+        self.sealer.as_ref()
     }
 
     /// The backend called `name`.
@@ -268,6 +298,8 @@ impl Backends {
 /// A backend that cannot start, or a default that names none.
 pub fn from_config(config: &crate::config::BackendsConfig) -> Result<Backends, String> {
     let mut others: Vec<Arc<dyn Backend>> = Vec::new();
+    #[cfg_attr(not(feature = "tpm"), allow(unused_mut))]
+    let mut sealer: Option<Arc<dyn Sealer>> = None;
     if let Some(m) = &config.mock {
         tracing::warn!("the mock backend is on: it injects delays and failures (development only)");
         others.push(Arc::new(mock::Mock::new(mock::Injection {
@@ -280,7 +312,11 @@ pub fn from_config(config: &crate::config::BackendsConfig) -> Result<Backends, S
     }
     if let Some(t) = &config.tpm {
         #[cfg(feature = "tpm")]
-        others.push(Arc::new(tpm::Tpm::start(&t.tcti)?));
+        {
+            let tpm = Arc::new(tpm::Tpm::start(&t.tcti)?);
+            sealer = Some(Arc::clone(&tpm) as Arc<dyn Sealer>);
+            others.push(tpm);
+        }
         #[cfg(not(feature = "tpm"))]
         return Err(format!(
             "[backends.tpm] (tcti {:?}) is configured, but this hsmd was built without TPM support; \
@@ -288,7 +324,9 @@ pub fn from_config(config: &crate::config::BackendsConfig) -> Result<Backends, S
             t.tcti
         ));
     }
-    Backends::new(&config.default, others)
+    let mut backends = Backends::new(&config.default, others)?;
+    backends.sealer = sealer;
+    Ok(backends)
 }
 
 /// Every backend name hsmd knows, for audit lines and metrics labels.

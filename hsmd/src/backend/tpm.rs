@@ -22,15 +22,18 @@ use serde::{Deserialize, Serialize};
 use tss_esapi::{
     attributes::ObjectAttributesBuilder,
     constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK},
+    constants::SessionType,
     handles::KeyHandle as TpmHandle,
+    interface_types::session_handles::PolicySession,
     interface_types::{
         algorithm::{HashingAlgorithm, PublicAlgorithm},
         ecc::EccCurve,
         resource_handles::Hierarchy,
     },
     structures::{
-        Digest, EccPoint, EccScheme, HashScheme, Private, Public, PublicBuilder, PublicEccParametersBuilder, Signature,
-        SignatureScheme, SymmetricDefinitionObject,
+        Digest, EccPoint, EccScheme, HashScheme, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot,
+        Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
+        Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
     },
     tcti_ldr::TctiNameConf,
     traits::{Marshall as _, UnMarshall as _},
@@ -54,6 +57,15 @@ enum Job {
         private: Vec<u8>,
         digest: Vec<u8>,
     },
+    Seal {
+        secret: Zeroizing<Vec<u8>>,
+        pcrs: Vec<u8>,
+    },
+    Unseal {
+        public: Vec<u8>,
+        private: Vec<u8>,
+        pcrs: Vec<u8>,
+    },
     Probe,
 }
 
@@ -68,6 +80,11 @@ enum Done {
         spki: Vec<u8>,
     },
     Signature(Vec<u8>),
+    Sealed {
+        public: Vec<u8>,
+        private: Vec<u8>,
+    },
+    Unsealed(Zeroizing<Vec<u8>>),
     Probed,
 }
 
@@ -150,6 +167,54 @@ fn signing_template() -> Result<Public, tss_esapi::Error> {
         .build()
 }
 
+/// The SHA-256 bank selection of `pcrs`.
+fn pcr_selection(pcrs: &[u8]) -> Result<PcrSelectionList, BackendError> {
+    let slots = pcrs
+        .iter()
+        .map(|&i| {
+            if i > 23 {
+                return Err(BackendError::Unsupported(format!(
+                    "PCR {i} does not exist; use 0 to 23"
+                )));
+            }
+            PcrSlot::try_from(1u32 << i).map_err(|e| BackendError::Unsupported(format!("PCR {i}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    PcrSelectionListBuilder::new()
+        .with_selection(HashingAlgorithm::Sha256, &slots)
+        .build()
+        .map_err(|e| BackendError::Unsupported(format!("PCR selection: {e}")))
+}
+
+/// A policy session (a trial one to compute a digest) that has run
+/// TPM2_PolicyPCR over the current values of `pcrs`.
+fn pcr_policy(context: &mut Context, pcrs: &[u8], trial: bool) -> Result<PolicySession, BackendError> {
+    let selection = pcr_selection(pcrs)?;
+    let session = context
+        .start_auth_session(
+            None,
+            None,
+            None,
+            if trial { SessionType::Trial } else { SessionType::Policy },
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )
+        .map_err(|e| failed("starting a policy session", e))?
+        .ok_or_else(|| failed("starting a policy session", "no session"))?;
+    let policy = PolicySession::try_from(session).map_err(|e| failed("policy session", e))?;
+    // An empty digest: the TPM uses the PCRs' values now.
+    if let Err(e) = context.policy_pcr(policy, Digest::default(), selection) {
+        let _ = context.flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+        return Err(failed("PolicyPCR", e));
+    }
+    Ok(policy)
+}
+
+fn flush_session(context: &mut Context, policy: PolicySession) {
+    let session: tss_esapi::interface_types::session_handles::AuthSession = policy.into();
+    let _ = context.flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+}
+
 /// A connection to the TPM with its primary key loaded.
 struct Connection {
     context: Context,
@@ -196,6 +261,77 @@ impl Connection {
                     private: made.out_private.value().to_vec(),
                     spki,
                 })
+            }
+            Job::Seal { secret, pcrs } => {
+                let policy = if pcrs.is_empty() {
+                    None
+                } else {
+                    let session = pcr_policy(&mut self.context, &pcrs, true)?;
+                    let digest = self.context.policy_get_digest(session);
+                    flush_session(&mut self.context, session);
+                    Some(digest.map_err(|e| failed("reading the policy digest", e))?)
+                };
+                let attributes = ObjectAttributesBuilder::new()
+                    .with_fixed_tpm(true)
+                    .with_fixed_parent(true)
+                    .with_no_da(true)
+                    // With a PCR policy, only the policy opens it.
+                    .with_user_with_auth(policy.is_none())
+                    .build()
+                    .map_err(|e| failed("sealed object attributes", e))?;
+                let mut builder = PublicBuilder::new()
+                    .with_public_algorithm(PublicAlgorithm::KeyedHash)
+                    .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+                    .with_object_attributes(attributes)
+                    .with_keyed_hash_parameters(PublicKeyedHashParameters::new(KeyedHashScheme::Null))
+                    .with_keyed_hash_unique_identifier(Digest::default());
+                if let Some(p) = policy {
+                    builder = builder.with_auth_policy(p);
+                }
+                let template = builder.build().map_err(|e| failed("sealed object template", e))?;
+                let data = SensitiveData::try_from(secret.to_vec()).map_err(|e| failed("secret", e))?;
+                let primary = self.primary;
+                let made = self
+                    .context
+                    .execute_with_nullauth_session(|ctx| ctx.create(primary, template, None, Some(data), None, None))
+                    .map_err(|e: tss_esapi::Error| failed("sealing", e))?;
+                Ok(Done::Sealed {
+                    public: made.out_public.marshall().map_err(|e| failed("marshalling", e))?,
+                    private: made.out_private.value().to_vec(),
+                })
+            }
+            Job::Unseal { public, private, pcrs } => {
+                let public = Public::unmarshall(&public).map_err(|_| BackendError::BadReference { backend: NAME })?;
+                let private = Private::try_from(private).map_err(|_| BackendError::BadReference { backend: NAME })?;
+                let primary = self.primary;
+                let key = self
+                    .context
+                    .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
+                    .map_err(|e: tss_esapi::Error| failed("loading the sealed secret (not this TPM's?)", e))?;
+                let result = if pcrs.is_empty() {
+                    self.context
+                        .execute_with_nullauth_session(|ctx| ctx.unseal(key.into()))
+                        .map_err(|e: tss_esapi::Error| failed("unsealing", e))
+                } else {
+                    match pcr_policy(&mut self.context, &pcrs, false) {
+                        Ok(policy) => {
+                            let r = self
+                                .context
+                                .execute_with_session(Some(policy.into()), |ctx| ctx.unseal(key.into()))
+                                .map_err(|e| {
+                                    failed(
+                                        "unsealing (a PCR the slot is bound to has changed since it was sealed)",
+                                        e,
+                                    )
+                                });
+                            flush_session(&mut self.context, policy);
+                            r
+                        }
+                        Err(e) => Err(e),
+                    }
+                };
+                let _ = self.context.flush_context(key.into());
+                Ok(Done::Unsealed(Zeroizing::new(result?.value().to_vec())))
             }
             Job::Sign {
                 public,
@@ -373,6 +509,29 @@ struct Reference {
     private: String,
     /// SubjectPublicKeyInfo DER, hex.
     spki: String,
+}
+
+impl super::Sealer for Tpm {
+    fn seal(&self, secret: &[u8], pcrs: &[u8]) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
+        match self.call(Job::Seal {
+            secret: Zeroizing::new(secret.to_vec()),
+            pcrs: pcrs.to_vec(),
+        })? {
+            Done::Sealed { public, private } => Ok((public, private)),
+            _ => Err(failed("sealing", "unexpected answer")),
+        }
+    }
+
+    fn unseal(&self, public: &[u8], private: &[u8], pcrs: &[u8]) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        match self.call(Job::Unseal {
+            public: public.to_vec(),
+            private: private.to_vec(),
+            pcrs: pcrs.to_vec(),
+        })? {
+            Done::Unsealed(s) => Ok(s),
+            _ => Err(failed("unsealing", "unexpected answer")),
+        }
+    }
 }
 
 impl Backend for Tpm {

@@ -281,7 +281,7 @@ impl Vault {
             (Some(params), UnlockSecret::Passphrase(p)) => params
                 .derive(p.expose())
                 .map_err(|e| damaged(format!("its key derivation: {e}")))?,
-            (Some(_), UnlockSecret::Keyfile(_)) => {
+            (Some(_), UnlockSecret::Keyfile(_) | UnlockSecret::Tpm2) => {
                 return Err(VaultError::Invalid(
                     "this backup is protected by a backup passphrase; give it with --passphrase-file".into(),
                 ))
@@ -301,12 +301,16 @@ impl Vault {
                         })
                     })
                     .collect::<Result<_, VaultError>>()?;
-                let (kind, bytes) = match secret {
-                    UnlockSecret::Passphrase(p) => ("passphrase", p.expose()),
-                    UnlockSecret::Keyfile(k) => ("keyfile", k.expose()),
-                };
                 let store_id = hex_decode("store id", &h.manifest.store_id)?;
-                match open_master(&store_id, &rows, kind, bytes)? {
+                let (kind, opened) = match secret {
+                    UnlockSecret::Passphrase(p) => {
+                        ("passphrase", open_master(&store_id, &rows, "passphrase", p.expose())?)
+                    }
+                    UnlockSecret::Keyfile(k) => ("keyfile", open_master(&store_id, &rows, "keyfile", k.expose())?),
+                    // The backup's TPM2 slots open on the machine whose TPM sealed them.
+                    UnlockSecret::Tpm2 => ("tpm2", self.open_tpm2(&store_id, &rows)?),
+                };
+                match opened {
                     Some((_, master)) => master_backup_key(&master, &hex_decode("salt", &h.salt)?),
                     None => {
                         self.record_failure(uid);

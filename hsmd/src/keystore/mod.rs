@@ -119,6 +119,9 @@ pub enum VaultError {
     /// The key's backend could not do it.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// No TPM2 slot could be unsealed, and why.
+    #[error("no tpm2 slot unlocks: {0}")]
+    Tpm2Refused(String),
 }
 
 impl VaultError {
@@ -133,7 +136,7 @@ impl VaultError {
             Self::NotInitialized => ErrorCode::NotInitialized,
             Self::AlreadyInitialized => ErrorCode::AlreadyInitialized,
             Self::Locked => ErrorCode::Locked,
-            Self::UnlockFailed { .. } | Self::BackupSecret(_) => ErrorCode::UnlockFailed,
+            Self::UnlockFailed { .. } | Self::BackupSecret(_) | Self::Tpm2Refused(_) => ErrorCode::UnlockFailed,
             Self::Backoff { .. } => ErrorCode::RateLimited,
             Self::NoSuchSlot(_) => ErrorCode::NotFound,
             Self::LastSlot(_) => ErrorCode::FailedPrecondition,
@@ -282,44 +285,57 @@ fn open_master(
     secret: &[u8],
 ) -> Result<Option<(u32, Key256)>, VaultError> {
     for row in rows.iter().filter(|r| r.kind == kind) {
-        let params: SlotParams = match serde_json::from_str(&row.params) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(slot = row.id, error = %e, "keystore record tampered: slot parameters unreadable");
-                continue;
-            }
-        };
-        if params.kind() != row.kind {
-            tracing::error!(
-                slot = row.id,
-                "keystore record tampered: slot kind and parameters disagree"
-            );
-            continue;
+        if let Some(master) = open_slot(store_id, row, |_| Ok(Zeroizing::new(secret.to_vec())))? {
+            return Ok(Some((row.id, master)));
         }
-        let kek = match params.derive(secret) {
-            Ok(k) => k,
-            Err(SlotError::BadSecret(why)) => return Err(VaultError::Invalid(why)),
-            Err(SlotError::BadParams(why)) => {
-                tracing::error!(slot = row.id, why, "keystore record tampered: slot parameters refused");
-                continue;
-            }
-        };
-        let aad = slot_aad(store_id, &row.kind, &row.params);
-        let Ok(opened) = crypto::open(&kek, &row.wrapped, &aad) else {
-            continue;
-        };
-        let Ok(master) = <[u8; 32]>::try_from(opened.as_slice()) else {
-            return Err(VaultError::Tampered(format!(
-                "slot {} holds a master key of the wrong size",
-                row.id
-            )));
-        };
-        return Ok(Some((row.id, Zeroizing::new(master))));
     }
     Ok(None)
 }
 
-/// Associated data binding a sealed master key to its keystore and slot.
+/// Opens one slot's sealed master key with the secret `secret_for` gives for
+/// its parameters (the TPM2 slots' secret comes out of the TPM); `None` if the
+/// secret does not open it.
+fn open_slot(
+    store_id: &[u8],
+    row: &SlotRow,
+    secret_for: impl FnOnce(&SlotParams) -> Result<Zeroizing<Vec<u8>>, VaultError>,
+) -> Result<Option<Key256>, VaultError> {
+    let params: SlotParams = match serde_json::from_str(&row.params) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(slot = row.id, error = %e, "keystore record tampered: slot parameters unreadable");
+            return Ok(None);
+        }
+    };
+    if params.kind() != row.kind {
+        tracing::error!(
+            slot = row.id,
+            "keystore record tampered: slot kind and parameters disagree"
+        );
+        return Ok(None);
+    }
+    let secret = secret_for(&params)?;
+    let kek = match params.derive(&secret) {
+        Ok(k) => k,
+        Err(SlotError::BadSecret(why)) => return Err(VaultError::Invalid(why)),
+        Err(SlotError::BadParams(why)) => {
+            tracing::error!(slot = row.id, why, "keystore record tampered: slot parameters refused");
+            return Ok(None);
+        }
+    };
+    let aad = slot_aad(store_id, &row.kind, &row.params);
+    let Ok(opened) = crypto::open(&kek, &row.wrapped, &aad) else {
+        return Ok(None);
+    };
+    let Ok(master) = <[u8; 32]>::try_from(opened.as_slice()) else {
+        return Err(VaultError::Tampered(format!(
+            "slot {} holds a master key of the wrong size",
+            row.id
+        )));
+    };
+    Ok(Some(Zeroizing::new(master)))
+}
+
 fn slot_aad(store_id: &[u8], kind: &str, params: &str) -> Vec<u8> {
     let mut aad = b"hsmd master key v1\0".to_vec();
     aad.extend_from_slice(store_id);
@@ -421,12 +437,13 @@ impl Vault {
         let _gate = lock(&self.kdf_gate);
         self.check_backoff(uid)?;
         let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
-        let (kind, bytes) = match secret {
-            UnlockSecret::Passphrase(p) => ("passphrase", p.expose()),
-            UnlockSecret::Keyfile(k) => ("keyfile", k.expose()),
-        };
         let rows = lock(&self.store).slots()?;
-        if let Some((slot, master)) = open_master(&store_id, &rows, kind, bytes)? {
+        let (kind, opened) = match secret {
+            UnlockSecret::Passphrase(p) => ("passphrase", open_master(&store_id, &rows, "passphrase", p.expose())?),
+            UnlockSecret::Keyfile(k) => ("keyfile", open_master(&store_id, &rows, "keyfile", k.expose())?),
+            UnlockSecret::Tpm2 => ("tpm2", self.open_tpm2(&store_id, &rows)?),
+        };
+        if let Some((slot, master)) = opened {
             lock(&self.failures).remove(&uid);
             let now = Instant::now();
             {
@@ -447,6 +464,53 @@ impl Vault {
         }
         self.record_failure(uid);
         Err(VaultError::UnlockFailed { kind })
+    }
+
+    /// Tries every TPM2 slot: the TPM unseals its secret (refusing where a
+    /// bound PCR changed). Refusals are logged and named if none opens.
+    pub(super) fn open_tpm2(&self, store_id: &[u8], rows: &[SlotRow]) -> Result<Option<(u32, Key256)>, VaultError> {
+        let tpm2: Vec<&SlotRow> = rows.iter().filter(|r| r.kind == "tpm2").collect();
+        if tpm2.is_empty() {
+            return Err(VaultError::Tpm2Refused(
+                "this keystore has no tpm2 slot; `hsmctl slot list` shows its slots".into(),
+            ));
+        }
+        let Some(sealer) = self.backends.sealer() else {
+            return Err(VaultError::Tpm2Refused(
+                "no TPM is configured ([backends.tpm]), so no tpm2 slot can be unsealed".into(),
+            ));
+        };
+        let mut refusals = Vec::new();
+        for row in tpm2 {
+            let opened = open_slot(store_id, row, |params| {
+                let SlotParams::Tpm2 {
+                    pcrs, public, private, ..
+                } = params
+                else {
+                    return Err(VaultError::Tampered(format!("slot {} is not a tpm2 slot", row.id)));
+                };
+                let (public, private) = (
+                    hex::decode(public).map_err(|e| VaultError::Tampered(format!("slot {}: {e}", row.id)))?,
+                    hex::decode(private).map_err(|e| VaultError::Tampered(format!("slot {}: {e}", row.id)))?,
+                );
+                sealer
+                    .unseal(&public, &private, pcrs)
+                    .map_err(|e| VaultError::Tpm2Refused(format!("slot {}: {e}", row.id)))
+            });
+            match opened {
+                Ok(Some(master)) => return Ok(Some((row.id, master))),
+                Ok(None) => refusals.push(format!("slot {}: the unsealed secret does not open it", row.id)),
+                Err(VaultError::Tpm2Refused(why)) => {
+                    tracing::warn!(slot = row.id, reason = %why, "tpm2 slot refused");
+                    refusals.push(why);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(VaultError::Tpm2Refused(format!(
+            "{}; unlock with another slot (passphrase or key file)",
+            refusals.join("; ")
+        )))
     }
 
     /// Refuses while `uid` must still wait after a wrong secret.
@@ -636,13 +700,36 @@ impl Vault {
                     cost: self.cost,
                     salt: hex::encode(crypto::random::<16>()?),
                 };
-                (label, params, passphrase.expose())
+                (label, params, Zeroizing::new(passphrase.expose().to_vec()))
             }
             NewSlot::Keyfile { label, key } => {
                 let params = SlotParams::HkdfSha256 {
                     salt: hex::encode(crypto::random::<16>()?),
                 };
-                (label, params, key.expose())
+                (label, params, Zeroizing::new(key.expose().to_vec()))
+            }
+            NewSlot::Tpm2 { label, pcrs } => {
+                let Some(sealer) = self.backends.sealer() else {
+                    return Err(VaultError::Invalid(
+                        "no TPM is configured: add a [backends.tpm] section (and build hsmd with --features tpm)"
+                            .into(),
+                    ));
+                };
+                let mut pcrs = pcrs.clone();
+                pcrs.sort_unstable();
+                pcrs.dedup();
+                if let Some(bad) = pcrs.iter().find(|&&p| p > 23) {
+                    return Err(VaultError::Invalid(format!("PCR {bad} does not exist; use 0 to 23")));
+                }
+                let secret = Zeroizing::new(crypto::random::<32>()?.to_vec());
+                let (public, private) = sealer.seal(&secret, &pcrs)?;
+                let params = SlotParams::Tpm2 {
+                    salt: hex::encode(crypto::random::<16>()?),
+                    pcrs,
+                    public: hex::encode(public),
+                    private: hex::encode(private),
+                };
+                (label, params, secret)
             }
         };
         if label.len() > MAX_LABEL || label.chars().any(char::is_control) {
@@ -652,7 +739,7 @@ impl Vault {
         }
         let kek = {
             let _gate = lock(&self.kdf_gate);
-            params.derive(secret).map_err(|e| VaultError::Invalid(e.to_string()))?
+            params.derive(&secret).map_err(|e| VaultError::Invalid(e.to_string()))?
         };
         let json = serde_json::to_string(&params).map_err(|e| VaultError::Invalid(e.to_string()))?;
         let kind = params.kind();

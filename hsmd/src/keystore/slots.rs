@@ -1,7 +1,7 @@
 //! Unlock slots, as LUKS2 has them: the master key is stored once per slot,
 //! sealed under a key derived from that slot's secret. Each kind of slot is one
-//! variant of [`SlotParams`]; TPM2 and FIDO2 slots will be further variants with
-//! their own derivation.
+//! variant of [`SlotParams`]: passphrase (Argon2id), key file and TPM2 (HKDF
+//! over 32 random bytes, for TPM2 sealed in the TPM).
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use hkdf::Hkdf;
@@ -96,6 +96,18 @@ pub enum SlotParams {
         /// 16 random bytes, hex.
         salt: String,
     },
+    /// 32 random bytes sealed in the TPM (the blobs below, which only that
+    /// TPM can load), expanded with HKDF-SHA256.
+    Tpm2 {
+        /// 16 random bytes, hex.
+        salt: String,
+        /// PCRs (SHA-256 bank) the sealed secret is bound to.
+        pcrs: Vec<u8>,
+        /// The sealed object's public area, marshalled, hex.
+        public: String,
+        /// Its private blob, hex.
+        private: String,
+    },
 }
 
 /// Why a slot key could not be derived.
@@ -116,6 +128,7 @@ impl SlotParams {
         match self {
             Self::Argon2id { .. } => "passphrase",
             Self::HkdfSha256 { .. } => "keyfile",
+            Self::Tpm2 { .. } => "tpm2",
         }
     }
 
@@ -128,12 +141,17 @@ impl SlotParams {
                 cost.memory_kib, cost.iterations, cost.parallelism
             ),
             Self::HkdfSha256 { .. } => "hkdf-sha256".to_owned(),
+            Self::Tpm2 { pcrs, .. } if pcrs.is_empty() => "tpm2, no PCR policy".to_owned(),
+            Self::Tpm2 { pcrs, .. } => format!(
+                "tpm2, sealed to PCRs {}",
+                pcrs.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+            ),
         }
     }
 
     fn salt(&self) -> Result<Vec<u8>, SlotError> {
         let hex = match self {
-            Self::Argon2id { salt, .. } | Self::HkdfSha256 { salt } => salt,
+            Self::Argon2id { salt, .. } | Self::HkdfSha256 { salt } | Self::Tpm2 { salt, .. } => salt,
         };
         let salt = hex::decode(hex).map_err(|e| SlotError::BadParams(format!("salt: {e}")))?;
         if salt.len() != 16 {
@@ -161,15 +179,19 @@ impl SlotParams {
                     .hash_password_into(secret, &salt, out.as_mut())
                     .map_err(|e| SlotError::BadParams(e.to_string()))?;
             }
-            Self::HkdfSha256 { .. } => {
+            Self::HkdfSha256 { .. } | Self::Tpm2 { .. } => {
+                let (what, info): (&str, &[u8]) = match self {
+                    Self::Tpm2 { .. } => ("a TPM2 slot's sealed secret", b"hsmd tpm2 slot v1"),
+                    _ => ("a key file", b"hsmd keyfile slot v1"),
+                };
                 if secret.len() != 32 {
                     return Err(SlotError::BadSecret(format!(
-                        "a key file holds exactly 32 bytes; this one has {}",
+                        "{what} holds exactly 32 bytes; this one has {}",
                         secret.len()
                     )));
                 }
                 Hkdf::<Sha256>::new(Some(&salt), secret)
-                    .expand(b"hsmd keyfile slot v1", out.as_mut())
+                    .expand(info, out.as_mut())
                     .map_err(|e| SlotError::BadParams(e.to_string()))?;
             }
         }

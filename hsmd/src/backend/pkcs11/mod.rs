@@ -405,9 +405,18 @@ fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>
                     backoff = BACKOFF_MIN;
                 }
             }
-            Err(why) if why.starts_with(PIN_REFUSED) => {
-                let why = format!("{why}; hsmd will not try it again until restarted, so as not to lock the token");
-                tracing::error!(error = %why, "the PKCS#11 token refused the PIN");
+            Err(why) => {
+                // A refused PIN is not retried: each try counts against the
+                // token's retry limit.
+                let give_up = why.starts_with(PIN_REFUSED);
+                let why = if give_up {
+                    let why = format!("{why}; hsmd will not try it again until restarted, so as not to lock the token");
+                    tracing::error!(error = %why, "the PKCS#11 token refused the PIN");
+                    why
+                } else {
+                    tracing::error!(error = %why, retry_in = ?backoff, "the PKCS#11 token cannot be opened");
+                    why
+                };
                 me.health.set(
                     NAME,
                     Health {
@@ -419,20 +428,8 @@ fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>
                 if let Some(tx) = first.take() {
                     let _ = tx.send(());
                 }
-                return;
-            }
-            Err(why) => {
-                tracing::error!(error = %why, retry_in = ?backoff, "the PKCS#11 token cannot be opened");
-                me.health.set(
-                    NAME,
-                    Health {
-                        healthy: false,
-                        detail: why,
-                    },
-                );
-                me.set_conn(None);
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(());
+                if give_up {
+                    return;
                 }
             }
         }

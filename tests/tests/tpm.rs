@@ -56,6 +56,13 @@ fn a_tpm_key_signs_for_openssl_and_survives_a_tpm_reset_and_a_restart() {
         assert!(!openssl_verifies("ecdsa-p256", &public, &data, &sig));
     };
     check(&d, "one");
+    // Two keys taking turns (hsmd keeps one loaded in the TPM and swaps).
+    ok(&d.hsmctl(&["key", "create", "boot2", "--type", "ecdsa-p256", "--backend", "tpm"]));
+    for (i, name) in ["boot2", "boot", "boot2", "boot"].iter().enumerate() {
+        let sig = d.dir().join(format!("turn{i}.sig"));
+        ok(&d.hsmctl(&["sign", name, "-i", path(&data), "-o", path(&sig)]));
+        ok(&d.hsmctl(&["verify", name, "-i", path(&data), "-s", path(&sig)]));
+    }
 
     // The TPM goes away: unavailable, red, and the soft backend still works.
     tpm.stop();

@@ -219,6 +219,12 @@ fn flush_session(context: &mut Context, policy: PolicySession) {
 struct Connection {
     context: Context,
     primary: TpmHandle,
+    /// One HMAC session kept for the connection's life (a fresh one per
+    /// command would cost two more TPM commands each time).
+    session: tss_esapi::interface_types::session_handles::AuthSession,
+    /// The last signing key loaded (its private blob and handle), kept
+    /// loaded so repeated signatures with one key are one TPM command.
+    hot: Option<(Vec<u8>, TpmHandle)>,
     vendor: String,
 }
 
@@ -233,11 +239,58 @@ impl Connection {
             .map_err(|e: tss_esapi::Error| unavailable(format!("cannot create the storage primary key: {e}")))?
             .key_handle;
         let vendor = tss_esapi::utils::get_tpm_vendor(&mut context).unwrap_or_else(|_| "unknown vendor".into());
+        let session = context
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Hmac,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(|e| unavailable(format!("cannot start a TPM session: {e}")))?
+            .ok_or_else(|| unavailable("the TPM gave no session"))?;
+        let (attributes, mask) = tss_esapi::attributes::SessionAttributesBuilder::new()
+            .with_continue_session(true)
+            .with_decrypt(true)
+            .with_encrypt(true)
+            .build();
+        context
+            .tr_sess_set_attributes(session, attributes, mask)
+            .map_err(|e| unavailable(format!("cannot set up the TPM session: {e}")))?;
         Ok(Self {
             context,
             primary,
+            session,
+            hot: None,
             vendor,
         })
+    }
+
+    /// Runs `f` with the connection's HMAC session.
+    fn authed<T>(&mut self, f: impl FnOnce(&mut Context) -> tss_esapi::Result<T>) -> tss_esapi::Result<T> {
+        self.context.execute_with_session(Some(self.session), f)
+    }
+
+    /// The loaded handle of a signing key, loading it (and flushing the one
+    /// loaded before) if it is not the hot one.
+    fn loaded(&mut self, public: &[u8], private: Vec<u8>) -> Result<TpmHandle, BackendError> {
+        if let Some((blob, handle)) = &self.hot {
+            if *blob == private {
+                return Ok(*handle);
+            }
+        }
+        if let Some((_, old)) = self.hot.take() {
+            let _ = self.context.flush_context(old.into());
+        }
+        let public = Public::unmarshall(public).map_err(|_| BackendError::BadReference { backend: NAME })?;
+        let blob = Private::try_from(private.clone()).map_err(|_| BackendError::BadReference { backend: NAME })?;
+        let primary = self.primary;
+        let handle = self
+            .authed(|ctx| ctx.load(primary, blob, public))
+            .map_err(|e| failed("loading the key (not this TPM's?)", e))?;
+        self.hot = Some((private, handle));
+        Ok(handle)
     }
 
     fn run(&mut self, job: Job) -> Answer {
@@ -252,9 +305,8 @@ impl Connection {
                 let template = signing_template().map_err(|e| failed("key template", e))?;
                 let primary = self.primary;
                 let made = self
-                    .context
-                    .execute_with_nullauth_session(|ctx| ctx.create(primary, template, None, None, None, None))
-                    .map_err(|e: tss_esapi::Error| failed("creating the key", e))?;
+                    .authed(|ctx| ctx.create(primary, template, None, None, None, None))
+                    .map_err(|e| failed("creating the key", e))?;
                 let spki = spki_of(&made.out_public).ok_or_else(|| failed("the new key", "not a P-256 point"))?;
                 Ok(Done::Generated {
                     public: made.out_public.marshall().map_err(|e| failed("marshalling", e))?,
@@ -292,9 +344,8 @@ impl Connection {
                 let data = SensitiveData::try_from(secret.to_vec()).map_err(|e| failed("secret", e))?;
                 let primary = self.primary;
                 let made = self
-                    .context
-                    .execute_with_nullauth_session(|ctx| ctx.create(primary, template, None, Some(data), None, None))
-                    .map_err(|e: tss_esapi::Error| failed("sealing", e))?;
+                    .authed(|ctx| ctx.create(primary, template, None, Some(data), None, None))
+                    .map_err(|e| failed("sealing", e))?;
                 Ok(Done::Sealed {
                     public: made.out_public.marshall().map_err(|e| failed("marshalling", e))?,
                     private: made.out_private.value().to_vec(),
@@ -305,13 +356,11 @@ impl Connection {
                 let private = Private::try_from(private).map_err(|_| BackendError::BadReference { backend: NAME })?;
                 let primary = self.primary;
                 let key = self
-                    .context
-                    .execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
-                    .map_err(|e: tss_esapi::Error| failed("loading the sealed secret (not this TPM's?)", e))?;
+                    .authed(|ctx| ctx.load(primary, private, public))
+                    .map_err(|e| failed("loading the sealed secret (not this TPM's?)", e))?;
                 let result = if pcrs.is_empty() {
-                    self.context
-                        .execute_with_nullauth_session(|ctx| ctx.unseal(key.into()))
-                        .map_err(|e: tss_esapi::Error| failed("unsealing", e))
+                    self.authed(|ctx| ctx.unseal(key.into()))
+                        .map_err(|e| failed("unsealing", e))
                 } else {
                     match pcr_policy(&mut self.context, &pcrs, false) {
                         Ok(policy) => {
@@ -338,30 +387,33 @@ impl Connection {
                 private,
                 digest,
             } => {
-                let public = Public::unmarshall(&public).map_err(|_| BackendError::BadReference { backend: NAME })?;
-                let private = Private::try_from(private).map_err(|_| BackendError::BadReference { backend: NAME })?;
                 let digest = Digest::try_from(digest).map_err(|e| BackendError::Unsupported(e.to_string()))?;
-                let primary = self.primary;
+                let key = self.loaded(&public, private)?;
                 let validation = TPMT_TK_HASHCHECK {
                     tag: TPM2_ST_HASHCHECK,
                     hierarchy: TPM2_RH_NULL,
                     digest: Default::default(),
                 };
-                let signature = self.context.execute_with_nullauth_session(|ctx| {
-                    let key = ctx.load(primary, private, public)?;
-                    let signed = ctx.sign(
+                let signature = self.authed(|ctx| {
+                    ctx.sign(
                         key,
                         digest,
                         SignatureScheme::EcDsa {
                             hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
                         },
                         validation.try_into()?,
-                    );
-                    // Flushed whatever happened: the TPM has few object slots.
-                    let _ = ctx.flush_context(key.into());
-                    signed
+                    )
                 });
-                let signature = signature.map_err(|e: tss_esapi::Error| failed("signing", e))?;
+                let signature = match signature {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // The handle may be what failed: load afresh next time.
+                        if let Some((_, h)) = self.hot.take() {
+                            let _ = self.context.flush_context(h.into());
+                        }
+                        return Err(failed("signing", e));
+                    }
+                };
                 let Signature::EcDsa(sig) = signature else {
                     return Err(failed("signing", "the TPM answered with another signature scheme"));
                 };

@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::{backup_cmd::BackupCommand, file_cmd::FileCommand, key_cmd::KeyCommand};
 
 mod backup_cmd;
+mod fido2;
 mod file_cmd;
 mod hardware;
 mod key_cmd;
@@ -103,6 +104,12 @@ enum Command {
         /// Unlock with the TPM2 slots (hsmd's TPM unseals them)
         #[arg(long, conflicts_with_all = ["passphrase_file", "keyfile"])]
         tpm2: bool,
+        /// Unlock with the plugged-in FIDO2 authenticator (asks for a touch)
+        #[arg(long, conflicts_with_all = ["passphrase_file", "keyfile", "tpm2"])]
+        fido2: bool,
+        /// With --fido2: the authenticator's PIN, from this file
+        #[arg(long, value_name = "FILE", requires = "fido2")]
+        fido2_pin_file: Option<PathBuf>,
     },
     /// Zeroize the master key and every unlocked key now (the panic button)
     Lock,
@@ -370,6 +377,12 @@ enum SlotCommand {
         /// With --tpm2: bind the slot to these PCRs' current values (SHA-256 bank), e.g. 0,7
         #[arg(long, value_name = "LIST", value_delimiter = ',', requires = "tpm2")]
         pcrs: Vec<u8>,
+        /// A FIDO2 slot: the plugged-in authenticator's hmac-secret (asks for a touch)
+        #[arg(long, conflicts_with_all = ["passphrase_file", "keyfile_out", "tpm2"])]
+        fido2: bool,
+        /// With --fido2: the authenticator's PIN, from this file
+        #[arg(long, value_name = "FILE", requires = "fido2")]
+        fido2_pin_file: Option<PathBuf>,
     },
     /// Remove a slot (never the last; hsmd must be unlocked)
     Remove {
@@ -551,8 +564,18 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Unlock { .. } => {
-            let Some(Prepared::Unlock(secret)) = prepared else {
-                return Err(Failure::Local("internal: no secret prepared".into()));
+            let secret = match prepared {
+                Some(Prepared::Unlock(secret)) => secret,
+                Some(Prepared::UnlockFido2(mut auth, pin)) => {
+                    let Reply::Slots(slots) = client.call(Operation::SlotList)? else {
+                        return Err(Failure::Local("hsmd answered the slot list with something else".into()));
+                    };
+                    let (credential_id, secret) =
+                        fido2::unlock_secret(auth.as_mut(), &slots, pin.as_deref().map(String::as_str))
+                            .map_err(Failure::Local)?;
+                    UnlockSecret::Fido2 { credential_id, secret }
+                }
+                _ => return Err(Failure::Local("internal: no secret prepared".into())),
             };
             match client.call(Operation::Unlock { secret })? {
                 Reply::Unlocked { slot } => {
@@ -924,6 +947,18 @@ fn run(cli: &Cli) -> Result<(), Failure> {
 enum Prepared {
     NewSlot(NewSlot, Option<PathBuf>),
     Unlock(UnlockSecret),
+    /// The authenticator is found before connecting; its credentials come
+    /// from the daemon's slot list.
+    UnlockFido2(Box<dyn fido2::Authenticator>, Option<zeroize::Zeroizing<String>>),
+}
+
+/// A FIDO2 PIN from its file, if one was named.
+fn fido2_pin(path: Option<&std::path::Path>) -> Result<Option<zeroize::Zeroizing<String>>, Failure> {
+    let Some(path) = path else { return Ok(None) };
+    let pin = secrets::passphrase(Some(path), "").map_err(Failure::Local)?;
+    let pin = String::from_utf8(pin.expose().to_vec())
+        .map_err(|_| Failure::Local(format!("{}: a FIDO2 PIN is UTF-8 text", path.display())))?;
+    Ok(Some(zeroize::Zeroizing::new(pin)))
 }
 
 fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
@@ -939,6 +974,24 @@ fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
     Ok(match command {
         Command::Slot(SlotCommand::Add {
             secret,
+            fido2: true,
+            fido2_pin_file,
+            ..
+        }) => {
+            let pin = fido2_pin(fido2_pin_file.as_deref())?;
+            let mut auth = fido2::open().map_err(Failure::Local)?;
+            let e = fido2::enrol(auth.as_mut(), pin.as_deref().map(String::as_str)).map_err(Failure::Local)?;
+            Some(Prepared::NewSlot(
+                NewSlot::Fido2 {
+                    label: secret.label.clone(),
+                    challenge: e.challenge,
+                    secret: e.secret,
+                },
+                None,
+            ))
+        }
+        Command::Slot(SlotCommand::Add {
+            secret,
             tpm2: true,
             pcrs,
             ..
@@ -951,9 +1004,18 @@ fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
         )),
         Command::Init { secret } | Command::Slot(SlotCommand::Add { secret, .. }) => Some(new_slot(secret)?),
         Command::Unlock {
+            fido2: true,
+            fido2_pin_file,
+            ..
+        } => {
+            let pin = fido2_pin(fido2_pin_file.as_deref())?;
+            Some(Prepared::UnlockFido2(fido2::open().map_err(Failure::Local)?, pin))
+        }
+        Command::Unlock {
             passphrase_file,
             keyfile,
             tpm2,
+            ..
         } => Some(Prepared::Unlock(match keyfile {
             _ if *tpm2 => UnlockSecret::Tpm2,
             Some(path) => UnlockSecret::Keyfile(secrets::read_keyfile(path).map_err(Failure::Local)?),

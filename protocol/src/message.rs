@@ -932,6 +932,17 @@ pub enum NewSlot {
         /// PCR indexes (0 to 23) to bind to; empty for none.
         pcrs: Vec<u8>,
     },
+    /// Unlocked by a FIDO2 authenticator's hmac-secret: the client made a
+    /// credential, asked for the hmac-secret output over a random salt (a
+    /// touch, and the PIN where set), and sends the output as the secret.
+    Fido2 {
+        /// Free-form label shown by `SlotList`.
+        label: String,
+        /// What to ask the authenticator for at unlock.
+        challenge: Fido2Challenge,
+        /// The hmac-secret output, 32 bytes.
+        secret: SecretBytes,
+    },
 }
 
 /// A secret offered to unlock.
@@ -943,6 +954,14 @@ pub enum UnlockSecret {
     Keyfile(SecretBytes),
     /// Every TPM2 slot, unsealed by the daemon's TPM.
     Tpm2,
+    /// The FIDO2 slot of this credential, with the authenticator's hmac-secret output.
+    Fido2 {
+        /// The credential that answered.
+        #[serde(with = "serde_bytes")]
+        credential_id: Vec<u8>,
+        /// The hmac-secret output, 32 bytes.
+        secret: SecretBytes,
+    },
 }
 
 impl Operation {
@@ -1262,6 +1281,22 @@ pub struct SlotInfo {
     pub created_unix: u64,
     /// The key-derivation parameters, for passphrase slots (e.g. `argon2id m=65536 t=3 p=1`).
     pub kdf: Option<String>,
+    /// For FIDO2 slots, what the client asks the authenticator for (none of it secret).
+    pub fido2: Option<Fido2Challenge>,
+}
+
+/// What a client asks a FIDO2 authenticator for to unlock a FIDO2 slot: an
+/// assertion by this credential with the hmac-secret extension over this salt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fido2Challenge {
+    /// The relying party id the credential was made for.
+    pub rp_id: String,
+    /// The credential's id.
+    #[serde(with = "serde_bytes")]
+    pub credential_id: Vec<u8>,
+    /// The 32-byte hmac-secret salt.
+    #[serde(with = "serde_bytes")]
+    pub salt: Vec<u8>,
 }
 
 impl Reply {

@@ -47,7 +47,7 @@ pub fn bin_dir() -> &'static Path {
                 "-p",
                 "hsmctl",
                 "--features",
-                "hsmd/tpm,hsmctl/tpm",
+                "hsmd/tpm,hsmctl/tpm,hsmctl/fido2,hsmctl/fido2-emulator",
                 "--target-dir",
             ])
             .arg(target_dir)
@@ -690,21 +690,10 @@ pub fn openssl_verifies(t: &str, public: &Path, data: &Path, sig: &Path) -> bool
                 ])
                 .output()
         }
-        "ecdsa-p256" => Command::new("openssl")
+        ecdsa => Command::new("openssl")
             .args([
                 "dgst",
-                "-sha256",
-                "-verify",
-                os_path(public),
-                "-signature",
-                os_path(sig),
-                os_path(data),
-            ])
-            .output(),
-        _ => Command::new("openssl")
-            .args([
-                "dgst",
-                "-sha384",
+                if ecdsa == "ecdsa-p256" { "-sha256" } else { "-sha384" },
                 "-verify",
                 os_path(public),
                 "-signature",

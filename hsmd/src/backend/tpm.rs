@@ -116,55 +116,50 @@ fn failed(what: &str, e: impl std::fmt::Display) -> BackendError {
     }
 }
 
-/// The storage primary's template: fixed, so the TPM derives the same key
-/// from its owner seed every time.
-fn primary_template() -> Result<Public, tss_esapi::Error> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_decrypt(true)
-        .with_restricted(true)
-        .with_no_da(true)
-        .build()?;
+/// A P-256 key template: fixed to this TPM and its parent, generated inside
+/// it, usable with an empty auth value, exempt from dictionary-attack lockout.
+fn ecc_template(
+    finish: impl FnOnce(tss_esapi::attributes::ObjectAttributesBuilder) -> tss_esapi::attributes::ObjectAttributesBuilder,
+    parameters: PublicEccParametersBuilder,
+) -> Result<Public, tss_esapi::Error> {
+    let attributes = finish(
+        ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(true)
+            .with_no_da(true),
+    )
+    .build()?;
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
         .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_restricted_decryption_key(
-                SymmetricDefinitionObject::AES_128_CFB,
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
+        .with_ecc_parameters(parameters.build()?)
         .with_ecc_unique_identifier(EccPoint::default())
         .build()
 }
 
+/// The storage primary's template: fixed, so the TPM derives the same key
+/// from its owner seed every time.
+fn primary_template() -> Result<Public, tss_esapi::Error> {
+    ecc_template(
+        |a| a.with_decrypt(true).with_restricted(true),
+        PublicEccParametersBuilder::new_restricted_decryption_key(
+            SymmetricDefinitionObject::AES_128_CFB,
+            EccCurve::NistP256,
+        ),
+    )
+}
+
 fn signing_template() -> Result<Public, tss_esapi::Error> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_sign_encrypt(true)
-        .with_no_da(true)
-        .build()?;
-    PublicBuilder::new()
-        .with_public_algorithm(PublicAlgorithm::Ecc)
-        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-        .with_object_attributes(attributes)
-        .with_ecc_parameters(
-            PublicEccParametersBuilder::new_unrestricted_signing_key(
-                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
-                EccCurve::NistP256,
-            )
-            .build()?,
-        )
-        .with_ecc_unique_identifier(EccPoint::default())
-        .build()
+    ecc_template(
+        |a| a.with_sign_encrypt(true),
+        PublicEccParametersBuilder::new_unrestricted_signing_key(
+            EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+            EccCurve::NistP256,
+        ),
+    )
 }
 
 /// The SHA-256 bank selection of `pcrs`.
@@ -215,6 +210,55 @@ fn flush_session(context: &mut Context, policy: PolicySession) {
     let _ = context.flush_context(tss_esapi::handles::SessionHandle::from(session).into());
 }
 
+/// Flushes transient objects and sessions an earlier connection left loaded.
+/// Through the kernel resource manager there are none (it flushes what a
+/// closed connection held, and shows each connection only its own); on a
+/// direct connection (a simulator, `/dev/tpm0`) they would otherwise pile up
+/// across restarts until the TPM has no room left ("out of memory for object
+/// contexts").
+fn flush_leftovers(context: &mut Context) {
+    use tss_esapi::{
+        constants::{
+            tss::{TPM2_HMAC_SESSION_FIRST, TPM2_POLICY_SESSION_FIRST, TPM2_TRANSIENT_FIRST},
+            CapabilityType,
+        },
+        structures::CapabilityData,
+    };
+    for first in [TPM2_TRANSIENT_FIRST, TPM2_HMAC_SESSION_FIRST, TPM2_POLICY_SESSION_FIRST] {
+        let Ok((CapabilityData::Handles(handles), _)) = context.get_capability(CapabilityType::Handles, first, 64)
+        else {
+            continue;
+        };
+        for handle in handles.into_inner() {
+            // Only the range asked for (the list may run past it).
+            if u32::from(handle) >> 24 != first >> 24 {
+                continue;
+            }
+            if let Ok(object) = context.tr_from_tpm_public(handle) {
+                match context.flush_context(object) {
+                    Ok(()) => tracing::info!(
+                        handle = format!("{:#010x}", u32::from(handle)),
+                        "flushed a TPM object left from before"
+                    ),
+                    Err(e) => tracing::debug!(error = %e, "could not flush a leftover TPM handle"),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // What this connection loaded goes with it (see flush_leftovers).
+        if let Some((_, h)) = self.hot.take() {
+            let _ = self.context.flush_context(h.into());
+        }
+        let _ = self.context.flush_context(self.primary.into());
+        let session: tss_esapi::handles::SessionHandle = self.session.into();
+        let _ = self.context.flush_context(session.into());
+    }
+}
+
 /// A connection to the TPM with its primary key loaded.
 struct Connection {
     context: Context,
@@ -233,6 +277,7 @@ impl Connection {
         let conf = TctiNameConf::from_str(tcti).map_err(|e| unavailable(format!("TCTI {tcti:?}: {e}")))?;
         let mut context =
             Context::new(conf).map_err(|e| unavailable(format!("cannot reach the TPM at {tcti}: {e}")))?;
+        flush_leftovers(&mut context);
         let template = primary_template().map_err(|e| failed("primary template", e))?;
         let primary = context
             .execute_with_nullauth_session(|ctx| ctx.create_primary(Hierarchy::Owner, template, None, None, None, None))

@@ -281,7 +281,7 @@ impl Vault {
             (Some(params), UnlockSecret::Passphrase(p)) => params
                 .derive(p.expose())
                 .map_err(|e| damaged(format!("its key derivation: {e}")))?,
-            (Some(_), UnlockSecret::Keyfile(_) | UnlockSecret::Tpm2) => {
+            (Some(_), UnlockSecret::Keyfile(_) | UnlockSecret::Tpm2 | UnlockSecret::Fido2 { .. }) => {
                 return Err(VaultError::Invalid(
                     "this backup is protected by a backup passphrase; give it with --passphrase-file".into(),
                 ))
@@ -309,6 +309,15 @@ impl Vault {
                     UnlockSecret::Keyfile(k) => ("keyfile", open_master(&store_id, &rows, "keyfile", k.expose())?),
                     // The backup's TPM2 slots open on the machine whose TPM sealed them.
                     UnlockSecret::Tpm2 => ("tpm2", self.open_tpm2(&store_id, &rows)?),
+                    UnlockSecret::Fido2 { credential_id, secret } => (
+                        "fido2",
+                        open_master(
+                            &store_id,
+                            &super::fido2_rows(&rows, credential_id),
+                            "fido2",
+                            secret.expose(),
+                        )?,
+                    ),
                 };
                 match opened {
                     Some((_, master)) => master_backup_key(&master, &hex_decode("salt", &h.salt)?),

@@ -278,6 +278,38 @@ fn parse_type(row: &KeyRow) -> Result<KeyType, VaultError> {
 /// [`VaultError::Invalid`] for a secret no slot of its kind could take (a key
 /// file of the wrong size); [`VaultError::Tampered`] for a slot holding a
 /// master key of the wrong size.
+/// What a client asks its authenticator for to open a FIDO2 slot.
+fn fido2_challenge(params: &SlotParams) -> Option<protocol::Fido2Challenge> {
+    let SlotParams::Fido2 {
+        rp_id,
+        credential_id,
+        hmac_salt,
+        ..
+    } = params
+    else {
+        return None;
+    };
+    Some(protocol::Fido2Challenge {
+        rp_id: rp_id.clone(),
+        credential_id: hex::decode(credential_id).ok()?,
+        salt: hex::decode(hmac_salt).ok()?,
+    })
+}
+
+/// The FIDO2 slots made with `credential_id`.
+fn fido2_rows(rows: &[SlotRow], credential_id: &[u8]) -> Vec<SlotRow> {
+    rows.iter()
+        .filter(|r| r.kind == "fido2")
+        .filter(|r| {
+            serde_json::from_str::<SlotParams>(&r.params)
+                .ok()
+                .and_then(|p| fido2_challenge(&p))
+                .is_some_and(|c| c.credential_id == credential_id)
+        })
+        .cloned()
+        .collect()
+}
+
 fn open_master(
     store_id: &[u8],
     rows: &[SlotRow],
@@ -442,6 +474,10 @@ impl Vault {
             UnlockSecret::Passphrase(p) => ("passphrase", open_master(&store_id, &rows, "passphrase", p.expose())?),
             UnlockSecret::Keyfile(k) => ("keyfile", open_master(&store_id, &rows, "keyfile", k.expose())?),
             UnlockSecret::Tpm2 => ("tpm2", self.open_tpm2(&store_id, &rows)?),
+            UnlockSecret::Fido2 { credential_id, secret } => (
+                "fido2",
+                open_master(&store_id, &fido2_rows(&rows, credential_id), "fido2", secret.expose())?,
+            ),
         };
         if let Some((slot, master)) = opened {
             lock(&self.failures).remove(&uid);
@@ -590,12 +626,16 @@ impl Vault {
         let rows = lock(&self.store).slots()?;
         Ok(rows
             .into_iter()
-            .map(|r| SlotInfo {
-                id: r.id,
-                kdf: serde_json::from_str::<SlotParams>(&r.params).ok().map(|p| p.describe()),
-                kind: r.kind,
-                label: r.label,
-                created_unix: r.created_unix,
+            .map(|r| {
+                let params = serde_json::from_str::<SlotParams>(&r.params).ok();
+                SlotInfo {
+                    id: r.id,
+                    kdf: params.as_ref().map(SlotParams::describe),
+                    fido2: params.as_ref().and_then(fido2_challenge),
+                    kind: r.kind,
+                    label: r.label,
+                    created_unix: r.created_unix,
+                }
             })
             .collect())
     }
@@ -707,6 +747,33 @@ impl Vault {
                     salt: hex::encode(crypto::random::<16>()?),
                 };
                 (label, params, Zeroizing::new(key.expose().to_vec()))
+            }
+            NewSlot::Fido2 {
+                label,
+                challenge,
+                secret,
+            } => {
+                if challenge.credential_id.is_empty() || challenge.credential_id.len() > 1024 {
+                    return Err(VaultError::Invalid("a FIDO2 credential id is 1 to 1024 bytes".into()));
+                }
+                if challenge.salt.len() != 32 {
+                    return Err(VaultError::Invalid("the hmac-secret salt is exactly 32 bytes".into()));
+                }
+                if challenge.rp_id.is_empty()
+                    || challenge.rp_id.len() > 128
+                    || challenge.rp_id.chars().any(char::is_control)
+                {
+                    return Err(VaultError::Invalid(
+                        "a relying party id is 1 to 128 printable bytes".into(),
+                    ));
+                }
+                let params = SlotParams::Fido2 {
+                    salt: hex::encode(crypto::random::<16>()?),
+                    rp_id: challenge.rp_id.clone(),
+                    credential_id: hex::encode(&challenge.credential_id),
+                    hmac_salt: hex::encode(&challenge.salt),
+                };
+                (label, params, Zeroizing::new(secret.expose().to_vec()))
             }
             NewSlot::Tpm2 { label, pcrs } => {
                 let Some(sealer) = self.backends.sealer() else {

@@ -108,6 +108,18 @@ pub enum SlotParams {
         /// Its private blob, hex.
         private: String,
     },
+    /// A FIDO2 authenticator's 32-byte hmac-secret output, expanded with
+    /// HKDF-SHA256.
+    Fido2 {
+        /// 16 random bytes, hex.
+        salt: String,
+        /// Relying party id of the credential.
+        rp_id: String,
+        /// The credential's id, hex.
+        credential_id: String,
+        /// The 32-byte hmac-secret salt the authenticator is asked over, hex.
+        hmac_salt: String,
+    },
 }
 
 /// Why a slot key could not be derived.
@@ -129,6 +141,7 @@ impl SlotParams {
             Self::Argon2id { .. } => "passphrase",
             Self::HkdfSha256 { .. } => "keyfile",
             Self::Tpm2 { .. } => "tpm2",
+            Self::Fido2 { .. } => "fido2",
         }
     }
 
@@ -141,6 +154,12 @@ impl SlotParams {
                 cost.memory_kib, cost.iterations, cost.parallelism
             ),
             Self::HkdfSha256 { .. } => "hkdf-sha256".to_owned(),
+            Self::Fido2 {
+                rp_id, credential_id, ..
+            } => format!(
+                "fido2 hmac-secret, rp {rp_id}, credential {}…",
+                credential_id.get(..16).unwrap_or(credential_id)
+            ),
             Self::Tpm2 { pcrs, .. } if pcrs.is_empty() => "tpm2, no PCR policy".to_owned(),
             Self::Tpm2 { pcrs, .. } => format!(
                 "tpm2, sealed to PCRs {}",
@@ -151,7 +170,10 @@ impl SlotParams {
 
     fn salt(&self) -> Result<Vec<u8>, SlotError> {
         let hex = match self {
-            Self::Argon2id { salt, .. } | Self::HkdfSha256 { salt } | Self::Tpm2 { salt, .. } => salt,
+            Self::Argon2id { salt, .. }
+            | Self::HkdfSha256 { salt }
+            | Self::Tpm2 { salt, .. }
+            | Self::Fido2 { salt, .. } => salt,
         };
         let salt = hex::decode(hex).map_err(|e| SlotError::BadParams(format!("salt: {e}")))?;
         if salt.len() != 16 {
@@ -179,9 +201,10 @@ impl SlotParams {
                     .hash_password_into(secret, &salt, out.as_mut())
                     .map_err(|e| SlotError::BadParams(e.to_string()))?;
             }
-            Self::HkdfSha256 { .. } | Self::Tpm2 { .. } => {
+            Self::HkdfSha256 { .. } | Self::Tpm2 { .. } | Self::Fido2 { .. } => {
                 let (what, info): (&str, &[u8]) = match self {
                     Self::Tpm2 { .. } => ("a TPM2 slot's sealed secret", b"hsmd tpm2 slot v1"),
+                    Self::Fido2 { .. } => ("an hmac-secret output", b"hsmd fido2 slot v1"),
                     _ => ("a key file", b"hsmd keyfile slot v1"),
                 };
                 if secret.len() != 32 {

@@ -134,6 +134,9 @@ enum Command {
     /// What security hardware this machine has (no daemon needed)
     #[command(subcommand)]
     Hardware(HardwareCommand),
+    /// Key backends' settings kept in the keystore
+    #[command(subcommand)]
+    Backend(BackendCommand),
     /// The token file store: store, retrieve, list, info, delete
     #[command(subcommand)]
     File(FileCommand),
@@ -336,6 +339,25 @@ struct NewSecretArgs {
     /// A label for the slot
     #[arg(long, default_value = "")]
     label: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum BackendCommand {
+    /// The PKCS#11 backend
+    #[command(subcommand)]
+    Pkcs11(Pkcs11Command),
+}
+
+#[derive(Debug, Subcommand)]
+enum Pkcs11Command {
+    /// Seal the token's user PIN in the keystore (hsmd must be unlocked); hsmd
+    /// hands it to the token now and at every unlock, so it is never in a file
+    #[command(after_help = "Example:\n  hsmctl backend pkcs11 set-pin            # asks for it without echo")]
+    SetPin {
+        /// Read the PIN from this file (- for stdin) instead of asking
+        #[arg(long, value_name = "FILE")]
+        pin_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -611,6 +633,30 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         },
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
+        Command::Backend(BackendCommand::Pkcs11(Pkcs11Command::SetPin { .. })) => {
+            let Some(Prepared::Pin(pin)) = prepared else {
+                return Err(Failure::Local("internal: no PIN prepared".into()));
+            };
+            match client.call(Operation::BackendSetPin {
+                backend: "pkcs11".into(),
+                pin,
+            })? {
+                Reply::BackendPinSet { backend } => {
+                    if cli.json {
+                        println!("{}", json!({ "backend": backend, "pin": "sealed" }));
+                    } else {
+                        println!("the {backend} PIN is sealed in the keystore and handed to the token");
+                    }
+                }
+                other => {
+                    return Err(ClientError::UnexpectedReply {
+                        expected: "backend-set-pin",
+                        got: other.name(),
+                    }
+                    .into())
+                }
+            }
+        }
         Command::Backup(_) | Command::Hardware(_) => {
             return Err(Failure::Local("internal: backup and hardware handled above".into()))
         }
@@ -950,6 +996,7 @@ enum Prepared {
     /// The authenticator is found before connecting; its credentials come
     /// from the daemon's slot list.
     UnlockFido2(Box<dyn fido2::Authenticator>, Option<zeroize::Zeroizing<String>>),
+    Pin(protocol::SecretBytes),
 }
 
 /// A FIDO2 PIN from its file, if one was named.
@@ -972,6 +1019,9 @@ fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
         Ok(Prepared::NewSlot(NewSlot::Passphrase { label, passphrase }, None))
     };
     Ok(match command {
+        Command::Backend(BackendCommand::Pkcs11(Pkcs11Command::SetPin { pin_file })) => Some(Prepared::Pin(
+            secrets::passphrase(pin_file.as_deref(), "Token user PIN: ").map_err(Failure::Local)?,
+        )),
         Command::Slot(SlotCommand::Add {
             secret,
             fido2: true,

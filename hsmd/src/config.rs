@@ -93,6 +93,8 @@ pub struct Pkcs11Config {
     /// The token, by serial number.
     pub token_serial: Option<String>,
     /// A file holding the token's user PIN, readable by hsmd's user only.
+    /// Unset: the PIN is sealed in the keystore (`hsmctl backend pkcs11
+    /// set-pin`) and handed to the token at each unlock.
     pub pin_file: Option<PathBuf>,
     /// Directories a module may be loaded from (its real path, symlinks resolved).
     pub allowed_module_dirs: Vec<PathBuf>,
@@ -837,12 +839,6 @@ impl Config {
                 return Err((
                     "backends.pkcs11.token_label",
                     "name the token by token_label or token_serial (or both)".into(),
-                ));
-            }
-            if p.pin_file.is_none() {
-                return Err((
-                    "backends.pkcs11.pin_file",
-                    "is not set; hsmd needs the token's user PIN in a file only it may read".into(),
                 ));
             }
             if !(1..=64).contains(&p.sessions) {

@@ -17,7 +17,7 @@ pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
 /// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 52;
+pub const OPERATION_VARIANTS: u32 = 53;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,6 +400,15 @@ pub enum Operation {
     FileRetrieveFd {
         /// The file's token.
         token: String,
+    },
+    /// Seals a backend's PIN (today: the PKCS#11 token's user PIN) under the
+    /// master key in the keystore and hands it to the backend, now and at
+    /// every unlock. Needs unlocked. Answered with `BackendPinSet`.
+    BackendSetPin {
+        /// The backend: `pkcs11`.
+        backend: String,
+        /// The PIN.
+        pin: SecretBytes,
     },
 }
 
@@ -1021,6 +1030,7 @@ impl Operation {
             Self::FileDelete { .. } => "file-delete",
             Self::FileStoreFd { .. } => "file-store",
             Self::FileRetrieveFd { .. } => "file-retrieve",
+            Self::BackendSetPin { .. } => "backend-set-pin",
         }
     }
 }
@@ -1266,6 +1276,11 @@ pub enum Reply {
         /// The token that is gone.
         token: String,
     },
+    /// Answer to `BackendSetPin`.
+    BackendPinSet {
+        /// The backend.
+        backend: String,
+    },
 }
 
 /// An unlock slot, as `SlotList` shows it.
@@ -1348,6 +1363,7 @@ impl Reply {
             Self::File(_) => "file-info",
             Self::Files(_) => "file-list",
             Self::FileDeleted { .. } => "file-delete",
+            Self::BackendPinSet { .. } => "backend-set-pin",
         }
     }
 }

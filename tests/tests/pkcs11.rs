@@ -379,7 +379,7 @@ fn a_refused_pin_is_tried_once_and_not_again() {
     let d = hsm.daemon("health_interval = \"200ms\"\n").start();
     let detail = wait_health(&d, false, Duration::from_secs(5));
     assert!(
-        detail.contains("refused the PIN") && detail.contains("until restarted"),
+        detail.contains("refused the PIN") && detail.contains("hsmd restarts"),
         "{detail}"
     );
     std::thread::sleep(Duration::from_secs(1));
@@ -389,4 +389,71 @@ fn a_refused_pin_is_tried_once_and_not_again() {
         "{}",
         d.log()
     );
+}
+
+#[test]
+fn a_pin_sealed_in_the_keystore_opens_the_token_at_each_unlock_and_never_sits_in_a_file() {
+    let hsm = SoftHsm::new("hsmd-sealed");
+    // No pin_file: the PIN comes from the keystore.
+    let config: String = hsm
+        .config("health_interval = \"200ms\"\n")
+        .lines()
+        .filter(|l| !l.starts_with("pin_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut d = Daemon::builder()
+        .env("SOFTHSM2_CONF", &hsm.conf().display().to_string())
+        .extra(&config)
+        .start();
+    let keyfile = d.dir().join("unlock.key");
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&keyfile)]));
+    let detail = wait_health(&d, false, Duration::from_secs(5));
+    assert!(detail.contains("set-pin"), "{detail}");
+    let out = d.hsmctl(&["key", "create", "t", "--type", "ecdsa-p256", "--backend", "pkcs11"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(backend-unavailable)"),
+        "{out:?}"
+    );
+
+    // A wrong PIN: refused once, red, and not retried.
+    let out = d.hsmctl_with_stdin(&["backend", "pkcs11", "set-pin", "--pin-file", "-"], b"00000000\n");
+    ok(&out);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pkcs11_health(&d).1.contains("refused the PIN") {
+        assert!(Instant::now() < deadline, "{}", pkcs11_health(&d).1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The right one.
+    ok(&d.hsmctl_with_stdin(
+        &["backend", "pkcs11", "set-pin", "--pin-file", "-"],
+        format!("{}\n", hsm.pin).as_bytes(),
+    ));
+    wait_health(&d, true, Duration::from_secs(5));
+    ok(&d.hsmctl(&["key", "create", "t", "--type", "ecdsa-p256", "--backend", "pkcs11"]));
+    let mut c = d.client();
+    sign(&mut c, "t", 32).expect("signs");
+
+    // After a restart hsmd is locked and the token waits; unlocking hands the PIN over.
+    d.restart(false);
+    assert!(!pkcs11_health(&d).0);
+    ok(&d.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
+    wait_health(&d, true, Duration::from_secs(5));
+    let mut c = d.client();
+    sign(&mut c, "t", 32).expect("signs after unlock");
+
+    // The PIN is in no file of hsmd's, and the set-pin is audited.
+    for entry in fs::read_dir(d.dir().join("state")).expect("state") {
+        let p = entry.expect("entry").path();
+        if p.is_file() {
+            let bytes = fs::read(&p).expect("read");
+            assert!(
+                !bytes.windows(hsm.pin.len()).any(|w| w == hsm.pin.as_bytes()),
+                "{} holds the PIN in clear",
+                p.display()
+            );
+        }
+    }
+    let audit = ok(&d.hsmctl(&["--json", "audit", "show", "--event", "BACKEND_PIN_SET"]));
+    assert_eq!(audit.lines().count(), 2, "{audit}");
+    assert!(audit.lines().all(|l| l.contains("\"backend\":\"pkcs11\"")), "{audit}");
 }

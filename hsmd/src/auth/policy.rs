@@ -71,6 +71,7 @@ pub const RESOURCES: &[(&str, &[&str])] = &[
             "slot-remove",
             "backup",
             "restore",
+            "backend-pin",
         ],
     ),
     ("files", &["store", "retrieve", "list", "info", "delete", "admin"]),

@@ -206,6 +206,7 @@ pub struct Backends {
     default: &'static str,
     list: Vec<Arc<dyn Backend>>,
     sealer: Option<Arc<dyn Sealer>>,
+    pkcs11: Option<Arc<pkcs11::Pkcs11>>,
 }
 
 impl Default for Backends {
@@ -214,6 +215,7 @@ impl Default for Backends {
             default: soft::NAME,
             list: vec![Arc::new(soft::Soft)],
             sealer: None,
+            pkcs11: None,
         }
     }
 }
@@ -237,7 +239,14 @@ impl Backends {
             default,
             list,
             sealer: None,
+            pkcs11: None,
         })
+    }
+
+    /// The PKCS#11 backend, when configured (it takes its PIN from the keystore).
+    #[must_use]
+    pub fn pkcs11(&self) -> Option<&Arc<pkcs11::Pkcs11>> {
+        self.pkcs11.as_ref()
     }
 
     /// The TPM sealer for TPM2 slots, when a TPM is configured.
@@ -307,8 +316,11 @@ pub fn from_config(config: &crate::config::BackendsConfig) -> Result<Backends, S
             failure_rate: m.failure_rate,
         })));
     }
+    let mut p11 = None;
     if let Some(p) = &config.pkcs11 {
-        others.push(Arc::new(pkcs11::Pkcs11::start(p)?));
+        let backend = Arc::new(pkcs11::Pkcs11::start(p)?);
+        p11 = Some(Arc::clone(&backend));
+        others.push(backend);
     }
     if let Some(t) = &config.tpm {
         #[cfg(feature = "tpm")]
@@ -326,6 +338,7 @@ pub fn from_config(config: &crate::config::BackendsConfig) -> Result<Backends, S
     }
     let mut backends = Backends::new(&config.default, others)?;
     backends.sealer = sealer;
+    backends.pkcs11 = p11;
     Ok(backends)
 }
 

@@ -278,7 +278,7 @@ impl Vault {
         self.writes.load(Ordering::Relaxed)
     }
 
-    fn master_and_id(&self) -> Result<(super::crypto::Key256, Vec<u8>), VaultError> {
+    pub(super) fn master_and_id(&self) -> Result<(super::crypto::Key256, Vec<u8>), VaultError> {
         let master = self.master()?;
         let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
         Ok((master, store_id))

@@ -368,6 +368,15 @@ fn open_slot(
     Ok(Some(Zeroizing::new(master)))
 }
 
+/// The meta row holding the PKCS#11 user PIN, sealed under the master key.
+const BACKEND_PIN: &str = "pkcs11_pin";
+
+fn backend_pin_aad(store_id: &[u8]) -> Vec<u8> {
+    let mut aad = b"hsmd pkcs11 pin v1\0".to_vec();
+    aad.extend_from_slice(store_id);
+    aad
+}
+
 fn slot_aad(store_id: &[u8], kind: &str, params: &str) -> Vec<u8> {
     let mut aad = b"hsmd master key v1\0".to_vec();
     aad.extend_from_slice(store_id);
@@ -496,6 +505,7 @@ impl Vault {
             if let Err(e) = self.seal_pending_policies() {
                 tracing::error!(error = %e, "could not seal the policies of keys from before this version");
             }
+            self.hand_over_backend_pin();
             return Ok(slot);
         }
         self.record_failure(uid);
@@ -547,6 +557,58 @@ impl Vault {
             "{}; unlock with another slot (passphrase or key file)",
             refusals.join("; ")
         )))
+    }
+
+    /// Seals a backend's PIN under the master key in the keystore and hands it
+    /// to the backend (now, and at every unlock). Needs unlocked.
+    ///
+    /// # Errors
+    /// [`VaultError::Invalid`] for a backend that takes no PIN or an
+    /// unusable PIN; [`VaultError::Locked`].
+    pub fn set_backend_pin(&self, backend: &str, pin: &[u8]) -> Result<(), VaultError> {
+        if backend != "pkcs11" {
+            return Err(VaultError::Invalid(format!(
+                "the {backend} backend takes no PIN; only pkcs11 does"
+            )));
+        }
+        let Some(p11) = self.backends.pkcs11() else {
+            return Err(VaultError::Invalid(
+                "no pkcs11 backend is configured ([backends.pkcs11])".into(),
+            ));
+        };
+        let pin = std::str::from_utf8(pin)
+            .ok()
+            .filter(|p| (1..=256).contains(&p.len()) && !p.chars().any(char::is_control))
+            .ok_or_else(|| VaultError::Invalid("a token PIN is 1 to 256 bytes of printable UTF-8".into()))?;
+        let (master, store_id) = self.master_and_id()?;
+        let sealed = crypto::seal(&master, pin.as_bytes(), &backend_pin_aad(&store_id))?;
+        lock(&self.store).set_meta(BACKEND_PIN, &sealed)?;
+        if !p11.pin_from_keystore() {
+            tracing::warn!("backends.pkcs11.pin_file is set: the PIN from set-pin is used now and kept sealed, but the file's is used again at the next start");
+        }
+        p11.provide_pin(Zeroizing::new(pin.to_owned()));
+        Ok(())
+    }
+
+    /// At unlock: hands the sealed PKCS#11 PIN to the backend that waits for it.
+    fn hand_over_backend_pin(&self) {
+        let Some(p11) = self.backends.pkcs11().filter(|p| p.pin_from_keystore()) else {
+            return;
+        };
+        let Ok((master, store_id)) = self.master_and_id() else {
+            return;
+        };
+        match lock(&self.store).meta(BACKEND_PIN) {
+            Ok(Some(sealed)) => match crypto::open(&master, &sealed, &backend_pin_aad(&store_id)) {
+                Ok(pin) => match String::from_utf8(pin.to_vec()) {
+                    Ok(p) => p11.provide_pin(Zeroizing::new(p)),
+                    Err(_) => tracing::error!("keystore record tampered: the sealed PKCS#11 PIN is not text"),
+                },
+                Err(_) => tracing::error!("keystore record tampered: the sealed PKCS#11 PIN fails authentication"),
+            },
+            Ok(None) => tracing::warn!("no PKCS#11 PIN in the keystore yet: `hsmctl backend pkcs11 set-pin`"),
+            Err(e) => tracing::error!(error = %e, "cannot read the sealed PKCS#11 PIN"),
+        }
     }
 
     /// Refuses while `uid` must still wait after a wrong secret.

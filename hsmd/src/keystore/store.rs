@@ -311,19 +311,38 @@ impl Store {
         ))
     }
 
+    /// A value of the meta table.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.sql(
+            self.conn
+                .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0))
+                .optional(),
+        )
+    }
+
+    /// Sets a value of the meta table, durably.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write_tx(|tx| {
+            tx.execute(
+                "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                params![name, value],
+            )?;
+            Ok(((), true))
+        })
+    }
+
     /// The audit log's head as last recorded: (sequence number, hash).
     ///
     /// # Errors
     /// [`StoreError`] if the file cannot be read.
     pub fn audit_head(&self) -> Result<Option<(u64, String)>, StoreError> {
-        let get = |name: &str| -> Result<Option<Vec<u8>>, StoreError> {
-            self.sql(
-                self.conn
-                    .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0))
-                    .optional(),
-            )
-        };
-        let (Some(seq), Some(hash)) = (get("audit_seq")?, get("audit_hash")?) else {
+        let (Some(seq), Some(hash)) = (self.meta("audit_seq")?, self.meta("audit_hash")?) else {
             return Ok(None);
         };
         let seq = String::from_utf8_lossy(&seq).parse().unwrap_or(0);

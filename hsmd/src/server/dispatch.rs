@@ -245,6 +245,11 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
         Operation::SlotList => AuditSpec::new("SLOT_LIST", ks(), "slot-list", 1, false),
         Operation::SlotAdd { .. } => AuditSpec::new("SLOT_ADDED", ks(), "slot-add", 6, true),
         Operation::SlotRemove { .. } => AuditSpec::new("SLOT_REMOVED", ks(), "slot-remove", 6, true),
+        Operation::BackendSetPin { backend, .. } => {
+            let mut spec = AuditSpec::new("BACKEND_PIN_SET", format!("backend:{backend}"), "backend-pin", 7, true);
+            spec.backend = Some(crate::backend::static_name(backend));
+            spec
+        }
         Operation::KeyCreate { name, options, .. } => {
             let mut spec = AuditSpec::new("KEY_CREATED", key(name), "create", 3, true);
             spec.backend = options.backend.as_deref().map(crate::backend::static_name);
@@ -554,6 +559,10 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
         }),
         Operation::SlotRemove { id } => custody(shared, caller, "slot-remove", move |v| {
             v.remove_slot(id).map(|slot| Reply::SlotRemoved { slot })
+        }),
+        Operation::BackendSetPin { backend, pin } => custody(shared, caller, "backend-set-pin", move |v| {
+            v.set_backend_pin(&backend, pin.expose())
+                .map(|()| Reply::BackendPinSet { backend })
         }),
         Operation::KeyCreate {
             name,
@@ -1066,6 +1075,7 @@ fn ask_of(op: &Operation) -> Option<Ask<'_>> {
         Operation::SlotList => keystore("slot-list"),
         Operation::SlotAdd { .. } => keystore("slot-add"),
         Operation::SlotRemove { .. } => keystore("slot-remove"),
+        Operation::BackendSetPin { .. } => keystore("backend-pin"),
         Operation::BackupCreate { .. } | Operation::TransferBegin { .. } | Operation::BackupVerify { .. } => {
             keystore("backup")
         }

@@ -222,7 +222,7 @@ impl Token {
                     Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
                     Err(CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _)) => {
                         return Err(Failure::PinRefused(format!(
-                            "the token {} refused the PIN; fix backends.pkcs11.pin_file (the token may lock after more tries)",
+                            "the token {} refused the PIN (tokens lock after a few wrong tries)",
                             describe(open)
                         )))
                     }

@@ -160,7 +160,11 @@ struct Inner {
     allowed_module_dirs: Vec<PathBuf>,
     token_label: Option<String>,
     token_serial: Option<String>,
-    pin: Zeroizing<String>,
+    /// The user PIN: from the pin file at start, or handed over from the
+    /// keystore at unlock (`hsmctl backend pkcs11 set-pin`); `None` until then,
+    /// and again after the token refused it.
+    pin: Mutex<Option<Zeroizing<String>>>,
+    pin_from_keystore: bool,
     sessions: u32,
     op_timeout: Duration,
     health_interval: Duration,
@@ -205,10 +209,7 @@ impl Pkcs11 {
         if !module.is_file() {
             tracing::error!(module = %module.display(), "the PKCS#11 module does not exist; the pkcs11 backend stays unavailable until it does");
         }
-        let pin_file = config.pin_file.as_deref().ok_or(
-            "backends.pkcs11.pin_file is not set: hsmd needs the token's user PIN (a file only hsmd may read)",
-        )?;
-        let pin = read_pin(pin_file)?;
+        let pin = config.pin_file.as_deref().map(read_pin).transpose()?;
         let exe = std::env::current_exe().map_err(|e| format!("cannot find hsmd's own executable: {e}"))?;
         let inner = Arc::new(Inner {
             module,
@@ -216,7 +217,8 @@ impl Pkcs11 {
             allowed_module_dirs: config.allowed_module_dirs.clone(),
             token_label: config.token_label.clone(),
             token_serial: config.token_serial.clone(),
-            pin,
+            pin_from_keystore: pin.is_none(),
+            pin: Mutex::new(pin),
             sessions: config.sessions,
             op_timeout: config.op_timeout,
             health_interval: config.health_interval,
@@ -306,6 +308,20 @@ impl Pkcs11 {
         self.inner.helper_gone();
     }
 
+    /// Hands over the user PIN (from the keystore) and has the supervisor
+    /// open the token with it.
+    pub fn provide_pin(&self, pin: Zeroizing<String>) {
+        *lock(&self.inner.pin) = Some(pin);
+        *lock(&self.inner.wake_flag) = true;
+        self.inner.wake.notify_all();
+    }
+
+    /// Whether the PIN comes from the keystore (no `pin_file`).
+    #[must_use]
+    pub fn pin_from_keystore(&self) -> bool {
+        self.inner.pin_from_keystore
+    }
+
     fn token_serial(&self) -> Option<String> {
         lock(&self.inner.conn).as_ref().map(|c| c.token.serial.clone())
     }
@@ -359,6 +375,39 @@ fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>
     let mut backoff = BACKOFF_MIN;
     loop {
         let Some(me) = inner.upgrade() else { return };
+        if lock(&me.pin).is_none() {
+            let why = if me.pin_from_keystore {
+                "waiting for the token's user PIN: it is sealed in the keystore and handed over at unlock; \
+                 set it with `hsmctl backend pkcs11 set-pin`"
+            } else {
+                "no usable PIN: the token refused the pin file's; set the right one with \
+                 `hsmctl backend pkcs11 set-pin` or fix the file and restart hsmd"
+            };
+            if me.health.get().detail.contains("refused the PIN") {
+                // Keep the refusal in view: it says what went wrong.
+            } else {
+                me.health.set(
+                    NAME,
+                    Health {
+                        healthy: false,
+                        detail: why.to_owned(),
+                    },
+                );
+            }
+            me.set_conn(None);
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
+            let flag = lock(&me.wake_flag);
+            let (mut flag, _) = me
+                .wake
+                .wait_timeout_while(flag, Duration::from_secs(1), |f| !*f)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *flag = false;
+            drop(flag);
+            backoff = BACKOFF_MIN;
+            continue;
+        }
         let started = Instant::now();
         match spawn(&me) {
             Ok(conn) => {
@@ -410,7 +459,10 @@ fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>
                 // token's retry limit.
                 let give_up = why.starts_with(PIN_REFUSED);
                 let why = if give_up {
-                    let why = format!("{why}; hsmd will not try it again until restarted, so as not to lock the token");
+                    let why = format!(
+                        "{why}; hsmd will not try it again, so as not to lock the token, until a new PIN is set \
+                         (`hsmctl backend pkcs11 set-pin`) or hsmd restarts"
+                    );
                     tracing::error!(error = %why, "the PKCS#11 token refused the PIN");
                     why
                 } else {
@@ -429,7 +481,7 @@ fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>
                     let _ = tx.send(());
                 }
                 if give_up {
-                    return;
+                    *lock(&me.pin) = None;
                 }
             }
         }
@@ -526,11 +578,12 @@ fn spawn(inner: &Arc<Inner>) -> Result<Arc<Conn>, String> {
     let mut writer = BufWriter::new(ours.try_clone().map_err(|e| format!("socketpair: {e}"))?);
     let _ = ours.set_read_timeout(Some(inner.op_timeout.max(Duration::from_secs(5))));
     let mut reader = BufReader::new(ours);
+    let pin = lock(&inner.pin).clone().ok_or("no PIN for the token yet")?;
     let open = Open {
         module,
         token_label: inner.token_label.clone(),
         token_serial: inner.token_serial.clone(),
-        pin: inner.pin.clone(),
+        pin,
         sessions: inner.sessions,
     };
     if let Err(e) = wire::write_frame(&mut writer, &open).and_then(|()| writer.flush()) {

@@ -244,6 +244,7 @@ fn a_policy_permission_limited_to_a_backend_holds() {
         &policy,
         format!(
             "[roles.soft-signer]\npermissions = [\n  {{ resource = \"keys\", action = \"*\", keys = \"*\", backend = \"soft\" }},\n  \
+             {{ resource = \"keys\", action = \"create\", keys = \"made-*\", backend = \"mock\" }},\n  \
              {{ resource = \"keystore\", action = \"*\" }},\n]\n\n[[bind]]\nusers = [\"{me}\"]\nroles = [\"soft-signer\"]\n"
         ),
     )
@@ -264,4 +265,13 @@ fn a_policy_permission_limited_to_a_backend_holds() {
         digest: vec![0; 64],
     })
     .expect("soft key signs");
+    // A mock key it may create but not use: the check reads the key's own backend.
+    ok(&d.hsmctl(&["key", "create", "made-m", "--type", "ed25519", "--backend", "mock"]));
+    let e = c
+        .call(Operation::Sign {
+            name: "made-m".into(),
+            digest: vec![0; 64],
+        })
+        .expect_err("a mock key is outside the role's backend");
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
 }

@@ -237,6 +237,8 @@ pub struct Policy {
     roles: BTreeMap<String, Role>,
     bindings: Vec<Binding>,
     text: String,
+    /// Whether any permission names a backend (checked on every request).
+    restricts_backends: bool,
 }
 
 /// Why a peer has a role: which binding, and which of its entries matched.
@@ -351,6 +353,7 @@ impl Policy {
             roles: builtin_roles(),
             bindings: Vec::new(),
             text: String::new(),
+            restricts_backends: false,
         }
     }
 
@@ -458,11 +461,16 @@ impl Policy {
                 roles: b.roles,
             });
         }
+        let restricts_backends = roles
+            .values()
+            .flat_map(|r| r.permissions.iter())
+            .any(|p| p.backend.as_str() != "*");
         Ok(Self {
             source: Source::File(path.to_owned()),
             roles,
             bindings,
             text: text.to_owned(),
+            restricts_backends,
         })
     }
 
@@ -549,10 +557,7 @@ impl Policy {
     /// the key's backend, not a guess).
     #[must_use]
     pub fn restricts_backends(&self) -> bool {
-        self.roles
-            .values()
-            .flat_map(|r| r.permissions.iter())
-            .any(|p| p.backend.as_str() != "*")
+        self.restricts_backends
     }
 
     /// Whether `peer` may do `ask`. `owner` gives the key's owner uid when a

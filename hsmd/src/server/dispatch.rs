@@ -1150,17 +1150,16 @@ fn authorize(shared: &Shared, caller: &Caller, ask: Ask<'_>, backend: Option<&st
     let owner = || ask.key.and_then(|k| shared.vault.live_owner(k));
     // The key's backend: read from the keystore (one indexed read, as for the
     // owner) only when some permission depends on it.
-    let key_backend = |k: &str| {
-        if policy.restricts_backends() {
-            shared.vault.key_backend(k)
-        } else {
-            shared.vault.known_backend(k)
-        }
+    let default = shared.vault.backends().default_name();
+    let backend = if policy.restricts_backends() {
+        backend
+            .map(crate::backend::static_name)
+            .or_else(|| ask.key.and_then(|k| shared.vault.key_backend(k)))
+            .unwrap_or(default)
+    } else {
+        // No permission names a backend: which one it is cannot matter.
+        default
     };
-    let backend = backend
-        .map(crate::backend::static_name)
-        .or_else(|| ask.key.and_then(key_backend))
-        .unwrap_or_else(|| shared.vault.backends().default_name());
     match policy.check(&caller.peer, ask, backend, owner) {
         Ok(_) => Ok(()),
         Err(why) => {

@@ -38,8 +38,25 @@ pub const NAME: &str = "pkcs11";
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Marks a start failure that must not be retried (a refused PIN).
-const PIN_REFUSED: &str = "PIN refused: ";
+/// Why a helper could not be started.
+enum StartError {
+    /// The token refused the PIN: not to be retried with the same PIN.
+    PinRefused(String),
+    /// Anything else (module, token absent, helper): retried with back-off.
+    Other(String),
+}
+
+impl From<String> for StartError {
+    fn from(why: String) -> Self {
+        Self::Other(why)
+    }
+}
+
+impl From<&str> for StartError {
+    fn from(why: &str) -> Self {
+        Self::Other(why.to_owned())
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -373,24 +390,20 @@ impl Inner {
 /// token's health while one runs. Ends when the backend is dropped.
 fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>) {
     let mut backoff = BACKOFF_MIN;
+    // Set when the token refused the PIN: the health then keeps saying so
+    // (it says what to do) while hsmd waits for another.
+    let mut refused = false;
     loop {
         let Some(me) = inner.upgrade() else { return };
         if lock(&me.pin).is_none() {
-            let why = if me.pin_from_keystore {
-                "waiting for the token's user PIN: it is sealed in the keystore and handed over at unlock; \
-                 set it with `hsmctl backend pkcs11 set-pin`"
-            } else {
-                "no usable PIN: the token refused the pin file's; set the right one with \
-                 `hsmctl backend pkcs11 set-pin` or fix the file and restart hsmd"
-            };
-            if me.health.get().detail.contains("refused the PIN") {
-                // Keep the refusal in view: it says what went wrong.
-            } else {
+            if !refused {
                 me.health.set(
                     NAME,
                     Health {
                         healthy: false,
-                        detail: why.to_owned(),
+                        detail: "waiting for the token's user PIN: it is sealed in the keystore and handed over \
+                                 at unlock; set it with `hsmctl backend pkcs11 set-pin`"
+                            .to_owned(),
                     },
                 );
             }
@@ -454,21 +467,25 @@ fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>
                     backoff = BACKOFF_MIN;
                 }
             }
-            Err(why) => {
+            Err(e) => {
                 // A refused PIN is not retried: each try counts against the
                 // token's retry limit.
-                let give_up = why.starts_with(PIN_REFUSED);
-                let why = if give_up {
-                    let why = format!(
-                        "{why}; hsmd will not try it again, so as not to lock the token, until a new PIN is set \
-                         (`hsmctl backend pkcs11 set-pin`) or hsmd restarts"
-                    );
-                    tracing::error!(error = %why, "the PKCS#11 token refused the PIN");
-                    why
-                } else {
-                    tracing::error!(error = %why, retry_in = ?backoff, "the PKCS#11 token cannot be opened");
-                    why
+                let give_up = matches!(e, StartError::PinRefused(_));
+                let why = match e {
+                    StartError::PinRefused(why) => {
+                        let why = format!(
+                            "{why}; hsmd will not try it again, so as not to lock the token, until a new PIN is set \
+                             (`hsmctl backend pkcs11 set-pin`) or hsmd restarts"
+                        );
+                        tracing::error!(error = %why, "the PKCS#11 token refused the PIN");
+                        why
+                    }
+                    StartError::Other(why) => {
+                        tracing::error!(error = %why, retry_in = ?backoff, "the PKCS#11 token cannot be opened");
+                        why
+                    }
                 };
+                refused = give_up;
                 me.health.set(
                     NAME,
                     Health {
@@ -551,11 +568,11 @@ fn watch(inner: &Arc<Inner>, conn: &Arc<Conn>) {
 }
 
 /// Starts a helper and has it open the token.
-fn spawn(inner: &Arc<Inner>) -> Result<Arc<Conn>, String> {
+fn spawn(inner: &Arc<Inner>) -> Result<Arc<Conn>, StartError> {
     // The module may have been replaced since start (by a symlink elsewhere).
     let module = check_module(&inner.configured_module, &inner.allowed_module_dirs)?;
     if !module.is_file() {
-        return Err(format!("the PKCS#11 module {} does not exist", module.display()));
+        return Err(format!("the PKCS#11 module {} does not exist", module.display()).into());
     }
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
     let theirs_out = theirs.try_clone().map_err(|e| format!("socketpair: {e}"))?;
@@ -568,12 +585,16 @@ fn spawn(inner: &Arc<Inner>) -> Result<Arc<Conn>, String> {
         .map_err(|e| format!("cannot start the PKCS#11 helper {}: {e}", inner.exe.display()))?;
     let pid = child.id();
     let mut child = Some(child);
-    let fail = |child: &mut Option<Child>, why: String| {
+    // Stops the helper that could not open the token.
+    let stop = |child: &mut Option<Child>| {
         if let Some(mut c) = child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        why
+    };
+    let fail = |child: &mut Option<Child>, why: String| -> StartError {
+        stop(child);
+        StartError::Other(why)
     };
     let mut writer = BufWriter::new(ours.try_clone().map_err(|e| format!("socketpair: {e}"))?);
     let _ = ours.set_read_timeout(Some(inner.op_timeout.max(Duration::from_secs(5))));
@@ -600,7 +621,10 @@ fn spawn(inner: &Arc<Inner>) -> Result<Arc<Conn>, String> {
         Ok(Some(Response {
             result: Err(Failure::PinRefused(why)),
             ..
-        })) => return Err(fail(&mut child, format!("{PIN_REFUSED}{why}"))),
+        })) => {
+            stop(&mut child);
+            return Err(StartError::PinRefused(why));
+        }
         Ok(Some(Response {
             result: Err(Failure::Unavailable(why) | Failure::Failed(why) | Failure::Unsupported(why)),
             ..

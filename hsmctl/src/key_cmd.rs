@@ -17,16 +17,19 @@ pub enum KeyCommand {
     /// Generate a key inside hsmd (hsmd must be unlocked)
     #[command(
         after_help = "Names: 1 to 64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit.\n\
-        Types: ed25519, ecdsa-p256, ecdsa-p384, aes256-gcm, hmac-sha256.\n\
+        Types: ed25519, ecdsa-p256, ecdsa-p384, aes256-gcm, hmac-sha256; in the pkcs11 and tpm backends\n\
+        also rsa-pss-2048, rsa-pss-3072, rsa-pss-4096, rsa-pkcs1-2048, rsa-pkcs1-3072, rsa-pkcs1-4096.\n\
         Times: an RFC 3339 date (2027-01-31T00:00:00Z) or a span from now (90d, 12h).\n\n\
         Examples:\n  hsmctl key create release --type ed25519 --rotate-every 90d\n  \
         hsmctl key create audit-mac --type hmac-sha256 --label team=sec\n  \
+        hsmctl key create code-sign --type rsa-pss-3072 --backend pkcs11\n  \
         hsmctl key create next-year --type ecdsa-p256 --activate-at 2027-01-01T00:00:00Z --expire-at 2028-01-01T00:00:00Z"
     )]
     Create {
         /// The key's name
         name: String,
-        /// ed25519, ecdsa-p256, ecdsa-p384, aes256-gcm or hmac-sha256
+        /// ed25519, ecdsa-p256, ecdsa-p384, aes256-gcm, hmac-sha256, rsa-pss-{2048,3072,4096}
+        /// or rsa-pkcs1-{2048,3072,4096} (RSA in the pkcs11 and tpm backends only)
         #[arg(long = "type", value_name = "TYPE", value_parser = parse_key_type)]
         key_type: KeyType,
         /// sign, verify, encrypt, decrypt, mac (repeat or comma-separate); default: all the type allows
@@ -66,8 +69,9 @@ pub enum KeyCommand {
     Public {
         /// The key's name
         name: String,
-        /// pem (SubjectPublicKeyInfo), der, raw (32-byte Ed25519 key, SEC1 point), or
-        /// openssh (an authorized_keys line)
+        /// pem (SubjectPublicKeyInfo), der, raw (32-byte Ed25519 key, SEC1 point,
+        /// PKCS#1 RSAPublicKey DER), or openssh (an authorized_keys line; not for
+        /// rsa-pss keys)
         #[arg(long, default_value = "pem", value_parser = ["pem", "der", "raw", "openssh"])]
         format: String,
         /// Write here instead of stdout
@@ -445,7 +449,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
         KeyCommand::Public { name, format, output } => {
             match client.call(Operation::KeyPublic { name: name.clone() })? {
                 Reply::PublicKey { key_type, spki_der, .. } => {
-                    let bytes = keys::format_public(key_type, &spki_der, format, name);
+                    let bytes = keys::format_public(key_type, &spki_der, format, name).map_err(Failure::Local)?;
                     keys::write_output(output.as_deref().unwrap_or(std::path::Path::new("-")), &bytes)?;
                 }
                 other => {

@@ -37,8 +37,8 @@ pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
     BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, Fido2Challenge, FileInfo, GroupInfo,
     KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, NewSlot, Operation, PeerInfo, Reply, Request, Response,
-    ServerHello, ServiceState, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage, VersionInfo, CONNECTION_ERROR_ID,
-    MAX_BATCH_ITEMS, PROTOCOL_VERSION,
+    RsaScheme, ServerHello, ServiceState, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage, VersionInfo,
+    CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
 };
 pub use secret::SecretBytes;
 

@@ -106,7 +106,7 @@ pub enum Operation {
         name: String,
     },
     /// Signs a digest the client computed (SHA-512 for ed25519, SHA-256 for
-    /// ecdsa-p256, SHA-384 for ecdsa-p384). Needs unlocked.
+    /// ecdsa-p256 and every RSA type, SHA-384 for ecdsa-p384). Needs unlocked.
     Sign {
         /// The key's name.
         name: String,
@@ -123,7 +123,8 @@ pub enum Operation {
         /// The digest of the data.
         #[serde(with = "serde_bytes")]
         digest: Vec<u8>,
-        /// The signature: 64 bytes for ed25519, DER for ECDSA.
+        /// The signature: 64 bytes for ed25519, DER for ECDSA, the modulus
+        /// length (big-endian) for RSA.
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
         /// Allow this use of a key in state `compromised` (logged at high risk).
@@ -765,16 +766,46 @@ pub enum KeyType {
     Aes256Gcm,
     /// HMAC-SHA-256.
     HmacSha256,
+    /// RSASSA-PSS (RFC 8017 §8.1) with a 2048-bit modulus: SHA-256, MGF1 with
+    /// SHA-256, a 32-byte salt. Only where a backend keeps RSA keys (pkcs11, tpm).
+    RsaPss2048,
+    /// RSASSA-PSS as [`KeyType::RsaPss2048`], 3072-bit modulus.
+    RsaPss3072,
+    /// RSASSA-PSS as [`KeyType::RsaPss2048`], 4096-bit modulus.
+    RsaPss4096,
+    /// RSASSA-PKCS1-v1_5 (RFC 8017 §8.2) with SHA-256 and a 2048-bit modulus.
+    RsaPkcs1_2048,
+    /// RSASSA-PKCS1-v1_5 as [`KeyType::RsaPkcs1_2048`], 3072-bit modulus.
+    RsaPkcs1_3072,
+    /// RSASSA-PKCS1-v1_5 as [`KeyType::RsaPkcs1_2048`], 4096-bit modulus.
+    RsaPkcs1_4096,
+}
+
+/// The RSA signature scheme a key type is bound to. A key signs with one
+/// scheme only, so a PSS key can never be used to forge or check PKCS#1 v1.5
+/// signatures (or the reverse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RsaScheme {
+    /// RSASSA-PSS, SHA-256, MGF1-SHA-256, salt length 32.
+    Pss,
+    /// RSASSA-PKCS1-v1_5 with a SHA-256 DigestInfo.
+    Pkcs1v15,
 }
 
 impl KeyType {
     /// Every type, in wire order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 11] = [
         Self::Ed25519,
         Self::EcdsaP256,
         Self::EcdsaP384,
         Self::Aes256Gcm,
         Self::HmacSha256,
+        Self::RsaPss2048,
+        Self::RsaPss3072,
+        Self::RsaPss4096,
+        Self::RsaPkcs1_2048,
+        Self::RsaPkcs1_3072,
+        Self::RsaPkcs1_4096,
     ];
 
     /// The name used on the command line and in listings.
@@ -786,7 +817,33 @@ impl KeyType {
             Self::EcdsaP384 => "ecdsa-p384",
             Self::Aes256Gcm => "aes256-gcm",
             Self::HmacSha256 => "hmac-sha256",
+            Self::RsaPss2048 => "rsa-pss-2048",
+            Self::RsaPss3072 => "rsa-pss-3072",
+            Self::RsaPss4096 => "rsa-pss-4096",
+            Self::RsaPkcs1_2048 => "rsa-pkcs1-2048",
+            Self::RsaPkcs1_3072 => "rsa-pkcs1-3072",
+            Self::RsaPkcs1_4096 => "rsa-pkcs1-4096",
         }
+    }
+
+    /// For RSA types, the modulus size in bits and the signature scheme.
+    #[must_use]
+    pub fn rsa(self) -> Option<(u32, RsaScheme)> {
+        Some(match self {
+            Self::RsaPss2048 => (2048, RsaScheme::Pss),
+            Self::RsaPss3072 => (3072, RsaScheme::Pss),
+            Self::RsaPss4096 => (4096, RsaScheme::Pss),
+            Self::RsaPkcs1_2048 => (2048, RsaScheme::Pkcs1v15),
+            Self::RsaPkcs1_3072 => (3072, RsaScheme::Pkcs1v15),
+            Self::RsaPkcs1_4096 => (4096, RsaScheme::Pkcs1v15),
+            _ => return None,
+        })
+    }
+
+    /// Whether keys of this type have a public half (SubjectPublicKeyInfo).
+    #[must_use]
+    pub fn is_asymmetric(self) -> bool {
+        !matches!(self, Self::Aes256Gcm | Self::HmacSha256)
     }
 
     /// Parses [`KeyType::as_str`]'s names.
@@ -799,9 +856,9 @@ impl KeyType {
     #[must_use]
     pub fn allowed_usages(self) -> &'static [Usage] {
         match self {
-            Self::Ed25519 | Self::EcdsaP256 | Self::EcdsaP384 => &[Usage::Sign, Usage::Verify],
             Self::Aes256Gcm => &[Usage::Encrypt, Usage::Decrypt],
             Self::HmacSha256 => &[Usage::Mac],
+            _ => &[Usage::Sign, Usage::Verify],
         }
     }
 
@@ -813,6 +870,8 @@ impl KeyType {
             Self::EcdsaP256 => Some(32),
             Self::EcdsaP384 => Some(48),
             Self::Aes256Gcm | Self::HmacSha256 => None,
+            // Every RSA type signs a SHA-256 digest.
+            _ => Some(32),
         }
     }
 }

@@ -690,17 +690,25 @@ pub fn openssl_verifies(t: &str, public: &Path, data: &Path, sig: &Path) -> bool
                 ])
                 .output()
         }
-        ecdsa => Command::new("openssl")
-            .args([
-                "dgst",
-                if ecdsa == "ecdsa-p256" { "-sha256" } else { "-sha384" },
-                "-verify",
-                os_path(public),
-                "-signature",
-                os_path(sig),
-                os_path(data),
-            ])
-            .output(),
+        other => {
+            // `openssl dgst` over the file: ECDSA and PKCS#1 v1.5 need only the
+            // hash; PSS also its parameters (hsmd's: MGF1-SHA-256, salt 32).
+            let hash = if other == "ecdsa-p384" { "-sha384" } else { "-sha256" };
+            let mut cmd = Command::new("openssl");
+            cmd.args(["dgst", hash]);
+            if other.starts_with("rsa-pss-") {
+                cmd.args([
+                    "-sigopt",
+                    "rsa_padding_mode:pss",
+                    "-sigopt",
+                    "rsa_pss_saltlen:32",
+                    "-sigopt",
+                    "rsa_mgf1_md:sha256",
+                ]);
+            }
+            cmd.args(["-verify", os_path(public), "-signature", os_path(sig), os_path(data)])
+                .output()
+        }
     }
     .expect("run openssl (Debian package openssl)");
     out.status.success()

@@ -132,11 +132,18 @@ fn backend_benchmark_signs_with_soft_pkcs11_and_tpm_keys_beside_cryptoki_directl
         .expect("run hsmd-bench");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for op in ["ecdsa-p256 sign:", "ed25519 sign:"] {
+    for op in ["ecdsa-p256 sign:", "ed25519 sign:", "rsa-pss-2048 sign:"] {
         assert!(text.contains(op), "{op} missing: {text}");
     }
-    let rows = hsmd_tests::table_rows(&text);
-    assert_eq!(rows.len(), 4, "two client counts for each of two operations: {text}");
+    let all = hsmd_tests::table_rows(&text);
+    assert_eq!(all.len(), 6, "two client counts for each of three operations: {text}");
+    // RSA: clients, pkcs11/s, p50, cryptoki/s, p50, ratio, tpm/s, p50,
+    // openssl software sign/s; every figure measured.
+    assert!(
+        all[4..].iter().all(|r| r.len() == 9 && r[1..].iter().all(|f| *f > 0.0)),
+        "rsa figures: {all:?}"
+    );
+    let rows = &all[..4];
     // clients, soft/s, p50, pkcs11/s, p50, cryptoki/s, p50, in-process/s,
     // ratio, then tpm/s and p50 for ecdsa-p256 only
     assert!(

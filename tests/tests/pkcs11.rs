@@ -1,5 +1,6 @@
 //! Issue 7, the `pkcs11` backend against SoftHSM2 (must-shows 1 and 2): keys
-//! made inside the token and never extractable, used through hsmctl and
+//! (ECDSA, Ed25519, RSA-PSS, RSA PKCS#1 v1.5, AES-GCM) made inside the token
+//! and never extractable, used through hsmctl and
 //! checked by OpenSSL and OpenSC's pkcs11-tool; eight signers at once; a
 //! token that goes away and comes back; a helper killed or hung mid-request;
 //! a module outside the allow-list.
@@ -77,6 +78,28 @@ fn started(hsm: &SoftHsm, more: &str) -> (Daemon, std::path::PathBuf) {
     let keyfile = d.dir().join("unlock.key");
     ok(&d.hsmctl(&["init", "--keyfile-out", path(&keyfile)]));
     (d, keyfile)
+}
+
+/// The token object labelled `label` of `class` in pkcs11-tool's listing,
+/// asserted to be sensitive and never extractable; returns its usage line.
+fn locked_in_usage(list: &str, class: &str, label: &str) -> String {
+    let block = objects(list)
+        .into_iter()
+        .find(|b| b.starts_with(class) && b.lines().any(|l| l.trim() == format!("label:      {label}")))
+        .unwrap_or_else(|| panic!("no {class} labelled {label}:\n{list}"));
+    let line = |name: &str| {
+        block
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let access = line("Access:");
+    assert!(
+        access.contains("sensitive") && access.contains("never extractable"),
+        "{label}: {access}\n{list}"
+    );
+    line("Usage:")
 }
 
 /// pkcs11-tool's listing cut into one block per object.
@@ -175,23 +198,7 @@ fn token_keys_sign_encrypt_survive_a_restart_and_stay_inside_the_token() {
         ("ed25519", "Private Key Object; EC_EDWARDS"),
         ("aes256-gcm", "Secret Key Object; AES"),
     ] {
-        let label = format!("hsmd:tok-{t}:v1");
-        let block = objects(&list)
-            .into_iter()
-            .find(|b| b.starts_with(class) && b.lines().any(|l| l.trim() == format!("label:      {label}")))
-            .unwrap_or_else(|| panic!("no {class} labelled {label}:\n{list}"));
-        let access = block
-            .lines()
-            .find(|l| l.trim_start().starts_with("Access:"))
-            .unwrap_or("");
-        assert!(
-            access.contains("sensitive") && access.contains("never extractable"),
-            "{t}: {access}\n{list}"
-        );
-        let usage = block
-            .lines()
-            .find(|l| l.trim_start().starts_with("Usage:"))
-            .unwrap_or("");
+        let usage = locked_in_usage(&list, class, &format!("hsmd:tok-{t}:v1"));
         assert!(!usage.contains("unwrap") && !usage.contains("derive"), "{t}: {usage}");
     }
     // Reading a private value out is refused by the token itself.
@@ -216,6 +223,129 @@ fn token_keys_sign_encrypt_survive_a_restart_and_stay_inside_the_token() {
     let list = ok(&hsm.pkcs11_tool(&["--list-objects"]));
     assert!(!list.contains("tok-ecdsa-p256"), "purged key's objects remain:\n{list}");
     assert!(list.contains("hsmd:tok-ed25519:v1"), "{list}");
+}
+
+/// OpenSSL's verdict on an RSA signature under the *other* scheme than the
+/// key's: PSS as PKCS#1 v1.5, or PKCS#1 v1.5 as PSS.
+fn openssl_accepts_as_other_scheme(t: &str, public: &Path, data: &Path, sig: &Path) -> bool {
+    let other = if t.starts_with("rsa-pss-") {
+        t.replace("rsa-pss-", "rsa-pkcs1-")
+    } else {
+        t.replace("rsa-pkcs1-", "rsa-pss-")
+    };
+    openssl_verifies(&other, public, data, sig)
+}
+
+#[test]
+fn rsa_token_keys_sign_in_their_own_scheme_for_openssl_and_never_leave_the_token() {
+    let hsm = SoftHsm::new("hsmd-rsa");
+    let (mut d, keyfile) = started(&hsm, "");
+    let data = d.dir().join("release.tar");
+    fs::write(&data, b"an RSA-signed release artefact").expect("write");
+    let types = ["rsa-pss-2048", "rsa-pss-3072", "rsa-pkcs1-2048", "rsa-pkcs1-4096"];
+    for t in types {
+        let out = ok(&d.hsmctl(&["key", "create", t, "--type", t, "--backend", "pkcs11"]));
+        assert!(out.contains("backend pkcs11"), "{out}");
+    }
+    // hsmd holds no RSA private key in software: the soft backend refuses,
+    // naming where RSA keys can live.
+    let out = d.hsmctl(&["key", "create", "soft-rsa", "--type", "rsa-pss-2048"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not make rsa-pss-2048 keys") && err.contains("--backend pkcs11"),
+        "{err}"
+    );
+
+    let sign_all = |d: &Daemon, round: &str| {
+        for t in types {
+            let public = d.dir().join(format!("{t}.pem"));
+            ok(&d.hsmctl(&["key", "public", t, "-o", path(&public)]));
+            let sig = d.dir().join(format!("{t}.{round}.sig"));
+            ok(&d.hsmctl(&["sign", t, "-i", path(&data), "-o", path(&sig), "--format", "raw"]));
+            let bits: usize = t.rsplit('-').next().and_then(|b| b.parse().ok()).expect("bits");
+            assert_eq!(
+                fs::read(&sig).expect("sig").len(),
+                bits / 8,
+                "{t}: modulus-length signature"
+            );
+            ok(&d.hsmctl(&["verify", t, "-i", path(&data), "-s", path(&sig), "--format", "raw"]));
+            assert!(
+                openssl_verifies(t, &public, &data, &sig),
+                "openssl rejects the token's {t} signature"
+            );
+            // The key's scheme only: the same signature is no good as the other.
+            assert!(
+                !openssl_accepts_as_other_scheme(t, &public, &data, &sig),
+                "{t}: the signature also passed as the other RSA scheme"
+            );
+            let mut bad = fs::read(&sig).expect("sig");
+            bad[bits / 16] ^= 1;
+            let flipped = d.dir().join(format!("{t}.{round}.bad"));
+            fs::write(&flipped, &bad).expect("write");
+            assert!(
+                !openssl_verifies(t, &public, &data, &flipped),
+                "{t}: openssl accepted a flipped bit"
+            );
+            let out = d.hsmctl(&["verify", t, "-i", path(&data), "-s", path(&flipped), "--format", "raw"]);
+            assert!(!out.status.success(), "{t}: hsmd accepted a flipped bit");
+        }
+    };
+    sign_all(&d, "before");
+
+    // The public key in the other formats: PKCS#1 DER as OpenSSL reads it, and
+    // an ssh-rsa line equal to what ssh-keygen derives from the PEM; PSS has
+    // no OpenSSH form, and says so.
+    let raw = d.dir().join("pkcs1.der");
+    ok(&d.hsmctl(&["key", "public", "rsa-pkcs1-2048", "--format", "raw", "-o", path(&raw)]));
+    let from_raw = ok(&Command::new("openssl")
+        .args([
+            "rsa",
+            "-RSAPublicKey_in",
+            "-inform",
+            "DER",
+            "-in",
+            path(&raw),
+            "-pubout",
+        ])
+        .output()
+        .expect("openssl"));
+    let pem = fs::read_to_string(d.dir().join("rsa-pkcs1-2048.pem")).expect("pem");
+    assert_eq!(from_raw, pem);
+    let ours = ok(&d.hsmctl(&["key", "public", "rsa-pkcs1-2048", "--format", "openssh"]));
+    let theirs = ok(&Command::new("ssh-keygen")
+        .args(["-i", "-m", "PKCS8", "-f", path(&d.dir().join("rsa-pkcs1-2048.pem"))])
+        .output()
+        .expect("ssh-keygen (Debian openssh-client)"));
+    let blob = |line: &str| line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    assert_eq!(blob(&ours), blob(&theirs));
+    let out = d.hsmctl(&["key", "public", "rsa-pss-2048", "--format", "openssh"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no OpenSSH form"),
+        "{out:?}"
+    );
+
+    // The token holds each private key sensitive, never extractable, for
+    // signing only: no decryption (an RSA padding oracle), unwrap or derive.
+    let list = ok(&hsm.pkcs11_tool(&["--list-objects", "--type", "privkey"]));
+    let public_list = ok(&hsm.pkcs11_tool(&["--list-objects", "--type", "pubkey"]));
+    for t in types {
+        let label = format!("hsmd:{t}:v1");
+        let bits: &str = t.rsplit('-').next().expect("bits");
+        assert!(
+            public_list.contains(&format!("Public Key Object; RSA {bits} bits\n  label:      {label}")),
+            "{t}: no {bits}-bit public key:\n{public_list}"
+        );
+        let usage = locked_in_usage(&list, "Private Key Object; RSA", &label);
+        assert!(usage.contains("sign"), "{t}: {usage}");
+        for never in ["decrypt", "unwrap", "derive"] {
+            assert!(!usage.contains(never), "{t} may {never}: {usage}");
+        }
+    }
+
+    // Found again by CKA_ID after a restart.
+    d.restart(false);
+    ok(&d.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
+    sign_all(&d, "after");
 }
 
 #[test]

@@ -20,22 +20,29 @@ fn health(d: &Daemon) -> (bool, String) {
     hsmd_tests::backend_health(d, "tpm")
 }
 
-#[test]
-fn a_tpm_key_signs_for_openssl_and_survives_a_tpm_reset_and_a_restart() {
-    let mut tpm = Swtpm::start();
-    let mut d = Daemon::builder()
+/// An hsmd with the tpm backend on `tpm`, initialized with a key-file slot.
+fn initialized(tpm: &Swtpm) -> (Daemon, std::path::PathBuf) {
+    let d = Daemon::builder()
         .env("TSS2_LOG", "all+NONE")
         .extra(&format!("[backends.tpm]\ntcti = {:?}\n", tpm.tcti()))
         .start();
     let keyfile = d.dir().join("unlock.key");
     ok(&d.hsmctl(&["init", "--keyfile-out", path(&keyfile)]));
+    (d, keyfile)
+}
+
+#[test]
+fn a_tpm_key_signs_for_openssl_and_survives_a_tpm_reset_and_a_restart() {
+    let mut tpm = Swtpm::start();
+    let (mut d, keyfile) = initialized(&tpm);
     let (up, detail) = health(&d);
     assert!(up && detail.contains("TPM 2.0"), "{detail}");
     let out = ok(&d.hsmctl(&["key", "create", "boot", "--type", "ecdsa-p256", "--backend", "tpm"]));
     assert!(out.contains("backend tpm"), "{out}");
     let out = d.hsmctl(&["key", "create", "ed", "--type", "ed25519", "--backend", "tpm"]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("makes ecdsa-p256 keys, not ed25519"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("makes ecdsa-p256, rsa-pss-2048, rsa-pkcs1-2048 keys, not ed25519"),
         "{out:?}"
     );
 
@@ -91,6 +98,55 @@ fn a_tpm_key_signs_for_openssl_and_survives_a_tpm_reset_and_a_restart() {
         assert!(std::time::Instant::now() < deadline, "tpm stays red: {}", health(&d).1);
         std::thread::sleep(Duration::from_millis(100));
     }
+    check(&d, "two");
+}
+
+#[test]
+fn tpm_rsa_2048_keys_sign_pss_and_pkcs1_for_openssl_and_survive_a_restart() {
+    let tpm = Swtpm::start();
+    let (mut d, keyfile) = initialized(&tpm);
+    let data = d.dir().join("data");
+    fs::write(&data, b"firmware image 7").expect("write");
+    let types = ["rsa-pss-2048", "rsa-pkcs1-2048"];
+    for t in types {
+        let out = ok(&d.hsmctl(&["key", "create", t, "--type", t, "--backend", "tpm"]));
+        assert!(out.contains("backend tpm"), "{out}");
+    }
+    let out = d.hsmctl(&["key", "create", "big", "--type", "rsa-pss-3072", "--backend", "tpm"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not rsa-pss-3072"),
+        "{out:?}"
+    );
+    let check = |d: &Daemon, round: &str| {
+        for t in types {
+            let public = d.dir().join(format!("{t}.pem"));
+            ok(&d.hsmctl(&["key", "public", t, "-o", path(&public)]));
+            let sig = d.dir().join(format!("{t}.{round}.sig"));
+            ok(&d.hsmctl(&["sign", t, "-i", path(&data), "-o", path(&sig), "--format", "raw"]));
+            assert_eq!(fs::read(&sig).expect("sig").len(), 256);
+            ok(&d.hsmctl(&["verify", t, "-i", path(&data), "-s", path(&sig), "--format", "raw"]));
+            assert!(
+                openssl_verifies(t, &public, &data, &sig),
+                "openssl rejects the TPM's {t} signature"
+            );
+            let other = if t.starts_with("rsa-pss") {
+                "rsa-pkcs1-2048"
+            } else {
+                "rsa-pss-2048"
+            };
+            assert!(
+                !openssl_verifies(other, &public, &data, &sig),
+                "{t}: passed as {other} too"
+            );
+            let mut bad = fs::read(&sig).expect("sig");
+            bad[100] ^= 1;
+            fs::write(&sig, bad).expect("write");
+            assert!(!openssl_verifies(t, &public, &data, &sig), "{t}: a flipped bit passed");
+        }
+    };
+    check(&d, "one");
+    d.restart(false);
+    ok(&d.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
     check(&d, "two");
 }
 

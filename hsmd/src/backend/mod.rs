@@ -7,7 +7,9 @@
 //!   tests; the production profile refuses it);
 //! - `pkcs11`: keys generated inside a PKCS#11 token, driven through a helper
 //!   process so that no vendor module runs inside hsmd ([`pkcs11`]);
-//! - `tpm`: ECDSA P-256 keys inside a TPM 2.0 (feature `tpm`).
+//! - `tpm`: ECDSA P-256 and RSA 2048 keys inside a TPM 2.0 (feature `tpm`).
+//!
+//! RSA keys live only in the hardware backends ([`rsa_public`] says why).
 //!
 //! The keystore keeps, for every key version, the backend's *reference* sealed
 //! under the master key and bound to the key's row: for `soft` that is the
@@ -16,6 +18,7 @@
 
 pub mod mock;
 pub mod pkcs11;
+pub mod rsa_public;
 pub mod soft;
 #[cfg(feature = "tpm")]
 pub mod tpm;

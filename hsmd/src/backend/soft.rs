@@ -23,6 +23,14 @@ impl Backend for Soft {
     }
 
     fn generate(&self, key_type: KeyType, _label: KeyLabel<'_>) -> Result<NewKey, BackendError> {
+        if key_type.rsa().is_some() {
+            return Err(BackendError::Unsupported(format!(
+                "the soft backend does not make {} keys: hsmd holds RSA private keys only in hardware, \
+                 since software RSA here is not constant time (RUSTSEC-2023-0071); \
+                 create the key with --backend pkcs11 or --backend tpm",
+                key_type.as_str()
+            )));
+        }
         let material = Material::generate(key_type).map_err(|e| BackendError::Failed {
             backend: NAME,
             reason: e.to_string(),
@@ -101,5 +109,6 @@ pub fn verify_spki(key_type: KeyType, spki: &[u8], digest: &[u8], signature: &[u
             p384::ecdsa::VerifyingKey::from_public_key_der(spki).is_ok_and(|k| keys::verify_p384(&k, digest, signature))
         }
         KeyType::Aes256Gcm | KeyType::HmacSha256 => false,
+        _ => super::rsa_public::verify(key_type, spki, digest, signature),
     }
 }

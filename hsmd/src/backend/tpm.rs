@@ -1,5 +1,6 @@
-//! The `tpm` backend: ECDSA P-256 signing keys created inside a TPM 2.0
-//! under a primary storage key of the owner hierarchy. The TPM returns each
+//! The `tpm` backend: ECDSA P-256 and RSA 2048 (PSS or PKCS#1 v1.5) signing
+//! keys created inside a TPM 2.0 under a primary storage key of the owner
+//! hierarchy. The TPM returns each
 //! key as a public and an encrypted private blob that only that TPM can load;
 //! the keystore keeps both (sealed under the master key), and hsmd loads a key
 //! for each signature and flushes it again. The primary key is re-derived from
@@ -18,6 +19,7 @@ use std::{
 };
 
 use protocol::KeyType;
+use protocol::RsaScheme as Scheme;
 use serde::{Deserialize, Serialize};
 use tss_esapi::{
     attributes::ObjectAttributesBuilder,
@@ -26,14 +28,16 @@ use tss_esapi::{
     handles::KeyHandle as TpmHandle,
     interface_types::session_handles::PolicySession,
     interface_types::{
-        algorithm::{HashingAlgorithm, PublicAlgorithm},
+        algorithm::{HashingAlgorithm, PublicAlgorithm, RsaSchemeAlgorithm},
         ecc::EccCurve,
+        key_bits::RsaKeyBits,
         resource_handles::Hierarchy,
     },
     structures::{
         Digest, EccPoint, EccScheme, HashScheme, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot,
-        Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
-        Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
+        Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa, PublicKeyedHashParameters,
+        PublicRsaParametersBuilder, RsaExponent, RsaScheme, SensitiveData, Signature, SignatureScheme,
+        SymmetricDefinition, SymmetricDefinitionObject,
     },
     tcti_ldr::TctiNameConf,
     traits::{Marshall as _, UnMarshall as _},
@@ -42,7 +46,7 @@ use tss_esapi::{
 };
 use zeroize::Zeroizing;
 
-use super::{soft::verify_spki, Backend, BackendError, Health, HealthCell, KeyHandle, KeyLabel, NewKey};
+use super::{rsa_public, soft::verify_spki, Backend, BackendError, Health, HealthCell, KeyHandle, KeyLabel, NewKey};
 
 /// The backend's name.
 pub const NAME: &str = "tpm";
@@ -51,8 +55,9 @@ pub const NAME: &str = "tpm";
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 enum Job {
-    Generate,
+    Generate(KeyType),
     Sign {
+        key_type: KeyType,
         public: Vec<u8>,
         private: Vec<u8>,
         digest: Vec<u8>,
@@ -116,13 +121,13 @@ fn failed(what: &str, e: impl std::fmt::Display) -> BackendError {
     }
 }
 
-/// A P-256 key template: fixed to this TPM and its parent, generated inside
-/// it, usable with an empty auth value, exempt from dictionary-attack lockout.
-fn ecc_template(
+/// A key's object attributes: fixed to this TPM and its parent, generated
+/// inside it, usable with an empty auth value, exempt from dictionary-attack
+/// lockout.
+fn key_attributes(
     finish: impl FnOnce(tss_esapi::attributes::ObjectAttributesBuilder) -> tss_esapi::attributes::ObjectAttributesBuilder,
-    parameters: PublicEccParametersBuilder,
-) -> Result<Public, tss_esapi::Error> {
-    let attributes = finish(
+) -> Result<tss_esapi::attributes::ObjectAttributes, tss_esapi::Error> {
+    finish(
         ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
@@ -130,7 +135,15 @@ fn ecc_template(
             .with_user_with_auth(true)
             .with_no_da(true),
     )
-    .build()?;
+    .build()
+}
+
+/// A P-256 key template with [`key_attributes`].
+fn ecc_template(
+    finish: impl FnOnce(tss_esapi::attributes::ObjectAttributesBuilder) -> tss_esapi::attributes::ObjectAttributesBuilder,
+    parameters: PublicEccParametersBuilder,
+) -> Result<Public, tss_esapi::Error> {
+    let attributes = key_attributes(finish)?;
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
@@ -152,14 +165,50 @@ fn primary_template() -> Result<Public, tss_esapi::Error> {
     )
 }
 
-fn signing_template() -> Result<Public, tss_esapi::Error> {
-    ecc_template(
-        |a| a.with_sign_encrypt(true),
-        PublicEccParametersBuilder::new_unrestricted_signing_key(
-            EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
-            EccCurve::NistP256,
-        ),
-    )
+/// The types this backend makes.
+const KEY_TYPES: [KeyType; 3] = [KeyType::EcdsaP256, KeyType::RsaPss2048, KeyType::RsaPkcs1_2048];
+
+/// A signing key of `key_type` (one of [`KEY_TYPES`]). The scheme is fixed
+/// in the key's public area, so the TPM itself refuses any other.
+fn signing_template(key_type: KeyType) -> Result<Public, tss_esapi::Error> {
+    let Some((_, scheme)) = key_type.rsa() else {
+        return ecc_template(
+            |a| a.with_sign_encrypt(true),
+            PublicEccParametersBuilder::new_unrestricted_signing_key(
+                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                EccCurve::NistP256,
+            ),
+        );
+    };
+    let algorithm = match scheme {
+        Scheme::Pss => RsaSchemeAlgorithm::RsaPss,
+        Scheme::Pkcs1v15 => RsaSchemeAlgorithm::RsaSsa,
+    };
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Rsa)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(key_attributes(|a| a.with_sign_encrypt(true))?)
+        .with_rsa_parameters(
+            PublicRsaParametersBuilder::new_unrestricted_signing_key(
+                RsaScheme::create(algorithm, Some(HashingAlgorithm::Sha256))?,
+                RsaKeyBits::Rsa2048,
+                // 0: the TPM's default, 65537.
+                RsaExponent::ZERO_EXPONENT,
+            )
+            .build()?,
+        )
+        .with_rsa_unique_identifier(PublicKeyRsa::default())
+        .build()
+}
+
+/// The signature scheme a key type signs with.
+fn signature_scheme(key_type: KeyType) -> SignatureScheme {
+    let hash_scheme = HashScheme::new(HashingAlgorithm::Sha256);
+    match key_type.rsa() {
+        Some((_, Scheme::Pss)) => SignatureScheme::RsaPss { hash_scheme },
+        Some((_, Scheme::Pkcs1v15)) => SignatureScheme::RsaSsa { hash_scheme },
+        None => SignatureScheme::EcDsa { hash_scheme },
+    }
 }
 
 /// The SHA-256 bank selection of `pcrs`.
@@ -346,13 +395,14 @@ impl Connection {
                     .map_err(|e| unavailable(format!("the TPM does not answer: {e}")))?;
                 Ok(Done::Probed)
             }
-            Job::Generate => {
-                let template = signing_template().map_err(|e| failed("key template", e))?;
+            Job::Generate(key_type) => {
+                let template = signing_template(key_type).map_err(|e| failed("key template", e))?;
                 let primary = self.primary;
                 let made = self
                     .authed(|ctx| ctx.create(primary, template, None, None, None, None))
                     .map_err(|e| failed("creating the key", e))?;
-                let spki = spki_of(&made.out_public).ok_or_else(|| failed("the new key", "not a P-256 point"))?;
+                let spki = spki_of(key_type, &made.out_public)
+                    .ok_or_else(|| failed("the new key", format!("not a valid {} public key", key_type.as_str())))?;
                 Ok(Done::Generated {
                     public: made.out_public.marshall().map_err(|e| failed("marshalling", e))?,
                     private: made.out_private.value().to_vec(),
@@ -428,6 +478,7 @@ impl Connection {
                 Ok(Done::Unsealed(Zeroizing::new(result?.value().to_vec())))
             }
             Job::Sign {
+                key_type,
                 public,
                 private,
                 digest,
@@ -439,16 +490,8 @@ impl Connection {
                     hierarchy: TPM2_RH_NULL,
                     digest: Default::default(),
                 };
-                let signature = self.authed(|ctx| {
-                    ctx.sign(
-                        key,
-                        digest,
-                        SignatureScheme::EcDsa {
-                            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
-                        },
-                        validation.try_into()?,
-                    )
-                });
+                let signature =
+                    self.authed(|ctx| ctx.sign(key, digest, signature_scheme(key_type), validation.try_into()?));
                 let signature = match signature {
                     Ok(s) => s,
                     Err(e) => {
@@ -459,8 +502,21 @@ impl Connection {
                         return Err(failed("signing", e));
                     }
                 };
-                let Signature::EcDsa(sig) = signature else {
-                    return Err(failed("signing", "the TPM answered with another signature scheme"));
+                let sig = match (key_type.rsa(), signature) {
+                    (Some((bits, Scheme::Pss)), Signature::RsaPss(sig))
+                    | (Some((bits, Scheme::Pkcs1v15)), Signature::RsaSsa(sig)) => {
+                        // Exactly the modulus length, big-endian (RFC 8017 I2OSP).
+                        let raw = sig.signature().value();
+                        let len = bits as usize / 8;
+                        if raw.len() > len {
+                            return Err(failed("signing", "an RSA signature longer than the modulus"));
+                        }
+                        let mut out = vec![0u8; len - raw.len()];
+                        out.extend_from_slice(raw);
+                        return Ok(Done::Signature(out));
+                    }
+                    (None, Signature::EcDsa(sig)) => sig,
+                    _ => return Err(failed("signing", "the TPM answered with another signature scheme")),
                 };
                 let (r, s) = (sig.signature_r().value(), sig.signature_s().value());
                 let mut rs = [0u8; 64];
@@ -478,12 +534,23 @@ impl Connection {
     }
 }
 
-/// SubjectPublicKeyInfo DER of a P-256 TPM public area.
-fn spki_of(public: &Public) -> Option<Vec<u8>> {
+/// SubjectPublicKeyInfo DER of a TPM public area of `key_type`.
+fn spki_of(key_type: KeyType, public: &Public) -> Option<Vec<u8>> {
     use p256::pkcs8::EncodePublicKey as _;
+    if let Public::Rsa { unique, parameters, .. } = public {
+        // Exponent 0 in the public area means the default, 65537.
+        let e = match parameters.exponent().value() {
+            0 => rsa_public::PUBLIC_EXPONENT,
+            e => e,
+        };
+        return rsa_public::spki(key_type, unique.value(), &e.to_be_bytes());
+    }
     let Public::Ecc { unique, .. } = public else {
         return None;
     };
+    if key_type != KeyType::EcdsaP256 {
+        return None;
+    }
     let (x, y) = (unique.x().value(), unique.y().value());
     if x.len() > 32 || y.len() > 32 {
         return None;
@@ -637,13 +704,14 @@ impl Backend for Tpm {
     }
 
     fn generate(&self, key_type: KeyType, _label: KeyLabel<'_>) -> Result<NewKey, BackendError> {
-        if key_type != KeyType::EcdsaP256 {
+        if !KEY_TYPES.contains(&key_type) {
             return Err(BackendError::Unsupported(format!(
-                "the tpm backend makes ecdsa-p256 keys, not {}",
+                "the tpm backend makes {} keys, not {}",
+                KEY_TYPES.map(KeyType::as_str).join(", "),
                 key_type.as_str()
             )));
         }
-        let Done::Generated { public, private, spki } = self.call(Job::Generate)? else {
+        let Done::Generated { public, private, spki } = self.call(Job::Generate(key_type))? else {
             return Err(failed("generating", "unexpected answer"));
         };
         let reference = serde_json::to_vec(&Reference {
@@ -708,10 +776,21 @@ impl KeyHandle for TpmKey {
 
     fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, BackendError> {
         match self.backend.call(Job::Sign {
+            key_type: self.key_type,
             public: self.public.clone(),
             private: self.private.clone(),
             digest: digest.to_vec(),
         })? {
+            // A faulty RSA signature can give away the key's factors: check
+            // it before it leaves.
+            Done::Signature(s)
+                if self.key_type.rsa().is_some() && !verify_spki(self.key_type, &self.spki, digest, &s) =>
+            {
+                Err(failed(
+                    "signing",
+                    "the TPM returned an RSA signature that does not verify; it was withheld",
+                ))
+            }
             Done::Signature(s) => Ok(s),
             _ => Err(failed("signing", "unexpected answer")),
         }

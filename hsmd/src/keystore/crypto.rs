@@ -18,6 +18,9 @@ pub enum CryptoError {
     /// The operating system's random source failed.
     #[error("the system random source failed: {0}")]
     Random(String),
+    /// The type has no software implementation (RSA lives only in hardware).
+    #[error("hsmd makes no software {0} keys")]
+    Unsupported(&'static str),
 }
 
 /// Fills a fresh array from the OS random source.

@@ -80,6 +80,9 @@ impl Material {
     /// # Errors
     /// [`CryptoError::Random`].
     pub fn generate(key_type: KeyType) -> Result<Self, CryptoError> {
+        if key_type.rsa().is_some() {
+            return Err(CryptoError::Unsupported(key_type.as_str()));
+        }
         loop {
             let secret = Zeroizing::new(match key_type {
                 KeyType::EcdsaP384 => crypto::random::<48>()?.to_vec(),
@@ -104,6 +107,8 @@ impl Material {
             KeyType::Aes256Gcm | KeyType::HmacSha256 => {
                 Self::Symmetric(key_type, Zeroizing::new(secret.try_into().ok()?))
             }
+            // RSA private keys are never in software (backend::rsa_public).
+            _ => return None,
         })
     }
 

@@ -14,8 +14,10 @@
 //! Suite `backends` (not part of `all`): the same signatures through hsmd with
 //! keys in each backend (`soft`, `pkcs11` on a SoftHSM2 token), with the same
 //! clients, beside the token driven directly through cryptoki in this process
-//! (one session per thread) and the software signature in this process; and
-//! ECDSA P-256 with the key in a TPM (`tpm`, swtpm on loopback).
+//! (one session per thread) and the software signature in this process;
+//! ECDSA P-256 with the key in a TPM (`tpm`, swtpm on loopback); and RSA-PSS
+//! 2048 with keys in the token and the TPM, beside the token directly and
+//! `openssl speed rsa2048` (hsmd has no software RSA to compare with).
 //!
 //! Suite `ping`: round trips beside a raw echo. Suite `keys`: Ed25519 and
 //! ECDSA-P256 signatures and AES-256-GCM encryptions of 4 KiB through hsmd,
@@ -677,12 +679,64 @@ fn echo_server(path: &Path) -> Result<()> {
     })
 }
 
+/// The signature kinds the backend suite measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sig {
+    Ed25519,
+    P256,
+    RsaPss2048,
+}
+
+impl Sig {
+    fn digest_len(self) -> usize {
+        if self == Self::Ed25519 {
+            64
+        } else {
+            32
+        }
+    }
+}
+
+/// `openssl speed` RSA-2048 signatures per second on `cores` processes: the
+/// independent software baseline for the RSA row (hsmd itself holds no RSA
+/// private key in software).
+fn openssl_rsa2048(cores: usize, secs: f64) -> Result<f64> {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "speed",
+            "-seconds",
+            &format!("{}", secs.ceil().max(1.0) as u64),
+            "-multi",
+            &cores.to_string(),
+            "rsa2048",
+        ])
+        .output()
+        .context("run openssl speed (Debian package openssl)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The summary line: "rsa 2048 bits 0.000501s 0.000015s 1996.0 66666.7" (sign/s, verify/s).
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("rsa 2048 bits") || l.starts_with("rsa  2048 bits"))
+        .context("openssl speed printed no rsa 2048 line")?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    fields
+        .get(fields.len().saturating_sub(2))
+        .and_then(|f| f.parse().ok())
+        .context("openssl speed's sign/s field")
+}
+
 /// Signs through cryptoki in this process: `clients` threads, each with its
 /// own session on the token, using the private key labelled `label`.
-fn direct_pkcs11(hsm: &hsmd_tests::SoftHsm, label: &str, ed: bool, clients: usize, secs: f64) -> Result<Figures> {
+fn direct_pkcs11(hsm: &hsmd_tests::SoftHsm, label: &str, kind: Sig, clients: usize, secs: f64) -> Result<Figures> {
     use cryptoki::{
         context::{CInitializeArgs, CInitializeFlags, Pkcs11},
-        mechanism::{eddsa::EddsaParams, eddsa::EddsaSignatureScheme, Mechanism},
+        mechanism::{
+            eddsa::EddsaParams,
+            eddsa::EddsaSignatureScheme,
+            rsa::{PkcsMgfType, PkcsPssParams},
+            Mechanism, MechanismType,
+        },
         object::{Attribute, ObjectClass},
         session::UserType,
         types::AuthPin,
@@ -723,12 +777,17 @@ fn direct_pkcs11(hsm: &hsmd_tests::SoftHsm, label: &str, ed: bool, clients: usiz
             ])?
             .first()
             .context("key not in the token")?;
-        let digest = vec![7u8; if ed { 64 } else { 32 }];
+        let digest = vec![7u8; kind.digest_len()];
         Ok(move || -> Result<()> {
-            let mechanism = if ed {
-                Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure))
-            } else {
-                Mechanism::Ecdsa
+            // The mechanisms hsmd's helper uses for the same keys.
+            let mechanism = match kind {
+                Sig::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                Sig::P256 => Mechanism::Ecdsa,
+                Sig::RsaPss2048 => Mechanism::RsaPkcsPss(PkcsPssParams {
+                    hash_alg: MechanismType::SHA256,
+                    mgf: PkcsMgfType::MGF1_SHA256,
+                    s_len: 32.into(),
+                }),
             };
             session.sign(&mechanism, key, &digest)?;
             Ok(())
@@ -755,6 +814,8 @@ fn backend_suite(args: &Args) -> Result<()> {
         ("p11-ed25519", protocol::KeyType::Ed25519, "pkcs11"),
         ("p11-p256", protocol::KeyType::EcdsaP256, "pkcs11"),
         ("tpm-p256", protocol::KeyType::EcdsaP256, "tpm"),
+        ("p11-rsa", protocol::KeyType::RsaPss2048, "pkcs11"),
+        ("tpm-rsa", protocol::KeyType::RsaPss2048, "tpm"),
     ] {
         admin.call(Operation::KeyCreate {
             name: name.into(),
@@ -767,7 +828,7 @@ fn backend_suite(args: &Args) -> Result<()> {
         })?;
     }
     println!(
-        "\nhsmd backend signing benchmark: {} s per run, median of {} round{}, {} cores, SoftHSM2 token with 8 sessions, swtpm on loopback (tpm: ecdsa-p256 only)",
+        "\nhsmd backend signing benchmark: {} s per run, median of {} round{}, {} cores, SoftHSM2 token with 8 sessions, swtpm on loopback (tpm: ecdsa-p256 and rsa only)",
         args.seconds,
         args.rounds,
         if args.rounds == 1 { "" } else { "s" },
@@ -815,7 +876,7 @@ fn backend_suite(args: &Args) -> Result<()> {
                 direct.push(direct_pkcs11(
                     &hsm,
                     &format!("hsmd:p11-{t}:v1"),
-                    ed,
+                    if ed { Sig::Ed25519 } else { Sig::P256 },
                     clients,
                     args.seconds,
                 )?);
@@ -841,6 +902,58 @@ fn backend_suite(args: &Args) -> Result<()> {
                 p.per_sec / d.per_sec * 100.0
             );
         }
+    }
+    rsa_rows(args, &daemon, &hsm)
+}
+
+/// RSA-PSS 2048 signing with pkcs11 and tpm keys through hsmd, beside the
+/// token used directly and OpenSSL's own RSA in software.
+fn rsa_rows(args: &Args, daemon: &hsmd_tests::Daemon, hsm: &hsmd_tests::SoftHsm) -> Result<()> {
+    println!("rsa-pss-2048 sign:");
+    println!(
+        "{:>7} | {:>12} {:>9} | {:>12} {:>9} | {:>9} | {:>11} {:>9} | {:>13}",
+        "clients", "hsmd p11/s", "p50 µs", "cryptoki/s", "p50 µs", "p11/ck", "hsmd tpm/s", "p50 µs", "openssl sw/s"
+    );
+    for &clients in &args.clients {
+        let (mut p11, mut direct, mut tpm, mut sw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            for (name, out) in [("p11-rsa", &mut p11), ("tpm-rsa", &mut tpm)] {
+                let socket = daemon.socket.clone();
+                out.push(measure(clients, args.seconds, move || {
+                    let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
+                    let request = Operation::Sign {
+                        name: name.to_owned(),
+                        digest: vec![7; 32],
+                    };
+                    Ok(move || -> Result<()> {
+                        c.call(request.clone())?;
+                        Ok(())
+                    })
+                })?);
+            }
+            direct.push(direct_pkcs11(
+                hsm,
+                "hsmd:p11-rsa:v1",
+                Sig::RsaPss2048,
+                clients,
+                args.seconds,
+            )?);
+            sw.push(openssl_rsa2048(clients, args.seconds)?);
+        }
+        let (p, d, t) = (median(p11), median(direct), median(tpm));
+        sw.sort_by(f64::total_cmp);
+        let sw = sw[sw.len() / 2];
+        println!(
+            "{clients:>7} | {:>12.0} {:>9.1} | {:>12.0} {:>9.1} | {:>8.1}% | {:>11.0} {:>9.1} | {:>13.0}",
+            p.per_sec,
+            p.p50_us,
+            d.per_sec,
+            d.p50_us,
+            p.per_sec / d.per_sec * 100.0,
+            t.per_sec,
+            t.p50_us,
+            sw
+        );
     }
     Ok(())
 }

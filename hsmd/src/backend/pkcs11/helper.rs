@@ -20,6 +20,7 @@ use cryptoki::{
     mechanism::{
         aead::GcmParams,
         eddsa::{EddsaParams, EddsaSignatureScheme},
+        rsa::{PkcsMgfType, PkcsPssParams},
         Mechanism, MechanismType,
     },
     object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle},
@@ -27,9 +28,10 @@ use cryptoki::{
     slot::Slot,
     types::AuthPin,
 };
-use protocol::KeyType;
+use protocol::{KeyType, RsaScheme};
 use zeroize::Zeroizing;
 
+use super::super::rsa_public;
 use super::wire::{self, Envelope, Failure, Open, Reply, Request, Response, TokenSummary};
 
 /// DER of the named curves' OIDs, as CKA_EC_PARAMS wants them.
@@ -208,6 +210,28 @@ impl Token {
         if has(MechanismType::AES_KEY_GEN) && has(MechanismType::AES_GCM) {
             key_types.push(KeyType::Aes256Gcm);
         }
+        if has(MechanismType::RSA_PKCS_KEY_PAIR_GEN) {
+            // The sizes the token generates (in bits; some tokens say 0 for
+            // "no limit stated").
+            let (min, max) = p11
+                .get_mechanism_info(slot, MechanismType::RSA_PKCS_KEY_PAIR_GEN)
+                .map(|i| (i.min_key_size(), i.max_key_size()))
+                .unwrap_or((0, 0));
+            let fits = |bits: u32| {
+                let bits = bits as usize;
+                bits >= min && (max == 0 || bits <= max)
+            };
+            for t in KeyType::ALL {
+                let Some((bits, scheme)) = t.rsa() else { continue };
+                let signs = match scheme {
+                    RsaScheme::Pss => has(MechanismType::RSA_PKCS_PSS),
+                    RsaScheme::Pkcs1v15 => has(MechanismType::RSA_PKCS),
+                };
+                if signs && fits(bits) {
+                    key_types.push(t);
+                }
+            }
+        }
         // At most what the token allows, and at least one.
         let limit = Option::<u64>::from(info.max_rw_session_count()).unwrap_or(u64::MAX);
         let want = u64::from(open.sessions.max(1)).min(limit.max(1));
@@ -295,13 +319,30 @@ fn handle(session: &Session, shared: &Shared, request: Request) -> Result<Reply,
         Request::Generate { key_type, id, label } => generate(session, shared, key_type, &id, &label),
         Request::Sign { key_type, id, digest } => {
             let key = find(session, shared, &id, ObjectClass::PRIVATE_KEY)?;
-            let mechanism = match key_type {
-                KeyType::EcdsaP256 | KeyType::EcdsaP384 => Mechanism::Ecdsa,
-                KeyType::Ed25519 => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
-                other => return Err(Failure::Unsupported(format!("a {} key does not sign", other.as_str()))),
+            // Tokens sign the digest hsmd was given: ECDSA over it as the
+            // hash, RSA-PSS with the hash named in the parameters, PKCS#1
+            // v1.5 over the DigestInfo built here (many tokens, SoftHSM among
+            // them, have no hashing ECDSA mechanism, and a digest is all hsmd
+            // ever receives).
+            let mut input = digest;
+            let mechanism = match (key_type, key_type.rsa()) {
+                (KeyType::EcdsaP256 | KeyType::EcdsaP384, _) => Mechanism::Ecdsa,
+                (KeyType::Ed25519, _) => Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                (_, Some((_, RsaScheme::Pss))) => Mechanism::RsaPkcsPss(PkcsPssParams {
+                    hash_alg: MechanismType::SHA256,
+                    mgf: PkcsMgfType::MGF1_SHA256,
+                    s_len: (rsa_public::PSS_SALT_LEN as u64).into(),
+                }),
+                (_, Some((_, RsaScheme::Pkcs1v15))) => {
+                    let mut info = rsa_public::SHA256_DIGEST_INFO.to_vec();
+                    info.extend_from_slice(&input);
+                    input = info;
+                    Mechanism::RsaPkcs
+                }
+                (other, None) => return Err(Failure::Unsupported(format!("a {} key does not sign", other.as_str()))),
             };
             let raw = session
-                .sign(&mechanism, key, &digest)
+                .sign(&mechanism, key, &input)
                 .map_err(|e| forget_on_error(shared, &id, classify("signing", &e)))?;
             Ok(Reply::Signature(match key_type {
                 KeyType::EcdsaP256 => p256::ecdsa::Signature::from_slice(&raw)
@@ -477,14 +518,23 @@ fn generate(session: &Session, shared: &Shared, key_type: KeyType, id: &[u8], la
             .map_err(|e| classify("generating the key", &e))?;
         return Ok(Reply::Generated { public: None });
     }
-    let (mechanism, params) = match key_type {
-        KeyType::EcdsaP256 => (Mechanism::EccKeyPairGen, P256_OID),
-        KeyType::EcdsaP384 => (Mechanism::EccKeyPairGen, P384_OID),
-        _ => (Mechanism::EccEdwardsKeyPairGen, ED25519_OID),
-    };
     let mut public_t = common(false);
+    let mechanism = if let Some((bits, _)) = key_type.rsa() {
+        public_t.extend([
+            Attribute::ModulusBits(u64::from(bits).into()),
+            Attribute::PublicExponent(rsa_public::PUBLIC_EXPONENT.to_be_bytes()[1..].to_vec()),
+        ]);
+        Mechanism::RsaPkcsKeyPairGen
+    } else {
+        let (mechanism, params) = match key_type {
+            KeyType::EcdsaP256 => (Mechanism::EccKeyPairGen, P256_OID),
+            KeyType::EcdsaP384 => (Mechanism::EccKeyPairGen, P384_OID),
+            _ => (Mechanism::EccEdwardsKeyPairGen, ED25519_OID),
+        };
+        public_t.push(Attribute::EcParams(params.to_vec()));
+        mechanism
+    };
     public_t.extend([
-        Attribute::EcParams(params.to_vec()),
         Attribute::Verify(true),
         Attribute::Encrypt(false),
         Attribute::Wrap(false),
@@ -492,7 +542,8 @@ fn generate(session: &Session, shared: &Shared, key_type: KeyType, id: &[u8], la
     ]);
     let mut private_t = common(true);
     private_t.extend(locked_in);
-    // Signing only: no ECDH derivation, no decryption or unwrapping.
+    // Signing only: no ECDH derivation, no decryption or unwrapping (an RSA
+    // key that decrypts would be a padding oracle).
     private_t.extend([
         Attribute::Sign(true),
         Attribute::Decrypt(false),
@@ -502,6 +553,33 @@ fn generate(session: &Session, shared: &Shared, key_type: KeyType, id: &[u8], la
     let (public, _private) = session
         .generate_key_pair(&mechanism, &public_t, &private_t)
         .map_err(|e| classify("generating the key pair", &e))?;
+    if key_type.rsa().is_some() {
+        let attrs = session
+            .get_attributes(public, &[AttributeType::Modulus, AttributeType::PublicExponent])
+            .map_err(|e| classify("reading the public key", &e))?;
+        let (mut n, mut e) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::Modulus(v) => n = Some(v),
+                Attribute::PublicExponent(v) => e = Some(v),
+                _ => {}
+            }
+        }
+        let (Some(n), Some(e)) = (n, e) else {
+            return Err(Failure::Failed(
+                "the token gave no CKA_MODULUS or CKA_PUBLIC_EXPONENT".into(),
+            ));
+        };
+        let spki = rsa_public::spki(key_type, &n, &e).ok_or_else(|| {
+            Failure::Failed(format!(
+                "the token made a key that is not {} (modulus of {} bytes, exponent {})",
+                key_type.as_str(),
+                n.len(),
+                hex::encode(&e)
+            ))
+        })?;
+        return Ok(Reply::Generated { public: Some(spki) });
+    }
     let attrs = session
         .get_attributes(public, &[AttributeType::EcPoint])
         .map_err(|e| classify("reading the public key", &e))?;
@@ -545,7 +623,7 @@ fn spki_of_point(key_type: KeyType, unwrapped: &[u8]) -> Option<Vec<u8>> {
             .ok()?
             .to_public_key_der()
             .ok()?,
-        KeyType::Aes256Gcm | KeyType::HmacSha256 => return None,
+        _ => return None,
     };
     Some(doc.as_bytes().to_vec())
 }

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use protocol::{
     Client, ClientError, ClientOptions, GroupInfo, NewSlot, Operation, PeerInfo, Reply, SlotInfo, StatusInfo,
     UnlockSecret,
@@ -137,6 +137,22 @@ enum Command {
     /// Key backends' settings kept in the keystore
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Print a shell completion script (no daemon needed)
+    #[command(
+        after_help = "Examples:\n  hsmctl completions bash > ~/.local/share/bash-completion/completions/hsmctl\n  \
+        hsmctl completions zsh > ~/.zfunc/_hsmctl\n  hsmctl completions fish > ~/.config/fish/completions/hsmctl.fish\n\n\
+        The packages install them system-wide."
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Packaging: write the man pages hsmctl.1 and hsmctl-COMMAND.1 into DIR
+    #[command(hide = true)]
+    GenerateMan {
+        /// Where to write them
+        dir: PathBuf,
+    },
     /// The token file store: store, retrieve, list, info, delete
     #[command(subcommand)]
     File(FileCommand),
@@ -496,6 +512,18 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     if let Command::Backup(cmd) = &cli.command {
         return backup_cmd::run(cli, cmd);
     }
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "hsmctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::GenerateMan { dir } => {
+            return std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+                .map_err(|e| Failure::Local(format!("cannot write the man pages into {}: {e}", dir.display())));
+        }
+        _ => {}
+    }
     if let Command::Hardware(cmd) = &cli.command {
         match cmd {
             HardwareCommand::Scan { tcti, module } => {
@@ -657,8 +685,10 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Backup(_) | Command::Hardware(_) => {
-            return Err(Failure::Local("internal: backup and hardware handled above".into()))
+        Command::Backup(_) | Command::Hardware(_) | Command::Completions { .. } | Command::GenerateMan { .. } => {
+            return Err(Failure::Local(
+                "internal: backup, hardware, completions and man pages are handled above".into(),
+            ))
         }
         Command::File(cmd) => file_cmd::run(cli.json, &mut client, cmd)?,
         Command::Metrics => match client.call(Operation::Metrics)? {

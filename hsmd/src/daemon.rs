@@ -186,6 +186,16 @@ pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
             crate::backend::pkcs11::read_pin(pin).map_err(DaemonError::Backend)?;
         }
     }
+    if let Some(path) = &eff.config.policy.path {
+        // As start-up and every reload load it: a policy that would be
+        // refused is an invalid configuration.
+        let policy = crate::auth::policy::Policy::load(path)?;
+        lines.push(format!(
+            "policy {} is valid ({} roles)",
+            path.display(),
+            policy.role_names().len()
+        ));
+    }
     let (_, access_warnings) = AccessGate::from_config(&eff.config.access);
     for w in eff.config.warnings().into_iter().chain(access_warnings) {
         lines.push(format!("warning: {w}"));

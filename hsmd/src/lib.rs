@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod filestore;
 pub mod keystore;
 pub mod logging;
+pub mod manpage;
 pub mod metrics;
 pub mod secure_mem;
 pub mod server;

@@ -1,13 +1,13 @@
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory as _, Parser, ValueEnum};
 use hsmd::{
     config::LogFormat,
     daemon::{self, Options},
 };
 
-/// hsmd: holds keys in locked memory and performs key operations for local
-/// programs over a permission-checked Unix socket.
+/// The local hardware security module daemon: holds keys in locked memory and
+/// performs key operations for local programs over a permission-checked Unix socket.
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -35,6 +35,9 @@ struct Cli {
     /// Internal: run as the PKCS#11 helper process hsmd spawns itself
     #[arg(long, hide = true)]
     pkcs11_helper: bool,
+    /// Packaging: write the man pages hsmd.8 and hsmd.toml.5 into DIR and exit
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_man: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -47,6 +50,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.pkcs11_helper {
         return hsmd::backend::pkcs11::helper::run();
+    }
+    if let Some(dir) = &cli.generate_man {
+        return match hsmd::manpage::generate(Cli::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hsmd: cannot write the man pages into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
     }
     let opts = Options {
         config: cli.config,

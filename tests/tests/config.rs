@@ -1,5 +1,6 @@
 //! Must show 7: `hsmd --check-config` on a config with an unknown key fails and
-//! names the key; valid configs pass; a bad config stops start-up.
+//! names the key; valid configs pass; a bad config stops start-up; the policy
+//! file it names is checked as start-up would load it.
 
 use std::{fs, process::Command};
 
@@ -34,6 +35,22 @@ fn unknown_key_fails_and_names_the_key_and_line() {
     let (ok, _, err) = check("[sockets]\npath = \"/run/x.sock\"\n");
     assert!(!ok);
     assert!(err.contains("sockets"), "{err}");
+}
+
+#[test]
+fn the_policy_file_is_checked_too_and_the_packaged_one_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.toml");
+    let config = format!("[policy]\npath = {:?}\n", policy.to_str().expect("utf-8"));
+    fs::write(&policy, "[[bind]]\nusers = [\"root\"]\nroles = [\"nosuch\"]\n").expect("write");
+    let (ok, _, err) = check(&config);
+    assert!(!ok, "a policy start-up would refuse passed --check-config");
+    assert!(err.contains("unknown role \"nosuch\""), "{err}");
+    let packaged = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/policy.toml");
+    fs::copy(packaged, &policy).expect("copy");
+    let (ok, out, err) = check(&config);
+    assert!(ok, "{err}");
+    assert!(out.contains("policy") && out.contains("is valid (3 roles)"), "{out}");
 }
 
 #[test]

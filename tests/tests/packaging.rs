@@ -12,7 +12,9 @@
 //!    root;
 //! 4. every man page renders without warnings; bash completion loads;
 //! 5. the installed hsmd, as the hsmd user under systemd-socket-activate with
-//!    the packaged config, serves a member of the hsmd group and refuses others.
+//!    the packaged config, serves a member of the hsmd group and refuses others,
+//!    on a file system read-only but for its state and socket directories (as
+//!    ProtectSystem=strict leaves it); a reinstall keeps edits and keys.
 
 use std::{
     collections::BTreeSet,
@@ -400,19 +402,40 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
     let socket = dir.path().join("hsmd.sock");
-    let activator = Command::new("/usr/bin/systemd-socket-activate")
+    // In a mount namespace of its own where, as ProtectSystem=strict leaves
+    // it, every file system is read-only but the state directory and the
+    // socket's directory (StateDirectory=, RuntimeDirectory=): a write
+    // anywhere else fails. unshare, sh, systemd-socket-activate and setpriv
+    // all exec in place, so the child's pid is hsmd's and LISTEN_PID names it.
+    let sandbox = format!(
+        "set -e; mount --bind /var/lib/hsmd /var/lib/hsmd; mount --bind {dir} {dir}; \
+         for m in $(findmnt -rno TARGET); do case \"$m\" in /proc*|/sys*|/dev*|/var/lib/hsmd|{dir}) ;; \
+         *) mount -o remount,bind,ro \"$m\" 2>/dev/null || true ;; esac; done; exec \"$@\"",
+        dir = path(dir.path())
+    );
+    let activator = Command::new("/usr/bin/unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            &sandbox,
+            "sh",
+        ])
+        .arg("/usr/bin/systemd-socket-activate")
         .arg("-l")
         .arg(&socket)
         .arg("--fdname=hsmd")
-        // User=, Group= and AmbientCapabilities=CAP_IPC_LOCK of hsmd.service;
-        // setpriv execs in place, so LISTEN_PID still names hsmd.
+        // User=, Group= and AmbientCapabilities=CAP_IPC_LOCK of hsmd.service.
         .args(["/usr/bin/setpriv", "--reuid=hsmd", "--regid=hsmd", "--init-groups"])
         .args(["--inh-caps=+ipc_lock", "--ambient-caps=+ipc_lock", "--"])
         .args(["/usr/bin/hsmd", "--config", "/etc/hsmd/hsmd.toml"])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
-        .expect("systemd-socket-activate (Debian package systemd)");
+        .expect("unshare and systemd-socket-activate (Debian packages util-linux, systemd)");
     let activator = Activated(activator);
     wait_for("the activator's socket", Duration::from_secs(10), || socket.exists());
     // hsmd.socket's SocketGroup=hsmd and SocketMode=0660.
@@ -422,12 +445,45 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     let served = status_as(member, &socket);
     let text = ok(&served);
     assert!(text.contains("uninitialized"), "{text}");
-    // The daemon runs as hsmd, with its memory locked.
+    // The daemon runs as hsmd, with its memory locked, on a read-only root.
     let pid = ok(&run("pgrep", &["-u", "hsmd", "-x", "hsmd"]));
     let status = fs::read_to_string(format!("/proc/{}/status", pid.trim())).expect("status");
     assert!(
         status.lines().any(|l| l.starts_with("VmLck:") && !l.ends_with(" 0 kB")),
         "memory not locked:\n{status}"
+    );
+    let mounts = fs::read_to_string(format!("/proc/{}/mountinfo", pid.trim())).expect("mountinfo");
+    let root_options = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(4) == Some(&"/")).then(|| f.get(5).copied().unwrap_or(""))
+        })
+        .unwrap_or("");
+    assert!(
+        root_options.split(',').any(|o| o == "ro"),
+        "hsmd's / is not read-only: {root_options}"
+    );
+    // Served in that sandbox: root (admin in the packaged policy) creates the
+    // keystore, the member (operator) makes a key and signs; the keystore and
+    // the audit log are written, and nothing else needs to be.
+    let keyfile = dir.path().join("unlock.key");
+    ok(&run(
+        "/usr/bin/hsmctl",
+        &["--socket", path(&socket), "init", "--keyfile-out", path(&keyfile)],
+    ));
+    let as_member = |args: &[&str]| {
+        let mut all = vec!["-u", member, "--", "/usr/bin/hsmctl", "--socket", path(&socket)];
+        all.extend_from_slice(args);
+        run("runuser", &all)
+    };
+    ok(&as_member(&["key", "create", "release", "--type", "ed25519"]));
+    let signature = ok(&as_member(&["sign", "release", "-i", "/etc/hostname", "-o", "-"]));
+    assert!(signature.starts_with("hsmd-signature v1"), "{signature}");
+    let denied = as_member(&["key", "purge", "release", "--yes"]);
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("permission-denied"),
+        "an operator purged a key: {denied:?}"
     );
     // A non-member cannot reach the socket…
     let refused = status_as("nobody", &socket);
@@ -444,6 +500,22 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     assert!(err.contains("nobody (uid 65534) may not use hsmd"), "{err}");
     drop(activator);
     let _ = run("userdel", &[member]);
+
+    // Installing again (an upgrade's path through the scripts) keeps an
+    // edited configuration and the keystore.
+    let edited = format!(
+        "{}\n# edited by the admin\n",
+        fs::read_to_string("/etc/hsmd/hsmd.toml").expect("config")
+    );
+    fs::write("/etc/hsmd/hsmd.toml", &edited).expect("edit config");
+    ok(&run("dpkg", &["-i", path(&deb)]));
+    assert_eq!(fs::read_to_string("/etc/hsmd/hsmd.toml").expect("config"), edited);
+    assert!(
+        Path::new("/var/lib/hsmd/keystore.sqlite").exists(),
+        "reinstall took the keystore"
+    );
+    let meta = fs::metadata("/etc/hsmd/hsmd.toml").expect("config");
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, gid, 0o640));
 
     // Removal keeps the configuration and the keystore; purge deletes them.
     ok(&run("dpkg", &["-r", "hsmd"]));

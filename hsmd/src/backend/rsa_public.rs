@@ -7,6 +7,8 @@
 //! public exponent of 65537; a signature is the modulus length, big-endian.
 
 use protocol::{KeyType, RsaScheme};
+
+use super::BackendError;
 use rsa::{
     pkcs8::{DecodePublicKey as _, EncodePublicKey as _},
     traits::PublicKeyParts as _,
@@ -43,13 +45,6 @@ pub fn spki(key_type: KeyType, modulus: &[u8], exponent: &[u8]) -> Option<Vec<u8
     Some(key.to_public_key_der().ok()?.as_bytes().to_vec())
 }
 
-/// The modulus and public exponent (big-endian) of an RSA SubjectPublicKeyInfo.
-#[must_use]
-pub fn components(spki_der: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
-    let key = RsaPublicKey::from_public_key_der(spki_der).ok()?;
-    Some((key.n().to_bytes_be(), key.e().to_bytes_be()))
-}
-
 /// Whether `signature` is a valid signature of `key_type`'s scheme over the
 /// SHA-256 `digest` under the key in `spki_der`. Malformed keys and
 /// signatures, a signature of another length than the modulus, and a key of
@@ -73,13 +68,33 @@ pub fn verify(key_type: KeyType, spki_der: &[u8], digest: &[u8], signature: &[u8
     }
 }
 
+/// Passes on a signature a device made only if it verifies under the key's
+/// public half. An RSA signature corrupted by a fault in the device's CRT
+/// computation gives away the key's factors (the Bellcore attack), so a
+/// faulty one is withheld. Other key types pass through unchecked.
+///
+/// # Errors
+/// [`BackendError::Failed`] naming `backend` when an RSA signature does not verify.
+pub fn release_signature(
+    backend: &'static str,
+    key_type: KeyType,
+    spki_der: &[u8],
+    digest: &[u8],
+    signature: Vec<u8>,
+) -> Result<Vec<u8>, BackendError> {
+    if key_type.rsa().is_none() || verify(key_type, spki_der, digest, &signature) {
+        return Ok(signature);
+    }
+    Err(BackendError::Failed {
+        backend,
+        reason: "the device returned an RSA signature that does not verify; it was withheld".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Wycheproof's verification sets for the two schemes and sizes hsmd
-    /// makes, through hsmd's own `verify`: a valid vector must verify, an
-    /// invalid one must not. Only groups of hsmd's exact parameters count.
     /// Runs every vector of a Wycheproof RSA verification set through
     /// hsmd's own `verify`: a valid vector must verify, an invalid one must
     /// not. The two schemes' sets are distinct types with the same fields.
@@ -131,11 +146,34 @@ mod tests {
         assert!(spki(KeyType::RsaPss2048, &n2048, &[3]).is_none(), "exponent");
         assert!(spki(KeyType::EcdsaP256, &n2048, &[1, 0, 1]).is_none(), "not RSA");
         let der = spki(KeyType::RsaPkcs1_2048, &n2048, &[1, 0, 1]).unwrap();
-        assert_eq!(components(&der).unwrap(), (n2048, vec![1, 0, 1]));
         // A 2048-bit key is never valid for a 4096-bit type, nor a PSS
         // signature check for garbage.
         assert!(!verify(KeyType::RsaPss4096, &der, &[0; 32], &[0; 512]));
         assert!(!verify(KeyType::RsaPss2048, &der, &[0; 32], &[0; 255]));
+    }
+
+    #[test]
+    fn a_faulty_rsa_signature_is_withheld_and_a_good_one_released() {
+        use wycheproof::rsa_pss_verify::{TestName, TestSet};
+        let set = TestSet::load(TestName::RsaPss2048Sha256Mgf1SaltLen32).unwrap();
+        let group = &set.test_groups[0];
+        let t = group
+            .tests
+            .iter()
+            .find(|t| t.result == wycheproof::TestResult::Valid)
+            .unwrap();
+        let digest = <Sha256 as sha2::Digest>::digest(&t.msg);
+        let good = release_signature("pkcs11", KeyType::RsaPss2048, &group.der, &digest, t.sig.to_vec());
+        assert_eq!(good.unwrap(), t.sig.to_vec());
+        let mut faulty = t.sig.to_vec();
+        faulty[17] ^= 0x40;
+        let e = release_signature("tpm", KeyType::RsaPss2048, &group.der, &digest, faulty).unwrap_err();
+        assert!(
+            matches!(&e, BackendError::Failed { backend: "tpm", reason } if reason.contains("withheld")),
+            "{e}"
+        );
+        // Not RSA: not this check's business (ECDSA is verified by clients).
+        assert!(release_signature("tpm", KeyType::EcdsaP256, &[], &[0; 32], vec![1]).is_ok());
     }
 
     #[test]

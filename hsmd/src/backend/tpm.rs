@@ -781,17 +781,7 @@ impl KeyHandle for TpmKey {
             private: self.private.clone(),
             digest: digest.to_vec(),
         })? {
-            // A faulty RSA signature can give away the key's factors: check
-            // it before it leaves.
-            Done::Signature(s)
-                if self.key_type.rsa().is_some() && !verify_spki(self.key_type, &self.spki, digest, &s) =>
-            {
-                Err(failed(
-                    "signing",
-                    "the TPM returned an RSA signature that does not verify; it was withheld",
-                ))
-            }
-            Done::Signature(s) => Ok(s),
+            Done::Signature(s) => rsa_public::release_signature(NAME, self.key_type, &self.spki, digest, s),
             _ => Err(failed("signing", "unexpected answer")),
         }
     }

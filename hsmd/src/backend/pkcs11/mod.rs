@@ -804,20 +804,13 @@ impl KeyHandle for TokenKey {
             id: self.id.clone(),
             digest: digest.to_vec(),
         })? {
-            // An RSA signature that a fault corrupted gives away the key's
-            // factors (the Bellcore attack on CRT): check it before it leaves.
-            Reply::Signature(s) if self.key_type.rsa().is_some() => {
-                let public = self.public.as_deref().unwrap_or_default();
-                if verify_spki(self.key_type, public, digest, &s) {
-                    Ok(s)
-                } else {
-                    Err(BackendError::Failed {
-                        backend: NAME,
-                        reason: "the token returned an RSA signature that does not verify; it was withheld".into(),
-                    })
-                }
-            }
-            Reply::Signature(s) => Ok(s),
+            Reply::Signature(s) => super::rsa_public::release_signature(
+                NAME,
+                self.key_type,
+                self.public.as_deref().unwrap_or_default(),
+                digest,
+                s,
+            ),
             _ => Err(BackendError::Failed {
                 backend: NAME,
                 reason: "the helper answered a signature with something else".into(),

@@ -902,8 +902,14 @@ mod tests {
     #[test]
     fn the_packaged_config_is_valid_and_names_every_section() {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/hsmd.toml"));
-        let c = Config::load(path).unwrap();
-        assert_eq!(c.profile, Profile::Development);
+        let mut c = Config::load(path).unwrap();
+        // Shipped fit for production: hsmd refuses to start on an edit that weakens it.
+        assert_eq!(c.profile, Profile::Production);
+        // The policy it names is installed beside it; here, the repository's copy.
+        assert_eq!(c.policy.path.as_deref(), Some(Path::new("/etc/hsmd/policy.toml")));
+        c.policy.path = Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/policy.toml")).to_owned());
+        let problems: Vec<String> = c.production_problems(false).iter().map(ToString::to_string).collect();
+        assert!(problems.is_empty(), "{problems:?}");
         let text = std::fs::read_to_string(path).unwrap();
         for section in [
             "[socket]",

@@ -210,8 +210,10 @@ pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
 pub fn run(opts: &Options) -> Result<(), DaemonError> {
     // Everything hsmd creates (keystore, its WAL, key files) is private to it.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    // Dev mode's scratch directory lives as long as the daemon and is removed after.
-    let scratch = if opts.dev {
+    // Dev mode's scratch directory lives as long as the daemon and is removed
+    // after; it is made only when --state-dir or --socket leaves it a use (a
+    // killed daemon cannot remove it).
+    let scratch = if opts.dev && (opts.state_dir.is_none() || opts.socket.is_none()) {
         Some(
             tempfile::Builder::new()
                 .prefix("hsmd-dev-")

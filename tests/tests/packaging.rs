@@ -307,6 +307,14 @@ fn the_rpm_holds_the_debs_files_and_scripts_and_installs_into_a_scratch_root() {
     assert!(q.starts_with("hsmd-0.1.0-1"), "{q}");
 }
 
+/// Held by the tests that install on this machine and the one whose
+/// container sees this machine's `/`, so neither sees the other's hsmd.
+static HOST_PACKAGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn host_packages() -> std::sync::MutexGuard<'static, ()> {
+    HOST_PACKAGES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The installed package's state, for the asserts around install and removal.
 fn installed(name: &str) -> bool {
     run("dpkg-query", &["-W", "-f=${Status}", name])
@@ -355,6 +363,7 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
         eprintln!("skipped: installing a package needs root (CI runs as root)");
         return;
     }
+    let _host = host_packages();
     let deb = package(".deb");
     if installed("hsmd") {
         ok(&run("dpkg", &["--purge", "hsmd"]));
@@ -538,4 +547,296 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     assert!(!Path::new("/var/lib/hsmd").exists(), "purge left /var/lib/hsmd");
     let listed = run("dpkg-query", &["-W", "hsmd"]);
     assert!(!listed.status.success(), "dpkg still knows hsmd: {listed:?}");
+}
+
+/// A Debian booted by a real systemd, as PID 1 of a `systemd-nspawn`
+/// container whose root is this machine's `/` under a throwaway overlay: the
+/// same programs, nothing written back. Its mounts live in a mount namespace
+/// of their own, so they go when the container does, even if the test dies.
+struct Booted {
+    nspawn: Child,
+    pid1: i32,
+    /// Bound at /share inside: the package goes in, nothing else.
+    share: tempfile::TempDir,
+    /// The tmpfs and overlay's mount point, in the container's mount
+    /// namespace. Kept until the container is gone: removing a directory that
+    /// is a mount point in another namespace unmounts it there.
+    _work: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Booted {
+    fn start(deb: &Path) -> Self {
+        let share = tempfile::tempdir().expect("tempdir");
+        fs::copy(deb, share.path().join("hsmd.deb")).expect("copy the deb");
+        let work = tempfile::tempdir().expect("tempdir");
+        let log = share.path().join("console.log");
+        let marker = format!(
+            "hsmd.test={}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        // The overlay's upper layer is a tmpfs: it must not be inside the
+        // lower layer's file system, and it holds only what the guest writes.
+        let script = format!(
+            "set -e; mount -t tmpfs hsmd-test {w}; mkdir {w}/upper {w}/work {w}/root; \
+             mount -t overlay overlay -o lowerdir=/,upperdir={w}/upper,workdir={w}/work {w}/root; \
+             exec systemd-nspawn --quiet --register=no --keep-unit --capability=CAP_IPC_LOCK \
+             --bind={s}:/share -D {w}/root -b -- systemd.firstboot=off {marker}",
+            w = path(work.path()),
+            s = path(share.path()),
+        );
+        let nspawn = Command::new("/usr/bin/unshare")
+            .args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).expect("log"))
+            .stderr(Stdio::from(
+                fs::File::create(share.path().join("nspawn.err")).expect("log"),
+            ))
+            .spawn()
+            .expect("unshare (util-linux) and systemd-nspawn (systemd-container)");
+        let mut booted = Booted {
+            nspawn,
+            pid1: 0,
+            share,
+            _work: work,
+            log,
+        };
+        // The guest's PID 1, as the host sees it: systemd with the marker.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while booted.pid1 == 0 {
+            if let Ok(Some(status)) = booted.nspawn.try_wait() {
+                panic!("systemd-nspawn exited ({status}): {}", booted.console());
+            }
+            assert!(Instant::now() < deadline, "no guest systemd: {}", booted.console());
+            booted.pid1 = fs::read_dir("/proc")
+                .expect("/proc")
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .find(|pid| {
+                    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                    args.first() == Some(&&b"/usr/lib/systemd/systemd"[..]) && args.contains(&marker.as_bytes())
+                })
+                .unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Booted: "running", or "degraded" when some unit of this machine's
+        // own (not hsmd's) does not start in a container.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let state = booted.sh("systemctl is-system-running");
+            let state = String::from_utf8_lossy(&state.stdout).trim().to_owned();
+            if state == "running" || state == "degraded" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest not booted ({state}): {}",
+                booted.console()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        booted
+    }
+
+    /// Runs `script` with bash as root inside the guest (every namespace of
+    /// its PID 1, as `machinectl shell` would).
+    fn sh(&self, script: &str) -> Output {
+        Command::new("nsenter")
+            .args(["-t", &self.pid1.to_string(), "-a", "--", "/bin/bash", "-c", script])
+            .output()
+            .expect("nsenter (util-linux)")
+    }
+
+    /// `script`'s standard output; fails the test if it fails.
+    fn ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(
+            out.status.success(),
+            "in the guest: {script}\n{}{}\njournal:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.journal()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn journal(&self) -> String {
+        let out = self.sh("journalctl -u hsmd.service -u hsmd.socket --no-pager -o short-monotonic | tail -40");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn console(&self) -> String {
+        let err = fs::read_to_string(self.share.path().join("nspawn.err")).unwrap_or_default();
+        format!("{}{err}", fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        if self.pid1 > 0 {
+            let _ = self.sh("systemctl poweroff --no-block");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+/// The guest's hsmd.service main pid, 0 when it is not running.
+fn main_pid(guest: &Booted) -> u32 {
+    guest
+        .ok("systemctl show -p MainPID --value hsmd.service")
+        .parse()
+        .unwrap_or(0)
+}
+
+/// A field of /proc/PID/status in the guest.
+fn proc_status(guest: &Booted, pid: u32, field: &str) -> String {
+    guest.ok(&format!(
+        "awk '$1 == \"{field}:\" {{ $1 = \"\"; print }}' /proc/{pid}/status"
+    ))
+}
+
+#[test]
+fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts_it() {
+    if !is_root() {
+        eprintln!("skipped: booting systemd in a container needs root (CI runs as root)");
+        return;
+    }
+    let _host = host_packages();
+    let guest = Booted::start(&package(".deb"));
+    assert_eq!(
+        guest.ok("dpkg-query -W -f='${Status}' hsmd || true"),
+        "",
+        "hsmd already in the guest"
+    );
+
+    // The maintainer script enables and starts the socket; the service waits
+    // for the first connection.
+    guest.ok("dpkg -i /share/hsmd.deb");
+    assert_eq!(guest.ok("systemctl is-enabled hsmd.socket"), "enabled");
+    assert_eq!(guest.ok("systemctl is-active hsmd.socket"), "active");
+    assert_eq!(guest.ok("systemctl is-active hsmd.service || true"), "inactive");
+    assert_eq!(
+        guest.ok("stat -c '%U:%G %a' /run/hsmd/hsmd.sock"),
+        "root:hsmd 660",
+        "SocketGroup=hsmd, SocketMode=0660"
+    );
+    let status = guest.ok("hsmctl status");
+    assert!(status.contains("uninitialized"), "{status}");
+    // Type=notify: active only once hsmd said READY, with its STATUS= line.
+    assert_eq!(guest.ok("systemctl is-active hsmd.service"), "active");
+    assert_eq!(
+        guest.ok("systemctl show -p StatusText --value hsmd.service"),
+        "serving on /run/hsmd/hsmd.sock"
+    );
+    let journal = guest.journal();
+    assert!(journal.contains("systemd watchdog enabled"), "{journal}");
+    assert!(
+        !journal.contains("not fit for profile"),
+        "the packaged config is not production-fit: {journal}"
+    );
+
+    // The unit's sandbox, as the kernel sees the process: the hsmd user, only
+    // CAP_IPC_LOCK (effective and ambient), memory locked, no new privileges,
+    // a seccomp filter, a read-only root.
+    let pid = main_pid(&guest);
+    let uid = guest.ok("id -u hsmd");
+    assert_eq!(proc_status(&guest, pid, "Uid"), format!("{uid} {uid} {uid} {uid}"));
+    assert_eq!(
+        proc_status(&guest, pid, "CapEff"),
+        "0000000000004000",
+        "CAP_IPC_LOCK only"
+    );
+    assert_eq!(proc_status(&guest, pid, "CapAmb"), "0000000000004000");
+    assert_eq!(proc_status(&guest, pid, "NoNewPrivs"), "1");
+    assert_eq!(
+        proc_status(&guest, pid, "Seccomp"),
+        "2",
+        "SystemCallFilter= is a seccomp filter"
+    );
+    let locked: u64 = proc_status(&guest, pid, "VmLck")
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .expect("VmLck");
+    assert!(locked > 0, "memory not locked");
+    let root = guest.ok(&format!("awk '$5 == \"/\" {{ print $6 }}' /proc/{pid}/mountinfo"));
+    assert!(root.split(',').any(|o| o == "ro"), "hsmd's / is {root}");
+    let score = guest.ok("systemd-analyze security hsmd.service --no-pager | tail -1");
+    let exposure: f64 = score
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no score in {score:?}"));
+    assert!(exposure < 2.0, "the loaded unit scores {score}");
+
+    // Served: root (admin) makes the keystore, a member of hsmd (operator)
+    // makes a key and signs, OpenSSL verifies; the operator may not purge; a
+    // user outside the group cannot reach the socket.
+    guest.ok("hsmctl init --keyfile-out /root/unlock.key");
+    guest.ok("useradd -m -G hsmd alice && useradd -m bob && echo release > /tmp/data && chmod 644 /tmp/data");
+    guest.ok(
+        "cd /tmp && runuser -u alice -- hsmctl key create rel --type ecdsa-p256 && \
+         runuser -u alice -- hsmctl sign rel -i data -o /tmp/data.sig --format raw && \
+         runuser -u alice -- hsmctl key public rel -o /tmp/rel.pem",
+    );
+    guest.ok("openssl dgst -sha256 -verify /tmp/rel.pem -signature /tmp/data.sig /tmp/data");
+    let purge = guest.sh("runuser -u alice -- hsmctl key purge rel --yes");
+    assert!(
+        String::from_utf8_lossy(&purge.stderr).contains("permission-denied"),
+        "{purge:?}"
+    );
+    assert_eq!(guest.sh("runuser -u bob -- hsmctl status").status.code(), Some(3));
+
+    // A crash: systemd restarts hsmd (Restart=on-failure) behind the socket
+    // it holds, the key is still there, locked until unlocked.
+    guest.ok(&format!("kill -KILL {pid}"));
+    let mut restarted = 0;
+    wait_for("hsmd restarted after SIGKILL", Duration::from_secs(20), || {
+        restarted = main_pid(&guest);
+        restarted != 0 && restarted != pid
+    });
+    let status = guest.ok("hsmctl status");
+    assert!(status.contains("locked"), "{status}");
+    guest.ok("hsmctl unlock --keyfile /root/unlock.key");
+    guest.ok("runuser -u alice -- hsmctl verify rel -i /tmp/data -s /tmp/data.sig --format raw");
+
+    // A hang: with a short watchdog (a drop-in), a stopped hsmd stops
+    // notifying and systemd replaces it.
+    guest.ok("mkdir -p /etc/systemd/system/hsmd.service.d && \
+         printf '[Service]\\nWatchdogSec=2s\\n' > /etc/systemd/system/hsmd.service.d/watchdog.conf && \
+         systemctl daemon-reload && systemctl restart hsmd.service && hsmctl status");
+    let hung = main_pid(&guest);
+    guest.ok(&format!("kill -STOP {hung}"));
+    let mut replaced = 0;
+    wait_for("hsmd replaced by the watchdog", Duration::from_secs(30), || {
+        replaced = main_pid(&guest);
+        replaced != 0 && replaced != hung
+    });
+    assert!(guest.journal().contains("Watchdog timeout"), "{}", guest.journal());
+    guest.ok("hsmctl status");
+
+    // Removal stops and disables both units and keeps the keystore; purge
+    // deletes it.
+    guest.ok("dpkg -r hsmd");
+    assert_eq!(
+        guest.ok("systemctl is-active hsmd.socket hsmd.service || true"),
+        "inactive\ninactive"
+    );
+    assert_eq!(
+        guest.ok("test -e /run/hsmd/hsmd.sock && echo there || echo gone"),
+        "gone"
+    );
+    guest.ok("test -f /var/lib/hsmd/keystore.sqlite");
+    guest.ok("dpkg -P hsmd && test ! -e /var/lib/hsmd && test ! -e /etc/hsmd");
 }

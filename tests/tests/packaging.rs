@@ -14,7 +14,12 @@
 //! 5. the installed hsmd, as the hsmd user under systemd-socket-activate with
 //!    the packaged config, serves a member of the hsmd group and refuses others,
 //!    on a file system read-only but for its state and socket directories (as
-//!    ProtectSystem=strict leaves it); a reinstall keeps edits and keys.
+//!    ProtectSystem=strict leaves it); a reinstall keeps edits and keys;
+//! 6. beyond the issue: under a real systemd (PID 1 of a systemd-nspawn
+//!    container over a throwaway overlay of this machine's `/`) the installed
+//!    units start hsmd on demand, sandboxed as the unit says, restart it after
+//!    a crash and a hang, and removal stops them; the .deb's Depends name the
+//!    package of every library its binaries load.
 
 use std::{
     collections::BTreeSet,
@@ -839,4 +844,85 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
     );
     guest.ok("test -f /var/lib/hsmd/keystore.sqlite");
     guest.ok("dpkg -P hsmd && test ! -e /var/lib/hsmd && test ! -e /etc/hsmd");
+}
+
+/// The Debian package that holds the shared library `soname`, by way of the
+/// path the dynamic loader would use (`ldconfig -p`); with merged /usr, dpkg
+/// may know that path under /usr.
+fn package_of_library(soname: &str) -> String {
+    let cache = ok(&run("ldconfig", &["-p"]));
+    let lib_path = cache
+        .lines()
+        .filter(|l| l.trim_start().starts_with(&format!("{soname} ")) && l.contains("x86-64"))
+        .find_map(|l| l.split(" => ").nth(1))
+        .unwrap_or_else(|| panic!("{soname} is not in the loader's cache"))
+        .trim()
+        .to_owned();
+    let usr = format!("/usr{lib_path}");
+    for candidate in [lib_path.as_str(), usr.as_str()] {
+        let out = run("dpkg", &["-S", candidate]);
+        if out.status.success() {
+            let owner = String::from_utf8_lossy(&out.stdout);
+            return owner.split([':', ',']).next().unwrap_or("").trim().to_owned();
+        }
+    }
+    panic!("no Debian package holds {lib_path}")
+}
+
+/// A dotted version as numbers, for comparing glibc symbol versions.
+fn version(v: &str) -> Vec<u32> {
+    v.split('.').map(|n| n.parse().unwrap_or(0)).collect()
+}
+
+#[test]
+fn the_debs_depends_name_the_package_of_every_library_its_binaries_load() {
+    let deb = package(".deb");
+    let depends = ok(&run("dpkg-deb", &["--field", path(&deb), "Depends"]));
+    let depends = depends.trim();
+    let named: Vec<(String, Option<String>)> = depends
+        .split(", ")
+        .map(|d| {
+            let name = d.split_whitespace().next().unwrap_or("").to_owned();
+            let min = d.split_once(">= ").map(|(_, v)| v.trim_end_matches(')').to_owned());
+            (name, min)
+        })
+        .collect();
+    let tree = tempfile::tempdir().expect("tempdir");
+    ok(&run("dpkg-deb", &["-x", path(&deb), path(tree.path())]));
+    for binary in ["hsmd", "hsmctl"] {
+        let file = tree.path().join("usr/bin").join(binary);
+        let dynamic = ok(&run("readelf", &["-d", "--wide", path(&file)]));
+        let needed: Vec<&str> = dynamic
+            .lines()
+            .filter(|l| l.contains("(NEEDED)"))
+            .filter_map(|l| l.split('[').nth(1)?.split(']').next())
+            .collect();
+        assert!(needed.contains(&"libc.so.6"), "{binary}: {dynamic}");
+        for soname in needed {
+            let package = package_of_library(soname);
+            assert!(
+                named.iter().any(|(n, _)| *n == package),
+                "{binary} loads {soname} from {package}, which Depends ({depends}) does not name"
+            );
+        }
+        // The newest glibc symbol version it links against is within the
+        // libc6 version Depends asks for.
+        let versions = ok(&run("readelf", &["-V", "--wide", path(&file)]));
+        let newest = versions
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix("GLIBC_"))
+            .map(version)
+            .max()
+            .expect("glibc symbol versions");
+        let min = named
+            .iter()
+            .find(|(n, _)| n == "libc6")
+            .and_then(|(_, v)| v.as_deref())
+            .map(version)
+            .expect("Depends names libc6 (>= …)");
+        assert!(
+            newest <= min,
+            "{binary} needs glibc {newest:?}, Depends asks only libc6 >= {min:?}"
+        );
+    }
 }

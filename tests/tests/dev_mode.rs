@@ -168,3 +168,20 @@ fn hsmctl_names_the_cause_and_exits_3_when_hsmd_is_not_there() {
         .expect("hsmctl");
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
+
+#[test]
+fn dev_mode_told_where_its_state_and_socket_go_makes_no_scratch_dir() {
+    // A scratch dir with no use would outlive a killed daemon in TMPDIR.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp_path = tmp.path().to_str().expect("utf-8").to_owned();
+    let mut d = Daemon::builder().dev().env("TMPDIR", &tmp_path).start();
+    let status = String::from_utf8_lossy(&d.hsmctl(&["status"]).stdout).into_owned();
+    assert!(status.contains("dev (throw-away"), "{status}");
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(10));
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("read tmp").collect();
+    assert!(
+        left.is_empty(),
+        "hsmd --dev --state-dir --socket left {left:?} in TMPDIR"
+    );
+}

@@ -628,11 +628,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 _ => return Err(Failure::Local("internal: no secret prepared".into())),
             };
             match client.call(Operation::Unlock { secret })? {
-                Reply::Unlocked { slot } => {
+                Reply::Unlocked { slot, warnings } => {
                     if cli.json {
-                        println!("{}", json!({ "state": "unlocked", "slot": slot }));
+                        println!("{}", json!({ "state": "unlocked", "slot": slot, "warnings": warnings }));
                     } else {
                         println!("unlocked (slot {slot})");
+                        for w in &warnings {
+                            eprintln!("hsmctl: warning: {w}");
+                        }
                     }
                 }
                 other => {
@@ -707,11 +710,13 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 first_seq,
                 last_seq,
                 files,
+                recoveries,
             } => {
                 if cli.json {
                     println!(
                         "{}",
-                        json!({ "valid": true, "lines": lines, "first_seq": first_seq, "last_seq": last_seq, "files": files })
+                        json!({ "valid": true, "lines": lines, "first_seq": first_seq, "last_seq": last_seq,
+                                "files": files, "recoveries": recoveries })
                     );
                 } else {
                     println!(
@@ -719,6 +724,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         files.len(),
                         if files.len() == 1 { "" } else { "s" }
                     );
+                    if !recoveries.is_empty() {
+                        println!(
+                            "recovered at start {} time{} (not tampering):",
+                            recoveries.len(),
+                            if recoveries.len() == 1 { "" } else { "s" }
+                        );
+                        for r in &recoveries {
+                            println!("  {r}");
+                        }
+                    }
                 }
             }
             other => {
@@ -1179,6 +1194,14 @@ fn print_status(s: &StatusInfo) {
             b.detail
         );
     }
+    println!(
+        "audit:        {}",
+        match &s.audit {
+            a if !a.enabled => "off (audit.enabled = false)".to_owned(),
+            a if a.healthy => format!("ok, {} lines written, {} waiting", a.last_seq, a.pending_events),
+            a => format!("FAILING: {}", a.detail),
+        }
+    );
     println!("connections:  {} of {}", s.connections, s.max_connections);
     println!("in flight:    {}", s.requests_in_flight);
     println!(

@@ -198,10 +198,12 @@ pub struct AuditConfig {
     pub enabled: bool,
     /// The log file; default `audit.log` in the state directory.
     pub path: Option<PathBuf>,
-    /// How often buffered operation events are written.
+    /// How often written lines are synced to disk (security events are
+    /// synced before their answer).
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// Buffered events that trigger a write before the interval ends.
+    /// The most events waiting to be written; at this many (the disk is
+    /// slower than the requests, or failing), audited requests are refused.
     pub buffer_events: usize,
     /// Rotate the file when it passes this many bytes.
     pub max_file_bytes: u64,

@@ -268,14 +268,28 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     } else {
         None
     };
+    let audit = open_audit(config, &vault)?;
+    let policy = match &config.policy.path {
+        Some(path) => {
+            let policy = crate::auth::policy::Policy::load(path)?;
+            tracing::info!(path = %path.display(), roles = policy.role_names().len(), "policy loaded");
+            Some(policy)
+        }
+        None => None,
+    };
+    let config_sha256 = match &eff.source {
+        ConfigSource::File(p) => fs::read(p).ok().map(|b| crate::audit::sha256_hex(&b)),
+        ConfigSource::Defaults => None,
+    };
+    if let Some(a) = &audit {
+        record_start(a, &eff, config_sha256.as_deref(), policy.as_ref());
+    }
     if let Some(path) = &config.unlock.keyfile {
-        unlock_at_start(&vault, path);
+        unlock_at_start(&vault, path, audit.as_deref());
     }
     if config.unlock.tpm2 && vault.state() == protocol::ServiceState::Locked {
-        match vault.unlock(nix::unistd::getuid().as_raw(), &protocol::UnlockSecret::Tpm2) {
-            Ok(slot) => tracing::info!(slot, "unlocked at start by the TPM (tpm2 slot)"),
-            Err(e) => tracing::error!(error = %e, "the TPM did not unlock; staying locked (unlock with another slot)"),
-        }
+        let unlocked = vault.unlock(nix::unistd::getuid().as_raw(), &protocol::UnlockSecret::Tpm2);
+        record_unlock_at_start(audit.as_deref(), "the TPM", &unlocked);
     }
 
     let gate = if eff.dev {
@@ -305,32 +319,10 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     shared.memory_locked = hardening.locked;
     shared.recovery_window = config.keys.recovery_window;
     shared.limiters = crate::auth::rate::Limiters::new(config.rate_limit.rate());
-    if let Some(path) = &config.policy.path {
-        let policy = crate::auth::policy::Policy::load(path)?;
-        tracing::info!(path = %path.display(), roles = policy.role_names().len(), "policy loaded");
+    if let Some(policy) = policy {
         shared.set_policy(policy);
     }
-    if config.audit.enabled {
-        let settings = crate::audit::Settings {
-            path: config
-                .audit
-                .path
-                .clone()
-                .unwrap_or_else(|| config.state_dir.join("audit.log")),
-            max_file_bytes: config.audit.max_file_bytes,
-            keep_files: config.audit.keep_files,
-            buffer_events: config.audit.buffer_events,
-        };
-        let vault = Arc::clone(&shared.vault);
-        let head = vault.audit_head();
-        let path = settings.path.clone();
-        let auditor = crate::audit::Auditor::open(settings, head, Box::new(move |h| vault.set_audit_head(h)))
-            .map_err(|source| DaemonError::Audit { path, source })?;
-        tracing::info!(path = %auditor.path().display(), "audit log open");
-        shared.audit = Some(Arc::new(auditor));
-    } else {
-        tracing::warn!("the audit log is off (audit.enabled = false)");
-    }
+    shared.audit = audit;
     let tuning = crate::filestore::pipeline::Tuning {
         workers: config.files.workers(),
         io_timeout: config.files.io_timeout,
@@ -341,21 +333,144 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     })?;
     shared.files = Some(Arc::new(files));
     let shared = Arc::new(shared);
+    let config_file = match &eff.source {
+        ConfigSource::File(p) => Some(p.clone()),
+        ConfigSource::Defaults => None,
+    };
     let result = runtime.block_on(serve_until_signalled(
         config,
         Arc::clone(&shared),
         dev_keyfile.as_deref(),
+        (config_file, config_sha256),
     ));
     // Blocking jobs past the grace period are abandoned, not awaited.
     runtime.shutdown_timeout(Duration::from_millis(100));
+    if let Some(audit) = &shared.audit {
+        let why = match &result {
+            Ok(()) => "stopped by a signal".to_owned(),
+            Err(e) => format!("stopped: {e}"),
+        };
+        if let Err(e) = audit.record_sync(crate::audit::Event::by_daemon(
+            "DAEMON_STOPPED",
+            "daemon",
+            "stop",
+            crate::audit::Outcome::Success,
+            3,
+            crate::audit::Meta::message(why),
+        )) {
+            tracing::error!("{}", e.message);
+        }
+        audit.close();
+    }
     drop(scratch);
     result
+}
+
+/// Opens the audit log (unless it is off), reading it back and repairing what
+/// a crash left (see [`crate::audit`]).
+fn open_audit(config: &Config, vault: &Arc<Vault>) -> Result<Option<Arc<crate::audit::Auditor>>, DaemonError> {
+    if !config.audit.enabled {
+        tracing::warn!("the audit log is off (audit.enabled = false)");
+        return Ok(None);
+    }
+    let settings = crate::audit::Settings {
+        path: config
+            .audit
+            .path
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("audit.log")),
+        max_file_bytes: config.audit.max_file_bytes,
+        keep_files: config.audit.keep_files,
+        buffer_events: config.audit.buffer_events,
+        flush_interval: config.audit.flush_interval,
+    };
+    let path = settings.path.clone();
+    let anchors: Arc<dyn crate::audit::AnchorStore> = Arc::clone(vault) as Arc<dyn crate::audit::AnchorStore>;
+    let auditor =
+        crate::audit::Auditor::open(settings, anchors).map_err(|source| DaemonError::Audit { path, source })?;
+    tracing::info!(path = %auditor.path().display(), "audit log open");
+    Ok(Some(Arc::new(auditor)))
+}
+
+/// `DAEMON_STARTED`: what runs, with what configuration and policy.
+fn record_start(
+    audit: &crate::audit::Auditor,
+    eff: &Effective,
+    config_sha256: Option<&str>,
+    policy: Option<&crate::auth::policy::Policy>,
+) {
+    let mut meta = crate::audit::Meta::message(if eff.dev {
+        "hsmd --dev started".to_owned()
+    } else {
+        "hsmd started".to_owned()
+    });
+    let x = meta.extra();
+    x.daemon_version = Some(server::VERSION);
+    x.profile = Some(match eff.config.profile {
+        crate::config::Profile::Production => "production",
+        crate::config::Profile::Development => "development",
+    });
+    x.config = Some(match &eff.source {
+        ConfigSource::File(p) => p.display().to_string(),
+        ConfigSource::Defaults => "built-in defaults".to_owned(),
+    });
+    x.config_sha256 = config_sha256.map(str::to_owned);
+    x.policy_sha256 = policy.map(|p| crate::audit::sha256_hex(p.text().as_bytes()));
+    if let Err(e) = audit.record_sync(crate::audit::Event::by_daemon(
+        "DAEMON_STARTED",
+        "daemon",
+        "start",
+        crate::audit::Outcome::Success,
+        3,
+        meta,
+    )) {
+        tracing::error!("{}", e.message);
+    }
+}
+
+/// Logs and audits an unlock hsmd made by itself at start.
+fn record_unlock_at_start(
+    audit: Option<&crate::audit::Auditor>,
+    how: &str,
+    unlocked: &Result<(u32, Vec<String>), VaultError>,
+) {
+    use crate::audit::{Event, Meta, Outcome};
+    let event = match unlocked {
+        Ok((slot, warnings)) => {
+            tracing::info!(slot, "unlocked at start with {how}");
+            let mut message = format!("unlocked at start with {how} (slot {slot})");
+            if !warnings.is_empty() {
+                message = format!("{message}; the keystore check found: {}", warnings.join("; "));
+            }
+            let risk = if warnings.is_empty() { 3 } else { 9 };
+            Event::by_daemon(
+                "UNLOCK",
+                "keystore",
+                "unlock",
+                Outcome::Success,
+                risk,
+                Meta::message(message),
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "{how} did not unlock at start; staying locked (unlock with another slot)");
+            let mut meta = Meta::message(format!("{how} did not unlock at start: {e}"));
+            meta.error = Some(e.to_wire().code.as_str());
+            Event::by_daemon("UNLOCK_FAILED", "keystore", "unlock", Outcome::Failure, 6, meta)
+        }
+    };
+    if let Some(audit) = audit {
+        if let Err(e) = audit.record_sync(event) {
+            tracing::error!("{}", e.message);
+        }
+    }
 }
 
 async fn serve_until_signalled(
     config: &Config,
     shared: Arc<Shared>,
     dev_keyfile: Option<&Path>,
+    (config_file, config_sha256): (Option<PathBuf>, Option<String>),
 ) -> Result<(), DaemonError> {
     let listener = match listener::from_systemd()? {
         Some(l) => l,
@@ -380,10 +495,15 @@ async fn serve_until_signalled(
         tracing::info!(?period, "systemd watchdog enabled");
     }
     spawn_auto_lock(config, &shared);
-    let maintenance = spawn_key_maintenance(config, &shared);
-    if let Some(path) = &config.policy.path {
-        spawn_policy_watch(path.clone(), &shared);
-    }
+    let maintenance = crate::maintenance::spawn(config, &shared);
+    crate::reload::Reloader::new(
+        Arc::clone(&shared),
+        config.policy.path.clone(),
+        config_file,
+        config_sha256,
+    )
+    .spawn()
+    .map_err(DaemonError::Runtime)?;
     if let Some(addr) = config.metrics.listen {
         crate::metrics::serve(addr, Arc::clone(&shared))
             .await
@@ -418,14 +538,6 @@ async fn serve_until_signalled(
     }
     // Use counts gathered since the last flush are written before exit.
     let _ = maintenance.await;
-    if let Some(audit) = shared.audit.clone() {
-        let pending = audit.pending();
-        match tokio::task::spawn_blocking(move || audit.flush()).await {
-            Ok(Ok(_)) if pending > 0 => tracing::info!(events = pending, "audit events written"),
-            Ok(Err(e)) => tracing::error!(error = %e, "could not write the audit log at shutdown"),
-            _ => {}
-        }
-    }
     let vault = Arc::clone(&shared.vault);
     match tokio::task::spawn_blocking(move || vault.flush_usage()).await {
         Ok(Ok(n)) if n > 0 => tracing::info!(versions = n, "key use counts written"),
@@ -434,163 +546,6 @@ async fn serve_until_signalled(
     }
     tracing::info!("hsmd stopped");
     Ok(())
-}
-
-/// Writes buffered audit events, on the blocking pool.
-async fn flush_audit(shared: &Arc<Shared>) {
-    let Some(audit) = shared.audit.clone() else { return };
-    if audit.pending() == 0 {
-        return;
-    }
-    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || audit.flush()).await {
-        tracing::error!(error = %e, "cannot write the audit log; events stay buffered");
-    }
-}
-
-/// Records a daemon-side security event (no client), written at once.
-fn audit_now(
-    shared: &Shared,
-    event_type: &'static str,
-    resource: &str,
-    result: crate::audit::Outcome,
-    risk: u8,
-    detail: String,
-) {
-    let Some(audit) = &shared.audit else { return };
-    let metadata = crate::audit::Meta {
-        message: Some(detail),
-        ..crate::audit::Meta::default()
-    };
-    audit.record_now(crate::audit::Event {
-        event_type,
-        who: Arc::new(crate::audit::Who {
-            uid: nix::unistd::getuid().as_raw(),
-            user: Some("hsmd".into()),
-            pid: Some(std::process::id()),
-            executable: None,
-            connection: 0,
-        }),
-        backend: None,
-        resource: resource.to_owned(),
-        action: "reload",
-        result,
-        metadata,
-        risk_score: risk,
-        time: std::time::SystemTime::now(),
-    });
-}
-
-/// Reloads the policy when its file changes. The directory is watched, not
-/// the file: editors replace files, which ends a watch on the old inode. A file
-/// that does not load leaves the old policy in force.
-fn spawn_policy_watch(path: PathBuf, shared: &Arc<Shared>) {
-    use notify::Watcher as _;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let name = path.file_name().map(std::ffi::OsStr::to_owned);
-    let watched = path.parent().map(Path::to_owned).unwrap_or_default();
-    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(e) = event {
-            if e.paths.iter().any(|p| p.file_name() == name.as_deref()) {
-                let _ = tx.send(());
-            }
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the policy file; changes need a restart");
-            return;
-        }
-    };
-    if let Err(e) = watcher.watch(&watched, notify::RecursiveMode::NonRecursive) {
-        tracing::error!(dir = %watched.display(), error = %e, "cannot watch the policy file; changes need a restart");
-        return;
-    }
-    let shared = Arc::clone(shared);
-    tokio::spawn(async move {
-        let _watcher = watcher;
-        loop {
-            tokio::select! {
-                () = shared.shutdown.cancelled() => break,
-                got = rx.recv() => if got.is_none() { break },
-            }
-            // Let a burst of events from one save settle, then read once.
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            while rx.try_recv().is_ok() {}
-            let (p, s) = (path.clone(), Arc::clone(&shared));
-            let _ = tokio::task::spawn_blocking(move || match crate::auth::policy::Policy::load(&p) {
-                Ok(policy) => {
-                    if policy.text() != s.policy().text() {
-                        s.set_policy(policy);
-                        tracing::info!(path = %p.display(), "policy reloaded");
-                        audit_now(
-                            &s,
-                            "POLICY_RELOADED",
-                            "policy",
-                            crate::audit::Outcome::Success,
-                            4,
-                            p.display().to_string(),
-                        );
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");
-                    audit_now(
-                        &s,
-                        "CONFIG_ERROR",
-                        "policy",
-                        crate::audit::Outcome::Failure,
-                        7,
-                        format!("{e}; the previous policy stays in force"),
-                    );
-                }
-            })
-            .await;
-        }
-    });
-}
-
-/// The daemon's own key work: scheduled rotations and purges (every
-/// `keys.maintenance_interval`) and use-count flushes (every
-/// `keys.usage_flush_interval`), on the blocking pool since they touch SQLite.
-fn spawn_key_maintenance(config: &Config, shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
-    let shared = Arc::clone(shared);
-    let (every, flush_every) = (config.keys.maintenance_interval, config.keys.usage_flush_interval);
-    let audit_every = config.audit.flush_interval;
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut flush = tokio::time::interval(flush_every);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        flush.tick().await;
-        let mut audit_tick = tokio::time::interval(audit_every);
-        audit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let vault = Arc::clone(&shared.vault);
-            let audit_full = async {
-                match &shared.audit {
-                    Some(a) => a.full.notified().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = shared.shutdown.cancelled() => break,
-                _ = audit_tick.tick() => flush_audit(&shared).await,
-                () = audit_full => flush_audit(&shared).await,
-                _ = tick.tick() => {
-                    match tokio::task::spawn_blocking(move || vault.maintain()).await {
-                        Ok(Ok(done)) => for line in done { tracing::info!("{line}"); },
-                        Ok(Err(e)) => tracing::error!(error = %e, "key maintenance failed"),
-                        Err(_) => {}
-                    }
-                }
-                _ = flush.tick() => {
-                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || vault.flush_usage()).await {
-                        tracing::error!(error = %e, "could not write key use counts; will retry");
-                    }
-                }
-            }
-        }
-    })
 }
 
 fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
@@ -631,8 +586,9 @@ fn dev_initialize(vault: &Vault, state_dir: &Path) -> Result<Option<PathBuf>, Da
 }
 
 /// `unlock.keyfile`: unattended unlock at start. Failure leaves hsmd locked and
-/// serving, so an operator can still unlock by hand; it is logged as an error.
-fn unlock_at_start(vault: &Vault, path: &Path) {
+/// serving, so an operator can still unlock by hand; it is logged as an error
+/// and audited.
+fn unlock_at_start(vault: &Vault, path: &Path, audit: Option<&crate::audit::Auditor>) {
     use std::os::unix::fs::PermissionsExt;
     if vault.state() != protocol::ServiceState::Locked {
         return;
@@ -650,10 +606,8 @@ fn unlock_at_start(vault: &Vault, path: &Path) {
         }
     }
     let secret = protocol::UnlockSecret::Keyfile(protocol::SecretBytes::new(key.to_vec()));
-    match vault.unlock(nix::unistd::getuid().as_raw(), &secret) {
-        Ok(slot) => tracing::info!(slot, "unlocked at start with unlock.keyfile"),
-        Err(e) => tracing::error!(path = %path.display(), error = %e, "unlock.keyfile did not unlock; staying locked"),
-    }
+    let unlocked = vault.unlock(nix::unistd::getuid().as_raw(), &secret);
+    record_unlock_at_start(audit, &format!("unlock.keyfile ({})", path.display()), &unlocked);
 }
 
 /// Locks by itself after `unlock.idle_lock` or `unlock.max_unlocked`, if set.

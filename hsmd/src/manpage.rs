@@ -152,6 +152,15 @@ fn daemon_page(cmd: clap::Command, w: &mut dyn io::Write) -> io::Result<()> {
              and use counters, zeroize every key, exit 0.",
         )],
     );
+    item(
+        &mut r,
+        "SIGHUP",
+        [roman(
+            "Reload the policy file now, and check the config file as the next start would read it; each is \
+             an audit line (POLICY_RELOADED or CONFIG_ERROR, CONFIG_CHECKED). Settings of hsmd.toml apply at \
+             the next start. systemctl reload hsmd sends it.",
+        )],
+    );
 
     section(&mut r, "EXIT STATUS");
     item(

@@ -69,6 +69,9 @@ pub struct Metrics {
     unlocked: Gauge,
     initialized: Gauge,
     audit_buffer: Gauge,
+    audit_up: Gauge,
+    audit_refused: Counter,
+    audit_dropped: Counter,
     connections: Gauge,
 }
 
@@ -143,6 +146,24 @@ impl Metrics {
             "Audit events waiting to be written",
             audit_buffer.clone(),
         );
+        let audit_up = Gauge::default();
+        registry.register(
+            "audit_up",
+            "Whether the audit log is being written (1); 0 while it cannot be, and audited requests are refused",
+            audit_up.clone(),
+        );
+        let audit_refused = Counter::default();
+        registry.register(
+            "audit_refused_requests",
+            "Audited requests refused because the audit log could not be written",
+            audit_refused.clone(),
+        );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_dropped_events",
+            "Events of requests that changed nothing, counted instead of written while the audit log was full or failing",
+            audit_dropped.clone(),
+        );
         let connections = Gauge::default();
         registry.register("connections", "Open client connections", connections.clone());
         Self {
@@ -156,6 +177,9 @@ impl Metrics {
             unlocked,
             initialized,
             audit_buffer,
+            audit_up,
+            audit_refused,
+            audit_dropped,
             connections,
         }
     }
@@ -197,6 +221,13 @@ impl Metrics {
                 .as_ref()
                 .map_or(0, |a| i64::try_from(a.pending()).unwrap_or(i64::MAX)),
         );
+        if let Some(a) = &shared.audit {
+            self.audit_up.set(i64::from(a.health().healthy));
+            self.audit_refused
+                .inc_by(a.refused_total().saturating_sub(self.audit_refused.get()));
+            self.audit_dropped
+                .inc_by(a.dropped_total().saturating_sub(self.audit_dropped.get()));
+        }
         self.connections.set(i64::from(shared.counters.connections()));
         for b in shared.vault.backends().statuses() {
             self.backend_up

@@ -72,6 +72,15 @@ pub enum ErrorCode {
     /// The backend was reached but refused or failed the operation; the
     /// message carries what it said.
     BackendFailed,
+    /// The audit log cannot be written now (the disk is full, the file system
+    /// is read-only, the file or its directory is gone, or writes are far
+    /// behind). Audited requests are refused until it can be; liveness calls
+    /// still answer and `hsmctl status` says why. Service resumes by itself.
+    AuditUnavailable,
+    /// The keystore could not be written for a reason outside hsmd (no space
+    /// left, a read-only file system, an I/O error); the message names the
+    /// cause and the directory. Nothing was changed.
+    StorageUnavailable,
     /// A code this build does not know, with its number.
     Unknown(u32),
 }
@@ -107,6 +116,8 @@ impl ErrorCode {
             Self::KeyState => 24,
             Self::BackendUnavailable => 25,
             Self::BackendFailed => 26,
+            Self::AuditUnavailable => 27,
+            Self::StorageUnavailable => 28,
             Self::Unknown(n) => n,
         }
     }
@@ -141,6 +152,8 @@ impl ErrorCode {
             Self::KeyState => "key-state",
             Self::BackendUnavailable => "backend-unavailable",
             Self::BackendFailed => "backend-failed",
+            Self::AuditUnavailable => "audit-unavailable",
+            Self::StorageUnavailable => "storage-unavailable",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -175,6 +188,8 @@ impl From<u32> for ErrorCode {
             24 => Self::KeyState,
             25 => Self::BackendUnavailable,
             26 => Self::BackendFailed,
+            27 => Self::AuditUnavailable,
+            28 => Self::StorageUnavailable,
             n => Self::Unknown(n),
         }
     }

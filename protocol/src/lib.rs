@@ -35,9 +35,9 @@ pub use async_client::AsyncClient;
 pub use client::{is_code, Client, ClientOptions, DEFAULT_SOCKET};
 pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
-    BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, Fido2Challenge, FileInfo, GroupInfo,
-    KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, NewSlot, Operation, PeerInfo, Reply, Request, Response,
-    RsaScheme, ServerHello, ServiceState, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage, VersionInfo,
+    AuditStatus, BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, Fido2Challenge, FileInfo,
+    GroupInfo, KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, NewSlot, Operation, PeerInfo, Reply, Request,
+    Response, RsaScheme, ServerHello, ServiceState, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage, VersionInfo,
     CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
 };
 pub use secret::SecretBytes;

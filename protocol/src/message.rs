@@ -1141,6 +1141,10 @@ pub enum Reply {
     Unlocked {
         /// The slot that unlocked.
         slot: u32,
+        /// What the unlock found wrong in the keystore (a key or a version
+        /// removed outside hsmd, a key that is not in its record of keys), one
+        /// sentence each; empty when all is well. Other keys work as usual.
+        warnings: Vec<String>,
     },
     /// Answer to [`Operation::Lock`].
     Locked,
@@ -1297,6 +1301,10 @@ pub enum Reply {
         last_seq: u64,
         /// The files read, oldest first.
         files: Vec<String>,
+        /// What start-up repaired, one per `AUDIT_RECOVERED` line (a torn
+        /// tail cut, lines adopted that were written before a crash): a
+        /// recovery, not tampering.
+        recoveries: Vec<String>,
     },
     /// Answer to `AuditShow`: JSON lines as written.
     AuditLines(Vec<String>),
@@ -1493,6 +1501,24 @@ pub struct StatusInfo {
     pub memory_locked: bool,
     /// Write transactions committed to the keystore since the daemon started.
     pub keystore_writes: u64,
+    /// The audit log's health.
+    pub audit: AuditStatus,
+}
+
+/// The audit log as `Status` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditStatus {
+    /// Whether the audit log is on (`audit.enabled`).
+    pub enabled: bool,
+    /// Whether events are being written. While not, audited requests are
+    /// refused with `AuditUnavailable`; liveness calls still answer.
+    pub healthy: bool,
+    /// Why it is not healthy, and since when; empty when it is.
+    pub detail: String,
+    /// Events waiting to be written.
+    pub pending_events: u64,
+    /// The sequence number of the last line written.
+    pub last_seq: u64,
 }
 
 /// One key backend as `Status` reports it.

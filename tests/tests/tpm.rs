@@ -171,7 +171,7 @@ fn a_tpm2_slot_unlocks_at_start_and_refuses_after_a_bound_pcr_changes() {
     d.restart(false);
     let status = ok(&d.hsmctl(&["status"]));
     assert!(status.contains("state:        unlocked"), "{status}\n{}", d.log());
-    assert!(d.log().contains("unlocked at start by the TPM"));
+    assert!(d.log().contains("unlocked at start with the TPM"));
     ok(&d.hsmctl(&["sign", "k", "-i", path(&pass), "-o", path(&d.dir().join("s1"))]));
     // And on request, after a lock.
     ok(&d.hsmctl(&["lock"]));

@@ -224,24 +224,6 @@ impl Vault {
         self.now()
     }
 
-    /// The audit log's head as the keystore records it.
-    pub fn audit_head(&self) -> Option<crate::audit::Head> {
-        match lock(&self.store).audit_head() {
-            Ok(h) => h.map(|(seq, hash)| crate::audit::Head { seq, hash }),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the audit head from the keystore");
-                None
-            }
-        }
-    }
-
-    /// Records the audit log's head in the keystore.
-    pub fn set_audit_head(&self, head: &crate::audit::Head) {
-        if let Err(e) = lock(&self.store).set_audit_head(head.seq, &head.hash) {
-            tracing::error!(error = %e, "cannot record the audit head in the keystore");
-        }
-    }
-
     /// The backend of a key whose row is cached (the cache only: this is
     /// called on the reactor); `None` if it is not there.
     pub fn known_backend(&self, name: &str) -> Option<&'static str> {
@@ -306,7 +288,7 @@ impl Vault {
         Ok(())
     }
 
-    fn verify_policy(&self, row: &KeyRow) -> Result<(), VaultError> {
+    pub(super) fn verify_policy(&self, row: &KeyRow) -> Result<(), VaultError> {
         let (master, store_id) = self.master_and_id()?;
         // verify_slice compares in constant time.
         let good = match (row.policy.mac.as_deref(), policy_hmac(&master, &store_id, row)) {
@@ -334,10 +316,15 @@ impl Vault {
         if let Some(c) = lock(&self.rows).get(&cache_key) {
             return Ok(Arc::clone(c));
         }
-        let row = lock(&self.store).key(name, version)?.ok_or_else(|| match version {
-            Some(v) => VaultError::NoSuchKey(format!("{name:?} version {v}")),
-            None => VaultError::NoSuchKey(format!("{name:?}")),
-        })?;
+        let Some(row) = lock(&self.store).key(name, version)? else {
+            if let Some(removed) = lock(&self.findings).explain_absent(name, version) {
+                return Err(removed);
+            }
+            return Err(match version {
+                Some(v) => VaultError::NoSuchKey(format!("{name:?} version {v}")),
+                None => VaultError::NoSuchKey(format!("{name:?}")),
+            });
+        };
         let counter = Arc::clone(lock(&self.usage).entry((row.id.clone(), row.version)).or_default());
         let verified = match self.verify_policy(&row) {
             Ok(()) => true,
@@ -519,7 +506,16 @@ impl Vault {
         };
         row.wrapped = crypto::seal(&master, &made.reference, &key_aad(&store_id, &row))?;
         row.policy.mac = Some(policy_mac(&master, &store_id, &row));
-        if !lock(&self.store).insert_key(&row)? {
+        let set = super::key_set::SetKey::derive(&master, &store_id);
+        let inserted = lock(&self.store).insert_key(&row, &set.change(&row.id, Some(&row.name)));
+        let inserted = match inserted {
+            Ok(i) => i,
+            Err(e) => {
+                discard(backend.as_ref(), key_type, &made.reference);
+                return Err(Self::key_set_error(e));
+            }
+        };
+        if !inserted {
             discard(backend.as_ref(), key_type, &made.reference);
             return Err(VaultError::KeyExists(name.to_owned()));
         }
@@ -823,15 +819,29 @@ impl Vault {
     /// [`VaultError::KeyState`] if the key was not deleted first.
     pub fn purge_key(&self, name: &str) -> Result<(), VaultError> {
         let _gate = lock(&self.manage_gate);
-        self.master()?;
+        let set = self.key_set_key()?;
+        let missing = lock(&self.findings).missing.get(name).cloned();
+        if let Some(id) = missing {
+            // Its rows are already gone (the check at unlock said so): forget it.
+            lock(&self.store)
+                .forget_key(&set.change(&id, None))
+                .map_err(Self::key_set_error)?;
+            lock(&self.findings).missing.remove(name);
+            tracing::warn!(key = name, "a key removed outside hsmd is forgotten");
+            return Ok(());
+        }
         let c = self.cached(name, None)?;
-        if c.row.policy.deleted_unix.is_none() {
+        let unknown = lock(&self.findings).unknown.contains(&c.row.id);
+        if c.row.policy.deleted_unix.is_none() && !unknown {
             return Err(VaultError::KeyState(format!(
                 "key {name:?} is not deleted; `hsmctl key delete {name}` first, then purge"
             )));
         }
         self.remove_backend_objects(&c.row);
-        lock(&self.store).purge_key(name)?;
+        lock(&self.store)
+            .purge_key(name, &set.change(&c.row.id, None))
+            .map_err(Self::key_set_error)?;
+        lock(&self.findings).unknown.remove(&c.row.id);
         lock(&self.usage).retain(|(id, _), _| *id != c.row.id);
         self.invalidate(Some(&c.row.id));
         tracing::warn!(key = name, "key purged");
@@ -854,6 +864,7 @@ impl Vault {
             self.verify_policy(&c.row)?;
         }
         let row = &c.row;
+        self.refuse_unknown(&row.id, name)?;
         Self::refuse_if_deleted(row)?;
         let p = &row.policy;
         let now = self.now();
@@ -912,6 +923,7 @@ impl Vault {
             self.verify_policy(&c.row)?;
         }
         let row = &c.row;
+        self.refuse_unknown(&row.id, name)?;
         Self::refuse_if_deleted(row)?;
         let p = &row.policy;
         let state = lifecycle::effective(stored_state(row)?, p.activate_at_unix, p.expire_at_unix, self.now());
@@ -1136,47 +1148,179 @@ impl Vault {
         Ok(taken.len())
     }
 
-    /// Lifecycle work the daemon does by itself: purges deleted keys whose
-    /// recovery window has ended, and (while unlocked, since it needs the
-    /// master key) rotates keys whose rotation is due, including rotations that
-    /// fell due while the daemon was stopped. Returns what it did, for the log.
+    /// Lifecycle work the daemon does by itself, while unlocked (a purge and a
+    /// rotation change the key set and need the master key): purges deleted
+    /// keys whose recovery window has ended, and rotates keys whose rotation
+    /// is due, including rotations that fell due while the daemon was
+    /// stopped. It also notices activation and expiry times that have come
+    /// since it last looked (locked or not). Returns what happened, for the
+    /// audit log.
     ///
     /// # Errors
     /// [`VaultError::Store`] if the keystore cannot be read.
-    pub fn maintain(&self) -> Result<Vec<String>, VaultError> {
-        if self.state() == protocol::ServiceState::Uninitialized {
-            return Ok(Vec::new());
-        }
+    pub fn maintain(&self) -> Result<Maintenance, VaultError> {
         let now = self.now();
-        let mut done = Vec::new();
+        let mut done = Maintenance {
+            done: Vec::new(),
+            seen_until: now,
+        };
+        if self.state() == protocol::ServiceState::Uninitialized {
+            return Ok(done);
+        }
+        done.done = self.lifecycle_times(now)?;
+        if self.state() != protocol::ServiceState::Unlocked {
+            return Ok(done);
+        }
         let purges = lock(&self.store).due_purges(now)?;
         for name in purges {
             let Ok(c) = self.cached(&name, None) else { continue };
-            if self.backends.get(&c.row.backend).is_ok_and(|b| b.holds_objects()) {
-                // Its token objects can only be found with the master key: the
-                // purge waits for the next maintenance while unlocked.
-                if self.state() != protocol::ServiceState::Unlocked {
-                    continue;
-                }
+            let backend = c.row.backend.clone();
+            let purged = (|| {
+                let set = self.key_set_key()?;
                 self.remove_backend_objects(&c.row);
+                let update = set.change(&c.row.id, None);
+                let purged = lock(&self.store).purge_key(&name, &update);
+                purged.map_err(Self::key_set_error)
+            })();
+            self.invalidate(Some(&c.row.id));
+            match purged {
+                Ok(true) => done.done.push(Maintained::Purged { name, backend }),
+                Ok(false) => {}
+                Err(e) => done.done.push(Maintained::Failed {
+                    name,
+                    backend,
+                    action: "purge",
+                    error: e.to_wire(),
+                }),
             }
-            if lock(&self.store).purge_key(&name)? {
-                done.push(format!("purged key {name:?}: its recovery window ended"));
-            }
-            self.invalidate(None);
         }
-        if self.state() == protocol::ServiceState::Unlocked {
-            let due = lock(&self.store).due_rotations(now)?;
-            for name in due {
-                match self.rotate_key(&name) {
-                    Ok(info) => done.push(format!(
-                        "rotated key {name:?} to version {} by its rotation policy",
-                        info.version
-                    )),
-                    Err(e) => tracing::error!(key = %name, error = %e, "scheduled rotation failed"),
-                }
+        let due = lock(&self.store).due_rotations(now)?;
+        for name in due {
+            let backend = self.key_backend(&name).unwrap_or("unknown").to_owned();
+            match self.rotate_key(&name) {
+                Ok(info) => done.done.push(Maintained::Rotated {
+                    name,
+                    backend,
+                    version: info.version,
+                }),
+                Err(e) => done.done.push(Maintained::Failed {
+                    name,
+                    backend,
+                    action: "rotate",
+                    error: e.to_wire(),
+                }),
             }
         }
         Ok(done)
     }
+
+    /// Activation and expiry times that came since the last look (recorded in
+    /// the keystore, so each is reported once, and those that came while the
+    /// daemon was stopped are reported at the next start).
+    fn lifecycle_times(&self, now: u64) -> Result<Vec<Maintained>, VaultError> {
+        const MARK: &str = "lifecycle_seen_unix";
+        let seen = lock(&self.store)
+            .meta(MARK)?
+            .and_then(|v| String::from_utf8_lossy(&v).parse::<u64>().ok());
+        let Some(seen) = seen else {
+            lock(&self.store).set_meta(MARK, now.to_string().as_bytes())?;
+            return Ok(Vec::new());
+        };
+        if now <= seen {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        let came = |t: &u64| *t > seen && *t <= now;
+        for k in lock(&self.store).lifecycle_times(seen, now)? {
+            if let Some(at) = k
+                .activate_at_unix
+                .filter(|t| came(t) && k.state == KeyState::PreActive.as_str())
+            {
+                out.push(Maintained::Activated {
+                    name: k.name.clone(),
+                    backend: k.backend.clone(),
+                    at,
+                });
+            }
+            let ends = k.state != KeyState::Compromised.as_str() && k.state != KeyState::Destroyed.as_str();
+            if let Some(at) = k.expire_at_unix.filter(|t| came(t) && ends) {
+                out.push(Maintained::Expired {
+                    name: k.name,
+                    backend: k.backend,
+                    at,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that activation and expiry times up to `until` have been
+    /// reported: call it after their audit lines are written, so a crash
+    /// reports them again rather than never.
+    ///
+    /// # Errors
+    /// [`VaultError::Store`].
+    pub fn lifecycle_reported(&self, until: u64) -> Result<(), VaultError> {
+        lock(&self.store).set_meta("lifecycle_seen_unix", until.to_string().as_bytes())?;
+        Ok(())
+    }
+}
+
+/// What one round of [`Vault::maintain`] did.
+#[derive(Debug, Clone)]
+pub struct Maintenance {
+    /// Each change, in order.
+    pub done: Vec<Maintained>,
+    /// Activation and expiry times up to here were looked at.
+    pub seen_until: u64,
+}
+
+/// What the daemon did by itself in [`Vault::maintain`].
+#[derive(Debug, Clone)]
+pub enum Maintained {
+    /// A key rotated by its rotation policy.
+    Rotated {
+        /// The key.
+        name: String,
+        /// Its backend.
+        backend: String,
+        /// The new version.
+        version: u32,
+    },
+    /// A deleted key purged at the end of its recovery window.
+    Purged {
+        /// The key.
+        name: String,
+        /// Its backend.
+        backend: String,
+    },
+    /// A pre-active key's activation time came.
+    Activated {
+        /// The key.
+        name: String,
+        /// Its backend.
+        backend: String,
+        /// When (Unix seconds).
+        at: u64,
+    },
+    /// A key's expiry time came: it only verifies and decrypts from now on.
+    Expired {
+        /// The key.
+        name: String,
+        /// Its backend.
+        backend: String,
+        /// When (Unix seconds).
+        at: u64,
+    },
+    /// A scheduled purge or rotation failed.
+    Failed {
+        /// The key.
+        name: String,
+        /// Its backend.
+        backend: String,
+        /// `purge` or `rotate`.
+        action: &'static str,
+        /// Why.
+        error: protocol::WireError,
+    },
 }

@@ -4,11 +4,13 @@
 //! master key exists in memory only while unlocked; on disk it exists only sealed
 //! under each unlock slot's key (see [`slots`]).
 
+mod audit_anchors;
 mod backup;
 pub use backup::MAX_ARCHIVE;
 pub mod crypto;
 mod key_ops;
-pub use key_ops::DataKey;
+mod key_set;
+pub use key_ops::{DataKey, Maintained, Maintenance};
 pub mod keys;
 pub mod lifecycle;
 pub mod slots;
@@ -147,6 +149,7 @@ impl VaultError {
             Self::DecryptFailed(_) => ErrorCode::DecryptFailed,
             Self::UsageNotAllowed { .. } => ErrorCode::FailedPrecondition,
             Self::KeyState(_) => ErrorCode::KeyState,
+            Self::Store(e) if e.storage_cause().is_some() => ErrorCode::StorageUnavailable,
             Self::Store(_) | Self::Crypto(_) => ErrorCode::Internal,
             Self::Backend(BackendError::Unavailable { .. }) => ErrorCode::BackendUnavailable,
             Self::Backend(BackendError::Failed { .. }) => ErrorCode::BackendFailed,
@@ -154,6 +157,11 @@ impl VaultError {
             Self::Backend(BackendError::BadReference { .. }) => ErrorCode::Tampered,
         };
         let message = match self {
+            Self::Store(e) if e.storage_cause().is_some() => format!(
+                "hsmd could not use its keystore: {}; nothing was changed. Free space or repair the file system, \
+                 then retry",
+                e.storage_cause().unwrap_or_default()
+            ),
             // Paths and SQLite detail stay in the daemon's log.
             Self::Store(_) | Self::Crypto(_) => "hsmd could not read or write its keystore; see its log".to_owned(),
             other => other.to_string(),
@@ -207,6 +215,8 @@ pub struct Vault {
     kdf_gate: Mutex<()>,
     /// Where keys live; set once at start.
     backends: Backends,
+    /// What the last unlock's check of the key set found.
+    findings: Mutex<key_set::Findings>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -415,6 +425,7 @@ impl Vault {
             clock_offset: AtomicU64::new(0),
             writes,
             backends: Backends::default(),
+            findings: Mutex::new(key_set::Findings::default()),
         })
     }
 
@@ -471,10 +482,12 @@ impl Vault {
 
     /// Tries `secret` against every slot of its kind; on success the master key
     /// is in memory. Wrong secrets from one uid are met with a growing wait.
+    /// Returns the slot that opened and what the check of the keystore's keys
+    /// found wrong (see `key_set`), one sentence each.
     ///
     /// # Errors
     /// [`VaultError::UnlockFailed`], [`VaultError::Backoff`], [`VaultError::NotInitialized`].
-    pub fn unlock(&self, uid: u32, secret: &UnlockSecret) -> Result<u32, VaultError> {
+    pub fn unlock(&self, uid: u32, secret: &UnlockSecret) -> Result<(u32, Vec<String>), VaultError> {
         let _gate = lock(&self.kdf_gate);
         self.check_backoff(uid)?;
         let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
@@ -506,7 +519,10 @@ impl Vault {
                 tracing::error!(error = %e, "could not seal the policies of keys from before this version");
             }
             self.hand_over_backend_pin();
-            return Ok(slot);
+            let warnings = self
+                .check_key_set()
+                .unwrap_or_else(|e| vec![format!("the check of the keystore's keys could not run: {e}")]);
+            return Ok((slot, warnings));
         }
         self.record_failure(uid);
         Err(VaultError::UnlockFailed { kind })

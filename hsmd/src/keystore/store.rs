@@ -97,6 +97,10 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The record of the keystore's keys failed its check, so it cannot be
+    /// updated; the message says how.
+    #[error("{0}")]
+    KeySet(String),
     /// The file was written by a newer hsmd.
     #[error("keystore {} has schema version {found}, newer than this hsmd knows ({known}); upgrade hsmd", path.display())]
     TooNew {
@@ -107,6 +111,77 @@ pub enum StoreError {
         /// Ours.
         known: usize,
     },
+}
+
+impl StoreError {
+    /// What is wrong, when the failure is the file system's rather than
+    /// hsmd's (no space left, a read-only file system, an I/O error, the file
+    /// gone), in words that name the directory; `None` otherwise.
+    #[must_use]
+    pub fn storage_cause(&self) -> Option<String> {
+        use rusqlite::ErrorCode as C;
+        let (path, code) = match self {
+            Self::Sqlite {
+                path,
+                source: rusqlite::Error::SqliteFailure(e, _),
+            } => (path, e.code),
+            Self::Io { path, source } => {
+                let dir = path.parent().unwrap_or(Path::new("/")).display();
+                return match source.kind() {
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                        Some(format!("no space left on device in {dir}"))
+                    }
+                    std::io::ErrorKind::ReadOnlyFilesystem => Some(format!("the file system of {dir} is read-only")),
+                    _ => None,
+                };
+            }
+            _ => return None,
+        };
+        let dir = path.parent().unwrap_or(Path::new("/")).display();
+        match code {
+            C::DiskFull => Some(format!("no space left on device in {dir}")),
+            C::ReadOnly => Some(format!(
+                "the keystore in {dir} cannot be written: its file system is read-only or it lost write permission"
+            )),
+            C::SystemIoFailure => Some(format!("the disk or file system of {dir} failed an I/O request")),
+            C::CannotOpen => Some(format!(
+                "the keystore in {dir} cannot be opened: its directory may be gone"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A sequence number and a hash, as the audit log's anchors are recorded.
+pub type SeqHash = (u64, String);
+
+/// A key's activation and expiry times, for the maintenance that reports
+/// them coming due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleTimes {
+    /// The key.
+    pub name: String,
+    /// Its backend.
+    pub backend: String,
+    /// Its stored state.
+    pub state: String,
+    /// When it becomes active.
+    pub activate_at_unix: Option<u64>,
+    /// When it is deactivated.
+    pub expire_at_unix: Option<u64>,
+}
+
+/// Why a write transaction's body failed.
+enum TxError {
+    Sql(rusqlite::Error),
+    /// The key set record could not be updated (see [`KeySetUpdate`]).
+    KeySet(String),
+}
+
+impl From<rusqlite::Error> for TxError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sql(e)
+    }
 }
 
 /// One unlock slot as stored.
@@ -337,40 +412,54 @@ impl Store {
         })
     }
 
-    /// The audit log's head as last recorded: (sequence number, hash).
+    /// A (sequence number, hash) pair of the meta table.
+    fn seq_and_hash(&self, seq: &str, hash: &str) -> Result<Option<SeqHash>, StoreError> {
+        let (Some(s), Some(h)) = (self.meta(seq)?, self.meta(hash)?) else {
+            return Ok(None);
+        };
+        let s = String::from_utf8_lossy(&s).parse().unwrap_or(0);
+        Ok(Some((s, String::from_utf8_lossy(&h).into_owned())))
+    }
+
+    /// The audit log's anchors as last recorded: its head (the last line's
+    /// sequence number and hash) and its start (the first retained line's
+    /// sequence number and the hash it follows).
     ///
     /// # Errors
     /// [`StoreError`] if the file cannot be read.
-    pub fn audit_head(&self) -> Result<Option<(u64, String)>, StoreError> {
-        let (Some(seq), Some(hash)) = (self.meta("audit_seq")?, self.meta("audit_hash")?) else {
-            return Ok(None);
-        };
-        let seq = String::from_utf8_lossy(&seq).parse().unwrap_or(0);
-        Ok(Some((seq, String::from_utf8_lossy(&hash).into_owned())))
+    pub fn audit_anchors(&self) -> Result<(Option<SeqHash>, Option<SeqHash>), StoreError> {
+        Ok((
+            self.seq_and_hash("audit_seq", "audit_hash")?,
+            self.seq_and_hash("audit_start_seq", "audit_start_prev")?,
+        ))
     }
 
-    /// Records the audit log's head, in one transaction.
+    /// Records the audit log's head and start, in one transaction.
     ///
     /// # Errors
     /// [`StoreError`]; nothing is written then.
-    pub fn set_audit_head(&mut self, seq: u64, hash: &str) -> Result<(), StoreError> {
+    pub fn set_audit_anchors(&mut self, head: (u64, &str), start: (u64, &str)) -> Result<(), StoreError> {
         self.write_tx(|tx| {
-            for (name, value) in [("audit_seq", seq.to_string()), ("audit_hash", hash.to_owned())] {
+            for (name, value) in [
+                ("audit_seq", head.0.to_string()),
+                ("audit_hash", head.1.to_owned()),
+                ("audit_start_seq", start.0.to_string()),
+                ("audit_start_prev", start.1.to_owned()),
+            ] {
                 tx.execute(
                     "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                     params![name, value.as_bytes()],
-                )
-                ?;
+                )?;
             }
             Ok(((), true))
         })
     }
 
     /// Runs `f` in one IMMEDIATE transaction: committed durably (and counted)
-    /// when `f` says it wrote, rolled back when it made no change.
+    /// when `f` says it wrote, rolled back when it made no change or failed.
     fn write_tx<T>(
         &mut self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<(T, bool)>,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, bool), TxError>,
     ) -> Result<T, StoreError> {
         let path = self.path.clone();
         let wrap = |source| StoreError::Sqlite {
@@ -381,7 +470,10 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(wrap)?;
-        let (value, wrote) = f(&tx).map_err(wrap)?;
+        let (value, wrote) = f(&tx).map_err(|e| match e {
+            TxError::Sql(source) => wrap(source),
+            TxError::KeySet(why) => StoreError::KeySet(why),
+        })?;
         if wrote {
             tx.commit().map_err(wrap)?;
             self.wrote();
@@ -621,40 +713,181 @@ fn update_policy(conn: &Connection, key: &KeyRow) -> rusqlite::Result<usize> {
     )
 }
 
+/// The keystore's record of which keys it holds (see `Vault`'s key set):
+/// sealed bytes and their MAC, or, before one was ever written, the keys there
+/// are (id, name) to start it from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySetRecord {
+    /// As recorded.
+    Sealed {
+        /// The record.
+        json: Vec<u8>,
+        /// Its MAC under a key derived from the master key.
+        mac: Vec<u8>,
+    },
+    /// None recorded yet.
+    Absent {
+        /// The keys in the file now, as (id, name).
+        keys: Vec<(String, String)>,
+    },
+}
+
+/// Turns the recorded key set into the new one (json, mac), or says why the
+/// recorded one cannot be trusted.
+pub type KeySetUpdate<'a> = &'a dyn Fn(KeySetRecord) -> Result<(Vec<u8>, Vec<u8>), String>;
+
+/// A key as the keystore holds it, for the check at unlock: its id, name,
+/// newest version, and the versions that have rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInventory {
+    /// Random id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// The newest version the key's row names.
+    pub latest_version: u32,
+    /// The versions present, ascending.
+    pub versions: Vec<u32>,
+}
+
+fn key_set_record(conn: &Connection) -> rusqlite::Result<KeySetRecord> {
+    let get = |name: &str| -> rusqlite::Result<Option<Vec<u8>>> {
+        conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0))
+            .optional()
+    };
+    if let (Some(json), Some(mac)) = (get("key_set")?, get("key_set_mac")?) {
+        return Ok(KeySetRecord::Sealed { json, mac });
+    }
+    let mut stmt = conn.prepare("SELECT id, name FROM keys ORDER BY id")?;
+    let keys = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<(String, String)>>>()?;
+    Ok(KeySetRecord::Absent { keys })
+}
+
+fn write_key_set(conn: &Connection, json: &[u8], mac: &[u8]) -> rusqlite::Result<()> {
+    for (name, value) in [("key_set", json), ("key_set_mac", mac)] {
+        conn.execute(
+            "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![name, value],
+        )?;
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Adds a key with its first version, durably. `Ok(false)`: the name is taken.
+    /// Runs `change` and updates the key set record in one IMMEDIATE
+    /// transaction; `change` returning `false` means nothing was done (and
+    /// nothing is written).
+    fn with_key_set(
+        &mut self,
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<bool>,
+        update: KeySetUpdate<'_>,
+    ) -> Result<bool, StoreError> {
+        self.write_tx(|tx| {
+            if !change(tx)? {
+                return Ok((false, false));
+            }
+            let (json, mac) = update(key_set_record(tx)?).map_err(TxError::KeySet)?;
+            write_key_set(tx, &json, &mac)?;
+            Ok((true, true))
+        })
+    }
+
+    /// The key set record.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn key_set(&self) -> Result<KeySetRecord, StoreError> {
+        let r = key_set_record(&self.conn);
+        self.sql(r)
+    }
+
+    /// Replaces the key set record, durably.
     ///
     /// # Errors
     /// [`StoreError`]; nothing is written then.
-    pub fn insert_key(&mut self, key: &KeyRow) -> Result<bool, StoreError> {
+    pub fn set_key_set(&mut self, json: &[u8], mac: &[u8]) -> Result<(), StoreError> {
         self.write_tx(|tx| {
-            let taken: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE name = ?1)", [&key.name], |r| {
-                r.get(0)
-            })?;
-            if taken {
-                return Ok((false, false));
+            write_key_set(tx, json, mac)?;
+            Ok(((), true))
+        })
+    }
+
+    /// Every key row's id, name and newest version, with the versions that
+    /// have rows, by name.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn key_inventory(&self) -> Result<Vec<KeyInventory>, StoreError> {
+        let mut stmt = self.sql(self.conn.prepare(
+            "SELECT k.id, k.name, k.latest_version, v.version FROM keys k
+             LEFT JOIN key_versions v ON v.key_id = k.id ORDER BY k.name, v.version",
+        ))?;
+        let rows = self.sql(stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Option<u32>>(3)?,
+            ))
+        }))?;
+        let mut out: Vec<KeyInventory> = Vec::new();
+        for row in rows {
+            let (id, name, latest_version, version) = self.sql(row)?;
+            if out.last().is_none_or(|k| k.id != id) {
+                out.push(KeyInventory {
+                    id,
+                    name,
+                    latest_version,
+                    versions: Vec::new(),
+                });
             }
-            tx.execute(
-                "INSERT INTO keys (id, name, type, backend, usages, owner_uid, created_unix, owner_name)
+            if let (Some(v), Some(k)) = (version, out.last_mut()) {
+                k.versions.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds a key with its first version and records it in the key set,
+    /// durably. `Ok(false)`: the name is taken.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn insert_key(&mut self, key: &KeyRow, update: KeySetUpdate<'_>) -> Result<bool, StoreError> {
+        self.with_key_set(
+            |tx| {
+                let taken: bool =
+                    tx.query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE name = ?1)", [&key.name], |r| {
+                        r.get(0)
+                    })?;
+                if taken {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO keys (id, name, type, backend, usages, owner_uid, created_unix, owner_name)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    key.id,
-                    key.name,
-                    key.key_type,
-                    key.backend,
-                    key.usages,
-                    key.owner_uid,
-                    key.created_unix,
-                    key.owner_name
-                ],
-            )?;
-            update_policy(tx, key)?;
-            tx.execute(
+                    params![
+                        key.id,
+                        key.name,
+                        key.key_type,
+                        key.backend,
+                        key.usages,
+                        key.owner_uid,
+                        key.created_unix,
+                        key.owner_name
+                    ],
+                )?;
+                update_policy(tx, key)?;
+                tx.execute(
                 "INSERT INTO key_versions (key_id, version, wrapped, public, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![key.id, key.version, key.wrapped, key.public, key.version_created_unix],
             )?;
-            Ok((true, true))
-        })
+                Ok(true)
+            },
+            update,
+        )
     }
 
     /// Adds `key.version` as the key's newest version and writes its policy
@@ -786,6 +1019,29 @@ impl Store {
         self.sql(rows.collect())
     }
 
+    /// Keys with an activation or expiry time in `(after, until]`.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be read.
+    pub fn lifecycle_times(&self, after: u64, until: u64) -> Result<Vec<LifecycleTimes>, StoreError> {
+        let mut stmt = self.sql(self.conn.prepare_cached(
+            "SELECT name, backend, state, activate_at_unix, expire_at_unix FROM keys
+             WHERE deleted_unix IS NULL
+               AND ((activate_at_unix > ?1 AND activate_at_unix <= ?2) OR (expire_at_unix > ?1 AND expire_at_unix <= ?2))
+             ORDER BY name",
+        ))?;
+        let rows = self.sql(stmt.query_map([after, until], |r| {
+            Ok(LifecycleTimes {
+                name: r.get(0)?,
+                backend: r.get(1)?,
+                state: r.get(2)?,
+                activate_at_unix: r.get(3)?,
+                expire_at_unix: r.get(4)?,
+            })
+        }))?;
+        self.sql(rows.collect())
+    }
+
     /// Every key at its newest version, by name.
     ///
     /// # Errors
@@ -814,15 +1070,24 @@ impl Store {
     }
 
     /// Removes a key and all its versions for good (`secure_delete` overwrites
-    /// the freed pages). `false`: no such key.
+    /// the freed pages), and takes it out of the key set, in one transaction.
+    /// `false`: no such key.
     ///
     /// # Errors
     /// [`StoreError`]; nothing is removed then.
-    pub fn purge_key(&mut self, name: &str) -> Result<bool, StoreError> {
-        let r = self.conn.execute("DELETE FROM keys WHERE name = ?1", [name]);
-        let n = self.sql(r)?;
-        self.wrote();
-        Ok(n > 0)
+    pub fn purge_key(&mut self, name: &str, update: KeySetUpdate<'_>) -> Result<bool, StoreError> {
+        self.with_key_set(
+            |tx| Ok(tx.execute("DELETE FROM keys WHERE name = ?1", [name])? > 0),
+            update,
+        )
+    }
+
+    /// Takes a key whose rows are gone out of the key set (`update` does it).
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing is written then.
+    pub fn forget_key(&mut self, update: KeySetUpdate<'_>) -> Result<(), StoreError> {
+        self.with_key_set(|_| Ok(true), update).map(|_| ())
     }
 }
 

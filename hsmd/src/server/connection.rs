@@ -22,16 +22,19 @@ use protocol::{
 use tokio::{
     io::{AsyncWriteExt, Interest},
     net::UnixStream,
-    sync::mpsc,
+    sync::{mpsc, watch},
     time::{sleep_until, timeout, Instant},
 };
 use tracing::Instrument;
 
 use super::{
-    dispatch::{self, Caller, Work},
+    dispatch::{self, Answer, Caller, Work},
     InFlight, Shared, REFUSAL_WRITE_TIMEOUT, VERSION,
 };
-use crate::auth::{Admission, Credentials, PeerIdentity};
+use crate::{
+    audit::{Class, Progress, Settled, Ticket},
+    auth::{Admission, Credentials, PeerIdentity},
+};
 
 /// How long identity lookups (NSS) may take before the peer is refused.
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -123,7 +126,9 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
                         risk_score: 6,
                         time: std::time::SystemTime::now(),
                     };
-                    let _ = tokio::task::spawn_blocking(move || audit.record_now(event)).await;
+                    if let Some(ticket) = audit.submit(event, Class::Security, false) {
+                        let _ = audit.wait(ticket).await;
+                    }
                 }
                 refuse(stream, WireError::new(ErrorCode::PermissionDenied, why)).await;
                 return;
@@ -169,10 +174,14 @@ struct Connection {
     caller: Arc<Caller>,
     shared: Arc<Shared>,
     /// Answers from the blocking pool.
-    done_tx: mpsc::UnboundedSender<Response>,
-    done_rx: mpsc::UnboundedReceiver<Response>,
+    done_tx: mpsc::UnboundedSender<(u64, Answer)>,
+    done_rx: mpsc::UnboundedReceiver<(u64, Answer)>,
     /// Requests handed to the pool and not yet answered.
     in_flight: usize,
+    /// Answers waiting for their audit line.
+    held: Vec<(Ticket, Response)>,
+    /// The audit writer's progress, which releases them.
+    progress: Option<watch::Receiver<Progress>>,
     /// Encoded responses waiting to be written.
     out: Vec<u8>,
     greeted: bool,
@@ -201,6 +210,7 @@ impl Connection {
         // Unbounded is bounded in practice: at most max_requests_in_flight jobs
         // exist per connection, and each sends one answer.
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let progress = shared.audit.as_ref().map(|a| a.progress());
         Self {
             stream,
             caller,
@@ -208,6 +218,8 @@ impl Connection {
             done_tx,
             done_rx,
             in_flight: 0,
+            held: Vec::new(),
+            progress,
             out: Vec::with_capacity(8 * 1024),
             greeted: false,
             rate: None,
@@ -279,12 +291,18 @@ impl Connection {
         }
         if ending != Ending::Broken {
             // Requests already handed to the pool are still answered.
-            while self.in_flight > 0 {
-                let Some(response) = self.done_rx.recv().await else {
-                    break;
-                };
-                self.in_flight -= 1;
-                encode(&response, &mut self.out);
+            if let Some(audit) = &self.shared.audit {
+                audit.write_pending();
+            }
+            while self.in_flight > 0 || !self.held.is_empty() {
+                tokio::select! {
+                    got = self.done_rx.recv() => {
+                        let Some((id, answer)) = got else { break };
+                        self.in_flight -= 1;
+                        self.deliver(id, answer);
+                    }
+                    () = progressed(&mut self.progress), if !self.held.is_empty() => self.release(),
+                }
                 if !self.flush().await {
                     return;
                 }
@@ -331,6 +349,13 @@ impl Connection {
                     }
                 }
             }
+            if !self.held.is_empty() {
+                // The lines of what was just answered, written together.
+                if let Some(audit) = &self.shared.audit {
+                    audit.write_pending();
+                }
+                self.release();
+            }
             if !self.flush().await {
                 return Ending::Broken;
             }
@@ -354,15 +379,19 @@ impl Connection {
                         "hsmd is shutting down; requests already sent are answered, no new ones are read");
                     return Ending::Refused;
                 }
-                Some(response) = self.done_rx.recv() => {
+                Some((id, answer)) = self.done_rx.recv() => {
                     self.in_flight -= 1;
-                    encode(&response, &mut self.out);
+                    self.deliver(id, answer);
                     // Gather any others that are ready into the same write.
                     while self.out.len() < WRITE_BATCH {
-                        let Ok(next) = self.done_rx.try_recv() else { break };
+                        let Ok((id, answer)) = self.done_rx.try_recv() else { break };
                         self.in_flight -= 1;
-                        encode(&next, &mut self.out);
+                        self.deliver(id, answer);
                     }
+                    last_activity = Instant::now();
+                }
+                () = progressed(&mut self.progress), if !self.held.is_empty() => {
+                    self.release();
                     last_activity = Instant::now();
                 }
                 () = sleep_until(deadline), if may_read => {
@@ -373,7 +402,7 @@ impl Connection {
                             humantime::format_duration(limits.frame_timeout)));
                         return Ending::Refused;
                     }
-                    if self.in_flight > 0 {
+                    if self.in_flight > 0 || !self.held.is_empty() {
                         // Waiting on our own answers is not idleness.
                         last_activity = Instant::now();
                         continue;
@@ -495,17 +524,21 @@ impl Connection {
             tracing::debug!(request = id, op = op.name(), "rate limited");
             self.shared.metrics.rate_limited();
             if let Some(audit) = &self.shared.audit {
-                audit.record(crate::audit::Event {
-                    event_type: "RATE_LIMITED",
-                    who: Arc::clone(&self.caller.who),
-                    backend: None,
-                    resource: "connection".into(),
-                    action: op.name(),
-                    result: crate::audit::Outcome::Failure,
-                    metadata: crate::audit::Meta::default(),
-                    risk_score: 4,
-                    time: std::time::SystemTime::now(),
-                });
+                let _ = audit.submit(
+                    crate::audit::Event {
+                        event_type: "RATE_LIMITED",
+                        who: Arc::clone(&self.caller.who),
+                        backend: None,
+                        resource: "connection".into(),
+                        action: op.name(),
+                        result: crate::audit::Outcome::Failure,
+                        metadata: crate::audit::Meta::default(),
+                        risk_score: 4,
+                        time: std::time::SystemTime::now(),
+                    },
+                    Class::Operation,
+                    false,
+                );
             }
             self.push_error(
                 id,
@@ -519,7 +552,7 @@ impl Connection {
             return true;
         }
         match dispatch::route(op, &self.caller, &self.shared, attached) {
-            Work::Done(result) => encode(&Response { id, result }, &mut self.out),
+            Work::Done(answer) => self.deliver(id, answer),
             Work::Blocking(job) => {
                 self.in_flight += 1;
                 let tx = self.done_tx.clone();
@@ -527,15 +560,15 @@ impl Connection {
                 let span = tracing::Span::current();
                 tokio::task::spawn_blocking(move || {
                     let _enter = span.enter();
-                    let result = catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|_| {
+                    let answer = catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|_| {
                         tracing::error!(request = id, "request handler panicked");
-                        Err(WireError::new(
+                        Answer::from(Err(WireError::new(
                             ErrorCode::Internal,
                             "hsmd failed to serve this request; see its log",
-                        ))
+                        )))
                     });
                     drop(counted);
-                    let _ = tx.send(Response { id, result });
+                    let _ = tx.send((id, answer));
                 });
             }
         }
@@ -598,6 +631,56 @@ impl Connection {
         true
     }
 
+    /// Queues an answer to be sent, or holds it until its audit line is
+    /// written. Held answers are not counted in flight: the audit log's queue
+    /// (`audit.buffer_events`) bounds them, and counting them would halve a
+    /// pipelining client's depth.
+    fn deliver(&mut self, id: u64, answer: Answer) {
+        let Answer { result, audit } = answer;
+        if let (Some(ticket), Some(a)) = (audit, &self.shared.audit) {
+            match a.settle(ticket) {
+                Settled::Pending => {
+                    self.held.push((ticket, Response { id, result }));
+                    return;
+                }
+                Settled::Failed(why) => {
+                    tracing::error!(request = id, reason = %why, "answer withheld: its audit line could not be written");
+                    let withheld = crate::audit::withheld(&why);
+                    encode(
+                        &Response {
+                            id,
+                            result: Err(withheld),
+                        },
+                        &mut self.out,
+                    );
+                    return;
+                }
+                Settled::Done => {}
+            }
+        }
+        encode(&Response { id, result }, &mut self.out);
+    }
+
+    /// Sends the held answers whose audit lines are now written.
+    fn release(&mut self) {
+        let Some(rx) = self.progress.as_mut() else { return };
+        let progress = rx.borrow_and_update().clone();
+        let mut i = 0;
+        while i < self.held.len() {
+            let settled = progress.settle(self.held[i].0);
+            if settled == Settled::Pending {
+                i += 1;
+                continue;
+            }
+            let (_, mut response) = self.held.swap_remove(i);
+            if let Settled::Failed(why) = settled {
+                tracing::error!(request = response.id, reason = %why, "answer withheld: its audit line could not be written");
+                response.result = Err(crate::audit::withheld(&why));
+            }
+            encode(&response, &mut self.out);
+        }
+    }
+
     fn push_error(&mut self, id: u64, code: ErrorCode, message: impl Into<String>) {
         encode(
             &Response {
@@ -606,6 +689,19 @@ impl Connection {
             },
             &mut self.out,
         );
+    }
+}
+
+/// Resolves when the audit writer publishes progress (never without an audit log).
+async fn progressed(progress: &mut Option<watch::Receiver<Progress>>) {
+    match progress {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                // The writer is gone: nothing more will be written.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

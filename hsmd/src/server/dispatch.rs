@@ -10,6 +10,7 @@ use protocol::{
 
 use super::{Shared, VERSION};
 use crate::{
+    audit::{Auditor, Class, Ticket},
     auth::{
         policy::{Ask, Source as PolicySource, RESOURCES},
         PeerIdentity,
@@ -33,13 +34,28 @@ pub struct Caller {
     pub who: Arc<crate::audit::Who>,
 }
 
+/// A request's answer, and the audit line it must wait for.
+#[derive(Debug)]
+pub struct Answer {
+    /// The reply or the error.
+    pub result: Result<Reply, WireError>,
+    /// The line the answer may not go out before (see [`crate::audit::Ticket`]).
+    pub audit: Option<Ticket>,
+}
+
+impl From<Result<Reply, WireError>> for Answer {
+    fn from(result: Result<Reply, WireError>) -> Self {
+        Self { result, audit: None }
+    }
+}
+
 /// A job for the blocking pool.
-pub type BlockingJob = Box<dyn FnOnce() -> Result<Reply, WireError> + Send + 'static>;
+pub type BlockingJob = Box<dyn FnOnce() -> Answer + Send + 'static>;
 
 /// How a request will be answered.
 pub enum Work {
     /// Already answered.
-    Done(Result<Reply, WireError>),
+    Done(Answer),
     /// Must run on the blocking pool.
     Blocking(BlockingJob),
 }
@@ -51,6 +67,12 @@ impl std::fmt::Debug for Work {
             Self::Blocking(_) => "Work::Blocking",
         })
     }
+}
+
+/// Work whose answer waits for no audit line.
+enum Plain {
+    Done(Result<Reply, WireError>),
+    Blocking(Box<dyn FnOnce() -> Result<Reply, WireError> + Send + 'static>),
 }
 
 /// Decides how to answer `op` for `caller`; `attached` is the descriptor that
@@ -65,50 +87,58 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Opt
         Err(e) => e.code.as_str(),
     };
     match route_audited(op, caller, shared, attached) {
-        Work::Done(result) => {
-            metrics.request(name, label(&result), started.elapsed());
-            Work::Done(result)
+        Work::Done(answer) => {
+            metrics.request(name, label(&answer.result), started.elapsed());
+            Work::Done(answer)
         }
         Work::Blocking(job) => Work::Blocking(Box::new(move || {
-            let result = job();
-            metrics.request(name, label(&result), started.elapsed());
-            result
+            let answer = job();
+            metrics.request(name, label(&answer.result), started.elapsed());
+            answer
         })),
     }
 }
 
-/// Routes with an audit line for every operation that has one.
+/// Routes with an audit line for every operation that has one. An audited
+/// request is admitted only while the audit log can be written, and its
+/// answer waits for its line.
 fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Option<OwnedFd>) -> Work {
+    let plain = |work: Plain| match work {
+        Plain::Done(result) => Work::Done(result.into()),
+        Plain::Blocking(job) => Work::Blocking(Box::new(move || job().into())),
+    };
+    if let Operation::Batch { items } = op {
+        // Each item has its line; the batch is admitted as a whole.
+        if let Some(Err(refused)) = shared.audit.as_ref().map(|a| a.admit()) {
+            return Work::Done(Err(refused).into());
+        }
+        return batch(items, caller, shared, shared.audit.clone());
+    }
     let Some(audit) = shared.audit.clone() else {
-        return route_inner(op, caller, shared, attached);
+        return plain(route_inner(op, caller, shared, attached));
     };
     let Some(spec) = audit_spec(&op) else {
-        return route_inner(op, caller, shared, attached);
+        return plain(route_inner(op, caller, shared, attached));
     };
+    if !spec.exempt {
+        if let Err(refused) = audit.admit() {
+            return Work::Done(Err(refused).into());
+        }
+    }
     let who = Arc::clone(&caller.who);
     let vault = Arc::clone(&shared.vault);
     match route_inner(op, caller, shared, attached) {
-        Work::Done(result) => {
-            let (event, security) = spec.event(who, &result, &vault);
-            if security {
-                // Written before the answer, so off the reactor.
-                return Work::Blocking(Box::new(move || {
-                    audit.record_now(event);
-                    result
-                }));
-            }
-            audit.record(event);
-            Work::Done(result)
+        Plain::Done(result) => {
+            // Written when the connection has handled what it has read.
+            let (event, class) = spec.event(who, &result, &vault);
+            let ticket = audit.submit_deferred(event, class, !spec.exempt);
+            Work::Done(Answer { result, audit: ticket })
         }
-        Work::Blocking(job) => Work::Blocking(Box::new(move || {
+        Plain::Blocking(job) => Work::Blocking(Box::new(move || {
             let result = job();
-            let (event, security) = spec.event(who, &result, &vault);
-            if security {
-                audit.record_now(event);
-            } else {
-                audit.record(event);
-            }
-            result
+            let (event, class) = spec.event(who, &result, &vault);
+            let ticket = audit.submit(event, class, !spec.exempt);
+            Answer { result, audit: ticket }
         })),
     }
 }
@@ -123,6 +153,9 @@ struct AuditSpec {
     action: &'static str,
     risk: u8,
     security: bool,
+    /// Served while the audit log cannot be written (the panic button, and
+    /// reading the log itself), its line written when it can be.
+    exempt: bool,
 }
 
 impl AuditSpec {
@@ -134,16 +167,22 @@ impl AuditSpec {
             action,
             risk,
             security,
+            exempt: false,
         }
     }
 
-    /// The event for `result`, and whether it must be written before the answer.
+    fn exempt(mut self) -> Self {
+        self.exempt = true;
+        self
+    }
+
+    /// The event for `result`, and how durable it must be before the answer.
     fn event(
         &self,
         who: Arc<crate::audit::Who>,
         result: &Result<Reply, WireError>,
         vault: &Vault,
-    ) -> (crate::audit::Event, bool) {
+    ) -> (crate::audit::Event, Class) {
         use crate::audit::{Event, Outcome};
         let mut metadata = crate::audit::Meta::default();
         let mut event_type = self.event_type;
@@ -166,6 +205,15 @@ impl AuditSpec {
                 }
                 if let Reply::KeyUpdated(k) = reply {
                     metadata.state = Some(k.state.as_str());
+                }
+                if let Reply::KeyCreated(k) = reply {
+                    metadata.state = Some(k.state.as_str());
+                    let x = metadata.extra();
+                    x.key_type = Some(k.key_type.as_str());
+                    x.usages = Some(k.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","));
+                    x.rotate_every_secs = k.rotate_every_secs;
+                    x.activate_at_unix = k.activate_at_unix;
+                    x.expire_at_unix = k.expire_at_unix;
                 }
                 if let Reply::File(f) | Reply::FileSession { info: f, .. } = reply {
                     metadata.token = Some(f.token.clone());
@@ -217,7 +265,7 @@ impl AuditSpec {
                 risk_score: risk,
                 time: std::time::SystemTime::now(),
             },
-            security,
+            if security { Class::Security } else { Class::Operation },
         )
     }
 }
@@ -241,7 +289,7 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
         | Operation::Batch { .. } => return None,
         Operation::Init { .. } => AuditSpec::new("KEYSTORE_INITIALIZED", ks(), "init", 5, true),
         Operation::Unlock { .. } => AuditSpec::new("UNLOCK", ks(), "unlock", 3, true),
-        Operation::Lock => AuditSpec::new("LOCK", ks(), "lock", 2, true),
+        Operation::Lock => AuditSpec::new("LOCK", ks(), "lock", 2, true).exempt(),
         Operation::SlotList => AuditSpec::new("SLOT_LIST", ks(), "slot-list", 1, false),
         Operation::SlotAdd { .. } => AuditSpec::new("SLOT_ADDED", ks(), "slot-add", 6, true),
         Operation::SlotRemove { .. } => AuditSpec::new("SLOT_REMOVED", ks(), "slot-remove", 6, true),
@@ -306,7 +354,7 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
             AuditSpec::new("POLICY_READ", "policy".into(), "read", 1, false)
         }
         Operation::AuditVerify | Operation::AuditShow { .. } => {
-            AuditSpec::new("AUDIT_READ", "audit".into(), "read", 1, false)
+            AuditSpec::new("AUDIT_READ", "audit".into(), "read", 1, false).exempt()
         }
         Operation::Metrics
         | Operation::FileStoreBegin { .. }
@@ -333,7 +381,7 @@ fn compromised_use(event: &'static str, resource: String, action: &'static str, 
     }
 }
 
-fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Option<OwnedFd>) -> Work {
+fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Option<OwnedFd>) -> Plain {
     if let Some(ask) = ask_of(&op) {
         // A new key is checked against the backend it asks for.
         let backend = match &op {
@@ -341,13 +389,13 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             _ => None,
         };
         if let Err(denied) = authorize(shared, caller, ask, backend) {
-            return Work::Done(Err(denied));
+            return Plain::Done(Err(denied));
         }
     }
     match op {
-        Operation::Ping { payload } => Work::Done(Ok(Reply::Pong { payload })),
-        Operation::Status => Work::Done(Ok(Reply::Status(status(shared)))),
-        Operation::WhoAmI => Work::Done(Ok(Reply::WhoAmI(whoami(caller, shared)))),
+        Operation::Ping { payload } => Plain::Done(Ok(Reply::Pong { payload })),
+        Operation::Status => Plain::Done(Ok(Reply::Status(status(shared)))),
+        Operation::WhoAmI => Plain::Done(Ok(Reply::WhoAmI(whoami(caller, shared)))),
         op @ (Operation::FileStoreBegin { .. }
         | Operation::FileStoreChunk { .. }
         | Operation::FileStoreFinish { .. }
@@ -359,7 +407,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
         | Operation::FileStoreFd { .. }
         | Operation::FileRetrieveFd { .. }) => {
             let Some(files) = shared.files.clone() else {
-                return Work::Done(Err(WireError::new(
+                return Plain::Done(Err(WireError::new(
                     ErrorCode::NotAvailable,
                     "the file store is not open",
                 )));
@@ -382,7 +430,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             if let Operation::FileStoreBegin { chunk_size, .. } = &op {
                 let room = shared.limits.max_frame_bytes.saturating_sub(1024);
                 if *chunk_size > room {
-                    return Work::Done(Err(WireError::new(
+                    return Plain::Done(Err(WireError::new(
                         ErrorCode::InvalidArgument,
                         format!(
                             "a chunk of {chunk_size} bytes does not fit hsmd's frame limit of {} bytes; use at most {room} \
@@ -393,39 +441,35 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                 }
             }
             let vault = Arc::clone(&shared.vault);
-            Work::Blocking(Box::new(move || file_op(&files, &vault, uid, any, op, attached)))
+            Plain::Blocking(Box::new(move || file_op(&files, &vault, uid, any, op, attached)))
         }
         Operation::Metrics => {
             let s = Arc::clone(shared);
-            Work::Blocking(Box::new(move || {
+            Plain::Blocking(Box::new(move || {
                 Ok(Reply::Metrics {
                     text: s.metrics.render(&s),
                 })
             }))
         }
         Operation::AuditVerify => {
-            let (audit, vault) = (shared.audit.clone(), Arc::clone(&shared.vault));
-            Work::Blocking(Box::new(move || {
+            let audit = shared.audit.clone();
+            Plain::Blocking(Box::new(move || {
                 let Some(audit) = audit else {
                     return Err(WireError::new(
                         ErrorCode::NotAvailable,
                         "the audit log is off (audit.enabled = false)",
                     ));
                 };
-                // Everything buffered is written first, so the keystore's head is current.
-                audit
-                    .flush()
-                    .map_err(|e| WireError::new(ErrorCode::Internal, format!("cannot write the audit log: {e}")))?;
-                let head = vault.audit_head().unwrap_or_default();
-                match audit.verify(&head) {
+                match audit.verify() {
                     Ok(v) => Ok(Reply::AuditVerified {
                         lines: v.lines,
                         first_seq: v.first_seq,
                         last_seq: v.last_seq,
                         files: v.files.iter().map(|f| f.display().to_string()).collect(),
+                        recoveries: v.recoveries,
                     }),
                     Err(broken) => {
-                        tracing::error!(seq = broken.seq, why = %broken.why, "audit log verification failed");
+                        tracing::error!(breaks = broken.breaks.len() as u64 + broken.more, first = %broken, "audit log verification failed");
                         Err(WireError::new(ErrorCode::Tampered, broken.to_string()))
                     }
                 }
@@ -440,16 +484,13 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             limit,
         } => {
             let audit = shared.audit.clone();
-            Work::Blocking(Box::new(move || {
+            Plain::Blocking(Box::new(move || {
                 let Some(audit) = audit else {
                     return Err(WireError::new(
                         ErrorCode::NotAvailable,
                         "the audit log is off (audit.enabled = false)",
                     ));
                 };
-                if let Err(e) = audit.flush() {
-                    tracing::error!(error = %e, "cannot write the audit log");
-                }
                 let filter = crate::audit::Filter {
                     since: since_secs.and_then(|s| std::time::SystemTime::now().checked_sub(Duration::from_secs(s))),
                     event_type,
@@ -467,7 +508,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                 PolicySource::Open => "none: no policy.path in the config, so every admitted peer is admin".to_owned(),
                 PolicySource::File(p) => p.display().to_string(),
             };
-            Work::Done(Ok(Reply::Policy {
+            Plain::Done(Ok(Reply::Policy {
                 source,
                 text: policy.text().to_owned(),
                 roles: policy.role_names(),
@@ -481,7 +522,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
         } => {
             let policy = shared.policy();
             let vault = Arc::clone(&shared.vault);
-            Work::Blocking(Box::new(move || {
+            Plain::Blocking(Box::new(move || {
                 let Some(peer) = PeerIdentity::lookup(&user) else {
                     return Err(WireError::new(
                         ErrorCode::NotFound,
@@ -520,18 +561,18 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
         }
         Operation::DebugDelay { millis } => {
             if !shared.dev {
-                return Work::Done(Err(WireError::new(
+                return Plain::Done(Err(WireError::new(
                     ErrorCode::NotAvailable,
                     "debug-delay is served only by hsmd --dev",
                 )));
             }
             if millis > MAX_DEBUG_DELAY_MS {
-                return Work::Done(Err(WireError::new(
+                return Plain::Done(Err(WireError::new(
                     ErrorCode::InvalidArgument,
                     format!("debug-delay of {millis} ms is over the limit of {MAX_DEBUG_DELAY_MS} ms"),
                 )));
             }
-            Work::Blocking(Box::new(move || {
+            Plain::Blocking(Box::new(move || {
                 std::thread::sleep(Duration::from_millis(u64::from(millis)));
                 Ok(Reply::Delayed { millis })
             }))
@@ -542,7 +583,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             if result.is_ok() {
                 tracing::info!(uid = caller.peer.creds.uid, "locked: master key zeroized");
             }
-            Work::Done(result.map(|()| Reply::Locked))
+            Plain::Done(result.map(|()| Reply::Locked))
         }
         Operation::Init { slot } => custody(shared, caller, "init", move |v| {
             v.init(&slot).map(|slot| Reply::Initialized { slot })
@@ -550,7 +591,8 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
         Operation::Unlock { secret } => {
             let uid = caller.peer.creds.uid;
             custody(shared, caller, "unlock", move |v| {
-                v.unlock(uid, &secret).map(|slot| Reply::Unlocked { slot })
+                v.unlock(uid, &secret)
+                    .map(|(slot, warnings)| Reply::Unlocked { slot, warnings })
             })
         }
         Operation::SlotList => custody(shared, caller, "slot-list", |v| v.slots().map(Reply::Slots)),
@@ -647,60 +689,18 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             v.rewrap(&name, version, &sealed, &aad, to_version)
                 .map(|(version, sealed)| Reply::Encrypted { version, sealed })
         }),
-        Operation::Batch { items } => {
-            if items.len() > MAX_BATCH_ITEMS {
-                return Work::Done(Err(WireError::new(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "a batch holds at most {MAX_BATCH_ITEMS} items; this one has {}",
-                        items.len()
-                    ),
-                )));
-            }
-            // Each item is authorized on its own; a refused item is refused in
-            // its slot and the others still run.
-            let items: Vec<(Operation, Result<(), WireError>)> = items
-                .into_iter()
-                .map(|item| {
-                    let op = Operation::from(item);
-                    let allowed = ask_of(&op).map_or(Ok(()), |ask| authorize(shared, caller, ask, None));
-                    (op, allowed)
-                })
-                .collect();
-            // On the pool: a batch may hold many slow items, and one hand-off
-            // is cheap spread over all of them.
-            let (audit, who) = (shared.audit.clone(), Arc::clone(&caller.who));
-            custody(shared, caller, "batch", move |v| {
-                let mut security = false;
-                let results = items
-                    .into_iter()
-                    .map(|(op, allowed)| {
-                        let spec = audit_spec(&op);
-                        let result = allowed.and_then(|()| key_use_op(v, op).map_err(|e| e.to_wire()));
-                        if let (Some(audit), Some(spec)) = (&audit, spec) {
-                            let (event, sec) = spec.event(Arc::clone(&who), &result, v);
-                            security |= sec;
-                            audit.record(event);
-                        }
-                        result
-                    })
-                    .collect();
-                if let (true, Some(audit)) = (security, &audit) {
-                    if let Err(e) = audit.flush() {
-                        tracing::error!(error = %e, "cannot write the audit log");
-                    }
-                }
-                Ok(Reply::Batch(results))
-            })
-        }
+        Operation::Batch { .. } => Plain::Done(Err(WireError::new(
+            ErrorCode::Internal,
+            "a batch is routed before it reaches here",
+        ))),
         Operation::DebugClock { advance_secs } => {
             if !shared.dev {
-                return Work::Done(Err(WireError::new(
+                return Plain::Done(Err(WireError::new(
                     ErrorCode::NotAvailable,
                     "debug-clock is served only by hsmd --dev",
                 )));
             }
-            Work::Done(Ok(Reply::Clock {
+            Plain::Done(Ok(Reply::Clock {
                 now_unix: shared.vault.advance_clock(advance_secs),
             }))
         }
@@ -720,14 +720,14 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
         Operation::TransferRead { transfer, offset, len } => {
             // Room for the reply's framing within the frame limit.
             let max = (shared.limits.max_frame_bytes as usize).saturating_sub(1024);
-            Work::Done(
+            Plain::Done(
                 shared
                     .transfers
                     .read(caller.peer.creds.uid, transfer, offset, len, max)
                     .map(|bytes| Reply::TransferData { bytes }),
             )
         }
-        Operation::TransferBegin { size } => Work::Done(
+        Operation::TransferBegin { size } => Plain::Done(
             shared
                 .transfers
                 .begin(caller.peer.creds.uid, size, MAX_ARCHIVE)
@@ -737,7 +737,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             transfer,
             offset,
             bytes,
-        } => Work::Done(
+        } => Plain::Done(
             shared
                 .transfers
                 .write(caller.peer.creds.uid, transfer, offset, &bytes)
@@ -747,7 +747,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             let uid = caller.peer.creds.uid;
             let archive = match shared.transfers.take(uid, transfer) {
                 Ok(a) => a,
-                Err(e) => return Work::Done(Err(e)),
+                Err(e) => return Plain::Done(Err(e)),
             };
             custody(shared, caller, "backup-verify", move |v| {
                 v.verify_backup(uid, &archive, secret.as_ref())
@@ -762,7 +762,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             let uid = caller.peer.creds.uid;
             let archive = match shared.transfers.take(uid, transfer) {
                 Ok(a) => a,
-                Err(e) => return Work::Done(Err(e)),
+                Err(e) => return Plain::Done(Err(e)),
             };
             custody(shared, caller, "backup-restore", move |v| {
                 v.restore_backup(uid, &archive, &secret, force).map(Reply::Restored)
@@ -778,11 +778,60 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             let hot = hot_hint(&op);
             key_use(shared, caller, what, hot, move |v| key_use_op(v, op))
         }
-        Operation::Hello(_) => Work::Done(Err(WireError::new(
+        Operation::Hello(_) => Plain::Done(Err(WireError::new(
             ErrorCode::ProtocolViolation,
             "hello may only be the first request on a connection",
         ))),
     }
+}
+
+/// A batch: each item authorized on its own (a refused item is refused in
+/// its slot and the others still run) and audited on its own; the answer
+/// waits for every item's line. On the pool: a batch may hold many slow
+/// items, and one hand-off is cheap spread over all of them.
+fn batch(items: Vec<protocol::BatchItem>, caller: &Caller, shared: &Arc<Shared>, audit: Option<Arc<Auditor>>) -> Work {
+    if items.len() > MAX_BATCH_ITEMS {
+        return Work::Done(
+            Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "a batch holds at most {MAX_BATCH_ITEMS} items; this one has {}",
+                    items.len()
+                ),
+            ))
+            .into(),
+        );
+    }
+    let items: Vec<(Operation, Result<(), WireError>)> = items
+        .into_iter()
+        .map(|item| {
+            let op = Operation::from(item);
+            let allowed = ask_of(&op).map_or(Ok(()), |ask| authorize(shared, caller, ask, None));
+            (op, allowed)
+        })
+        .collect();
+    let (who, vault) = (Arc::clone(&caller.who), Arc::clone(&shared.vault));
+    Work::Blocking(Box::new(move || {
+        let mut ticket: Option<Ticket> = None;
+        let results = items
+            .into_iter()
+            .map(|(op, allowed)| {
+                let spec = audit_spec(&op);
+                let result = allowed.and_then(|()| key_use_op(&vault, op).map_err(|e| e.to_wire()));
+                if let (Some(audit), Some(spec)) = (&audit, spec) {
+                    let (event, class) = spec.event(Arc::clone(&who), &result, &vault);
+                    if let Some(t) = audit.submit(event, class, true) {
+                        ticket = Some(ticket.map_or(t, |held| held.join(t)));
+                    }
+                }
+                result
+            })
+            .collect();
+        Answer {
+            result: Ok(Reply::Batch(results)),
+            audit: ticket,
+        }
+    }))
 }
 
 /// Performs one file store operation (on the blocking pool).
@@ -937,15 +986,15 @@ fn key_use<F>(
     what: &'static str,
     hot: (String, Option<u32>, usize),
     f: F,
-) -> Work
+) -> Plain
 where
     F: FnOnce(&Vault) -> Result<Reply, VaultError> + Send + 'static,
 {
     let (name, version, payload) = hot;
     if payload <= INLINE_MAX_PAYLOAD && shared.vault.is_hot(&name, version) {
         return match custody(shared, caller, what, f) {
-            Work::Blocking(job) => Work::Done(job()),
-            done @ Work::Done(_) => done,
+            Plain::Blocking(job) => Plain::Done(job()),
+            done @ Plain::Done(_) => done,
         };
     }
     custody(shared, caller, what, f)
@@ -953,13 +1002,13 @@ where
 
 /// A custody operation on the blocking pool (SQLite, Argon2), logged with who
 /// asked and how it went.
-fn custody<F>(shared: &Arc<Shared>, caller: &Caller, what: &'static str, f: F) -> Work
+fn custody<F>(shared: &Arc<Shared>, caller: &Caller, what: &'static str, f: F) -> Plain
 where
     F: FnOnce(&Vault) -> Result<Reply, VaultError> + Send + 'static,
 {
     let vault = Arc::clone(&shared.vault);
     let uid = caller.peer.creds.uid;
-    Work::Blocking(Box::new(move || match f(&vault) {
+    Plain::Blocking(Box::new(move || match f(&vault) {
         Ok(reply) => {
             // State changes are logged; reads and key use are too frequent to.
             if matches!(
@@ -1010,6 +1059,19 @@ fn status(shared: &Shared) -> StatusInfo {
         pid: std::process::id(),
         memory_locked: shared.memory_locked,
         keystore_writes: shared.vault.keystore_writes(),
+        audit: match &shared.audit {
+            None => protocol::AuditStatus::default(),
+            Some(a) => {
+                let h = a.health();
+                protocol::AuditStatus {
+                    enabled: true,
+                    healthy: h.healthy,
+                    detail: h.detail,
+                    pending_events: h.pending as u64,
+                    last_seq: h.last_seq,
+                }
+            }
+        },
     }
 }
 

@@ -1,0 +1,88 @@
+//! `audit show`: the lines that pass a filter.
+
+use std::{
+    collections::VecDeque,
+    fs::File,
+    io::BufReader,
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use super::line::{self, Piece};
+
+/// Filters for `audit show`.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only events at or after this time.
+    pub since: Option<SystemTime>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only this user (name or uid).
+    pub user: Option<String>,
+    /// Only events about this key.
+    pub key: Option<String>,
+    /// Only `success` or `failure`.
+    pub result: Option<String>,
+    /// At most this many (the newest).
+    pub limit: usize,
+}
+
+impl Filter {
+    fn passes(&self, v: &serde_json::Value, since: Option<Duration>, key: Option<&str>) -> bool {
+        if let Some(since) = since {
+            let t = v["timestamp"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+            if t.is_none_or(|t| t < since) {
+                return false;
+            }
+        }
+        if self
+            .event_type
+            .as_deref()
+            .is_some_and(|e| !v["event_type"].as_str().is_some_and(|x| x.eq_ignore_ascii_case(e)))
+        {
+            return false;
+        }
+        if let Some(u) = &self.user {
+            let uid_match = v["uid"].as_u64().is_some_and(|x| x.to_string() == *u);
+            if !uid_match && v["user"].as_str() != Some(u.as_str()) {
+                return false;
+            }
+        }
+        if key.is_some_and(|k| v["resource"].as_str() != Some(k)) {
+            return false;
+        }
+        self.result.as_deref().is_none_or(|r| v["result"].as_str() == Some(r))
+    }
+}
+
+/// The lines of `files` that pass `filter`, oldest first.
+#[must_use]
+pub fn show(files: &[PathBuf], filter: &Filter) -> Vec<String> {
+    let since = filter
+        .since
+        .map(|t| t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO));
+    let key = filter.key.as_ref().map(|k| format!("key:{k}"));
+    let mut out = VecDeque::new();
+    let mut buf = Vec::new();
+    for path in files {
+        let Ok(f) = File::open(path) else { continue };
+        let mut r = BufReader::new(f);
+        while let Ok(Piece::Whole { bytes, .. }) = line::read_line(&mut r, &mut buf) {
+            let Some(bytes) = bytes else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            if !filter.passes(&v, since, key.as_deref()) {
+                continue;
+            }
+            out.push_back(String::from_utf8_lossy(&bytes).into_owned());
+            if out.len() > filter.limit.max(1) {
+                out.pop_front();
+            }
+        }
+    }
+    out.into()
+}

@@ -186,7 +186,8 @@ impl Suspension {
 
 /// The current file and the chain, as the writer keeps them.
 struct FileState {
-    file: Option<File>,
+    /// Shared so the writer can sync it without holding the lock.
+    file: Option<Arc<File>>,
     /// (device, inode) of `file`, to notice it being removed or replaced.
     ident: Option<(u64, u64)>,
     /// Bytes of whole lines in `file`.
@@ -220,6 +221,8 @@ struct Inner {
     file: Mutex<FileState>,
     progress: Mutex<Progress>,
     settled: Condvar,
+    /// Threads waiting on `settled` (a notification with none costs a syscall).
+    waiting: AtomicUsize,
     progress_tx: watch::Sender<Progress>,
     suspended: AtomicBool,
     suspension: Mutex<Option<Suspension>>,
@@ -301,7 +304,7 @@ impl Auditor {
         file.sync_data()?;
         let mut state = FileState {
             ident: Some(ident(&meta)),
-            file: Some(file),
+            file: Some(Arc::new(file)),
             size: recovered.size,
             reserved_to: recovered.size,
             can_reserve: true,
@@ -331,6 +334,7 @@ impl Auditor {
             file: Mutex::new(state),
             progress: Mutex::new(Progress::default()),
             settled: Condvar::new(),
+            waiting: AtomicUsize::new(0),
             progress_tx,
             suspended: AtomicBool::new(false),
             suspension: Mutex::new(None),
@@ -494,12 +498,14 @@ impl Auditor {
                 Settled::Done => return Ok(()),
                 Settled::Failed(why) => return Err(withheld(&why)),
                 Settled::Pending => {
+                    self.inner.waiting.fetch_add(1, Ordering::SeqCst);
                     p = self
                         .inner
                         .settled
                         .wait_timeout(p, Duration::from_secs(1))
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .0;
+                    self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
                 }
             }
         }
@@ -628,6 +634,20 @@ pub fn withheld(why: &str) -> WireError {
     )
 }
 
+/// A sync and anchoring the writer thread does without the file's lock.
+struct SyncPlan {
+    file: Arc<File>,
+    /// Whether there are written lines to sync (else only anchors to record).
+    sync: bool,
+    /// Every event up to this one is in what is synced…
+    idx: u64,
+    /// …which is the file up to here…
+    size: u64,
+    /// …ending with this line.
+    head: Head,
+    start: Start,
+}
+
 /// Who writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -690,7 +710,11 @@ impl Inner {
             change(&mut p);
             p.clone()
         };
-        self.settled.notify_all();
+        // A waiter counts itself under the progress lock before it waits, so
+        // one that saw the old progress is counted here.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.settled.notify_all();
+        }
         self.progress_tx.send_replace(snapshot);
     }
 
@@ -772,9 +796,17 @@ impl Inner {
                     .then(|| f.last_sync + self.settings.flush_interval)
             };
             let (batch, closing, sync) = self.next_batch(retry_at, sync_at);
-            let outcome = {
+            let (outcome, plan) = {
                 let mut f = lock(&self.file);
                 self.cycle(&mut f, batch, Mode::Writer { closing, sync })
+            };
+            // Syncing and anchoring take milliseconds: requests' own threads
+            // go on writing meanwhile.
+            // What was written is synced even while the disk is short of
+            // space (it went into the reserve).
+            let outcome = match plan.map(|plan| self.sync(plan)) {
+                Some(synced) if matches!(outcome, Cycle::Ok) => synced,
+                _ => outcome,
             };
             match outcome {
                 Cycle::Ok => {
@@ -855,7 +887,7 @@ impl Inner {
         if batch.is_empty() {
             return true;
         }
-        match self.cycle(&mut f, batch, Mode::Inline) {
+        match self.cycle(&mut f, batch, Mode::Inline).0 {
             Cycle::Ok => true,
             Cycle::Failed(why) => {
                 drop(f);
@@ -927,7 +959,7 @@ impl Inner {
         f.size = meta.len();
         f.reserved_to = f.size;
         f.ident = Some(ident(&meta));
-        f.file = Some(file);
+        f.file = Some(Arc::new(file));
         sync_dir(path);
         Ok(())
     }
@@ -984,13 +1016,13 @@ impl Inner {
 
     /// One round: write `batch`, then (on the writer thread) sync and anchor
     /// as due, rotate as due.
-    fn cycle(&self, f: &mut FileState, mut batch: Vec<Queued>, mode: Mode) -> Cycle {
+    fn cycle(&self, f: &mut FileState, mut batch: Vec<Queued>, mode: Mode) -> (Cycle, Option<SyncPlan>) {
         let path = &self.settings.path;
         let closing = matches!(mode, Mode::Writer { closing: true, .. });
         let asked = matches!(mode, Mode::Writer { sync: true, .. });
         if let Err(why) = self.ensure_file(f) {
             f.checked = None;
-            return self.fail(batch, why);
+            return (self.fail(batch, why), None);
         }
         if f.lost {
             f.lost = false;
@@ -1038,7 +1070,7 @@ impl Inner {
             };
             if let Err(e) = written {
                 f.reserved_to = f.size;
-                return self.fail(batch, Arc::from(describe(&e, "writing", path)));
+                return (self.fail(batch, Arc::from(describe(&e, "writing", path))), None);
             }
             f.size += text.len() as u64;
             f.head = head;
@@ -1049,57 +1081,74 @@ impl Inner {
         }
         // A file due for rotation is synced (and anchored) now, so it can go.
         let rotate = f.size > self.settings.max_file_bytes;
+        let space = match space {
+            Ok(()) => Cycle::Ok,
+            Err(why) => Cycle::Failed(why),
+        };
         if mode == Mode::Inline {
             if security || rotate {
                 lock(&self.queue).sync_wanted = true;
                 self.wake.notify_one();
             }
-            return match space {
-                Ok(()) => Cycle::Ok,
-                Err(why) => Cycle::Failed(why),
-            };
+            return (space, None);
         }
         let due = f.last_sync.elapsed() >= self.settings.flush_interval || rotate;
-        if f.unsynced && (security || due) {
-            if let Some(file) = &f.file {
-                if let Err(e) = file.sync_data() {
-                    let why: Arc<str> = Arc::from(describe(&e, "syncing", path));
-                    let failed = f.written_idx;
-                    self.publish(|p| {
-                        p.failed = p.failed.max(failed);
-                        p.reason = Some(Arc::clone(&why));
-                    });
-                    return Cycle::Failed(why);
-                }
+        let sync = f.unsynced && (security || due);
+        let store = f.stored.as_ref() != Some(&(f.head.clone(), f.start.clone()));
+        let plan = match &f.file {
+            Some(file) if sync || (store && !f.unsynced) || rotate => Some(SyncPlan {
+                file: Arc::clone(file),
+                sync: f.unsynced,
+                idx: f.written_idx,
+                size: f.size,
+                head: f.head.clone(),
+                start: f.start.clone(),
+            }),
+            _ => None,
+        };
+        (space, plan)
+    }
+
+    /// Syncs what `plan` captured (outside the file's lock), records the
+    /// anchors, then rotates if the file is due. Returns how it went.
+    fn sync(&self, plan: SyncPlan) -> Cycle {
+        let path = &self.settings.path;
+        if plan.sync {
+            if let Err(e) = plan.file.sync_data() {
+                let why: Arc<str> = Arc::from(describe(&e, "syncing", path));
+                self.publish(|p| {
+                    p.failed = p.failed.max(plan.idx);
+                    p.reason = Some(Arc::clone(&why));
+                });
+                return Cycle::Failed(why);
             }
-            f.unsynced = false;
+            self.publish(|p| p.synced = p.synced.max(plan.idx));
+        }
+        let mut f = lock(&self.file);
+        let same_file = f.file.as_ref().is_some_and(|file| Arc::ptr_eq(file, &plan.file));
+        if plan.sync && same_file {
             f.last_sync = Instant::now();
-            f.synced_idx = f.written_idx;
-            let synced = f.synced_idx;
-            self.publish(|p| p.synced = p.synced.max(synced));
+            f.synced_idx = f.synced_idx.max(plan.idx);
+            // Lines written by requests' threads meanwhile wait for the next sync.
+            f.unsynced = f.size > plan.size;
         }
-        if !f.unsynced {
-            let current = (f.head.clone(), f.start.clone());
-            if f.stored.as_ref() != Some(&current) {
-                if let Err(e) = self.anchors.store(&current.0, &current.1) {
-                    return Cycle::Failed(Arc::from(format!(
-                        "the keystore cannot record the audit log's head: {e}"
-                    )));
-                }
-                f.stored = Some(current);
+        let anchored = (plan.head.clone(), plan.start.clone());
+        if f.stored.as_ref() != Some(&anchored) && (plan.sync || !f.unsynced) {
+            if let Err(e) = self.anchors.store(&plan.head, &plan.start) {
+                return Cycle::Failed(Arc::from(format!(
+                    "the keystore cannot record the audit log's head: {e}"
+                )));
             }
-            if f.size > self.settings.max_file_bytes {
-                if let Err(why) = self.rotate(f) {
-                    // Not a reason to refuse anything: the file grows until
-                    // rotation succeeds.
-                    tracing::error!(reason = %why, "cannot rotate the audit log; it keeps growing");
-                }
+            f.stored = Some(anchored);
+        }
+        if f.size > self.settings.max_file_bytes {
+            if let Err(why) = self.rotate(&mut f) {
+                // Not a reason to refuse anything: the file grows until
+                // rotation succeeds.
+                tracing::error!(reason = %why, "cannot rotate the audit log; it keeps growing");
             }
         }
-        match space {
-            Ok(()) => Cycle::Ok,
-            Err(why) => Cycle::Failed(why),
-        }
+        Cycle::Ok
     }
 
     #[cfg(not(test))]
@@ -1125,8 +1174,22 @@ impl Inner {
         let path = &self.settings.path;
         let keep = self.settings.keep_files.max(1);
         if let Some(file) = &f.file {
-            // Give back the reserve before the file stops growing.
+            // Every line of a file is synced before it stops being the
+            // current one, and the reserve given back.
             let _ = file.set_len(f.size);
+            file.sync_data().map_err(|e| describe(&e, "syncing", path))?;
+            f.unsynced = false;
+            f.last_sync = Instant::now();
+            f.synced_idx = f.written_idx;
+            let synced = f.synced_idx;
+            self.publish(|p| p.synced = p.synced.max(synced));
+            let current = (f.head.clone(), f.start.clone());
+            if f.stored.as_ref() != Some(&current) {
+                self.anchors
+                    .store(&current.0, &current.1)
+                    .map_err(|e| format!("the keystore cannot record the audit log's head: {e}"))?;
+                f.stored = Some(current);
+            }
         }
         let dropping: Vec<PathBuf> = (keep..=MAX_ROTATED.max(keep))
             .map(|i| self.settings.rotated(i))
@@ -1168,7 +1231,7 @@ impl Inner {
         sync_dir(path);
         let meta = file.metadata().map_err(|e| e.to_string())?;
         f.ident = Some(ident(&meta));
-        f.file = Some(file);
+        f.file = Some(Arc::new(file));
         f.size = 0;
         f.reserved_to = 0;
         tracing::info!(path = %path.display(), seq = f.head.seq, "audit log rotated");

@@ -25,7 +25,7 @@ const RULE_METRICS: [&str; 8] = [
     "hsmd_rate_limited_total",
     "hsmd_unlocked",
     "hsmd_initialized",
-    "hsmd_audit_buffer_events",
+    "hsmd_audit_up",
     "hsmd_keys",
 ];
 

@@ -319,7 +319,7 @@ fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(),
         }
         (None, _, None) => return Err(local("file info was refused; give -o FILE".into())),
     };
-    let mut out = sealing::Output::create(&target)?;
+    let mut out = crate::output::Output::create(&target)?;
     let bar = Progress::new("retrieving", info.as_ref().map(|i| i.size), a.quiet);
     let result = match a.via {
         Via::Fd => retrieve_fd(client, a.token, &out, &bar),
@@ -346,7 +346,12 @@ fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(),
     Ok(())
 }
 
-fn retrieve_fd(client: &mut Client, token: &str, out: &sealing::Output, bar: &Progress) -> Result<FileInfo, Failure> {
+fn retrieve_fd(
+    client: &mut Client,
+    token: &str,
+    out: &crate::output::Output,
+    bar: &Progress,
+) -> Result<FileInfo, Failure> {
     let (fd, file) = out.descriptor();
     let op = Operation::FileRetrieveFd {
         token: token.to_owned(),
@@ -367,7 +372,7 @@ fn retrieve_fd(client: &mut Client, token: &str, out: &sealing::Output, bar: &Pr
 fn retrieve_frames(
     client: &mut Client,
     token: &str,
-    out: &mut sealing::Output,
+    out: &mut crate::output::Output,
     bar: &Progress,
 ) -> Result<FileInfo, Failure> {
     let (session, info) = match client.call(Operation::FileRetrieveBegin {

@@ -8,7 +8,7 @@
 
 use std::{
     fs::File,
-    io::{self, Read, Write},
+    io::{self, Read},
     path::Path,
 };
 
@@ -16,7 +16,7 @@ use base64::{engine::general_purpose::STANDARD, Engine as _};
 use protocol::{Client, KeyInfo, KeyType, Operation, Reply};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
-use crate::Failure;
+use crate::{output::Output, Failure};
 
 /// The first line of hsmctl's signature files.
 const SIG_MAGIC: &str = "hsmd-signature v1";
@@ -75,15 +75,11 @@ pub fn digest_file(t: KeyType, input: &Path) -> Result<Vec<u8>, Failure> {
     })
 }
 
-/// Writes bytes to a file (`-` is stdout).
+/// Writes bytes to a file (`-` is stdout), by the rules of [`Output`].
 pub fn write_output(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-    let result = if path == Path::new("-") {
-        let mut out = io::stdout().lock();
-        out.write_all(bytes).and_then(|()| out.flush())
-    } else {
-        std::fs::write(path, bytes)
-    };
-    result.map_err(|e| Failure::Local(format!("cannot write {}: {e}", path.display())))
+    let mut out = Output::create(path)?;
+    out.write(bytes)?;
+    out.finish()
 }
 
 /// The text of a signature file.

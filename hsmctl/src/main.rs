@@ -21,6 +21,7 @@ mod file_cmd;
 mod hardware;
 mod key_cmd;
 mod keys;
+mod output;
 mod progress;
 mod sealing;
 mod secrets;

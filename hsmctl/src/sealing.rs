@@ -16,13 +16,13 @@
 
 use std::{
     fs::File,
-    io::{self, BufReader, Read, Write},
-    path::{Path, PathBuf},
+    io::{self, BufReader, Read},
+    path::Path,
 };
 
 use protocol::{Client, ClientError, Operation, Reply};
 
-use crate::Failure;
+use crate::{output::Output, Failure};
 
 const MAGIC: &[u8; 8] = b"HSMDENC1";
 /// Plaintext per chunk: well under the default 1 MiB frame.
@@ -53,98 +53,6 @@ pub(crate) fn open_input(path: &Path) -> Result<Box<dyn Read>, Failure> {
             File::open(path).map_err(|e| local(format!("cannot open {}: {e}", path.display())))?,
         ))
     })
-}
-
-/// Output that appears under its name only when complete: a temp file renamed
-/// into place. Stdout (`-`) and targets that already exist and are not regular
-/// files (`/dev/null`, a FIFO, a terminal) are written directly: renaming over
-/// them would replace the device or pipe with a file.
-pub(crate) struct Output {
-    target: PathBuf,
-    sink: Sink,
-}
-
-enum Sink {
-    Temp {
-        temp: tempfile::NamedTempFile,
-        /// Where it is renamed to: the target, or the file a symlink names.
-        dest: PathBuf,
-    },
-    Direct(File),
-    Stdout(io::StdoutLock<'static>),
-}
-
-impl Output {
-    pub(crate) fn create(path: &Path) -> Result<Self, Failure> {
-        if path == Path::new("-") {
-            return Ok(Self {
-                target: path.to_owned(),
-                sink: Sink::Stdout(io::stdout().lock()),
-            });
-        }
-        let cannot = |e: io::Error| local(format!("cannot write {}: {e}", path.display()));
-        // Follows symlinks: `-o link` writes what the link names, as `> link` would.
-        let sink = match std::fs::metadata(path) {
-            Ok(m) if !m.is_file() && !m.is_dir() => {
-                Sink::Direct(std::fs::OpenOptions::new().write(true).open(path).map_err(cannot)?)
-            }
-            Ok(m) if m.is_dir() => {
-                return Err(local(format!("{} is a directory", path.display())));
-            }
-            found => {
-                let dest = if found.is_ok() {
-                    std::fs::canonicalize(path).map_err(cannot)?
-                } else {
-                    path.to_owned()
-                };
-                let dir = dest
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."))
-                    .to_owned();
-                let temp = tempfile::NamedTempFile::new_in(&dir)
-                    .map_err(|e| local(format!("cannot create a file in {}: {e}", dir.display())))?;
-                Sink::Temp { temp, dest }
-            }
-        };
-        Ok(Self {
-            target: path.to_owned(),
-            sink,
-        })
-    }
-
-    /// The descriptor the output goes to, to pass to hsmd, and the file
-    /// behind it when it has an offset worth following.
-    pub(crate) fn descriptor(&self) -> (std::os::fd::BorrowedFd<'_>, Option<&File>) {
-        use std::os::fd::AsFd as _;
-        match &self.sink {
-            Sink::Temp { temp, .. } => (temp.as_file().as_fd(), Some(temp.as_file())),
-            Sink::Direct(f) => (f.as_fd(), None),
-            Sink::Stdout(s) => (s.as_fd(), None),
-        }
-    }
-
-    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<(), Failure> {
-        let r = match &mut self.sink {
-            Sink::Temp { temp, .. } => temp.write_all(bytes),
-            Sink::Direct(f) => f.write_all(bytes),
-            Sink::Stdout(s) => s.write_all(bytes),
-        };
-        r.map_err(|e| local(format!("cannot write {}: {e}", self.target.display())))
-    }
-
-    pub(crate) fn finish(self) -> Result<(), Failure> {
-        let target = self.target;
-        let cannot = |e: io::Error| local(format!("cannot write {}: {e}", target.display()));
-        match self.sink {
-            Sink::Stdout(mut s) => s.flush().map_err(cannot),
-            Sink::Direct(_) => Ok(()),
-            Sink::Temp { temp, dest } => {
-                temp.as_file().sync_all().map_err(cannot)?;
-                temp.persist(&dest).map(drop).map_err(|e| cannot(e.error))
-            }
-        }
-    }
 }
 
 /// Reads up to `buf.len()` bytes, stopping early only at end of input.

@@ -55,6 +55,14 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// Another hsmd holds the state directory's lock.
+    #[error("another hsmd ({}) is using the state directory {}; stop it first, or give this one another state_dir", match pid { Some(p) => format!("pid {p}"), None => "pid unknown".to_owned() }, path.display())]
+    StateDirInUse {
+        /// The state directory.
+        path: PathBuf,
+        /// The pid the holder wrote into the lock file, if it could be read.
+        pid: Option<u32>,
+    },
     /// The keystore could not be opened or initialized.
     #[error(transparent)]
     Keystore(#[from] VaultError),
@@ -259,7 +267,9 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         None => tracing::info!("all memory locked (mlockall); core dumps off; not dumpable"),
         Some(why) => tracing::warn!("memory is NOT locked, keys could reach swap: {why}"),
     }
-    prepare_state_dir(&config.state_dir)?;
+    // Held until exit: a second hsmd on this directory refuses to start,
+    // before it opens (and would repair) the keystore or the audit log.
+    let _state_lock = prepare_state_dir(&config.state_dir)?;
     let backends = crate::backend::from_config(&config.backends).map_err(DaemonError::Backend)?;
     tracing::info!(backends = %backends.names().join(", "), default = backends.default_name(), "key backends ready");
     let vault = Arc::new(Vault::open(&config.state_dir, config.unlock.argon2_cost())?.with_backends(backends));
@@ -363,6 +373,7 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         audit.close();
     }
     drop(scratch);
+    logging::flush(Duration::from_secs(1));
     result
 }
 
@@ -548,7 +559,12 @@ async fn serve_until_signalled(
     Ok(())
 }
 
-fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
+/// The state directory's lock file (`flock`, released by the kernel when
+/// hsmd exits however it exits); it holds the holder's pid.
+const STATE_LOCK_FILE: &str = "hsmd.lock";
+
+fn prepare_state_dir(dir: &Path) -> Result<fs::File, DaemonError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
     let err = |source| DaemonError::StateDir {
         path: dir.to_owned(),
         source,
@@ -562,7 +578,39 @@ fn prepare_state_dir(dir: &Path) -> Result<(), DaemonError> {
     } else if !dir.is_dir() {
         return Err(err(std::io::Error::other("exists and is not a directory")));
     }
-    Ok(())
+    let path = dir.join(STATE_LOCK_FILE);
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|source| DaemonError::StateDir {
+            path: path.clone(),
+            source,
+        })?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = (&lock).take(32).read_to_string(&mut text);
+            return Err(DaemonError::StateDirInUse {
+                path: dir.to_owned(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        Err(fs::TryLockError::Error(source)) => return Err(DaemonError::StateDir { path, source }),
+    }
+    let pid = format!("{}\n", std::process::id());
+    lock.set_len(0)
+        .and_then(|()| std::io::Write::write_all(&mut &lock, pid.as_bytes()))
+        .map_err(|source| DaemonError::StateDir {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(lock)
 }
 
 /// `--dev` comes up initialized and unlocked: a fresh master key behind one
@@ -645,7 +693,7 @@ fn announce_dev(socket: &str, state_dir: &Path, keyfile: Option<&Path>) {
         format!("{name} and root, nobody else")
     };
     let bar = "=".repeat(72);
-    eprintln!(
+    logging::print(&format!(
         "{bar}\n  hsmd --dev: A THROW-AWAY INSTANCE. NOT FOR PRODUCTION.\n  \
          State lives in {} and is deleted when hsmd exits.\n  \
          It serves {who}.\n  \
@@ -653,7 +701,7 @@ fn announce_dev(socket: &str, state_dir: &Path, keyfile: Option<&Path>) {
          hsmctl unlock --keyfile {}\n{bar}",
         state_dir.display(),
         keyfile.map_or_else(|| "<the key file you used>".to_owned(), |p| p.display().to_string()),
-    );
+    ));
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "export HSMD_SOCKET={socket}");
     let _ = out.flush();

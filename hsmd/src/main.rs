@@ -1,4 +1,4 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, ValueEnum};
 use hsmd::{
@@ -72,8 +72,10 @@ fn main() -> ExitCode {
     };
     let result = if cli.check_config {
         daemon::check_config(&opts).map(|lines| {
+            let mut out = std::io::stdout().lock();
             for line in lines {
-                println!("{line}");
+                // A closed stdout (`| head`) is not an error of the config.
+                let _ = writeln!(out, "{line}");
             }
         })
     } else {
@@ -82,8 +84,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // Each message already names its cause; printing the chain would repeat it.
-            eprintln!("hsmd: {e}");
+            // Each message already names its cause; printing the chain would
+            // repeat it. Through the log's queue: a broken stderr must not
+            // turn this exit into a panic.
+            hsmd::logging::print(&format!("hsmd: {e}"));
+            hsmd::logging::flush(std::time::Duration::from_secs(1));
             ExitCode::FAILURE
         }
     }

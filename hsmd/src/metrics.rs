@@ -72,6 +72,7 @@ pub struct Metrics {
     audit_up: Gauge,
     audit_refused: Counter,
     audit_dropped: Counter,
+    log_dropped: Family<Reason, Counter>,
     connections: Gauge,
 }
 
@@ -164,6 +165,12 @@ impl Metrics {
             "Events of requests that changed nothing, counted instead of written while the audit log was full or failing",
             audit_dropped.clone(),
         );
+        let log_dropped = Family::<Reason, Counter>::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines not written to stderr: queue_full (stderr not keeping up) or write_failed (stderr broken)",
+            log_dropped.clone(),
+        );
         let connections = Gauge::default();
         registry.register("connections", "Open client connections", connections.clone());
         Self {
@@ -180,6 +187,7 @@ impl Metrics {
             audit_up,
             audit_refused,
             audit_dropped,
+            log_dropped,
             connections,
         }
     }
@@ -227,6 +235,11 @@ impl Metrics {
                 .inc_by(a.refused_total().saturating_sub(self.audit_refused.get()));
             self.audit_dropped
                 .inc_by(a.dropped_total().saturating_sub(self.audit_dropped.get()));
+        }
+        let (full, failed) = crate::logging::dropped_lines();
+        for (reason, total) in [("queue_full", full), ("write_failed", failed)] {
+            let counter = self.log_dropped.get_or_create(&Reason { reason });
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
         self.connections.set(i64::from(shared.counters.connections()));
         for b in shared.vault.backends().statuses() {

@@ -297,10 +297,26 @@ impl Prepared {
     pub fn spawn(self, cmd: &mut Command, socket: &Path) -> Daemon {
         let log_path = self.dir.path().join("hsmd.log");
         let log = fs::File::create(&log_path).expect("create log");
+        self.spawn_with_stderr(cmd, socket, log.into())
+    }
+
+    /// Starts `hsmd` here with its stderr going to `stderr` (then
+    /// [`Daemon::log`] reads nothing) and waits until it answers.
+    pub fn start_with_stderr(self, stderr: Stdio) -> Daemon {
+        let mut cmd = self.command();
+        let socket = self.socket.clone();
+        self.spawn_with_stderr(&mut cmd, &socket, stderr)
+    }
+
+    fn spawn_with_stderr(self, cmd: &mut Command, socket: &Path, stderr: Stdio) -> Daemon {
+        let log_path = self.dir.path().join("hsmd.log");
+        if !log_path.exists() {
+            fs::File::create(&log_path).expect("create log");
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(stderr)
             .spawn()
             .expect("spawn hsmd");
         let mut daemon = Daemon {

@@ -598,7 +598,8 @@ fn lines_removed_from_the_front_a_removed_rotated_file_and_a_removed_log_are_nam
     ok(&d.hsmctl(&["key", "create", "k", "--type", "hmac-sha256"]));
     let data = d.dir().join("d");
     fs::write(&data, "x").expect("write");
-    for i in 0..25 {
+    // Enough lines for at least three rotated files whatever the paths' lengths.
+    for i in 0..60 {
         ok(&d.hsmctl(&["mac", "k", "-i", p(&data), "-o", p(&d.dir().join(format!("t{i}")))]));
     }
     stop(&mut d);

@@ -159,6 +159,15 @@ pub struct FilesConfig {
     /// takes bytes before it gives up.
     #[serde(with = "humantime_serde")]
     pub io_timeout: Duration,
+    /// Transfers through a passed descriptor running at once; each has its
+    /// own threads, apart from those that serve key operations.
+    pub max_transfers: u32,
+    /// … of which one uid may run; more get `busy`.
+    pub max_transfers_per_uid: u32,
+    /// Frame-path (`--via frames`) sessions open at once.
+    pub max_sessions: u32,
+    /// … of which one uid may hold; more get `busy`.
+    pub max_sessions_per_uid: u32,
 }
 
 impl Default for FilesConfig {
@@ -166,6 +175,10 @@ impl Default for FilesConfig {
         Self {
             workers: 0,
             io_timeout: Duration::from_secs(60),
+            max_transfers: 16,
+            max_transfers_per_uid: 4,
+            max_sessions: 64,
+            max_sessions_per_uid: 8,
         }
     }
 }
@@ -412,6 +425,11 @@ pub struct Limits {
     pub max_frame_bytes: u32,
     /// Connections served at once; more get `TooManyConnections`.
     pub max_connections: u32,
+    /// Connections one uid may hold; more get `TooManyConnections`, naming this.
+    pub max_connections_per_uid: u32,
+    /// Of `max_connections`, how many only root and callers with the admin
+    /// role may take, so that they can always get in to look and to lock.
+    pub reserved_connections: u32,
     /// Requests one connection may have in flight; further ones wait unread.
     pub max_requests_in_flight: u32,
     /// A frame must arrive whole within this time once its first byte has.
@@ -520,6 +538,8 @@ impl Default for Limits {
         Self {
             max_frame_bytes: protocol::frame::DEFAULT_MAX_FRAME,
             max_connections: 256,
+            max_connections_per_uid: 32,
+            reserved_connections: 8,
             max_requests_in_flight: 32,
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -715,6 +735,9 @@ impl Config {
         }
         for (key, value, lo, hi) in [
             ("limits.max_connections", l.max_connections, 1, 65_536),
+            ("limits.max_connections_per_uid", l.max_connections_per_uid, 1, 65_536),
+            // More than max_connections - 1 keeps max_connections - 1.
+            ("limits.reserved_connections", l.reserved_connections, 0, 65_536),
             ("limits.max_requests_in_flight", l.max_requests_in_flight, 1, 4096),
             ("limits.blocking_threads", l.blocking_threads, 1, 512),
             ("limits.reactor_threads", l.reactor_threads, 1, 64),
@@ -747,6 +770,22 @@ impl Config {
         }
         if self.files.io_timeout < Duration::from_secs(1) {
             return Err(("files.io_timeout", "use at least 1s".to_owned()));
+        }
+        let f = &self.files;
+        for (key, value, lo, hi) in [
+            ("files.max_transfers", f.max_transfers, 1, 1024),
+            (
+                "files.max_transfers_per_uid",
+                f.max_transfers_per_uid,
+                1,
+                f.max_transfers,
+            ),
+            ("files.max_sessions", f.max_sessions, 1, 65_536),
+            ("files.max_sessions_per_uid", f.max_sessions_per_uid, 1, f.max_sessions),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err((key, format!("{value} is out of range; use {lo} to {hi}")));
+            }
         }
         let k = &self.keys;
         if !(Duration::from_secs(7 * 86_400)..=Duration::from_secs(90 * 86_400)).contains(&k.recovery_window) {

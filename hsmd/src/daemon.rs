@@ -337,10 +337,17 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         workers: config.files.workers(),
         io_timeout: config.files.io_timeout,
     };
-    let files = crate::filestore::Files::open(&config.state_dir, tuning).map_err(|e| DaemonError::StateDir {
-        path: config.state_dir.join("files"),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let capacity = crate::filestore::service::Capacity {
+        transfers: config.files.max_transfers as usize,
+        transfers_per_uid: config.files.max_transfers_per_uid as usize,
+        sessions: config.files.max_sessions as usize,
+        sessions_per_uid: config.files.max_sessions_per_uid as usize,
+    };
+    let files =
+        crate::filestore::Files::open(&config.state_dir, tuning, capacity).map_err(|e| DaemonError::StateDir {
+            path: config.state_dir.join("files"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     shared.files = Some(Arc::new(files));
     let shared = Arc::new(shared);
     let config_file = match &eff.source {

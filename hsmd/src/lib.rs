@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod reload;
 pub mod secure_mem;
 pub mod server;
+pub mod shares;
 pub mod systemd;

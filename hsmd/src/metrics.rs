@@ -74,6 +74,7 @@ pub struct Metrics {
     audit_dropped: Counter,
     log_dropped: Family<Reason, Counter>,
     connections: Gauge,
+    connections_refused: Family<Reason, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -173,6 +174,12 @@ impl Metrics {
         );
         let connections = Gauge::default();
         registry.register("connections", "Open client connections", connections.clone());
+        let connections_refused = Family::<Reason, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused for a limit: per_uid (limits.max_connections_per_uid) or total (limits.max_connections)",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             requests,
@@ -189,6 +196,7 @@ impl Metrics {
             audit_dropped,
             log_dropped,
             connections,
+            connections_refused,
         }
     }
 
@@ -208,6 +216,11 @@ impl Metrics {
     /// Counts a refusal by reason.
     pub fn auth_failure(&self, reason: &'static str) {
         self.auth_failures.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a connection refused for a limit (`per_uid` or `total`).
+    pub fn connection_refused(&self, limit: &'static str) {
+        self.connections_refused.get_or_create(&Reason { reason: limit }).inc();
     }
 
     /// Counts a rate-limited request.

@@ -81,6 +81,10 @@ pub enum ErrorCode {
     /// left, a read-only file system, an I/O error); the message names the
     /// cause and the directory. Nothing was changed.
     StorageUnavailable,
+    /// The caller is using its whole share of something hsmd divides among
+    /// users (descriptor transfers, file sessions, connections); the message
+    /// names the limit. Retry once some of the caller's own finish.
+    Busy,
     /// A code this build does not know, with its number.
     Unknown(u32),
 }
@@ -118,6 +122,7 @@ impl ErrorCode {
             Self::BackendFailed => 26,
             Self::AuditUnavailable => 27,
             Self::StorageUnavailable => 28,
+            Self::Busy => 29,
             Self::Unknown(n) => n,
         }
     }
@@ -154,6 +159,7 @@ impl ErrorCode {
             Self::BackendFailed => "backend-failed",
             Self::AuditUnavailable => "audit-unavailable",
             Self::StorageUnavailable => "storage-unavailable",
+            Self::Busy => "busy",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -190,6 +196,7 @@ impl From<u32> for ErrorCode {
             26 => Self::BackendFailed,
             27 => Self::AuditUnavailable,
             28 => Self::StorageUnavailable,
+            29 => Self::Busy,
             n => Self::Unknown(n),
         }
     }

@@ -393,7 +393,8 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     fs::write(
         prepared.dir.path().join("policy.toml"),
         "[roles.fetcher]\npermissions = [ { resource = \"files\", action = \"store\" }, \
-         { resource = \"files\", action = \"retrieve\" } ]\n\
+         { resource = \"files\", action = \"retrieve\" }, \
+         { resource = \"keys\", action = \"encrypt\", keys = \"files\" } ]\n\
          [[bind]]\nusers = [\"4002\"]\nroles = [\"operator\"]\n[[bind]]\nusers = [\"4005\"]\nroles = [\"fetcher\"]\n\
          [[bind]]\nusers = [\"0\"]\nroles = [\"admin\"]\n",
     )

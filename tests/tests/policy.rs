@@ -369,3 +369,54 @@ fn owned_only_rights_follow_the_user_not_a_recycled_uid() {
     denied(&s.as_uid(4005, &["key", "delete", "alices"]));
     ok(&s.as_uid(4003, &["key", "delete", "alices"]));
 }
+
+#[test]
+fn storing_a_file_takes_encrypt_on_the_wrapping_key_and_its_line_names_the_key() {
+    let Some(s) = setup("") else { return };
+    // 4002 may use the file store, and keys only under ci-*.
+    let with_files = POLICY.to_owned()
+        + "\n[roles.filer]\npermissions = [ { resource = \"files\", action = \"*\" } ]\n\n\
+           [[bind]]\nusers = [\"4002\"]\nroles = [\"filer\"]\n";
+    fs::write(&s.policy, &with_files).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !s.d.log().contains("policy reloaded") {
+        assert!(Instant::now() < deadline, "{}", s.d.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    ok(&s.d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
+    ok(&s.d.hsmctl(&["key", "create", "ci-files", "--type", "aes256-gcm"]));
+    let show = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["--json", "audit", "show", "--user", "4002"];
+        all.extend_from_slice(args);
+        ok(&s.d.hsmctl(&all))
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    };
+    for via in ["fd", "frames"] {
+        // The default wrapping key `files` is not one of 4002's.
+        let err = denied(&s.as_uid(4002, &["file", "store", "data", "--via", via]));
+        assert!(err.contains("keys:encrypt on key \"files\""), "{via}: {err}");
+        // With a key it may encrypt with, the store works.
+        let out = ok(&s.as_uid(4002, &["file", "store", "data", "--key", "ci-files", "--via", via]));
+        assert!(out.contains("Token: "), "{out}");
+    }
+    let denials = show(&["--event", "ACCESS_DENIED"]);
+    assert_eq!(denials.len(), 2, "{denials:?}");
+    assert!(
+        denials.iter().all(|l| l["resource"] == "key:files"
+            && l["metadata"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("keys:encrypt"))),
+        "{denials:?}"
+    );
+    let stored = show(&["--event", "FILE_STORED"]);
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    for line in &stored {
+        assert_eq!(line["metadata"]["key"], "ci-files", "{line}");
+        assert_eq!(line["metadata"]["version"], 1, "{line}");
+        assert!(line["metadata"]["token"].is_string(), "{line}");
+    }
+    // The line stored through the descriptor is the key's own line.
+    assert_eq!(show(&["--event", "FILE_STORED", "--key", "ci-files"]).len(), 1);
+}

@@ -22,9 +22,11 @@ fn create(c: &mut Client, name: &str) {
 }
 
 fn sign(c: &mut Client, name: &str, message: &[u8]) {
+    use sha2::Digest as _;
     c.call(Operation::Sign {
         name: name.into(),
-        digest: message.to_vec(),
+        // Ed25519 keys sign a SHA-512 digest.
+        digest: sha2::Sha512::digest(message).to_vec(),
     })
     .expect("sign answered");
 }
@@ -46,11 +48,12 @@ fn dropped(d: &Daemon, reason: &str) -> f64 {
 /// at debug); every one must be answered promptly.
 fn busy_and_answered(d: &Daemon, rounds: usize) {
     let mut c = d.client();
-    create(&mut c, "s");
+    let name = format!("s{rounds}");
+    create(&mut c, &name);
     for i in 0..rounds {
         let started = Instant::now();
         let mut fresh = d.client();
-        sign(&mut fresh, "s", format!("message {i}").as_bytes());
+        sign(&mut fresh, &name, format!("message {i}").as_bytes());
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "round {i}: a connect and a signature took {:?}",
@@ -76,7 +79,7 @@ fn a_stderr_whose_reader_was_killed_costs_log_lines_not_service() {
         .spawn()
         .expect("spawn cat");
     let pipe = reader.stdin.take().expect("cat's stdin");
-    let mut d = Daemon::builder().prepare().start_with_stderr(pipe.into());
+    let mut d = Daemon::builder().dev().prepare().start_with_stderr(pipe.into());
     busy_and_answered(&d, 5);
     reader.kill().expect("kill the reader");
     reader.wait().expect("reap the reader");
@@ -99,7 +102,7 @@ fn a_stderr_nobody_reads_fills_and_hsmd_keeps_answering() {
         .spawn()
         .expect("spawn sleep");
     let pipe = reader.stdin.take().expect("sleep's stdin");
-    let mut d = Daemon::builder().prepare().start_with_stderr(pipe.into());
+    let mut d = Daemon::builder().dev().prepare().start_with_stderr(pipe.into());
     // Well over what a pipe and the log queue hold together.
     busy_and_answered(&d, 1500);
     let full = dropped(&d, "queue_full");
@@ -111,7 +114,7 @@ fn a_stderr_nobody_reads_fills_and_hsmd_keeps_answering() {
 
 #[test]
 fn a_second_hsmd_on_the_same_state_directory_refuses_naming_the_first() {
-    let d = Daemon::start();
+    let d = Daemon::builder().dev().start();
     let mut c = d.client();
     create(&mut c, "k");
     // Its own socket, so only the state directory is shared.

@@ -215,6 +215,9 @@ impl Meta {
 /// with, what a recovery did. Never secrets.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Extra {
+    /// The key a stored file's data key is wrapped with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// A new key's type.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_type: Option<&'static str>,

@@ -313,7 +313,7 @@ fn a_write_cut_short_leaves_no_fragment_and_its_line_is_written_when_the_disk_ta
     assert!(text.contains("key:made-while-full"), "{text}");
     assert!(text.ends_with('\n'));
     let v = a.verify().unwrap();
-    assert_eq!(v.last_seq, 5, "{v:?}");
+    assert_eq!(v.last_seq, 5, "{v:?}\n{text}");
 }
 
 #[test]

@@ -796,6 +796,7 @@ impl Inner {
                     .then(|| f.last_sync + self.settings.flush_interval)
             };
             let (batch, closing, sync) = self.next_batch(retry_at, sync_at);
+            let wrote = !batch.is_empty();
             let (outcome, plan) = {
                 let mut f = lock(&self.file);
                 self.cycle(&mut f, batch, Mode::Writer { closing, sync })
@@ -811,7 +812,13 @@ impl Inner {
             match outcome {
                 Cycle::Ok => {
                     retry_at = None;
-                    self.resume_if_clear(true);
+                    // A cycle with nothing to write proves nothing while lines
+                    // wait (a request's failed line may have been put back
+                    // meanwhile): resuming then would be a false all-clear,
+                    // and a second AUDIT_RESUMED once the write failed again.
+                    if wrote || self.queued.load(Ordering::Relaxed) == 0 {
+                        self.resume_if_clear(true);
+                    }
                 }
                 Cycle::Failed(why) => {
                     self.suspend(&why);

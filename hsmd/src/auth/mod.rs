@@ -5,6 +5,7 @@
 //! group databases; nothing a client says about itself is trusted.
 
 mod access;
+pub mod lookups;
 mod peer;
 pub mod policy;
 pub mod rate;

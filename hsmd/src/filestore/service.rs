@@ -9,10 +9,7 @@ use std::{
     collections::HashMap,
     fs::File,
     os::fd::AsFd,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -24,16 +21,29 @@ use super::{
     pipeline::{self, check_complete, TransferError, Tuning},
     store::{self, Chunks, Cursor, FileStore, Meta, ReadError, Reader, StoreError, Writer, RECORD_PREFIX},
 };
-use crate::keystore::Vault;
+use crate::{
+    keystore::Vault,
+    shares::{Names, Share, Shares},
+};
 
-/// Sessions open at once, daemon-wide.
-const MAX_SESSIONS: usize = 64;
-/// A session nobody touched for this long is dropped (a store is abandoned).
-const IDLE: Duration = Duration::from_secs(600);
+/// A session nobody touched for this long is dropped (a store is abandoned);
+/// a session also ends with the connection that opened it.
+const IDLE: Duration = Duration::from_secs(120);
 /// Longest original file name, in bytes.
 const MAX_NAME: usize = 255;
-/// Descriptor transfers running at once, daemon-wide (each runs its workers).
-const MAX_TRANSFERS: usize = 16;
+
+/// How many transfers and sessions may run, in all and per uid.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    /// Descriptor transfers at once (each runs its own threads).
+    pub transfers: usize,
+    /// … of which one uid may hold.
+    pub transfers_per_uid: usize,
+    /// Frame-path sessions open at once.
+    pub sessions: usize,
+    /// … of which one uid may hold.
+    pub sessions_per_uid: usize,
+}
 
 struct Storing {
     uid: u32,
@@ -63,23 +73,19 @@ enum Session {
 struct Entry {
     session: Mutex<Session>,
     touched: Mutex<Instant>,
+    /// The connection that opened it.
+    connection: u64,
+    /// Its owner's place among the sessions, given back with the entry.
+    _share: Share,
 }
 
 /// The file store service.
 pub struct Files {
     store: FileStore,
     sessions: Mutex<HashMap<u64, Arc<Entry>>>,
-    transfers: AtomicUsize,
+    session_shares: Shares,
+    transfers: Shares,
     tuning: Tuning,
-}
-
-/// Holds one of the [`MAX_TRANSFERS`] places while a transfer runs.
-struct TransferSlot<'a>(&'a AtomicUsize);
-
-impl Drop for TransferSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl std::fmt::Debug for Files {
@@ -191,7 +197,7 @@ impl Files {
     ///
     /// # Errors
     /// The store directory cannot be prepared.
-    pub fn open(state_dir: &std::path::Path, tuning: Tuning) -> Result<Self, StoreError> {
+    pub fn open(state_dir: &std::path::Path, tuning: Tuning, capacity: Capacity) -> Result<Self, StoreError> {
         let (store, cleaned) = FileStore::open(state_dir)?;
         if cleaned > 0 {
             tracing::warn!(cleaned, "removed what interrupted file stores left behind");
@@ -199,51 +205,106 @@ impl Files {
         Ok(Self {
             store,
             sessions: Mutex::new(HashMap::new()),
-            transfers: AtomicUsize::new(0),
+            session_shares: Shares::new(
+                capacity.sessions,
+                capacity.sessions_per_uid,
+                Names {
+                    what: "open file sessions (--via frames)",
+                    total_key: "files.max_sessions",
+                    per_uid_key: "files.max_sessions_per_uid",
+                },
+            ),
+            transfers: Shares::new(
+                capacity.transfers,
+                capacity.transfers_per_uid,
+                Names {
+                    what: "file transfers through a passed descriptor",
+                    total_key: "files.max_transfers",
+                    per_uid_key: "files.max_transfers_per_uid",
+                },
+            ),
             tuning,
         })
     }
 
-    fn transfer_slot(&self) -> Result<TransferSlot<'_>, WireError> {
-        if self.transfers.fetch_add(1, Ordering::AcqRel) >= MAX_TRANSFERS {
-            self.transfers.fetch_sub(1, Ordering::AcqRel);
-            return Err(wire(
-                ErrorCode::RateLimited,
-                format!("{MAX_TRANSFERS} file transfers are running; try again soon"),
-            ));
-        }
-        Ok(TransferSlot(&self.transfers))
+    /// A place for one descriptor transfer of `uid`'s, to be held while it
+    /// runs and passed to [`Files::store_fd`] or [`Files::retrieve_fd`].
+    /// Taken before the transfer is handed to a thread, so a refusal costs
+    /// nothing.
+    ///
+    /// # Errors
+    /// `busy`, naming the limit.
+    pub fn transfer_place(&self, uid: u32) -> Result<Share, WireError> {
+        self.transfers.take(uid)
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
         self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn insert(&self, session: Session) -> Result<u64, WireError> {
-        let mut map = self.sessions();
-        map.retain(|_, e| e.touched.lock().map(|t| t.elapsed() < IDLE).unwrap_or(false));
-        if map.len() >= MAX_SESSIONS {
-            return Err(wire(
-                ErrorCode::RateLimited,
-                format!("{MAX_SESSIONS} file transfers are open; try again soon"),
-            ));
-        }
+    /// A place for a new session of `uid`'s, after dropping idle sessions.
+    fn session_place(&self, uid: u32) -> Result<Share, WireError> {
+        let idle: Vec<Arc<Entry>> = {
+            let mut map = self.sessions();
+            let mut idle = Vec::new();
+            map.retain(|_, e| {
+                let live = e.touched.lock().map(|t| t.elapsed() < IDLE).unwrap_or(false);
+                if !live {
+                    idle.push(Arc::clone(e));
+                }
+                live
+            });
+            idle
+        };
+        // Dropped outside the map's lock: an abandoned store removes its files.
+        drop(idle);
+        self.session_shares.take(uid)
+    }
+
+    fn insert(&self, share: Share, connection: u64, session: Session) -> Result<u64, WireError> {
         let id = random_id()?;
-        map.insert(
+        self.sessions().insert(
             id,
             Arc::new(Entry {
                 session: Mutex::new(session),
                 touched: Mutex::new(Instant::now()),
+                connection,
+                _share: share,
             }),
         );
         Ok(id)
+    }
+
+    /// Ends the sessions `connection` opened (it closed): their places come
+    /// free, and unfinished stores leave nothing behind.
+    pub fn end_connection(&self, connection: u64) {
+        let ended: Vec<Arc<Entry>> = {
+            let mut map = self.sessions();
+            let mut ended = Vec::new();
+            map.retain(|_, e| {
+                if e.connection == connection {
+                    ended.push(Arc::clone(e));
+                    false
+                } else {
+                    true
+                }
+            });
+            ended
+        };
+        if !ended.is_empty() {
+            tracing::debug!(
+                connection,
+                sessions = ended.len(),
+                "file sessions ended with their connection"
+            );
+        }
     }
 
     fn entry(&self, id: u64) -> Result<Arc<Entry>, WireError> {
         let e = self.sessions().get(&id).cloned().ok_or_else(|| {
             wire(
                 ErrorCode::NotFound,
-                format!("there is no file session {id} (sessions end after 10 minutes idle)"),
+                format!("there is no file session {id} (a session ends with its connection, or after 2 minutes idle)"),
             )
         })?;
         if let Ok(mut t) = e.touched.lock() {
@@ -314,21 +375,26 @@ impl Files {
     pub fn begin_store(
         &self,
         vault: &Vault,
-        uid: u32,
+        (uid, connection): (u32, u64),
         name: &str,
         key: &str,
         chunk_size: u32,
     ) -> Result<(u64, FileInfo), WireError> {
+        let share = self.session_place(uid)?;
         let (info, cipher, writer) = self.prepare_store(vault, uid, name, key, chunk_size)?;
-        let id = self.insert(Session::Store(Box::new(Storing {
-            uid,
-            info: info.clone(),
-            cipher,
-            writer: Some(writer),
-            next: 0,
-            checksum: Checksum::default(),
-            done: false,
-        })))?;
+        let id = self.insert(
+            share,
+            connection,
+            Session::Store(Box::new(Storing {
+                uid,
+                info: info.clone(),
+                cipher,
+                writer: Some(writer),
+                next: 0,
+                checksum: Checksum::default(),
+                done: false,
+            })),
+        )?;
         Ok((id, info))
     }
 
@@ -341,13 +407,11 @@ impl Files {
         &self,
         vault: &Vault,
         uid: u32,
-        name: &str,
-        key: &str,
-        chunk_size: u32,
+        (name, key, chunk_size): (&str, &str, u32),
         input: &File,
+        _place: Share,
     ) -> Result<FileInfo, WireError> {
         check_access(input, false)?;
-        let _slot = self.transfer_slot()?;
         let (mut info, cipher, mut writer) = self.prepare_store(vault, uid, name, key, chunk_size)?;
         let started = Instant::now();
         let (size, checksum) = pipeline::store_from(input, &cipher, &mut writer, chunk_size, self.tuning)
@@ -539,20 +603,25 @@ impl Files {
     pub fn begin_retrieve(
         &self,
         vault: &Vault,
-        uid: u32,
+        (uid, connection): (u32, u64),
         token: &str,
         any: bool,
     ) -> Result<(u64, FileInfo), WireError> {
+        let share = self.session_place(uid)?;
         let (info, cipher, chunks) = self.prepare_read(vault, uid, token, any)?;
-        let id = self.insert(Session::Read(Box::new(Reading {
-            uid,
-            info: info.clone(),
-            cipher,
-            chunks,
-            cursor: Cursor::default(),
-            next: 0,
-            checksum: Checksum::default(),
-        })))?;
+        let id = self.insert(
+            share,
+            connection,
+            Session::Read(Box::new(Reading {
+                uid,
+                info: info.clone(),
+                cipher,
+                chunks,
+                cursor: Cursor::default(),
+                next: 0,
+                checksum: Checksum::default(),
+            })),
+        )?;
         Ok((id, info))
     }
 
@@ -570,9 +639,9 @@ impl Files {
         token: &str,
         any: bool,
         output: &File,
+        _place: Share,
     ) -> Result<FileInfo, WireError> {
         check_access(output, true)?;
-        let _slot = self.transfer_slot()?;
         let (info, cipher, chunks) = self.prepare_read(vault, uid, token, any)?;
         let started = Instant::now();
         pipeline::retrieve_into(&chunks, &cipher, output, info.chunk_size, &info.checksum, self.tuning)

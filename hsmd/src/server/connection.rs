@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     audit::{Class, Progress, Settled, Ticket},
-    auth::{Admission, Credentials, PeerIdentity},
+    auth::{Admission, Credentials},
 };
 
 /// How long identity lookups (NSS) may take before the peer is refused.
@@ -63,7 +63,7 @@ pub async fn refuse(mut stream: UnixStream, error: WireError) {
 }
 
 /// Serves one accepted connection to the end.
-pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
+pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>, place: super::Place) {
     let creds = match stream.peer_cred() {
         Ok(c) => Credentials {
             uid: c.uid(),
@@ -75,12 +75,7 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
             return;
         }
     };
-    let peer = match timeout(
-        IDENTITY_TIMEOUT,
-        tokio::task::spawn_blocking(move || PeerIdentity::resolve(creds)),
-    )
-    .await
-    {
+    let peer = match timeout(IDENTITY_TIMEOUT, shared.lookups.resolve(creds)).await {
         Ok(Ok(peer)) => peer,
         _ => {
             tracing::error!(
@@ -134,6 +129,23 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
                 return;
             }
         };
+        if place.reserved && !may_use_reserve(shared, &peer) {
+            let (max, kept) = (shared.limits.max_connections, shared.limits.reserved_connections);
+            tracing::warn!(user = ?peer.user, "refusing connection: only the reserved places are free");
+            shared.metrics.connection_refused("total");
+            refuse(
+                stream,
+                WireError::new(
+                    ErrorCode::TooManyConnections,
+                    format!(
+                        "hsmd is serving its maximum of {max} connections (limits.max_connections); the last \
+                         {kept} are kept for root and the admin role (limits.reserved_connections); try again shortly"
+                    ),
+                ),
+            )
+            .await;
+            return;
+        }
         tracing::debug!(user = ?peer.user, exe = ?exe, "connection admitted: {admitted_because}");
         let who = Arc::new(crate::audit::Who {
             uid: peer.creds.uid,
@@ -149,9 +161,21 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>) {
             who,
         });
         Connection::new(stream, caller, Arc::clone(shared)).run().await;
+        drop(place);
+        // Frame-path file sessions end with the connection that opened them
+        // (after its last answers went out).
+        if let Some(files) = &shared.files {
+            files.end_connection(id);
+        }
     }
     .instrument(span)
     .await;
+}
+
+/// Whether the peer may hold one of the places kept back: root, and holders
+/// of the admin role (with no policy file, everyone admitted is an admin).
+fn may_use_reserve(shared: &Shared, peer: &crate::auth::PeerIdentity) -> bool {
+    peer.creds.uid == 0 || shared.policy().roles_of(peer).iter().any(|(r, _)| r.name == "admin")
 }
 
 /// Why the connection ended.
@@ -551,26 +575,41 @@ impl Connection {
             );
             return true;
         }
-        match dispatch::route(op, &self.caller, &self.shared, attached) {
-            Work::Done(answer) => self.deliver(id, answer),
-            Work::Blocking(job) => {
-                self.in_flight += 1;
-                let tx = self.done_tx.clone();
-                let counted = InFlight::new(Arc::clone(&self.shared));
-                let span = tracing::Span::current();
-                tokio::task::spawn_blocking(move || {
-                    let _enter = span.enter();
-                    let answer = catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|_| {
-                        tracing::error!(request = id, "request handler panicked");
-                        Answer::from(Err(WireError::new(
-                            ErrorCode::Internal,
-                            "hsmd failed to serve this request; see its log",
-                        )))
-                    });
-                    drop(counted);
-                    let _ = tx.send((id, answer));
-                });
+        let (job, own_thread) = match dispatch::route(op, &self.caller, &self.shared, attached) {
+            Work::Done(answer) => {
+                self.deliver(id, answer);
+                return true;
             }
+            Work::Blocking(job) => (job, false),
+            Work::Transfer(job) => (job, true),
+        };
+        self.in_flight += 1;
+        let tx = self.done_tx.clone();
+        let counted = InFlight::new(Arc::clone(&self.shared));
+        let span = tracing::Span::current();
+        let run = move || {
+            let _enter = span.enter();
+            let answer = catch_unwind(AssertUnwindSafe(job)).unwrap_or_else(|_| {
+                tracing::error!(request = id, "request handler panicked");
+                Answer::from(Err(WireError::new(
+                    ErrorCode::Internal,
+                    "hsmd failed to serve this request; see its log",
+                )))
+            });
+            drop(counted);
+            let _ = tx.send((id, answer));
+        };
+        if !own_thread {
+            tokio::task::spawn_blocking(run);
+        } else if let Err(e) = std::thread::Builder::new().name("hsmd-transfer".into()).spawn(run) {
+            // The closure (and the transfer's place in it) is gone with the error.
+            tracing::error!(request = id, error = %e, "cannot start a transfer thread");
+            self.in_flight -= 1;
+            self.push_error(
+                id,
+                ErrorCode::Busy,
+                format!("hsmd cannot start a thread for this transfer now ({e}); retry shortly"),
+            );
         }
         true
     }

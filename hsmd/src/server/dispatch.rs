@@ -58,6 +58,10 @@ pub enum Work {
     Done(Answer),
     /// Must run on the blocking pool.
     Blocking(BlockingJob),
+    /// Waits on a descriptor the caller passed (a pipe may stall for
+    /// `files.io_timeout`): runs on a thread of its own, never taking the
+    /// blocking pool's threads from key operations and identity lookups.
+    Transfer(BlockingJob),
 }
 
 impl std::fmt::Debug for Work {
@@ -65,6 +69,7 @@ impl std::fmt::Debug for Work {
         f.write_str(match self {
             Self::Done(_) => "Work::Done",
             Self::Blocking(_) => "Work::Blocking",
+            Self::Transfer(_) => "Work::Transfer",
         })
     }
 }
@@ -73,6 +78,7 @@ impl std::fmt::Debug for Work {
 enum Plain {
     Done(Result<Reply, WireError>),
     Blocking(Box<dyn FnOnce() -> Result<Reply, WireError> + Send + 'static>),
+    Transfer(Box<dyn FnOnce() -> Result<Reply, WireError> + Send + 'static>),
 }
 
 /// Decides how to answer `op` for `caller`; `attached` is the descriptor that
@@ -96,6 +102,11 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Opt
             metrics.request(name, label(&answer.result), started.elapsed());
             answer
         })),
+        Work::Transfer(job) => Work::Transfer(Box::new(move || {
+            let answer = job();
+            metrics.request(name, label(&answer.result), started.elapsed());
+            answer
+        })),
     }
 }
 
@@ -106,6 +117,7 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
     let plain = |work: Plain| match work {
         Plain::Done(result) => Work::Done(result.into()),
         Plain::Blocking(job) => Work::Blocking(Box::new(move || job().into())),
+        Plain::Transfer(job) => Work::Transfer(Box::new(move || job().into())),
     };
     if let Operation::Batch { items } = op {
         // Each item has its line; the batch is admitted as a whole.
@@ -135,6 +147,12 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
             Work::Done(Answer { result, audit: ticket })
         }
         Plain::Blocking(job) => Work::Blocking(Box::new(move || {
+            let result = job();
+            let (event, class) = spec.event(who, &result, &vault);
+            let ticket = audit.submit(event, class, !spec.exempt);
+            Answer { result, audit: ticket }
+        })),
+        Plain::Transfer(job) => Work::Transfer(Box::new(move || {
             let result = job();
             let (event, class) = spec.event(who, &result, &vault);
             let ticket = audit.submit(event, class, !spec.exempt);
@@ -217,6 +235,9 @@ impl AuditSpec {
                 }
                 if let Reply::File(f) | Reply::FileSession { info: f, .. } = reply {
                     metadata.token = Some(f.token.clone());
+                    // The key that wrapped the file's data key, and its version.
+                    metadata.version = Some(f.key_version);
+                    metadata.extra().key = Some(f.key.clone());
                 }
                 Outcome::Success
             }
@@ -356,13 +377,12 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
         Operation::AuditVerify | Operation::AuditShow { .. } => {
             AuditSpec::new("AUDIT_READ", "audit".into(), "read", 1, false).exempt()
         }
-        Operation::Metrics
-        | Operation::FileStoreBegin { .. }
-        | Operation::FileStoreChunk { .. }
-        | Operation::FileRetrieveNext { .. } => return None,
-        Operation::FileStoreFinish { .. } | Operation::FileStoreFd { .. } => {
-            AuditSpec::new("FILE_STORED", "files".into(), "store", 2, false)
-        }
+        Operation::Metrics | Operation::FileStoreChunk { .. } | Operation::FileRetrieveNext { .. } => return None,
+        // The wrapping key is the resource: `audit show --key K` finds the
+        // files K wrapped, and a refusal names the key it was about.
+        Operation::FileStoreFd { key: k, .. } => AuditSpec::new("FILE_STORED", key(k), "store", 2, false),
+        Operation::FileStoreBegin { key: k, .. } => AuditSpec::new("FILE_STORE_STARTED", key(k), "store", 1, false),
+        Operation::FileStoreFinish { .. } => AuditSpec::new("FILE_STORED", "files".into(), "store", 2, false),
         Operation::FileRetrieveBegin { token } | Operation::FileRetrieveFd { token } => {
             AuditSpec::new("FILE_RETRIEVED", format!("file:{token}"), "retrieve", 2, false)
         }
@@ -389,6 +409,18 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             _ => None,
         };
         if let Err(denied) = authorize(shared, caller, ask, backend) {
+            return Plain::Done(Err(denied));
+        }
+    }
+    // A store wraps the file's data key with the key it names: that is
+    // encrypting with it, so it takes `keys:encrypt` on that key too.
+    if let Operation::FileStoreFd { key, .. } | Operation::FileStoreBegin { key, .. } = &op {
+        let ask = Ask {
+            resource: "keys",
+            action: "encrypt",
+            key: Some(key),
+        };
+        if let Err(denied) = authorize(shared, caller, ask, None) {
             return Plain::Done(Err(denied));
         }
     }
@@ -441,7 +473,19 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                 }
             }
             let vault = Arc::clone(&shared.vault);
-            Plain::Blocking(Box::new(move || file_op(&files, &vault, uid, any, op, attached)))
+            let who = (uid, caller.connection_id);
+            if matches!(op, Operation::FileStoreFd { .. } | Operation::FileRetrieveFd { .. }) {
+                // Its place is taken here, so a uid over its share is told
+                // at once and no thread is started for it.
+                let place = match files.transfer_place(uid) {
+                    Ok(p) => p,
+                    Err(busy) => return Plain::Done(Err(busy)),
+                };
+                return Plain::Transfer(Box::new(move || {
+                    file_op(&files, &vault, who, any, op, attached, Some(place))
+                }));
+            }
+            Plain::Blocking(Box::new(move || file_op(&files, &vault, who, any, op, attached, None)))
         }
         Operation::Metrics => {
             let s = Arc::clone(shared);
@@ -838,11 +882,14 @@ fn batch(items: Vec<protocol::BatchItem>, caller: &Caller, shared: &Arc<Shared>,
 fn file_op(
     files: &crate::filestore::Files,
     vault: &Vault,
-    uid: u32,
+    (uid, connection): (u32, u64),
     any: bool,
     op: Operation,
     attached: Option<OwnedFd>,
+    place: Option<crate::shares::Share>,
 ) -> Result<Reply, WireError> {
+    let place =
+        || place.ok_or_else(|| WireError::new(ErrorCode::Internal, "a descriptor transfer came without its place"));
     let passed = |what: &str| {
         attached.map(std::fs::File::from).ok_or_else(|| {
             WireError::new(
@@ -855,15 +902,17 @@ fn file_op(
         Operation::FileStoreFd { name, key, chunk_size } => {
             let input = passed("file-store")?;
             files
-                .store_fd(vault, uid, &name, &key, chunk_size, &input)
+                .store_fd(vault, uid, (&name, &key, chunk_size), &input, place()?)
                 .map(Reply::File)
         }
         Operation::FileRetrieveFd { token } => {
             let output = passed("file-retrieve")?;
-            files.retrieve_fd(vault, uid, &token, any, &output).map(Reply::File)
+            files
+                .retrieve_fd(vault, uid, &token, any, &output, place()?)
+                .map(Reply::File)
         }
         Operation::FileStoreBegin { name, key, chunk_size } => files
-            .begin_store(vault, uid, &name, &key, chunk_size)
+            .begin_store(vault, (uid, connection), &name, &key, chunk_size)
             .map(|(session, info)| Reply::FileSession { session, info }),
         Operation::FileStoreChunk {
             session,
@@ -875,7 +924,7 @@ fn file_op(
             .map(|index| Reply::FileChunkStored { index }),
         Operation::FileStoreFinish { session } => files.finish_store(uid, session).map(Reply::File),
         Operation::FileRetrieveBegin { token } => files
-            .begin_retrieve(vault, uid, &token, any)
+            .begin_retrieve(vault, (uid, connection), &token, any)
             .map(|(session, info)| Reply::FileSession { session, info }),
         Operation::FileRetrieveNext { session } => {
             files
@@ -993,7 +1042,7 @@ where
     let (name, version, payload) = hot;
     if payload <= INLINE_MAX_PAYLOAD && shared.vault.is_hot(&name, version) {
         return match custody(shared, caller, what, f) {
-            Plain::Blocking(job) => Plain::Done(job()),
+            Plain::Blocking(job) | Plain::Transfer(job) => Plain::Done(job()),
             done @ Plain::Done(_) => done,
         };
     }

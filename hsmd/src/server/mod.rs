@@ -75,6 +75,8 @@ pub struct Shared {
     pub counters: Counters,
     /// Cancelled when the daemon begins to shut down.
     pub shutdown: CancellationToken,
+    /// Identity lookups at connect, on threads of their own.
+    pub lookups: crate::auth::lookups::Lookups,
 }
 
 impl Shared {
@@ -108,6 +110,7 @@ impl Shared {
             started: Instant::now(),
             counters: Counters::default(),
             shutdown: CancellationToken::new(),
+            lookups: crate::auth::lookups::Lookups::start(IDENTITY_THREADS, IDENTITY_QUEUE),
         }
     }
 }
@@ -145,14 +148,42 @@ impl Drop for InFlight {
     }
 }
 
+/// Threads that look up identities at connect, and lookups that may wait.
+const IDENTITY_THREADS: usize = 4;
+const IDENTITY_QUEUE: usize = 256;
+
 /// How long a refused client gets to take its error before we close.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The connection places a peer may take: the general ones, then (for root
+/// and the admin role only, decided once the peer is known) the reserved ones.
+pub(crate) struct Place {
+    _uid_share: crate::shares::Share,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Taken from the reserve: only root and admins may keep it.
+    pub(crate) reserved: bool,
+}
 
 /// Accepts connections until `shared.shutdown` is cancelled; returns the tracker
 /// of connection tasks so the caller can wait for them.
 pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> TaskTracker {
     let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections as usize));
+    let limits = &shared.limits;
+    let (max, reserve) = (
+        limits.max_connections,
+        limits.reserved_connections.min(limits.max_connections - 1),
+    );
+    let general = Arc::new(Semaphore::new((max - reserve) as usize));
+    let reserved = Arc::new(Semaphore::new(reserve as usize));
+    let per_uid = crate::shares::Shares::new(
+        max as usize,
+        limits.max_connections_per_uid as usize,
+        crate::shares::Names {
+            what: "connections",
+            total_key: "limits.max_connections",
+            per_uid_key: "limits.max_connections_per_uid",
+        },
+    );
     loop {
         let accepted = tokio::select! {
             biased;
@@ -169,24 +200,62 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
             }
         };
         let id = shared.counters.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
-            let shared = Arc::clone(&shared);
-            tracker.spawn(async move {
-                let _slot = slot;
-                let _counted = CountGuard::new(&shared.counters.connections);
-                connection::serve(stream, id, &shared).await;
-            });
-        } else {
-            let max = shared.limits.max_connections;
+        // The kernel's word on who it is costs one system call and no lookup:
+        // enough to count the connection against its uid before anything else.
+        let uid = match stream.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                tracing::warn!(connection = id, error = %e, "cannot read peer credentials; closing");
+                continue;
+            }
+        };
+        let uid_share = match per_uid.try_take(uid) {
+            Ok(s) => s,
+            Err(_) => {
+                let cap = limits.max_connections_per_uid;
+                tracing::warn!(connection = id, uid, cap, "refusing connection: uid over its share");
+                shared.metrics.connection_refused("per_uid");
+                tokio::spawn(connection::refuse(
+                    stream,
+                    WireError::new(
+                        ErrorCode::TooManyConnections,
+                        format!(
+                            "uid {uid} already holds {cap} connections to hsmd, its share \
+                             (limits.max_connections_per_uid = {cap}); close some and retry"
+                        ),
+                    ),
+                ));
+                continue;
+            }
+        };
+        let slot = match Arc::clone(&general).try_acquire_owned() {
+            Ok(p) => Some((p, false)),
+            Err(_) => Arc::clone(&reserved).try_acquire_owned().ok().map(|p| (p, true)),
+        };
+        let Some((slot, from_reserve)) = slot else {
             tracing::warn!(connection = id, max, "refusing connection: too many connections");
+            shared.metrics.connection_refused("total");
             tokio::spawn(connection::refuse(
                 stream,
                 WireError::new(
                     ErrorCode::TooManyConnections,
-                    format!("hsmd is serving its maximum of {max} connections; try again shortly"),
+                    format!(
+                        "hsmd is serving its maximum of {max} connections (limits.max_connections); try again shortly"
+                    ),
                 ),
             ));
-        }
+            continue;
+        };
+        let place = Place {
+            _uid_share: uid_share,
+            _slot: slot,
+            reserved: from_reserve,
+        };
+        let shared = Arc::clone(&shared);
+        tracker.spawn(async move {
+            let _counted = CountGuard::new(&shared.counters.connections);
+            connection::serve(stream, id, &shared, place).await;
+        });
     }
     tracker.close();
     tracker

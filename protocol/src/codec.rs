@@ -55,8 +55,9 @@ pub fn encode_body<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// [`CodecError::Frame`] if the body exceeds `max`; `out` is then left as it was.
 pub fn encode_frame_into<T: Serialize>(value: &T, max: u32, out: &mut Vec<u8>) -> Result<(), CodecError> {
     let start = out.len();
+    crate::secret::reserve_wiped(out, HEADER_LEN);
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    let result = bincode::serde::encode_into_std_write(value, out, wire_config())
+    let result = bincode::serde::encode_into_std_write(value, &mut Wiping(&mut *out), wire_config())
         .map_err(CodecError::Encode)
         .and_then(|body_len| {
             let mut header = [0u8; HEADER_LEN];
@@ -68,6 +69,22 @@ pub fn encode_frame_into<T: Serialize>(value: &T, max: u32, out: &mut Vec<u8>) -
         out.truncate(start);
     }
     result
+}
+
+/// Appends to a buffer that may hold secrets (a passphrase, a plaintext):
+/// growing it zeroes the allocation it leaves.
+struct Wiping<'a>(&'a mut Vec<u8>);
+
+impl std::io::Write for Wiping<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::secret::reserve_wiped(self.0, buf.len());
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Encodes `value` as one whole frame.

@@ -36,6 +36,21 @@ impl SecretBytes {
     }
 }
 
+/// Grows `v` to hold `extra` more bytes; if its allocation has to move, the
+/// old one is zeroed before it is freed, so a buffer that carried secrets
+/// leaves no copy behind when it grows.
+pub fn reserve_wiped(v: &mut Vec<u8>, extra: usize) {
+    let needed = v.len().saturating_add(extra);
+    if needed <= v.capacity() {
+        return;
+    }
+    let mut bigger = Vec::with_capacity(needed.max(v.capacity().saturating_mul(2)));
+    bigger.extend_from_slice(v);
+    // Zeroes the whole old allocation (its spare capacity too), then frees it.
+    v.zeroize();
+    *v = bigger;
+}
+
 impl fmt::Debug for SecretBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SecretBytes([redacted; {} bytes])", self.0.len())

@@ -96,3 +96,179 @@ fn without_require_lock_it_warns_serves_and_is_still_not_dumpable() {
     let owner = fs::metadata(format!("/proc/{}/environ", d.pid())).expect("stat").uid();
     assert_eq!(owner, 0, "/proc/PID/environ of a non-dumpable process is root's");
 }
+
+/// Where in `pid`'s memory `needle` occurs: (mapping, offset) pairs. Reads
+/// /proc/PID/mem as root (the daemon is not dumpable; root may still read it).
+fn find_in_memory(pid: u32, needles: &[(&str, &[u8])]) -> Vec<String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut mem = fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    let mut found = Vec::new();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let name = parts.nth(3).unwrap_or("[anon]");
+        // Writable memory is where freed buffers live; the binary's own pages
+        // cannot hold a request's bytes.
+        if !perms.starts_with("rw") || name == "[vvar]" {
+            continue;
+        }
+        let Some((lo, hi)) = range.split_once('-') else {
+            continue;
+        };
+        let (lo, hi) = (
+            u64::from_str_radix(lo, 16).expect("hex"),
+            u64::from_str_radix(hi, 16).expect("hex"),
+        );
+        let mut bytes = vec![0u8; usize::try_from(hi - lo).expect("size")];
+        if mem.seek(SeekFrom::Start(lo)).is_err() || mem.read_exact(&mut bytes).is_err() {
+            continue;
+        }
+        for (what, needle) in needles {
+            for (at, _) in bytes.windows(needle.len()).enumerate().filter(|(_, w)| w == needle) {
+                found.push(format!("{what} in {name} at {:#x}", lo + at as u64));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_plaintext_or_data_key_stays_in_memory_after_its_request() {
+    use protocol::{KeyOptions, KeyType, Operation, Reply, SecretBytes};
+    if !is_root() {
+        eprintln!("SKIPPED: reading another process's memory needs root");
+        return;
+    }
+    let d = Daemon::builder().dev().start();
+    let mut c = d.client();
+    let create = |c: &mut protocol::Client, name: &str, plaintext_datakey: bool| {
+        c.call(Operation::KeyCreate {
+            name: name.into(),
+            key_type: KeyType::Aes256Gcm,
+            usages: Vec::new(),
+            options: KeyOptions {
+                allow_plaintext_datakey: plaintext_datakey,
+                ..KeyOptions::default()
+            },
+        })
+        .expect("create key");
+    };
+    create(&mut c, "box", true);
+    create(&mut c, "files", false);
+    let random = |n: usize| {
+        let mut v = vec![0u8; n];
+        getrandom::fill(&mut v).expect("random");
+        v
+    };
+    // Sealed and opened.
+    let sealed_text = random(4096);
+    let Reply::Encrypted { version, sealed } = c
+        .call(Operation::Encrypt {
+            name: "box".into(),
+            version: None,
+            plaintext: sealed_text.clone(),
+            aad: Vec::new(),
+        })
+        .expect("encrypt")
+    else {
+        panic!("encrypt answer")
+    };
+    let opened_text = random(4096);
+    let Reply::Encrypted { sealed: sealed2, .. } = c
+        .call(Operation::Encrypt {
+            name: "box".into(),
+            version: Some(version),
+            plaintext: opened_text.clone(),
+            aad: Vec::new(),
+        })
+        .expect("encrypt")
+    else {
+        panic!("encrypt answer")
+    };
+    let _ = sealed;
+    match c
+        .call(Operation::Decrypt {
+            name: "box".into(),
+            version,
+            sealed: sealed2,
+            aad: Vec::new(),
+            allow_compromised: false,
+        })
+        .expect("decrypt")
+    {
+        Reply::Decrypted { plaintext } => assert_eq!(plaintext.expose(), opened_text.as_slice()),
+        other => panic!("decrypt answer {other:?}"),
+    }
+    // A data key given out in plain.
+    let data_key = match c
+        .call(Operation::DataKey {
+            name: "box".into(),
+            aad: Vec::new(),
+            plaintext: true,
+        })
+        .expect("datakey")
+    {
+        Reply::DataKey { plaintext: Some(k), .. } => k.expose().to_vec(),
+        other => panic!("datakey answer {other:?}"),
+    };
+    // A file stored and read back one frame at a time.
+    let file_text = random(8192);
+    let Reply::FileSession { session, .. } = c
+        .call(Operation::FileStoreBegin {
+            name: "f".into(),
+            key: "files".into(),
+            chunk_size: 65536,
+        })
+        .expect("begin")
+    else {
+        panic!("begin answer")
+    };
+    c.call(Operation::FileStoreChunk {
+        session,
+        index: 0,
+        last: true,
+        bytes: SecretBytes::new(file_text.clone()),
+    })
+    .expect("chunk");
+    let Reply::File(info) = c.call(Operation::FileStoreFinish { session }).expect("finish") else {
+        panic!("finish answer")
+    };
+    let Reply::FileSession { session, .. } = c
+        .call(Operation::FileRetrieveBegin { token: info.token })
+        .expect("retrieve")
+    else {
+        panic!("retrieve answer")
+    };
+    match c.call(Operation::FileRetrieveNext { session }).expect("next") {
+        Reply::FileChunk { bytes, .. } => assert_eq!(bytes.expose(), file_text.as_slice()),
+        other => panic!("chunk answer {other:?}"),
+    }
+    drop(c);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pieces: Vec<(String, Vec<u8>)> = [
+        ("the sealed plaintext", &sealed_text),
+        ("the decrypted plaintext", &opened_text),
+        ("the stored file", &file_text),
+    ]
+    .into_iter()
+    .flat_map(|(what, text)| {
+        [0, 1000, 3000].map(|at| (format!("{what} (bytes {at}..{})", at + 24), text[at..at + 24].to_vec()))
+    })
+    .chain([("the plaintext data key".to_owned(), data_key.clone())])
+    .collect();
+    let needles: Vec<(&str, &[u8])> = pieces.iter().map(|(w, b)| (w.as_str(), b.as_slice())).collect();
+    let found = find_in_memory(d.pid(), &needles);
+    // The check can see: the daemon's own copy of the sealing key's name is there.
+    assert!(
+        !find_in_memory(d.pid(), &[("a key name", b"files".as_slice())]).is_empty(),
+        "the memory scan finds nothing at all"
+    );
+    assert!(
+        found.is_empty(),
+        "left in hsmd's memory after the requests finished:\n{}",
+        found.join("\n")
+    );
+}

@@ -11,7 +11,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf, BytesMut};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use protocol::{
     codec,
@@ -29,6 +28,7 @@ use tracing::Instrument;
 
 use super::{
     dispatch::{self, Answer, Caller, Work},
+    wiped::{self, InBuf},
     InFlight, Shared, REFUSAL_WRITE_TIMEOUT, VERSION,
 };
 use crate::{
@@ -254,14 +254,14 @@ impl Connection {
 
     /// Reads what the peer sent, with any descriptors it passed (recvmsg, not
     /// read: a plain read would make the kernel close passed descriptors).
-    fn receive(&mut self, buf: &mut BytesMut) -> io::Result<Received> {
-        let start = buf.len();
-        // recvmsg wants initialized memory: zero only what one read can fill.
-        let room = buf.capacity().saturating_sub(start).clamp(4096, 256 * 1024);
-        buf.resize(start + room, 0);
+    fn receive(&mut self, buf: &mut InBuf) -> io::Result<Received> {
+        buf.make_room(4096);
+        let start = buf.end();
+        // recvmsg wants initialized memory: spare() is zero-filled.
+        let spare = buf.spare();
         let (stream, cmsg) = (&self.stream, &mut self.cmsg);
         let result = stream.try_io(Interest::READABLE, || {
-            let mut iov = [IoSliceMut::new(&mut buf[start..])];
+            let mut iov = [IoSliceMut::new(&mut *spare)];
             let msg = recvmsg::<()>(
                 stream.as_raw_fd(),
                 &mut iov,
@@ -288,7 +288,7 @@ impl Connection {
         });
         match result {
             Ok((n, fds)) => {
-                buf.truncate(start + n);
+                buf.filled_by(start, n);
                 if self.fds.len() + fds.len() > MAX_QUEUED_FDS {
                     return Ok(Received::TooManyFds);
                 }
@@ -296,11 +296,11 @@ impl Connection {
                 Ok(Received::Bytes(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                buf.truncate(start);
+                buf.filled_by(start, 0);
                 Ok(Received::Nothing)
             }
             Err(e) => {
-                buf.truncate(start);
+                buf.filled_by(start, 0);
                 Err(e)
             }
         }
@@ -339,14 +339,14 @@ impl Connection {
     async fn serve(&mut self) -> Ending {
         let limits = self.shared.limits.clone();
         let max_in_flight = limits.max_requests_in_flight as usize;
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut buf = InBuf::with_capacity(8 * 1024);
         let mut last_activity = Instant::now();
         // When the first byte of the frame now being received arrived.
         let mut frame_started: Option<Instant> = None;
         loop {
             // Answer every whole frame already buffered, while there is room in flight.
             while self.in_flight < max_in_flight {
-                match frame::check(&buf, limits.max_frame_bytes) {
+                match frame::check(buf.filled(), limits.max_frame_bytes) {
                     Err(e) => {
                         tracing::warn!(error = %e, "refusing oversize frame");
                         self.push_error(
@@ -359,15 +359,16 @@ impl Connection {
                     Ok(FrameStatus::Incomplete { buffered_at_least }) => {
                         // The header was checked against the limit above, so this
                         // reservation is bounded by max_frame_bytes.
-                        buf.reserve(buffered_at_least.saturating_sub(buf.len()));
+                        buf.make_room(buffered_at_least.saturating_sub(buf.len()));
                         break;
                     }
                     Ok(FrameStatus::Complete { body_len }) => {
-                        buf.advance(HEADER_LEN);
-                        let body = buf.split_to(body_len).freeze();
+                        let keep = self.handle_frame(&buf.filled()[HEADER_LEN..HEADER_LEN + body_len]);
+                        // Zeroed as it goes: the frame may have carried a secret.
+                        buf.consume(HEADER_LEN + body_len);
                         last_activity = Instant::now();
                         frame_started = None;
-                        if !self.handle_frame(&body) {
+                        if !keep {
                             return Ending::Refused;
                         }
                     }
@@ -468,10 +469,8 @@ impl Connection {
             return true;
         }
         let result = timeout(self.shared.limits.frame_timeout, self.stream.write_all(&self.out)).await;
-        self.out.clear();
-        if self.out.capacity() > 4 * WRITE_BATCH {
-            self.out.shrink_to(WRITE_BATCH);
-        }
+        // Answers may carry plaintext: zeroed once written.
+        wiped::clear(&mut self.out, 4 * WRITE_BATCH, WRITE_BATCH);
         match result {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
@@ -728,6 +727,13 @@ impl Connection {
             },
             &mut self.out,
         );
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Answers never written (the peer left) may carry plaintext.
+        wiped::clear(&mut self.out, 0, 0);
     }
 }
 

@@ -5,6 +5,7 @@ mod connection;
 pub mod dispatch;
 pub mod listener;
 pub mod transfer;
+mod wiped;
 
 use std::{
     sync::{

@@ -47,6 +47,7 @@ enum CliLogFormat {
 }
 
 fn main() -> ExitCode {
+    hsmd::secure_mem::bound_allocator();
     let cli = Cli::parse();
     if cli.pkcs11_helper {
         return hsmd::backend::pkcs11::helper::run();

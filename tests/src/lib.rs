@@ -441,8 +441,21 @@ impl Daemon {
         child.wait_with_output().expect("hsmctl output")
     }
 
-    /// Everything the daemon has logged so far.
+    /// Everything the daemon has logged so far. hsmd writes its log from a
+    /// thread of its own, a moment after the event: this waits until the
+    /// file has stopped growing (30 ms without change, at most 1 s).
     pub fn log(&self) -> String {
+        let size = || fs::metadata(&self.log_path).map_or(0, |m| m.len());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut last = size();
+        while Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(30));
+            let now = size();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 

@@ -58,7 +58,11 @@ impl Filter {
     }
 }
 
-/// The lines of `files` that pass `filter`, oldest first.
+/// The most bytes of lines one answer carries (answers may be up to 16 MiB).
+const MAX_ANSWER_BYTES: usize = 8 << 20;
+
+/// The lines of `files` that pass `filter`, oldest first: the newest
+/// `filter.limit`, and no more than fit in 8 MiB.
 #[must_use]
 pub fn show(files: &[PathBuf], filter: &Filter) -> Vec<String> {
     let since = filter
@@ -66,6 +70,7 @@ pub fn show(files: &[PathBuf], filter: &Filter) -> Vec<String> {
         .map(|t| t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO));
     let key = filter.key.as_ref().map(|k| format!("key:{k}"));
     let mut out = VecDeque::new();
+    let mut total = 0usize;
     let mut buf = Vec::new();
     for path in files {
         let Ok(f) = File::open(path) else { continue };
@@ -78,9 +83,15 @@ pub fn show(files: &[PathBuf], filter: &Filter) -> Vec<String> {
             if !filter.passes(&v, since, key.as_deref()) {
                 continue;
             }
-            out.push_back(String::from_utf8_lossy(&bytes).into_owned());
-            if out.len() > filter.limit.max(1) {
-                out.pop_front();
+            let line = String::from_utf8_lossy(&bytes).into_owned();
+            total += line.len() + 8;
+            out.push_back(line);
+            // The newest lines that fit in one answer: a large `limit` is cut
+            // to what a frame can carry, not refused.
+            while out.len() > filter.limit.max(1) || (total > MAX_ANSWER_BYTES && out.len() > 1) {
+                if let Some(dropped) = out.pop_front() {
+                    total -= dropped.len() + 8;
+                }
             }
         }
     }

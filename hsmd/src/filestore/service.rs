@@ -548,14 +548,13 @@ impl Files {
         Ok((header, reader))
     }
 
+    /// Another user's file is answered as if there were none: the answer
+    /// must not confirm that a token exists, or whose it is.
     fn may(owner: u32, uid: u32, any: bool, token: &str) -> Result<(), WireError> {
         if owner == uid || any {
             Ok(())
         } else {
-            Err(wire(
-                ErrorCode::PermissionDenied,
-                format!("file {token} belongs to uid {owner}; only its owner and holders of files:admin may use it"),
-            ))
+            Err(store_err(StoreError::NotFound(token.to_owned())))
         }
     }
 

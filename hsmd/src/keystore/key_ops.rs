@@ -219,9 +219,26 @@ impl Vault {
     }
 
     /// Moves the lifecycle clock forward (dev mode's `DebugClock`); returns it.
-    pub fn advance_clock(&self, secs: u64) -> u64 {
-        self.clock_offset.fetch_add(secs, Ordering::Relaxed);
-        self.now()
+    ///
+    /// # Errors
+    /// [`VaultError::Invalid`] past the end of the year 9999, which times
+    /// are written up to (RFC 3339 has four digits for the year).
+    pub fn advance_clock(&self, secs: u64) -> Result<u64, VaultError> {
+        /// 9999-12-31T23:59:59Z.
+        const LAST: u64 = 253_402_300_799;
+        let result = self
+            .clock_offset
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |offset| {
+                let to = offset.checked_add(secs)?;
+                (now_unix().saturating_add(to) <= LAST).then_some(to)
+            });
+        match result {
+            Ok(_) => Ok(self.now()),
+            Err(_) => Err(VaultError::Invalid(format!(
+                "the dev clock cannot go past the year 9999 (it is at {} now; advance it by less)",
+                self.now()
+            ))),
+        }
     }
 
     /// The backend of a key whose row is cached (the cache only: this is

@@ -744,9 +744,13 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                     "debug-clock is served only by hsmd --dev",
                 )));
             }
-            Plain::Done(Ok(Reply::Clock {
-                now_unix: shared.vault.advance_clock(advance_secs),
-            }))
+            Plain::Done(
+                shared
+                    .vault
+                    .advance_clock(advance_secs)
+                    .map(|now_unix| Reply::Clock { now_unix })
+                    .map_err(|e| e.to_wire()),
+            )
         }
         Operation::BackupCreate { protection } => {
             let (transfers, uid) = (Arc::clone(&shared.transfers), caller.peer.creds.uid);

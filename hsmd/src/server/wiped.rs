@@ -17,6 +17,8 @@ pub fn clear(v: &mut Vec<u8>, keep: usize, shrink_to: usize) {
     }
 }
 
+/// The allocation an idle connection keeps.
+const KEEP: usize = 8 * 1024;
 /// The most one read asks for.
 const MAX_READ: usize = 256 * 1024;
 
@@ -63,6 +65,11 @@ impl InBuf {
         if self.start == self.data.len() {
             self.data.clear();
             self.start = 0;
+            // After a large frame, an idle connection goes back to a small
+            // buffer (everything in the large one is zero by now).
+            if self.data.capacity() > KEEP {
+                self.data = Vec::with_capacity(KEEP);
+            }
         }
     }
 

@@ -7,7 +7,13 @@
 //! hsmd-hostile silent-pipes SOCKET N   N connections, each storing from a pipe nobody writes to
 //! hsmd-hostile connections SOCKET N    N connections that say hello and nothing more
 //! hsmd-hostile sessions SOCKET N       one connection opening N frame-path store sessions
+//! hsmd-hostile flood SOCKET N          N rounds of mixed hostile traffic, then exits
+//! hsmd-hostile soak SOCKET SECONDS     flood rounds for that long, then exits
 //! ```
+//!
+//! A flood round: a `key info` and a `sign` for a key name never seen before,
+//! a connection that sends a malformed frame, one that sends half a header and
+//! leaves, one that says hello and leaves, a few pings.
 //!
 //! The line is `ok=K refused=M first_refusal=<message>`; for `silent-pipes`,
 //! `ok` counts stores still waiting on their pipes after two seconds.
@@ -123,6 +129,113 @@ fn sessions(socket: &str, n: usize) -> ! {
     hold_forever();
 }
 
+/// One round of hostile traffic per call; `round` makes the names unique.
+fn flood_round(socket: &str, c: &mut Client, round: usize) {
+    use std::io::Write as _;
+    let name = format!("no-such-key-{round}-{}", std::process::id());
+    let _ = c.call(Operation::KeyInfo { name: name.clone() });
+    let _ = c.call(Operation::Sign {
+        name,
+        digest: vec![0; 32],
+    });
+    let _ = c.ping(vec![round as u8; 512]);
+    // Raw connections: garbage after a valid header, half a header, hello and leave.
+    if let Ok(mut raw) = std::os::unix::net::UnixStream::connect(socket) {
+        let mut frame = 64u32.to_be_bytes().to_vec();
+        frame.extend((0..64).map(|i| (i * 7 + round) as u8));
+        let _ = raw.write_all(&frame);
+        let _ = raw.shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut raw, &mut std::io::sink());
+    }
+    if let Ok(mut raw) = std::os::unix::net::UnixStream::connect(socket) {
+        let _ = raw.write_all(&[0, 0]);
+    }
+    if round.is_multiple_of(4) {
+        let _ = Client::connect(socket).map(|mut c| c.ping(Vec::new()));
+    }
+    // A large frame's header and part of its body, then gone: the daemon
+    // made room for all of it.
+    if round.is_multiple_of(8) {
+        if let Ok(mut raw) = std::os::unix::net::UnixStream::connect(socket) {
+            let len = 1000 * 1024 - (round % 1000) as u32;
+            let mut frame = len.to_be_bytes().to_vec();
+            frame.extend(std::iter::repeat_n(round as u8, 300 * 1024));
+            let _ = raw.write_all(&frame);
+        }
+    }
+    // A large request answered in full (a 512 KiB ping and its echo).
+    if round.is_multiple_of(16) {
+        let _ = c.ping(vec![1; 512 * 1024]);
+    }
+    // A small file stored and read back one frame at a time (needs a key
+    // named `files`).
+    if round.is_multiple_of(32) {
+        store_and_retrieve(c, round);
+    }
+}
+
+fn store_and_retrieve(c: &mut Client, round: usize) {
+    use protocol::{Reply, SecretBytes};
+    let Ok(Reply::FileSession { session, .. }) = c.call(Operation::FileStoreBegin {
+        name: format!("soak-{round}"),
+        key: "files".into(),
+        chunk_size: 65536,
+    }) else {
+        return;
+    };
+    let _ = c.call(Operation::FileStoreChunk {
+        session,
+        index: 0,
+        last: true,
+        bytes: SecretBytes::new(vec![round as u8; 20_000]),
+    });
+    let Ok(Reply::File(info)) = c.call(Operation::FileStoreFinish { session }) else {
+        return;
+    };
+    if let Ok(Reply::FileSession { session, .. }) = c.call(Operation::FileRetrieveBegin {
+        token: info.token.clone(),
+    }) {
+        let _ = c.call(Operation::FileRetrieveNext { session });
+    }
+    let _ = c.call(Operation::FileDelete { token: info.token });
+}
+
+fn flood(socket: &str, n: usize) -> ExitCode {
+    let mut c = match Client::connect(socket) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot connect: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for round in 0..n {
+        flood_round(socket, &mut c, round);
+    }
+    ExitCode::SUCCESS
+}
+
+fn soak(socket: &str, length: Duration) -> ExitCode {
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < length {
+        match Client::connect(socket) {
+            Ok(mut c) => {
+                // A fresh connection now and then: churn.
+                for _ in 0..64 {
+                    flood_round(socket, &mut c, round);
+                    round += 1;
+                }
+            }
+            Err(e) => {
+                eprintln!("cannot connect: {e}");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    println!("{round} rounds in {:?}", started.elapsed());
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let (Some(what), Some(socket), Some(n)) = (
@@ -137,6 +250,8 @@ fn main() -> ExitCode {
         "silent-pipes" => silent_pipes(socket, n),
         "connections" => connections(socket, n),
         "sessions" => sessions(socket, n),
+        "flood" => flood(socket, n),
+        "soak" => soak(socket, Duration::from_secs(n as u64)),
         _ => {
             eprintln!("unknown action {what:?}");
             ExitCode::from(2)

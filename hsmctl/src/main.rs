@@ -339,7 +339,7 @@ enum AuditCommand {
         /// Only success or failure
         #[arg(long, value_parser = ["success", "failure"])]
         result: Option<String>,
-        /// At most this many (the newest)
+        /// At most this many (the newest), and no more than 8 MiB of lines
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         limit: u32,
     },

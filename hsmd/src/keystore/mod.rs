@@ -326,10 +326,19 @@ fn open_master(
     kind: &str,
     secret: &[u8],
 ) -> Result<Option<(u32, Key256)>, VaultError> {
+    let mut edited = Vec::new();
     for row in rows.iter().filter(|r| r.kind == kind) {
-        if let Some(master) = open_slot(store_id, row, |_| Ok(Zeroizing::new(secret.to_vec())))? {
+        if let Some(master) = open_slot(store_id, row, |_| Ok(Zeroizing::new(secret.to_vec())), &mut edited)? {
             return Ok(Some((row.id, master)));
         }
+    }
+    if !edited.is_empty() {
+        // Not a wrong secret: the slot cannot even be tried. Saying so (and
+        // not counting it toward the back-off) points at the keystore file.
+        return Err(VaultError::Tampered(format!(
+            "no {kind} slot opened, and {}; restore the keystore from a backup, or unlock with another slot",
+            edited.join("; ")
+        )));
     }
     Ok(None)
 }
@@ -341,11 +350,13 @@ fn open_slot(
     store_id: &[u8],
     row: &SlotRow,
     secret_for: impl FnOnce(&SlotParams) -> Result<Zeroizing<Vec<u8>>, VaultError>,
+    edited: &mut Vec<String>,
 ) -> Result<Option<Key256>, VaultError> {
     let params: SlotParams = match serde_json::from_str(&row.params) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(slot = row.id, error = %e, "keystore record tampered: slot parameters unreadable");
+            edited.push(format!("slot {}'s parameters were edited (unreadable: {e})", row.id));
             return Ok(None);
         }
     };
@@ -354,6 +365,7 @@ fn open_slot(
             slot = row.id,
             "keystore record tampered: slot kind and parameters disagree"
         );
+        edited.push(format!("slot {}'s kind and parameters disagree (edited)", row.id));
         return Ok(None);
     }
     let secret = secret_for(&params)?;
@@ -362,6 +374,7 @@ fn open_slot(
         Err(SlotError::BadSecret(why)) => return Err(VaultError::Invalid(why)),
         Err(SlotError::BadParams(why)) => {
             tracing::error!(slot = row.id, why, "keystore record tampered: slot parameters refused");
+            edited.push(format!("slot {}'s parameters were edited ({why})", row.id));
             return Ok(None);
         }
     };
@@ -543,22 +556,28 @@ impl Vault {
             ));
         };
         let mut refusals = Vec::new();
+        let mut edited = Vec::new();
         for row in tpm2 {
-            let opened = open_slot(store_id, row, |params| {
-                let SlotParams::Tpm2 {
-                    pcrs, public, private, ..
-                } = params
-                else {
-                    return Err(VaultError::Tampered(format!("slot {} is not a tpm2 slot", row.id)));
-                };
-                let (public, private) = (
-                    hex::decode(public).map_err(|e| VaultError::Tampered(format!("slot {}: {e}", row.id)))?,
-                    hex::decode(private).map_err(|e| VaultError::Tampered(format!("slot {}: {e}", row.id)))?,
-                );
-                sealer
-                    .unseal(&public, &private, pcrs)
-                    .map_err(|e| VaultError::Tpm2Refused(format!("slot {}: {e}", row.id)))
-            });
+            let opened = open_slot(
+                store_id,
+                row,
+                |params| {
+                    let SlotParams::Tpm2 {
+                        pcrs, public, private, ..
+                    } = params
+                    else {
+                        return Err(VaultError::Tampered(format!("slot {} is not a tpm2 slot", row.id)));
+                    };
+                    let (public, private) = (
+                        hex::decode(public).map_err(|e| VaultError::Tampered(format!("slot {}: {e}", row.id)))?,
+                        hex::decode(private).map_err(|e| VaultError::Tampered(format!("slot {}: {e}", row.id)))?,
+                    );
+                    sealer
+                        .unseal(&public, &private, pcrs)
+                        .map_err(|e| VaultError::Tpm2Refused(format!("slot {}: {e}", row.id)))
+                },
+                &mut edited,
+            );
             match opened {
                 Ok(Some(master)) => return Ok(Some((row.id, master))),
                 Ok(None) => refusals.push(format!("slot {}: the unsealed secret does not open it", row.id)),
@@ -569,6 +588,7 @@ impl Vault {
                 Err(e) => return Err(e),
             }
         }
+        refusals.extend(edited);
         Err(VaultError::Tpm2Refused(format!(
             "{}; unlock with another slot (passphrase or key file)",
             refusals.join("; ")

@@ -66,7 +66,7 @@ impl Shares {
         Self {
             inner: Arc::new(Inner {
                 total,
-                per_uid: per_uid.min(total),
+                per_uid,
                 names,
                 held: Mutex::new(Held::default()),
             }),

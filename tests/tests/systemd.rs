@@ -112,9 +112,13 @@ fn ready_is_sent_only_once_the_socket_accepts() {
 #[test]
 fn a_live_daemons_socket_is_never_stolen() {
     let d = Daemon::start();
+    // Its own state directory (the same one is refused before the socket is
+    // looked at), the same socket.
     let second = Command::new(hsmd_tests::bin("hsmd"))
         .arg("--config")
         .arg(d.dir().join("hsmd.toml"))
+        .arg("--state-dir")
+        .arg(d.dir().join("second-state"))
         .output()
         .expect("run second hsmd");
     assert_eq!(second.status.code(), Some(1));

@@ -165,6 +165,20 @@ pub(crate) struct Place {
     pub(crate) reserved: bool,
 }
 
+/// Refuses a connection because every place is taken.
+fn refuse_full(shared: &Shared, stream: tokio::net::UnixStream, id: u64) {
+    let max = shared.limits.max_connections;
+    tracing::warn!(connection = id, max, "refusing connection: too many connections");
+    shared.metrics.connection_refused("total");
+    tokio::spawn(connection::refuse(
+        stream,
+        WireError::new(
+            ErrorCode::TooManyConnections,
+            format!("hsmd is serving its maximum of {max} connections (limits.max_connections); try again shortly"),
+        ),
+    ));
+}
+
 /// Accepts connections until `shared.shutdown` is cancelled; returns the tracker
 /// of connection tasks so the caller can wait for them.
 pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> TaskTracker {
@@ -212,7 +226,11 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
         };
         let uid_share = match per_uid.try_take(uid) {
             Ok(s) => s,
-            Err(_) => {
+            Err(crate::shares::Refusal::Total) => {
+                refuse_full(&shared, stream, id);
+                continue;
+            }
+            Err(crate::shares::Refusal::PerUid) => {
                 let cap = limits.max_connections_per_uid;
                 tracing::warn!(connection = id, uid, cap, "refusing connection: uid over its share");
                 shared.metrics.connection_refused("per_uid");
@@ -234,17 +252,7 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
             Err(_) => Arc::clone(&reserved).try_acquire_owned().ok().map(|p| (p, true)),
         };
         let Some((slot, from_reserve)) = slot else {
-            tracing::warn!(connection = id, max, "refusing connection: too many connections");
-            shared.metrics.connection_refused("total");
-            tokio::spawn(connection::refuse(
-                stream,
-                WireError::new(
-                    ErrorCode::TooManyConnections,
-                    format!(
-                        "hsmd is serving its maximum of {max} connections (limits.max_connections); try again shortly"
-                    ),
-                ),
-            ));
+            refuse_full(&shared, stream, id);
             continue;
         };
         let place = Place {

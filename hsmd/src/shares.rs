@@ -20,6 +20,8 @@ pub struct Names {
     pub total_key: &'static str,
     /// The config key of the per-uid cap (`files.max_transfers_per_uid`).
     pub per_uid_key: &'static str,
+    /// The code a refusal carries (`busy`; `too-many-connections` for connections).
+    pub code: ErrorCode,
 }
 
 /// A pool of places with a total and a per-uid cap.
@@ -94,11 +96,10 @@ impl Shares {
         })
     }
 
-    /// [`Shares::try_take`], refusing with `busy` and a message that names
-    /// the limit.
+    /// [`Shares::try_take`], refusing with a message that names the limit.
     ///
     /// # Errors
-    /// `busy`, naming the cap or the total and its config key.
+    /// [`Names::code`], naming the cap or the total and its config key.
     pub fn take(&self, uid: u32) -> Result<Share, WireError> {
         self.try_take(uid).map_err(|why| self.refusal(uid, why))
     }
@@ -110,10 +111,11 @@ impl Shares {
             what,
             total_key,
             per_uid_key,
+            code,
         } = self.inner.names;
         match why {
             Refusal::PerUid => WireError::new(
-                ErrorCode::Busy,
+                code,
                 format!(
                     "uid {uid} already holds {} {what}, its share ({per_uid_key} = {}); \
                      retry when one of them has finished",
@@ -121,7 +123,7 @@ impl Shares {
                 ),
             ),
             Refusal::Total => WireError::new(
-                ErrorCode::Busy,
+                code,
                 format!(
                     "hsmd holds its maximum of {} {what} ({total_key}); retry shortly",
                     self.inner.total
@@ -165,6 +167,7 @@ mod tests {
         what: "things",
         total_key: "x.max",
         per_uid_key: "x.max_per_uid",
+        code: ErrorCode::Busy,
     };
 
     #[test]

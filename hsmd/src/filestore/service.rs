@@ -212,6 +212,7 @@ impl Files {
                     what: "open file sessions (--via frames)",
                     total_key: "files.max_sessions",
                     per_uid_key: "files.max_sessions_per_uid",
+                    code: ErrorCode::Busy,
                 },
             ),
             transfers: Shares::new(
@@ -221,6 +222,7 @@ impl Files {
                     what: "file transfers through a passed descriptor",
                     total_key: "files.max_transfers",
                     per_uid_key: "files.max_transfers_per_uid",
+                    code: ErrorCode::Busy,
                 },
             ),
             tuning,

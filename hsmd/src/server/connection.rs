@@ -63,18 +63,7 @@ pub async fn refuse(mut stream: UnixStream, error: WireError) {
 }
 
 /// Serves one accepted connection to the end.
-pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>, place: super::Place) {
-    let creds = match stream.peer_cred() {
-        Ok(c) => Credentials {
-            uid: c.uid(),
-            gid: c.gid(),
-            pid: c.pid().and_then(|p| u32::try_from(p).ok()),
-        },
-        Err(e) => {
-            tracing::warn!(connection = id, error = %e, "cannot read peer credentials; closing");
-            return;
-        }
-    };
+pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>, creds: Credentials, place: super::Place) {
     let peer = match timeout(IDENTITY_TIMEOUT, shared.lookups.resolve(creds)).await {
         Ok(Ok(peer)) => peer,
         _ => {

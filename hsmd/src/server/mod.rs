@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use protocol::{ErrorCode, WireError};
+use protocol::ErrorCode;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -165,18 +165,26 @@ pub(crate) struct Place {
     pub(crate) reserved: bool,
 }
 
-/// Refuses a connection because every place is taken.
-fn refuse_full(shared: &Shared, stream: tokio::net::UnixStream, id: u64) {
-    let max = shared.limits.max_connections;
-    tracing::warn!(connection = id, max, "refusing connection: too many connections");
-    shared.metrics.connection_refused("total");
-    tokio::spawn(connection::refuse(
-        stream,
-        WireError::new(
-            ErrorCode::TooManyConnections,
-            format!("hsmd is serving its maximum of {max} connections (limits.max_connections); try again shortly"),
-        ),
-    ));
+/// Refuses a connection for a limit, with the refusal `places` words for it.
+fn refuse_over(
+    shared: &Shared,
+    places: &crate::shares::Shares,
+    stream: tokio::net::UnixStream,
+    (id, uid): (u64, u32),
+    why: crate::shares::Refusal,
+) {
+    let reason = match why {
+        crate::shares::Refusal::PerUid => "per_uid",
+        crate::shares::Refusal::Total => "total",
+    };
+    tracing::warn!(
+        connection = id,
+        uid,
+        reason,
+        "refusing connection: over a connection limit"
+    );
+    shared.metrics.connection_refused(reason);
+    tokio::spawn(connection::refuse(stream, places.refusal(uid, why)));
 }
 
 /// Accepts connections until `shared.shutdown` is cancelled; returns the tracker
@@ -197,6 +205,7 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
             what: "connections",
             total_key: "limits.max_connections",
             per_uid_key: "limits.max_connections_per_uid",
+            code: ErrorCode::TooManyConnections,
         },
     );
     loop {
@@ -217,33 +226,21 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
         let id = shared.counters.next_connection_id.fetch_add(1, Ordering::Relaxed) + 1;
         // The kernel's word on who it is costs one system call and no lookup:
         // enough to count the connection against its uid before anything else.
-        let uid = match stream.peer_cred() {
-            Ok(c) => c.uid(),
+        let creds = match stream.peer_cred() {
+            Ok(c) => crate::auth::Credentials {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid().and_then(|p| u32::try_from(p).ok()),
+            },
             Err(e) => {
                 tracing::warn!(connection = id, error = %e, "cannot read peer credentials; closing");
                 continue;
             }
         };
-        let uid_share = match per_uid.try_take(uid) {
+        let uid_share = match per_uid.try_take(creds.uid) {
             Ok(s) => s,
-            Err(crate::shares::Refusal::Total) => {
-                refuse_full(&shared, stream, id);
-                continue;
-            }
-            Err(crate::shares::Refusal::PerUid) => {
-                let cap = limits.max_connections_per_uid;
-                tracing::warn!(connection = id, uid, cap, "refusing connection: uid over its share");
-                shared.metrics.connection_refused("per_uid");
-                tokio::spawn(connection::refuse(
-                    stream,
-                    WireError::new(
-                        ErrorCode::TooManyConnections,
-                        format!(
-                            "uid {uid} already holds {cap} connections to hsmd, its share \
-                             (limits.max_connections_per_uid = {cap}); close some and retry"
-                        ),
-                    ),
-                ));
+            Err(why) => {
+                refuse_over(&shared, &per_uid, stream, (id, creds.uid), why);
                 continue;
             }
         };
@@ -252,7 +249,13 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
             Err(_) => Arc::clone(&reserved).try_acquire_owned().ok().map(|p| (p, true)),
         };
         let Some((slot, from_reserve)) = slot else {
-            refuse_full(&shared, stream, id);
+            refuse_over(
+                &shared,
+                &per_uid,
+                stream,
+                (id, creds.uid),
+                crate::shares::Refusal::Total,
+            );
             continue;
         };
         let place = Place {
@@ -263,7 +266,7 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
         let shared = Arc::clone(&shared);
         tracker.spawn(async move {
             let _counted = CountGuard::new(&shared.counters.connections);
-            connection::serve(stream, id, &shared, place).await;
+            connection::serve(stream, id, &shared, creds, place).await;
         });
     }
     tracker.close();

@@ -999,9 +999,12 @@ fn key_use_op(v: &Vault, op: Operation) -> Result<Reply, VaultError> {
             version,
             plaintext,
             aad,
-        } => v
-            .encrypt(&name, version, &plaintext, &aad)
-            .map(|(version, sealed)| Reply::Encrypted { version, sealed }),
+        } => {
+            // The request's copy of the plaintext is wiped once sealed.
+            let plaintext = zeroize::Zeroizing::new(plaintext);
+            v.encrypt(&name, version, &plaintext, &aad)
+                .map(|(version, sealed)| Reply::Encrypted { version, sealed })
+        }
         Operation::Decrypt {
             name,
             version,

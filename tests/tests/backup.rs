@@ -278,3 +278,77 @@ fn a_backup_needs_the_keystore_unlocked_and_the_right_slot_secret() {
     assert!(err.contains("no keyfile slot of the backup accepts"), "{err}");
     assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "uninitialized");
 }
+
+/// `archive` with one byte of its sealed keystore flipped and its checksum
+/// recomputed, so that only the seal can tell.
+fn edited_with_checksum_recomputed(archive: &[u8]) -> Vec<u8> {
+    use sha2::{Digest as _, Sha256};
+    let header_len = u32::from_be_bytes(archive[8..12].try_into().expect("4 bytes")) as usize;
+    let sealed_at = 12 + header_len;
+    let mut bad = archive[..archive.len() - 32].to_vec();
+    // Past the nonce, inside the ciphertext.
+    bad[sealed_at + 40] ^= 0x01;
+    let sum = Sha256::digest(&bad);
+    bad.extend_from_slice(&sum);
+    bad
+}
+
+#[test]
+fn an_archive_edited_under_a_recomputed_checksum_is_named_as_tampering_not_a_wrong_secret() {
+    let d = Daemon::start();
+    let dir = d.dir().to_owned();
+    let keyfile = dir.join("unlock.key");
+    ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+    ok(&d.hsmctl(&["key", "create", "k", "--type", "ed25519"]));
+    let pass_file = dir.join("backup-pass");
+    fs::write(&pass_file, "correct horse battery staple\n").expect("write");
+    let wrong = dir.join("wrong");
+    fs::write(&wrong, "not the passphrase at all\n").expect("write");
+    let by_master = dir.join("master.hsmdbak");
+    let by_pass = dir.join("pass.hsmdbak");
+    ok(&d.hsmctl(&["backup", "create", p(&by_master)]));
+    ok(&d.hsmctl(&["backup", "create", p(&by_pass), "--passphrase-file", p(&pass_file)]));
+    let header = |path: &Path| -> Value {
+        let bytes = fs::read(path).expect("read");
+        let len = u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+        serde_json::from_slice(&bytes[12..12 + len]).expect("header")
+    };
+    assert_eq!(header(&by_pass)["manifest"]["format"], 2);
+    assert_eq!(header(&by_pass)["check"].as_str().map(str::len), Some(32));
+
+    let other = fresh();
+    for (archive, secret) in [
+        (&by_master, ["--keyfile", p(&keyfile)]),
+        (&by_pass, ["--passphrase-file", p(&pass_file)]),
+    ] {
+        let bad = other.dir().join("edited.hsmdbak");
+        fs::write(&bad, edited_with_checksum_recomputed(&fs::read(archive).expect("read"))).expect("write");
+        // The checksum alone finds nothing.
+        ok(&other.hsmctl(&["backup", "verify", p(&bad)]));
+        // Tampering is not a wrong secret, so it is not counted: asking
+        // again at once is not held back.
+        for cmd in ["verify", "restore", "verify"] {
+            let err = refused(
+                &other.hsmctl(&["backup", cmd, p(&bad), secret[0], secret[1]]),
+                "tampered",
+            );
+            assert!(
+                err.contains("backup archive tampered") && err.contains("recomputed"),
+                "{err}"
+            );
+        }
+        assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "uninitialized");
+    }
+    // A wrong passphrase is still a wrong passphrase.
+    let bad = other.dir().join("edited.hsmdbak");
+    fs::write(
+        &bad,
+        edited_with_checksum_recomputed(&fs::read(&by_pass).expect("read")),
+    )
+    .expect("write");
+    refused(
+        &other.hsmctl(&["backup", "verify", p(&bad), "--passphrase-file", p(&wrong)]),
+        "unlock-failed",
+    );
+    assert!(other.log().contains("backup archive tampered"), "{}", other.log());
+}

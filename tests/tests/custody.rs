@@ -257,15 +257,17 @@ fn an_edited_slot_no_longer_unlocks_and_an_inflated_cost_is_refused_unrun() {
     );
     d.restart(true);
     let started = Instant::now();
-    // Slot 1's flipped byte looks like any wrong secret (the AEAD cannot
-    // tell), but slot 2's parameters cannot even be tried: named as tampering,
-    // not as a wrong passphrase, and not counted toward the back-off.
+    // Slot 1's seal fails under the right passphrase (its check value says
+    // the passphrase is right), and slot 2's parameters cannot even be tried:
+    // both named as tampering, not as a wrong passphrase, and not counted
+    // toward the back-off.
     for _ in 0..3 {
         let err = refused(
             &d.hsmctl_with_stdin(&["unlock"], format!("{PASS}\n").as_bytes()),
             "tampered",
         );
         assert!(err.contains("slot 2") && err.contains("edited"), "{err}");
+        assert!(err.contains("slot 1's sealed master key was edited"), "{err}");
     }
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -273,6 +275,74 @@ fn an_edited_slot_no_longer_unlocks_and_an_inflated_cost_is_refused_unrun() {
     );
     assert!(d.log().contains("keystore record tampered"), "{}", d.log());
     assert_eq!(state(&d), ServiceState::Locked);
+}
+
+#[test]
+fn a_slot_whose_seal_was_edited_is_tampering_for_its_own_secret_and_a_wrong_secret_for_others() {
+    let mut d = Daemon::start();
+    let keyfile = d.dir().join("k.key");
+    let key = keyfile.to_str().expect("utf-8");
+    ok(&d.hsmctl(&["init", "--keyfile-out", key]));
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(Duration::from_secs(10));
+    // One byte of the sealed master key (past the 16-byte check value and the nonce).
+    slot_column(
+        &d,
+        "UPDATE slots SET wrapped = CAST(substr(wrapped, 1, 40) || x'00' || substr(wrapped, 42) AS BLOB) WHERE id = 1;",
+    );
+    d.restart(true);
+    let started = Instant::now();
+    for _ in 0..3 {
+        let err = refused(&d.hsmctl(&["unlock", "--keyfile", key]), "tampered");
+        assert!(err.contains("slot 1's sealed master key was edited"), "{err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not counted toward the back-off"
+    );
+    let stranger = d.dir().join("stranger.key");
+    fs::write(&stranger, [7u8; 32]).expect("write");
+    refused(
+        &d.hsmctl(&["unlock", "--keyfile", stranger.to_str().expect("utf-8")]),
+        "unlock-failed",
+    );
+    assert!(d.log().contains("keystore record tampered"), "{}", d.log());
+
+    // A slot cut to another length is named too.
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(Duration::from_secs(10));
+    slot_column(
+        &d,
+        "UPDATE slots SET wrapped = CAST(substr(wrapped, 1, 70) AS BLOB) WHERE id = 1;",
+    );
+    d.restart(true);
+    let err = refused(&d.hsmctl(&["unlock", "--keyfile", key]), "tampered");
+    assert!(err.contains("wrong length"), "{err}");
+}
+
+#[test]
+fn a_slot_made_before_check_values_still_unlocks() {
+    let mut d = Daemon::start();
+    let keyfile = d.dir().join("k.key");
+    let key = keyfile.to_str().expect("utf-8");
+    ok(&d.hsmctl(&["init", "--keyfile-out", key]));
+    ok(&d.hsmctl(&["key", "create", "k", "--type", "ed25519"]));
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(Duration::from_secs(10));
+    // The seal alone, as slots were stored before: 60 bytes.
+    slot_column(
+        &d,
+        "UPDATE slots SET wrapped = CAST(substr(wrapped, 17) AS BLOB) WHERE id = 1;",
+    );
+    let conn = rusqlite::Connection::open(d.dir().join("state/keystore.sqlite")).expect("open");
+    let len: i64 = conn
+        .query_row("SELECT length(wrapped) FROM slots WHERE id = 1", [], |r| r.get(0))
+        .expect("slot");
+    assert_eq!(len, 60);
+    drop(conn);
+    d.restart(true);
+    ok(&d.hsmctl(&["unlock", "--keyfile", key]));
+    ok(&d.hsmctl(&["key", "info", "k"]));
 }
 
 #[test]

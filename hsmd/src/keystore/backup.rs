@@ -33,7 +33,8 @@ use super::{
 };
 
 const MAGIC: &[u8; 8] = b"HSMDBAK1";
-const FORMAT: u32 = 1;
+/// The format written. Format 1 (read still) had no check value.
+const FORMAT: u32 = 2;
 /// The largest header accepted (it holds a few slots, not data).
 const MAX_HEADER: usize = 1024 * 1024;
 /// The largest archive accepted.
@@ -61,6 +62,10 @@ struct Header {
     slots: Vec<ArchivedSlot>,
     /// Salt of the HKDF that derives a master-key backup's key.
     salt: String,
+    /// Check value of the archive key (format 2 on), hex: with it a seal that
+    /// fails under the right key is named as tampering, not a wrong secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    check: Option<String>,
 }
 
 /// A parsed archive whose checksum matched.
@@ -96,9 +101,9 @@ fn parse(archive: &[u8]) -> Result<Parsed<'_>, VaultError> {
     }
     let header_bytes = &body[12..12 + header_len];
     let header: Header = serde_json::from_slice(header_bytes).map_err(|e| damaged(format!("its header: {e}")))?;
-    if header.manifest.format != FORMAT {
+    if !(1..=FORMAT).contains(&header.manifest.format) {
         return Err(damaged(format!(
-            "it has format {}, and this hsmd reads format {FORMAT}",
+            "it has format {}, and this hsmd reads formats 1 to {FORMAT}",
             header.manifest.format
         )));
     }
@@ -114,6 +119,13 @@ fn master_backup_key(master: &Key256, salt: &[u8]) -> Key256 {
     // Infallible: 32 bytes is far below HKDF-SHA-256's output limit.
     let _ = Hkdf::<Sha256>::new(Some(salt), master.as_ref()).expand(b"hsmd backup key v1", key.as_mut());
     key
+}
+
+/// The archive key's check value; bound to the keystore it holds.
+fn archive_check(key: &Key256, store_id_hex: &str) -> String {
+    let mut context = b"hsmd backup archive key\0".to_vec();
+    context.extend_from_slice(store_id_hex.as_bytes());
+    hex::encode(crypto::check_value(key, &context))
 }
 
 fn hex_decode(what: &str, s: &str) -> Result<Vec<u8>, VaultError> {
@@ -248,6 +260,7 @@ impl Vault {
             authenticated: true,
         };
         let header = Header {
+            check: Some(archive_check(&key, &manifest.store_id)),
             manifest: manifest.clone(),
             kdf,
             slots,
@@ -277,10 +290,16 @@ impl Vault {
         let _gate = lock(&self.kdf_gate);
         self.check_backoff(uid)?;
         let h = &parsed.header;
-        let key = match (&h.kdf, secret) {
-            (Some(params), UnlockSecret::Passphrase(p)) => params
-                .derive(p.expose())
-                .map_err(|e| damaged(format!("its key derivation: {e}")))?,
+        // Whether the key is known to be right before the seal is tried: a
+        // slot of the archive opened, or the check value matched.
+        let (key, key_is_right) = match (&h.kdf, secret) {
+            (Some(params), UnlockSecret::Passphrase(p)) => {
+                let key = params
+                    .derive(p.expose())
+                    .map_err(|e| damaged(format!("its key derivation: {e}")))?;
+                let right = h.check.as_deref() == Some(archive_check(&key, &h.manifest.store_id).as_str());
+                (key, right)
+            }
             (Some(_), UnlockSecret::Keyfile(_) | UnlockSecret::Tpm2 | UnlockSecret::Fido2 { .. }) => {
                 return Err(VaultError::Invalid(
                     "this backup is protected by a backup passphrase; give it with --passphrase-file".into(),
@@ -302,13 +321,21 @@ impl Vault {
                     })
                     .collect::<Result<_, VaultError>>()?;
                 let store_id = hex_decode("store id", &h.manifest.store_id)?;
+                let tampered = |e: VaultError| match e {
+                    VaultError::Tampered(why) => VaultError::BackupTampered(why),
+                    other => other,
+                };
                 let (kind, opened) = match secret {
-                    UnlockSecret::Passphrase(p) => {
-                        ("passphrase", open_master(&store_id, &rows, "passphrase", p.expose())?)
-                    }
-                    UnlockSecret::Keyfile(k) => ("keyfile", open_master(&store_id, &rows, "keyfile", k.expose())?),
+                    UnlockSecret::Passphrase(p) => (
+                        "passphrase",
+                        open_master(&store_id, &rows, "passphrase", p.expose()).map_err(tampered)?,
+                    ),
+                    UnlockSecret::Keyfile(k) => (
+                        "keyfile",
+                        open_master(&store_id, &rows, "keyfile", k.expose()).map_err(tampered)?,
+                    ),
                     // The backup's TPM2 slots open on the machine whose TPM sealed them.
-                    UnlockSecret::Tpm2 => ("tpm2", self.open_tpm2(&store_id, &rows)?),
+                    UnlockSecret::Tpm2 => ("tpm2", self.open_tpm2(&store_id, &rows).map_err(tampered)?),
                     UnlockSecret::Fido2 { credential_id, secret } => (
                         "fido2",
                         open_master(
@@ -316,11 +343,12 @@ impl Vault {
                             &super::fido2_rows(&rows, credential_id),
                             "fido2",
                             secret.expose(),
-                        )?,
+                        )
+                        .map_err(tampered)?,
                     ),
                 };
                 match opened {
-                    Some((_, master)) => master_backup_key(&master, &hex_decode("salt", &h.salt)?),
+                    Some((_, master)) => (master_backup_key(&master, &hex_decode("salt", &h.salt)?), true),
                     None => {
                         self.record_failure(uid);
                         return Err(VaultError::BackupSecret(format!(
@@ -331,6 +359,15 @@ impl Vault {
             }
         };
         let payload = crypto::open(&key, parsed.sealed, &aad(parsed.header_bytes)).map_err(|_| {
+            if key_is_right {
+                // Not a wrong secret, so not counted toward the back-off.
+                tracing::error!("backup archive tampered: its seal fails under the right key");
+                return VaultError::BackupTampered(
+                    "its sealed keystore or its header was changed after it was made, and its checksum \
+                     recomputed to match; the secret given is right. Use another copy of the backup"
+                        .into(),
+                );
+            }
             self.record_failure(uid);
             VaultError::BackupSecret("the backup does not open with this passphrase".into())
         })?;
@@ -466,7 +503,50 @@ mod tests {
             kdf: None,
             slots: Vec::new(),
             salt: "00".into(),
+            check: None,
         }
+    }
+
+    /// An archive as hsmd wrote it before check values: format 1, no `check`
+    /// in the header, and slots that are the seal alone.
+    #[test]
+    fn a_format_1_archive_with_slots_made_before_check_values_still_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault = Vault::open(dir.path(), super::super::Argon2Cost::FLOOR).unwrap();
+        let keyfile = vec![5u8; 32];
+        vault
+            .init(&protocol::NewSlot::Keyfile {
+                label: String::new(),
+                key: protocol::SecretBytes::new(keyfile.clone()),
+            })
+            .unwrap();
+        let (archive, _) = vault.create_backup(&BackupProtection::MasterKey).unwrap();
+        let parsed = parse(&archive).unwrap();
+        let key = master_backup_key(&vault.master().unwrap(), &hex::decode(&parsed.header.salt).unwrap());
+        let payload = crypto::open(&key, parsed.sealed, &aad(parsed.header_bytes)).unwrap();
+        let mut old = parsed.header.clone();
+        assert!(old.check.is_some(), "format 2 writes a check value");
+        old.check = None;
+        old.manifest.format = 1;
+        for slot in &mut old.slots {
+            assert_eq!(
+                slot.wrapped.len(),
+                2 * (crypto::CHECK_LEN + super::super::SEALED_MASTER_LEN)
+            );
+            slot.wrapped = slot.wrapped[2 * crypto::CHECK_LEN..].to_owned();
+        }
+        let old_bytes = serde_json::to_vec(&old).unwrap();
+        let sealed = crypto::seal(&key, &payload, &aad(&old_bytes)).unwrap();
+        let old_archive = archive_with(&old, &sealed);
+        assert!(!String::from_utf8_lossy(&old_archive).contains("\"check\""));
+
+        let secret = UnlockSecret::Keyfile(protocol::SecretBytes::new(keyfile));
+        let manifest = vault.verify_backup(0, &old_archive, Some(&secret)).unwrap();
+        assert!(manifest.authenticated);
+        vault.restore_backup(0, &old_archive, &secret, true).unwrap();
+        // The restored keystore's own slot (made with a check value) unlocks.
+        vault.unlock(0, &secret).unwrap();
+        assert_eq!(vault.state(), ServiceState::Unlocked);
     }
 
     #[test]

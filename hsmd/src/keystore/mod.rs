@@ -67,6 +67,10 @@ pub enum VaultError {
     /// A backup archive did not open with the secret given.
     #[error("{0}")]
     BackupSecret(String),
+    /// A backup archive was edited in a way its checksum does not show (the
+    /// checksum was recomputed): found once the right secret was given.
+    #[error("backup archive tampered: {0}")]
+    BackupTampered(String),
     /// Too many wrong secrets from this uid.
     #[error("too many failed unlock attempts from uid {uid}; try again in {} ms", retry_after.as_millis())]
     Backoff {
@@ -143,7 +147,7 @@ impl VaultError {
             Self::NoSuchSlot(_) => ErrorCode::NotFound,
             Self::LastSlot(_) => ErrorCode::FailedPrecondition,
             Self::Invalid(_) => ErrorCode::InvalidArgument,
-            Self::Tampered(_) => ErrorCode::Tampered,
+            Self::Tampered(_) | Self::BackupTampered(_) => ErrorCode::Tampered,
             Self::NoSuchKey(_) => ErrorCode::NotFound,
             Self::KeyExists(_) => ErrorCode::AlreadyExists,
             Self::DecryptFailed(_) => ErrorCode::DecryptFailed,
@@ -379,7 +383,31 @@ fn open_slot(
         }
     };
     let aad = slot_aad(store_id, &row.kind, &row.params);
-    let Ok(opened) = crypto::open(&kek, &row.wrapped, &aad) else {
+    let Some((check, sealed)) = split_slot_seal(&row.wrapped) else {
+        tracing::error!(
+            slot = row.id,
+            "keystore record tampered: slot's sealed master key has the wrong length"
+        );
+        edited.push(format!(
+            "slot {}'s sealed master key has the wrong length (edited)",
+            row.id
+        ));
+        return Ok(None);
+    };
+    let Ok(opened) = crypto::open(&kek, sealed, &aad) else {
+        // With the right secret the check value matches: the seal itself was
+        // edited. (The value is no secret: comparing it in variable time
+        // tells nothing a guesser could not compute.)
+        if check.is_some_and(|c| c == crypto::check_value(&kek, &aad)) {
+            tracing::error!(
+                slot = row.id,
+                "keystore record tampered: slot's sealed master key fails with the right secret"
+            );
+            edited.push(format!(
+                "slot {}'s sealed master key was edited (the secret given is right for it)",
+                row.id
+            ));
+        }
         return Ok(None);
     };
     let Ok(master) = <[u8; 32]>::try_from(opened.as_slice()) else {
@@ -398,6 +426,23 @@ fn backend_pin_aad(store_id: &[u8]) -> Vec<u8> {
     let mut aad = b"hsmd pkcs11 pin v1\0".to_vec();
     aad.extend_from_slice(store_id);
     aad
+}
+
+/// A slot's sealed master key: 12-byte nonce, 32 bytes sealed, 16-byte tag.
+const SEALED_MASTER_LEN: usize = crate::aead::NONCE_LEN + 32 + crate::aead::TAG_LEN;
+
+/// A slot's stored bytes: a check value of the slot key, then the sealed
+/// master key; slots made before check values are the seal alone. `None`
+/// for any other length.
+fn split_slot_seal(wrapped: &[u8]) -> Option<(Option<[u8; crypto::CHECK_LEN]>, &[u8])> {
+    match wrapped.len() {
+        SEALED_MASTER_LEN => Some((None, wrapped)),
+        n if n == crypto::CHECK_LEN + SEALED_MASTER_LEN => {
+            let (check, sealed) = wrapped.split_at(crypto::CHECK_LEN);
+            Some((check.try_into().ok(), sealed))
+        }
+        _ => None,
+    }
 }
 
 fn slot_aad(store_id: &[u8], kind: &str, params: &str) -> Vec<u8> {
@@ -908,7 +953,9 @@ impl Vault {
         };
         let json = serde_json::to_string(&params).map_err(|e| VaultError::Invalid(e.to_string()))?;
         let kind = params.kind();
-        let wrapped = crypto::seal(&kek, master.as_ref(), &slot_aad(store_id, kind, &json))?;
+        let aad = slot_aad(store_id, kind, &json);
+        let mut wrapped = crypto::check_value(&kek, &aad).to_vec();
+        wrapped.extend_from_slice(&crypto::seal(&kek, master.as_ref(), &aad)?);
         Ok(SlotRow {
             id: 0,
             kind: kind.to_owned(),

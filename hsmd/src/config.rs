@@ -432,6 +432,11 @@ pub struct Limits {
     pub reserved_connections: u32,
     /// Requests one connection may have in flight; further ones wait unread.
     pub max_requests_in_flight: u32,
+    /// Bytes of request frames held at once, from a frame's header until its
+    /// answer is written; a connection over it waits, unread.
+    pub frame_memory: u32,
+    /// … of which one uid may hold.
+    pub frame_memory_per_uid: u32,
     /// A frame must arrive whole within this time once its first byte has.
     #[serde(with = "humantime_serde")]
     pub frame_timeout: Duration,
@@ -541,6 +546,8 @@ impl Default for Limits {
             max_connections_per_uid: 32,
             reserved_connections: 8,
             max_requests_in_flight: 32,
+            frame_memory: 8 * 1024 * 1024,
+            frame_memory_per_uid: 4 * 1024 * 1024,
             frame_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
@@ -745,6 +752,26 @@ impl Config {
             if !(lo..=hi).contains(&value) {
                 return Err((key, format!("{value} is out of range; use {lo} to {hi}")));
             }
+        }
+        // A connection waits for room for its next frame: one whole frame must
+        // fit in a uid's share, or it would wait forever.
+        if l.frame_memory_per_uid < l.max_frame_bytes {
+            return Err((
+                "limits.frame_memory_per_uid",
+                format!(
+                    "{} is below limits.max_frame_bytes ({}): a largest frame could never be read",
+                    l.frame_memory_per_uid, l.max_frame_bytes
+                ),
+            ));
+        }
+        if l.frame_memory < l.frame_memory_per_uid {
+            return Err((
+                "limits.frame_memory",
+                format!(
+                    "{} is below limits.frame_memory_per_uid ({}); use at least that",
+                    l.frame_memory, l.frame_memory_per_uid
+                ),
+            ));
         }
         for (key, value) in [
             ("limits.frame_timeout", l.frame_timeout),
@@ -1041,6 +1068,8 @@ mod tests {
         for (text, key) in [
             ("[limits]\nmax_frame_bytes = 10\n", "limits.max_frame_bytes"),
             ("[limits]\nmax_frame_bytes = 4294967295\n", "limits.max_frame_bytes"),
+            ("[limits]\nmax_frame_bytes = 8388608\n", "limits.frame_memory_per_uid"),
+            ("[limits]\nframe_memory = 1048576\n", "limits.frame_memory"),
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
             ("[limits]\nidle_timeout = \"1ms\"\n", "limits.idle_timeout"),
             ("[socket]\npath = \"relative.sock\"\n", "socket.path"),

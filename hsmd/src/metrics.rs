@@ -75,6 +75,8 @@ pub struct Metrics {
     log_dropped: Family<Reason, Counter>,
     connections: Gauge,
     connections_refused: Family<Reason, Counter>,
+    frame_memory: Gauge,
+    frame_memory_waits: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -180,6 +182,18 @@ impl Metrics {
             "Connections refused for a limit: per_uid (limits.max_connections_per_uid) or total (limits.max_connections)",
             connections_refused.clone(),
         );
+        let frame_memory = Gauge::default();
+        registry.register(
+            "frame_memory_bytes",
+            "Bytes of request frames held now, from header to written answer (limits.frame_memory)",
+            frame_memory.clone(),
+        );
+        let frame_memory_waits = Counter::default();
+        registry.register(
+            "frame_memory_waits",
+            "Times a connection stopped reading to wait for room under limits.frame_memory or its per-uid share",
+            frame_memory_waits.clone(),
+        );
         Self {
             registry,
             requests,
@@ -197,6 +211,8 @@ impl Metrics {
             log_dropped,
             connections,
             connections_refused,
+            frame_memory,
+            frame_memory_waits,
         }
     }
 
@@ -221,6 +237,11 @@ impl Metrics {
     /// Counts a connection refused for a limit (`per_uid` or `total`).
     pub fn connection_refused(&self, limit: &'static str) {
         self.connections_refused.get_or_create(&Reason { reason: limit }).inc();
+    }
+
+    /// Counts a connection waiting for room for its next frame.
+    pub fn frame_memory_wait(&self) {
+        self.frame_memory_waits.inc();
     }
 
     /// Counts a rate-limited request.
@@ -255,6 +276,8 @@ impl Metrics {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
         self.connections.set(i64::from(shared.counters.connections()));
+        self.frame_memory
+            .set(i64::try_from(shared.frame_budget.held()).unwrap_or(i64::MAX));
         for b in shared.vault.backends().statuses() {
             self.backend_up
                 .get_or_create(&Backend {

@@ -496,6 +496,16 @@ impl Daemon {
             .expect("VmHWM in /proc status")
     }
 
+    /// The daemon's resident set now (VmRSS), KiB.
+    pub fn vm_rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+
     /// Peak virtual memory of the daemon (VmPeak), in KiB.
     pub fn vm_peak_kib(&self) -> u64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");

@@ -274,3 +274,50 @@ fn one_uid_gets_its_share_of_connections_and_root_and_admins_still_get_in() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The value of one unlabelled metric in `hsmctl metrics` output.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+#[test]
+fn half_sent_large_frames_hold_only_their_share_of_frame_memory() {
+    // Enough connections for one uid that, unbounded, they would hold 150 MiB.
+    let Some(s) = setup(
+        Daemon::builder()
+            .limit("max_connections", "256")
+            .limit("max_connections_per_uid", "200"),
+    ) else {
+        return;
+    };
+    ok(&s.d.hsmctl(&["status"]));
+    let before = s.d.vm_rss_kib();
+    let attack = s.hostile(ATTACKER, "half-frames", 150);
+    assert_eq!(attack.ok, 150, "{}", attack.first_refusal);
+    // Time for hsmd to read all it will (well inside limits.frame_timeout).
+    std::thread::sleep(Duration::from_secs(2));
+    let during = s.d.vm_rss_kib();
+    let metrics = ok(&s.d.hsmctl(&["metrics"]));
+    let held = metric(&metrics, "hsmd_frame_memory_bytes");
+    let waits = metric(&metrics, "hsmd_frame_memory_waits_total");
+    println!("RSS {before} KiB before, {during} KiB with 150 half-sent 1 MiB frames; frame memory held {held} B, waits {waits}");
+    // The attacker's share (limits.frame_memory_per_uid, 4 MiB): four frames.
+    assert!(held <= 4.0 * 1024.0 * 1024.0, "held {held}");
+    assert!(held >= 3.0 * 1024.0 * 1024.0, "the first frames were read: held {held}");
+    assert!(waits >= 100.0, "the rest wait: {waits}");
+    assert!(
+        during < before + 16 * 1024,
+        "RSS grew from {before} KiB to {during} KiB"
+    );
+    // Others have the rest of the frame memory: root and another user are served.
+    s.within("root's status", Duration::from_secs(1), || {
+        ok(&s.d.hsmctl(&["status"]));
+    });
+    s.within("another user's sign", Duration::from_secs(2), || {
+        ok(&s.hsmctl_as(OTHER, &["sign", "s", "-i", "data", "-o", "data.sig"]));
+    });
+    drop(attack);
+}

@@ -27,6 +27,7 @@ use tokio::{
 use tracing::Instrument;
 
 use super::{
+    budget::{FrameBudget, Waiter},
     dispatch::{self, Answer, Caller, Work},
     wiped::{self, InBuf},
     InFlight, Shared, REFUSAL_WRITE_TIMEOUT, VERSION,
@@ -186,9 +187,9 @@ struct Connection {
     stream: UnixStream,
     caller: Arc<Caller>,
     shared: Arc<Shared>,
-    /// Answers from the blocking pool.
-    done_tx: mpsc::UnboundedSender<(u64, Answer)>,
-    done_rx: mpsc::UnboundedReceiver<(u64, Answer)>,
+    /// Answers from the blocking pool, with the frame bytes each was charged.
+    done_tx: mpsc::UnboundedSender<(u64, Answer, usize)>,
+    done_rx: mpsc::UnboundedReceiver<(u64, Answer, usize)>,
     /// Requests handed to the pool and not yet answered.
     in_flight: usize,
     /// Answers waiting for their audit line.
@@ -206,6 +207,17 @@ struct Connection {
     fds: VecDeque<OwnedFd>,
     /// Room for the ancillary data of one read.
     cmsg: Vec<u8>,
+    /// The daemon's frame memory, and what this connection holds of it: the
+    /// frame being received (once its header is in), requests in flight, and
+    /// answers not yet written. All given back when the connection ends.
+    budget: Arc<FrameBudget>,
+    charged: usize,
+    /// The charge of the frame being received, once its header is in.
+    frame_charge: Option<usize>,
+    /// The charge of the frame being handled, until a job takes it.
+    handling_charge: usize,
+    /// Charges of answers made, given back once written.
+    answered_charge: usize,
 }
 
 /// What one read from the peer brought.
@@ -224,6 +236,7 @@ impl Connection {
         // exist per connection, and each sends one answer.
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let progress = shared.audit.as_ref().map(|a| a.progress());
+        let budget = Arc::clone(&shared.frame_budget);
         Self {
             stream,
             caller,
@@ -238,7 +251,33 @@ impl Connection {
             rate: None,
             fds: VecDeque::new(),
             cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
+            budget,
+            charged: 0,
+            frame_charge: None,
+            handling_charge: 0,
+            answered_charge: 0,
         }
+    }
+
+    /// Charges the frame being received `bytes`; `false` if there is no room
+    /// now, for the caller's uid or for anyone.
+    fn charge_frame(&mut self, bytes: usize) -> bool {
+        if self.frame_charge.is_some() {
+            return true;
+        }
+        if !self.budget.try_charge(self.caller.peer.creds.uid, bytes) {
+            return false;
+        }
+        self.charged += bytes;
+        self.frame_charge = Some(bytes);
+        true
+    }
+
+    /// Gives back the charges of answers made so far (they have been written).
+    fn release_answered(&mut self) {
+        let bytes = std::mem::take(&mut self.answered_charge);
+        self.charged -= bytes;
+        self.budget.release(self.caller.peer.creds.uid, bytes);
     }
 
     /// Reads what the peer sent, with any descriptors it passed (recvmsg, not
@@ -310,9 +349,9 @@ impl Connection {
             while self.in_flight > 0 || !self.held.is_empty() {
                 tokio::select! {
                     got = self.done_rx.recv() => {
-                        let Some((id, answer)) = got else { break };
+                        let Some((id, answer, charge)) = got else { break };
                         self.in_flight -= 1;
-                        self.deliver(id, answer);
+                        self.deliver(id, answer, charge);
                     }
                     () = progressed(&mut self.progress), if !self.held.is_empty() => self.release(),
                 }
@@ -332,7 +371,10 @@ impl Connection {
         let mut last_activity = Instant::now();
         // When the first byte of the frame now being received arrived.
         let mut frame_started: Option<Instant> = None;
+        // Set while there is no room in the frame memory for the next frame.
+        let mut waiter: Option<Waiter> = None;
         loop {
+            let mut blocked = false;
             // Answer every whole frame already buffered, while there is room in flight.
             while self.in_flight < max_in_flight {
                 match frame::check(buf.filled(), limits.max_frame_bytes) {
@@ -346,13 +388,26 @@ impl Connection {
                         return Ending::Refused;
                     }
                     Ok(FrameStatus::Incomplete { buffered_at_least }) => {
+                        // Past the header the frame's length is known: it is
+                        // charged before its buffer grows.
+                        if buffered_at_least > HEADER_LEN && !self.charge_frame(buffered_at_least - HEADER_LEN) {
+                            blocked = true;
+                            break;
+                        }
                         // The header was checked against the limit above, so this
                         // reservation is bounded by max_frame_bytes.
                         buf.make_room(buffered_at_least.saturating_sub(buf.len()));
                         break;
                     }
                     Ok(FrameStatus::Complete { body_len }) => {
+                        if !self.charge_frame(body_len) {
+                            blocked = true;
+                            break;
+                        }
+                        self.handling_charge = self.frame_charge.take().unwrap_or(0);
                         let keep = self.handle_frame(&buf.filled()[HEADER_LEN..HEADER_LEN + body_len]);
+                        // Unless a job took it, the answer is already made.
+                        self.answered_charge += std::mem::take(&mut self.handling_charge);
                         // Zeroed as it goes: the frame may have carried a secret.
                         buf.consume(HEADER_LEN + body_len);
                         last_activity = Instant::now();
@@ -373,10 +428,21 @@ impl Connection {
             if !self.flush().await {
                 return Ending::Broken;
             }
-            // At the in-flight limit the peer is not read until answers go out.
-            // That wait is ours, so a partly received frame is not timed meanwhile:
-            // its clock restarts when reading resumes.
-            let may_read = self.in_flight < max_in_flight;
+            if !blocked {
+                waiter = None;
+            } else if waiter.is_none() {
+                // Registered before trying again, so that no release between
+                // the failed try and the wait goes unseen.
+                tracing::debug!(uid = self.caller.peer.creds.uid, "waiting for frame memory");
+                self.shared.metrics.frame_memory_wait();
+                waiter = Some(self.budget.waiter());
+                continue;
+            }
+            // At the in-flight limit, or waiting for frame memory, the peer is
+            // not read until answers go out. That wait is ours, so a partly
+            // received frame is not timed meanwhile: its clock restarts when
+            // reading resumes.
+            let may_read = self.in_flight < max_in_flight && !blocked;
             if !may_read {
                 frame_started = None;
             } else if !buf.is_empty() && frame_started.is_none() {
@@ -393,17 +459,18 @@ impl Connection {
                         "hsmd is shutting down; requests already sent are answered, no new ones are read");
                     return Ending::Refused;
                 }
-                Some((id, answer)) = self.done_rx.recv() => {
+                Some((id, answer, charge)) = self.done_rx.recv() => {
                     self.in_flight -= 1;
-                    self.deliver(id, answer);
+                    self.deliver(id, answer, charge);
                     // Gather any others that are ready into the same write.
                     while self.out.len() < WRITE_BATCH {
-                        let Ok((id, answer)) = self.done_rx.try_recv() else { break };
+                        let Ok((id, answer, charge)) = self.done_rx.try_recv() else { break };
                         self.in_flight -= 1;
-                        self.deliver(id, answer);
+                        self.deliver(id, answer, charge);
                     }
                     last_activity = Instant::now();
                 }
+                () = async { if let Some(w) = waiter.as_mut() { w.freed().await } }, if blocked => {}
                 () = progressed(&mut self.progress), if !self.held.is_empty() => {
                     self.release();
                     last_activity = Instant::now();
@@ -455,13 +522,17 @@ impl Connection {
     /// has stopped reading for longer than the frame timeout.
     async fn flush(&mut self) -> bool {
         if self.out.is_empty() {
+            self.release_answered();
             return true;
         }
         let result = timeout(self.shared.limits.frame_timeout, self.stream.write_all(&self.out)).await;
         // Answers may carry plaintext: zeroed once written.
         wiped::clear(&mut self.out, 4 * WRITE_BATCH, WRITE_BATCH);
         match result {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => {
+                self.release_answered();
+                true
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "write failed");
                 false
@@ -565,7 +636,7 @@ impl Connection {
         }
         let (job, own_thread) = match dispatch::route(op, &self.caller, &self.shared, attached) {
             Work::Done(answer) => {
-                self.deliver(id, answer);
+                self.deliver(id, answer, 0);
                 return true;
             }
             Work::Blocking(job) => (job, false),
@@ -573,6 +644,8 @@ impl Connection {
         };
         self.in_flight += 1;
         let tx = self.done_tx.clone();
+        // The job carries its frame's charge; it comes back with the answer.
+        let charge = std::mem::take(&mut self.handling_charge);
         let counted = InFlight::new(Arc::clone(&self.shared));
         let span = tracing::Span::current();
         let run = move || {
@@ -585,7 +658,7 @@ impl Connection {
                 )))
             });
             drop(counted);
-            let _ = tx.send((id, answer));
+            let _ = tx.send((id, answer, charge));
         };
         if !own_thread {
             tokio::task::spawn_blocking(run);
@@ -593,6 +666,7 @@ impl Connection {
             // The closure (and the transfer's place in it) is gone with the error.
             tracing::error!(request = id, error = %e, "cannot start a transfer thread");
             self.in_flight -= 1;
+            self.answered_charge += charge;
             self.push_error(
                 id,
                 ErrorCode::Busy,
@@ -662,7 +736,10 @@ impl Connection {
     /// written. Held answers are not counted in flight: the audit log's queue
     /// (`audit.buffer_events`) bounds them, and counting them would halve a
     /// pipelining client's depth.
-    fn deliver(&mut self, id: u64, answer: Answer) {
+    fn deliver(&mut self, id: u64, answer: Answer, charge: usize) {
+        // Given back at the next write: a held answer's bytes are bounded by
+        // the audit queue instead.
+        self.answered_charge += charge;
         let Answer { result, audit } = answer;
         if let (Some(ticket), Some(a)) = (audit, &self.shared.audit) {
             match a.settle(ticket) {
@@ -723,6 +800,9 @@ impl Drop for Connection {
     fn drop(&mut self) {
         // Answers never written (the peer left) may carry plaintext.
         wiped::clear(&mut self.out, 0, 0);
+        // Jobs still running keep their bytes until they end, unaccounted:
+        // at most max_requests_in_flight of them.
+        self.budget.release(self.caller.peer.creds.uid, self.charged);
     }
 }
 

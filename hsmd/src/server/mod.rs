@@ -1,6 +1,7 @@
 //! The socket front end: accepts connections, enforces the connection limit, and
 //! runs one task per connection. Nothing below this module knows about sockets.
 
+pub(crate) mod budget;
 mod connection;
 pub mod dispatch;
 pub mod listener;
@@ -78,6 +79,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Identity lookups at connect, on threads of their own.
     pub lookups: crate::auth::lookups::Lookups,
+    /// Bytes of request frames held at once.
+    pub(crate) frame_budget: Arc<budget::FrameBudget>,
 }
 
 impl Shared {
@@ -95,7 +98,12 @@ impl Shared {
     /// Builds the shared state.
     #[must_use]
     pub fn new(limits: Limits, gate: AccessGate, dev: bool, vault: Arc<Vault>) -> Self {
+        let frame_budget = Arc::new(budget::FrameBudget::new(
+            limits.frame_memory as usize,
+            limits.frame_memory_per_uid as usize,
+        ));
         Self {
+            frame_budget,
             limits,
             gate,
             dev,

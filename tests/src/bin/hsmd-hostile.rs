@@ -7,6 +7,8 @@
 //! hsmd-hostile silent-pipes SOCKET N   N connections, each storing from a pipe nobody writes to
 //! hsmd-hostile connections SOCKET N    N connections that say hello and nothing more
 //! hsmd-hostile sessions SOCKET N       one connection opening N frame-path store sessions
+//! hsmd-hostile half-frames SOCKET N    N connections, each sending the header of a 1 MiB
+//!                                      frame and 4 KiB of it, then nothing
 //! hsmd-hostile flood SOCKET N          N rounds of mixed hostile traffic, then exits
 //! hsmd-hostile soak SOCKET SECONDS     flood rounds for that long, then exits
 //! ```
@@ -129,6 +131,28 @@ fn sessions(socket: &str, n: usize) -> ! {
     hold_forever();
 }
 
+fn half_frames(socket: &str, n: usize) -> ! {
+    use std::io::Write as _;
+    let mut open = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..n {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(mut raw) => {
+                // Under the default limits.max_frame_bytes (1 MiB).
+                let mut frame = (1024 * 1024 - 64u32).to_be_bytes().to_vec();
+                frame.extend(std::iter::repeat_n(i as u8, 4096));
+                match raw.write_all(&frame) {
+                    Ok(()) => open.push(raw),
+                    Err(e) => refused.push(e.to_string()),
+                }
+            }
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    report(open.len(), &refused);
+    hold_forever();
+}
+
 /// One round of hostile traffic per call; `round` makes the names unique.
 fn flood_round(socket: &str, c: &mut Client, round: usize) {
     use std::io::Write as _;
@@ -243,13 +267,14 @@ fn main() -> ExitCode {
         args.get(2),
         args.get(3).and_then(|n| n.parse::<usize>().ok()),
     ) else {
-        eprintln!("usage: hsmd-hostile silent-pipes|connections|sessions SOCKET N");
+        eprintln!("usage: hsmd-hostile silent-pipes|connections|sessions|half-frames|flood|soak SOCKET N");
         return ExitCode::from(2);
     };
     match what.as_str() {
         "silent-pipes" => silent_pipes(socket, n),
         "connections" => connections(socket, n),
         "sessions" => sessions(socket, n),
+        "half-frames" => half_frames(socket, n),
         "flood" => flood(socket, n),
         "soak" => soak(socket, Duration::from_secs(n as u64)),
         _ => {

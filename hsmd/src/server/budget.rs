@@ -1,0 +1,157 @@
+//! The memory that request frames may hold at once, daemon-wide and per uid.
+//!
+//! A frame is charged its body length from the moment its header says how
+//! long it is (before its buffer grows to hold it) until its answer has been
+//! written: that span covers the frame's buffer, the decoded request and the
+//! answer made from it. A connection that cannot be charged stops reading and
+//! waits (its frame timer does not run meanwhile) until others' answers go out.
+//! Waiting, rather than refusing, keeps a client that pipelines large requests
+//! working, only slower; the cap per uid keeps one user from holding it all.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use tokio::sync::watch;
+
+/// Bytes of request frames held at once.
+#[derive(Debug)]
+pub struct FrameBudget {
+    total: usize,
+    per_uid: usize,
+    held: Mutex<Held>,
+    /// Bumped when bytes are given back while someone waits.
+    freed: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    total: usize,
+    /// Only uids holding bytes: bounded by the connections.
+    by_uid: HashMap<u32, usize>,
+    waiting: usize,
+}
+
+impl FrameBudget {
+    /// A budget of `total` bytes, at most `per_uid` to one uid.
+    #[must_use]
+    pub fn new(total: usize, per_uid: usize) -> Self {
+        Self {
+            total,
+            per_uid,
+            held: Mutex::new(Held::default()),
+            freed: watch::channel(0).0,
+        }
+    }
+
+    /// Charges `bytes` to `uid` if both its share and the total have room.
+    /// Zero bytes always fit.
+    #[must_use]
+    pub fn try_charge(&self, uid: u32, bytes: usize) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = held.by_uid.get(&uid).copied().unwrap_or(0);
+        if mine + bytes > self.per_uid || held.total + bytes > self.total {
+            return false;
+        }
+        held.total += bytes;
+        held.by_uid.insert(uid, mine + bytes);
+        true
+    }
+
+    /// Gives back `bytes` that `uid` was charged.
+    pub fn release(&self, uid: u32, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.total = held.total.saturating_sub(bytes);
+        if let Some(mine) = held.by_uid.get_mut(&uid) {
+            *mine = mine.saturating_sub(bytes);
+            if *mine == 0 {
+                held.by_uid.remove(&uid);
+            }
+        }
+        if held.waiting > 0 {
+            self.freed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// A handle to wait for bytes to be given back: see [`Waiter::freed`].
+    #[must_use]
+    pub fn waiter(self: &Arc<Self>) -> Waiter {
+        let mut rx = self.freed.subscribe();
+        rx.mark_unchanged();
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).waiting += 1;
+        Waiter {
+            budget: Arc::clone(self),
+            rx,
+        }
+    }
+
+    /// Bytes held now, by everyone.
+    #[must_use]
+    pub fn held(&self) -> usize {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).total
+    }
+}
+
+/// One connection waiting for room; counted as waiting until dropped, so that
+/// releases wake it.
+#[derive(Debug)]
+pub struct Waiter {
+    budget: Arc<FrameBudget>,
+    rx: watch::Receiver<u64>,
+}
+
+impl Waiter {
+    /// Resolves when bytes have been given back since the last call (or since
+    /// the waiter was made): the caller then tries to charge again.
+    pub async fn freed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            // The budget lives as long as the daemon: never reached.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut held = self.budget.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.waiting = held.waiting.saturating_sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uid_is_held_to_its_share_and_everyone_to_the_total() {
+        let b = FrameBudget::new(10, 6);
+        assert!(b.try_charge(1, 6));
+        assert!(!b.try_charge(1, 1), "uid 1 is at its share");
+        assert!(b.try_charge(2, 4));
+        assert!(!b.try_charge(3, 1), "the total is reached");
+        assert!(b.try_charge(3, 0), "nothing always fits");
+        b.release(1, 6);
+        assert!(b.try_charge(3, 5));
+        assert_eq!(b.held(), 9);
+    }
+
+    #[tokio::test]
+    async fn a_release_wakes_a_waiter_made_before_it() {
+        let b = Arc::new(FrameBudget::new(4, 4));
+        assert!(b.try_charge(1, 4));
+        let mut w = b.waiter();
+        assert!(!b.try_charge(2, 1));
+        b.release(1, 4);
+        tokio::time::timeout(std::time::Duration::from_secs(1), w.freed())
+            .await
+            .expect("woken");
+        assert!(b.try_charge(2, 1));
+    }
+}

@@ -153,7 +153,8 @@ pub struct MockConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FilesConfig {
-    /// Threads that seal or open one file's chunks at once (0: one per core).
+    /// Threads that seal or open chunks, shared by all transfers running at
+    /// once (each has at least one); 0: one per core.
     pub workers: u32,
     /// How long a transfer waits on a caller's pipe that neither gives nor
     /// takes bytes before it gives up.
@@ -168,6 +169,12 @@ pub struct FilesConfig {
     pub max_sessions: u32,
     /// … of which one uid may hold; more get `busy`.
     pub max_sessions_per_uid: u32,
+    /// Bytes of chunk buffers all descriptor transfers may hold at once. A
+    /// transfer grows its buffers as it needs them while there is room; one
+    /// that cannot get even its first is refused as `busy`.
+    pub transfer_memory: u32,
+    /// … of which one uid's transfers may hold.
+    pub transfer_memory_per_uid: u32,
 }
 
 impl Default for FilesConfig {
@@ -179,6 +186,8 @@ impl Default for FilesConfig {
             max_transfers_per_uid: 4,
             max_sessions: 64,
             max_sessions_per_uid: 8,
+            transfer_memory: 24 * 1024 * 1024,
+            transfer_memory_per_uid: 18 * 1024 * 1024,
         }
     }
 }
@@ -791,6 +800,20 @@ impl Config {
             if value.is_some_and(|v| v < Duration::from_secs(1)) {
                 return Err((key, "use at least 1s, or leave it unset to turn it off".to_owned()));
             }
+        }
+        // The least a store of the largest chunks needs (two batches of one chunk).
+        let least = 2 * (crate::filestore::format::MAX_CHUNK as usize + 64);
+        if (self.files.transfer_memory_per_uid as usize) < least {
+            return Err((
+                "files.transfer_memory_per_uid",
+                format!("use at least {least} (two buffers of the largest chunk, 8 MiB)"),
+            ));
+        }
+        if self.files.transfer_memory < self.files.transfer_memory_per_uid {
+            return Err((
+                "files.transfer_memory",
+                "use at least files.transfer_memory_per_uid".to_owned(),
+            ));
         }
         if self.files.workers > 64 {
             return Err(("files.workers", "use 1 to 64, or 0 for one per core".to_owned()));

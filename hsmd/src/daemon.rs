@@ -322,6 +322,7 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     let runtime = builder
         .enable_all()
         .max_blocking_threads(config.limits.blocking_threads as usize)
+        .thread_stack_size(crate::secure_mem::THREAD_STACK)
         .thread_name("hsmd-worker")
         .build()
         .map_err(DaemonError::Runtime)?;
@@ -336,6 +337,11 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     let tuning = crate::filestore::pipeline::Tuning {
         workers: config.files.workers(),
         io_timeout: config.files.io_timeout,
+        workers_busy: Arc::default(),
+        memory: Arc::new(crate::budget::Budget::new(
+            config.files.transfer_memory as usize,
+            config.files.transfer_memory_per_uid as usize,
+        )),
     };
     let capacity = crate::filestore::service::Capacity {
         transfers: config.files.max_transfers as usize,

@@ -9,6 +9,7 @@ pub mod aead;
 pub mod audit;
 pub mod auth;
 pub mod backend;
+pub mod budget;
 pub mod config;
 pub mod daemon;
 pub mod filestore;

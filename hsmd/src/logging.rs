@@ -114,6 +114,7 @@ impl QueueWriter {
         }
         let spawned = std::thread::Builder::new()
             .name("hsmd-log".into())
+            .stack_size(crate::secure_mem::THREAD_STACK)
             .spawn(move || write_lines(&rx));
         if spawned.is_err() {
             // No thread: every line will be counted as dropped (queue full).

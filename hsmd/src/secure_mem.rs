@@ -17,6 +17,14 @@ use nix::sys::{
 };
 use thiserror::Error;
 
+/// The stack of every thread hsmd starts (glibc's default is 8 MiB of
+/// address space, Rust's 2 MiB). Under `mlockall` a thread's whole stack is
+/// locked and resident from the start, so sixteen blocking threads and the
+/// threads of sixteen file transfers at 2 MiB each would be over 100 MiB of
+/// RAM; what these threads run (key operations, SQLite, sealing chunks, user
+/// database lookups) needs a small part of this.
+pub const THREAD_STACK: usize = 512 * 1024;
+
 /// CAP_IPC_LOCK's bit in the capability sets (linux/capability.h).
 const CAP_IPC_LOCK: u32 = 14;
 

@@ -167,7 +167,17 @@ impl Setup {
 #[test]
 fn silent_pipes_held_by_one_user_cost_only_that_users_share() {
     let Some(s) = setup(Daemon::builder()) else { return };
+    ok(&s.d.hsmctl(&["status"]));
+    let before = s.d.vm_rss_kib();
     let attack = s.hostile(ATTACKER, "silent-pipes", 32);
+    // A store takes its chunk buffers only once its pipe gives bytes.
+    let during = s.d.vm_rss_kib();
+    println!("RSS {before} KiB before, {during} KiB with 4 stores waiting on silent pipes");
+    // Each waiting store costs its thread (a locked stack), not its buffers.
+    assert!(
+        during < before + 12 * 1024,
+        "RSS grew from {before} KiB to {during} KiB"
+    );
     // Four stores wait on their pipes (files.max_transfers_per_uid); the rest
     // are refused at once, naming the limit.
     assert_eq!((attack.ok, attack.refused), (4, 28), "{}", attack.first_refusal);

@@ -348,6 +348,7 @@ impl Auditor {
         let worker = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
             .name("hsmd-audit".into())
+            .stack_size(crate::secure_mem::THREAD_STACK)
             .spawn(move || worker.run())?;
         let auditor = Self {
             inner,

@@ -41,6 +41,7 @@ impl Lookups {
             let rx = Arc::clone(&rx);
             if let Err(e) = std::thread::Builder::new()
                 .name(format!("hsmd-identity-{i}"))
+                .stack_size(crate::secure_mem::THREAD_STACK)
                 .spawn(move || work(&rx))
             {
                 tracing::error!(error = %e, "cannot start an identity lookup thread");

@@ -19,7 +19,7 @@ use std::{
     io::{self, Read as _, Write as _},
     os::fd::AsFd,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc::{sync_channel, Receiver, SyncSender},
         Arc, Mutex, PoisonError,
     },
@@ -30,18 +30,25 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use crate::budget::Budget;
+
 use super::{
     format::{self, Checksum, ChunkCipher, ChunkHash, FormatError},
     store::{Chunks, Cursor, ReadError, StoreError, Writer, RECORD_PREFIX},
 };
 
 /// How a transfer runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Tuning {
-    /// Worker threads.
+    /// Worker threads of all transfers together (`files.workers`); a transfer
+    /// gets those not in use by others, and always one.
     pub workers: usize,
+    /// Worker threads in use by transfers now.
+    pub workers_busy: Arc<AtomicUsize>,
     /// How long a pipe may neither give nor take bytes.
     pub io_timeout: Duration,
+    /// The chunk buffers all transfers may hold (`files.transfer_memory`).
+    pub memory: Arc<Budget>,
 }
 
 /// Bytes of chunk buffers a transfer aims to keep at most (the pool never
@@ -73,6 +80,12 @@ pub enum TransferError {
     /// The file has more chunks than nonces allow (2^32).
     #[error("the file is too large: more than 2^32 chunks; use a larger --chunk-size")]
     TooLarge,
+    /// Not even the transfer's first buffers fit in `files.transfer_memory`.
+    #[error(
+        "hsmd's transfer buffers are in use by other transfers ({0} bytes are needed; see \
+         files.transfer_memory and files.transfer_memory_per_uid); retry shortly"
+    )]
+    Busy(usize),
 }
 
 impl From<ReadError> for TransferError {
@@ -103,13 +116,123 @@ impl FirstError {
     }
 }
 
-fn pool(count: usize, len: usize) -> (SyncSender<Buf>, Receiver<Buf>) {
-    let (tx, rx) = sync_channel(count);
-    for _ in 0..count {
-        // The channel holds exactly `count`, so these sends never block or fail.
-        let _ = tx.send(Zeroizing::new(vec![0u8; len]));
+/// A transfer's chunk buffers: made as they are needed, up to `max`, while
+/// the daemon's transfer memory has room; after that, reused as they come
+/// back. A transfer that does not keep its consumer busy (a slow pipe) never
+/// makes more than the few it starts with.
+struct Pool<'a> {
+    free_tx: SyncSender<Buf>,
+    free_rx: Mutex<Receiver<Buf>>,
+    len: usize,
+    max: usize,
+    made: AtomicUsize,
+    memory: &'a Budget,
+    uid: u32,
+}
+
+impl<'a> Pool<'a> {
+    /// Makes the first `least` buffers of `len` bytes, all charged to `uid`.
+    fn new(len: usize, max: usize, least: usize, memory: &'a Budget, uid: u32) -> Result<Self, TransferError> {
+        let (free_tx, free_rx) = sync_channel(max);
+        if !memory.try_charge(uid, least * len) {
+            return Err(TransferError::Busy(least * len));
+        }
+        for _ in 0..least {
+            // The channel holds `max` >= `least`: these sends never block or fail.
+            let _ = free_tx.send(Zeroizing::new(vec![0u8; len]));
+        }
+        Ok(Self {
+            free_tx,
+            free_rx: Mutex::new(free_rx),
+            len,
+            max,
+            made: AtomicUsize::new(least),
+            memory,
+            uid,
+        })
     }
-    (tx, rx)
+
+    /// A free buffer, a new one if there is room, or the next given back;
+    /// `None` once `stop` is set (a stage failed or finished: nothing may
+    /// come back).
+    fn take(&self, stop: &AtomicBool) -> Option<Buf> {
+        let rx = self.free_rx.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Ok(buf) = rx.try_recv() {
+            return Some(buf);
+        }
+        if self.made.load(Ordering::Relaxed) < self.max && self.memory.try_charge(self.uid, self.len) {
+            self.made.fetch_add(1, Ordering::Relaxed);
+            return Some(Zeroizing::new(vec![0u8; self.len]));
+        }
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(buf) => return Some(buf),
+                Err(_) if stop.load(Ordering::Relaxed) => return None,
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Gives a buffer back for reuse.
+    fn give(&self, buf: Buf) {
+        // The channel has room for every buffer made: never blocks.
+        let _ = self.free_tx.send(buf);
+    }
+}
+
+impl Drop for Pool<'_> {
+    fn drop(&mut self) {
+        // The buffers themselves are wiped as they drop, wherever they are.
+        self.memory
+            .release(self.uid, self.made.load(Ordering::Relaxed) * self.len);
+    }
+}
+
+/// Starts a thread of the transfer with hsmd's small stack. Like
+/// `Scope::spawn`, panics if the system cannot start it (the transfer's own
+/// thread catches that and answers with an internal error).
+fn spawn<'scope, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    match std::thread::Builder::new()
+        .name("hsmd-transfer-worker".into())
+        // Sealing and opening chunks needs little stack.
+        .stack_size(crate::secure_mem::THREAD_STACK / 2)
+        .spawn_scoped(s, f)
+    {
+        Ok(handle) => handle,
+        Err(e) => panic!("cannot start a transfer worker thread: {e}"),
+    }
+}
+
+/// The worker threads a transfer claimed, given back when it ends. Transfers
+/// share `files.workers` threads' worth rather than each starting that many:
+/// every thread's stack is locked memory, and more threads than cores only
+/// take turns.
+struct Workers<'a> {
+    count: usize,
+    busy: &'a AtomicUsize,
+}
+
+impl<'a> Workers<'a> {
+    fn claim(tuning: &'a Tuning) -> Self {
+        let total = tuning.workers.max(1);
+        let busy = &*tuning.workers_busy;
+        let mut count = 1;
+        // Infallible: the closure always returns Some.
+        let _ = busy.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |in_use| {
+            count = total.saturating_sub(in_use).max(1);
+            Some(in_use + count)
+        });
+        Self { count, busy }
+    }
+}
+
+impl Drop for Workers<'_> {
+    fn drop(&mut self) {
+        self.busy.fetch_sub(self.count, Ordering::Relaxed);
+    }
 }
 
 /// Chunks per batch.
@@ -283,13 +406,21 @@ pub fn store_from(
     cipher: &ChunkCipher,
     writer: &mut Writer,
     chunk_size: u32,
-    tuning: Tuning,
+    tuning: &Tuning,
+    uid: u32,
 ) -> Result<(u64, String), TransferError> {
     let cs = chunk_size as usize;
-    let workers = tuning.workers.max(1);
+    let claim = Workers::claim(tuning);
+    let workers = claim.count;
     let per = per_batch(chunk_size);
     let slot = RECORD_PREFIX + cs + format::TAG_LEN;
-    let (free_tx, free_rx) = pool(pool_size(workers, per * slot), per * slot);
+    let stalls = can_stall(input);
+    if stalls {
+        // A pipe that never gives a byte costs no buffer.
+        wait_ready(input, PollFlags::POLLIN, tuning.io_timeout, "input")?;
+    }
+    // The reader keeps one batch back (to know the last chunk): two at least.
+    let pool = Pool::new(per * slot, pool_size(workers, per * slot), 2, &tuning.memory, uid)?;
     let (work_tx, work_rx) = sync_channel::<Batch>(workers);
     let work_rx = Arc::new(Mutex::new(work_rx));
     let (done_tx, done_rx) = sync_channel::<Batch>(workers);
@@ -301,7 +432,7 @@ pub fn store_from(
             let rx = Arc::clone(&work_rx);
             let tx = done_tx.clone();
             let (failed, stop) = (&failed, &stop);
-            s.spawn(move || loop {
+            spawn(s, move || loop {
                 let next = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
                 let Ok(mut batch) = next else { break };
                 let count = batch.lens.len();
@@ -327,9 +458,9 @@ pub fn store_from(
         }
         drop(done_tx);
 
-        let writing = s.spawn(|| {
+        let pool = &pool;
+        let writing = spawn(s, || {
             let done_rx = done_rx;
-            let free_tx = free_tx;
             let mut waiting = BTreeMap::new();
             let mut next = 0u64;
             let mut size = 0u64;
@@ -352,14 +483,13 @@ pub fn store_from(
                     if batch.last {
                         return checksum.finish().map(|c| (size, c));
                     }
-                    let _ = free_tx.send(batch.buf);
+                    pool.give(batch.buf);
                 }
             }
             None
         });
 
         // Reading, one batch ahead so the file's last chunk is known as such.
-        let stalls = can_stall(input);
         let read = (|| {
             let work_tx = work_tx;
             let mut held: Option<Batch> = None;
@@ -371,7 +501,7 @@ pub fn store_from(
                 if first > u64::from(u32::MAX) {
                     return Err(TransferError::TooLarge);
                 }
-                let Ok(mut buf) = free_rx.recv() else { return Ok(()) };
+                let Some(mut buf) = pool.take(&stop) else { return Ok(()) };
                 let (lens, ended) = fill_batch(input, stalls, &mut buf, per, cs, tuning.io_timeout)?;
                 if let Some(mut prev) = held.take() {
                     // Full chunks followed by nothing: the held batch ends the file.
@@ -410,8 +540,10 @@ pub fn store_from(
             failed.set(e);
             stop.store(true, Ordering::Relaxed);
         }
-        drop(free_rx);
-        writing.join().ok().flatten()
+        let outcome = writing.join().ok().flatten();
+        // The writer is done, so nothing more comes back.
+        stop.store(true, Ordering::Relaxed);
+        outcome
     });
     match (failed.take(), outcome) {
         (Some(e), _) => Err(e),
@@ -469,14 +601,15 @@ pub fn retrieve_into(
     output: &File,
     chunk_size: u32,
     checksum: &str,
-    tuning: Tuning,
+    tuning: &Tuning,
+    uid: u32,
 ) -> Result<(), TransferError> {
-    let workers = tuning.workers.max(1);
+    let claim = Workers::claim(tuning);
+    let workers = claim.count;
     let total = chunks.total();
     let per = per_batch(chunk_size);
     let slot = RECORD_PREFIX + chunk_size as usize + format::TAG_LEN;
-    let (free_tx, free_rx) = pool(pool_size(workers, per * slot), per * slot);
-    let free_rx = Mutex::new(free_rx);
+    let pool = Pool::new(per * slot, pool_size(workers, per * slot), 1, &tuning.memory, uid)?;
     let (done_tx, done_rx) = sync_channel::<Opened>(workers);
     let next_batch = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
@@ -484,15 +617,15 @@ pub fn retrieve_into(
     std::thread::scope(|s| {
         for _ in 0..workers {
             let tx = done_tx.clone();
-            let (free_rx, next_batch, stop) = (&free_rx, &next_batch, &stop);
+            let (pool, next_batch, stop) = (&pool, &next_batch, &stop);
             let mut cursor = Cursor::default();
-            s.spawn(move || loop {
+            spawn(s, move || loop {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
                 // A buffer first, then a batch: every batch handed out has a
                 // buffer, so the writer never waits for one that cannot come.
-                let Ok(mut buf) = free_rx.lock().unwrap_or_else(PoisonError::into_inner).recv() else {
+                let Some(mut buf) = pool.take(stop) else {
                     break;
                 };
                 let first = next_batch.fetch_add(1, Ordering::Relaxed) * per as u64;
@@ -523,7 +656,6 @@ pub fn retrieve_into(
         let stalls = can_stall(output);
         let result = (|| {
             let done_rx = done_rx;
-            let free_tx = free_tx;
             let mut waiting = BTreeMap::new();
             let mut next = 0u64;
             let mut sum = Checksum::default();
@@ -555,7 +687,7 @@ pub fn retrieve_into(
                         .collect();
                     write_parts(output, stalls, &mut parts, tuning.io_timeout)?;
                     drop(parts);
-                    let _ = free_tx.send(buf);
+                    pool.give(buf);
                     next += count;
                 }
             }

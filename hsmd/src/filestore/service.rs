@@ -128,6 +128,7 @@ fn transfer_err(token: &str, e: TransferError) -> WireError {
             wire(ErrorCode::InvalidArgument, format!("file {token}: {e}"))
         }
         e @ TransferError::Stalled(..) => wire(ErrorCode::FrameTimeout, format!("file {token}: {e}")),
+        e @ TransferError::Busy(_) => wire(ErrorCode::Busy, format!("file {token}: {e}")),
     }
 }
 
@@ -416,7 +417,7 @@ impl Files {
         check_access(input, false)?;
         let (mut info, cipher, mut writer) = self.prepare_store(vault, uid, name, key, chunk_size)?;
         let started = Instant::now();
-        let (size, checksum) = pipeline::store_from(input, &cipher, &mut writer, chunk_size, self.tuning)
+        let (size, checksum) = pipeline::store_from(input, &cipher, &mut writer, chunk_size, &self.tuning, uid)
             .map_err(|e| transfer_err(&info.token, e))?;
         let (chunks, segments) = writer.counts();
         let meta = Meta {
@@ -645,8 +646,16 @@ impl Files {
         check_access(output, true)?;
         let (info, cipher, chunks) = self.prepare_read(vault, uid, token, any)?;
         let started = Instant::now();
-        pipeline::retrieve_into(&chunks, &cipher, output, info.chunk_size, &info.checksum, self.tuning)
-            .map_err(|e| transfer_err(token, e))?;
+        pipeline::retrieve_into(
+            &chunks,
+            &cipher,
+            output,
+            info.chunk_size,
+            &info.checksum,
+            &self.tuning,
+            uid,
+        )
+        .map_err(|e| transfer_err(token, e))?;
         tracing::info!(token, size = info.size, elapsed = ?started.elapsed(), "file retrieved to a passed descriptor");
         Ok(info)
     }

@@ -27,7 +27,6 @@ use tokio::{
 use tracing::Instrument;
 
 use super::{
-    budget::{FrameBudget, Waiter},
     dispatch::{self, Answer, Caller, Work},
     wiped::{self, InBuf},
     InFlight, Shared, REFUSAL_WRITE_TIMEOUT, VERSION,
@@ -35,6 +34,7 @@ use super::{
 use crate::{
     audit::{Class, Progress, Settled, Ticket},
     auth::{Admission, Credentials},
+    budget::{Budget, Waiter},
 };
 
 /// How long identity lookups (NSS) may take before the peer is refused.
@@ -210,7 +210,7 @@ struct Connection {
     /// The daemon's frame memory, and what this connection holds of it: the
     /// frame being received (once its header is in), requests in flight, and
     /// answers not yet written. All given back when the connection ends.
-    budget: Arc<FrameBudget>,
+    budget: Arc<Budget>,
     charged: usize,
     /// The charge of the frame being received, once its header is in.
     frame_charge: Option<usize>,
@@ -662,7 +662,11 @@ impl Connection {
         };
         if !own_thread {
             tokio::task::spawn_blocking(run);
-        } else if let Err(e) = std::thread::Builder::new().name("hsmd-transfer".into()).spawn(run) {
+        } else if let Err(e) = std::thread::Builder::new()
+            .name("hsmd-transfer".into())
+            .stack_size(crate::secure_mem::THREAD_STACK)
+            .spawn(run)
+        {
             // The closure (and the transfer's place in it) is gone with the error.
             tracing::error!(request = id, error = %e, "cannot start a transfer thread");
             self.in_flight -= 1;

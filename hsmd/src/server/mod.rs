@@ -1,7 +1,6 @@
 //! The socket front end: accepts connections, enforces the connection limit, and
 //! runs one task per connection. Nothing below this module knows about sockets.
 
-pub(crate) mod budget;
 mod connection;
 pub mod dispatch;
 pub mod listener;
@@ -80,7 +79,7 @@ pub struct Shared {
     /// Identity lookups at connect, on threads of their own.
     pub lookups: crate::auth::lookups::Lookups,
     /// Bytes of request frames held at once.
-    pub(crate) frame_budget: Arc<budget::FrameBudget>,
+    pub(crate) frame_budget: Arc<crate::budget::Budget>,
 }
 
 impl Shared {
@@ -98,7 +97,7 @@ impl Shared {
     /// Builds the shared state.
     #[must_use]
     pub fn new(limits: Limits, gate: AccessGate, dev: bool, vault: Arc<Vault>) -> Self {
-        let frame_budget = Arc::new(budget::FrameBudget::new(
+        let frame_budget = Arc::new(crate::budget::Budget::new(
             limits.frame_memory as usize,
             limits.frame_memory_per_uid as usize,
         ));

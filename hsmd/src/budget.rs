@@ -1,4 +1,6 @@
-//! The memory that request frames may hold at once, daemon-wide and per uid.
+//! Memory that callers' work may hold at once, daemon-wide and per uid: the
+//! bytes of request frames (`limits.frame_memory`) and the chunk buffers of
+//! descriptor transfers (`files.transfer_memory`).
 //!
 //! A frame is charged its body length from the moment its header says how
 //! long it is (before its buffer grows to hold it) until its answer has been
@@ -7,6 +9,9 @@
 //! waits (its frame timer does not run meanwhile) until others' answers go out.
 //! Waiting, rather than refusing, keeps a client that pipelines large requests
 //! working, only slower; the cap per uid keeps one user from holding it all.
+//!
+//! A transfer is charged each chunk buffer it allocates, as it needs them, and
+//! is refused as busy only if not even its first fits.
 
 use std::{
     collections::HashMap,
@@ -15,9 +20,9 @@ use std::{
 
 use tokio::sync::watch;
 
-/// Bytes of request frames held at once.
+/// Bytes held at once, in total and per uid.
 #[derive(Debug)]
-pub struct FrameBudget {
+pub struct Budget {
     total: usize,
     per_uid: usize,
     held: Mutex<Held>,
@@ -33,7 +38,7 @@ struct Held {
     waiting: usize,
 }
 
-impl FrameBudget {
+impl Budget {
     /// A budget of `total` bytes, at most `per_uid` to one uid.
     #[must_use]
     pub fn new(total: usize, per_uid: usize) -> Self {
@@ -103,7 +108,7 @@ impl FrameBudget {
 /// releases wake it.
 #[derive(Debug)]
 pub struct Waiter {
-    budget: Arc<FrameBudget>,
+    budget: Arc<Budget>,
     rx: watch::Receiver<u64>,
 }
 
@@ -131,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_uid_is_held_to_its_share_and_everyone_to_the_total() {
-        let b = FrameBudget::new(10, 6);
+        let b = Budget::new(10, 6);
         assert!(b.try_charge(1, 6));
         assert!(!b.try_charge(1, 1), "uid 1 is at its share");
         assert!(b.try_charge(2, 4));
@@ -144,7 +149,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_release_wakes_a_waiter_made_before_it() {
-        let b = Arc::new(FrameBudget::new(4, 4));
+        let b = Arc::new(Budget::new(4, 4));
         assert!(b.try_charge(1, 4));
         let mut w = b.waiter();
         assert!(!b.try_charge(2, 1));

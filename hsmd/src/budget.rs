@@ -54,12 +54,24 @@ impl Budget {
     /// Zero bytes always fit.
     #[must_use]
     pub fn try_charge(&self, uid: u32, bytes: usize) -> bool {
+        self.charge(uid, bytes, 0)
+    }
+
+    /// [`Budget::try_charge`] for what is nice to have rather than needed:
+    /// only while a quarter of the total stays free, so that growing what is
+    /// already running never keeps something new from starting.
+    #[must_use]
+    pub fn try_charge_extra(&self, uid: u32, bytes: usize) -> bool {
+        self.charge(uid, bytes, self.total / 4)
+    }
+
+    fn charge(&self, uid: u32, bytes: usize, leave: usize) -> bool {
         if bytes == 0 {
             return true;
         }
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let mine = held.by_uid.get(&uid).copied().unwrap_or(0);
-        if mine + bytes > self.per_uid || held.total + bytes > self.total {
+        if mine + bytes > self.per_uid || held.total + bytes + leave > self.total {
             return false;
         }
         held.total += bytes;
@@ -145,6 +157,14 @@ mod tests {
         b.release(1, 6);
         assert!(b.try_charge(3, 5));
         assert_eq!(b.held(), 9);
+    }
+
+    #[test]
+    fn extras_leave_a_quarter_free() {
+        let b = Budget::new(100, 100);
+        assert!(b.try_charge_extra(1, 75));
+        assert!(!b.try_charge_extra(1, 1), "a quarter stays free for what is needed");
+        assert!(b.try_charge(2, 25), "which needs can still take");
     }
 
     #[tokio::test]

@@ -160,7 +160,7 @@ impl<'a> Pool<'a> {
         if let Ok(buf) = rx.try_recv() {
             return Some(buf);
         }
-        if self.made.load(Ordering::Relaxed) < self.max && self.memory.try_charge(self.uid, self.len) {
+        if self.made.load(Ordering::Relaxed) < self.max && self.memory.try_charge_extra(self.uid, self.len) {
             self.made.fetch_add(1, Ordering::Relaxed);
             return Some(Zeroizing::new(vec![0u8; self.len]));
         }

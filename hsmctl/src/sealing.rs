@@ -93,7 +93,7 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad
             // Every chunk under the version the header names, even if the key
             // is rotated while this runs.
             version: pinned,
-            plaintext: current[..len].to_vec(),
+            plaintext: protocol::SecretBytes::new(current[..len].to_vec()),
             aad: chunk_aad(name, CHUNK, index, last, aad),
         })? {
             Reply::Encrypted { version, sealed } => (version, sealed),

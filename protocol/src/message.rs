@@ -138,9 +138,8 @@ pub enum Operation {
         /// The version to seal with; `None` for the newest. Lets a client that
         /// seals a file chunk by chunk keep one version across a rotation.
         version: Option<u32>,
-        /// The data.
-        #[serde(with = "serde_bytes")]
-        plaintext: Vec<u8>,
+        /// The data; wiped when the request is dropped.
+        plaintext: SecretBytes,
         /// Associated data, authenticated but not encrypted.
         #[serde(with = "serde_bytes")]
         aad: Vec<u8>,
@@ -522,9 +521,8 @@ pub enum BatchItem {
         name: String,
         /// The version to seal with; `None` for the newest.
         version: Option<u32>,
-        /// The data.
-        #[serde(with = "serde_bytes")]
-        plaintext: Vec<u8>,
+        /// The data; wiped when the item is dropped.
+        plaintext: SecretBytes,
         /// Associated data.
         #[serde(with = "serde_bytes")]
         aad: Vec<u8>,

@@ -138,7 +138,7 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
             .call(Operation::Encrypt {
                 name: "env".into(),
                 version: None,
-                plaintext: secret.to_vec(),
+                plaintext: protocol::SecretBytes::new(secret.to_vec()),
                 aad: b"a".to_vec(),
             })
             .expect("encrypt")
@@ -214,7 +214,7 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
         .call(Operation::Encrypt {
             name: "vault".into(),
             version: Some(2),
-            plaintext: vec![1],
+            plaintext: protocol::SecretBytes::new(vec![1]),
             aad: vec![],
         })
         .expect_err("below the minimum");
@@ -345,7 +345,7 @@ fn each_state_allows_exactly_its_row_of_the_readme_table() {
                 .call(Operation::Encrypt {
                     name: e.clone(),
                     version: None,
-                    plaintext: b"p".to_vec(),
+                    plaintext: protocol::SecretBytes::new(b"p".to_vec()),
                     aad: vec![],
                 })
                 .expect("encrypt")
@@ -401,7 +401,7 @@ fn each_state_allows_exactly_its_row_of_the_readme_table() {
                 Operation::Encrypt {
                     name: e.clone(),
                     version: None,
-                    plaintext: b"p".to_vec(),
+                    plaintext: protocol::SecretBytes::new(b"p".to_vec()),
                     aad: vec![],
                 },
                 Operation::Decrypt {
@@ -651,7 +651,7 @@ fn batches_answer_item_by_item_and_have_a_limit() {
         BatchItem::Encrypt {
             name: "b-aes".into(),
             version: None,
-            plaintext: b"x".to_vec(),
+            plaintext: protocol::SecretBytes::new(b"x".to_vec()),
             aad: vec![],
         },
         BatchItem::Sign {

@@ -169,7 +169,7 @@ fn no_plaintext_or_data_key_stays_in_memory_after_its_request() {
         .call(Operation::Encrypt {
             name: "box".into(),
             version: None,
-            plaintext: sealed_text.clone(),
+            plaintext: protocol::SecretBytes::new(sealed_text.clone()),
             aad: Vec::new(),
         })
         .expect("encrypt")
@@ -181,7 +181,7 @@ fn no_plaintext_or_data_key_stays_in_memory_after_its_request() {
         .call(Operation::Encrypt {
             name: "box".into(),
             version: Some(version),
-            plaintext: opened_text.clone(),
+            plaintext: protocol::SecretBytes::new(opened_text.clone()),
             aad: Vec::new(),
         })
         .expect("encrypt")

@@ -1000,9 +1000,8 @@ fn key_use_op(v: &Vault, op: Operation) -> Result<Reply, VaultError> {
             plaintext,
             aad,
         } => {
-            // The request's copy of the plaintext is wiped once sealed.
-            let plaintext = zeroize::Zeroizing::new(plaintext);
-            v.encrypt(&name, version, &plaintext, &aad)
+            // The request's copy of the plaintext is wiped as it drops.
+            v.encrypt(&name, version, plaintext.expose(), &aad)
                 .map(|(version, sealed)| Reply::Encrypted { version, sealed })
         }
         Operation::Decrypt {

@@ -524,13 +524,13 @@ fn key_suite(args: &Args) -> Result<()> {
             request: Operation::Encrypt {
                 name: "bench-aes".into(),
                 version: None,
-                plaintext: vec![0x5a; 4096],
+                plaintext: protocol::SecretBytes::new(vec![0x5a; 4096]),
                 aad: Vec::new(),
             },
             item: protocol::BatchItem::Encrypt {
                 name: "bench-aes".into(),
                 version: None,
-                plaintext: vec![0x5a; 4096],
+                plaintext: protocol::SecretBytes::new(vec![0x5a; 4096]),
                 aad: Vec::new(),
             },
             in_process: in_process_aes,

@@ -430,7 +430,21 @@ enum SlotCommand {
     },
 }
 
+/// Puts SIGPIPE back to its default, as other Unix tools have it: when the
+/// reader of hsmctl's output goes away (`hsmctl key list | head -1`), hsmctl
+/// ends quietly instead of failing to print. Rust ignores the signal by
+/// default; the connection to hsmd does not depend on that, since the client
+/// writes to it with `MSG_NOSIGNAL`.
+fn restore_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called first in main, before any thread exists; SIG_DFL is no
+    // handler function, so nothing can run in signal context.
+    #[allow(unsafe_code)]
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! The blocking client over `std::os::unix::net::UnixStream`.
 
 use std::{
-    io::{self, IoSlice, Read, Write},
+    io::{self, IoSlice, Read},
     os::{
         fd::{AsRawFd, BorrowedFd},
         unix::net::UnixStream,
@@ -112,7 +112,7 @@ impl Client {
         self.next_id += 1;
         self.send_buf.clear();
         codec::encode_frame_into(&Request { id, op }, self.server.max_frame_bytes, &mut self.send_buf)?;
-        self.stream.write_all(&self.send_buf).map_err(ClientError::Io)?;
+        send_all(&self.stream, &self.send_buf).map_err(ClientError::Io)?;
         Ok(id)
     }
 
@@ -133,7 +133,7 @@ impl Client {
             ids.push(id);
         }
         self.next_id = first + ids.len() as u64;
-        self.stream.write_all(&self.send_buf).map_err(ClientError::Io)?;
+        send_all(&self.stream, &self.send_buf).map_err(ClientError::Io)?;
         Ok(ids)
     }
 
@@ -217,7 +217,7 @@ impl Client {
         // The descriptor travelled with the first byte; the rest of a long
         // frame follows as plain bytes.
         if let Some(rest) = self.send_buf.get(sent..) {
-            self.stream.write_all(rest).map_err(ClientError::Io)?;
+            send_all(&self.stream, rest).map_err(ClientError::Io)?;
         }
         self.stream.set_read_timeout(None).map_err(ClientError::Io)?;
         let response = self.recv();
@@ -263,4 +263,21 @@ impl Client {
 #[must_use]
 pub fn is_code(e: &ClientError, code: ErrorCode) -> bool {
     e.code() == Some(code)
+}
+
+/// Writes all of `buf` with send(2) and `MSG_NOSIGNAL`: a daemon that has
+/// closed the connection is an error here, never a SIGPIPE, whatever the
+/// calling program does with that signal (hsmctl restores its default, so
+/// that `hsmctl … | head` ends quietly).
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    while !buf.is_empty() {
+        match send(stream.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }

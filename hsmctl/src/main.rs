@@ -449,6 +449,7 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Quiet) => ExitCode::from(1),
+        Err(Failure::Exit(code)) => ExitCode::from(code),
         Err(e) => {
             if cli.json {
                 let code = e.code();
@@ -475,6 +476,8 @@ enum Failure {
     Local(String),
     /// Exit 1 with nothing more to say (the answer was printed).
     Quiet,
+    /// Exit with this code, the answer printed (`status` when not unlocked).
+    Exit(u8),
 }
 
 impl From<ClientError> for Failure {
@@ -488,7 +491,7 @@ impl std::fmt::Display for Failure {
         match self {
             Self::Client(e) => e.fmt(f),
             Self::Local(m) => f.write_str(m),
-            Self::Quiet => Ok(()),
+            Self::Quiet | Self::Exit(_) => Ok(()),
         }
     }
 }
@@ -497,7 +500,7 @@ impl Failure {
     fn code(&self) -> Option<protocol::ErrorCode> {
         match self {
             Self::Client(e) => e.code(),
-            Self::Local(_) | Self::Quiet => None,
+            Self::Local(_) | Self::Quiet | Self::Exit(_) => None,
         }
     }
 }
@@ -563,6 +566,10 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 print_json(&s);
             } else {
                 print_status(&s);
+            }
+            // As `vault status` does: scripts can test for usable keys.
+            if s.state != protocol::ServiceState::Unlocked {
+                return Err(Failure::Exit(2));
             }
         }
         Command::Whoami => {
@@ -1222,9 +1229,9 @@ fn print_status(s: &StatusInfo) {
     println!(
         "mode:         {}",
         if s.dev_mode {
-            "dev (throw-away, not for production)"
+            "dev (throw-away, not for production)".to_owned()
         } else {
-            "production"
+            format!("{} profile", s.profile.as_str())
         }
     );
     println!(

@@ -257,6 +257,15 @@ pub enum Profile {
     Production,
 }
 
+impl From<Profile> for protocol::Profile {
+    fn from(p: Profile) -> Self {
+        match p {
+            Profile::Development => Self::Development,
+            Profile::Production => Self::Production,
+        }
+    }
+}
+
 /// One setting the production profile refuses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProductionProblem {

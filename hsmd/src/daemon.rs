@@ -328,6 +328,7 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         .map_err(DaemonError::Runtime)?;
     let mut shared = Shared::new(config.limits.clone(), gate, eff.dev, vault);
     shared.memory_locked = hardening.locked;
+    shared.profile = config.profile.into();
     shared.recovery_window = config.keys.recovery_window;
     shared.limiters = crate::auth::rate::Limiters::new(config.rate_limit.rate());
     if let Some(policy) = policy {
@@ -430,10 +431,7 @@ fn record_start(
     });
     let x = meta.extra();
     x.daemon_version = Some(server::VERSION);
-    x.profile = Some(match eff.config.profile {
-        crate::config::Profile::Production => "production",
-        crate::config::Profile::Development => "development",
-    });
+    x.profile = Some(protocol::Profile::from(eff.config.profile).as_str());
     x.config = Some(match &eff.source {
         ConfigSource::File(p) => p.display().to_string(),
         ConfigSource::Defaults => "built-in defaults".to_owned(),

@@ -36,9 +36,9 @@ pub use client::{is_code, Client, ClientOptions, DEFAULT_SOCKET};
 pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
     AuditStatus, BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, Fido2Challenge, FileInfo,
-    GroupInfo, KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, NewSlot, Operation, PeerInfo, Reply, Request,
-    Response, RsaScheme, ServerHello, ServiceState, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage, VersionInfo,
-    CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
+    GroupInfo, KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, NewSlot, Operation, PeerInfo, Profile, Reply,
+    Request, Response, RsaScheme, ServerHello, ServiceState, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage,
+    VersionInfo, CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
 };
 pub use secret::SecretBytes;
 

@@ -1472,6 +1472,27 @@ impl ServiceState {
     }
 }
 
+/// A daemon's configuration profile (`profile` in hsmd.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Weak settings are warnings.
+    Development,
+    /// Weak settings are refused at start.
+    Production,
+}
+
+impl Profile {
+    /// The name as the config file spells it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Development => "development",
+            Self::Production => "production",
+        }
+    }
+}
+
 /// Answer to [`Operation::Status`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
@@ -1493,6 +1514,8 @@ pub struct StatusInfo {
     pub requests_in_flight: u32,
     /// Whether this is a throw-away `hsmd --dev` instance.
     pub dev_mode: bool,
+    /// The configuration profile in force.
+    pub profile: Profile,
     /// The daemon's process id.
     pub pid: u32,
     /// Whether all of the daemon's memory is locked (mlockall), so keys never reach swap.

@@ -46,10 +46,17 @@ fn keys_summary(d: &Daemon) -> Vec<Value> {
         .collect()
 }
 
+/// `hsmctl --json status`, which exits 2 while hsmd is locked or uninitialized.
+fn status(d: &Daemon) -> Value {
+    let out = d.hsmctl(&["--json", "status"]);
+    assert!(matches!(out.status.code(), Some(0 | 2)), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 /// A fresh daemon on an empty state directory, as on another machine.
 fn fresh() -> Daemon {
     let d = Daemon::start();
-    assert_eq!(json(&d.hsmctl(&["--json", "status"]))["state"], "uninitialized");
+    assert_eq!(status(&d)["state"], "uninitialized");
     d
 }
 
@@ -141,7 +148,7 @@ fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
         fs::copy(archive, &copy).expect("copy");
         let out = ok(&other.hsmctl(&["backup", "restore", p(&copy), secret[0], secret[1]]));
         assert!(out.contains("hsmd is locked"), "{out}");
-        assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "locked");
+        assert_eq!(status(&other)["state"], "locked");
         ok(&other.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
         assert_eq!(keys_summary(&other), before, "same keys, versions, states, counters");
         let sig = |n: &str| dir.join(n);
@@ -231,7 +238,7 @@ fn a_damaged_archive_fails_verify_and_restore_and_changes_nothing() {
             "invalid-argument",
         );
         assert!(err.contains("not a usable hsmd backup"), "{err}");
-        assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "uninitialized");
+        assert_eq!(status(&other)["state"], "uninitialized");
     }
     let truncated = other.dir().join("short.hsmdbak");
     fs::write(&truncated, &bytes[..bytes.len() - 100]).expect("write");
@@ -276,7 +283,7 @@ fn a_backup_needs_the_keystore_unlocked_and_the_right_slot_secret() {
         "unlock-failed",
     );
     assert!(err.contains("no keyfile slot of the backup accepts"), "{err}");
-    assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "uninitialized");
+    assert_eq!(status(&other)["state"], "uninitialized");
 }
 
 /// `archive` with one byte of its sealed keystore flipped and its checksum
@@ -337,7 +344,7 @@ fn an_archive_edited_under_a_recomputed_checksum_is_named_as_tampering_not_a_wro
                 "{err}"
             );
         }
-        assert_eq!(json(&other.hsmctl(&["--json", "status"]))["state"], "uninitialized");
+        assert_eq!(status(&other)["state"], "uninitialized");
     }
     // A wrong passphrase is still a wrong passphrase.
     let bad = other.dir().join("edited.hsmdbak");

@@ -62,3 +62,35 @@ fn output_into_a_closed_pipe_ends_hsmctl_quietly() {
     // The daemon saw nothing wrong and still serves.
     assert!(d.hsmctl(&["status"]).status.success());
 }
+
+#[test]
+fn status_exits_0_unlocked_2_locked_or_uninitialized_and_names_the_profile() {
+    let d = Daemon::start();
+    let code = |args: &[&str]| {
+        let out = d.hsmctl(args);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (c, text) = code(&["status"]);
+    assert_eq!(c, Some(2), "uninitialized: {text}");
+    assert!(text.contains("state:        uninitialized"), "{text}");
+    // The harness runs the development profile, not --dev.
+    assert!(text.contains("mode:         development profile"), "{text}");
+    let (c, json) = code(&["--json", "status"]);
+    assert_eq!(c, Some(2));
+    let v: serde_json::Value = serde_json::from_str(&json).expect("one JSON document");
+    assert_eq!(
+        (v["state"].as_str(), v["profile"].as_str()),
+        (Some("uninitialized"), Some("development"))
+    );
+
+    let key = d.dir().join("unlock.key");
+    assert!(d
+        .hsmctl(&["init", "--keyfile-out", key.to_str().expect("utf-8")])
+        .status
+        .success());
+    assert_eq!(code(&["status"]).0, Some(0), "unlocked");
+    assert_eq!(code(&["--json", "status"]).0, Some(0));
+    assert!(d.hsmctl(&["lock"]).status.success());
+    assert_eq!(code(&["status"]).0, Some(2), "locked");
+    assert_eq!(code(&["--json", "status"]).0, Some(2));
+}

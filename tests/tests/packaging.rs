@@ -470,7 +470,9 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     ok(&run("chmod", &["0660", path(&socket)]));
 
     let served = status_as(member, &socket);
-    let text = ok(&served);
+    // Served, and not yet initialized: exit 2, as documented.
+    assert_eq!(served.status.code(), Some(2), "{served:?}");
+    let text = String::from_utf8_lossy(&served.stdout);
     assert!(text.contains("uninitialized"), "{text}");
     // The daemon runs as hsmd, with its memory locked, on a read-only root.
     let pid = ok(&run("pgrep", &["-u", "hsmd", "-x", "hsmd"]));

@@ -186,7 +186,9 @@ fn a_tpm2_slot_unlocks_at_start_and_refuses_after_a_bound_pcr_changes() {
         .expect("run tpm2_pcrextend (Debian tpm2-tools)");
     assert!(ext.status.success(), "{ext:?}");
     d.restart(false);
-    let status = ok(&d.hsmctl(&["status"]));
+    let out = d.hsmctl(&["status"]);
+    assert_eq!(out.status.code(), Some(2), "locked: {out:?}");
+    let status = String::from_utf8_lossy(&out.stdout);
     assert!(status.contains("state:        locked"), "{status}");
     assert!(d.log().contains("the TPM did not unlock"), "{}", d.log());
     let out = d.hsmctl(&["unlock", "--tpm2"]);

@@ -1111,6 +1111,7 @@ fn status(shared: &Shared) -> StatusInfo {
         max_connections: shared.limits.max_connections,
         requests_in_flight: shared.counters.in_flight(),
         dev_mode: shared.dev,
+        profile: shared.profile,
         pid: std::process::id(),
         memory_locked: shared.memory_locked,
         keystore_writes: shared.vault.keystore_writes(),

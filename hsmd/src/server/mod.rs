@@ -52,6 +52,8 @@ pub struct Shared {
     pub gate: AccessGate,
     /// Whether this is `hsmd --dev`.
     pub dev: bool,
+    /// The configuration profile in force.
+    pub profile: protocol::Profile,
     /// The keystore and its custody state.
     pub vault: Arc<Vault>,
     /// Whether all of the daemon's memory is locked.
@@ -106,6 +108,7 @@ impl Shared {
             limits,
             gate,
             dev,
+            profile: protocol::Profile::Development,
             vault,
             memory_locked: false,
             recovery_window: std::time::Duration::from_secs(30 * 86_400),

@@ -1,6 +1,7 @@
 //! Putting the daemon together: configuration, listener, server, signals,
 //! systemd notifications, shutdown.
 
+use crate::audit::EventType;
 use std::{
     fs,
     io::Write,
@@ -375,7 +376,7 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
             Err(e) => format!("stopped: {e}"),
         };
         if let Err(e) = audit.record_sync(crate::audit::Event::by_daemon(
-            "DAEMON_STOPPED",
+            EventType::DaemonStopped,
             "daemon",
             "stop",
             crate::audit::Outcome::Success,
@@ -439,7 +440,7 @@ fn record_start(
     x.config_sha256 = config_sha256.map(str::to_owned);
     x.policy_sha256 = policy.map(|p| crate::audit::sha256_hex(p.text().as_bytes()));
     if let Err(e) = audit.record_sync(crate::audit::Event::by_daemon(
-        "DAEMON_STARTED",
+        EventType::DaemonStarted,
         "daemon",
         "start",
         crate::audit::Outcome::Success,
@@ -466,7 +467,7 @@ fn record_unlock_at_start(
             }
             let risk = if warnings.is_empty() { 3 } else { 9 };
             Event::by_daemon(
-                "UNLOCK",
+                EventType::Unlock,
                 "keystore",
                 "unlock",
                 Outcome::Success,
@@ -478,7 +479,7 @@ fn record_unlock_at_start(
             tracing::error!(error = %e, "{how} did not unlock at start; staying locked (unlock with another slot)");
             let mut meta = Meta::message(format!("{how} did not unlock at start: {e}"));
             meta.error = Some(e.to_wire().code.as_str());
-            Event::by_daemon("UNLOCK_FAILED", "keystore", "unlock", Outcome::Failure, 6, meta)
+            Event::by_daemon(EventType::UnlockFailed, "keystore", "unlock", Outcome::Failure, 6, meta)
         }
     };
     if let Some(audit) = audit {

@@ -5,6 +5,7 @@
 //! hsmd itself, written before the next one; while the audit log cannot be
 //! written, nothing is changed.
 
+use crate::audit::EventType;
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
@@ -24,10 +25,18 @@ fn event(done: &Maintained) -> Event {
         Maintained::Rotated { name, backend, version } => {
             let mut meta = Meta::message(format!("rotated to version {version} by its rotation policy"));
             meta.version = Some(*version);
-            ("KEY_ROTATED", name, backend, "rotate", Outcome::Success, 3, meta)
+            (
+                EventType::KeyRotated,
+                name,
+                backend,
+                "rotate",
+                Outcome::Success,
+                3,
+                meta,
+            )
         }
         Maintained::Purged { name, backend } => (
-            "KEY_PURGED",
+            EventType::KeyPurged,
             name,
             backend,
             "purge",
@@ -39,7 +48,7 @@ fn event(done: &Maintained) -> Event {
             let mut meta = Meta::message(format!("its activation time came ({}): it is active", at(*t)));
             meta.state = Some("active");
             (
-                "KEY_STATE_CHANGED",
+                EventType::KeyStateChanged,
                 name,
                 backend,
                 "activate",
@@ -54,7 +63,15 @@ fn event(done: &Maintained) -> Event {
                 at(*t)
             ));
             meta.state = Some("deactivated");
-            ("KEY_STATE_CHANGED", name, backend, "expire", Outcome::Success, 4, meta)
+            (
+                EventType::KeyStateChanged,
+                name,
+                backend,
+                "expire",
+                Outcome::Success,
+                4,
+                meta,
+            )
         }
         Maintained::Failed {
             name,
@@ -65,9 +82,9 @@ fn event(done: &Maintained) -> Event {
             let mut meta = Meta::message(format!("scheduled {action} failed: {}", error.message));
             meta.error = Some(error.code.as_str());
             let event_type = if *action == "purge" {
-                "KEY_PURGED"
+                EventType::KeyPurged
             } else {
-                "KEY_ROTATED"
+                EventType::KeyRotated
             };
             (event_type, name, backend, *action, Outcome::Failure, 6, meta)
         }
@@ -94,7 +111,7 @@ fn maintain(shared: &Shared) {
     };
     for d in &done.done {
         let e = event(d);
-        tracing::info!(key = %e.resource, event = e.event_type, action = e.action, "{}", e.metadata.message.as_deref().unwrap_or_default());
+        tracing::info!(key = %e.resource, event = e.event_type.as_str(), action = e.action, "{}", e.metadata.message.as_deref().unwrap_or_default());
         if let Some(audit) = &shared.audit {
             if let Err(refused) = audit.record_sync(e) {
                 // Held in memory and written when the log can be.

@@ -8,6 +8,7 @@
 //! audit line (`POLICY_RELOADED`, or `CONFIG_ERROR` for a file that is
 //! refused, in which case the previous policy stays in force).
 
+use crate::audit::EventType;
 use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -119,7 +120,7 @@ impl Reloader {
                 x.policy_sha256 = Some(digest);
                 record(
                     &self.shared,
-                    Event::by_daemon("POLICY_RELOADED", "policy", "reload", Outcome::Success, 4, meta),
+                    Event::by_daemon(EventType::PolicyReloaded, "policy", "reload", Outcome::Success, 4, meta),
                 );
             }
             Err(e) => {
@@ -127,7 +128,7 @@ impl Reloader {
                 record(
                     &self.shared,
                     Event::by_daemon(
-                        "CONFIG_ERROR",
+                        EventType::ConfigError,
                         "policy",
                         "reload",
                         Outcome::Failure,
@@ -149,7 +150,7 @@ impl Reloader {
             Err(e) => {
                 tracing::error!(error = %e, "the config file would be refused at the next start");
                 Event::by_daemon(
-                    "CONFIG_ERROR",
+                    EventType::ConfigError,
                     "config",
                     "check",
                     Outcome::Failure,
@@ -178,7 +179,7 @@ impl Reloader {
                 let x = meta.extra();
                 x.changed = Some(changed);
                 x.config_sha256 = digest;
-                Event::by_daemon("CONFIG_CHECKED", "config", "check", Outcome::Success, 3, meta)
+                Event::by_daemon(EventType::ConfigChecked, "config", "check", Outcome::Success, 3, meta)
             }
         };
         record(&self.shared, event);

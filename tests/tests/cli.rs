@@ -94,3 +94,47 @@ fn status_exits_0_unlocked_2_locked_or_uninitialized_and_names_the_profile() {
     assert_eq!(code(&["status"]).0, Some(2), "locked");
     assert_eq!(code(&["--json", "status"]).0, Some(2));
 }
+
+#[test]
+fn audit_show_filters_with_a_typo_are_errors_that_list_what_is_valid() {
+    let d = Daemon::start();
+    let key = d.dir().join("unlock.key");
+    assert!(d
+        .hsmctl(&["init", "--keyfile-out", key.to_str().expect("utf-8")])
+        .status
+        .success());
+    let refused = |args: &[&str]| {
+        let out = d.hsmctl(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("(invalid-argument)"), "{err}");
+        err
+    };
+    let err = refused(&["audit", "show", "--event", "BOGUS"]);
+    assert!(
+        err.contains("unknown event type \"BOGUS\"") && err.contains("SIGN") && err.contains("KEY_CREATED"),
+        "{err}"
+    );
+    let err = refused(&["audit", "show", "--user", "no-such-user-here"]);
+    assert!(err.contains("no user named \"no-such-user-here\""), "{err}");
+    // hsmctl knows the results itself: a usage error naming them.
+    let out = d.hsmctl(&["audit", "show", "--result", "maybe"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[possible values: success, failure]"));
+    // Valid values, in any case for the event type, still answer.
+    let out = d.hsmctl(&[
+        "audit",
+        "show",
+        "--event",
+        "keystore_initialized",
+        "--user",
+        "0",
+        "--result",
+        "success",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("KEYSTORE_INITIALIZED"),
+        "{out:?}"
+    );
+}

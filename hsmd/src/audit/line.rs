@@ -61,7 +61,7 @@ pub(super) fn render(event: &Event, seq: u64, prev: &str, run: &str, out: &mut V
         id: &id,
         seq,
         timestamp: humantime::format_rfc3339_millis(event.time).to_string(),
-        event_type: event.event_type,
+        event_type: event.event_type.as_str(),
         uid: event.who.uid,
         user: event.who.user.as_deref(),
         pid: event.who.pid,
@@ -233,7 +233,7 @@ pub(super) mod tests {
     use super::*;
     use crate::audit::Who;
 
-    pub(crate) fn event(t: &'static str) -> Event {
+    pub(crate) fn event(t: crate::audit::EventType) -> Event {
         Event {
             event_type: t,
             who: Arc::new(Who {
@@ -256,7 +256,7 @@ pub(super) mod tests {
     #[test]
     fn a_rendered_line_parses_back_and_an_edit_is_seen() {
         let mut out = Vec::new();
-        let hash = render(&event("SIGN"), 5, GENESIS, "run", &mut out);
+        let hash = render(&event(crate::audit::EventType::Sign), 5, GENESIS, "run", &mut out);
         assert_eq!(out.last(), Some(&b'\n'));
         let line = &out[..out.len() - 1];
         let Parsed::Line(e) = parse(line) else {

@@ -100,11 +100,100 @@ pub enum Class {
     Security,
 }
 
+/// Declares [`EventType`]: each variant with the name the log writes.
+macro_rules! event_types {
+    ($($variant:ident => $name:literal),* $(,)?) => {
+        /// What an audit line records, as its `event_type` field names it.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum EventType {
+            $(
+                #[doc = concat!("`", $name, "`")]
+                $variant,
+            )*
+        }
+
+        impl EventType {
+            /// Every event type, in the order declared.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),*];
+
+            /// The name in the log: `SIGN`, `KEY_CREATED`, …
+            #[must_use]
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+event_types! {
+    AccessDenied => "ACCESS_DENIED",
+    AuditRead => "AUDIT_READ",
+    AuditRecovered => "AUDIT_RECOVERED",
+    AuditResumed => "AUDIT_RESUMED",
+    AuditTampered => "AUDIT_TAMPERED",
+    AuthFailure => "AUTH_FAILURE",
+    BackendPinSet => "BACKEND_PIN_SET",
+    BackupCreated => "BACKUP_CREATED",
+    BackupRestored => "BACKUP_RESTORED",
+    BackupVerified => "BACKUP_VERIFIED",
+    ConfigChecked => "CONFIG_CHECKED",
+    ConfigError => "CONFIG_ERROR",
+    DaemonStarted => "DAEMON_STARTED",
+    DaemonStopped => "DAEMON_STOPPED",
+    Datakey => "DATAKEY",
+    Decrypt => "DECRYPT",
+    Encrypt => "ENCRYPT",
+    FileDeleted => "FILE_DELETED",
+    FileInfo => "FILE_INFO",
+    FileList => "FILE_LIST",
+    FileRetrieved => "FILE_RETRIEVED",
+    FileStored => "FILE_STORED",
+    FileStoreStarted => "FILE_STORE_STARTED",
+    KeystoreInitialized => "KEYSTORE_INITIALIZED",
+    KeyCreated => "KEY_CREATED",
+    KeyDeleted => "KEY_DELETED",
+    KeyInfo => "KEY_INFO",
+    KeyList => "KEY_LIST",
+    KeyPublic => "KEY_PUBLIC",
+    KeyPurged => "KEY_PURGED",
+    KeyRestored => "KEY_RESTORED",
+    KeyRotated => "KEY_ROTATED",
+    KeyStateChanged => "KEY_STATE_CHANGED",
+    KeyUpdated => "KEY_UPDATED",
+    Lock => "LOCK",
+    Mac => "MAC",
+    MacVerify => "MAC_VERIFY",
+    PolicyRead => "POLICY_READ",
+    PolicyReloaded => "POLICY_RELOADED",
+    RateLimited => "RATE_LIMITED",
+    Rewrap => "REWRAP",
+    Sign => "SIGN",
+    SlotAdded => "SLOT_ADDED",
+    SlotList => "SLOT_LIST",
+    SlotRemoved => "SLOT_REMOVED",
+    Unlock => "UNLOCK",
+    UnlockFailed => "UNLOCK_FAILED",
+    Verify => "VERIFY",
+}
+
+impl EventType {
+    /// The event type named `name` (any case).
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
 /// One event, before it has a place in the chain.
 #[derive(Debug, Clone)]
 pub struct Event {
     /// `SIGN`, `KEY_CREATED`, `ACCESS_DENIED`, …
-    pub event_type: &'static str,
+    pub event_type: EventType,
     /// Who.
     pub who: Arc<Who>,
     /// Backend, for key events.
@@ -127,7 +216,7 @@ impl Event {
     /// An event of the daemon's own (see [`Who::daemon`]), now.
     #[must_use]
     pub fn by_daemon(
-        event_type: &'static str,
+        event_type: EventType,
         resource: impl Into<String>,
         action: &'static str,
         result: Outcome,
@@ -151,13 +240,13 @@ impl Event {
 impl Event {
     /// `AUDIT_RECOVERED`: what start-up repaired.
     pub(crate) fn audit_recovered(meta: Meta) -> Self {
-        Self::by_daemon("AUDIT_RECOVERED", "audit", "recover", Outcome::Success, 5, meta)
+        Self::by_daemon(EventType::AuditRecovered, "audit", "recover", Outcome::Success, 5, meta)
     }
 
     /// `AUDIT_TAMPERED`: the log is not as hsmd left it.
     pub(crate) fn audit_tampered(message: String) -> Self {
         Self::by_daemon(
-            "AUDIT_TAMPERED",
+            EventType::AuditTampered,
             "audit",
             "check",
             Outcome::Failure,

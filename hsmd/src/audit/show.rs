@@ -28,6 +28,37 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Checks the filter's values, so that a typo is an error and not an
+    /// empty answer: a known event type, `success` or `failure`, and a user
+    /// that exists here or a numeric uid (blocking: it asks the user database).
+    ///
+    /// # Errors
+    /// What is wrong and which values are valid.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(e) = &self.event_type {
+            if super::EventType::parse(e).is_none() {
+                let all: Vec<&str> = super::EventType::ALL.iter().map(|t| t.as_str()).collect();
+                return Err(format!(
+                    "unknown event type {e:?}; the event types are {}",
+                    all.join(", ")
+                ));
+            }
+        }
+        if let Some(r) = &self.result {
+            if r != "success" && r != "failure" {
+                return Err(format!("unknown result {r:?}; use success or failure"));
+            }
+        }
+        if let Some(u) = &self.user {
+            if u.parse::<u32>().is_err() && !matches!(nix::unistd::User::from_name(u), Ok(Some(_))) {
+                return Err(format!(
+                    "no user named {u:?} on this machine; give a user name that exists here, or a numeric uid"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn passes(&self, v: &serde_json::Value, since: Option<Duration>, key: Option<&str>) -> bool {
         if let Some(since) = since {
             let t = v["timestamp"]

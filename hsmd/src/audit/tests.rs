@@ -1,5 +1,6 @@
 //! The audit log's parts together, on real files with an in-memory keystore.
 
+use crate::audit::EventType;
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -49,7 +50,7 @@ fn settings(dir: &Path, max_file_bytes: u64, keep_files: u32) -> Settings {
 /// Writes `n` security events (each synced and anchored before it returns).
 fn write(a: &Auditor, n: usize) {
     for _ in 0..n {
-        a.record_sync(event("SIGN")).unwrap();
+        a.record_sync(event(EventType::Sign)).unwrap();
     }
 }
 
@@ -209,7 +210,7 @@ fn start_up_cuts_a_torn_tail_adopts_lines_past_the_head_and_names_a_cut_log() {
     let e = a.verify().unwrap_err();
     assert_eq!(e.first().unwrap().seq, 5, "{e}");
     let text = fs::read_to_string(&path).unwrap();
-    assert!(text.contains("AUDIT_TAMPERED"), "{text}");
+    assert!(text.contains(EventType::AuditTampered.as_str()), "{text}");
     assert!(text.contains("lines 5 to 7 were removed"), "{text}");
 }
 
@@ -222,7 +223,7 @@ fn a_keystore_that_cannot_record_the_head_suspends_audited_requests_until_it_can
     assert!(a.admit().is_ok());
     store.failing.store(true, Ordering::SeqCst);
     // The line is written and synced; recording its head fails.
-    a.record_sync(event("SIGN")).unwrap();
+    a.record_sync(event(EventType::Sign)).unwrap();
     wait_for("suspended", || a.admit().is_err());
     let refused = a.admit().unwrap_err();
     assert_eq!(refused.code, protocol::ErrorCode::AuditUnavailable);
@@ -233,16 +234,21 @@ fn a_keystore_that_cannot_record_the_head_suspends_audited_requests_until_it_can
     );
     assert!(!a.health().healthy);
     // What changes nothing is still counted while suspended.
-    assert!(a.submit(event("RATE_LIMITED"), Class::Operation, false).is_none());
+    assert!(a
+        .submit(event(EventType::RateLimited), Class::Operation, false)
+        .is_none());
     store.failing.store(false, Ordering::SeqCst);
     wait_for("resumed", || a.admit().is_ok());
     wait_for("AUDIT_RESUMED written", || {
         fs::read_to_string(dir.path().join("audit.log"))
             .unwrap()
-            .contains("AUDIT_RESUMED")
+            .contains(EventType::AuditResumed.as_str())
     });
     let text = fs::read_to_string(dir.path().join("audit.log")).unwrap();
-    let resumed = text.lines().find(|l| l.contains("AUDIT_RESUMED")).unwrap();
+    let resumed = text
+        .lines()
+        .find(|l| l.contains(EventType::AuditResumed.as_str()))
+        .unwrap();
     let v: serde_json::Value = serde_json::from_str(resumed).unwrap();
     assert!(v["metadata"]["refused_requests"].as_u64().unwrap() >= 1, "{v}");
     assert!(a.verify().is_ok());
@@ -258,15 +264,17 @@ fn a_full_queue_refuses_audited_requests_and_counts_what_it_cannot_hold() {
     // Hold the writer back by holding its file state.
     let held = a.inner_file_lock_for_tests();
     for _ in 0..8 {
-        a.submit(event("SIGN"), Class::Operation, true);
+        a.submit(event(EventType::Sign), Class::Operation, true);
     }
     let refused = a.admit().unwrap_err();
     assert!(refused.message.contains("behind"), "{}", refused.message);
-    assert!(a.submit(event("AUTH_FAILURE"), Class::Security, false).is_none());
+    assert!(a
+        .submit(event(EventType::AuthFailure), Class::Security, false)
+        .is_none());
     assert_eq!(a.dropped_total(), 1);
     drop(held);
     wait_for("caught up", || a.admit().is_ok());
-    wait_for("AUDIT_RESUMED", || {
+    wait_for(EventType::AuditResumed.as_str(), || {
         fs::read_to_string(dir.path().join("audit.log"))
             .unwrap()
             .contains("\"dropped_events\":{\"AUTH_FAILURE\":1}")
@@ -284,7 +292,7 @@ fn a_write_cut_short_leaves_no_fragment_and_its_line_is_written_when_the_disk_ta
     let before = fs::read(&path).unwrap();
     // The disk fills half-way through the next line.
     a.short_write_for_tests(100);
-    let mut e = event("KEY_CREATED");
+    let mut e = event(EventType::KeyCreated);
     e.resource = "key:made-while-full".into();
     let refused = a.record_sync(e).unwrap_err();
     assert_eq!(refused.code, protocol::ErrorCode::AuditUnavailable);
@@ -307,7 +315,9 @@ fn a_write_cut_short_leaves_no_fragment_and_its_line_is_written_when_the_disk_ta
     a.short_write_for_tests(0);
     wait_for("resumed", || a.admit().is_ok());
     wait_for("the held line written", || {
-        fs::read_to_string(&path).unwrap().contains("AUDIT_RESUMED")
+        fs::read_to_string(&path)
+            .unwrap()
+            .contains(EventType::AuditResumed.as_str())
     });
     let text = fs::read_to_string(&path).unwrap();
     assert!(text.contains("key:made-while-full"), "{text}");
@@ -328,7 +338,7 @@ fn a_security_line_is_synced_before_its_answer_not_at_the_next_interval() {
         let (done, waited) = std::sync::mpsc::channel();
         let writer = Arc::clone(&a);
         std::thread::spawn(move || {
-            let _ = done.send(writer.record_sync(event("KEY_CREATED")));
+            let _ = done.send(writer.record_sync(event(EventType::KeyCreated)));
         });
         let synced = waited.recv_timeout(Duration::from_secs(2));
         assert!(
@@ -349,7 +359,7 @@ fn an_operation_line_written_by_its_request_is_synced_and_anchored_within_the_in
     let a = open(dir.path(), &store, 1 << 20, 5);
     // Let the writer go idle first, so nothing else would wake it.
     std::thread::sleep(Duration::from_millis(200));
-    let ticket = a.submit(event("SIGN"), Class::Operation, true).unwrap();
+    let ticket = a.submit(event(EventType::Sign), Class::Operation, true).unwrap();
     a.wait_blocking(ticket).unwrap();
     wait_for("the line anchored by the timer", || {
         store.anchors.lock().unwrap().head.as_ref().map(|h| h.seq) == Some(1)

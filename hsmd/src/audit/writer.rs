@@ -6,6 +6,7 @@
 //! Requests wait for their line, not for each other: an answer goes out once
 //! the [`Progress`] the writer publishes covers its [`Ticket`].
 
+use crate::audit::EventType;
 use std::{
     collections::{BTreeMap, VecDeque},
     fs::{self, File, OpenOptions},
@@ -440,7 +441,7 @@ impl Auditor {
                 }
                 if let Some(s) = s.as_mut() {
                     if len >= cap && !required {
-                        *s.dropped.entry(event.event_type).or_insert(0) += 1;
+                        *s.dropped.entry(event.event_type.as_str()).or_insert(0) += 1;
                         inner.dropped_total.fetch_add(1, Ordering::Relaxed);
                         return None;
                     }
@@ -777,7 +778,7 @@ impl Inner {
         if !done.dropped.is_empty() {
             x.dropped_events = Some(done.dropped);
         }
-        let event = Event::by_daemon("AUDIT_RESUMED", "audit", "resume", Outcome::Success, 6, meta);
+        let event = Event::by_daemon(EventType::AuditResumed, "audit", "resume", Outcome::Success, 6, meta);
         let mut q = lock(&self.queue);
         q.events.push_back(Queued {
             idx: 0,

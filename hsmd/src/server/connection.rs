@@ -2,6 +2,7 @@
 //! frames and answer requests, many in flight at once, until the peer leaves, a
 //! limit is broken, or the daemon shuts down.
 
+use crate::audit::EventType;
 use std::{
     collections::VecDeque,
     io::{self, IoSliceMut},
@@ -95,7 +96,7 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>, creds: Cre
                         ..crate::audit::Meta::default()
                     };
                     let event = crate::audit::Event {
-                        event_type: "AUTH_FAILURE",
+                        event_type: EventType::AuthFailure,
                         who: Arc::new(crate::audit::Who {
                             uid: peer.creds.uid,
                             user: peer.user.clone(),
@@ -609,7 +610,7 @@ impl Connection {
             if let Some(audit) = &self.shared.audit {
                 let _ = audit.submit(
                     crate::audit::Event {
-                        event_type: "RATE_LIMITED",
+                        event_type: EventType::RateLimited,
                         who: Arc::clone(&self.caller.who),
                         backend: None,
                         resource: "connection".into(),

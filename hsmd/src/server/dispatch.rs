@@ -2,6 +2,7 @@
 //! computed on the reactor; anything that may block is handed back as a job for
 //! the blocking pool, so a slow request never stalls other connections.
 
+use crate::audit::EventType;
 use std::{os::fd::OwnedFd, sync::Arc, time::Duration};
 
 use protocol::{
@@ -163,7 +164,7 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
 
 /// What the audit line of an operation says, decided before it runs.
 struct AuditSpec {
-    event_type: &'static str,
+    event_type: EventType,
     resource: String,
     /// The backend a key creation asked for; other key operations take the
     /// key's own when the event is written.
@@ -177,7 +178,7 @@ struct AuditSpec {
 }
 
 impl AuditSpec {
-    fn new(event_type: &'static str, resource: String, action: &'static str, risk: u8, security: bool) -> Self {
+    fn new(event_type: EventType, resource: String, action: &'static str, risk: u8, security: bool) -> Self {
         Self {
             event_type,
             resource,
@@ -246,18 +247,20 @@ impl AuditSpec {
                 metadata.message = Some(e.message.clone());
                 match e.code {
                     ErrorCode::PermissionDenied => {
-                        event_type = "ACCESS_DENIED";
+                        event_type = EventType::AccessDenied;
                         security = true;
                         risk = risk.max(6);
                     }
-                    ErrorCode::RateLimited if self.event_type != "UNLOCK" => event_type = "RATE_LIMITED",
+                    ErrorCode::RateLimited if self.event_type != EventType::Unlock => {
+                        event_type = EventType::RateLimited
+                    }
                     ErrorCode::Tampered => {
                         security = true;
                         risk = 10;
                     }
                     ErrorCode::UnlockFailed => {
-                        event_type = if self.event_type == "UNLOCK" {
-                            "UNLOCK_FAILED"
+                        event_type = if self.event_type == EventType::Unlock {
+                            EventType::UnlockFailed
                         } else {
                             event_type
                         };
@@ -308,28 +311,34 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
         | Operation::TransferWrite { .. }
         | Operation::TransferBegin { .. }
         | Operation::Batch { .. } => return None,
-        Operation::Init { .. } => AuditSpec::new("KEYSTORE_INITIALIZED", ks(), "init", 5, true),
-        Operation::Unlock { .. } => AuditSpec::new("UNLOCK", ks(), "unlock", 3, true),
-        Operation::Lock => AuditSpec::new("LOCK", ks(), "lock", 2, true).exempt(),
-        Operation::SlotList => AuditSpec::new("SLOT_LIST", ks(), "slot-list", 1, false),
-        Operation::SlotAdd { .. } => AuditSpec::new("SLOT_ADDED", ks(), "slot-add", 6, true),
-        Operation::SlotRemove { .. } => AuditSpec::new("SLOT_REMOVED", ks(), "slot-remove", 6, true),
+        Operation::Init { .. } => AuditSpec::new(EventType::KeystoreInitialized, ks(), "init", 5, true),
+        Operation::Unlock { .. } => AuditSpec::new(EventType::Unlock, ks(), "unlock", 3, true),
+        Operation::Lock => AuditSpec::new(EventType::Lock, ks(), "lock", 2, true).exempt(),
+        Operation::SlotList => AuditSpec::new(EventType::SlotList, ks(), "slot-list", 1, false),
+        Operation::SlotAdd { .. } => AuditSpec::new(EventType::SlotAdded, ks(), "slot-add", 6, true),
+        Operation::SlotRemove { .. } => AuditSpec::new(EventType::SlotRemoved, ks(), "slot-remove", 6, true),
         Operation::BackendSetPin { backend, .. } => {
-            let mut spec = AuditSpec::new("BACKEND_PIN_SET", format!("backend:{backend}"), "backend-pin", 7, true);
+            let mut spec = AuditSpec::new(
+                EventType::BackendPinSet,
+                format!("backend:{backend}"),
+                "backend-pin",
+                7,
+                true,
+            );
             spec.backend = Some(crate::backend::static_name(backend));
             spec
         }
         Operation::KeyCreate { name, options, .. } => {
-            let mut spec = AuditSpec::new("KEY_CREATED", key(name), "create", 3, true);
+            let mut spec = AuditSpec::new(EventType::KeyCreated, key(name), "create", 3, true);
             spec.backend = options.backend.as_deref().map(crate::backend::static_name);
             spec
         }
-        Operation::KeyList => AuditSpec::new("KEY_LIST", "keys".into(), "list", 1, false),
-        Operation::KeyInfo { name } => AuditSpec::new("KEY_INFO", key(name), "info", 1, false),
-        Operation::KeyPublic { name } => AuditSpec::new("KEY_PUBLIC", key(name), "public", 1, false),
-        Operation::KeyDelete { name } => AuditSpec::new("KEY_DELETED", key(name), "delete", 5, true),
-        Operation::KeyRotate { name } => AuditSpec::new("KEY_ROTATED", key(name), "rotate", 3, true),
-        Operation::KeySet { name, .. } => AuditSpec::new("KEY_UPDATED", key(name), "set", 3, true),
+        Operation::KeyList => AuditSpec::new(EventType::KeyList, "keys".into(), "list", 1, false),
+        Operation::KeyInfo { name } => AuditSpec::new(EventType::KeyInfo, key(name), "info", 1, false),
+        Operation::KeyPublic { name } => AuditSpec::new(EventType::KeyPublic, key(name), "public", 1, false),
+        Operation::KeyDelete { name } => AuditSpec::new(EventType::KeyDeleted, key(name), "delete", 5, true),
+        Operation::KeyRotate { name } => AuditSpec::new(EventType::KeyRotated, key(name), "rotate", 3, true),
+        Operation::KeySet { name, .. } => AuditSpec::new(EventType::KeyUpdated, key(name), "set", 3, true),
         Operation::KeyTransition { name, to } => {
             let (action, risk) = match to {
                 Transition::Disable => ("disable", 4),
@@ -338,62 +347,66 @@ fn audit_spec(op: &Operation) -> Option<AuditSpec> {
                 Transition::Compromise => ("compromise", 8),
                 Transition::Destroy => ("destroy", 8),
             };
-            AuditSpec::new("KEY_STATE_CHANGED", key(name), action, risk, true)
+            AuditSpec::new(EventType::KeyStateChanged, key(name), action, risk, true)
         }
-        Operation::KeyRestore { name } => AuditSpec::new("KEY_RESTORED", key(name), "restore", 4, true),
-        Operation::KeyPurge { name } => AuditSpec::new("KEY_PURGED", key(name), "purge", 8, true),
-        Operation::Sign { name, .. } => AuditSpec::new("SIGN", key(name), "sign", 1, false),
-        Operation::Encrypt { name, .. } => AuditSpec::new("ENCRYPT", key(name), "encrypt", 1, false),
-        Operation::Mac { name, .. } => AuditSpec::new("MAC", key(name), "mac", 1, false),
+        Operation::KeyRestore { name } => AuditSpec::new(EventType::KeyRestored, key(name), "restore", 4, true),
+        Operation::KeyPurge { name } => AuditSpec::new(EventType::KeyPurged, key(name), "purge", 8, true),
+        Operation::Sign { name, .. } => AuditSpec::new(EventType::Sign, key(name), "sign", 1, false),
+        Operation::Encrypt { name, .. } => AuditSpec::new(EventType::Encrypt, key(name), "encrypt", 1, false),
+        Operation::Mac { name, .. } => AuditSpec::new(EventType::Mac, key(name), "mac", 1, false),
         Operation::Verify {
             name,
             allow_compromised,
             ..
-        } => compromised_use("VERIFY", key(name), "verify", *allow_compromised),
+        } => compromised_use(EventType::Verify, key(name), "verify", *allow_compromised),
         Operation::Decrypt {
             name,
             allow_compromised,
             ..
-        } => compromised_use("DECRYPT", key(name), "decrypt", *allow_compromised),
+        } => compromised_use(EventType::Decrypt, key(name), "decrypt", *allow_compromised),
         Operation::MacVerify {
             name,
             allow_compromised,
             ..
-        } => compromised_use("MAC_VERIFY", key(name), "mac-verify", *allow_compromised),
-        Operation::Rewrap { name, .. } => AuditSpec::new("REWRAP", key(name), "rewrap", 2, false),
+        } => compromised_use(EventType::MacVerify, key(name), "mac-verify", *allow_compromised),
+        Operation::Rewrap { name, .. } => AuditSpec::new(EventType::Rewrap, key(name), "rewrap", 2, false),
         Operation::DataKey { name, plaintext, .. } => {
             if *plaintext {
-                AuditSpec::new("DATAKEY", key(name), "datakey-plaintext", 6, true)
+                AuditSpec::new(EventType::Datakey, key(name), "datakey-plaintext", 6, true)
             } else {
-                AuditSpec::new("DATAKEY", key(name), "datakey", 2, false)
+                AuditSpec::new(EventType::Datakey, key(name), "datakey", 2, false)
             }
         }
-        Operation::BackupCreate { .. } => AuditSpec::new("BACKUP_CREATED", ks(), "backup", 6, true),
-        Operation::BackupVerify { .. } => AuditSpec::new("BACKUP_VERIFIED", ks(), "backup-verify", 1, false),
-        Operation::BackupRestore { .. } => AuditSpec::new("BACKUP_RESTORED", ks(), "restore", 9, true),
+        Operation::BackupCreate { .. } => AuditSpec::new(EventType::BackupCreated, ks(), "backup", 6, true),
+        Operation::BackupVerify { .. } => AuditSpec::new(EventType::BackupVerified, ks(), "backup-verify", 1, false),
+        Operation::BackupRestore { .. } => AuditSpec::new(EventType::BackupRestored, ks(), "restore", 9, true),
         Operation::PolicyShow | Operation::PolicyCheck { .. } => {
-            AuditSpec::new("POLICY_READ", "policy".into(), "read", 1, false)
+            AuditSpec::new(EventType::PolicyRead, "policy".into(), "read", 1, false)
         }
         Operation::AuditVerify | Operation::AuditShow { .. } => {
-            AuditSpec::new("AUDIT_READ", "audit".into(), "read", 1, false).exempt()
+            AuditSpec::new(EventType::AuditRead, "audit".into(), "read", 1, false).exempt()
         }
         Operation::Metrics | Operation::FileStoreChunk { .. } | Operation::FileRetrieveNext { .. } => return None,
         // The wrapping key is the resource: `audit show --key K` finds the
         // files K wrapped, and a refusal names the key it was about.
-        Operation::FileStoreFd { key: k, .. } => AuditSpec::new("FILE_STORED", key(k), "store", 2, false),
-        Operation::FileStoreBegin { key: k, .. } => AuditSpec::new("FILE_STORE_STARTED", key(k), "store", 1, false),
-        Operation::FileStoreFinish { .. } => AuditSpec::new("FILE_STORED", "files".into(), "store", 2, false),
-        Operation::FileRetrieveBegin { token } | Operation::FileRetrieveFd { token } => {
-            AuditSpec::new("FILE_RETRIEVED", format!("file:{token}"), "retrieve", 2, false)
+        Operation::FileStoreFd { key: k, .. } => AuditSpec::new(EventType::FileStored, key(k), "store", 2, false),
+        Operation::FileStoreBegin { key: k, .. } => {
+            AuditSpec::new(EventType::FileStoreStarted, key(k), "store", 1, false)
         }
-        Operation::FileList => AuditSpec::new("FILE_LIST", "files".into(), "list", 1, false),
-        Operation::FileInfo { token } => AuditSpec::new("FILE_INFO", format!("file:{token}"), "info", 1, false),
-        Operation::FileDelete { token } => AuditSpec::new("FILE_DELETED", format!("file:{token}"), "delete", 4, true),
+        Operation::FileStoreFinish { .. } => AuditSpec::new(EventType::FileStored, "files".into(), "store", 2, false),
+        Operation::FileRetrieveBegin { token } | Operation::FileRetrieveFd { token } => {
+            AuditSpec::new(EventType::FileRetrieved, format!("file:{token}"), "retrieve", 2, false)
+        }
+        Operation::FileList => AuditSpec::new(EventType::FileList, "files".into(), "list", 1, false),
+        Operation::FileInfo { token } => AuditSpec::new(EventType::FileInfo, format!("file:{token}"), "info", 1, false),
+        Operation::FileDelete { token } => {
+            AuditSpec::new(EventType::FileDeleted, format!("file:{token}"), "delete", 4, true)
+        }
     })
 }
 
 /// Uses that open or check with a compromised key are security events at high risk.
-fn compromised_use(event: &'static str, resource: String, action: &'static str, allowed: bool) -> AuditSpec {
+fn compromised_use(event: EventType, resource: String, action: &'static str, allowed: bool) -> AuditSpec {
     if allowed {
         AuditSpec::new(event, resource, action, 9, true)
     } else {
@@ -543,6 +556,9 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                     result,
                     limit: (limit as usize).clamp(1, 100_000),
                 };
+                filter
+                    .check()
+                    .map_err(|why| WireError::new(ErrorCode::InvalidArgument, why))?;
                 Ok(Reply::AuditLines(crate::audit::show(&audit.files(), &filter)))
             }))
         }

@@ -891,6 +891,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             allow_compromised,
         } => sealing::decrypt(&mut client, name, input, output, aad.as_bytes(), *allow_compromised)?,
         Command::Mac { name, input, output } => {
+            output::not_the_input(input, output)?;
             let data = sealing::read_mac_input(input)?;
             match client.call(Operation::Mac {
                 name: name.clone(),
@@ -949,6 +950,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             output,
             format,
         } => {
+            output::not_the_input(input, output)?;
             let key = keys::info(&mut client, name)?;
             let digest = keys::digest_file(key.key_type, input)?;
             let (version, signature) = match client.call(Operation::Sign {

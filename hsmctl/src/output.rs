@@ -65,6 +65,29 @@ fn is_dev_null(path: &Path, meta: &fs::Metadata) -> bool {
         && nix::sys::stat::minor(meta.rdev()) == 3
 }
 
+/// Refuses an output that is the input file itself (the same inode, by
+/// whatever name): `encrypt -i app.bin -o app.bin` would replace the data
+/// with its own ciphertext. Standard input and output are never the same file.
+pub(crate) fn not_the_input(input: &Path, output: &Path) -> Result<(), Failure> {
+    let std_stream = |p: &Path| p == Path::new("-") || p == Path::new("/dev/stdout") || p == Path::new("/dev/stdin");
+    if std_stream(input) || std_stream(output) {
+        return Ok(());
+    }
+    // A link as the output is refused by `Output::create` anyway; the input
+    // is compared as it will be read (following links).
+    let (Ok(i), Ok(o)) = (fs::metadata(input), fs::symlink_metadata(output)) else {
+        return Ok(());
+    };
+    if i.is_file() && (i.dev(), i.ino()) == (o.dev(), o.ino()) {
+        return Err(local(format!(
+            "refusing to write {}: it is the input file too, and would be replaced by the output; \
+             write to another path",
+            output.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Output {
     /// Checks `path` by the rules above and opens the output.
     pub(crate) fn create(path: &Path) -> Result<Self, Failure> {

@@ -71,6 +71,7 @@ pub(crate) fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize, io::E
 
 /// Encrypts `input` into `output` in chunks.
 pub fn encrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad: &[u8]) -> Result<(), Failure> {
+    crate::output::not_the_input(input, output)?;
     let mut reader = open_input(input)?;
     let mut out = Output::create(output)?;
     let mut current = vec![0u8; CHUNK as usize];
@@ -252,6 +253,7 @@ pub fn decrypt(
     aad: &[u8],
     allow_compromised: bool,
 ) -> Result<(), Failure> {
+    crate::output::not_the_input(input, output)?;
     let mut reader = open_input(input)?;
     let (version, chunk_size) = read_header(&mut *reader, input, name)?;
     let mut out = Output::create(output)?;
@@ -286,6 +288,7 @@ pub fn decrypt(
 /// (the first chunk decides it; the rest follow it even across a rotation).
 /// Returns the old and new versions.
 pub fn rewrap(client: &mut Client, name: &str, input: &Path, output: &Path, aad: &[u8]) -> Result<(u32, u32), Failure> {
+    crate::output::not_the_input(input, output)?;
     let mut reader = open_input(input)?;
     let (version, chunk_size) = read_header(&mut *reader, input, name)?;
     let mut out = Output::create(output)?;

@@ -486,34 +486,30 @@ impl Daemon {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
-    /// The daemon's peak resident set (VmHWM), KiB.
-    pub fn vm_hwm_kib(&self) -> u64 {
+    /// A `kB` field of the daemon's `/proc/PID/status` (`VmRSS`, `VmHWM`,
+    /// `VmPeak`, `VmLck`, …), in KiB.
+    pub fn proc_status_kib(&self, field: &str) -> u64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc status")
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
+    }
+
+    /// The daemon's peak resident set (VmHWM), KiB.
+    pub fn vm_hwm_kib(&self) -> u64 {
+        self.proc_status_kib("VmHWM")
     }
 
     /// The daemon's resident set now (VmRSS), KiB.
     pub fn vm_rss_kib(&self) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc status")
+        self.proc_status_kib("VmRSS")
     }
 
     /// Peak virtual memory of the daemon (VmPeak), in KiB.
     pub fn vm_peak_kib(&self) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmPeak:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmPeak in /proc status")
+        self.proc_status_kib("VmPeak")
     }
 }
 

@@ -192,3 +192,43 @@ fn root_does_not_follow_another_users_link_or_replace_their_file() {
         assert_eq!(fs::read(dir.join("fresh")).expect("fresh"), SECRET, "{cmd}");
     }
 }
+
+#[test]
+fn an_output_that_is_the_input_file_is_refused_and_the_input_kept() {
+    let w = Writers::new();
+    let d = &w.d;
+    ok(&d.hsmctl(&["key", "create", "s", "--type", "ed25519"]));
+    ok(&d.hsmctl(&["key", "create", "m", "--type", "hmac-sha256"]));
+    let data = d.dir().join("app.bin");
+    fs::write(&data, SECRET).expect("write");
+    // The same file under another name is the same file.
+    let alias = d.dir().join("alias.bin");
+    fs::hard_link(&data, &alias).expect("hard link");
+    for out in [&data, &alias] {
+        for args in [
+            vec!["encrypt", "box", "-i", p(&data), "-o", p(out)],
+            vec!["sign", "s", "-i", p(&data), "-o", p(out)],
+            vec!["mac", "m", "-i", p(&data), "-o", p(out)],
+        ] {
+            refused(&d.hsmctl(&args), out, "it is the input file too");
+            assert_eq!(
+                fs::read(&data).expect("read"),
+                SECRET,
+                "{args:?} left the input as it was"
+            );
+        }
+    }
+    let sealed = w.sealed.clone();
+    refused(
+        &d.hsmctl(&["decrypt", "box", "-i", p(&sealed), "-o", p(&sealed)]),
+        &sealed,
+        "it is the input file too",
+    );
+    refused(
+        &d.hsmctl(&["rewrap", "box", "-i", p(&sealed), "-o", p(&sealed)]),
+        &sealed,
+        "it is the input file too",
+    );
+    // Another path is fine.
+    ok(&d.hsmctl(&["encrypt", "box", "-i", p(&data), "-o", p(&d.dir().join("app.enc"))]));
+}

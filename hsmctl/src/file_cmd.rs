@@ -82,6 +82,10 @@ pub enum FileCommand {
     Delete {
         /// The token
         token: String,
+        /// Go ahead without asking (this cannot be undone); without it hsmctl
+        /// asks on a terminal and refuses elsewhere
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -466,16 +470,22 @@ pub fn run(json: bool, client: &mut Client, cmd: &FileCommand) -> Result<(), Fai
             }
             other => Err(unexpected("file-info", &other)),
         },
-        FileCommand::Delete { token } => match client.call(Operation::FileDelete { token: token.clone() })? {
-            Reply::FileDeleted { token } => {
-                if json {
-                    println!("{}", json!({ "deleted": token }));
-                } else {
-                    println!("deleted {token} (its chunks were overwritten, then removed)");
+        FileCommand::Delete { token, yes } => {
+            crate::confirm::confirm(
+                &format!("deleting stored file {token} overwrites its chunks and removes it for good"),
+                *yes,
+            )?;
+            match client.call(Operation::FileDelete { token: token.clone() })? {
+                Reply::FileDeleted { token } => {
+                    if json {
+                        println!("{}", json!({ "deleted": token }));
+                    } else {
+                        println!("deleted {token} (its chunks were overwritten, then removed)");
+                    }
+                    Ok(())
                 }
-                Ok(())
+                other => Err(unexpected("file-delete", &other)),
             }
-            other => Err(unexpected("file-delete", &other)),
-        },
+        }
     }
 }

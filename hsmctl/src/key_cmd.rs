@@ -140,7 +140,8 @@ pub enum KeyCommand {
     Destroy {
         /// The key's name
         name: String,
-        /// Required: this cannot be undone
+        /// Go ahead without asking (this cannot be undone); without it hsmctl
+        /// asks on a terminal and refuses elsewhere
         #[arg(long)]
         yes: bool,
     },
@@ -159,7 +160,8 @@ pub enum KeyCommand {
     Purge {
         /// The key's name
         name: String,
-        /// Required: this cannot be undone
+        /// Go ahead without asking (this cannot be undone); without it hsmctl
+        /// asks on a terminal and refuses elsewhere
         #[arg(long)]
         yes: bool,
     },
@@ -516,10 +518,8 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                 KeyCommand::Compromise { .. } => Transition::Compromise,
                 _ => Transition::Destroy,
             };
-            if matches!(cmd, KeyCommand::Destroy { yes: false, .. }) {
-                return Err(Failure::Local(format!(
-                    "destroying erases every version of {name:?} for good; add --yes to go ahead"
-                )));
+            if let KeyCommand::Destroy { yes, .. } = cmd {
+                crate::confirm::confirm(&format!("destroying erases every version of {name:?} for good"), *yes)?;
             }
             let k = expect_key(
                 client.call(Operation::KeyTransition { name: name.clone(), to })?,
@@ -547,11 +547,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
             say(&k, format!("restored key {} ({})", k.name, k.state.as_str()));
         }
         KeyCommand::Purge { name, yes } => {
-            if !yes {
-                return Err(Failure::Local(format!(
-                    "purging destroys {name:?} and every version for good; add --yes to go ahead"
-                )));
-            }
+            crate::confirm::confirm(&format!("purging destroys {name:?} and every version for good"), *yes)?;
             match client.call(Operation::KeyPurge { name: name.clone() })? {
                 Reply::KeyPurged { name } => {
                     if json {

@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::{backup_cmd::BackupCommand, file_cmd::FileCommand, key_cmd::KeyCommand};
 
 mod backup_cmd;
+mod confirm;
 mod fido2;
 mod file_cmd;
 mod hardware;

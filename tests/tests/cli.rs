@@ -138,3 +138,39 @@ fn audit_show_filters_with_a_typo_are_errors_that_list_what_is_valid() {
         "{out:?}"
     );
 }
+
+#[test]
+fn what_cannot_be_undone_needs_yes_when_there_is_no_terminal_to_ask_on() {
+    let d = Daemon::builder().dev().start();
+    let out = d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]);
+    assert!(out.status.success(), "{out:?}");
+    let data = d.dir().join("data");
+    std::fs::write(&data, b"kept").expect("write");
+    let stored = d.hsmctl(&["file", "store", data.to_str().expect("utf-8")]);
+    let text = String::from_utf8_lossy(&stored.stdout).into_owned();
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Token: "))
+        .unwrap_or_else(|| panic!("no token: {stored:?}"))
+        .trim()
+        .to_owned();
+    let refused = |args: &[&str]| {
+        let out = d.hsmctl(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            err.contains("add --yes to go ahead (there is no terminal to ask on)"),
+            "{err}"
+        );
+    };
+    refused(&["file", "delete", &token]);
+    assert!(d.hsmctl(&["file", "info", &token]).status.success(), "still there");
+    assert!(d.hsmctl(&["key", "create", "k", "--type", "ed25519"]).status.success());
+    refused(&["key", "destroy", "k"]);
+    assert!(d.hsmctl(&["key", "delete", "k"]).status.success());
+    refused(&["key", "purge", "k"]);
+    assert!(d.hsmctl(&["key", "restore", "k"]).status.success(), "not purged");
+    // --yes goes ahead.
+    assert!(d.hsmctl(&["file", "delete", &token, "--yes"]).status.success());
+    assert!(!d.hsmctl(&["file", "info", &token]).status.success(), "gone");
+}

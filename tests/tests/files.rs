@@ -359,7 +359,7 @@ fn tokens_names_and_symlinks_cannot_reach_outside_the_store() {
             &d.hsmctl(&["file", "retrieve", token, "-o", p(&dir.join("x"))]),
             "invalid-argument",
         );
-        refused(&d.hsmctl(&["file", "delete", token]), "invalid-argument");
+        refused(&d.hsmctl(&["file", "delete", token, "--yes"]), "invalid-argument");
     }
     let src = dir.join("a");
     fs::write(&src, b"a").expect("write");
@@ -375,7 +375,7 @@ fn tokens_names_and_symlinks_cannot_reach_outside_the_store() {
     std::os::unix::fs::symlink(&dir, dir.join("state/files").join(planted)).expect("symlink");
     let err = refused(&d.hsmctl(&["file", "info", planted]), "tampered");
     assert!(err.contains("not a directory"), "{err}");
-    refused(&d.hsmctl(&["file", "delete", planted]), "tampered");
+    refused(&d.hsmctl(&["file", "delete", planted, "--yes"]), "tampered");
     assert!(dir.join("a").exists(), "nothing outside the store was touched");
 }
 
@@ -425,7 +425,7 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     let unknown = "0f8fad5b-d9cb-469f-a165-70867728950e";
     for args in [
         vec!["file", "retrieve", "TOKEN", "-o", "-"],
-        vec!["file", "delete", "TOKEN"],
+        vec!["file", "delete", "TOKEN", "--yes"],
         vec!["file", "info", "TOKEN"],
     ] {
         let with = |t: &str| -> Vec<String> {
@@ -453,14 +453,14 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     );
     // 4002's own file is 4002's.
     let theirs = token_of(&ok(&as_4002(&["file", "store", "-", "--name", "mine"])));
-    ok(&as_4002(&["file", "delete", &theirs]));
+    ok(&as_4002(&["file", "delete", &theirs, "--yes"]));
     // A role that may store and retrieve but not read metadata
     // (files:info) still retrieves its own file to -o.
     let fetched = token_of(&ok(&as_uid("4005", &["file", "store", "-", "--name", "f"])));
     refused(&as_uid("4005", &["file", "info", &fetched]), "permission-denied");
     assert_eq!(ok(&as_uid("4005", &["file", "retrieve", &fetched, "-o", "-"])), "");
     // The owner (an admin here) still can.
-    ok(&d.hsmctl(&["file", "delete", &token]));
+    ok(&d.hsmctl(&["file", "delete", &token, "--yes"]));
 }
 
 #[test]

@@ -833,13 +833,19 @@ fn scheduled_rotation_purge_expiry_start_and_stop_are_audit_lines() {
     wait_until("the purge", Duration::from_secs(10), || {
         !d.hsmctl(&["key", "info", "doomed"]).status.success()
     });
-    let all = lines(&state(&d));
-    assert!(
-        all.iter().any(|l| l["event_type"] == "KEY_PURGED"
-            && l["resource"] == "key:doomed"
-            && l["user"] == "hsmd"
-            && l["result"] == "success"),
-        "the purge at the end of the recovery window is not in the log"
+    // Maintenance writes the line just after the purge commits: wait for it
+    // rather than race it.
+    wait_until(
+        "the purge line (end of the recovery window)",
+        Duration::from_secs(10),
+        || {
+            lines(&state(&d)).iter().any(|l| {
+                l["event_type"] == "KEY_PURGED"
+                    && l["resource"] == "key:doomed"
+                    && l["user"] == "hsmd"
+                    && l["result"] == "success"
+            })
+        },
     );
     wait_until("the expiry line", Duration::from_secs(10), || {
         lines(&state(&d))

@@ -383,15 +383,16 @@ fn open_slot(
         }
     };
     let aad = slot_aad(store_id, &row.kind, &row.params);
-    let Some((check, sealed)) = split_slot_seal(&row.wrapped) else {
+    // Logged and named in the refusal; the other slots are still tried.
+    let mut seal_edited = |what: &str| {
         tracing::error!(
             slot = row.id,
-            "keystore record tampered: slot's sealed master key has the wrong length"
+            "keystore record tampered: slot's sealed master key {what}"
         );
-        edited.push(format!(
-            "slot {}'s sealed master key has the wrong length (edited)",
-            row.id
-        ));
+        edited.push(format!("slot {}'s sealed master key {what}", row.id));
+    };
+    let Some((check, sealed)) = split_slot_seal(&row.wrapped) else {
+        seal_edited("has the wrong length (edited)");
         return Ok(None);
     };
     let Ok(opened) = crypto::open(&kek, sealed, &aad) else {
@@ -399,14 +400,7 @@ fn open_slot(
         // edited. (The value is no secret: comparing it in variable time
         // tells nothing a guesser could not compute.)
         if check.is_some_and(|c| c == crypto::check_value(&kek, &aad)) {
-            tracing::error!(
-                slot = row.id,
-                "keystore record tampered: slot's sealed master key fails with the right secret"
-            );
-            edited.push(format!(
-                "slot {}'s sealed master key was edited (the secret given is right for it)",
-                row.id
-            ));
+            seal_edited("was edited (the secret given is right for it)");
         }
         return Ok(None);
     };

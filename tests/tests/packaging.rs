@@ -683,6 +683,21 @@ impl Booted {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// `hsmctl status` as root; fails the test unless it exits with `code`
+    /// (0 unlocked, 2 locked or uninitialized).
+    fn status(&self, code: i32) -> String {
+        let out = self.sh("hsmctl status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "hsmctl status: {text}{}\njournal:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.journal()
+        );
+        text
+    }
+
     fn journal(&self) -> String {
         let out = self.sh("journalctl -u hsmd.service -u hsmd.socket --no-pager -o short-monotonic | tail -40");
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -756,7 +771,8 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
         "root:hsmd 660",
         "SocketGroup=hsmd, SocketMode=0660"
     );
-    let status = guest.ok("hsmctl status");
+    // Served, not yet initialized: `status` exits 2, as documented.
+    let status = guest.status(2);
     assert!(status.contains("uninitialized"), "{status}");
     // Type=notify: active only once hsmd said READY, with its STATUS= line.
     assert_eq!(guest.ok("systemctl is-active hsmd.service"), "active");
@@ -830,8 +846,8 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
         restarted = main_pid(&guest);
         restarted != 0 && restarted != pid
     });
-    let status = guest.ok("hsmctl status");
-    assert!(status.contains("locked"), "{status}");
+    let status = guest.status(2);
+    assert!(status.contains("state:        locked"), "{status}");
     guest.ok("hsmctl unlock --keyfile /root/unlock.key");
     guest.ok("runuser -u alice -- hsmctl verify rel -i /tmp/data -s /tmp/data.sig --format raw");
 
@@ -839,7 +855,8 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
     // notifying and systemd replaces it.
     guest.ok("mkdir -p /etc/systemd/system/hsmd.service.d && \
          printf '[Service]\\nWatchdogSec=2s\\n' > /etc/systemd/system/hsmd.service.d/watchdog.conf && \
-         systemctl daemon-reload && systemctl restart hsmd.service && hsmctl status");
+         systemctl daemon-reload && systemctl restart hsmd.service");
+    assert!(guest.status(2).contains("state:        locked"));
     let hung = main_pid(&guest);
     guest.ok(&format!("kill -STOP {hung}"));
     let mut replaced = 0;
@@ -848,7 +865,7 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
         replaced != 0 && replaced != hung
     });
     assert!(guest.journal().contains("Watchdog timeout"), "{}", guest.journal());
-    guest.ok("hsmctl status");
+    assert!(guest.status(2).contains("state:        locked"));
 
     // Removal stops and disables both units and keeps the keystore; purge
     // deletes it.

@@ -3,7 +3,6 @@
 
 use std::{
     fs,
-    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -12,7 +11,10 @@ use protocol::{BackupManifest, BackupProtection, Client, ClientError, Operation,
 use serde_json::json;
 use sha2::Digest as _;
 
-use crate::{print_json, secrets, Failure};
+use crate::{
+    failure::{Failure, Local},
+    print_json, secrets,
+};
 
 /// The largest archive hsmctl uploads (the daemon's limit too).
 const MAX_ARCHIVE: u64 = 256 * 1024 * 1024;
@@ -28,8 +30,11 @@ pub enum BackupCommand {
         hsmctl backup create offsite.hsmdbak --passphrase-file /run/secrets/backup-pass"
     )]
     Create {
-        /// The archive to write (created; never overwritten)
+        /// The archive to write (appears only when complete)
         file: PathBuf,
+        /// Replace the archive if it exists
+        #[arg(long)]
+        force: bool,
         /// Protect with a backup passphrase asked twice without echo
         #[arg(long, conflicts_with = "passphrase_file")]
         passphrase: bool,
@@ -83,16 +88,16 @@ impl SecretArgs {
 
     fn read(&self, prompt: &str) -> Result<UnlockSecret, Failure> {
         Ok(match &self.keyfile {
-            Some(path) => UnlockSecret::Keyfile(secrets::read_keyfile(path).map_err(Failure::Local)?),
+            Some(path) => UnlockSecret::Keyfile(secrets::read_keyfile(path).map_err(|e| Local::Secret.fail(e))?),
             None => UnlockSecret::Passphrase(
-                secrets::passphrase(self.passphrase_file.as_deref(), prompt).map_err(Failure::Local)?,
+                secrets::passphrase(self.passphrase_file.as_deref(), prompt).map_err(|e| Local::Secret.fail(e))?,
             ),
         })
     }
 }
 
 fn local(msg: String) -> Failure {
-    Failure::Local(msg)
+    Local::File.fail(msg)
 }
 
 /// The protection an archive names in its header (read here only to ask for
@@ -108,7 +113,7 @@ fn read_archive(path: &Path) -> Result<Vec<u8>, Failure> {
         .map_err(|e| local(format!("cannot read {}: {e}", path.display())))?
         .len();
     if size > MAX_ARCHIVE {
-        return Err(local(format!(
+        return Err(Local::Input.fail(format!(
             "{} is {size} bytes, more than the {MAX_ARCHIVE}-byte limit of an archive",
             path.display()
         )));
@@ -180,19 +185,23 @@ pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
     match cmd {
         BackupCommand::Create {
             file,
+            force,
             passphrase,
             passphrase_file,
         } => {
             let protection = if *passphrase || passphrase_file.is_some() {
                 BackupProtection::Passphrase(
-                    secrets::new_passphrase(passphrase_file.as_deref()).map_err(Failure::Local)?,
+                    secrets::new_passphrase(passphrase_file.as_deref()).map_err(|e| Local::Secret.fail(e))?,
                 )
             } else {
                 BackupProtection::MasterKey
             };
-            if file.exists() {
-                return Err(local(format!("{} exists; choose a new name", file.display())));
+            if cli.json && crate::output::is_stdout(Some(file)) {
+                return Err(Local::Usage
+                    .fail("with --json, standard output carries the JSON summary; write the archive to a file"));
             }
+            // Checked before hsmd builds the archive, so a refusal costs nothing.
+            let mut out = crate::output::Output::create(file, *force)?;
             let mut client = crate::connect(cli)?;
             let (transfer, size, manifest) = match client.call(Operation::BackupCreate { protection })? {
                 Reply::BackupReady {
@@ -216,21 +225,10 @@ pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
             }
             let (body, sum) = archive.split_at(archive.len().saturating_sub(32));
             if sha2::Sha256::digest(body).as_slice() != sum {
-                return Err(local(
-                    "the archive arrived damaged (checksum mismatch); nothing written".into(),
-                ));
+                return Err(Local::Internal.fail("the archive arrived damaged (checksum mismatch); nothing written"));
             }
-            let dir = file
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)
-                .map_err(|e| local(format!("cannot create a file in {}: {e}", dir.display())))?;
-            tmp.write_all(&archive)
-                .and_then(|()| tmp.as_file().sync_all())
-                .map_err(|e| local(format!("cannot write {}: {e}", file.display())))?;
-            tmp.persist_noclobber(file)
-                .map_err(|e| local(format!("cannot write {}: {e}", file.display())))?;
+            out.write(&archive)?;
+            out.finish()?;
             print_manifest(
                 cli.json,
                 &format!("backup written to {} ({size} bytes)", file.display()),

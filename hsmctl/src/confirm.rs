@@ -3,7 +3,7 @@
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 
-use crate::Failure;
+use crate::failure::{Failure, Local};
 
 /// Goes ahead if `yes`, or if a person at a terminal types `yes` when told
 /// `what` will happen; refuses otherwise, saying how to go ahead.
@@ -12,7 +12,7 @@ pub(crate) fn confirm(what: &str, yes: bool) -> Result<(), Failure> {
         return Ok(());
     }
     if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
-        return Err(Failure::Local(format!(
+        return Err(Local::NotConfirmed.fail(format!(
             "{what}; add --yes to go ahead (there is no terminal to ask on)"
         )));
     }
@@ -23,10 +23,10 @@ pub(crate) fn confirm(what: &str, yes: bool) -> Result<(), Failure> {
     std::io::stdin()
         .lock()
         .read_line(&mut answer)
-        .map_err(|e| Failure::Local(format!("cannot read the answer: {e}")))?;
+        .map_err(|e| Local::NotConfirmed.fail(format!("cannot read the answer: {e}")))?;
     if answer.trim() == "yes" {
         Ok(())
     } else {
-        Err(Failure::Local("not confirmed; nothing was done".into()))
+        Err(Local::NotConfirmed.fail("not confirmed; nothing was done"))
     }
 }

@@ -15,7 +15,12 @@ use clap::{Subcommand, ValueEnum};
 use protocol::{Client, ClientError, FileInfo, Operation, Reply, SecretBytes};
 use serde_json::json;
 
-use crate::{print_json, progress::Progress, sealing, Failure};
+use crate::{
+    failure::{Failure, Local},
+    print_json,
+    progress::Progress,
+    sealing,
+};
 
 /// How file bytes travel between hsmctl and hsmd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -70,6 +75,9 @@ pub enum FileCommand {
         /// No progress bar (there is none anyway when stderr is not a terminal)
         #[arg(short, long)]
         quiet: bool,
+        /// Replace the output file if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// Stored files: token, name, size, stored at, key, owner
     List,
@@ -114,7 +122,11 @@ fn unexpected(expected: &'static str, got: &Reply) -> Failure {
 }
 
 fn local(msg: String) -> Failure {
-    Failure::Local(msg)
+    Local::File.fail(msg)
+}
+
+fn usage(msg: String) -> Failure {
+    Local::Usage.fail(msg)
 }
 
 fn print_info(json: bool, f: &FileInfo) {
@@ -147,12 +159,12 @@ fn store(client: &mut Client, json: bool, a: &StoreArgs<'_>) -> Result<(), Failu
     let stdin = a.path == Path::new("-");
     let name = match (a.name, stdin) {
         (Some(n), _) => n.to_owned(),
-        (None, true) => return Err(local("storing stdin needs --name".into())),
+        (None, true) => return Err(usage("storing stdin needs --name".into())),
         (None, false) => a
             .path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| local(format!("{} has no file name; give --name", a.path.display())))?,
+            .ok_or_else(|| usage(format!("{} has no file name; give --name", a.path.display())))?,
     };
     let stored = match a.via {
         Via::Fd => store_fd(client, a, name)?,
@@ -181,7 +193,7 @@ fn open_for_store(path: &Path) -> Result<File, Failure> {
         .metadata()
         .map_err(|e| local(format!("cannot read {}: {e}", path.display())))?;
     if meta.is_dir() {
-        return Err(local(format!(
+        return Err(usage(format!(
             "{} is a directory; store one file (or tar c DIR | hsmctl file store - --name DIR.tar)",
             path.display()
         )));
@@ -294,6 +306,7 @@ struct RetrieveArgs<'a> {
     output: Option<&'a Path>,
     via: Via,
     quiet: bool,
+    force: bool,
 }
 
 fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(), Failure> {
@@ -314,16 +327,18 @@ fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(),
             // hsmd checked the name when it was stored; check again before
             // building a path from it.
             if info.name.contains('/') || info.name == ".." || info.name == "." || info.name.is_empty() {
-                return Err(local(format!(
-                    "the stored name {:?} is not a plain file name",
-                    info.name
-                )));
+                return Err(Local::Input.fail(format!("the stored name {:?} is not a plain file name", info.name)));
             }
             dir.unwrap_or(Path::new(".")).join(&info.name)
         }
-        (None, _, None) => return Err(local("file info was refused; give -o FILE".into())),
+        (None, _, None) => return Err(usage("file info was refused; give -o FILE".into())),
     };
-    let mut out = crate::output::Output::create(&target)?;
+    if json && crate::output::is_stdout(Some(&target)) {
+        return Err(usage(
+            "with --json, standard output carries the JSON summary; write the file with -o FILE or a directory".into(),
+        ));
+    }
+    let mut out = crate::output::Output::create(&target, a.force)?;
     let bar = Progress::new("retrieving", info.as_ref().map(|i| i.size), a.quiet);
     let result = match a.via {
         Via::Fd => retrieve_fd(client, a.token, &out, &bar),
@@ -427,6 +442,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &FileCommand) -> Result<(), Fai
             output,
             via,
             quiet,
+            force,
         } => retrieve(
             client,
             json,
@@ -436,6 +452,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &FileCommand) -> Result<(), Fai
                 output: output.as_deref(),
                 via: *via,
                 quiet: *quiet,
+                force: *force,
             },
         ),
         FileCommand::List => match client.call(Operation::FileList)? {

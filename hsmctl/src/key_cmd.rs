@@ -10,7 +10,10 @@ use clap::Subcommand;
 use protocol::{Client, ClientError, KeyChanges, KeyInfo, KeyOptions, KeyType, Operation, Reply, Transition, Usage};
 use serde_json::json;
 
-use crate::{keys, print_json, Failure};
+use crate::{
+    failure::{Failure, Local},
+    keys, print_json,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
@@ -35,7 +38,8 @@ pub enum KeyCommand {
         /// sign, verify, encrypt, decrypt, mac (repeat or comma-separate); default: all the type allows
         #[arg(long = "usage", value_name = "USAGE", value_delimiter = ',', value_parser = parse_usage)]
         usages: Vec<Usage>,
-        /// Rotate automatically this often (e.g. 90d)
+        /// Rotate automatically this often (e.g. 90d); at least 1h, or what the daemon's
+        /// keys.min_rotation_period allows
         #[arg(long, value_name = "PERIOD", value_parser = parse_period)]
         rotate_every: Option<u64>,
         /// Stay pre-active (unusable) until then
@@ -77,6 +81,9 @@ pub enum KeyCommand {
         /// Write here instead of stdout
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Replace the output file if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// Add a version; new signatures and ciphertexts use it, old ones still check
     #[command(after_help = "Example:\n  hsmctl key rotate release")]
@@ -90,7 +97,8 @@ pub enum KeyCommand {
     Set {
         /// The key's name
         name: String,
-        /// Rotation period (e.g. 90d), or `never`
+        /// Rotation period (e.g. 90d; at least 1h, or what the daemon's
+        /// keys.min_rotation_period allows), or `never`
         #[arg(long, value_name = "PERIOD|never")]
         rotate_every: Option<String>,
         /// Expiry time, or `never`
@@ -219,7 +227,7 @@ fn never_or<T>(s: Option<&String>, parse: fn(&str) -> Result<T, String>) -> Resu
     match s.map(String::as_str) {
         None => Ok(None),
         Some("never") => Ok(Some(None)),
-        Some(v) => parse(v).map(|t| Some(Some(t))).map_err(Failure::Local),
+        Some(v) => parse(v).map(|t| Some(Some(t))).map_err(|e| Local::Usage.fail(e)),
     }
 }
 
@@ -235,7 +243,7 @@ pub fn time(t: u64) -> String {
 }
 
 fn span(secs: u64) -> String {
-    humantime::format_duration(Duration::from_secs(secs)).to_string()
+    protocol::format_period(secs)
 }
 
 /// The rotation warning `key info` prints: overdue, or due within a tenth of
@@ -448,11 +456,46 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                 print_info(&k);
             }
         }
-        KeyCommand::Public { name, format, output } => {
+        KeyCommand::Public {
+            name,
+            format,
+            output,
+            force,
+        } => {
+            let to_stdout = crate::output::is_stdout(output.as_deref());
+            // Checked before asking, so a refused output is said first.
+            let mut out = if json && to_stdout {
+                None
+            } else {
+                Some(crate::output::Output::open(
+                    output.as_deref(),
+                    *force,
+                    matches!(format.as_str(), "der" | "raw"),
+                )?)
+            };
             match client.call(Operation::KeyPublic { name: name.clone() })? {
                 Reply::PublicKey { key_type, spki_der, .. } => {
-                    let bytes = keys::format_public(key_type, &spki_der, format, name).map_err(Failure::Local)?;
-                    keys::write_output(output.as_deref().unwrap_or(std::path::Path::new("-")), &bytes)?;
+                    let bytes =
+                        keys::format_public(key_type, &spki_der, format, name).map_err(|e| Local::Usage.fail(e))?;
+                    if json {
+                        let text = |f: &str| {
+                            keys::format_public(key_type, &spki_der, f, name)
+                                .ok()
+                                .map(|b| String::from_utf8_lossy(&b).trim_end().to_owned())
+                        };
+                        print_json(&json!({
+                            "key": name,
+                            "type": key_type.as_str(),
+                            "pem": text("pem"),
+                            "openssh": text("openssh"),
+                            "output": output.as_ref().filter(|_| !to_stdout),
+                            "format": format,
+                        }));
+                    }
+                    if let Some(mut out) = out.take() {
+                        out.write(&bytes)?;
+                        out.finish()?;
+                    }
                 }
                 other => {
                     return Err(ClientError::UnexpectedReply {
@@ -495,7 +538,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                 allow_plaintext_datakey: *allow_plaintext_datakey,
             };
             if changes == KeyChanges::default() {
-                return Err(Failure::Local("nothing to change; see `hsmctl key set --help`".into()));
+                return Err(Local::Usage.fail("nothing to change; see `hsmctl key set --help`"));
             }
             let k = expect_key(
                 client.call(Operation::KeySet {

@@ -16,7 +16,7 @@ use base64::{engine::general_purpose::STANDARD, Engine as _};
 use protocol::{Client, KeyInfo, KeyType, Operation, Reply};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
-use crate::{output::Output, Failure};
+use crate::failure::{Failure, Local};
 
 /// The first line of hsmctl's signature files.
 const SIG_MAGIC: &str = "hsmd-signature v1";
@@ -50,7 +50,7 @@ pub fn digest_file(t: KeyType, input: &Path) -> Result<Vec<u8>, Failure> {
     let mut reader: Box<dyn Read> = if input == Path::new("-") {
         Box::new(io::stdin().lock())
     } else {
-        Box::new(File::open(input).map_err(|e| Failure::Local(format!("cannot open {}: {e}", input.display())))?)
+        Box::new(File::open(input).map_err(|e| Local::File.fail(format!("cannot open {}: {e}", input.display())))?)
     };
     let mut buf = vec![0u8; 256 * 1024];
     macro_rules! stream {
@@ -59,7 +59,7 @@ pub fn digest_file(t: KeyType, input: &Path) -> Result<Vec<u8>, Failure> {
             loop {
                 let n = reader
                     .read(&mut buf)
-                    .map_err(|e| Failure::Local(format!("cannot read {}: {e}", input.display())))?;
+                    .map_err(|e| Local::File.fail(format!("cannot read {}: {e}", input.display())))?;
                 if n == 0 {
                     break;
                 }
@@ -73,13 +73,6 @@ pub fn digest_file(t: KeyType, input: &Path) -> Result<Vec<u8>, Failure> {
         KeyType::EcdsaP384 => stream!(Sha384),
         _ => stream!(Sha256),
     })
-}
-
-/// Writes bytes to a file (`-` is stdout), by the rules of [`Output`].
-pub fn write_output(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
-    let mut out = Output::create(path)?;
-    out.write(bytes)?;
-    out.finish()
 }
 
 /// The text of a signature file.

@@ -1,11 +1,12 @@
 //! hsmctl: the command line for hsmd, built only on the protocol crate's client.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
 };
 
+use base64::Engine as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use protocol::{
     Client, ClientError, ClientOptions, GroupInfo, NewSlot, Operation, PeerInfo, Reply, SlotInfo, StatusInfo,
@@ -13,10 +14,17 @@ use protocol::{
 };
 use serde_json::json;
 
-use crate::{backup_cmd::BackupCommand, file_cmd::FileCommand, key_cmd::KeyCommand};
+use crate::{
+    backup_cmd::BackupCommand,
+    failure::{Failure, Local},
+    file_cmd::FileCommand,
+    key_cmd::KeyCommand,
+};
 
+mod armor;
 mod backup_cmd;
 mod confirm;
+mod failure;
 mod fido2;
 mod file_cmd;
 mod hardware;
@@ -149,8 +157,8 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
     },
-    /// Packaging: write the man pages hsmctl.1 and hsmctl-COMMAND.1 into DIR
-    #[command(hide = true)]
+    /// Write the man pages hsmctl.1 and hsmctl-COMMAND.1 into DIR (no daemon needed)
+    #[command(after_help = "Example:\n  hsmctl generate-man /tmp/man && man -l /tmp/man/hsmctl-sign.1")]
     GenerateMan {
         /// Where to write them
         dir: PathBuf,
@@ -164,15 +172,21 @@ enum Command {
     Rewrap {
         /// The key's name
         name: String,
-        /// The encrypted file (- for stdin)
-        #[arg(short, long, value_name = "FILE")]
+        /// The encrypted file, armored or not (- for stdin)
+        #[arg(short, long, value_name = "FILE", default_value = "-")]
         input: PathBuf,
-        /// The re-encrypted file (- for stdout); written only when complete
+        /// The re-encrypted file (- for stdout) [default: stdout, if not a terminal]
         #[arg(short, long, value_name = "FILE")]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// The associated data given to encrypt
         #[arg(long, default_value = "")]
         aad: String,
+        /// Write the output armored (base64 between PEM-style lines)
+        #[arg(short, long)]
+        armor: bool,
+        /// Replace the output file if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// A fresh 256-bit data key, sealed by an aes256-gcm key (a file `hsmctl
     /// decrypt` opens), and in plain too only with --plaintext-out
@@ -190,53 +204,84 @@ enum Command {
         /// Associated data for the sealed data key
         #[arg(long, default_value = "")]
         aad: String,
+        /// Replace the output files if they exist
+        #[arg(long)]
+        force: bool,
     },
     /// Sign a file (of any size: it is hashed here, hsmd signs the digest)
     #[command(
         after_help = "Signed bytes: Ed25519 signs SHA-512(file) (64 bytes) as its message; ECDSA\n\
-        P-256 / P-384 sign SHA-256(file) / SHA-384(file) as usual (openssl dgst -verify).\n\n\
-        Example:\n  hsmctl sign release -i app.tar.gz -o app.tar.gz.sig\n  hsmctl sign release -i - -o - --format raw < data > sig"
+        P-256 / P-384 sign SHA-256(file) / SHA-384(file) as usual (openssl dgst -verify).\n\
+        The hsmd format is text already; a raw signature is binary, so it is not written to a\n\
+        terminal unless -o - asks for it.\n\n\
+        Examples:\n  hsmctl sign release -i app.tar.gz -o app.tar.gz.sig\n  \
+        printf data | hsmctl sign release | hsmctl verify release -s - -i <(printf data)\n  \
+        hsmctl sign release --format raw < data > sig"
     )]
     Sign {
         /// The key's name
         name: String,
         /// The file to sign (- for stdin)
-        #[arg(short, long, value_name = "FILE")]
+        #[arg(short, long, value_name = "FILE", default_value = "-")]
         input: PathBuf,
-        /// Where to write the signature (- for stdout)
+        /// Where to write the signature (- for stdout) [default: stdout]
         #[arg(short, long, value_name = "FILE")]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// hsmd: a self-describing text file (key, version, signature); raw: the bare
         /// signature (64 bytes for Ed25519, DER for ECDSA)
         #[arg(long, default_value = "hsmd", value_parser = ["hsmd", "raw"])]
         format: String,
+        /// Replace the output file if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// Encrypt a file of any size with an aes256-gcm key (in 256 KiB chunks)
-    #[command(after_help = "Example:\n  hsmctl encrypt backup -i db.dump -o db.dump.enc --aad host=db1")]
+    #[command(
+        after_help = "The output is binary unless --armor: it is not written to a terminal unless\n\
+        -o - asks for it.\n\n\
+        Examples:\n  hsmctl encrypt backup -i db.dump -o db.dump.enc --aad host=db1\n  \
+        tar c dir | hsmctl encrypt backup --armor > dir.tar.enc.asc"
+    )]
     Encrypt {
         /// The key's name
         name: String,
         /// The file (- for stdin)
-        #[arg(short, long, value_name = "FILE")]
+        #[arg(short, long, value_name = "FILE", default_value = "-")]
         input: PathBuf,
-        /// The encrypted file (- for stdout); written only when complete
+        /// The encrypted file (- for stdout); written only when complete [default: stdout,
+        /// if not a terminal]
         #[arg(short, long, value_name = "FILE")]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// Associated data: authenticated, not encrypted; decrypt needs the same
         #[arg(long, default_value = "")]
         aad: String,
+        /// Write the output armored (base64 between PEM-style lines)
+        #[arg(short, long)]
+        armor: bool,
+        /// Replace the output file if it exists
+        #[arg(long)]
+        force: bool,
     },
-    /// Decrypt what `hsmctl encrypt` wrote; the output appears only if every chunk checks
-    #[command(after_help = "Example:\n  hsmctl decrypt backup -i db.dump.enc -o db.dump --aad host=db1")]
+    /// Decrypt what `hsmctl encrypt` wrote (armored or not); the output appears
+    /// only if every chunk checks
+    #[command(
+        after_help = "NAME may be left out: the file names its key (hsmd still checks that you may\n\
+        use it). The plaintext is not written to a terminal unless -o - asks for it.\n\n\
+        Examples:\n  hsmctl decrypt backup -i db.dump.enc -o db.dump --aad host=db1\n  \
+        hsmctl decrypt < dir.tar.enc.asc | tar x"
+    )]
     Decrypt {
-        /// The key's name
-        name: String,
+        /// The key's name [default: the one the file names]
+        name: Option<String>,
         /// The encrypted file (- for stdin)
-        #[arg(short, long, value_name = "FILE")]
+        #[arg(short, long, value_name = "FILE", default_value = "-")]
         input: PathBuf,
-        /// The decrypted file (- for stdout)
+        /// The decrypted file (- for stdout) [default: stdout, if not a terminal]
         #[arg(short, long, value_name = "FILE")]
-        output: PathBuf,
+        output: Option<PathBuf>,
+        /// Replace the output file if it exists
+        #[arg(long)]
+        force: bool,
         /// The associated data given to encrypt
         #[arg(long, default_value = "")]
         aad: String,
@@ -250,11 +295,14 @@ enum Command {
         /// The key's name
         name: String,
         /// The data (- for stdin)
-        #[arg(short, long, value_name = "FILE")]
+        #[arg(short, long, value_name = "FILE", default_value = "-")]
         input: PathBuf,
-        /// The tag file (- for stdout): key, version and hex tag
+        /// The tag file (- for stdout): key, version and hex tag [default: stdout]
         #[arg(short, long, value_name = "FILE")]
-        output: PathBuf,
+        output: Option<PathBuf>,
+        /// Replace the output file if it exists
+        #[arg(long)]
+        force: bool,
     },
     /// Check an HMAC tag file; exit 0 when valid, 1 when not
     #[command(
@@ -265,9 +313,9 @@ enum Command {
         /// The key's name
         name: String,
         /// The data (- for stdin)
-        #[arg(short, long, value_name = "FILE")]
+        #[arg(short, long, value_name = "FILE", default_value = "-")]
         input: PathBuf,
-        /// The tag file
+        /// The tag file (- for stdin, if the data is not)
         #[arg(short, long, value_name = "FILE")]
         tag: PathBuf,
         /// Check even though the key is compromised (logged at high risk)
@@ -280,9 +328,9 @@ enum Command {
         /// The key's name
         name: String,
         /// The signed file (- for stdin)
-        #[arg(short, long, value_name = "FILE")]
+        #[arg(short, long, value_name = "FILE", default_value = "-")]
         input: PathBuf,
-        /// The signature file
+        /// The signature file (- for stdin, if the signed file is not)
         #[arg(short, long, value_name = "FILE")]
         signature: PathBuf,
         /// Format of the signature file (as for sign)
@@ -322,7 +370,7 @@ enum AuditCommand {
     /// Check the hash chain of every line against the keystore's record;
     /// names the first bad sequence number (exit 1)
     Verify,
-    /// Show events, oldest first (a table, or JSON lines with --json)
+    /// Show events, oldest first (a table, or with --json one array of the lines' objects)
     #[command(after_help = "Example:\n  hsmctl audit show --since 1d --event SIGN --user alice --key release")]
     Show {
         /// Only the last span (e.g. 7d, 12h)
@@ -446,75 +494,42 @@ fn restore_sigpipe() {
 
 fn main() -> ExitCode {
     restore_sigpipe();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Quiet) => ExitCode::from(1),
-        Err(Failure::Exit(code)) => ExitCode::from(code),
+        Err(e @ (Failure::Quiet | Failure::Exit(_))) => ExitCode::from(e.exit_status()),
         Err(e) => {
             if cli.json {
-                let code = e.code();
-                println!(
-                    "{}",
-                    json!({ "error": {
-                        "message": e.to_string(),
-                        "code": code.map(|c| c.as_str()),
-                        "number": code.map(|c| c.number()),
-                    }})
-                );
+                print_json(&e.to_json());
             } else {
                 eprintln!("hsmctl: {e}");
             }
-            ExitCode::from(exit_code(&e))
+            ExitCode::from(e.exit_status())
         }
     }
 }
 
-/// What can go wrong in hsmctl: the daemon's answer, or reading a secret here.
-#[derive(Debug)]
-enum Failure {
-    Client(ClientError),
-    Local(String),
-    /// Exit 1 with nothing more to say (the answer was printed).
-    Quiet,
-    /// Exit with this code, the answer printed (`status` when not unlocked).
-    Exit(u8),
-}
-
-impl From<ClientError> for Failure {
-    fn from(e: ClientError) -> Self {
-        Self::Client(e)
+/// A command line clap could not take. Under `--json` it is one JSON error
+/// document like any other (code `usage`, exit 2); help and version are
+/// printed as asked.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let asked_for_text = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if json && !asked_for_text {
+        let message = e.render().to_string();
+        let message = message.trim().trim_start_matches("error: ");
+        print_json(&Local::Usage.fail(message).to_json());
+        return ExitCode::from(2);
     }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Client(e) => e.fmt(f),
-            Self::Local(m) => f.write_str(m),
-            Self::Quiet | Self::Exit(_) => Ok(()),
-        }
-    }
-}
-
-impl Failure {
-    fn code(&self) -> Option<protocol::ErrorCode> {
-        match self {
-            Self::Client(e) => e.code(),
-            Self::Local(_) | Self::Quiet | Self::Exit(_) => None,
-        }
-    }
-}
-
-/// 3 when the daemon could not be reached or went away, 1 when it answered no
-/// (or a local file could not be used).
-fn exit_code(e: &Failure) -> u8 {
-    match e {
-        Failure::Client(
-            ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed | ClientError::TimedOut(_),
-        ) => 3,
-        _ => 1,
-    }
+    let _ = e.print();
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
 fn connect(cli: &Cli) -> Result<Client, ClientError> {
@@ -533,13 +548,36 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     }
     match &cli.command {
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "hsmctl", &mut std::io::stdout());
+            if cli.json {
+                let mut script = Vec::new();
+                clap_complete::generate(*shell, &mut Cli::command(), "hsmctl", &mut script);
+                print_json(&json!({ "shell": shell.to_string(), "script": String::from_utf8_lossy(&script) }));
+            } else {
+                clap_complete::generate(*shell, &mut Cli::command(), "hsmctl", &mut std::io::stdout());
+            }
             return Ok(());
         }
         Command::GenerateMan { dir } => {
-            return std::fs::create_dir_all(dir)
+            std::fs::create_dir_all(dir)
                 .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
-                .map_err(|e| Failure::Local(format!("cannot write the man pages into {}: {e}", dir.display())));
+                .map_err(|e| Local::File.fail(format!("cannot write the man pages into {}: {e}", dir.display())))?;
+            let mut pages: Vec<String> = std::fs::read_dir(dir)
+                .map_err(|e| Local::File.fail(format!("cannot list {}: {e}", dir.display())))?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("hsmctl") && n.ends_with(".1"))
+                .collect();
+            pages.sort();
+            if cli.json {
+                print_json(&json!({ "dir": dir, "pages": pages }));
+            } else {
+                println!(
+                    "wrote {} man pages into {} (read one with: man -l {}/hsmctl.1)",
+                    pages.len(),
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            return Ok(());
         }
         _ => {}
     }
@@ -600,7 +638,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Init { .. } | Command::Slot(SlotCommand::Add { .. }) => {
             let Some(Prepared::NewSlot(slot, created)) = prepared else {
-                return Err(Failure::Local("internal: no slot prepared".into()));
+                return Err(Local::Internal.fail("no slot prepared"));
             };
             let adding = matches!(cli.command, Command::Slot(_));
             let op = if adding {
@@ -641,14 +679,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 Some(Prepared::Unlock(secret)) => secret,
                 Some(Prepared::UnlockFido2(mut auth, pin)) => {
                     let Reply::Slots(slots) = client.call(Operation::SlotList)? else {
-                        return Err(Failure::Local("hsmd answered the slot list with something else".into()));
+                        return Err(Local::Internal.fail("hsmd answered the slot list with something else"));
                     };
                     let (credential_id, secret) =
                         fido2::unlock_secret(auth.as_mut(), &slots, pin.as_deref().map(String::as_str))
-                            .map_err(Failure::Local)?;
+                            .map_err(|e| Local::Authenticator.fail(e))?;
                     UnlockSecret::Fido2 { credential_id, secret }
                 }
-                _ => return Err(Failure::Local("internal: no secret prepared".into())),
+                _ => return Err(Local::Internal.fail("no secret prepared")),
             };
             match client.call(Operation::Unlock { secret })? {
                 Reply::Unlocked { slot, warnings } => {
@@ -689,7 +727,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
         Command::Backend(BackendCommand::Pkcs11(Pkcs11Command::SetPin { .. })) => {
             let Some(Prepared::Pin(pin)) = prepared else {
-                return Err(Failure::Local("internal: no PIN prepared".into()));
+                return Err(Local::Internal.fail("no PIN prepared"));
             };
             match client.call(Operation::BackendSetPin {
                 backend: "pkcs11".into(),
@@ -712,12 +750,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Backup(_) | Command::Hardware(_) | Command::Completions { .. } | Command::GenerateMan { .. } => {
-            return Err(Failure::Local(
-                "internal: backup, hardware, completions and man pages are handled above".into(),
-            ))
+            return Err(Local::Internal.fail("backup, hardware, completions and man pages are handled above"))
         }
         Command::File(cmd) => file_cmd::run(cli.json, &mut client, cmd)?,
         Command::Metrics => match client.call(Operation::Metrics)? {
+            Reply::Metrics { text } if cli.json => print_json(&json!({ "format": "openmetrics-text", "text": text })),
             Reply::Metrics { text } => print!("{text}"),
             other => {
                 return Err(ClientError::UnexpectedReply {
@@ -782,7 +819,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             result: result.clone(),
             limit: *limit,
         })? {
-            Reply::AuditLines(lines) => print_audit(cli.json, &lines),
+            Reply::AuditLines(lines) => print_audit(cli.json, &lines)?,
             other => {
                 return Err(ClientError::UnexpectedReply {
                     expected: "audit-show",
@@ -845,14 +882,20 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             input,
             output,
             aad,
+            armor,
+            force,
         } => {
-            let (from, to) = sealing::rewrap(&mut client, name, input, output, aad.as_bytes())?;
+            let dest = sealing_dest(cli.json, output.as_deref(), *force, *armor)?;
+            let done = sealing::rewrap(&mut client, name, input, dest, aad.as_bytes())?;
+            let to = done.to_version.unwrap_or(done.version);
             if cli.json {
-                println!("{}", json!({ "key": name, "from_version": from, "to_version": to }));
+                print_json(&json!({ "key": name, "from_version": done.version, "to_version": to,
+                                    "chunks": done.chunks, "output": output }));
             } else {
                 eprintln!(
-                    "rewrapped {} from version {from} to version {to} of key {name}",
-                    input.display()
+                    "rewrapped {} from version {} to version {to} of key {name}",
+                    input.display(),
+                    done.version
                 );
             }
         }
@@ -861,8 +904,10 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             output,
             plaintext_out,
             aad,
+            force,
         } => {
-            let version = sealing::datakey(&mut client, name, output, plaintext_out.as_deref(), aad.as_bytes())?;
+            let dest = sealing_dest(cli.json, Some(output), *force, false)?;
+            let version = sealing::datakey(&mut client, name, dest, plaintext_out.as_deref(), aad.as_bytes())?;
             if cli.json {
                 println!(
                     "{}",
@@ -883,23 +928,66 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             input,
             output,
             aad,
-        } => sealing::encrypt(&mut client, name, input, output, aad.as_bytes())?,
+            armor,
+            force,
+        } => {
+            let dest = sealing_dest(cli.json, output.as_deref(), *force, *armor)?;
+            let done = sealing::encrypt(&mut client, name, input, dest, aad.as_bytes())?;
+            if cli.json {
+                print_json(
+                    &json!({ "key": done.key, "version": done.version, "plaintext_bytes": done.plaintext_bytes,
+                                    "chunks": done.chunks, "armor": armor, "output": output }),
+                );
+            }
+        }
         Command::Decrypt {
             name,
             input,
             output,
             aad,
             allow_compromised,
-        } => sealing::decrypt(&mut client, name, input, output, aad.as_bytes(), *allow_compromised)?,
-        Command::Mac { name, input, output } => {
-            output::not_the_input(input, output)?;
+            force,
+        } => {
+            let dest = sealing_dest(cli.json, output.as_deref(), *force, false)?;
+            let done = sealing::decrypt(
+                &mut client,
+                name.as_deref(),
+                input,
+                dest,
+                aad.as_bytes(),
+                *allow_compromised,
+            )?;
+            if cli.json {
+                print_json(
+                    &json!({ "key": done.key, "version": done.version, "plaintext_bytes": done.plaintext_bytes,
+                                    "chunks": done.chunks, "output": output }),
+                );
+            }
+        }
+        Command::Mac {
+            name,
+            input,
+            output,
+            force,
+        } => {
+            output::not_the_input(input, output.as_deref().unwrap_or(Path::new("-")))?;
+            let mut out = open_unless_json(cli.json, output.as_deref(), *force, false)?;
             let data = sealing::read_mac_input(input)?;
             match client.call(Operation::Mac {
                 name: name.clone(),
                 data,
             })? {
                 Reply::MacTag { version, tag } => {
-                    keys::write_output(output, sealing::tag_file(name, version, &tag).as_bytes())?;
+                    if let Some(out) = out.as_mut() {
+                        out.write(sealing::tag_file(name, version, &tag).as_bytes())?;
+                    }
+                    if let Some(out) = out {
+                        out.finish()?;
+                    }
+                    if cli.json {
+                        print_json(&json!({ "key": name, "version": version, "tag": hex::encode(&tag),
+                                            "output": output.as_ref().filter(|p| !output::is_stdout(Some(p))) }));
+                    }
                 }
                 other => {
                     return Err(ClientError::UnexpectedReply {
@@ -916,13 +1004,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             tag,
             allow_compromised,
         } => {
-            let text = std::fs::read_to_string(tag)
-                .map_err(|e| Failure::Local(format!("cannot read {}: {e}", tag.display())))?;
-            let (signer, version, tag) = sealing::parse_tag_file(&text).map_err(Failure::Local)?;
+            let text = read_small(input, tag, "tag")?;
+            let (signer, version, tag) =
+                sealing::parse_tag_file(&String::from_utf8_lossy(&text)).map_err(|e| Local::Input.fail(e))?;
             if signer != *name {
-                return Err(Failure::Local(format!(
-                    "the tag was made by key {signer:?}, not {name:?}"
-                )));
+                return Err(Local::Input.fail(format!("the tag was made by key {signer:?}, not {name:?}")));
             }
             let data = sealing::read_mac_input(input)?;
             match client.call(Operation::MacVerify {
@@ -932,9 +1018,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 tag,
                 allow_compromised: *allow_compromised,
             })? {
-                Reply::MacVerified { valid: true } => println!("tag valid (key {name}, version {version})"),
+                Reply::MacVerified { valid: true } => {
+                    if cli.json {
+                        print_json(&json!({ "valid": true, "key": name, "version": version }));
+                    } else {
+                        println!("tag valid (key {name}, version {version})");
+                    }
+                }
                 Reply::MacVerified { valid: false } => {
-                    return Err(Failure::Local(format!("tag INVALID for key {name} version {version}")));
+                    let e = Local::InvalidTag.fail(format!("tag INVALID for key {name} version {version}"));
+                    return Err(invalid(cli.json, e, name, version));
                 }
                 other => {
                     return Err(ClientError::UnexpectedReply {
@@ -950,8 +1043,10 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             input,
             output,
             format,
+            force,
         } => {
-            output::not_the_input(input, output)?;
+            output::not_the_input(input, output.as_deref().unwrap_or(Path::new("-")))?;
+            let mut out = open_unless_json(cli.json, output.as_deref(), *force, format == "raw")?;
             let key = keys::info(&mut client, name)?;
             let digest = keys::digest_file(key.key_type, input)?;
             let (version, signature) = match client.call(Operation::Sign {
@@ -967,12 +1062,21 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     .into())
                 }
             };
-            let bytes = if format == "raw" {
-                signature
-            } else {
-                keys::signature_file(name, version, key.key_type, &signature).into_bytes()
-            };
-            keys::write_output(output, &bytes)?;
+            if cli.json {
+                print_json(
+                    &json!({ "key": name, "version": version, "type": key.key_type.as_str(), "format": format,
+                                    "signature": base64::engine::general_purpose::STANDARD.encode(&signature),
+                                    "output": output.as_ref().filter(|p| !output::is_stdout(Some(p))) }),
+                );
+            }
+            if let Some(mut out) = out.take() {
+                if format == "raw" {
+                    out.write(&signature)?;
+                } else {
+                    out.write(keys::signature_file(name, version, key.key_type, &signature).as_bytes())?;
+                }
+                out.finish()?;
+            }
         }
         Command::Verify {
             name,
@@ -983,17 +1087,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             allow_compromised,
         } => {
             let key = keys::info(&mut client, name)?;
-            let raw = std::fs::read(signature)
-                .map_err(|e| Failure::Local(format!("cannot read {}: {e}", signature.display())))?;
+            let raw = read_small(input, signature, "signature")?;
             let (version, sig) = if format == "raw" {
                 (key_version.unwrap_or(key.version), raw)
             } else {
                 let (signer, version, sig) =
-                    keys::parse_signature_file(&String::from_utf8_lossy(&raw)).map_err(Failure::Local)?;
+                    keys::parse_signature_file(&String::from_utf8_lossy(&raw)).map_err(|e| Local::Input.fail(e))?;
                 if signer != *name {
-                    return Err(Failure::Local(format!(
-                        "the signature was made by key {signer:?}, not {name:?}"
-                    )));
+                    return Err(Local::Input.fail(format!("the signature was made by key {signer:?}, not {name:?}")));
                 }
                 (version, sig)
             };
@@ -1013,12 +1114,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     }
                 }
                 Reply::Verified { valid: false } => {
-                    if cli.json {
-                        println!("{}", json!({ "valid": false, "key": name, "version": version }));
-                    }
-                    return Err(Failure::Local(format!(
-                        "signature INVALID for key {name} version {version}"
-                    )));
+                    let e = Local::InvalidSignature.fail(format!("signature INVALID for key {name} version {version}"));
+                    return Err(invalid(cli.json, e, name, version));
                 }
                 other => {
                     return Err(ClientError::UnexpectedReply {
@@ -1072,9 +1169,9 @@ enum Prepared {
 /// A FIDO2 PIN from its file, if one was named.
 fn fido2_pin(path: Option<&std::path::Path>) -> Result<Option<zeroize::Zeroizing<String>>, Failure> {
     let Some(path) = path else { return Ok(None) };
-    let pin = secrets::passphrase(Some(path), "").map_err(Failure::Local)?;
+    let pin = secrets::passphrase(Some(path), "").map_err(|e| Local::Secret.fail(e))?;
     let pin = String::from_utf8(pin.expose().to_vec())
-        .map_err(|_| Failure::Local(format!("{}: a FIDO2 PIN is UTF-8 text", path.display())))?;
+        .map_err(|_| Local::Secret.fail(format!("{}: a FIDO2 PIN is UTF-8 text", path.display())))?;
     Ok(Some(zeroize::Zeroizing::new(pin)))
 }
 
@@ -1082,15 +1179,15 @@ fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
     let new_slot = |args: &NewSecretArgs| -> Result<Prepared, Failure> {
         let label = args.label.clone();
         if let Some(path) = &args.keyfile_out {
-            let key = secrets::create_keyfile(path).map_err(Failure::Local)?;
+            let key = secrets::create_keyfile(path).map_err(|e| Local::File.fail(e))?;
             return Ok(Prepared::NewSlot(NewSlot::Keyfile { label, key }, Some(path.clone())));
         }
-        let passphrase = secrets::new_passphrase(args.passphrase_file.as_deref()).map_err(Failure::Local)?;
+        let passphrase = secrets::new_passphrase(args.passphrase_file.as_deref()).map_err(|e| Local::Secret.fail(e))?;
         Ok(Prepared::NewSlot(NewSlot::Passphrase { label, passphrase }, None))
     };
     Ok(match command {
         Command::Backend(BackendCommand::Pkcs11(Pkcs11Command::SetPin { pin_file })) => Some(Prepared::Pin(
-            secrets::passphrase(pin_file.as_deref(), "Token user PIN: ").map_err(Failure::Local)?,
+            secrets::passphrase(pin_file.as_deref(), "Token user PIN: ").map_err(|e| Local::Secret.fail(e))?,
         )),
         Command::Slot(SlotCommand::Add {
             secret,
@@ -1099,8 +1196,9 @@ fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
             ..
         }) => {
             let pin = fido2_pin(fido2_pin_file.as_deref())?;
-            let mut auth = fido2::open().map_err(Failure::Local)?;
-            let e = fido2::enrol(auth.as_mut(), pin.as_deref().map(String::as_str)).map_err(Failure::Local)?;
+            let mut auth = fido2::open().map_err(|e| Local::Authenticator.fail(e))?;
+            let e = fido2::enrol(auth.as_mut(), pin.as_deref().map(String::as_str))
+                .map_err(|e| Local::Authenticator.fail(e))?;
             Some(Prepared::NewSlot(
                 NewSlot::Fido2 {
                     label: secret.label.clone(),
@@ -1129,7 +1227,10 @@ fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
             ..
         } => {
             let pin = fido2_pin(fido2_pin_file.as_deref())?;
-            Some(Prepared::UnlockFido2(fido2::open().map_err(Failure::Local)?, pin))
+            Some(Prepared::UnlockFido2(
+                fido2::open().map_err(|e| Local::Authenticator.fail(e))?,
+                pin,
+            ))
         }
         Command::Unlock {
             passphrase_file,
@@ -1138,13 +1239,81 @@ fn prepare_secret(command: &Command) -> Result<Option<Prepared>, Failure> {
             ..
         } => Some(Prepared::Unlock(match keyfile {
             _ if *tpm2 => UnlockSecret::Tpm2,
-            Some(path) => UnlockSecret::Keyfile(secrets::read_keyfile(path).map_err(Failure::Local)?),
+            Some(path) => UnlockSecret::Keyfile(secrets::read_keyfile(path).map_err(|e| Local::Secret.fail(e))?),
             None => UnlockSecret::Passphrase(
-                secrets::passphrase(passphrase_file.as_deref(), "Passphrase: ").map_err(Failure::Local)?,
+                secrets::passphrase(passphrase_file.as_deref(), "Passphrase: ").map_err(|e| Local::Secret.fail(e))?,
             ),
         })),
         _ => None,
     })
+}
+
+/// The destination of an encrypt, decrypt, rewrap or datakey. Their output
+/// may be any size, so under `--json` (whose document is standard output) it
+/// must go to a file.
+fn sealing_dest(json: bool, path: Option<&Path>, force: bool, armor: bool) -> Result<sealing::Dest<'_>, Failure> {
+    if json && output::is_stdout(path) {
+        return Err(
+            Local::Usage.fail("with --json, standard output carries the JSON summary; write the data with -o FILE")
+        );
+    }
+    Ok(sealing::Dest { path, force, armor })
+}
+
+/// The output of `sign` or `mac`, opened before hsmd is asked (a refused
+/// output costs no signature); none under `--json` to standard output, where
+/// the JSON document carries the result.
+fn open_unless_json(
+    json: bool,
+    path: Option<&Path>,
+    force: bool,
+    binary: bool,
+) -> Result<Option<output::Output>, Failure> {
+    if json && output::is_stdout(path) {
+        return Ok(None);
+    }
+    output::Output::open(path, force, binary).map(Some)
+}
+
+/// A signature or tag file (at most 64 KiB; `-` is standard input, unless
+/// the signed data comes from there).
+fn read_small(data: &Path, path: &Path, what: &str) -> Result<Vec<u8>, Failure> {
+    use std::io::Read as _;
+    const MAX: u64 = 64 * 1024;
+    let stdin = Path::new("-");
+    if path == stdin && data == stdin {
+        return Err(Local::Usage.fail(format!(
+            "the data and the {what} cannot both come from standard input; name one with -i or the {what} option"
+        )));
+    }
+    let mut bytes = Vec::new();
+    let read = if path == stdin {
+        std::io::stdin().lock().take(MAX + 1).read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(MAX + 1).read_to_end(&mut bytes))
+    };
+    read.map_err(|e| Local::File.fail(format!("cannot read the {what} file {}: {e}", path.display())))?;
+    if bytes.len() as u64 > MAX {
+        return Err(Local::Input.fail(format!(
+            "{} is larger than {MAX} bytes: it is not a {what} file",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A signature or tag that does not verify: under `--json` one document
+/// with the verdict and the error, exit 1.
+fn invalid(json: bool, e: Failure, key: &str, version: u32) -> Failure {
+    if !json {
+        return e;
+    }
+    let mut doc = e.to_json();
+    doc["valid"] = json!(false);
+    doc["key"] = json!(key);
+    doc["version"] = json!(version);
+    print_json(&doc);
+    Failure::Quiet
 }
 
 fn print_slots(json: bool, slots: &[SlotInfo]) {
@@ -1165,12 +1334,15 @@ fn print_slots(json: bool, slots: &[SlotInfo]) {
     }
 }
 
-fn print_audit(json: bool, lines: &[String]) {
+fn print_audit(json: bool, lines: &[String]) -> Result<(), Failure> {
     if json {
-        for l in lines {
-            println!("{l}");
-        }
-        return;
+        let events = lines
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Local::Internal.fail(format!("hsmd sent an audit line that is not JSON: {e}")))?;
+        print_json(&events);
+        return Ok(());
     }
     println!(
         "{:>7}  {:<24}  {:<20}  {:<16}  {:<24}  {:<7}  {:>4}",
@@ -1194,6 +1366,7 @@ fn print_audit(json: bool, lines: &[String]) {
             v["risk_score"]
         );
     }
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {

@@ -10,19 +10,26 @@
 //! - an existing FIFO, socket or device is refused: writing through it would
 //!   hand the output to whoever reads it. `-` and `/dev/stdout` mean standard
 //!   output; `/dev/null` (the real one) is written to as it is;
-//! - an existing file owned by another user is not replaced.
+//! - an existing file owned by another user is not replaced;
+//! - an existing file of one's own is replaced only with `--force`;
+//! - the output is never the input file;
+//! - binary output is not written to a terminal unless `-o -` asks for it.
 
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, Write},
+    io::{self, IsTerminal as _, Write},
     os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
-use crate::Failure;
+use crate::failure::{Failure, Local};
 
 fn local(msg: String) -> Failure {
-    Failure::Local(msg)
+    Local::File.fail(msg)
+}
+
+fn unsafe_output(msg: String) -> Failure {
+    Local::UnsafeOutput.fail(msg)
 }
 
 /// An output being written; dropped unfinished, it leaves nothing behind.
@@ -79,7 +86,7 @@ pub(crate) fn not_the_input(input: &Path, output: &Path) -> Result<(), Failure> 
         return Ok(());
     };
     if i.is_file() && (i.dev(), i.ino()) == (o.dev(), o.ino()) {
-        return Err(local(format!(
+        return Err(unsafe_output(format!(
             "refusing to write {}: it is the input file too, and would be replaced by the output; \
              write to another path",
             output.display()
@@ -88,9 +95,27 @@ pub(crate) fn not_the_input(input: &Path, output: &Path) -> Result<(), Failure> 
     Ok(())
 }
 
+/// Whether `path` (`None`: not given, so standard output) is standard output.
+pub(crate) fn is_stdout(path: Option<&Path>) -> bool {
+    path.is_none_or(|p| p == Path::new("-") || p == Path::new("/dev/stdout"))
+}
+
 impl Output {
-    /// Checks `path` by the rules above and opens the output.
-    pub(crate) fn create(path: &Path) -> Result<Self, Failure> {
+    /// Opens the output a command was given with `-o` (`None`: standard
+    /// output, which for `binary` data must not be a terminal).
+    pub(crate) fn open(path: Option<&Path>, force: bool, binary: bool) -> Result<Self, Failure> {
+        match path {
+            None if binary && io::stdout().is_terminal() => Err(unsafe_output(
+                "refusing to write binary data to a terminal; give -o FILE, or -o - to write it there anyway".into(),
+            )),
+            None => Self::create(Path::new("-"), force),
+            Some(p) => Self::create(p, force),
+        }
+    }
+
+    /// Checks `path` by the rules above and opens the output; an existing
+    /// file of one's own is replaced only if `force`.
+    pub(crate) fn create(path: &Path, force: bool) -> Result<Self, Failure> {
         if path == Path::new("-") || path == Path::new("/dev/stdout") {
             return Ok(Self {
                 target: path.to_owned(),
@@ -104,13 +129,13 @@ impl Output {
             Ok(meta) => {
                 let t = meta.file_type();
                 if t.is_symlink() {
-                    return Err(local(format!(
+                    return Err(unsafe_output(format!(
                         "refusing to write {shown}: it is a symbolic link, and hsmctl never writes through a link \
                          (name the file itself, or remove the link)"
                     )));
                 }
                 if t.is_dir() {
-                    return Err(local(format!("refusing to write {shown}: it is a directory")));
+                    return Err(unsafe_output(format!("refusing to write {shown}: it is a directory")));
                 }
                 if is_dev_null(path, &meta) {
                     let file = OpenOptions::new()
@@ -124,7 +149,7 @@ impl Output {
                     });
                 }
                 if !t.is_file() {
-                    return Err(local(format!(
+                    return Err(unsafe_output(format!(
                         "refusing to write {shown}: it is {}, and hsmctl writes only regular files \
                          (use `-o -` and redirect standard output to it yourself)",
                         kind_of(t)
@@ -132,10 +157,15 @@ impl Output {
                 }
                 let me = nix::unistd::geteuid().as_raw();
                 if meta.uid() != me {
-                    return Err(local(format!(
+                    return Err(unsafe_output(format!(
                         "refusing to replace {shown}: it belongs to uid {}, not to you (uid {me}); \
                          remove it or choose another path",
                         meta.uid()
+                    )));
+                }
+                if !force {
+                    return Err(Local::OutputExists.fail(format!(
+                        "refusing to replace {shown}: it exists; add --force to replace it, or choose another path"
                     )));
                 }
             }

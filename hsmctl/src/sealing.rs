@@ -12,7 +12,8 @@
 //! `"hsmd-enc-v1\0" | u16 name length | name | u32 chunk size | u64 i | u8 last | user aad`,
 //! where `last` is 1 for the final chunk only (an empty file is one empty final
 //! chunk). Reordered, duplicated, dropped or truncated chunks, another header or
-//! another `--aad` all fail to decrypt.
+//! another `--aad` all fail to decrypt. With `--armor` the same bytes are
+//! written in base64 between PEM-style lines (see `armor`).
 
 use std::{
     fs::File,
@@ -22,7 +23,52 @@ use std::{
 
 use protocol::{Client, ClientError, Operation, Reply};
 
-use crate::{output::Output, Failure};
+use crate::{
+    armor,
+    failure::{Failure, Local},
+    output::Output,
+};
+
+/// Where a command writes its result: `-o` as given (`None`: standard
+/// output), whether it may replace a file, whether to armor it.
+#[derive(Debug, Clone, Copy)]
+pub struct Dest<'a> {
+    /// The `-o` path; `None` when it was not given.
+    pub path: Option<&'a Path>,
+    /// `--force`: replace an existing file.
+    pub force: bool,
+    /// `--armor`: base64 between PEM-style lines.
+    pub armor: bool,
+}
+
+impl Dest<'_> {
+    /// The path to compare with the input (`-` for standard output).
+    fn shown(&self) -> &Path {
+        self.path.unwrap_or(Path::new("-"))
+    }
+
+    /// Opens the output; binary unless armored.
+    fn open(&self) -> Result<armor::Writer, Failure> {
+        armor::Writer::new(Output::open(self.path, self.force, !self.armor)?, self.armor)
+    }
+}
+
+/// What an encrypt, decrypt or rewrap did.
+#[derive(Debug, serde::Serialize)]
+pub struct Done {
+    /// The key's name.
+    pub key: String,
+    /// The key version the input was sealed under (decrypt, rewrap) or the
+    /// output is (encrypt).
+    pub version: u32,
+    /// The version the output is sealed under (rewrap).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_version: Option<u32>,
+    /// Plaintext bytes encrypted or decrypted.
+    pub plaintext_bytes: u64,
+    /// Chunks sealed or opened.
+    pub chunks: u64,
+}
 
 const MAGIC: &[u8; 8] = b"HSMDENC1";
 /// Plaintext per chunk: well under the default 1 MiB frame.
@@ -31,7 +77,11 @@ const CHUNK: u32 = 256 * 1024;
 pub const MAC_MAX: usize = 768 * 1024;
 
 fn local(msg: String) -> Failure {
-    Failure::Local(msg)
+    Local::File.fail(msg)
+}
+
+fn bad_input(msg: String) -> Failure {
+    Local::Input.fail(msg)
 }
 
 fn chunk_aad(name: &str, chunk_size: u32, index: u64, last: bool, user: &[u8]) -> Vec<u8> {
@@ -43,6 +93,18 @@ fn chunk_aad(name: &str, chunk_size: u32, index: u64, last: bool, user: &[u8]) -
     aad.push(u8::from(last));
     aad.extend_from_slice(user);
     aad
+}
+
+/// An encrypted file to read (`-` is stdin), armored or not.
+fn open_sealed(path: &Path) -> Result<Box<dyn Read>, Failure> {
+    let buffered: Box<dyn io::BufRead> = if path == Path::new("-") {
+        Box::new(io::stdin().lock())
+    } else {
+        Box::new(BufReader::new(
+            File::open(path).map_err(|e| local(format!("cannot open {}: {e}", path.display())))?,
+        ))
+    };
+    armor::reader(buffered).map_err(|e| bad_input(format!("cannot read {}: {e}", path.display())))
 }
 
 pub(crate) fn open_input(path: &Path) -> Result<Box<dyn Read>, Failure> {
@@ -69,11 +131,12 @@ pub(crate) fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> Result<usize, io::E
     Ok(n)
 }
 
-/// Encrypts `input` into `output` in chunks.
-pub fn encrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad: &[u8]) -> Result<(), Failure> {
-    crate::output::not_the_input(input, output)?;
+/// Encrypts `input` into `dest` in chunks.
+pub fn encrypt(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aad: &[u8]) -> Result<Done, Failure> {
+    crate::output::not_the_input(input, dest.shown())?;
     let mut reader = open_input(input)?;
-    let mut out = Output::create(output)?;
+    let mut out = dest.open()?;
+    let mut total = 0u64;
     let mut current = vec![0u8; CHUNK as usize];
     let mut next = vec![0u8; CHUNK as usize];
     let read_err = |e: io::Error| local(format!("cannot read {}: {e}", input.display()));
@@ -89,6 +152,7 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad
             0
         };
         let last = next_len == 0;
+        total += len as u64;
         let (version, sealed) = match client.call(Operation::Encrypt {
             name: name.to_owned(),
             // Every chunk under the version the header names, even if the key
@@ -120,12 +184,19 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, output: &Path, aad
         len = next_len;
         index += 1;
     }
-    out.finish()
+    out.finish()?;
+    Ok(Done {
+        key: name.to_owned(),
+        version: pinned.unwrap_or_default(),
+        to_version: None,
+        plaintext_bytes: total,
+        chunks: index + 1,
+    })
 }
 
 fn read_exact_or(reader: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<(), Failure> {
     reader.read_exact(buf).map_err(|_| {
-        local(format!(
+        bad_input(format!(
             "not an hsmd encrypted file, or truncated: cannot read its {what}"
         ))
     })
@@ -140,22 +211,24 @@ fn header(name: &str, version: u32, chunk_size: u32) -> Vec<u8> {
     header
 }
 
-/// Reads and checks an encrypted file's header: the key version and chunk size.
-fn read_header(reader: &mut dyn Read, input: &Path, name: &str) -> Result<(u32, u32), Failure> {
+/// Reads and checks an encrypted file's header: the key's name (which must be
+/// `name` if one was given), version and chunk size.
+fn read_header(reader: &mut dyn Read, input: &Path, name: Option<&str>) -> Result<(String, u32, u32), Failure> {
     let mut magic = [0u8; 8];
     read_exact_or(&mut *reader, &mut magic, "header")?;
     if &magic != MAGIC {
-        return Err(local(format!("{} is not an hsmd encrypted file", input.display())));
+        return Err(bad_input(format!("{} is not an hsmd encrypted file", input.display())));
     }
     let mut u16b = [0u8; 2];
     read_exact_or(&mut *reader, &mut u16b, "header")?;
     let mut stored_name = vec![0u8; u16::from_be_bytes(u16b) as usize];
     read_exact_or(&mut *reader, &mut stored_name, "header")?;
-    if stored_name != name.as_bytes() {
-        return Err(local(format!(
-            "{} was encrypted with key {:?}, not {name:?}",
+    let stored_name = String::from_utf8(stored_name)
+        .map_err(|_| bad_input(format!("{}: the key name in its header is not UTF-8", input.display())))?;
+    if let Some(name) = name.filter(|n| *n != stored_name) {
+        return Err(bad_input(format!(
+            "{} was encrypted with key {stored_name:?}, not {name:?}",
             input.display(),
-            String::from_utf8_lossy(&stored_name)
         )));
     }
     let mut u32b = [0u8; 4];
@@ -164,12 +237,12 @@ fn read_header(reader: &mut dyn Read, input: &Path, name: &str) -> Result<(u32, 
     read_exact_or(&mut *reader, &mut u32b, "header")?;
     let chunk_size = u32::from_be_bytes(u32b);
     if chunk_size == 0 || chunk_size > 16 * 1024 * 1024 {
-        return Err(local(format!(
+        return Err(bad_input(format!(
             "{} has an invalid chunk size {chunk_size}",
             input.display()
         )));
     }
-    Ok((version, chunk_size))
+    Ok((stored_name, version, chunk_size))
 }
 
 /// Reads an encrypted file's chunks one at a time, knowing which is last.
@@ -199,7 +272,7 @@ impl<'a> Chunks<'a> {
         match fill(self.reader, &mut b).map_err(|e| local(format!("cannot read {}: {e}", self.input.display())))? {
             0 => Ok(None),
             4 => Ok(Some(u32::from_be_bytes(b) as usize)),
-            _ => Err(local(format!(
+            _ => Err(bad_input(format!(
                 "{} is truncated inside a chunk length",
                 self.input.display()
             ))),
@@ -212,7 +285,7 @@ impl<'a> Chunks<'a> {
             self.started = true;
             self.pending = self.read_len()?;
             if self.pending.is_none() {
-                return Err(local(format!(
+                return Err(bad_input(format!(
                     "{} has no chunks: it is truncated",
                     self.input.display()
                 )));
@@ -223,7 +296,7 @@ impl<'a> Chunks<'a> {
         };
         let index = self.index;
         if len < 28 || len > self.max_sealed {
-            return Err(local(format!(
+            return Err(bad_input(format!(
                 "{}: chunk {index} has an invalid length {len}",
                 self.input.display()
             )));
@@ -237,33 +310,35 @@ impl<'a> Chunks<'a> {
 }
 
 fn chunk_failed(index: u64, input: &Path, e: &ClientError) -> Failure {
-    local(format!(
+    bad_input(format!(
         "chunk {index} of {} does not decrypt: the file was altered, reordered or truncated, \
          the --aad differs, or it belongs to another key ({e})",
         input.display()
     ))
 }
 
-/// Decrypts what [`encrypt`] wrote; the output appears only if every chunk checks.
+/// Decrypts what [`encrypt`] wrote (armored or not) with the key `name`, or
+/// the one its header names; the output appears only if every chunk checks.
 pub fn decrypt(
     client: &mut Client,
-    name: &str,
+    name: Option<&str>,
     input: &Path,
-    output: &Path,
+    dest: Dest<'_>,
     aad: &[u8],
     allow_compromised: bool,
-) -> Result<(), Failure> {
-    crate::output::not_the_input(input, output)?;
-    let mut reader = open_input(input)?;
-    let (version, chunk_size) = read_header(&mut *reader, input, name)?;
-    let mut out = Output::create(output)?;
+) -> Result<Done, Failure> {
+    crate::output::not_the_input(input, dest.shown())?;
+    let mut reader = open_sealed(input)?;
+    let (name, version, chunk_size) = read_header(&mut *reader, input, name)?;
+    let mut out = dest.open()?;
     let mut chunks = Chunks::new(&mut *reader, input, chunk_size);
+    let (mut total, mut count) = (0u64, 0u64);
     while let Some((index, sealed, last)) = chunks.next()? {
         let plaintext = match client.call(Operation::Decrypt {
-            name: name.to_owned(),
+            name: name.clone(),
             version,
             sealed,
-            aad: chunk_aad(name, chunk_size, index, last, aad),
+            aad: chunk_aad(&name, chunk_size, index, last, aad),
             allow_compromised,
         }) {
             Ok(Reply::Decrypted { plaintext }) => plaintext,
@@ -280,18 +355,28 @@ pub fn decrypt(
             Err(e) => return Err(e.into()),
         };
         out.write(plaintext.expose())?;
+        total += plaintext.expose().len() as u64;
+        count += 1;
     }
-    out.finish()
+    out.finish()?;
+    Ok(Done {
+        key: name,
+        version,
+        to_version: None,
+        plaintext_bytes: total,
+        chunks: count,
+    })
 }
 
 /// Re-seals every chunk of an encrypted file under the key's newest version
 /// (the first chunk decides it; the rest follow it even across a rotation).
 /// Returns the old and new versions.
-pub fn rewrap(client: &mut Client, name: &str, input: &Path, output: &Path, aad: &[u8]) -> Result<(u32, u32), Failure> {
-    crate::output::not_the_input(input, output)?;
-    let mut reader = open_input(input)?;
-    let (version, chunk_size) = read_header(&mut *reader, input, name)?;
-    let mut out = Output::create(output)?;
+pub fn rewrap(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aad: &[u8]) -> Result<Done, Failure> {
+    crate::output::not_the_input(input, dest.shown())?;
+    let mut reader = open_sealed(input)?;
+    let (_, version, chunk_size) = read_header(&mut *reader, input, Some(name))?;
+    let mut out = dest.open()?;
+    let mut count = 0u64;
     let mut chunks = Chunks::new(&mut *reader, input, chunk_size);
     let mut to = None;
     while let Some((index, sealed, last)) = chunks.next()? {
@@ -321,9 +406,16 @@ pub fn rewrap(client: &mut Client, name: &str, input: &Path, output: &Path, aad:
         }
         out.write(&(resealed.len() as u32).to_be_bytes())?;
         out.write(&resealed)?;
+        count += 1;
     }
     out.finish()?;
-    Ok((version, to.unwrap_or(version)))
+    Ok(Done {
+        key: name.to_owned(),
+        version,
+        to_version: Some(to.unwrap_or(version)),
+        plaintext_bytes: 0,
+        chunks: count,
+    })
 }
 
 /// Asks for a data key; writes it sealed (as a one-chunk encrypted file that
@@ -332,10 +424,16 @@ pub fn rewrap(client: &mut Client, name: &str, input: &Path, output: &Path, aad:
 pub fn datakey(
     client: &mut Client,
     name: &str,
-    output: &Path,
+    dest: Dest<'_>,
     plaintext_out: Option<&Path>,
     aad: &[u8],
 ) -> Result<u32, Failure> {
+    if plaintext_out.is_some() && plaintext_out == dest.path {
+        return Err(Local::Usage.fail("--plaintext-out must name another file than -o"));
+    }
+    // Both outputs are checked before hsmd makes a key, so a refusal costs nothing.
+    let mut out = dest.open()?;
+    let mut plain = plaintext_out.map(|p| Output::create(p, dest.force)).transpose()?;
     let (version, sealed, plaintext) = match client.call(Operation::DataKey {
         name: name.to_owned(),
         aad: chunk_aad(name, CHUNK, 0, true, aad),
@@ -354,14 +452,18 @@ pub fn datakey(
             .into())
         }
     };
-    if let (Some(path), Some(key)) = (plaintext_out, plaintext) {
-        crate::secrets::write_secret_file(path, key.expose()).map_err(local)?;
+    // The plain key goes to a new mode-0600 file that appears only when
+    // complete (the output's temporary file is made mode 0600).
+    if let (Some(plain), Some(key)) = (plain.as_mut(), plaintext) {
+        plain.write(key.expose())?;
     }
-    let mut out = Output::create(output)?;
     out.write(&header(name, version, CHUNK))?;
     out.write(&(sealed.len() as u32).to_be_bytes())?;
     out.write(&sealed)?;
     out.finish()?;
+    if let Some(plain) = plain {
+        plain.finish()?;
+    }
     Ok(version)
 }
 
@@ -403,7 +505,7 @@ pub fn read_mac_input(input: &Path) -> Result<Vec<u8>, Failure> {
         .read_to_end(&mut data)
         .map_err(|e| local(format!("cannot read {}: {e}", input.display())))?;
     if data.len() > MAC_MAX {
-        return Err(local(format!(
+        return Err(bad_input(format!(
             "{} is larger than {MAC_MAX} bytes, the most one MAC request carries; \
              for large files use a signing key (hsmctl sign streams any size)",
             input.display()

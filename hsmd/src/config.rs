@@ -332,6 +332,11 @@ pub struct KeysConfig {
     /// How often the daemon looks for due rotations and ended recovery windows.
     #[serde(with = "humantime_serde")]
     pub maintenance_interval: Duration,
+    /// The shortest automatic rotation period a key may be given (1 second
+    /// to 30 days). A period shorter than an hour rotates faster than anyone
+    /// audits, and floods the key's version list.
+    #[serde(with = "humantime_serde")]
+    pub min_rotation_period: Duration,
 }
 
 impl Default for KeysConfig {
@@ -340,6 +345,7 @@ impl Default for KeysConfig {
             recovery_window: Duration::from_secs(30 * 86_400),
             usage_flush_interval: Duration::from_secs(30),
             maintenance_interval: Duration::from_secs(1),
+            min_rotation_period: Duration::from_secs(3600),
         }
     }
 }
@@ -849,6 +855,9 @@ impl Config {
         let k = &self.keys;
         if !(Duration::from_secs(7 * 86_400)..=Duration::from_secs(90 * 86_400)).contains(&k.recovery_window) {
             return Err(("keys.recovery_window", "use 7 to 90 days (e.g. \"30d\")".to_owned()));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(30 * 86_400)).contains(&k.min_rotation_period) {
+            return Err(("keys.min_rotation_period", "use 1s to 30d (e.g. \"1h\")".to_owned()));
         }
         for (key, value) in [
             ("keys.usage_flush_interval", k.usage_flush_interval),

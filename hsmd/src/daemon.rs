@@ -273,7 +273,11 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     let _state_lock = prepare_state_dir(&config.state_dir)?;
     let backends = crate::backend::from_config(&config.backends).map_err(DaemonError::Backend)?;
     tracing::info!(backends = %backends.names().join(", "), default = backends.default_name(), "key backends ready");
-    let vault = Arc::new(Vault::open(&config.state_dir, config.unlock.argon2_cost())?.with_backends(backends));
+    let vault = Arc::new(
+        Vault::open(&config.state_dir, config.unlock.argon2_cost())?
+            .with_backends(backends)
+            .with_min_rotation(config.keys.min_rotation_period),
+    );
     let dev_keyfile = if eff.dev {
         dev_initialize(&vault, &config.state_dir)?
     } else {

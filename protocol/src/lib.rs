@@ -23,6 +23,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod period;
 pub mod recv;
 pub mod secret;
 
@@ -40,6 +41,7 @@ pub use message::{
     Request, Response, RsaScheme, ServerHello, ServiceState, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage,
     VersionInfo, CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
 };
+pub use period::format_period;
 pub use secret::SecretBytes;
 
 /// The client's hello.

@@ -133,7 +133,7 @@ fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
     // A live keystore is replaced only with --force.
     let err = refused(
         &d.hsmctl(&["backup", "restore", p(&by_master), "--keyfile", p(&keyfile)]),
-        "key-state",
+        "already-initialized",
     );
     assert!(err.contains("--force"), "{err}");
 
@@ -167,11 +167,19 @@ fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
         // States came along: the v1 ciphertext stays below the minimum, the
         // deactivated key does not sign, the deleted key can be restored.
         refused(
-            &other.hsmctl(&["decrypt", "vault", "-i", p(&dir.join("data.enc")), "-o", p(&out)]),
+            &other.hsmctl(&[
+                "decrypt",
+                "vault",
+                "-i",
+                p(&dir.join("data.enc")),
+                "-o",
+                p(&out),
+                "--force",
+            ]),
             "key-state",
         );
         refused(
-            &other.hsmctl(&["sign", "old", "-i", p(&data), "-o", p(&out)]),
+            &other.hsmctl(&["sign", "old", "-i", p(&data), "-o", p(&out), "--force"]),
             "key-state",
         );
         ok(&other.hsmctl(&["key", "restore", "trash"]));

@@ -174,3 +174,111 @@ fn what_cannot_be_undone_needs_yes_when_there_is_no_terminal_to_ask_on() {
     assert!(d.hsmctl(&["file", "delete", &token, "--yes"]).status.success());
     assert!(!d.hsmctl(&["file", "info", &token]).status.success(), "gone");
 }
+
+/// Runs `script` (a shell command line) under `script(1)`, so hsmctl's
+/// standard input, output and error are a terminal; `input` is typed at it.
+fn on_a_terminal(d: &Daemon, command: &str, input: &[u8]) -> (Option<i32>, String) {
+    use std::io::Write as _;
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", command, "/dev/null"])
+        .env("HSMD_SOCKET", &d.socket)
+        .env(
+            "PATH",
+            format!("{}:/usr/bin:/bin", bin("hsmctl").parent().expect("dir").display()),
+        )
+        .current_dir(d.dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Typed after the prompt is up; script passes it on once the pty exists.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    let out = child.wait_with_output().expect("script");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn sign_encrypt_and_decrypt_stream_through_pipes_and_keep_binary_off_a_terminal() {
+    let d = Daemon::builder().dev().start();
+    for (name, t) in [("s", "ed25519"), ("e", "aes256-gcm"), ("m", "hmac-sha256")] {
+        let out = d.hsmctl(&["key", "create", name, "--type", t]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    std::fs::write(d.dir().join("data"), b"data").expect("write");
+    let sh = |line: &str| {
+        let out = Command::new("sh")
+            .args(["-c", line])
+            .env("HSMD_SOCKET", &d.socket)
+            .env("H", bin("hsmctl"))
+            .current_dir(d.dir())
+            .output()
+            .expect("sh");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Signatures: from stdin to stdout, and back in through `-s -`.
+    let (c, out, err) = sh("printf data | \"$H\" sign s | \"$H\" verify s -s - -i data");
+    assert_eq!(c, Some(0), "{out}{err}");
+    assert!(out.contains("signature valid (key s, version 1)"), "{out}");
+    let (c, _, err) = sh("printf other > other; printf data | \"$H\" sign s | \"$H\" verify s -s - -i other");
+    assert_eq!(c, Some(1), "{err}");
+    assert!(err.contains("signature INVALID"), "{err}");
+    let (c, _, err) = sh("printf data | \"$H\" sign s | \"$H\" verify s -s -");
+    assert_eq!(c, Some(2), "data and signature both on stdin: {err}");
+    // Encryption, armored and not, and a decrypt that finds its key in the file.
+    let (c, out, err) = sh("printf secret | \"$H\" encrypt e --armor | tee ct.asc | \"$H\" decrypt");
+    assert_eq!((c, out.as_str()), (Some(0), "secret"), "{err}");
+    let armored = std::fs::read_to_string(d.dir().join("ct.asc")).expect("armored");
+    assert!(
+        armored.starts_with("-----BEGIN HSMD ENCRYPTED FILE-----\n")
+            && armored.ends_with("-----END HSMD ENCRYPTED FILE-----\n"),
+        "{armored}"
+    );
+    let (c, out, err) = sh("printf secret | \"$H\" encrypt e | \"$H\" decrypt e -o -");
+    assert_eq!((c, out.as_str()), (Some(0), "secret"), "{err}");
+    let (c, out, err) = sh("printf tagged | \"$H\" mac m | \"$H\" mac-verify m -t - -i /dev/null");
+    assert_eq!(c, Some(1), "{out}{err}");
+    assert!(err.contains("tag INVALID"), "{err}");
+
+    // On a terminal: binary output is refused unless -o - asks for it; text
+    // (an hsmd signature, armor) is written.
+    let (c, out) = on_a_terminal(&d, "hsmctl encrypt e -i data", b"");
+    assert_eq!(c, Some(1), "{out}");
+    assert!(out.contains("refusing to write binary data to a terminal"), "{out}");
+    let (c, out) = on_a_terminal(&d, "hsmctl sign s -i data --format raw", b"");
+    assert_eq!(c, Some(1), "{out}");
+    assert!(out.contains("refusing to write binary data to a terminal"), "{out}");
+    let (c, out) = on_a_terminal(&d, "hsmctl decrypt -i ct.asc", b"");
+    assert_eq!(c, Some(1), "{out}");
+    let (c, out) = on_a_terminal(&d, "hsmctl decrypt -i ct.asc -o -", b"");
+    assert_eq!(c, Some(0), "{out}");
+    assert!(out.contains("secret"), "{out}");
+    let (c, out) = on_a_terminal(&d, "hsmctl sign s -i data", b"");
+    assert_eq!(c, Some(0), "{out}");
+    assert!(out.contains("hsmd-signature v1"), "{out}");
+    let (c, out) = on_a_terminal(&d, "hsmctl encrypt e -i data --armor", b"");
+    assert_eq!(c, Some(0), "{out}");
+    assert!(out.contains("-----BEGIN HSMD ENCRYPTED FILE-----"), "{out}");
+
+    // What cannot be undone asks on a terminal: only `yes` goes ahead.
+    let (c, out) = on_a_terminal(
+        &d,
+        "hsmctl key create gone --type ed25519 && hsmctl key destroy gone",
+        b"no\n",
+    );
+    assert_eq!(c, Some(1), "{out}");
+    assert!(
+        out.contains("Type yes to go ahead") && out.contains("not confirmed"),
+        "{out}"
+    );
+    let (c, out) = on_a_terminal(&d, "hsmctl key destroy gone", b"yes\n");
+    assert_eq!(c, Some(0), "{out}");
+    assert!(out.contains("key gone is now destroyed"), "{out}");
+}

@@ -223,7 +223,11 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
 
 #[test]
 fn the_daemon_rotates_on_schedule_and_catches_up_after_being_stopped() {
-    let (mut d, keyfile) = initialized(Daemon::builder().keys("maintenance_interval", "\"200ms\""));
+    let (mut d, keyfile) = initialized(
+        Daemon::builder()
+            .keys("maintenance_interval", "\"200ms\"")
+            .keys("min_rotation_period", "\"1s\""),
+    );
     let mut c = d.client();
     create(
         &mut c,

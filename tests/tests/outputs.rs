@@ -58,16 +58,19 @@ impl Writers {
         Self { d, token, sealed }
     }
 
-    /// Runs each writer to `target`.
+    /// Runs each writer to `target`, with `--force` (one after the other to
+    /// the same path; the refusals tested here hold even so).
     fn each(&self, target: &str) -> [(&'static str, Output); 2] {
         [
             (
                 "file retrieve",
-                self.d.hsmctl(&["file", "retrieve", &self.token, "-o", target]),
+                self.d
+                    .hsmctl(&["file", "retrieve", &self.token, "-o", target, "--force"]),
             ),
             (
                 "decrypt",
-                self.d.hsmctl(&["decrypt", "box", "-i", p(&self.sealed), "-o", target]),
+                self.d
+                    .hsmctl(&["decrypt", "box", "-i", p(&self.sealed), "-o", target, "--force"]),
             ),
         ]
     }
@@ -231,4 +234,59 @@ fn an_output_that_is_the_input_file_is_refused_and_the_input_kept() {
     );
     // Another path is fine.
     ok(&d.hsmctl(&["encrypt", "box", "-i", p(&data), "-o", p(&d.dir().join("app.enc"))]));
+}
+
+#[test]
+fn an_existing_output_is_replaced_only_with_force() {
+    let d = Daemon::builder().dev().start();
+    for (name, t) in [("s", "ed25519"), ("e", "aes256-gcm"), ("m", "hmac-sha256")] {
+        let mut args = vec!["key", "create", name, "--type", t];
+        if t == "aes256-gcm" {
+            args.push("--allow-plaintext-datakey");
+        }
+        ok(&d.hsmctl(&args));
+    }
+    let dir = d.dir();
+    let data = dir.join("data");
+    fs::write(&data, b"the data").expect("write");
+    let ct = dir.join("data.enc");
+    ok(&d.hsmctl(&["encrypt", "e", "-i", p(&data), "-o", p(&ct)]));
+    let stored = String::from_utf8(ok(&d.hsmctl(&["--json", "file", "store", p(&data), "--key", "e"]))).expect("utf-8");
+    let token = serde_json::from_str::<serde_json::Value>(&stored).expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let existing = dir.join("existing");
+    let new_enc = dir.join("new.enc");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["sign", "s", "-i", p(&data), "-o", p(&existing)],
+        vec!["mac", "m", "-i", p(&data), "-o", p(&existing)],
+        vec!["encrypt", "e", "-i", p(&data), "-o", p(&existing)],
+        vec!["decrypt", "e", "-i", p(&ct), "-o", p(&existing)],
+        vec!["rewrap", "e", "-i", p(&ct), "-o", p(&existing)],
+        vec!["key", "public", "s", "-o", p(&existing)],
+        vec!["datakey", "e", "-o", p(&existing)],
+        vec!["datakey", "e", "-o", p(&new_enc), "--plaintext-out", p(&existing)],
+        vec!["file", "retrieve", &token, "-o", p(&existing)],
+        vec!["backup", "create", p(&existing)],
+    ];
+    for args in cases {
+        fs::write(&existing, b"kept").expect("write");
+        let out = d.hsmctl(&args);
+        refused(&out, &existing, "it exists; add --force to replace it");
+        assert_eq!(
+            fs::read(&existing).expect("read"),
+            b"kept",
+            "{args:?} wrote over the file"
+        );
+        let _ = fs::remove_file(&new_enc);
+        let mut forced = args.clone();
+        forced.push("--force");
+        ok(&d.hsmctl(&forced));
+        assert_ne!(
+            fs::read(&existing).expect("read"),
+            b"kept",
+            "{forced:?} did not replace the file"
+        );
+    }
 }

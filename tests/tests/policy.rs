@@ -205,9 +205,9 @@ fn an_edited_policy_applies_within_seconds_and_a_broken_one_is_refused() {
     ok(&s.sign(4001, "ci-release"));
     // Both the reload and the refusal are in the audit log.
     let audited = |event: &str| {
-        ok(&s.d.hsmctl(&["--json", "audit", "show", "--event", event]))
-            .lines()
-            .count()
+        serde_json::from_str::<Vec<serde_json::Value>>(&ok(&s.d.hsmctl(&["--json", "audit", "show", "--event", event])))
+            .expect("one JSON array of events")
+            .len()
     };
     assert_eq!(audited("POLICY_RELOADED"), 1);
     assert_eq!(audited("CONFIG_ERROR"), 1);
@@ -270,10 +270,7 @@ fn audit_show_returns_exactly_the_events_asked_for_and_denials_are_audited() {
     let show = |args: &[&str]| -> Vec<serde_json::Value> {
         let mut all = vec!["--json", "audit", "show"];
         all.extend_from_slice(args);
-        ok(&s.d.hsmctl(&all))
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
-            .collect()
+        serde_json::from_str(&ok(&s.d.hsmctl(&all))).expect("one JSON array of events")
     };
     let lines = show(&["--since", "1d", "--event", "SIGN", "--user", "4002"]);
     assert_eq!(lines.len(), 3, "{lines:?}");
@@ -388,10 +385,7 @@ fn storing_a_file_takes_encrypt_on_the_wrapping_key_and_its_line_names_the_key()
     let show = |args: &[&str]| -> Vec<serde_json::Value> {
         let mut all = vec!["--json", "audit", "show", "--user", "4002"];
         all.extend_from_slice(args);
-        ok(&s.d.hsmctl(&all))
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
-            .collect()
+        serde_json::from_str(&ok(&s.d.hsmctl(&all))).expect("one JSON array of events")
     };
     for via in ["fd", "frames"] {
         // The default wrapping key `files` is not one of 4002's.

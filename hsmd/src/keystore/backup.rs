@@ -438,11 +438,11 @@ impl Vault {
     ) -> Result<BackupManifest, VaultError> {
         let parsed = parse(archive)?;
         if self.state() != ServiceState::Uninitialized && !force {
-            return Err(VaultError::KeyState(
+            return Err(VaultError::Wire(protocol::WireError::new(
+                protocol::ErrorCode::AlreadyInitialized,
                 "hsmd already has a keystore; restoring would replace it. Add --force to replace it \
-                 (the current file is kept beside it as keystore.sqlite.before-restore-<time>)"
-                    .into(),
-            ));
+                 (the current file is kept beside it as keystore.sqlite.before-restore-<time>)",
+            )));
         }
         let payload = self.open_backup(uid, &parsed, secret)?;
         let manifest = parsed.header.manifest.clone();

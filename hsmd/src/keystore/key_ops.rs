@@ -33,8 +33,6 @@ const MAX_DESCRIPTION: usize = 1024;
 const MAX_LABELS: usize = 32;
 /// Longest label value, in bytes.
 const MAX_LABEL_VALUE: usize = 256;
-/// Shortest automatic rotation period.
-const MIN_ROTATION: u64 = 1;
 /// Longest automatic rotation period or lifetime setting (100 years).
 const MAX_PERIOD: u64 = 100 * 365 * 86_400;
 
@@ -187,14 +185,21 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), VaultError> {
     Ok(())
 }
 
-fn check_period(what: &str, secs: u64) -> Result<(), VaultError> {
-    if (MIN_ROTATION..=MAX_PERIOD).contains(&secs) {
-        Ok(())
-    } else {
-        Err(VaultError::Invalid(format!(
-            "{what} must be between 1 second and 100 years"
-        )))
+/// A rotation period: at least `min` seconds (`keys.min_rotation_period`),
+/// at most 100 years.
+fn check_period(secs: u64, min: u64) -> Result<(), VaultError> {
+    if secs < min {
+        return Err(VaultError::Invalid(format!(
+            "the rotation period must be at least {} (this daemon's keys.min_rotation_period)",
+            protocol::format_period(min)
+        )));
     }
+    if secs > MAX_PERIOD {
+        return Err(VaultError::Invalid(
+            "the rotation period must be at most 100 years".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The last second of the year 9999: times past it are refused, so every
@@ -370,7 +375,17 @@ impl Vault {
     fn info(&self, row: &KeyRow) -> Result<KeyInfo, VaultError> {
         let now = self.now();
         let p = &row.policy;
-        let state = lifecycle::effective(stored_state(row)?, p.activate_at_unix, p.expire_at_unix, now);
+        let stored = stored_state(row)?;
+        let state = lifecycle::effective(stored, p.activate_at_unix, p.expire_at_unix, now);
+        // A state reached by the clock (an activation or expiry time passing)
+        // is not written back; it began at that time, not at the last write.
+        let since = match state {
+            s if s == stored => p.state_changed_unix,
+            KeyState::Deactivated => p.expire_at_unix.unwrap_or(p.state_changed_unix),
+            KeyState::Active => p.activate_at_unix.unwrap_or(p.state_changed_unix),
+            _ => p.state_changed_unix,
+        }
+        .max(p.state_changed_unix);
         let stored_versions = lock(&self.store).versions(&row.id)?;
         let usage = lock(&self.usage);
         let versions: Vec<VersionInfo> = stored_versions
@@ -410,7 +425,7 @@ impl Vault {
             owner_name: row.owner_name.clone(),
             owner_exists: owner_is_live(row.owner_uid, row.owner_name.as_deref()),
             state,
-            state_changed_unix: p.state_changed_unix,
+            state_changed_unix: since,
             activated_unix: p.activated_unix.or_else(|| p.activate_at_unix.filter(|&t| t <= now)),
             activate_at_unix: p.activate_at_unix,
             expire_at_unix: p.expire_at_unix,
@@ -451,7 +466,7 @@ impl Vault {
         check_text("description", &options.description, MAX_DESCRIPTION)?;
         check_labels(&options.labels)?;
         if let Some(p) = options.rotate_every_secs {
-            check_period("the rotation period", p)?;
+            check_period(p, self.min_rotation_secs)?;
         }
         check_time("activation time", options.activate_at_unix)?;
         check_time("expiry time", options.expire_at_unix)?;
@@ -621,7 +636,7 @@ impl Vault {
             let p = &mut row.policy;
             if let Some(r) = changes.rotate_every_secs {
                 if let Some(secs) = r {
-                    check_period("the rotation period", secs)?;
+                    check_period(secs, self.min_rotation_secs)?;
                 }
                 p.rotate_every_secs = r;
             }

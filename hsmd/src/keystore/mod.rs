@@ -221,6 +221,8 @@ pub struct Vault {
     backends: Backends,
     /// What the last unlock's check of the key set found.
     findings: Mutex<key_set::Findings>,
+    /// The shortest rotation period a key may be given, in seconds.
+    min_rotation_secs: u64,
 }
 
 impl std::fmt::Debug for Vault {
@@ -478,6 +480,7 @@ impl Vault {
             writes,
             backends: Backends::default(),
             findings: Mutex::new(key_set::Findings::default()),
+            min_rotation_secs: 3600,
         })
     }
 
@@ -485,6 +488,14 @@ impl Vault {
     #[must_use]
     pub fn with_backends(mut self, backends: Backends) -> Self {
         self.backends = backends;
+        self
+    }
+
+    /// Refuses rotation periods shorter than `period` (`keys.min_rotation_period`;
+    /// the default is one hour).
+    #[must_use]
+    pub fn with_min_rotation(mut self, period: std::time::Duration) -> Self {
+        self.min_rotation_secs = period.as_secs().max(1);
         self
     }
 

@@ -460,21 +460,20 @@ pub fn run(json: bool, client: &mut Client, cmd: &FileCommand) -> Result<(), Fai
                 if json {
                     print_json(&files);
                 } else {
-                    println!(
-                        "{:<36}  {:<24}  {:>12}  {:<20}  {:<12}  owner",
-                        "token", "name", "size", "stored", "key"
-                    );
-                    for f in &files {
-                        println!(
-                            "{:<36}  {:<24}  {:>12}  {:<20}  {:<12}  {}",
-                            f.token,
-                            f.name,
-                            f.size,
-                            crate::key_cmd::time(f.stored_unix),
-                            f.key,
-                            f.owner_uid
-                        );
-                    }
+                    let rows = files
+                        .iter()
+                        .map(|f| {
+                            vec![
+                                f.token.clone(),
+                                f.name.clone(),
+                                f.size.to_string(),
+                                crate::key_cmd::time(f.stored_unix),
+                                f.key.clone(),
+                                f.owner_uid.to_string(),
+                            ]
+                        })
+                        .collect();
+                    crate::table::print(&["token", "name", "size", "stored", "key", "owner"], rows, &[2, 5]);
                 }
                 Ok(())
             }

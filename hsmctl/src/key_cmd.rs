@@ -336,15 +336,19 @@ fn print_info(k: &KeyInfo) {
         println!("datakeys:    may be returned in plain");
     }
     println!("versions:");
-    for v in &k.versions {
-        println!(
-            "  v{:<4} created {}  uses {:>10}  last used {}",
-            v.version,
-            time(v.created_unix),
-            v.use_count,
-            opt_time(v.last_used_unix)
-        );
-    }
+    let rows = k
+        .versions
+        .iter()
+        .map(|v| {
+            vec![
+                format!("  v{}", v.version),
+                time(v.created_unix),
+                v.use_count.to_string(),
+                opt_time(v.last_used_unix),
+            ]
+        })
+        .collect();
+    crate::table::print(&["  version", "created", "uses", "last used"], rows, &[2]);
 }
 
 fn usages(k: &KeyInfo) -> String {
@@ -407,11 +411,8 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                 if json {
                     print_json(&list);
                 } else {
-                    println!(
-                        "{:<24}  {:<11}  {:>7}  {:<12}  {:<22}  {:>5}  notes",
-                        "name", "type", "version", "state", "usages", "owner"
-                    );
                     let now = now_unix();
+                    let mut rows = Vec::new();
                     for k in &list {
                         let mut notes = Vec::new();
                         if let Some(p) = k.purge_at_unix {
@@ -427,17 +428,21 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                                 k.owner_name.as_deref().unwrap_or("the user it was")
                             ));
                         }
-                        println!(
-                            "{:<24}  {:<11}  {:>7}  {:<12}  {:<22}  {:>5}  {}",
-                            k.name,
-                            k.key_type.as_str(),
-                            k.version,
-                            k.state.as_str(),
+                        rows.push(vec![
+                            k.name.clone(),
+                            k.key_type.as_str().to_owned(),
+                            k.version.to_string(),
+                            k.state.as_str().to_owned(),
                             usages(k),
-                            k.owner_uid,
-                            notes.join("; ")
-                        );
+                            k.owner_uid.to_string(),
+                            notes.join("; "),
+                        ]);
                     }
+                    crate::table::print(
+                        &["name", "type", "version", "state", "usages", "owner", "notes"],
+                        rows,
+                        &[2, 5],
+                    );
                 }
             }
             other => {

@@ -180,10 +180,10 @@ pub fn format_public(t: KeyType, spki_der: &[u8], format: &str, name: &str) -> R
         return match openssh_line(t, &source, &format!("hsmd:{name}")) {
             Some(line) => Ok(line.into_bytes()),
             None if t.rsa().is_some() => Err(format!(
-                "a {} key has no OpenSSH form: OpenSSH signs with RSA PKCS#1 v1.5 only; use an rsa-pkcs1 key for SSH",
+                "an {} key has no OpenSSH form: OpenSSH signs with RSA PKCS#1 v1.5 only; use an rsa-pkcs1 key for SSH",
                 t.as_str()
             )),
-            None => Err(format!("a {} key has no OpenSSH form", t.as_str())),
+            None => Err(format!("an {} key has no OpenSSH form", t.as_str())),
         };
     }
     Ok(match format {

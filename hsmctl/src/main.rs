@@ -34,10 +34,12 @@ mod output;
 mod progress;
 mod sealing;
 mod secrets;
+mod table;
 
 const EXAMPLES: &str = "\
 Examples:
-  eval \"$(hsmd --dev)\" &          # start a throw-away daemon (or paste its export line)
+  hsmd --dev > hsmd.env &          # a throw-away daemon; it writes its export line there
+  . ./hsmd.env                     # once it is listening (the file is not empty)
   hsmctl status
   hsmctl --json status | jq .state
   hsmctl whoami
@@ -158,7 +160,11 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Write the man pages hsmctl.1 and hsmctl-COMMAND.1 into DIR (no daemon needed)
-    #[command(after_help = "Example:\n  hsmctl generate-man /tmp/man && man -l /tmp/man/hsmctl-sign.1")]
+    #[command(
+        long_flag = "generate-man",
+        after_help = "Example:\n  hsmctl generate-man /tmp/man && man -l /tmp/man/hsmctl-sign.1\n\n\
+        `hsmctl --generate-man DIR` is the same, spelled as hsmd spells it."
+    )]
     GenerateMan {
         /// Where to write them
         dir: PathBuf,
@@ -594,6 +600,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             HardwareCommand::ProbeModule { path } => print_json(&hardware::probe_module(path)),
         }
         return Ok(());
+    }
+    if let Command::Unlock {
+        passphrase_file: None,
+        keyfile: None,
+        tpm2: false,
+        fido2: false,
+        ..
+    } = &cli.command
+    {
+        passphrase_slot_exists(cli)?;
     }
     // Secrets are gathered before connecting, so a slow typist holds no connection.
     let prepared = prepare_secret(&cli.command)?;
@@ -1156,6 +1172,36 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Before asking for a passphrase to unlock with, checks that a passphrase
+/// could unlock at all: a keystore with only key-file, TPM2 or FIDO2 slots is
+/// told so, with the flag that fits. If the slot list cannot be read, the
+/// daemon's answer to the unlock says what is wrong instead.
+fn passphrase_slot_exists(cli: &Cli) -> Result<(), Failure> {
+    let Ok(Reply::Slots(slots)) = connect(cli).and_then(|mut c| c.call(Operation::SlotList)) else {
+        return Ok(());
+    };
+    if slots.is_empty() || slots.iter().any(|s| s.kind == "passphrase") {
+        return Ok(());
+    }
+    let mut kinds: Vec<&str> = slots.iter().map(|s| s.kind.as_str()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let flags: Vec<&str> = kinds
+        .iter()
+        .filter_map(|k| match *k {
+            "keyfile" => Some("--keyfile FILE"),
+            "tpm2" => Some("--tpm2"),
+            "fido2" => Some("--fido2"),
+            _ => None,
+        })
+        .collect();
+    Err(Local::Usage.fail(format!(
+        "this keystore has no passphrase slot (its slots are {}); unlock with {}",
+        kinds.join(", "),
+        flags.join(" or ")
+    )))
+}
+
 /// A secret read (or a key file made) before connecting.
 enum Prepared {
     NewSlot(NewSlot, Option<PathBuf>),
@@ -1321,17 +1367,19 @@ fn print_slots(json: bool, slots: &[SlotInfo]) {
         print_json(&slots);
         return;
     }
-    println!("{:>4}  {:<10}  {:<28}  {:<12}  label", "id", "kind", "kdf", "created");
-    for s in slots {
-        println!(
-            "{:>4}  {:<10}  {:<28}  {:<12}  {}",
-            s.id,
-            s.kind,
-            s.kdf.as_deref().unwrap_or("-"),
-            s.created_unix,
-            s.label
-        );
-    }
+    let rows = slots
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                s.kind.clone(),
+                s.kdf.clone().unwrap_or_else(|| "-".into()),
+                key_cmd::time(s.created_unix),
+                s.label.clone(),
+            ]
+        })
+        .collect();
+    table::print(&["id", "kind", "kdf", "created", "label"], rows, &[0]);
 }
 
 fn print_audit(json: bool, lines: &[String]) -> Result<(), Failure> {
@@ -1344,28 +1392,30 @@ fn print_audit(json: bool, lines: &[String]) -> Result<(), Failure> {
         print_json(&events);
         return Ok(());
     }
-    println!(
-        "{:>7}  {:<24}  {:<20}  {:<16}  {:<24}  {:<7}  {:>4}",
-        "seq", "time", "event", "user", "resource", "result", "risk"
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let rows = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            let user = v["user"]
+                .as_str()
+                .map_or_else(|| format!("uid {}", v["uid"]), str::to_owned);
+            vec![
+                v["seq"].to_string(),
+                text(&v["timestamp"]),
+                text(&v["event_type"]),
+                user,
+                text(&v["resource"]),
+                text(&v["result"]),
+                v["risk_score"].to_string(),
+            ]
+        })
+        .collect();
+    table::print(
+        &["seq", "time", "event", "user", "resource", "result", "risk"],
+        rows,
+        &[0, 6],
     );
-    for l in lines {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
-            continue;
-        };
-        let user = v["user"]
-            .as_str()
-            .map_or_else(|| format!("uid {}", v["uid"]), str::to_owned);
-        println!(
-            "{:>7}  {:<24}  {:<20}  {:<16}  {:<24}  {:<7}  {:>4}",
-            v["seq"],
-            v["timestamp"].as_str().unwrap_or("-"),
-            v["event_type"].as_str().unwrap_or("-"),
-            user,
-            v["resource"].as_str().unwrap_or("-"),
-            v["result"].as_str().unwrap_or("-"),
-            v["risk_score"]
-        );
-    }
     Ok(())
 }
 

@@ -180,7 +180,15 @@ impl Output {
         let temp = tempfile::Builder::new()
             .prefix(".hsmctl-")
             .tempfile_in(dir)
-            .map_err(|e| local(format!("cannot create a file in {}: {e}", dir.display())))?;
+            .map_err(|e| {
+                // tempfile's message names its own random file; the user named `path`.
+                let why = match e.kind() {
+                    io::ErrorKind::NotFound => format!("the directory {} does not exist", dir.display()),
+                    io::ErrorKind::PermissionDenied => format!("you may not create files in {}", dir.display()),
+                    _ => io::Error::from(e.kind()).to_string(),
+                };
+                local(format!("cannot write {shown}: {why}"))
+            })?;
         Ok(Self {
             target: path.to_owned(),
             sink: Sink::Temp {

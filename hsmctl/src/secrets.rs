@@ -60,6 +60,15 @@ pub fn new_passphrase(file: Option<&Path>) -> Result<SecretBytes, String> {
         return passphrase(file, "");
     }
     let first = passphrase(None, "New passphrase: ")?;
+    // Said before asking again: typing a refused passphrase twice helps no one.
+    let n = first.expose().len();
+    if !(protocol::MIN_PASSPHRASE_LEN..=protocol::MAX_PASSPHRASE_LEN).contains(&n) {
+        return Err(format!(
+            "a passphrase must be {} to {} bytes; this one is {n}; nothing was changed",
+            protocol::MIN_PASSPHRASE_LEN,
+            protocol::MAX_PASSPHRASE_LEN
+        ));
+    }
     let second = passphrase(None, "Repeat it: ")?;
     if first != second {
         return Err("the two passphrases differ; nothing was changed".to_owned());

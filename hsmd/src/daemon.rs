@@ -366,10 +366,12 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
         ConfigSource::File(p) => Some(p.clone()),
         ConfigSource::Defaults => None,
     };
+    // Dev mode's state is deleted at exit only when it is in the scratch directory.
+    let throw_away = scratch.as_ref().is_some_and(|d| config.state_dir.starts_with(d.path()));
     let result = runtime.block_on(serve_until_signalled(
         config,
         Arc::clone(&shared),
-        dev_keyfile.as_deref(),
+        (dev_keyfile.as_deref(), throw_away),
         (config_file, config_sha256),
     ));
     // Blocking jobs past the grace period are abandoned, not awaited.
@@ -496,7 +498,7 @@ fn record_unlock_at_start(
 async fn serve_until_signalled(
     config: &Config,
     shared: Arc<Shared>,
-    dev_keyfile: Option<&Path>,
+    (dev_keyfile, throw_away): (Option<&Path>, bool),
     (config_file, config_sha256): (Option<PathBuf>, Option<String>),
 ) -> Result<(), DaemonError> {
     let listener = match listener::from_systemd()? {
@@ -508,7 +510,7 @@ async fn serve_until_signalled(
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
 
     if shared.dev {
-        announce_dev(&path, &config.state_dir, dev_keyfile);
+        announce_dev(&path, &config.state_dir, throw_away, dev_keyfile);
     }
     tracing::info!(
         socket = %path,
@@ -697,7 +699,7 @@ fn spawn_auto_lock(config: &Config, shared: &Arc<Shared>) {
     });
 }
 
-fn announce_dev(socket: &str, state_dir: &Path, keyfile: Option<&Path>) {
+fn announce_dev(socket: &str, state_dir: &Path, throw_away: bool, keyfile: Option<&Path>) {
     let uid = nix::unistd::getuid();
     let who = if uid.is_root() {
         "root only".to_owned()
@@ -711,11 +713,16 @@ fn announce_dev(socket: &str, state_dir: &Path, keyfile: Option<&Path>) {
     let bar = "=".repeat(72);
     logging::print(&format!(
         "{bar}\n  hsmd --dev: A THROW-AWAY INSTANCE. NOT FOR PRODUCTION.\n  \
-         State lives in {} and is deleted when hsmd exits.\n  \
+         State lives in {} and {}.\n  \
          It serves {who}.\n  \
          It is unlocked; after `hsmctl lock`, unlock again with\n    \
          hsmctl unlock --keyfile {}\n{bar}",
         state_dir.display(),
+        if throw_away {
+            "is deleted when hsmd exits"
+        } else {
+            "is kept when hsmd exits (--state-dir)"
+        },
         keyfile.map_or_else(|| "<the key file you used>".to_owned(), |p| p.display().to_string()),
     ));
     let mut out = std::io::stdout().lock();

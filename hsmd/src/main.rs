@@ -11,7 +11,12 @@ use hsmd::{
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Examples:\n  hsmd --dev                      throw-away instance; prints the HSMD_SOCKET line to paste\n  hsmd --config /etc/hsmd/hsmd.toml\n  hsmd --check-config --config ./hsmd.toml"
+    after_help = "Examples:\n  \
+    hsmd --dev > hsmd.env &           # a throw-away instance; it writes its HSMD_SOCKET line there\n  \
+    . ./hsmd.env                      # once it is listening (the file is not empty)\n  \
+    hsmd --config /etc/hsmd/hsmd.toml\n  \
+    hsmd --check-config --config ./hsmd.toml\n  \
+    hsmd --generate-man /tmp/man && man -l /tmp/man/hsmd.8"
 )]
 struct Cli {
     /// Configuration file [default: /etc/hsmd/hsmd.toml if it exists, else built-in defaults]
@@ -35,8 +40,8 @@ struct Cli {
     /// Internal: run as the PKCS#11 helper process hsmd spawns itself
     #[arg(long, hide = true)]
     pkcs11_helper: bool,
-    /// Packaging: write the man pages hsmd.8 and hsmd.toml.5 into DIR and exit
-    #[arg(long, hide = true, value_name = "DIR")]
+    /// Write the man pages hsmd.8 and hsmd.toml.5 into DIR and exit
+    #[arg(long, value_name = "DIR")]
     generate_man: Option<PathBuf>,
 }
 

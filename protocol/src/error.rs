@@ -243,7 +243,7 @@ impl WireError {
 #[non_exhaustive]
 pub enum ClientError {
     /// The socket could not be reached. The message names the likely cause.
-    #[error("cannot connect to {}: {}", path.display(), describe_connect_error(source))]
+    #[error("cannot connect to {}: {}", path.display(), describe_connect_error(path, source))]
     Connect {
         /// The socket path tried.
         path: PathBuf,
@@ -302,7 +302,22 @@ impl ClientError {
     }
 }
 
-fn describe_connect_error(e: &io::Error) -> String {
+fn describe_connect_error(path: &std::path::Path, e: &io::Error) -> String {
+    use std::os::unix::fs::FileTypeExt as _;
+    // connect(2) on a directory or a regular file also says "refused"; that
+    // is a wrong path, not a daemon that went away.
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.is_dir() {
+            return "it is a directory, not a socket; point --socket / HSMD_SOCKET at hsmd's socket \
+                    (e.g. /run/hsmd/hsmd.sock)"
+                .into();
+        }
+        if !meta.file_type().is_socket() {
+            return "it is not a socket (a regular file or another kind of file); point --socket / HSMD_SOCKET \
+                    at hsmd's socket"
+                .into();
+        }
+    }
     match e.kind() {
         io::ErrorKind::NotFound => {
             "no such file; is hsmd running? (start it, or point --socket / HSMD_SOCKET at its socket)".into()

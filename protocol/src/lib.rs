@@ -42,6 +42,11 @@ pub use message::{
     VersionInfo, CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
 };
 pub use period::format_period;
+
+/// The shortest passphrase an unlock slot or a backup accepts, in bytes.
+pub const MIN_PASSPHRASE_LEN: usize = 8;
+/// The longest passphrase an unlock slot or a backup accepts, in bytes.
+pub const MAX_PASSPHRASE_LEN: usize = 1024;
 pub use secret::SecretBytes;
 
 /// The client's hello.

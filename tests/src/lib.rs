@@ -592,6 +592,16 @@ pub fn is_root() -> bool {
     nix::unistd::getuid().is_root()
 }
 
+/// For the tests marked `#[ignore = "needs root…"]`, which `scripts/test`
+/// runs as root with `--include-ignored`: run any other way they fail, naming
+/// why, instead of passing without having run.
+pub fn require_root(why: &str) {
+    assert!(
+        is_root(),
+        "this test needs root ({why}); run it as root, as scripts/test does"
+    );
+}
+
 /// The PKCS#11 module of Debian's `softhsm2` package.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 

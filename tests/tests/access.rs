@@ -4,7 +4,7 @@
 
 use std::{fs, os::unix::fs::PermissionsExt, path::PathBuf, process::Command};
 
-use hsmd_tests::{bin, is_root, Daemon};
+use hsmd_tests::{bin, Daemon};
 
 const NOBODY: &str = "65534";
 
@@ -28,11 +28,9 @@ fn as_nobody(hsmctl: &PathBuf, d: &Daemon, args: &[&str]) -> std::process::Outpu
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn nobody_is_refused_by_the_daemon_itself_and_others_are_still_served() {
-    if !is_root() {
-        eprintln!("skipped: acting as another uid needs root (CI runs as root)");
-        return;
-    }
+    hsmd_tests::require_root("acting as another uid");
     // The socket is world-accessible, so only the daemon's own check stands
     // between nobody and the daemon: defence in depth is what is tested.
     let d = Daemon::builder()
@@ -64,11 +62,9 @@ fn nobody_is_refused_by_the_daemon_itself_and_others_are_still_served() {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn access_users_and_groups_admit_nobody_when_configured() {
-    if !is_root() {
-        eprintln!("skipped: acting as another uid needs root (CI runs as root)");
-        return;
-    }
+    hsmd_tests::require_root("acting as another uid");
     let by_user = Daemon::builder().socket_mode("0666").users(&["nobody"]).start();
     let hsmctl = hsmctl_for_nobody(&by_user);
     let out = as_nobody(&hsmctl, &by_user, &["--json", "whoami"]);
@@ -100,11 +96,9 @@ fn access_users_and_groups_admit_nobody_when_configured() {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn root_can_be_shut_out_too() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    hsmd_tests::require_root("shutting root out");
     let prepared = Daemon::builder().allow_root(false).users(&[NOBODY]).prepare();
     let socket = prepared.socket.clone();
     let mut cmd = prepared.command();
@@ -124,11 +118,9 @@ fn root_can_be_shut_out_too() {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn dev_mode_serves_only_its_owner_and_root_whatever_the_config_says() {
-    if !is_root() {
-        eprintln!("skipped: acting as another uid needs root (CI runs as root)");
-        return;
-    }
+    hsmd_tests::require_root("acting as another uid");
     // The config would admit nobody, and the socket is open to all: --dev ignores [access].
     let d = Daemon::builder().dev().socket_mode("0666").users(&["nobody"]).start();
     let hsmctl = hsmctl_for_nobody(&d);

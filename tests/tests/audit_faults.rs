@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hsmd_tests::{is_root, Daemon, DaemonBuilder, Prepared};
+use hsmd_tests::{Daemon, DaemonBuilder, Prepared};
 use nix::sys::signal::Signal;
 use protocol::{Client, ErrorCode, KeyOptions, KeyType, Operation, Reply};
 use serde_json::Value;
@@ -359,11 +359,9 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn a_full_disk_refuses_audited_requests_with_audit_unavailable_and_service_resumes_by_itself() {
-    if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
-        return;
-    }
+    hsmd_tests::require_root("mounting a small tmpfs");
     // Only the state directory is on the small disk (the daemon's own log is not).
     let prepared = Daemon::builder().dev().prepare();
     let disk = SmallDisk::mount(&prepared.dir.path().join("state"), "24m");
@@ -492,11 +490,9 @@ fn run(cmd: &str, args: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn a_state_directory_gone_read_only_refuses_audited_requests_until_it_is_writable_again() {
-    if !is_root() {
-        eprintln!("skipped: mounting needs root (CI runs as root)");
-        return;
-    }
+    hsmd_tests::require_root("mounting");
     let prepared = Daemon::builder().dev().prepare();
     let st = prepared.dir.path().join("state");
     let disk = SmallDisk::mount(&st, "24m");

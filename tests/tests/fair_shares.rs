@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hsmd_tests::{bin, is_root, Daemon, DaemonBuilder};
+use hsmd_tests::{bin, Daemon, DaemonBuilder};
 
 const ATTACKER: u32 = 4001;
 const OTHER: u32 = 4002;
@@ -37,11 +37,8 @@ struct Setup {
     work: PathBuf,
 }
 
-fn setup(builder: DaemonBuilder) -> Option<Setup> {
-    if !is_root() {
-        eprintln!("SKIPPED: acting as other uids needs root (CI runs as root)");
-        return None;
-    }
+fn setup(builder: DaemonBuilder) -> Setup {
+    hsmd_tests::require_root("acting as other uids");
     let prepared = builder
         .socket_mode("0666")
         .users(&["4001", "4002", "4003", "4004"])
@@ -76,7 +73,7 @@ fn setup(builder: DaemonBuilder) -> Option<Setup> {
     };
     ok(&s.d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
     ok(&s.d.hsmctl(&["key", "create", "s", "--type", "ed25519"]));
-    Some(s)
+    s
 }
 
 fn as_uid(uid: u32, program: &Path) -> Command {
@@ -165,8 +162,9 @@ impl Setup {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn silent_pipes_held_by_one_user_cost_only_that_users_share() {
-    let Some(s) = setup(Daemon::builder()) else { return };
+    let s = setup(Daemon::builder());
     ok(&s.d.hsmctl(&["status"]));
     let before = s.d.vm_rss_kib();
     let attack = s.hostile(ATTACKER, "silent-pipes", 32);
@@ -209,15 +207,14 @@ fn silent_pipes_held_by_one_user_cost_only_that_users_share() {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn one_uid_gets_its_share_of_connections_and_root_and_admins_still_get_in() {
-    let Some(s) = setup(
+    let s = setup(
         Daemon::builder()
             .limit("max_connections", "20")
             .limit("max_connections_per_uid", "8")
             .limit("reserved_connections", "4"),
-    ) else {
-        return;
-    };
+    );
     let greedy = s.hostile(ATTACKER, "connections", 12);
     assert_eq!((greedy.ok, greedy.refused), (8, 4), "{}", greedy.first_refusal);
     assert!(
@@ -294,15 +291,14 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn half_sent_large_frames_hold_only_their_share_of_frame_memory() {
     // Enough connections for one uid that, unbounded, they would hold 150 MiB.
-    let Some(s) = setup(
+    let s = setup(
         Daemon::builder()
             .limit("max_connections", "256")
             .limit("max_connections_per_uid", "200"),
-    ) else {
-        return;
-    };
+    );
     ok(&s.d.hsmctl(&["status"]));
     let before = s.d.vm_rss_kib();
     let attack = s.hostile(ATTACKER, "half-frames", 150);

@@ -28,7 +28,7 @@ fn commands(prefix: &[String]) -> Vec<Vec<String>> {
         .take_while(|l| !l.trim().is_empty())
         // A command's line is indented two spaces; its wrapped description more.
         .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter_map(|l| l.split_whitespace().next().map(|n| n.trim_end_matches(',').to_owned()))
         .filter(|n| n != "help")
         .collect();
     if names.is_empty() {

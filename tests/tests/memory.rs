@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use hsmd_tests::{bin, is_root, Daemon, Prepared};
+use hsmd_tests::{bin, Daemon, Prepared};
 
 fn proc_status_field(pid: u32, field: &str) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
@@ -20,11 +20,9 @@ fn proc_status_field(pid: u32, field: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn a_daemon_that_may_lock_memory_locks_all_of_it_and_cannot_dump_core() {
-    if !is_root() {
-        eprintln!("skipped: locking all memory needs CAP_IPC_LOCK (root in CI)");
-        return;
-    }
+    hsmd_tests::require_root("locking all memory needs CAP_IPC_LOCK");
     let d = Daemon::builder().require_lock(true).start();
     let status = d.client().status().expect("status");
     assert!(status.memory_locked, "status reports locked memory");
@@ -61,11 +59,9 @@ fn as_nobody_with_small_memlock(hsmd: &std::path::Path, prepared: &Prepared) -> 
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn production_refuses_to_start_when_memory_cannot_be_locked() {
-    if !is_root() {
-        eprintln!("skipped: needs root to act as nobody");
-        return;
-    }
+    hsmd_tests::require_root("acting as nobody");
     let (prepared, hsmd) = prepared_for_nobody(true);
     let out = as_nobody_with_small_memlock(&hsmd, &prepared).output().expect("run");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -77,11 +73,9 @@ fn production_refuses_to_start_when_memory_cannot_be_locked() {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn without_require_lock_it_warns_serves_and_is_still_not_dumpable() {
-    if !is_root() {
-        eprintln!("skipped: needs root to act as nobody");
-        return;
-    }
+    hsmd_tests::require_root("acting as nobody");
     let (prepared, hsmd) = prepared_for_nobody(false);
     let socket = prepared.socket.clone();
     let mut cmd = as_nobody_with_small_memlock(&hsmd, &prepared);
@@ -136,12 +130,10 @@ fn find_in_memory(pid: u32, needles: &[(&str, &[u8])]) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root; scripts/test runs it as root"]
 fn no_plaintext_or_data_key_stays_in_memory_after_its_request() {
     use protocol::{KeyOptions, KeyType, Operation, Reply, SecretBytes};
-    if !is_root() {
-        eprintln!("SKIPPED: reading another process's memory needs root");
-        return;
-    }
+    hsmd_tests::require_root("reading another process's memory");
     let d = Daemon::builder().dev().start();
     let mut c = d.client();
     let create = |c: &mut protocol::Client, name: &str, plaintext_datakey: bool| {

@@ -573,6 +573,22 @@ impl Policy {
         backend: &str,
         owner: impl FnOnce() -> Option<u32>,
     ) -> Result<Grant<'_>, String> {
+        self.decide(peer, ask, backend, owner, true)
+    }
+
+    /// As [`Policy::check`], worded for `hsmctl policy check` about someone
+    /// else when `own` is false ("their roles", not "your roles").
+    ///
+    /// # Errors
+    /// The refusal, naming who, what, and what would allow it.
+    pub fn decide(
+        &self,
+        peer: &PeerIdentity,
+        ask: Ask<'_>,
+        backend: &str,
+        owner: impl FnOnce() -> Option<u32>,
+        own: bool,
+    ) -> Result<Grant<'_>, String> {
         let roles = self.roles_of(peer);
         let mut owner = Some(owner);
         let mut owner_uid: Option<Option<u32>> = None;
@@ -605,11 +621,20 @@ impl Policy {
                 });
             }
         }
+        let (you, your, whoami) = if own {
+            ("you have", "your", "`hsmctl whoami` lists your permissions")
+        } else {
+            (
+                "they have",
+                "their",
+                "`hsmctl whoami`, run as them, lists their permissions",
+            )
+        };
         let have = if roles.is_empty() {
-            "you have no roles: no binding in the policy names your user or groups".to_owned()
+            format!("{you} no roles: no binding in the policy names {your} user or groups")
         } else {
             format!(
-                "your roles are {}",
+                "{your} roles are {}",
                 roles
                     .iter()
                     .map(|(r, _)| r.name.as_str())
@@ -619,13 +644,12 @@ impl Policy {
         };
         if let (true, Some(k)) = (any_action, ask.key) {
             return Err(format!(
-                "{} may not use key {k:?}: no role grants any keys permission on it; {have} \
-                 (`hsmctl whoami` lists your permissions)",
+                "{} may not use key {k:?}: no role grants any keys permission on it; {have} ({whoami})",
                 peer.describe()
             ));
         }
         Err(format!(
-            "{} may not {}: no role grants the permission {}; {have} (`hsmctl whoami` lists your permissions)",
+            "{} may not {}: no role grants the permission {}; {have} ({whoami})",
             peer.describe(),
             match ask.key {
                 Some(k) => format!("{} key {k:?}", ask.action),

@@ -962,7 +962,10 @@ impl Vault {
         lifecycle::check(name, state, Action::PublicKey, false).map_err(VaultError::KeyState)?;
         let material = self.material(row)?;
         let spki = material.public_spki().ok_or_else(|| {
-            VaultError::Invalid(format!("key {name:?} is a {} key and has no public half", row.key_type))
+            VaultError::Invalid(format!(
+                "key {name:?} is an {} key and has no public half",
+                row.key_type
+            ))
         })?;
         Ok((material.key_type(), row.version, spki))
     }

@@ -47,7 +47,7 @@ pub fn check_usages(key_type: KeyType, requested: &[Usage]) -> Result<Vec<Usage>
     usages.dedup();
     if let Some(bad) = usages.iter().find(|u| !allowed.contains(u)) {
         return Err(format!(
-            "a {} key cannot be used to {}; it allows {}",
+            "an {} key cannot be used to {}; it allows {}",
             key_type.as_str(),
             bad.as_str(),
             allowed.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ")
@@ -164,7 +164,7 @@ impl Material {
                 let sig: p384::ecdsa::Signature = k.sign_prehash(digest).map_err(|e| e.to_string())?;
                 Ok(sig.to_der().as_bytes().to_vec())
             }
-            Self::Symmetric(t, _) => Err(format!("a {} key cannot sign", t.as_str())),
+            Self::Symmetric(t, _) => Err(format!("an {} key cannot sign", t.as_str())),
         }
     }
 
@@ -173,7 +173,7 @@ impl Material {
         match self {
             Self::Symmetric(t, k) if *t == want => Ok(k),
             other => Err(format!(
-                "a {} key cannot do that; use a {} key",
+                "an {} key cannot do that; use an {} key",
                 other.key_type().as_str(),
                 want.as_str()
             )),

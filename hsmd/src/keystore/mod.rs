@@ -36,9 +36,9 @@ use self::{
 };
 
 /// Longest accepted passphrase, in bytes.
-const MAX_PASSPHRASE: usize = 1024;
+const MAX_PASSPHRASE: usize = protocol::MAX_PASSPHRASE_LEN;
 /// Shortest accepted passphrase, in bytes.
-const MIN_PASSPHRASE: usize = 8;
+const MIN_PASSPHRASE: usize = protocol::MIN_PASSPHRASE_LEN;
 /// Longest slot label.
 const MAX_LABEL: usize = 128;
 /// First wait after a wrong secret; doubles with each further one.
@@ -269,11 +269,11 @@ fn key_aad(store_id: &[u8], row: &KeyRow) -> Vec<u8> {
 /// Checks that `digest` has the length the key type's signatures cover.
 fn check_digest(row: &KeyRow, digest: &[u8]) -> Result<(), VaultError> {
     let Some(expected) = parse_type(row)?.digest_len() else {
-        return Err(VaultError::Invalid(format!("a {} key does not sign", row.key_type)));
+        return Err(VaultError::Invalid(format!("an {} key does not sign", row.key_type)));
     };
     if digest.len() != expected {
         return Err(VaultError::Invalid(format!(
-            "a {} signature covers a {expected}-byte digest, not {} bytes",
+            "an {} signature covers a {expected}-byte digest, not {} bytes",
             row.key_type,
             digest.len()
         )));

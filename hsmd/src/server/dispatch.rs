@@ -582,6 +582,8 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
         } => {
             let policy = shared.policy();
             let vault = Arc::clone(&shared.vault);
+            let gate = shared.gate.clone();
+            let asker = caller.peer.creds.uid;
             Plain::Blocking(Box::new(move || {
                 let Some(peer) = PeerIdentity::lookup(&user) else {
                     return Err(WireError::new(
@@ -589,6 +591,13 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                         format!("there is no user {user:?}"),
                     ));
                 };
+                // Roles count only for someone the daemon lets connect.
+                if let crate::auth::Admission::Refused(why) = gate.admit(&peer) {
+                    return Ok(Reply::PolicyDecision {
+                        allowed: false,
+                        reason: format!("{why} (the connect-time gate refuses them before any role applies)"),
+                    });
+                }
                 let (Some(resource), Some(action)) = (static_name(&resource, true), static_name(&action, false)) else {
                     return Err(WireError::new(
                         ErrorCode::InvalidArgument,
@@ -600,7 +609,13 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
                     action,
                     key: key.as_deref(),
                 };
-                let decision = policy.check(&peer, ask, "soft", || key.as_deref().and_then(|k| vault.live_owner(k)));
+                let decision = policy.decide(
+                    &peer,
+                    ask,
+                    "soft",
+                    || key.as_deref().and_then(|k| vault.live_owner(k)),
+                    peer.creds.uid == asker,
+                );
                 Ok(match decision {
                     Ok(g) => Reply::PolicyDecision {
                         allowed: true,

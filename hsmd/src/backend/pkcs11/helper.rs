@@ -339,7 +339,7 @@ fn handle(session: &Session, shared: &Shared, request: Request) -> Result<Reply,
                     input = info;
                     Mechanism::RsaPkcs
                 }
-                (other, None) => return Err(Failure::Unsupported(format!("a {} key does not sign", other.as_str()))),
+                (other, None) => return Err(Failure::Unsupported(format!("an {} key does not sign", other.as_str()))),
             };
             let raw = session
                 .sign(&mechanism, key, &input)

@@ -766,7 +766,7 @@ impl std::fmt::Debug for TokenKey {
 
 impl TokenKey {
     fn unsupported(&self, what: &str) -> BackendError {
-        BackendError::Unsupported(format!("a {} key cannot {what}", self.key_type.as_str()))
+        BackendError::Unsupported(format!("an {} key cannot {what}", self.key_type.as_str()))
     }
 
     /// Refuses to use a key with another token that happens to be configured

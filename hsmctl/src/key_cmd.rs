@@ -54,7 +54,7 @@ pub enum KeyCommand {
         /// A label NAME=VALUE (repeatable)
         #[arg(long = "label", value_name = "NAME=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// Let `hsmctl datakey --plaintext` return data keys in plain (aes256-gcm)
+        /// Let `hsmctl datakey --plaintext-out` return data keys in plain (aes256-gcm)
         #[arg(long)]
         allow_plaintext_datakey: bool,
         /// Where the key lives: soft, pkcs11, tpm or mock (`hsmctl status` lists the
@@ -277,37 +277,37 @@ fn opt_time(t: Option<u64>) -> String {
 
 fn print_info(k: &KeyInfo) {
     let now = now_unix();
-    println!("name:        {}", k.name);
-    println!("id:          {}", k.id);
-    println!("type:        {}", k.key_type.as_str());
-    println!("backend:     {}", k.backend);
-    println!("usages:      {}", usages(k));
+    println!("name:         {}", k.name);
+    println!("id:           {}", k.id);
+    println!("type:         {}", k.key_type.as_str());
+    println!("backend:      {}", k.backend);
+    println!("usages:       {}", usages(k));
     if let (Some(del), Some(purge)) = (k.deleted_unix, k.purge_at_unix) {
         println!(
-            "DELETED:     {} (purged at {}; `hsmctl key restore {}` brings it back)",
+            "DELETED:      {} (purged at {}; `hsmctl key restore {}` brings it back)",
             time(del),
             time(purge),
             k.name
         );
     }
     println!(
-        "state:       {} (since {})",
+        "state:        {} (since {})",
         k.state.as_str(),
         time(k.state_changed_unix)
     );
-    println!("created:     {}", time(k.created_unix));
-    println!("activated:   {}", opt_time(k.activated_unix));
+    println!("created:      {}", time(k.created_unix));
+    println!("activated:    {}", opt_time(k.activated_unix));
     if let Some(a) = k.activate_at_unix {
-        println!("activates:   {}", time(a));
+        println!("activates:    {}", time(a));
     }
-    println!("expires:     {}", opt_time(k.expire_at_unix));
-    println!("version:     {}", k.version);
-    println!("last used:   {}", opt_time(k.last_used_unix));
+    println!("expires:      {}", opt_time(k.expire_at_unix));
+    println!("version:      {}", k.version);
+    println!("last used:    {}", opt_time(k.last_used_unix));
     println!("last rotated: {}", opt_time(k.last_rotated_unix));
     match (k.rotate_every_secs, k.next_rotation_unix) {
-        (Some(e), Some(n)) => println!("rotation:    every {}, next at {}", span(e), time(n)),
-        (Some(e), None) => println!("rotation:    every {} (paused: the key is not active)", span(e)),
-        _ => println!("rotation:    manual"),
+        (Some(e), Some(n)) => println!("rotation:     every {}, next at {}", span(e), time(n)),
+        (Some(e), None) => println!("rotation:     every {} (paused: the key is not active)", span(e)),
+        _ => println!("rotation:     manual"),
     }
     if let Some(note) = rotation_note(k, now) {
         println!("{note}");
@@ -317,23 +317,23 @@ fn print_info(k: &KeyInfo) {
         k.min_decrypt_version, k.min_encrypt_version
     );
     match (&k.owner_name, k.owner_exists) {
-        (Some(n), true) => println!("owner:       uid {} ({n})", k.owner_uid),
-        (None, true) => println!("owner:       uid {}", k.owner_uid),
+        (Some(n), true) => println!("owner:        uid {} ({n})", k.owner_uid),
+        (None, true) => println!("owner:        uid {}", k.owner_uid),
         (n, false) => println!(
-            "owner:       uid {} ({}) NO LONGER EXISTS: the key is an admin's to delete",
+            "owner:        uid {} ({}) NO LONGER EXISTS: the key is an admin's to delete",
             k.owner_uid,
             n.as_deref().unwrap_or("no name")
         ),
     }
     if !k.description.is_empty() {
-        println!("description: {}", k.description);
+        println!("description:  {}", k.description);
     }
     if !k.labels.is_empty() {
         let l: Vec<String> = k.labels.iter().map(|(a, b)| format!("{a}={b}")).collect();
-        println!("labels:      {}", l.join(", "));
+        println!("labels:       {}", l.join(", "));
     }
     if k.allow_plaintext_datakey {
-        println!("datakeys:    may be returned in plain");
+        println!("datakeys:     may be returned in plain");
     }
     println!("versions:");
     let rows = k

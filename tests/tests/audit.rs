@@ -53,13 +53,30 @@ fn the_chain_verifies_and_each_kind_of_tampering_is_named_by_sequence_number() {
         "--allow-plaintext-datakey",
     ]));
     for i in 0..5 {
-        ok(&d.hsmctl(&["sign", "signer", "-i", p(&data), "-o", p(&dir.join(format!("s{i}")))]));
+        ok(&d.hsmctl(&[
+            "sign",
+            "--force",
+            "signer",
+            "-i",
+            p(&data),
+            "-o",
+            p(&dir.join(format!("s{i}"))),
+        ]));
     }
-    ok(&d.hsmctl(&["encrypt", "box", "-i", p(&data), "-o", p(&dir.join("ct"))]));
-    ok(&d.hsmctl(&["decrypt", "box", "-i", p(&dir.join("ct")), "-o", p(&dir.join("pt"))]));
+    ok(&d.hsmctl(&["encrypt", "--force", "box", "-i", p(&data), "-o", p(&dir.join("ct"))]));
+    ok(&d.hsmctl(&[
+        "decrypt",
+        "--force",
+        "box",
+        "-i",
+        p(&dir.join("ct")),
+        "-o",
+        p(&dir.join("pt")),
+    ]));
     let dk = dir.join("dk.bin");
     ok(&d.hsmctl(&[
         "datakey",
+        "--force",
         "box",
         "-o",
         p(&dir.join("dk.enc")),
@@ -203,7 +220,15 @@ fn audit_lines_rotate_and_the_chain_continues_across_files() {
     let data = d.dir().join("d");
     fs::write(&data, "x").expect("write");
     for i in 0..20 {
-        ok(&d.hsmctl(&["mac", "k", "-i", p(&data), "-o", p(&d.dir().join(format!("t{i}")))]));
+        ok(&d.hsmctl(&[
+            "mac",
+            "--force",
+            "k",
+            "-i",
+            p(&data),
+            "-o",
+            p(&d.dir().join(format!("t{i}"))),
+        ]));
     }
     let v: serde_json::Value = serde_json::from_str(&ok(&d.hsmctl(&["--json", "audit", "verify"]))).expect("json");
     assert!(v["files"].as_array().expect("files").len() > 1, "rotated: {v}");

@@ -597,7 +597,15 @@ fn lines_removed_from_the_front_a_removed_rotated_file_and_a_removed_log_are_nam
     fs::write(&data, "x").expect("write");
     // Enough lines for at least three rotated files whatever the paths' lengths.
     for i in 0..60 {
-        ok(&d.hsmctl(&["mac", "k", "-i", p(&data), "-o", p(&d.dir().join(format!("t{i}")))]));
+        ok(&d.hsmctl(&[
+            "mac",
+            "--force",
+            "k",
+            "-i",
+            p(&data),
+            "-o",
+            p(&d.dir().join(format!("t{i}"))),
+        ]));
     }
     stop(&mut d);
     let st = state(&d);
@@ -701,7 +709,7 @@ fn lines_removed_from_the_front_a_removed_rotated_file_and_a_removed_log_are_nam
     restore();
     d.restart(false);
     fs::remove_file(st.join("audit.log")).expect("rm");
-    ok(&d.hsmctl(&["mac", "k", "-i", p(&data), "-o", p(&d.dir().join("t"))]));
+    ok(&d.hsmctl(&["mac", "--force", "k", "-i", p(&data), "-o", p(&d.dir().join("t"))]));
     let tampered = lines(&st);
     assert!(
         tampered.iter().any(|l| l["event_type"] == "AUDIT_TAMPERED"
@@ -758,9 +766,9 @@ fn a_key_row_or_version_row_removed_while_stopped_is_named_at_unlock_and_other_k
     );
     let data = d.dir().join("d");
     fs::write(&data, "x").expect("write");
-    ok(&d.hsmctl(&["sign", "keep", "-i", p(&data), "-o", p(&d.dir().join("s1"))]));
-    ok(&d.hsmctl(&["sign", "old", "-i", p(&data), "-o", p(&d.dir().join("s2"))]));
-    let out = d.hsmctl(&["sign", "gone", "-i", p(&data), "-o", p(&d.dir().join("s3"))]);
+    ok(&d.hsmctl(&["sign", "--force", "keep", "-i", p(&data), "-o", p(&d.dir().join("s1"))]));
+    ok(&d.hsmctl(&["sign", "--force", "old", "-i", p(&data), "-o", p(&d.dir().join("s2"))]));
+    let out = d.hsmctl(&["sign", "--force", "gone", "-i", p(&data), "-o", p(&d.dir().join("s3"))]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("removed from the keystore outside hsmd") && err.contains("(tampered)"),

@@ -51,9 +51,9 @@ fn mock_failures_surface_as_backend_errors_in_client_and_audit_while_soft_keys_w
     create_mock(&d, "flaky", KeyType::Ed25519);
     ok(&d.hsmctl(&["key", "create", "steady", "--type", "ed25519"]));
     let info = ok(&d.hsmctl(&["key", "info", "flaky"]));
-    assert!(info.contains("backend:     mock"), "{info}");
+    assert!(info.contains("backend:      mock"), "{info}");
     let info = ok(&d.hsmctl(&["key", "info", "steady"]));
-    assert!(info.contains("backend:     soft"), "{info}");
+    assert!(info.contains("backend:      soft"), "{info}");
 
     let data = d.dir().join("data");
     std::fs::write(&data, b"release artefact").expect("write");
@@ -61,7 +61,15 @@ fn mock_failures_surface_as_backend_errors_in_client_and_audit_while_soft_keys_w
     let (mut good, mut failed) = (0, 0);
     for i in 0..40 {
         let sig = d.dir().join(format!("sig{i}"));
-        let out = d.hsmctl(&["sign", "flaky", "-i", data, "-o", sig.to_str().expect("utf-8")]);
+        let out = d.hsmctl(&[
+            "sign",
+            "--force",
+            "flaky",
+            "-i",
+            data,
+            "-o",
+            sig.to_str().expect("utf-8"),
+        ]);
         if out.status.success() {
             good += 1;
         } else {
@@ -81,6 +89,7 @@ fn mock_failures_surface_as_backend_errors_in_client_and_audit_while_soft_keys_w
             data,
             "-o",
             d.dir().join("s").to_str().expect("utf-8"),
+            "--force",
         ]));
     }
     // Binomial(40, 0.5): both outcomes occur except with probability 2^-39.

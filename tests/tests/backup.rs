@@ -84,16 +84,56 @@ fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
     ok(&d.hsmctl(&["key", "create", "tags", "--type", "hmac-sha256"]));
     ok(&d.hsmctl(&["key", "create", "old", "--type", "ed25519"]));
     ok(&d.hsmctl(&["key", "create", "trash", "--type", "ecdsa-p256"]));
-    ok(&d.hsmctl(&["sign", "rel", "-i", p(&data), "-o", p(&dir.join("rel.v1.sig"))]));
+    ok(&d.hsmctl(&[
+        "sign",
+        "--force",
+        "rel",
+        "-i",
+        p(&data),
+        "-o",
+        p(&dir.join("rel.v1.sig")),
+    ]));
     ok(&d.hsmctl(&["key", "rotate", "rel"]));
-    ok(&d.hsmctl(&["sign", "rel", "-i", p(&data), "-o", p(&dir.join("rel.v2.sig"))]));
-    ok(&d.hsmctl(&["sign", "p384", "-i", p(&data), "-o", p(&dir.join("p384.sig"))]));
-    ok(&d.hsmctl(&["encrypt", "vault", "-i", p(&data), "-o", p(&dir.join("data.enc"))]));
+    ok(&d.hsmctl(&[
+        "sign",
+        "--force",
+        "rel",
+        "-i",
+        p(&data),
+        "-o",
+        p(&dir.join("rel.v2.sig")),
+    ]));
+    ok(&d.hsmctl(&[
+        "sign",
+        "--force",
+        "p384",
+        "-i",
+        p(&data),
+        "-o",
+        p(&dir.join("p384.sig")),
+    ]));
+    ok(&d.hsmctl(&[
+        "encrypt",
+        "--force",
+        "vault",
+        "-i",
+        p(&data),
+        "-o",
+        p(&dir.join("data.enc")),
+    ]));
     ok(&d.hsmctl(&["key", "rotate", "vault"]));
     ok(&d.hsmctl(&["key", "set", "vault", "--min-decrypt-version", "2"]));
-    ok(&d.hsmctl(&["encrypt", "vault", "-i", p(&data), "-o", p(&dir.join("data.v2.enc"))]));
-    ok(&d.hsmctl(&["mac", "tags", "-i", p(&data), "-o", p(&dir.join("data.mac"))]));
-    ok(&d.hsmctl(&["sign", "old", "-i", p(&data), "-o", p(&dir.join("old.sig"))]));
+    ok(&d.hsmctl(&[
+        "encrypt",
+        "--force",
+        "vault",
+        "-i",
+        p(&data),
+        "-o",
+        p(&dir.join("data.v2.enc")),
+    ]));
+    ok(&d.hsmctl(&["mac", "--force", "tags", "-i", p(&data), "-o", p(&dir.join("data.mac"))]));
+    ok(&d.hsmctl(&["sign", "--force", "old", "-i", p(&data), "-o", p(&dir.join("old.sig"))]));
     ok(&d.hsmctl(&["key", "deactivate", "old"]));
     ok(&d.hsmctl(&["key", "delete", "trash"]));
     let before = keys_summary(&d);
@@ -105,10 +145,17 @@ fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
     let made = json(&d.hsmctl(&["--json", "backup", "create", p(&by_master)]));
     assert_eq!(made["keys"], 6);
     assert_eq!(made["protection"], "master-key");
-    ok(&d.hsmctl(&["backup", "create", p(&by_pass), "--passphrase-file", p(&pass_file)]));
+    ok(&d.hsmctl(&[
+        "backup",
+        "create",
+        "--force",
+        p(&by_pass),
+        "--passphrase-file",
+        p(&pass_file),
+    ]));
     let out = d.hsmctl(&["backup", "create", p(&by_pass)]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("exists; choose a new name"),
+        String::from_utf8_lossy(&out.stderr).contains("it exists; add --force to replace it"),
         "{out:?}"
     );
     // The archives reveal nothing: no key name in the sealed part, no material.
@@ -162,7 +209,15 @@ fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
         }
         ok(&other.hsmctl(&["mac-verify", "tags", "-i", p(&data), "-t", p(&dir.join("data.mac"))]));
         let out = other.dir().join("plain");
-        ok(&other.hsmctl(&["decrypt", "vault", "-i", p(&dir.join("data.v2.enc")), "-o", p(&out)]));
+        ok(&other.hsmctl(&[
+            "decrypt",
+            "--force",
+            "vault",
+            "-i",
+            p(&dir.join("data.v2.enc")),
+            "-o",
+            p(&out),
+        ]));
         assert_eq!(fs::read(&out).expect("read"), b"ledger");
         // States came along: the v1 ciphertext stays below the minimum, the
         // deactivated key does not sign, the deleted key can be restored.
@@ -183,7 +238,15 @@ fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
             "key-state",
         );
         ok(&other.hsmctl(&["key", "restore", "trash"]));
-        ok(&other.hsmctl(&["sign", "rel", "-i", p(&data), "-o", p(&other.dir().join("new.sig"))]));
+        ok(&other.hsmctl(&[
+            "sign",
+            "--force",
+            "rel",
+            "-i",
+            p(&data),
+            "-o",
+            p(&other.dir().join("new.sig")),
+        ]));
     }
 
     // With --force the live keystore is replaced and the old file kept aside.
@@ -220,7 +283,7 @@ fn a_damaged_archive_fails_verify_and_restore_and_changes_nothing() {
     ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
     ok(&d.hsmctl(&["key", "create", "k", "--type", "ed25519"]));
     let archive = dir.join("b.hsmdbak");
-    ok(&d.hsmctl(&["backup", "create", p(&archive)]));
+    ok(&d.hsmctl(&["backup", "create", "--force", p(&archive)]));
     let bytes = fs::read(&archive).expect("read");
 
     let other = fresh();
@@ -278,11 +341,14 @@ fn a_backup_needs_the_keystore_unlocked_and_the_right_slot_secret() {
     let keyfile = dir.join("unlock.key");
     ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
     ok(&d.hsmctl(&["lock"]));
-    refused(&d.hsmctl(&["backup", "create", p(&dir.join("x.hsmdbak"))]), "locked");
+    refused(
+        &d.hsmctl(&["backup", "create", "--force", p(&dir.join("x.hsmdbak"))]),
+        "locked",
+    );
     assert!(!dir.join("x.hsmdbak").exists());
     ok(&d.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
     let archive = dir.join("b.hsmdbak");
-    ok(&d.hsmctl(&["backup", "create", p(&archive)]));
+    ok(&d.hsmctl(&["backup", "create", "--force", p(&archive)]));
     let other = fresh();
     let stranger = other.dir().join("stranger.key");
     fs::write(&stranger, [7u8; 32]).expect("write");
@@ -321,8 +387,15 @@ fn an_archive_edited_under_a_recomputed_checksum_is_named_as_tampering_not_a_wro
     fs::write(&wrong, "not the passphrase at all\n").expect("write");
     let by_master = dir.join("master.hsmdbak");
     let by_pass = dir.join("pass.hsmdbak");
-    ok(&d.hsmctl(&["backup", "create", p(&by_master)]));
-    ok(&d.hsmctl(&["backup", "create", p(&by_pass), "--passphrase-file", p(&pass_file)]));
+    ok(&d.hsmctl(&["backup", "create", "--force", p(&by_master)]));
+    ok(&d.hsmctl(&[
+        "backup",
+        "create",
+        "--force",
+        p(&by_pass),
+        "--passphrase-file",
+        p(&pass_file),
+    ]));
     let header = |path: &Path| -> Value {
         let bytes = fs::read(path).expect("read");
         let len = u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;

@@ -282,3 +282,73 @@ fn sign_encrypt_and_decrypt_stream_through_pipes_and_keep_binary_off_a_terminal(
     assert_eq!(c, Some(0), "{out}");
     assert!(out.contains("key gone is now destroyed"), "{out}");
 }
+
+#[test]
+fn mistakes_are_named_for_what_they_are() {
+    let d = Daemon::start();
+    let run = |args: &[&str]| {
+        let out = d.hsmctl(args);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // A directory or a regular file given as the socket is not "left over".
+    for (path, says) in [
+        (d.dir().to_path_buf(), "it is a directory, not a socket"),
+        (d.dir().join("config.toml"), "it is not a socket"),
+    ] {
+        std::fs::write(d.dir().join("config.toml"), b"").ok();
+        let out = Command::new(bin("hsmctl"))
+            .arg("--socket")
+            .arg(&path)
+            .arg("status")
+            .output()
+            .expect("hsmctl");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(err.contains(says) && !err.contains("left over"), "{err}");
+    }
+    // A new passphrase that is too short is refused before it is asked again.
+    let (c, out) = on_a_terminal(&d, "hsmctl init", b"short\n");
+    assert_eq!(c, Some(1), "{out}");
+    assert!(
+        out.contains("8 to 1024 bytes; this one is 5") && !out.contains("Repeat"),
+        "{out}"
+    );
+    // Unlocking a keystore that has only a key-file slot names the option to use
+    // instead of asking for a passphrase no slot takes.
+    let key = d.dir().join("unlock.key");
+    assert_eq!(run(&["init", "--keyfile-out", key.to_str().expect("utf-8")]).0, Some(0));
+    assert_eq!(run(&["lock"]).0, Some(0));
+    let out = d.hsmctl_with_stdin(&["unlock"], b"a passphrase\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("has no passphrase slot (its slots are keyfile); unlock with --keyfile FILE"),
+        "{err}"
+    );
+    assert_eq!(run(&["unlock", "--keyfile", key.to_str().expect("utf-8")]).0, Some(0));
+    // Grammar, and an output directory that does not exist (named as such, not
+    // by a temporary file's name).
+    assert_eq!(run(&["key", "create", "box", "--type", "aes256-gcm"]).0, Some(0));
+    let (c, err) = run(&["key", "public", "box"]);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("is an aes256-gcm key"), "{err}");
+    let data = d.dir().join("data");
+    std::fs::write(&data, b"x").expect("write");
+    let missing = d.dir().join("no/such/dir/out");
+    let (c, err) = run(&[
+        "encrypt",
+        "box",
+        "-i",
+        data.to_str().expect("utf-8"),
+        "-o",
+        missing.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("does not exist") && !err.contains(".hsmctl-"), "{err}");
+    // policy check about someone the connection gate refuses says so.
+    let (c, _) = run(&["policy", "check", "nobody", "sign", "box"]);
+    let out = d.hsmctl(&["policy", "check", "nobody", "sign", "box"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(c, Some(1), "{text}");
+    assert!(text.contains("DENIED") && text.contains("may not use hsmd"), "{text}");
+}

@@ -197,7 +197,10 @@ fn silent_pipes_held_by_one_user_cost_only_that_users_share() {
         }));
         // A third uid signs, through hsmctl (process start included).
         worst = worst.max(s.within("another uid's sign", Duration::from_secs(1), || {
-            ok(&s.hsmctl_as(OTHER, &["sign", "s", "-i", "data", "-o", &format!("sig{round}")]));
+            ok(&s.hsmctl_as(
+                OTHER,
+                &["sign", "--force", "s", "-i", "data", "-o", &format!("sig{round}")],
+            ));
         }));
     }
     println!("with 4 stores held on silent pipes and 28 refused, the slowest answer took {worst:?}");
@@ -323,7 +326,7 @@ fn half_sent_large_frames_hold_only_their_share_of_frame_memory() {
         ok(&s.d.hsmctl(&["status"]));
     });
     s.within("another user's sign", Duration::from_secs(2), || {
-        ok(&s.hsmctl_as(OTHER, &["sign", "s", "-i", "data", "-o", "data.sig"]));
+        ok(&s.hsmctl_as(OTHER, &["sign", "--force", "s", "-i", "data", "-o", "data.sig"]));
     });
     drop(attack);
 }

@@ -58,7 +58,15 @@ fn a_fido2_slot_enrols_and_unlocks_with_the_same_authenticator_only() {
     ok(&d.hsmctl(&["lock"]));
     let out = ok(&hsmctl_with(&d, Some(&mine), &["unlock", "--fido2"]));
     assert!(out.contains(&format!("unlocked (slot {})", slot["id"])), "{out}");
-    ok(&d.hsmctl(&["sign", "k", "-i", path(&keyfile), "-o", path(&d.dir().join("s"))]));
+    ok(&d.hsmctl(&[
+        "sign",
+        "--force",
+        "k",
+        "-i",
+        path(&keyfile),
+        "-o",
+        path(&d.dir().join("s")),
+    ]));
 
     // Another authenticator holds no credential of hsmd's.
     ok(&d.hsmctl(&["lock"]));

@@ -91,7 +91,7 @@ fn files_of_every_boundary_size_and_100_mib_come_back_identical_under_their_name
             assert!(stored.stderr.is_empty(), "no progress bar off a terminal: {stored:?}");
             let out = dir.join(format!("out-{via}-{size}"));
             fs::create_dir(&out).expect("mkdir");
-            ok(&d.hsmctl(&["file", "retrieve", &token, p(&out), "--via", via]));
+            ok(&d.hsmctl(&["file", "retrieve", "--force", &token, p(&out), "--via", via]));
             let back = fs::read(out.join(&name)).expect("restored under its original name");
             assert!(back == data, "{via}, size {size}: bytes differ");
             let info: serde_json::Value =
@@ -137,12 +137,12 @@ fn files_of_every_boundary_size_and_100_mib_come_back_identical_under_their_name
         let token = token_of(&String::from_utf8_lossy(
             &child.wait_with_output().expect("wait").stdout,
         ));
-        let out = ok(&d.hsmctl(&["file", "retrieve", &token, "-o", "-", "--via", via]));
+        let out = ok(&d.hsmctl(&["file", "retrieve", "--force", &token, "-o", "-", "--via", via]));
         assert_eq!(out, "through a pipe");
         let list = ok(&d.hsmctl(&["file", "list"]));
         assert!(list.contains("piped.txt") && list.contains(&token), "{list}");
         // Into a device, which must stay the device.
-        ok(&d.hsmctl(&["file", "retrieve", &token, "-o", "/dev/null", "--via", via]));
+        ok(&d.hsmctl(&["file", "retrieve", "--force", &token, "-o", "/dev/null", "--via", via]));
         assert!(
             !fs::metadata("/dev/null").expect("stat").is_file(),
             "/dev/null was replaced"
@@ -268,7 +268,7 @@ fn every_kind_of_tampering_fails_retrieval_naming_the_chunk_and_writes_nothing()
         for via in VIAS {
             let out_path = dir.join("restored.bin");
             let err = refused(
-                &d.hsmctl(&["file", "retrieve", &token, "-o", p(&out_path), "--via", via]),
+                &d.hsmctl(&["file", "retrieve", "--force", &token, "-o", p(&out_path), "--via", via]),
                 "decrypt-failed",
             );
             assert!(err.contains(says) && err.contains(&token), "{what}, {via}: {err}");
@@ -285,7 +285,7 @@ fn every_kind_of_tampering_fails_retrieval_naming_the_chunk_and_writes_nothing()
         }
         // To stdout, where nothing can be taken back: the descriptor path holds
         // the batch with the last chunk (here, all five) until every check passed.
-        let out = d.hsmctl(&["file", "retrieve", &token, "-o", "-"]);
+        let out = d.hsmctl(&["file", "retrieve", "--force", &token, "-o", "-"]);
         refused(&out, "decrypt-failed");
         assert!(
             out.stdout.is_empty(),
@@ -296,7 +296,7 @@ fn every_kind_of_tampering_fails_retrieval_naming_the_chunk_and_writes_nothing()
         fs::write(&header, &original_header).expect("restore header");
     }
     // Untouched, it retrieves.
-    ok(&d.hsmctl(&["file", "retrieve", &token, "-o", p(&dir.join("fine.bin"))]));
+    ok(&d.hsmctl(&["file", "retrieve", "--force", &token, "-o", p(&dir.join("fine.bin"))]));
     assert_eq!(
         fs::read(dir.join("fine.bin")).expect("read"),
         fs::read(&src).expect("read")
@@ -356,7 +356,7 @@ fn tokens_names_and_symlinks_cannot_reach_outside_the_store() {
         "/etc",
     ] {
         refused(
-            &d.hsmctl(&["file", "retrieve", token, "-o", p(&dir.join("x"))]),
+            &d.hsmctl(&["file", "retrieve", "--force", token, "-o", p(&dir.join("x"))]),
             "invalid-argument",
         );
         refused(&d.hsmctl(&["file", "delete", token, "--yes"]), "invalid-argument");
@@ -456,7 +456,10 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     // (files:info) still retrieves its own file to -o.
     let fetched = token_of(&ok(&as_uid("4005", &["file", "store", "-", "--name", "f"])));
     refused(&as_uid("4005", &["file", "info", &fetched]), "permission-denied");
-    assert_eq!(ok(&as_uid("4005", &["file", "retrieve", &fetched, "-o", "-"])), "");
+    assert_eq!(
+        ok(&as_uid("4005", &["file", "retrieve", "--force", &fetched, "-o", "-"])),
+        ""
+    );
     // The owner (an admin here) still can.
     ok(&d.hsmctl(&["file", "delete", &token, "--yes"]));
 }
@@ -476,7 +479,7 @@ fn storing_and_retrieving_a_gibibyte_keeps_the_daemon_under_64_mib_resident() {
     let token = token_of(&String::from_utf8_lossy(&out.stdout));
     let after_store = d.vm_hwm_kib();
     // Read it back to /dev/null.
-    ok(&d.hsmctl(&["file", "retrieve", &token, "-o", "/dev/null"]));
+    ok(&d.hsmctl(&["file", "retrieve", "--force", &token, "-o", "/dev/null"]));
     let peak = d.vm_hwm_kib();
     println!("hsmd peak resident: {after_store} KiB after storing 1 GiB, {peak} KiB after retrieving it");
     assert!(peak < 64 * 1024, "hsmd peaked at {peak} KiB");

@@ -53,9 +53,28 @@ fn raw_signatures_verify_with_openssl_and_a_flipped_bit_fails_both_checkers() {
         let name = format!("k-{t}");
         ok(&d.hsmctl(&["key", "create", &name, "--type", t]));
         let public = d.dir().join(format!("{t}.pem"));
-        ok(&d.hsmctl(&["key", "public", &name, "--format", "pem", "-o", path(&public)]));
+        ok(&d.hsmctl(&[
+            "key",
+            "public",
+            "--force",
+            &name,
+            "--format",
+            "pem",
+            "-o",
+            path(&public),
+        ]));
         let sig = d.dir().join(format!("{t}.sig"));
-        ok(&d.hsmctl(&["sign", &name, "-i", path(&data), "-o", path(&sig), "--format", "raw"]));
+        ok(&d.hsmctl(&[
+            "sign",
+            "--force",
+            &name,
+            "-i",
+            path(&data),
+            "-o",
+            path(&sig),
+            "--format",
+            "raw",
+        ]));
         let sig_bytes = fs::read(&sig).expect("sig");
         if t == "ed25519" {
             assert_eq!(sig_bytes.len(), 64);
@@ -121,7 +140,7 @@ fn raw_signatures_verify_with_openssl_and_a_flipped_bit_fails_both_checkers() {
 fn signature_files_name_key_and_version_and_pipes_work() {
     let (d, _) = initialized();
     ok(&d.hsmctl(&["key", "create", "release", "--type", "ed25519"]));
-    let out = d.hsmctl_with_stdin(&["sign", "release", "-i", "-", "-o", "-"], b"hello world");
+    let out = d.hsmctl_with_stdin(&["sign", "--force", "release", "-i", "-", "-o", "-"], b"hello world");
     let text = ok(&out);
     assert!(
         text.starts_with("hsmd-signature v1\nkey: release\nversion: 1\ntype: ed25519\ndigest: sha512\n"),
@@ -165,7 +184,7 @@ fn names_usages_and_duplicates_are_checked_with_the_rule_given() {
 
     ok(&d.hsmctl(&["key", "create", "verify-only", "--type", "ed25519", "--usage", "verify"]));
     let err = refused(
-        &d.hsmctl_with_stdin(&["sign", "verify-only", "-i", "-", "-o", "-"], b"x"),
+        &d.hsmctl_with_stdin(&["sign", "--force", "verify-only", "-i", "-", "-o", "-"], b"x"),
         "failed-precondition",
     );
     assert!(err.contains("may not be used to sign"), "{err}");
@@ -208,10 +227,10 @@ fn locked_means_no_key_use_and_unlock_brings_every_key_back_after_a_restart() {
     for (n, t) in names.iter().zip(["ed25519", "ecdsa-p256", "ecdsa-p384"]) {
         ok(&d.hsmctl(&["key", "create", n, "--type", t]));
     }
-    ok(&d.hsmctl_with_stdin(&["sign", "a", "-i", "-", "-o", "-"], b"x"));
+    ok(&d.hsmctl_with_stdin(&["sign", "--force", "a", "-i", "-", "-o", "-"], b"x"));
     ok(&d.hsmctl(&["lock"]));
     refused(
-        &d.hsmctl_with_stdin(&["sign", "a", "-i", "-", "-o", "-"], b"x"),
+        &d.hsmctl_with_stdin(&["sign", "--force", "a", "-i", "-", "-o", "-"], b"x"),
         "locked",
     );
     refused(&d.hsmctl(&["key", "create", "d", "--type", "ed25519"]), "locked");
@@ -223,7 +242,7 @@ fn locked_means_no_key_use_and_unlock_brings_every_key_back_after_a_restart() {
     assert_eq!(d.client().status().expect("status").state, ServiceState::Locked);
     ok(&d.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
     for n in names {
-        ok(&d.hsmctl_with_stdin(&["sign", n, "-i", "-", "-o", "-"], b"after restart"));
+        ok(&d.hsmctl_with_stdin(&["sign", "--force", n, "-i", "-", "-o", "-"], b"after restart"));
     }
 }
 
@@ -272,13 +291,13 @@ fn edited_or_swapped_key_records_fail_as_tampered_and_other_keys_work() {
     ok(&d.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
     for n in ["edited", "swap-a", "swap-b", "widened"] {
         let err = refused(
-            &d.hsmctl_with_stdin(&["sign", n, "-i", "-", "-o", "-"], b"x"),
+            &d.hsmctl_with_stdin(&["sign", "--force", n, "-i", "-", "-o", "-"], b"x"),
             "tampered",
         );
         assert!(err.contains("keystore record tampered"), "{n}: {err}");
         assert!(err.contains(&format!("key \"{n}\" version 1")), "{n}: {err}");
     }
-    ok(&d.hsmctl_with_stdin(&["sign", "intact", "-i", "-", "-o", "-"], b"x"));
+    ok(&d.hsmctl_with_stdin(&["sign", "--force", "intact", "-i", "-", "-o", "-"], b"x"));
     assert!(d.log().contains("keystore record tampered"), "tampering is logged");
 }
 

@@ -92,8 +92,18 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
         }
         let ct = dir.join(format!("c{v}"));
         let sig = dir.join(format!("s{v}"));
-        ok(&d.hsmctl(&["encrypt", "vault", "-i", p(&data), "-o", p(&ct), "--aad", "ctx"]));
-        ok(&d.hsmctl(&["sign", "rel", "-i", p(&data), "-o", p(&sig)]));
+        ok(&d.hsmctl(&[
+            "encrypt",
+            "--force",
+            "vault",
+            "-i",
+            p(&data),
+            "-o",
+            p(&ct),
+            "--aad",
+            "ctx",
+        ]));
+        ok(&d.hsmctl(&["sign", "--force", "rel", "-i", p(&data), "-o", p(&sig)]));
         assert_eq!(enc_version(&ct, "vault"), v, "new ciphertexts name the newest version");
         assert_eq!(sig_version(&sig), v, "new signatures name the newest version");
     }
@@ -101,6 +111,7 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
         let out = dir.join(format!("p{v}"));
         ok(&d.hsmctl(&[
             "decrypt",
+            "--force",
             "vault",
             "-i",
             p(&dir.join(format!("c{v}"))),
@@ -120,6 +131,7 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
     let c1_new = dir.join("c1-rewrapped");
     ok(&d.hsmctl(&[
         "rewrap",
+        "--force",
         "vault",
         "-i",
         p(&dir.join("c1")),
@@ -169,6 +181,7 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
     let err = refused(
         &d.hsmctl(&[
             "decrypt",
+            "--force",
             "vault",
             "-i",
             p(&dir.join("c1")),
@@ -187,6 +200,7 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
     refused(
         &d.hsmctl(&[
             "rewrap",
+            "--force",
             "vault",
             "-i",
             p(&dir.join("c1")),
@@ -198,7 +212,17 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
         "key-state",
     );
     let out = dir.join("p1-again");
-    ok(&d.hsmctl(&["decrypt", "vault", "-i", p(&c1_new), "-o", p(&out), "--aad", "ctx"]));
+    ok(&d.hsmctl(&[
+        "decrypt",
+        "--force",
+        "vault",
+        "-i",
+        p(&c1_new),
+        "-o",
+        p(&out),
+        "--aad",
+        "ctx",
+    ]));
     assert_eq!(fs::read(&out).expect("read"), fs::read(&data).expect("read"));
     let k = info(&mut c, "vault");
     assert_eq!((k.version, k.min_decrypt_version, k.min_encrypt_version), (3, 3, 3));
@@ -269,7 +293,7 @@ fn the_daemon_rotates_on_schedule_and_catches_up_after_being_stopped() {
     let sig = d.dir().join("s");
     let file = d.dir().join("f");
     fs::write(&file, b"x").expect("write");
-    ok(&d.hsmctl(&["sign", "auto", "-i", p(&file), "-o", p(&sig)]));
+    ok(&d.hsmctl(&["sign", "--force", "auto", "-i", p(&file), "-o", p(&sig)]));
     ok(&d.hsmctl(&["verify", "auto", "-i", p(&file), "-s", p(&sig)]));
     ok(&d.hsmctl(&["key", "set", "auto", "--rotate-every", "never"]));
     assert_eq!(info(&mut c, "auto").next_rotation_unix, None);
@@ -537,10 +561,13 @@ fn deleted_keys_wait_in_their_recovery_window_and_are_purged_when_it_ends() {
     for k in ["keep", "gone", "expires"] {
         ok(&d.hsmctl(&["key", "create", k, "--type", "ed25519"]));
     }
-    ok(&d.hsmctl(&["sign", "keep", "-i", p(&file), "-o", p(&sig)]));
+    ok(&d.hsmctl(&["sign", "--force", "keep", "-i", p(&file), "-o", p(&sig)]));
     let said = ok(&d.hsmctl(&["key", "delete", "keep"]));
     assert!(said.contains("key restore keep"), "{said}");
-    let err = refused(&d.hsmctl(&["sign", "keep", "-i", p(&file), "-o", p(&sig)]), "key-state");
+    let err = refused(
+        &d.hsmctl(&["sign", "--force", "keep", "-i", p(&file), "-o", p(&sig)]),
+        "key-state",
+    );
     assert!(err.contains("is deleted and will be purged at"), "{err}");
     refused(
         &d.hsmctl(&["verify", "keep", "-i", p(&file), "-s", p(&sig)]),
@@ -556,7 +583,7 @@ fn deleted_keys_wait_in_their_recovery_window_and_are_purged_when_it_ends() {
     assert!(ok(&d.hsmctl(&["key", "list"])).contains("DELETED, purged at"));
     ok(&d.hsmctl(&["key", "restore", "keep"]));
     ok(&d.hsmctl(&["verify", "keep", "-i", p(&file), "-s", p(&sig)]));
-    ok(&d.hsmctl(&["sign", "keep", "-i", p(&file), "-o", p(&sig)]));
+    ok(&d.hsmctl(&["sign", "--force", "keep", "-i", p(&file), "-o", p(&sig)]));
     refused(&d.hsmctl(&["key", "restore", "keep"]), "key-state");
 
     // Purge is refused on a live key, final on a deleted one.
@@ -691,15 +718,16 @@ fn data_keys_come_sealed_and_in_plain_only_when_the_key_allows_it() {
     let dir = d.dir();
     ok(&d.hsmctl(&["key", "create", "dek", "--type", "aes256-gcm"]));
     let sealed = dir.join("k.enc");
-    ok(&d.hsmctl(&["datakey", "dek", "-o", p(&sealed)]));
+    ok(&d.hsmctl(&["datakey", "--force", "dek", "-o", p(&sealed)]));
     let opened = dir.join("k.bin");
-    ok(&d.hsmctl(&["decrypt", "dek", "-i", p(&sealed), "-o", p(&opened)]));
+    ok(&d.hsmctl(&["decrypt", "--force", "dek", "-i", p(&sealed), "-o", p(&opened)]));
     assert_eq!(fs::read(&opened).expect("read").len(), 32);
 
     let plain = dir.join("plain.bin");
     let err = refused(
         &d.hsmctl(&[
             "datakey",
+            "--force",
             "dek",
             "-o",
             p(&dir.join("k2.enc")),
@@ -713,6 +741,7 @@ fn data_keys_come_sealed_and_in_plain_only_when_the_key_allows_it() {
     ok(&d.hsmctl(&["key", "set", "dek", "--allow-plaintext-datakey", "true"]));
     ok(&d.hsmctl(&[
         "datakey",
+        "--force",
         "dek",
         "-o",
         p(&dir.join("k3.enc")),
@@ -720,7 +749,15 @@ fn data_keys_come_sealed_and_in_plain_only_when_the_key_allows_it() {
         p(&plain),
     ]));
     let again = dir.join("k3.bin");
-    ok(&d.hsmctl(&["decrypt", "dek", "-i", p(&dir.join("k3.enc")), "-o", p(&again)]));
+    ok(&d.hsmctl(&[
+        "decrypt",
+        "--force",
+        "dek",
+        "-i",
+        p(&dir.join("k3.enc")),
+        "-o",
+        p(&again),
+    ]));
     assert_eq!(fs::read(&plain).expect("read"), fs::read(&again).expect("read"));
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(fs::metadata(&plain).expect("stat").permissions().mode() & 0o777, 0o600);
@@ -750,11 +787,11 @@ fn an_edited_key_state_in_the_file_is_detected_as_tampering() {
     let file = d.dir().join("f");
     fs::write(&file, b"x").expect("write");
     let err = refused(
-        &d.hsmctl(&["sign", "burned", "-i", p(&file), "-o", p(&d.dir().join("s"))]),
+        &d.hsmctl(&["sign", "--force", "burned", "-i", p(&file), "-o", p(&d.dir().join("s"))]),
         "tampered",
     );
     assert!(err.contains("edited outside hsmd"), "{err}");
-    ok(&d.hsmctl(&["sign", "fine", "-i", p(&file), "-o", p(&d.dir().join("s"))]));
+    ok(&d.hsmctl(&["sign", "--force", "fine", "-i", p(&file), "-o", p(&d.dir().join("s"))]));
 }
 
 #[test]

@@ -72,11 +72,14 @@ fn the_loopback_listener_serves_prometheus_text_that_counts_the_workload() {
     ok(&d.hsmctl(&["key", "disable", "b"]));
     for i in 0..5 {
         let sig = d.dir().join(format!("s{i}"));
-        ok(&d.hsmctl(&["sign", "a", "-i", data, "-o", sig.to_str().expect("utf-8")]));
+        ok(&d.hsmctl(&["sign", "--force", "a", "-i", data, "-o", sig.to_str().expect("utf-8")]));
     }
     for _ in 0..2 {
         // Refused by state: counted under its error code.
-        assert!(!d.hsmctl(&["sign", "b", "-i", data, "-o", "/dev/null"]).status.success());
+        assert!(!d
+            .hsmctl(&["sign", "--force", "b", "-i", data, "-o", "/dev/null"])
+            .status
+            .success());
     }
 
     let response = get(port, "/metrics");

@@ -505,7 +505,15 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
         run("runuser", &all)
     };
     ok(&as_member(&["key", "create", "release", "--type", "ed25519"]));
-    let signature = ok(&as_member(&["sign", "release", "-i", "/etc/hostname", "-o", "-"]));
+    let signature = ok(&as_member(&[
+        "sign",
+        "--force",
+        "release",
+        "-i",
+        "/etc/hostname",
+        "-o",
+        "-",
+    ]));
     assert!(signature.starts_with("hsmd-signature v1"), "{signature}");
     let denied = as_member(&["key", "purge", "release", "--yes"]);
     assert!(

@@ -147,9 +147,19 @@ fn token_keys_sign_encrypt_survive_a_restart_and_stay_inside_the_token() {
         for t in ["ecdsa-p256", "ecdsa-p384", "ed25519"] {
             let name = format!("tok-{t}");
             let public = d.dir().join(format!("{t}.pem"));
-            ok(&d.hsmctl(&["key", "public", &name, "-o", path(&public)]));
+            ok(&d.hsmctl(&["key", "public", "--force", &name, "-o", path(&public)]));
             let sig = d.dir().join(format!("{t}.{round}.sig"));
-            ok(&d.hsmctl(&["sign", &name, "-i", path(&data), "-o", path(&sig), "--format", "raw"]));
+            ok(&d.hsmctl(&[
+                "sign",
+                "--force",
+                &name,
+                "-i",
+                path(&data),
+                "-o",
+                path(&sig),
+                "--format",
+                "raw",
+            ]));
             ok(&d.hsmctl(&["verify", &name, "-i", path(&data), "-s", path(&sig), "--format", "raw"]));
             assert!(
                 openssl_verifies(t, &public, &data, &sig),
@@ -166,9 +176,17 @@ fn token_keys_sign_encrypt_survive_a_restart_and_stay_inside_the_token() {
     };
     sigs(&d, "before");
     let ct = d.dir().join("ct");
-    ok(&d.hsmctl(&["encrypt", "tok-aes256-gcm", "-i", path(&data), "-o", path(&ct)]));
+    ok(&d.hsmctl(&[
+        "encrypt",
+        "--force",
+        "tok-aes256-gcm",
+        "-i",
+        path(&data),
+        "-o",
+        path(&ct),
+    ]));
     let pt = d.dir().join("pt");
-    ok(&d.hsmctl(&["decrypt", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]));
+    ok(&d.hsmctl(&["decrypt", "--force", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]));
     assert_eq!(fs::read(&pt).expect("pt"), fs::read(&data).expect("data"));
 
     // Restart: the keys are found again by CKA_ID, and old ciphertext opens.
@@ -176,14 +194,14 @@ fn token_keys_sign_encrypt_survive_a_restart_and_stay_inside_the_token() {
     ok(&d.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
     sigs(&d, "after");
     fs::remove_file(&pt).expect("rm");
-    ok(&d.hsmctl(&["decrypt", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]));
+    ok(&d.hsmctl(&["decrypt", "--force", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]));
     assert_eq!(fs::read(&pt).expect("pt"), fs::read(&data).expect("data"));
     // A flipped ciphertext bit is a decryption failure, not a backend error.
     let mut bad = fs::read(&ct).expect("ct");
     let last = bad.len() - 1;
     bad[last] ^= 1;
     fs::write(&ct, &bad).expect("write");
-    let out = d.hsmctl(&["decrypt", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]);
+    let out = d.hsmctl(&["decrypt", "--force", "tok-aes256-gcm", "-i", path(&ct), "-o", path(&pt)]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("(decrypt-failed)"),
         "{out:?}"
@@ -259,9 +277,19 @@ fn rsa_token_keys_sign_in_their_own_scheme_for_openssl_and_never_leave_the_token
     let sign_all = |d: &Daemon, round: &str| {
         for t in types {
             let public = d.dir().join(format!("{t}.pem"));
-            ok(&d.hsmctl(&["key", "public", t, "-o", path(&public)]));
+            ok(&d.hsmctl(&["key", "public", "--force", t, "-o", path(&public)]));
             let sig = d.dir().join(format!("{t}.{round}.sig"));
-            ok(&d.hsmctl(&["sign", t, "-i", path(&data), "-o", path(&sig), "--format", "raw"]));
+            ok(&d.hsmctl(&[
+                "sign",
+                "--force",
+                t,
+                "-i",
+                path(&data),
+                "-o",
+                path(&sig),
+                "--format",
+                "raw",
+            ]));
             let bits: usize = t.rsplit('-').next().and_then(|b| b.parse().ok()).expect("bits");
             assert_eq!(
                 fs::read(&sig).expect("sig").len(),
@@ -296,7 +324,16 @@ fn rsa_token_keys_sign_in_their_own_scheme_for_openssl_and_never_leave_the_token
     // an ssh-rsa line equal to what ssh-keygen derives from the PEM; PSS has
     // no OpenSSH form, and says so.
     let raw = d.dir().join("pkcs1.der");
-    ok(&d.hsmctl(&["key", "public", "rsa-pkcs1-2048", "--format", "raw", "-o", path(&raw)]));
+    ok(&d.hsmctl(&[
+        "key",
+        "public",
+        "--force",
+        "rsa-pkcs1-2048",
+        "--format",
+        "raw",
+        "-o",
+        path(&raw),
+    ]));
     let from_raw = ok(&Command::new("openssl")
         .args([
             "rsa",
@@ -395,7 +432,15 @@ fn a_removed_token_is_unavailable_with_red_health_and_comes_back() {
     assert!(metrics.contains("hsmd_backend_up{backend=\"pkcs11\"} 0"), "{metrics}");
     // Other backends keep working, and the daemon is up.
     sign(&mut c, "s", 64).expect("soft key signs");
-    let out = d.hsmctl(&["sign", "t", "-i", "/etc/hostname", "-o", path(&d.dir().join("x"))]);
+    let out = d.hsmctl(&[
+        "sign",
+        "--force",
+        "t",
+        "-i",
+        "/etc/hostname",
+        "-o",
+        path(&d.dir().join("x")),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("(backend-unavailable)") && err.contains("pkcs11"), "{err}");
 

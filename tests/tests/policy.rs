@@ -91,7 +91,10 @@ impl Setup {
     }
 
     fn sign(&self, uid: u32, key: &str) -> Output {
-        self.as_uid(uid, &["sign", key, "-i", "data", "-o", &format!("{key}.{uid}.sig")])
+        self.as_uid(
+            uid,
+            &["sign", "--force", key, "-i", "data", "-o", &format!("{key}.{uid}.sig")],
+        )
     }
 }
 

@@ -52,7 +52,17 @@ fn files_of_every_size_round_trip_in_chunks() {
         let back = d.dir().join(format!("b{len}"));
         let bytes = data(len);
         fs::write(&plain, &bytes).expect("write");
-        ok(&d.hsmctl(&["encrypt", "box", "-i", path(&plain), "-o", path(&enc), "--aad", "ctx"]));
+        ok(&d.hsmctl(&[
+            "encrypt",
+            "--force",
+            "box",
+            "-i",
+            path(&plain),
+            "-o",
+            path(&enc),
+            "--aad",
+            "ctx",
+        ]));
         let sealed = fs::read(&enc).expect("read");
         assert_eq!(&sealed[..8], b"HSMDENC1");
         let (_, chunks) = split(&sealed);
@@ -60,13 +70,23 @@ fn files_of_every_size_round_trip_in_chunks() {
         if len >= 64 {
             assert!(!sealed.windows(64).any(|w| w == &bytes[..64]), "plaintext visible");
         }
-        ok(&d.hsmctl(&["decrypt", "box", "-i", path(&enc), "-o", path(&back), "--aad", "ctx"]));
+        ok(&d.hsmctl(&[
+            "decrypt",
+            "--force",
+            "box",
+            "-i",
+            path(&enc),
+            "-o",
+            path(&back),
+            "--aad",
+            "ctx",
+        ]));
         assert_eq!(fs::read(&back).expect("read"), bytes, "{len} bytes");
     }
     // Pipes.
-    let out = d.hsmctl_with_stdin(&["encrypt", "box", "-i", "-", "-o", "-"], b"through a pipe");
+    let out = d.hsmctl_with_stdin(&["encrypt", "--force", "box", "-i", "-", "-o", "-"], b"through a pipe");
     assert!(out.status.success());
-    let out = d.hsmctl_with_stdin(&["decrypt", "box", "-i", "-", "-o", "-"], &out.stdout);
+    let out = d.hsmctl_with_stdin(&["decrypt", "--force", "box", "-i", "-", "-o", "-"], &out.stdout);
     assert_eq!(ok(&out), "through a pipe");
 }
 
@@ -76,7 +96,17 @@ fn altered_reordered_truncated_or_rebound_ciphertexts_fail_and_write_nothing() {
     let plain = d.dir().join("plain");
     fs::write(&plain, data(700_000)).expect("write");
     let enc = d.dir().join("enc");
-    ok(&d.hsmctl(&["encrypt", "box", "-i", path(&plain), "-o", path(&enc), "--aad", "v1"]));
+    ok(&d.hsmctl(&[
+        "encrypt",
+        "--force",
+        "box",
+        "-i",
+        path(&plain),
+        "-o",
+        path(&enc),
+        "--aad",
+        "v1",
+    ]));
     let sealed = fs::read(&enc).expect("read");
     let (header, chunks) = split(&sealed);
     assert_eq!(chunks.len(), 3);
@@ -106,7 +136,17 @@ fn altered_reordered_truncated_or_rebound_ciphertexts_fail_and_write_nothing() {
         let bad = d.dir().join("bad");
         fs::write(&bad, &bytes).expect("write");
         let out_path = d.dir().join(format!("out-{}", what.replace(' ', "-")));
-        let out = d.hsmctl(&["decrypt", "box", "-i", path(&bad), "-o", path(&out_path), "--aad", aad]);
+        let out = d.hsmctl(&[
+            "decrypt",
+            "--force",
+            "box",
+            "-i",
+            path(&bad),
+            "-o",
+            path(&out_path),
+            "--aad",
+            aad,
+        ]);
         assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("does not decrypt"),
@@ -121,7 +161,17 @@ fn altered_reordered_truncated_or_rebound_ciphertexts_fail_and_write_nothing() {
     other[9] = 4;
     let moved = d.dir().join("moved");
     fs::write(&moved, &other).expect("write");
-    let out = d.hsmctl(&["decrypt", "box2", "-i", path(&moved), "-o", "-", "--aad", "v1"]);
+    let out = d.hsmctl(&[
+        "decrypt",
+        "--force",
+        "box2",
+        "-i",
+        path(&moved),
+        "-o",
+        "-",
+        "--aad",
+        "v1",
+    ]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
 
@@ -131,7 +181,7 @@ fn macs_verify_and_a_changed_byte_does_not() {
     let input = d.dir().join("record");
     fs::write(&input, b"{\"amount\": 100}").expect("write");
     let tag = d.dir().join("record.mac");
-    ok(&d.hsmctl(&["mac", "tagger", "-i", path(&input), "-o", path(&tag)]));
+    ok(&d.hsmctl(&["mac", "--force", "tagger", "-i", path(&input), "-o", path(&tag)]));
     assert!(fs::read_to_string(&tag)
         .expect("tag")
         .starts_with("hsmd-mac v1\nkey: tagger\nversion: 1\ntag: "));
@@ -146,17 +196,17 @@ fn macs_verify_and_a_changed_byte_does_not() {
 fn keys_are_used_only_for_what_they_allow_and_not_while_locked() {
     let d = unlocked_with_keys();
     ok(&d.hsmctl(&["key", "create", "signer", "--type", "ed25519"]));
-    let out = d.hsmctl_with_stdin(&["encrypt", "signer", "-i", "-", "-o", "-"], b"x");
+    let out = d.hsmctl_with_stdin(&["encrypt", "--force", "signer", "-i", "-", "-o", "-"], b"x");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("(failed-precondition)"),
         "{out:?}"
     );
-    let out = d.hsmctl_with_stdin(&["mac", "box", "-i", "-", "-o", "-"], b"x");
+    let out = d.hsmctl_with_stdin(&["mac", "--force", "box", "-i", "-", "-o", "-"], b"x");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("(failed-precondition)"),
         "{out:?}"
     );
     ok(&d.hsmctl(&["lock"]));
-    let out = d.hsmctl_with_stdin(&["encrypt", "box", "-i", "-", "-o", "-"], b"x");
+    let out = d.hsmctl_with_stdin(&["encrypt", "--force", "box", "-i", "-", "-o", "-"], b"x");
     assert!(String::from_utf8_lossy(&out.stderr).contains("(locked)"), "{out:?}");
 }

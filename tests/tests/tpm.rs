@@ -49,10 +49,20 @@ fn a_tpm_key_signs_for_openssl_and_survives_a_tpm_reset_and_a_restart() {
     let data = d.dir().join("data");
     fs::write(&data, b"measured boot log").expect("write");
     let public = d.dir().join("boot.pem");
-    ok(&d.hsmctl(&["key", "public", "boot", "-o", path(&public)]));
+    ok(&d.hsmctl(&["key", "public", "--force", "boot", "-o", path(&public)]));
     let check = |d: &Daemon, n: &str| {
         let sig = d.dir().join(format!("{n}.sig"));
-        ok(&d.hsmctl(&["sign", "boot", "-i", path(&data), "-o", path(&sig), "--format", "raw"]));
+        ok(&d.hsmctl(&[
+            "sign",
+            "--force",
+            "boot",
+            "-i",
+            path(&data),
+            "-o",
+            path(&sig),
+            "--format",
+            "raw",
+        ]));
         assert!(
             openssl_verifies("ecdsa-p256", &public, &data, &sig),
             "openssl rejects the TPM's signature"
@@ -67,20 +77,36 @@ fn a_tpm_key_signs_for_openssl_and_survives_a_tpm_reset_and_a_restart() {
     ok(&d.hsmctl(&["key", "create", "boot2", "--type", "ecdsa-p256", "--backend", "tpm"]));
     for (i, name) in ["boot2", "boot", "boot2", "boot"].iter().enumerate() {
         let sig = d.dir().join(format!("turn{i}.sig"));
-        ok(&d.hsmctl(&["sign", name, "-i", path(&data), "-o", path(&sig)]));
+        ok(&d.hsmctl(&["sign", "--force", name, "-i", path(&data), "-o", path(&sig)]));
         ok(&d.hsmctl(&["verify", name, "-i", path(&data), "-s", path(&sig)]));
     }
 
     // The TPM goes away: unavailable, red, and the soft backend still works.
     tpm.stop();
-    let out = d.hsmctl(&["sign", "boot", "-i", path(&data), "-o", path(&d.dir().join("x"))]);
+    let out = d.hsmctl(&[
+        "sign",
+        "--force",
+        "boot",
+        "-i",
+        path(&data),
+        "-o",
+        path(&d.dir().join("x")),
+    ]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("(backend-unavailable)"),
         "{out:?}"
     );
     assert!(!health(&d).0);
     ok(&d.hsmctl(&["key", "create", "s", "--type", "ed25519"]));
-    ok(&d.hsmctl(&["sign", "s", "-i", path(&data), "-o", path(&d.dir().join("s.sig"))]));
+    ok(&d.hsmctl(&[
+        "sign",
+        "--force",
+        "s",
+        "-i",
+        path(&data),
+        "-o",
+        path(&d.dir().join("s.sig")),
+    ]));
 
     // Back after a reset (same state, fresh start-up): the key still signs.
     tpm.restart();
@@ -120,9 +146,19 @@ fn tpm_rsa_2048_keys_sign_pss_and_pkcs1_for_openssl_and_survive_a_restart() {
     let check = |d: &Daemon, round: &str| {
         for t in types {
             let public = d.dir().join(format!("{t}.pem"));
-            ok(&d.hsmctl(&["key", "public", t, "-o", path(&public)]));
+            ok(&d.hsmctl(&["key", "public", "--force", t, "-o", path(&public)]));
             let sig = d.dir().join(format!("{t}.{round}.sig"));
-            ok(&d.hsmctl(&["sign", t, "-i", path(&data), "-o", path(&sig), "--format", "raw"]));
+            ok(&d.hsmctl(&[
+                "sign",
+                "--force",
+                t,
+                "-i",
+                path(&data),
+                "-o",
+                path(&sig),
+                "--format",
+                "raw",
+            ]));
             assert_eq!(fs::read(&sig).expect("sig").len(), 256);
             ok(&d.hsmctl(&["verify", t, "-i", path(&data), "-s", path(&sig), "--format", "raw"]));
             assert!(
@@ -172,7 +208,15 @@ fn a_tpm2_slot_unlocks_at_start_and_refuses_after_a_bound_pcr_changes() {
     let status = ok(&d.hsmctl(&["status"]));
     assert!(status.contains("state:        unlocked"), "{status}\n{}", d.log());
     assert!(d.log().contains("unlocked at start with the TPM"));
-    ok(&d.hsmctl(&["sign", "k", "-i", path(&pass), "-o", path(&d.dir().join("s1"))]));
+    ok(&d.hsmctl(&[
+        "sign",
+        "--force",
+        "k",
+        "-i",
+        path(&pass),
+        "-o",
+        path(&d.dir().join("s1")),
+    ]));
     // And on request, after a lock.
     ok(&d.hsmctl(&["lock"]));
     ok(&d.hsmctl(&["unlock", "--tpm2"]));
@@ -200,7 +244,15 @@ fn a_tpm2_slot_unlocks_at_start_and_refuses_after_a_bound_pcr_changes() {
     // The passphrase still works.
     std::thread::sleep(Duration::from_millis(300));
     ok(&d.hsmctl(&["unlock", "--passphrase-file", path(&pass)]));
-    ok(&d.hsmctl(&["sign", "k", "-i", path(&pass), "-o", path(&d.dir().join("s2"))]));
+    ok(&d.hsmctl(&[
+        "sign",
+        "--force",
+        "k",
+        "-i",
+        path(&pass),
+        "-o",
+        path(&d.dir().join("s2")),
+    ]));
 }
 
 #[test]

@@ -16,8 +16,7 @@
 //! roles = ["ci-signer", "viewer"]
 //! ```
 //!
-//! `viewer`, `operator` and `admin` are built in (after the KeyGrid guide's
-//! roles). Without a policy file every admitted peer is `admin`: the connection
+//! `viewer`, `operator` and `admin` are built in. Without a policy file every admitted peer is `admin`: the connection
 //! gate is then the only check (the production profile refuses that).
 
 use std::{

@@ -1,6 +1,6 @@
 //! The `mock` backend: software keys (as `soft`) behind injected latency and
 //! failures, to see how clients and operators cope with a slow or failing
-//! device (the KeyGrid guide's "test scenario simulation"). Development and
+//! device (a simulated test scenario). Development and
 //! tests only: the production profile refuses to start with it configured.
 
 use std::{sync::Arc, time::Duration};

@@ -47,6 +47,7 @@ fn start_bare_dev() -> (std::process::Child, PathBuf, String) {
 fn dev_instance_prints_its_socket_and_a_loud_banner_and_answers_status() {
     let (mut child, socket, banner) = start_bare_dev();
     assert!(banner.contains("NOT FOR PRODUCTION"), "banner: {banner}");
+    assert!(banner.contains("and is deleted when hsmd exits"), "banner: {banner}");
     assert!(
         socket.starts_with(std::env::temp_dir()),
         "dev socket {socket:?} should be in a temp dir"
@@ -177,6 +178,12 @@ fn dev_mode_told_where_its_state_and_socket_go_makes_no_scratch_dir() {
     let mut d = Daemon::builder().dev().env("TMPDIR", &tmp_path).start();
     let status = String::from_utf8_lossy(&d.hsmctl(&["status"]).stdout).into_owned();
     assert!(status.contains("dev (throw-away"), "{status}");
+    // The banner does not promise to delete a state directory it was given.
+    let log = d.log();
+    assert!(
+        log.contains("and is kept when hsmd exits (--state-dir)") && !log.contains("is deleted when hsmd exits"),
+        "{log}"
+    );
     d.signal(Signal::SIGKILL);
     d.wait_exit(Duration::from_secs(10));
     let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("read tmp").collect();

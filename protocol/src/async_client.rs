@@ -26,6 +26,9 @@ pub struct AsyncClient {
     /// Reused for every outgoing frame.
     send_buf: Vec<u8>,
     options: ClientOptions,
+    /// Answers to pipelined requests that arrived while [`AsyncClient::call`]
+    /// waited for its own; [`AsyncClient::recv`] hands them out first.
+    early: std::collections::VecDeque<Response>,
 }
 
 impl AsyncClient {
@@ -54,6 +57,7 @@ impl AsyncClient {
             recv: RecvBuf::default(),
             send_buf: Vec::new(),
             options,
+            early: std::collections::VecDeque::new(),
         };
         let sent = client.send(crate::hello(&client.options.client_name)).await;
         let response = match client.recv().await {
@@ -88,6 +92,30 @@ impl AsyncClient {
     /// # Errors
     /// As [`crate::Client::recv`].
     pub async fn recv(&mut self) -> Result<Response, ClientError> {
+        if let Some(r) = self.early.pop_front() {
+            return Ok(r);
+        }
+        self.read_response().await
+    }
+
+    /// The answer to request `id`, keeping others that come first for
+    /// [`AsyncClient::recv`] (as the blocking client does).
+    async fn wait_for(&mut self, id: u64) -> Result<Response, ClientError> {
+        if let Some(i) = self.early.iter().position(|r| r.id == id) {
+            if let Some(r) = self.early.remove(i) {
+                return Ok(r);
+            }
+        }
+        loop {
+            let r = self.read_response().await?;
+            if r.id == id || r.id == crate::CONNECTION_ERROR_ID {
+                return Ok(r);
+            }
+            self.early.push_back(r);
+        }
+    }
+
+    async fn read_response(&mut self) -> Result<Response, ClientError> {
         let read = async {
             loop {
                 if let Some(body) = self.recv.next_frame(MAX_FRAME_CEILING)? {
@@ -115,7 +143,7 @@ impl AsyncClient {
     /// As [`crate::Client::call`].
     pub async fn call(&mut self, op: Operation) -> Result<Reply, ClientError> {
         let id = self.send(op).await?;
-        crate::expect_id(self.recv().await?, id)
+        crate::expect_id(self.wait_for(id).await?, id)
     }
 
     /// Round trip with an echoed payload.

@@ -1,6 +1,7 @@
 //! The blocking client over `std::os::unix::net::UnixStream`.
 
 use std::{
+    collections::VecDeque,
     io::{self, IoSlice, Read},
     os::{
         fd::{AsRawFd, BorrowedFd},
@@ -14,12 +15,21 @@ use crate::{
     codec,
     error::{ClientError, ErrorCode},
     frame::MAX_FRAME_CEILING,
-    message::{Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo},
+    message::{Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo, CONNECTION_ERROR_ID},
     recv::RecvBuf,
 };
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/hsmd/hsmd.sock";
+
+/// The socket a client uses when it is given none: `$HSMD_SOCKET` if set and
+/// not empty, else [`DEFAULT_SOCKET`].
+#[must_use]
+pub fn default_socket() -> PathBuf {
+    std::env::var_os("HSMD_SOCKET")
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from)
+}
 
 /// How a client connects.
 #[derive(Debug, Clone)]
@@ -52,9 +62,21 @@ pub struct Client {
     /// Reused for every outgoing frame.
     send_buf: Vec<u8>,
     timeout: Option<Duration>,
+    /// Answers to pipelined requests that arrived while [`Client::call`]
+    /// waited for its own; [`Client::recv`] hands them out first, in order.
+    early: VecDeque<Response>,
 }
 
 impl Client {
+    /// Connects to the socket `$HSMD_SOCKET` names, or else to
+    /// [`DEFAULT_SOCKET`], with default options, as hsmctl does.
+    ///
+    /// # Errors
+    /// As [`Client::connect`].
+    pub fn connect_default() -> Result<Self, ClientError> {
+        Self::connect(default_socket())
+    }
+
     /// Connects to the socket at `path` with default options and says hello.
     ///
     /// # Errors
@@ -84,6 +106,7 @@ impl Client {
             recv: RecvBuf::default(),
             send_buf: Vec::new(),
             timeout: options.timeout,
+            early: VecDeque::new(),
         };
         // A daemon that refuses the connection writes its error and closes, possibly
         // before our hello lands; the error is still there to read.
@@ -143,6 +166,31 @@ impl Client {
     /// [`ClientError::Closed`] if the daemon closed the connection,
     /// [`ClientError::TimedOut`] after the configured timeout.
     pub fn recv(&mut self) -> Result<Response, ClientError> {
+        if let Some(r) = self.early.pop_front() {
+            return Ok(r);
+        }
+        self.read_response()
+    }
+
+    /// The answer to request `id`, keeping any other answer that comes first
+    /// (to requests sent with [`Client::send`] and not yet received) for
+    /// [`Client::recv`]. A connection-level error answers every request.
+    fn wait_for(&mut self, id: u64) -> Result<Response, ClientError> {
+        if let Some(i) = self.early.iter().position(|r| r.id == id) {
+            if let Some(r) = self.early.remove(i) {
+                return Ok(r);
+            }
+        }
+        loop {
+            let r = self.read_response()?;
+            if r.id == id || r.id == CONNECTION_ERROR_ID {
+                return Ok(r);
+            }
+            self.early.push_back(r);
+        }
+    }
+
+    fn read_response(&mut self) -> Result<Response, ClientError> {
         loop {
             if let Some(body) = self.recv.next_frame(MAX_FRAME_CEILING)? {
                 return Ok(codec::decode_body(body)?);
@@ -181,7 +229,7 @@ impl Client {
     /// errors as for [`Client::send`] and [`Client::recv`].
     pub fn call(&mut self, op: Operation) -> Result<Reply, ClientError> {
         let id = self.send(op)?;
-        crate::expect_id(self.recv()?, id)
+        crate::expect_id(self.wait_for(id)?, id)
     }
 
     /// Sends `op` with the open file `fd` attached (`SCM_RIGHTS`), for the
@@ -220,7 +268,7 @@ impl Client {
             send_all(&self.stream, rest).map_err(ClientError::Io)?;
         }
         self.stream.set_read_timeout(None).map_err(ClientError::Io)?;
-        let response = self.recv();
+        let response = self.wait_for(id);
         self.stream.set_read_timeout(self.timeout).map_err(ClientError::Io)?;
         crate::expect_id(response?, id)
     }

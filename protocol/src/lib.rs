@@ -33,7 +33,7 @@ mod client;
 
 #[cfg(feature = "tokio")]
 pub use async_client::AsyncClient;
-pub use client::{is_code, Client, ClientOptions, DEFAULT_SOCKET};
+pub use client::{default_socket, is_code, Client, ClientOptions, DEFAULT_SOCKET};
 pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
     AuditStatus, BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, Fido2Challenge, FileInfo,

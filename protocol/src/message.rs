@@ -98,7 +98,6 @@ pub enum Operation {
         /// The key's name.
         name: String,
     },
-    /// Destroys a key. Needs unlocked.
     /// Moves a key into its recovery window (soft delete): nothing can use it
     /// until `KeyRestore`, and the daemon purges it when the window ends.
     KeyDelete {
@@ -921,7 +920,7 @@ pub struct KeyInfo {
     pub id: String,
     /// What kind of key.
     pub key_type: KeyType,
-    /// Where it lives (`soft` for now).
+    /// Where it lives: `soft`, `pkcs11`, `tpm` or `mock`.
     pub backend: String,
     /// What it may be used for.
     pub usages: Vec<Usage>,

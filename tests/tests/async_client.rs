@@ -76,3 +76,23 @@ async fn async_client_reports_refusals_and_timeouts() {
         .expect_err("no socket");
     assert!(err.is_unreachable());
 }
+
+/// `call` while answers to earlier pipelined requests are still unread keeps
+/// those answers for `recv`, in both clients, instead of failing on them.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_keeps_the_pipelined_answers_it_did_not_ask_for() {
+    let d = Daemon::builder().dev().start();
+    let mut sync = d.client();
+    let first = sync.send(Operation::Ping { payload: vec![1] }).expect("send");
+    let second = sync.send(Operation::Ping { payload: vec![2] }).expect("send");
+    assert_eq!(sync.status().expect("a call with two answers unread").pid, d.pid());
+    let r = sync.recv().expect("kept");
+    assert_eq!((r.id, r.result), (first, Ok(Reply::Pong { payload: vec![1] })));
+    assert_eq!(sync.recv().expect("kept").id, second);
+
+    let mut c = AsyncClient::connect(&d.socket).await.expect("connect");
+    let first = c.send(Operation::Ping { payload: vec![3] }).await.expect("send");
+    assert_eq!(c.ping(b"x".to_vec()).await.expect("ping"), b"x");
+    let r = c.recv().await.expect("kept");
+    assert_eq!((r.id, r.result), (first, Ok(Reply::Pong { payload: vec![3] })));
+}

@@ -264,11 +264,6 @@ impl Vault {
             .map(|c| crate::backend::static_name(&c.row.backend))
     }
 
-    /// The uid that created a key, if it exists.
-    pub fn key_owner(&self, name: &str) -> Option<u32> {
-        self.cached(name, None).ok().map(|c| c.row.owner_uid)
-    }
-
     /// The uid that created a key, if that user still exists as it was: the
     /// uid has the same user name as when the key was made. A deleted or
     /// recycled uid owns nothing. Blocking (a user-database lookup).

@@ -134,11 +134,8 @@ impl VaultError {
     /// The wire form: a stable code and this message.
     #[must_use]
     pub fn to_wire(&self) -> WireError {
-        if let Self::Wire(w) = self {
-            return w.clone();
-        }
         let code = match self {
-            Self::Wire(w) => w.code,
+            Self::Wire(w) => return w.clone(),
             Self::NotInitialized => ErrorCode::NotInitialized,
             Self::AlreadyInitialized => ErrorCode::AlreadyInitialized,
             Self::Locked => ErrorCode::Locked,

@@ -27,6 +27,11 @@ pub mod period;
 pub mod recv;
 pub mod secret;
 
+/// The README's example is compiled (not run) with the doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;
+
 #[cfg(feature = "tokio")]
 mod async_client;
 mod client;

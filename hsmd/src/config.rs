@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Where the packaged configuration lives.
@@ -306,8 +306,8 @@ pub struct RateLimitConfig {
 impl RateLimitConfig {
     /// The default rate, if on.
     #[must_use]
-    pub fn rate(&self) -> Option<crate::auth::policy::Rate> {
-        (self.per_second > 0).then(|| crate::auth::policy::Rate {
+    pub fn rate(&self) -> Option<Rate> {
+        (self.per_second > 0).then(|| Rate {
             per_second: self.per_second,
             burst: if self.burst == 0 {
                 self.per_second.saturating_mul(2)
@@ -317,6 +317,87 @@ impl RateLimitConfig {
         })
     }
 }
+
+/// A per-uid request rate: a role's (in the policy), overriding the daemon's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Sustained requests per second.
+    pub per_second: u32,
+    /// Requests allowed at once above the rate.
+    pub burst: u32,
+}
+
+/// Argon2id cost, per slot. Defaults are above OWASP's current minimums
+/// (m = 19 MiB, t = 2, p = 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Argon2Cost {
+    /// Memory in KiB.
+    pub memory_kib: u32,
+    /// Passes.
+    pub iterations: u32,
+    /// Lanes.
+    pub parallelism: u32,
+}
+
+impl Argon2Cost {
+    /// OWASP's floor for Argon2id; nothing weaker is accepted.
+    pub const FLOOR: Self = Self {
+        memory_kib: 19 * 1024,
+        iterations: 2,
+        parallelism: 1,
+    };
+    /// Beyond these a stored slot is treated as tampered (an edited row must
+    /// not make the daemon allocate gigabytes).
+    const CEILING_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+    const CEILING_ITERATIONS: u32 = 64;
+    const CEILING_PARALLELISM: u32 = 16;
+
+    /// Whether the cost is within what hsmd accepts.
+    #[must_use]
+    pub fn problem(&self) -> Option<String> {
+        if self.memory_kib < Self::FLOOR.memory_kib || self.iterations < Self::FLOOR.iterations || self.parallelism < 1
+        {
+            return Some(format!(
+                "argon2id cost m={} t={} p={} is below the floor m={} t={} p=1",
+                self.memory_kib,
+                self.iterations,
+                self.parallelism,
+                Self::FLOOR.memory_kib,
+                Self::FLOOR.iterations
+            ));
+        }
+        if self.memory_kib > Self::CEILING_MEMORY_KIB
+            || self.iterations > Self::CEILING_ITERATIONS
+            || self.parallelism > Self::CEILING_PARALLELISM
+        {
+            return Some(format!(
+                "argon2id cost m={} t={} p={} is above the ceiling m={} t={} p={}",
+                self.memory_kib,
+                self.iterations,
+                self.parallelism,
+                Self::CEILING_MEMORY_KIB,
+                Self::CEILING_ITERATIONS,
+                Self::CEILING_PARALLELISM
+            ));
+        }
+        None
+    }
+}
+
+impl Default for Argon2Cost {
+    fn default() -> Self {
+        Self {
+            memory_kib: 64 * 1024,
+            iterations: 3,
+            parallelism: 1,
+        }
+    }
+}
+
+/// The largest chunk of the token file store (its format's limit); the
+/// transfer buffers must hold two.
+pub const MAX_FILE_CHUNK: u32 = 8 * 1024 * 1024;
 
 /// `[keys]`
 #[derive(Debug, Clone, Deserialize)]
@@ -376,7 +457,7 @@ pub struct UnlockConfig {
 
 impl Default for UnlockConfig {
     fn default() -> Self {
-        let cost = crate::keystore::slots::Argon2Cost::default();
+        let cost = Argon2Cost::default();
         Self {
             keyfile: None,
             tpm2: false,
@@ -392,8 +473,8 @@ impl Default for UnlockConfig {
 impl UnlockConfig {
     /// The Argon2id cost for new passphrase slots.
     #[must_use]
-    pub fn argon2_cost(&self) -> crate::keystore::slots::Argon2Cost {
-        crate::keystore::slots::Argon2Cost {
+    pub fn argon2_cost(&self) -> Argon2Cost {
+        Argon2Cost {
             memory_kib: self.argon2_memory_kib,
             iterations: self.argon2_iterations,
             parallelism: self.argon2_parallelism,
@@ -626,10 +707,16 @@ pub enum ConfigError {
 
 impl Config {
     /// Every setting the production profile refuses, each naming the key and
-    /// the fix. Reads the policy file and the state directory's mode; `dev` is
-    /// whether this is `hsmd --dev`.
+    /// the fix. Reads the state directory's mode; `dev` is whether this is
+    /// `hsmd --dev`; `policy_binds` loads the policy file at `policy.path` and
+    /// says whether it binds anyone (the daemon passes the policy module's
+    /// loader, so this module depends on no other).
     #[must_use]
-    pub fn production_problems(&self, dev: bool) -> Vec<ProductionProblem> {
+    pub fn production_problems(
+        &self,
+        dev: bool,
+        policy_binds: impl FnOnce(&Path) -> Result<bool, String>,
+    ) -> Vec<ProductionProblem> {
         let mut out = Vec::new();
         let mut no = |key: &'static str, problem: String, fix: &str| {
             out.push(ProductionProblem {
@@ -659,14 +746,14 @@ impl Config {
                 "no policy file: every admitted peer would be admin".into(),
                 "write a policy (roles and bindings) and set policy.path",
             ),
-            Some(path) => match crate::auth::policy::Policy::load(path) {
-                Ok(p) if p.is_empty() => no(
+            Some(path) => match policy_binds(path) {
+                Ok(false) => no(
                     "policy.path",
                     format!("{} binds no user or group to any role", path.display()),
                     "add [[bind]] entries",
                 ),
-                Ok(_) => {}
-                Err(e) => no("policy.path", e.to_string(), "fix the policy file"),
+                Ok(true) => {}
+                Err(e) => no("policy.path", e, "fix the policy file"),
             },
         }
         if !self.audit.enabled {
@@ -817,7 +904,7 @@ impl Config {
             }
         }
         // The least a store of the largest chunks needs (two batches of one chunk).
-        let least = 2 * (crate::filestore::format::MAX_CHUNK as usize + 64);
+        let least = 2 * (MAX_FILE_CHUNK as usize + 64);
         if (self.files.transfer_memory_per_uid as usize) < least {
             return Err((
                 "files.transfer_memory_per_uid",
@@ -1017,7 +1104,11 @@ mod tests {
         // The policy it names is installed beside it; here, the repository's copy.
         assert_eq!(c.policy.path.as_deref(), Some(Path::new("/etc/hsmd/policy.toml")));
         c.policy.path = Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/policy.toml")).to_owned());
-        let problems: Vec<String> = c.production_problems(false).iter().map(ToString::to_string).collect();
+        let problems: Vec<String> = c
+            .production_problems(false, policy_binds)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert!(problems.is_empty(), "{problems:?}");
         let text = std::fs::read_to_string(path).unwrap();
         for section in [
@@ -1040,6 +1131,13 @@ mod tests {
     }
 
     use super::*;
+
+    /// The daemon's loader of the policy file, as it passes it.
+    fn policy_binds(path: &Path) -> Result<bool, String> {
+        crate::auth::policy::Policy::load(path)
+            .map(|p| !p.is_empty())
+            .map_err(|e| e.to_string())
+    }
 
     #[test]
     fn empty_file_gives_the_defaults() {
@@ -1071,7 +1169,7 @@ mod tests {
         let m = c.backends.mock.as_ref().unwrap();
         assert_eq!((m.latency, m.failure_rate), (Duration::from_millis(5), 0.25));
         assert!(c
-            .production_problems(false)
+            .production_problems(false, policy_binds)
             .iter()
             .any(|p| p.key == "backends.mock" && p.fix.contains("remove")));
         for (text, key) in [
@@ -1085,7 +1183,7 @@ mod tests {
         }
         assert!(Config::parse("", None)
             .unwrap()
-            .production_problems(false)
+            .production_problems(false, policy_binds)
             .iter()
             .all(|p| p.key != "backends.mock"));
     }

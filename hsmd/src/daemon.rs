@@ -182,7 +182,7 @@ pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
         }
     }
     if eff.config.profile == crate::config::Profile::Production {
-        let problems = eff.config.production_problems(eff.dev);
+        let problems = eff.config.production_problems(eff.dev, policy_binds);
         if !problems.is_empty() {
             return Err(DaemonError::Production(problems));
         }
@@ -253,7 +253,7 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
-    let weak = config.production_problems(eff.dev);
+    let weak = config.production_problems(eff.dev, policy_binds);
     if config.profile == crate::config::Profile::Production && !weak.is_empty() {
         return Err(DaemonError::Production(weak));
     }
@@ -580,6 +580,14 @@ async fn serve_until_signalled(
 /// The state directory's lock file (`flock`, released by the kernel when
 /// hsmd exits however it exits); it holds the holder's pid.
 const STATE_LOCK_FILE: &str = "hsmd.lock";
+
+/// Whether the policy file at `path` loads and binds anyone, for the
+/// production profile's check.
+fn policy_binds(path: &Path) -> Result<bool, String> {
+    crate::auth::policy::Policy::load(path)
+        .map(|p| !p.is_empty())
+        .map_err(|e| e.to_string())
+}
 
 fn prepare_state_dir(dir: &Path) -> Result<fs::File, DaemonError> {
     use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};

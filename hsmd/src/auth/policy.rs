@@ -105,15 +105,7 @@ impl fmt::Display for Permission {
     }
 }
 
-/// A role's per-uid request rate, overriding the daemon's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rate {
-    /// Sustained requests per second.
-    pub per_second: u32,
-    /// Requests allowed at once above the rate.
-    pub burst: u32,
-}
+pub use crate::config::Rate;
 
 /// A named set of permissions.
 #[derive(Debug, Clone)]

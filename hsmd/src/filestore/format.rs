@@ -21,7 +21,7 @@ pub const TAG_LEN: usize = crate::aead::TAG_LEN;
 /// chunk is a whole BLAKE3 subtree: see [`Checksum`]).
 pub const MIN_CHUNK: u32 = 4 * 1024;
 /// See [`MIN_CHUNK`].
-pub const MAX_CHUNK: u32 = 8 * 1024 * 1024;
+pub const MAX_CHUNK: u32 = crate::config::MAX_FILE_CHUNK;
 
 /// What is wrong with a stored file.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -11,72 +11,7 @@ use zeroize::Zeroizing;
 
 use super::crypto::Key256;
 
-/// Argon2id cost, per slot. Defaults are above OWASP's current minimums
-/// (m = 19 MiB, t = 2, p = 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Argon2Cost {
-    /// Memory in KiB.
-    pub memory_kib: u32,
-    /// Passes.
-    pub iterations: u32,
-    /// Lanes.
-    pub parallelism: u32,
-}
-
-impl Argon2Cost {
-    /// OWASP's floor for Argon2id; nothing weaker is accepted.
-    pub const FLOOR: Self = Self {
-        memory_kib: 19 * 1024,
-        iterations: 2,
-        parallelism: 1,
-    };
-    /// Beyond these a stored slot is treated as tampered (an edited row must
-    /// not make the daemon allocate gigabytes).
-    const CEILING_MEMORY_KIB: u32 = 4 * 1024 * 1024;
-    const CEILING_ITERATIONS: u32 = 64;
-    const CEILING_PARALLELISM: u32 = 16;
-
-    /// Whether the cost is within what hsmd accepts.
-    #[must_use]
-    pub fn problem(&self) -> Option<String> {
-        if self.memory_kib < Self::FLOOR.memory_kib || self.iterations < Self::FLOOR.iterations || self.parallelism < 1
-        {
-            return Some(format!(
-                "argon2id cost m={} t={} p={} is below the floor m={} t={} p=1",
-                self.memory_kib,
-                self.iterations,
-                self.parallelism,
-                Self::FLOOR.memory_kib,
-                Self::FLOOR.iterations
-            ));
-        }
-        if self.memory_kib > Self::CEILING_MEMORY_KIB
-            || self.iterations > Self::CEILING_ITERATIONS
-            || self.parallelism > Self::CEILING_PARALLELISM
-        {
-            return Some(format!(
-                "argon2id cost m={} t={} p={} is above the ceiling m={} t={} p={}",
-                self.memory_kib,
-                self.iterations,
-                self.parallelism,
-                Self::CEILING_MEMORY_KIB,
-                Self::CEILING_ITERATIONS,
-                Self::CEILING_PARALLELISM
-            ));
-        }
-        None
-    }
-}
-
-impl Default for Argon2Cost {
-    fn default() -> Self {
-        Self {
-            memory_kib: 64 * 1024,
-            iterations: 3,
-            parallelism: 1,
-        }
-    }
-}
+pub use crate::config::Argon2Cost;
 
 /// How a slot's key is derived from its secret; stored as JSON in the slot row
 /// and bound into the sealed master key's associated data.

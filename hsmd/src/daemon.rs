@@ -534,7 +534,8 @@ async fn serve_until_signalled(
     .spawn()
     .map_err(DaemonError::Runtime)?;
     if let Some(addr) = config.metrics.listen {
-        crate::metrics::serve(addr, Arc::clone(&shared))
+        let s = Arc::clone(&shared);
+        crate::metrics::serve(addr, shared.shutdown.clone(), Arc::new(move || s.render_metrics()))
             .await
             .map_err(|source| DaemonError::Metrics { addr, source })?;
     }

@@ -20,7 +20,38 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::server::Shared;
+use tokio_util::sync::CancellationToken;
+
+/// The state the gauges are read from at each render, gathered by the server
+/// (so this module knows nothing of the server's internals).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The custody state.
+    pub state: Option<protocol::ServiceState>,
+    /// The audit log's figures, when it is on.
+    pub audit: Option<AuditFigures>,
+    /// Connections open now.
+    pub connections: u32,
+    /// Bytes of request frames held now.
+    pub frame_memory: usize,
+    /// Each backend's health.
+    pub backends: Vec<protocol::BackendStatus>,
+    /// The keys, if they could be listed.
+    pub keys: Option<Vec<protocol::KeyInfo>>,
+}
+
+/// The audit log's figures for the gauges.
+#[derive(Debug, Default)]
+pub struct AuditFigures {
+    /// Events waiting to be written.
+    pub pending: usize,
+    /// Whether lines are being written.
+    pub healthy: bool,
+    /// Requests refused because the log could not take their line, in all.
+    pub refused_total: u64,
+    /// Events dropped, in all.
+    pub dropped_total: u64,
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Request {
@@ -249,36 +280,35 @@ impl Metrics {
         self.rate_limited.inc();
     }
 
-    /// The metrics as OpenMetrics text, with the gauges read now. Blocking
-    /// (it lists the keys): call it off the reactor.
+    /// The metrics as OpenMetrics text, with the gauges set from `now`.
     #[must_use]
-    pub fn render(&self, shared: &Shared) -> String {
+    pub fn render(&self, now: &Snapshot) -> String {
         use protocol::ServiceState;
-        let state = shared.vault.state();
-        self.unlocked.set(i64::from(state == ServiceState::Unlocked));
-        self.initialized.set(i64::from(state != ServiceState::Uninitialized));
+        if let Some(state) = now.state {
+            self.unlocked.set(i64::from(state == ServiceState::Unlocked));
+            self.initialized.set(i64::from(state != ServiceState::Uninitialized));
+        }
         self.audit_buffer.set(
-            shared
-                .audit
+            now.audit
                 .as_ref()
-                .map_or(0, |a| i64::try_from(a.pending()).unwrap_or(i64::MAX)),
+                .map_or(0, |a| i64::try_from(a.pending).unwrap_or(i64::MAX)),
         );
-        if let Some(a) = &shared.audit {
-            self.audit_up.set(i64::from(a.health().healthy));
+        if let Some(a) = &now.audit {
+            self.audit_up.set(i64::from(a.healthy));
             self.audit_refused
-                .inc_by(a.refused_total().saturating_sub(self.audit_refused.get()));
+                .inc_by(a.refused_total.saturating_sub(self.audit_refused.get()));
             self.audit_dropped
-                .inc_by(a.dropped_total().saturating_sub(self.audit_dropped.get()));
+                .inc_by(a.dropped_total.saturating_sub(self.audit_dropped.get()));
         }
         let (full, failed) = crate::logging::dropped_lines();
         for (reason, total) in [("queue_full", full), ("write_failed", failed)] {
             let counter = self.log_dropped.get_or_create(&Reason { reason });
             counter.inc_by(total.saturating_sub(counter.get()));
         }
-        self.connections.set(i64::from(shared.counters.connections()));
+        self.connections.set(i64::from(now.connections));
         self.frame_memory
-            .set(i64::try_from(shared.frame_budget.held()).unwrap_or(i64::MAX));
-        for b in shared.vault.backends().statuses() {
+            .set(i64::try_from(now.frame_memory).unwrap_or(i64::MAX));
+        for b in &now.backends {
             self.backend_up
                 .get_or_create(&Backend {
                     backend: crate::backend::static_name(&b.name),
@@ -286,7 +316,7 @@ impl Metrics {
                 .set(i64::from(b.healthy));
         }
         self.keys.clear();
-        if let Ok(keys) = shared.vault.list_keys() {
+        if let Some(keys) = &now.keys {
             for k in keys {
                 let state = if k.deleted_unix.is_some() {
                     "deleted"
@@ -310,17 +340,21 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `addr` (loopback) until shutdown.
+/// What renders the metrics text now (blocking: it may list the keys).
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `GET /metrics` on `addr` (loopback) until `shutdown`, each answer
+/// made by `render` off the reactor.
 ///
 /// # Errors
 /// The address cannot be bound.
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, shutdown: CancellationToken, render: Render) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics listener on");
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = tokio::select! {
-                () = shared.shutdown.cancelled() => break,
+                () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok(s) => s,
                     Err(e) => {
@@ -330,7 +364,7 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()>
                     }
                 },
             };
-            let shared = Arc::clone(&shared);
+            let render = Arc::clone(&render);
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(5), async {
                     let mut head = Vec::with_capacity(1024);
@@ -344,8 +378,7 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()>
                     }
                     let first = head.split(|b| *b == b'\r').next().unwrap_or_default();
                     let (status, ctype, body) = if first.starts_with(b"GET /metrics ") {
-                        let s = Arc::clone(&shared);
-                        let body = tokio::task::spawn_blocking(move || s.metrics.render(&s)).await.unwrap_or_default();
+                        let body = tokio::task::spawn_blocking(move || render()).await.unwrap_or_default();
                         ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
                     } else {
                         ("404 Not Found", "text/plain", "only GET /metrics is served here\n".to_owned())

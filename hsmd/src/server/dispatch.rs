@@ -504,7 +504,7 @@ fn route_inner(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: O
             let s = Arc::clone(shared);
             Plain::Blocking(Box::new(move || {
                 Ok(Reply::Metrics {
-                    text: s.metrics.render(&s),
+                    text: s.render_metrics(),
                 })
             }))
         }

@@ -85,6 +85,26 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The metrics as OpenMetrics text, with the gauges read now. Blocking
+    /// (it lists the keys): call it off the reactor.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
+        let audit = self.audit.as_ref().map(|a| crate::metrics::AuditFigures {
+            pending: a.pending(),
+            healthy: a.health().healthy,
+            refused_total: a.refused_total(),
+            dropped_total: a.dropped_total(),
+        });
+        self.metrics.render(&crate::metrics::Snapshot {
+            state: Some(self.vault.state()),
+            audit,
+            connections: self.counters.connections(),
+            frame_memory: self.frame_budget.held(),
+            backends: self.vault.backends().statuses(),
+            keys: self.vault.list_keys().ok(),
+        })
+    }
+
     /// The policy in force now.
     #[must_use]
     pub fn policy(&self) -> Arc<crate::auth::policy::Policy> {

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod backend;
 pub mod budget;
 pub mod config;
+pub mod crypto;
 pub mod daemon;
 pub mod filestore;
 pub mod keystore;

@@ -1,7 +1,6 @@
 //! hsmd's modules depend on each other one way: no import cycles between the
 //! top-level modules of `hsmd/src`, so each can be read (and tested) knowing
-//! only what it depends on. The cycles still to be taken apart are listed in
-//! `KNOWN`; a new one, or a known one that is gone but still listed, fails.
+//! only what it depends on.
 
 // A test: a failure is a panic with the reason.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -11,9 +10,6 @@ use std::{
     fs,
     path::Path,
 };
-
-/// Cycles not yet removed (each a strongly connected set of modules).
-const KNOWN: &[&[&str]] = &[&["backend", "keystore"]];
 
 fn source_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in fs::read_dir(dir).expect("read hsmd/src").flatten() {
@@ -147,19 +143,9 @@ fn no_new_import_cycle_between_hsmds_modules() {
     let graph = graph();
     assert!(graph.len() > 10, "the module graph was not read: {graph:?}");
     let found = cycles(&graph);
-    let known: BTreeSet<Vec<String>> = KNOWN
-        .iter()
-        .map(|c| c.iter().map(|m| (*m).to_owned()).collect())
-        .collect();
-    let new: Vec<_> = found.difference(&known).collect();
     assert!(
-        new.is_empty(),
-        "modules that import each other (directly or round about): {new:?}\nthe graph: {graph:#?}"
-    );
-    let gone: Vec<_> = known.difference(&found).collect();
-    assert!(
-        gone.is_empty(),
-        "these cycles are gone: remove them from KNOWN: {gone:?}"
+        found.is_empty(),
+        "modules that import each other (directly or round about): {found:?}\nthe graph: {graph:#?}"
     );
 }
 

@@ -16,6 +16,7 @@
 //! secret itself, for a token the object's identifier. [`Backend::load`] turns
 //! a reference back into a usable [`KeyHandle`].
 
+pub mod material;
 pub mod mock;
 pub mod pkcs11;
 pub mod rsa_public;

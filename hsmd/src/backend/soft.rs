@@ -7,8 +7,8 @@ use std::sync::Arc;
 use protocol::KeyType;
 use zeroize::Zeroizing;
 
+use super::material::{self, Material};
 use super::{Backend, BackendError, Health, KeyHandle, KeyLabel, NewKey};
-use crate::keystore::keys::{self, Material};
 
 /// The backend's name.
 pub const NAME: &str = "soft";
@@ -101,13 +101,11 @@ pub fn verify_spki(key_type: KeyType, spki: &[u8], digest: &[u8], signature: &[u
     use p256::pkcs8::DecodePublicKey as _;
     match key_type {
         KeyType::Ed25519 => ed25519_dalek::VerifyingKey::from_public_key_der(spki)
-            .is_ok_and(|k| keys::verify_ed25519(&k, digest, signature)),
-        KeyType::EcdsaP256 => {
-            p256::ecdsa::VerifyingKey::from_public_key_der(spki).is_ok_and(|k| keys::verify_p256(&k, digest, signature))
-        }
-        KeyType::EcdsaP384 => {
-            p384::ecdsa::VerifyingKey::from_public_key_der(spki).is_ok_and(|k| keys::verify_p384(&k, digest, signature))
-        }
+            .is_ok_and(|k| material::verify_ed25519(&k, digest, signature)),
+        KeyType::EcdsaP256 => p256::ecdsa::VerifyingKey::from_public_key_der(spki)
+            .is_ok_and(|k| material::verify_p256(&k, digest, signature)),
+        KeyType::EcdsaP384 => p384::ecdsa::VerifyingKey::from_public_key_der(spki)
+            .is_ok_and(|k| material::verify_p384(&k, digest, signature)),
         KeyType::Aes256Gcm | KeyType::HmacSha256 => false,
         _ => super::rsa_public::verify(key_type, spki, digest, signature),
     }

@@ -6,8 +6,9 @@
 
 mod audit_anchors;
 mod backup;
+/// Moved to the crate's root (the backends use it too); here for the old paths.
+pub use crate::crypto;
 pub use backup::MAX_ARCHIVE;
-pub mod crypto;
 mod key_ops;
 mod key_set;
 pub use key_ops::{DataKey, Maintained, Maintenance};

@@ -18,9 +18,6 @@ use sha2::{Digest, Sha256, Sha384, Sha512};
 
 use crate::failure::{Failure, Local};
 
-/// The first line of hsmctl's signature files.
-const SIG_MAGIC: &str = "hsmd-signature v1";
-
 fn unexpected(expected: &'static str, got: &Reply) -> Failure {
     Failure::Client(protocol::ClientError::UnexpectedReply {
         expected,
@@ -33,15 +30,6 @@ pub fn info(client: &mut Client, name: &str) -> Result<KeyInfo, Failure> {
     match client.call(Operation::KeyInfo { name: name.to_owned() })? {
         Reply::Key(k) => Ok(*k),
         other => Err(unexpected("key-info", &other)),
-    }
-}
-
-/// The digest algorithm a key type's signatures cover.
-fn digest_name(t: KeyType) -> &'static str {
-    match t {
-        KeyType::Ed25519 => "sha512",
-        KeyType::EcdsaP384 => "sha384",
-        _ => "sha256",
     }
 }
 
@@ -73,40 +61,6 @@ pub fn digest_file(t: KeyType, input: &Path) -> Result<Vec<u8>, Failure> {
         KeyType::EcdsaP384 => stream!(Sha384),
         _ => stream!(Sha256),
     })
-}
-
-/// The text of a signature file.
-#[must_use]
-pub fn signature_file(name: &str, version: u32, t: KeyType, signature: &[u8]) -> String {
-    format!(
-        "{SIG_MAGIC}\nkey: {name}\nversion: {version}\ntype: {}\ndigest: {}\nsignature: {}\n",
-        t.as_str(),
-        digest_name(t),
-        STANDARD.encode(signature)
-    )
-}
-
-/// A parsed signature file: key name, version and signature bytes.
-pub fn parse_signature_file(text: &str) -> Result<(String, u32, Vec<u8>), String> {
-    let mut lines = text.lines();
-    if lines.next() != Some(SIG_MAGIC) {
-        return Err(format!(
-            "not an hsmd signature file (first line is not {SIG_MAGIC:?}); use --format raw for bare signatures"
-        ));
-    }
-    let (mut name, mut version, mut sig) = (None, None, None);
-    for line in lines {
-        match line.split_once(": ") {
-            Some(("key", v)) => name = Some(v.to_owned()),
-            Some(("version", v)) => version = v.parse().ok(),
-            Some(("signature", v)) => sig = STANDARD.decode(v).ok(),
-            _ => {}
-        }
-    }
-    match (name, version, sig) {
-        (Some(n), Some(v), Some(s)) => Ok((n, v, s)),
-        _ => Err("the signature file lacks a valid key, version or signature line".to_owned()),
-    }
 }
 
 /// An SSH wire string: u32 big-endian length, then the bytes.
@@ -254,17 +208,5 @@ mod tests {
     fn rsa_pss_keys_have_no_openssh_form() {
         let e = format_public(KeyType::RsaPss2048, &[], "openssh", "k").unwrap_err();
         assert!(e.contains("rsa-pkcs1"), "{e}");
-    }
-
-    #[test]
-    fn signature_files_round_trip_and_foreign_text_is_refused() {
-        let text = signature_file("ci-release", 3, KeyType::EcdsaP256, &[1, 2, 3]);
-        assert!(text.contains("digest: sha256"));
-        assert_eq!(
-            parse_signature_file(&text).unwrap(),
-            ("ci-release".into(), 3, vec![1, 2, 3])
-        );
-        assert!(parse_signature_file("hello").unwrap_err().contains("--format raw"));
-        assert!(parse_signature_file("hsmd-signature v1\nkey: a\n").is_err());
     }
 }

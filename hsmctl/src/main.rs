@@ -995,7 +995,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             })? {
                 Reply::MacTag { version, tag } => {
                     if let Some(out) = out.as_mut() {
-                        out.write(sealing::tag_file(name, version, &tag).as_bytes())?;
+                        out.write(protocol::formats::tag::write(name, version, &tag).as_bytes())?;
                     }
                     if let Some(out) = out {
                         out.finish()?;
@@ -1021,8 +1021,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             allow_compromised,
         } => {
             let text = read_small(input, tag, "tag")?;
-            let (signer, version, tag) =
-                sealing::parse_tag_file(&String::from_utf8_lossy(&text)).map_err(|e| Local::Input.fail(e))?;
+            let protocol::formats::tag::TagFile {
+                key: signer,
+                version,
+                tag,
+            } = protocol::formats::tag::parse(&String::from_utf8_lossy(&text))
+                .map_err(|e| Local::Input.fail(format!("{}: {e}", tag.display())))?;
             if signer != *name {
                 return Err(Local::Input.fail(format!("the tag was made by key {signer:?}, not {name:?}")));
             }
@@ -1089,7 +1093,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 if format == "raw" {
                     out.write(&signature)?;
                 } else {
-                    out.write(keys::signature_file(name, version, key.key_type, &signature).as_bytes())?;
+                    out.write(protocol::formats::signature::write(name, version, key.key_type, &signature).as_bytes())?;
                 }
                 out.finish()?;
             }
@@ -1107,8 +1111,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let (version, sig) = if format == "raw" {
                 (key_version.unwrap_or(key.version), raw)
             } else {
-                let (signer, version, sig) =
-                    keys::parse_signature_file(&String::from_utf8_lossy(&raw)).map_err(|e| Local::Input.fail(e))?;
+                let protocol::formats::signature::SignatureFile {
+                    key: signer,
+                    version,
+                    signature: sig,
+                } = protocol::formats::signature::parse(&String::from_utf8_lossy(&raw))
+                    .map_err(|e| Local::Input.fail(format!("{}: {e}", signature.display())))?;
                 if signer != *name {
                     return Err(Local::Input.fail(format!("the signature was made by key {signer:?}, not {name:?}")));
                 }

@@ -1,19 +1,9 @@
 //! `hsmctl encrypt` / `decrypt` (files of any size, in chunks) and `mac` /
 //! `mac-verify`.
 //!
-//! Encrypted file format (all integers big-endian):
-//!
-//! ```text
-//! "HSMDENC1" | u16 name length | key name | u32 key version | u32 chunk size
-//! then chunks, each: u32 length | 12-byte nonce ‖ ciphertext ‖ 16-byte tag
-//! ```
-//!
-//! Chunk `i` (from 0) is sealed by hsmd with the associated data
-//! `"hsmd-enc-v1\0" | u16 name length | name | u32 chunk size | u64 i | u8 last | user aad`,
-//! where `last` is 1 for the final chunk only (an empty file is one empty final
-//! chunk). Reordered, duplicated, dropped or truncated chunks, another header or
-//! another `--aad` all fail to decrypt. With `--armor` the same bytes are
-//! written in base64 between PEM-style lines (see `armor`).
+//! The encrypted file format (header, chunks, associated data) is
+//! `protocol::formats::encrypted`; the spec is docs/formats.md. With `--armor`
+//! the same bytes are written in base64 between PEM-style lines (see `armor`).
 
 use std::{
     fs::File,
@@ -70,9 +60,11 @@ pub struct Done {
     pub chunks: u64,
 }
 
-const MAGIC: &[u8; 8] = b"HSMDENC1";
-/// Plaintext per chunk: well under the default 1 MiB frame.
-const CHUNK: u32 = 256 * 1024;
+use protocol::formats::{
+    encrypted::{chunk_aad, chunk_bytes, Chunks, Header, CHUNK},
+    FormatError,
+};
+
 /// The most a MAC request may carry.
 pub const MAC_MAX: usize = 768 * 1024;
 
@@ -82,17 +74,6 @@ fn local(msg: String) -> Failure {
 
 fn bad_input(msg: String) -> Failure {
     Local::Input.fail(msg)
-}
-
-fn chunk_aad(name: &str, chunk_size: u32, index: u64, last: bool, user: &[u8]) -> Vec<u8> {
-    let mut aad = b"hsmd-enc-v1\0".to_vec();
-    aad.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    aad.extend_from_slice(name.as_bytes());
-    aad.extend_from_slice(&chunk_size.to_be_bytes());
-    aad.extend_from_slice(&index.to_be_bytes());
-    aad.push(u8::from(last));
-    aad.extend_from_slice(user);
-    aad
 }
 
 /// An encrypted file to read (`-` is stdin), armored or not.
@@ -171,12 +152,18 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aa
             }
         };
         if !wrote_header {
-            out.write(&header(name, version, CHUNK))?;
+            out.write(
+                &Header {
+                    key: name.to_owned(),
+                    version,
+                    chunk_size: CHUNK,
+                }
+                .to_bytes(),
+            )?;
             wrote_header = true;
             pinned = Some(version);
         }
-        out.write(&(sealed.len() as u32).to_be_bytes())?;
-        out.write(&sealed)?;
+        out.write(&chunk_bytes(&sealed))?;
         if last {
             break;
         }
@@ -194,119 +181,26 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aa
     })
 }
 
-fn read_exact_or(reader: &mut dyn Read, buf: &mut [u8], what: &str) -> Result<(), Failure> {
-    reader.read_exact(buf).map_err(|_| {
-        bad_input(format!(
-            "not an hsmd encrypted file, or truncated: cannot read its {what}"
-        ))
-    })
-}
-
-fn header(name: &str, version: u32, chunk_size: u32) -> Vec<u8> {
-    let mut header = MAGIC.to_vec();
-    header.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    header.extend_from_slice(name.as_bytes());
-    header.extend_from_slice(&version.to_be_bytes());
-    header.extend_from_slice(&chunk_size.to_be_bytes());
-    header
-}
-
-/// Reads and checks an encrypted file's header: the key's name (which must be
-/// `name` if one was given), version and chunk size.
-fn read_header(reader: &mut dyn Read, input: &Path, name: Option<&str>) -> Result<(String, u32, u32), Failure> {
-    let mut magic = [0u8; 8];
-    read_exact_or(&mut *reader, &mut magic, "header")?;
-    if &magic != MAGIC {
-        return Err(bad_input(format!("{} is not an hsmd encrypted file", input.display())));
+/// A damaged or foreign encrypted file, named by the path it came from.
+fn format_failure(input: &Path, e: FormatError) -> Failure {
+    match e {
+        FormatError::Io(e) => local(format!("cannot read {}: {e}", input.display())),
+        other => bad_input(format!("{}: {other}", input.display())),
     }
-    let mut u16b = [0u8; 2];
-    read_exact_or(&mut *reader, &mut u16b, "header")?;
-    let mut stored_name = vec![0u8; u16::from_be_bytes(u16b) as usize];
-    read_exact_or(&mut *reader, &mut stored_name, "header")?;
-    let stored_name = String::from_utf8(stored_name)
-        .map_err(|_| bad_input(format!("{}: the key name in its header is not UTF-8", input.display())))?;
-    if let Some(name) = name.filter(|n| *n != stored_name) {
+}
+
+/// Reads and checks an encrypted file's header; its key must be `name` if one
+/// was given.
+fn read_header(reader: &mut dyn Read, input: &Path, name: Option<&str>) -> Result<Header, Failure> {
+    let header = Header::read_from(reader).map_err(|e| format_failure(input, e))?;
+    if let Some(name) = name.filter(|n| *n != header.key) {
         return Err(bad_input(format!(
-            "{} was encrypted with key {stored_name:?}, not {name:?}",
+            "{} was encrypted with key {:?}, not {name:?}",
             input.display(),
+            header.key
         )));
     }
-    let mut u32b = [0u8; 4];
-    read_exact_or(&mut *reader, &mut u32b, "header")?;
-    let version = u32::from_be_bytes(u32b);
-    read_exact_or(&mut *reader, &mut u32b, "header")?;
-    let chunk_size = u32::from_be_bytes(u32b);
-    if chunk_size == 0 || chunk_size > 16 * 1024 * 1024 {
-        return Err(bad_input(format!(
-            "{} has an invalid chunk size {chunk_size}",
-            input.display()
-        )));
-    }
-    Ok((stored_name, version, chunk_size))
-}
-
-/// Reads an encrypted file's chunks one at a time, knowing which is last.
-struct Chunks<'a> {
-    reader: &'a mut dyn Read,
-    input: &'a Path,
-    max_sealed: usize,
-    pending: Option<usize>,
-    index: u64,
-    started: bool,
-}
-
-impl<'a> Chunks<'a> {
-    fn new(reader: &'a mut dyn Read, input: &'a Path, chunk_size: u32) -> Self {
-        Self {
-            reader,
-            input,
-            max_sealed: chunk_size as usize + 28,
-            pending: None,
-            index: 0,
-            started: false,
-        }
-    }
-
-    fn read_len(&mut self) -> Result<Option<usize>, Failure> {
-        let mut b = [0u8; 4];
-        match fill(self.reader, &mut b).map_err(|e| local(format!("cannot read {}: {e}", self.input.display())))? {
-            0 => Ok(None),
-            4 => Ok(Some(u32::from_be_bytes(b) as usize)),
-            _ => Err(bad_input(format!(
-                "{} is truncated inside a chunk length",
-                self.input.display()
-            ))),
-        }
-    }
-
-    /// The next chunk: its index, sealed bytes, and whether it is the last.
-    fn next(&mut self) -> Result<Option<(u64, Vec<u8>, bool)>, Failure> {
-        if !self.started {
-            self.started = true;
-            self.pending = self.read_len()?;
-            if self.pending.is_none() {
-                return Err(bad_input(format!(
-                    "{} has no chunks: it is truncated",
-                    self.input.display()
-                )));
-            }
-        }
-        let Some(len) = self.pending else {
-            return Ok(None);
-        };
-        let index = self.index;
-        if len < 28 || len > self.max_sealed {
-            return Err(bad_input(format!(
-                "{}: chunk {index} has an invalid length {len}",
-                self.input.display()
-            )));
-        }
-        let mut sealed = vec![0u8; len];
-        read_exact_or(self.reader, &mut sealed, &format!("chunk {index}"))?;
-        self.pending = self.read_len()?;
-        self.index += 1;
-        Ok(Some((index, sealed, self.pending.is_none())))
-    }
+    Ok(header)
 }
 
 fn chunk_failed(index: u64, input: &Path, e: &ClientError) -> Failure {
@@ -329,11 +223,12 @@ pub fn decrypt(
 ) -> Result<Done, Failure> {
     crate::output::not_the_input(input, dest.shown())?;
     let mut reader = open_sealed(input)?;
-    let (name, version, chunk_size) = read_header(&mut *reader, input, name)?;
+    let header = read_header(&mut *reader, input, name)?;
+    let (name, version, chunk_size) = (header.key.clone(), header.version, header.chunk_size);
     let mut out = dest.open()?;
-    let mut chunks = Chunks::new(&mut *reader, input, chunk_size);
+    let mut chunks = Chunks::new(&mut *reader, &header);
     let (mut total, mut count) = (0u64, 0u64);
-    while let Some((index, sealed, last)) = chunks.next()? {
+    while let Some((index, sealed, last)) = chunks.next_chunk().map_err(|e| format_failure(input, e))? {
         let plaintext = match client.call(Operation::Decrypt {
             name: name.clone(),
             version,
@@ -374,12 +269,13 @@ pub fn decrypt(
 pub fn rewrap(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aad: &[u8]) -> Result<Done, Failure> {
     crate::output::not_the_input(input, dest.shown())?;
     let mut reader = open_sealed(input)?;
-    let (_, version, chunk_size) = read_header(&mut *reader, input, Some(name))?;
+    let header = read_header(&mut *reader, input, Some(name))?;
+    let (version, chunk_size) = (header.version, header.chunk_size);
     let mut out = dest.open()?;
     let mut count = 0u64;
-    let mut chunks = Chunks::new(&mut *reader, input, chunk_size);
+    let mut chunks = Chunks::new(&mut *reader, &header);
     let mut to = None;
-    while let Some((index, sealed, last)) = chunks.next()? {
+    while let Some((index, sealed, last)) = chunks.next_chunk().map_err(|e| format_failure(input, e))? {
         let (new_version, resealed) = match client.call(Operation::Rewrap {
             name: name.to_owned(),
             version,
@@ -401,11 +297,17 @@ pub fn rewrap(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aad
             Err(e) => return Err(e.into()),
         };
         if to.is_none() {
-            out.write(&header(name, new_version, chunk_size))?;
+            out.write(
+                &Header {
+                    key: name.to_owned(),
+                    version: new_version,
+                    chunk_size,
+                }
+                .to_bytes(),
+            )?;
             to = Some(new_version);
         }
-        out.write(&(resealed.len() as u32).to_be_bytes())?;
-        out.write(&resealed)?;
+        out.write(&chunk_bytes(&resealed))?;
         count += 1;
     }
     out.finish()?;
@@ -457,44 +359,20 @@ pub fn datakey(
     if let (Some(plain), Some(key)) = (plain.as_mut(), plaintext) {
         plain.write(key.expose())?;
     }
-    out.write(&header(name, version, CHUNK))?;
-    out.write(&(sealed.len() as u32).to_be_bytes())?;
-    out.write(&sealed)?;
+    out.write(
+        &Header {
+            key: name.to_owned(),
+            version,
+            chunk_size: CHUNK,
+        }
+        .to_bytes(),
+    )?;
+    out.write(&chunk_bytes(&sealed))?;
     out.finish()?;
     if let Some(plain) = plain {
         plain.finish()?;
     }
     Ok(version)
-}
-
-/// The text of a MAC tag file.
-#[must_use]
-pub fn tag_file(name: &str, version: u32, tag: &[u8]) -> String {
-    format!(
-        "hsmd-mac v1\nkey: {name}\nversion: {version}\ntag: {}\n",
-        hex::encode(tag)
-    )
-}
-
-/// Parses [`tag_file`]'s text: key, version, tag.
-pub fn parse_tag_file(text: &str) -> Result<(String, u32, Vec<u8>), String> {
-    let mut lines = text.lines();
-    if lines.next() != Some("hsmd-mac v1") {
-        return Err("not an hsmd MAC file (first line is not \"hsmd-mac v1\")".to_owned());
-    }
-    let (mut name, mut version, mut tag) = (None, None, None);
-    for line in lines {
-        match line.split_once(": ") {
-            Some(("key", v)) => name = Some(v.to_owned()),
-            Some(("version", v)) => version = v.parse().ok(),
-            Some(("tag", v)) => tag = hex::decode(v).ok(),
-            _ => {}
-        }
-    }
-    match (name, version, tag) {
-        (Some(n), Some(v), Some(t)) => Ok((n, v, t)),
-        _ => Err("the MAC file lacks a valid key, version or tag line".to_owned()),
-    }
 }
 
 /// Reads data for a MAC, refusing more than one request can carry.
@@ -512,25 +390,4 @@ pub fn read_mac_input(input: &Path) -> Result<Vec<u8>, Failure> {
         )));
     }
     Ok(data)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunk_aad_separates_index_last_flag_and_user_data() {
-        let a = chunk_aad("k", CHUNK, 0, false, b"");
-        assert_ne!(a, chunk_aad("k", CHUNK, 1, false, b""));
-        assert_ne!(a, chunk_aad("k", CHUNK, 0, true, b""));
-        assert_ne!(a, chunk_aad("k", CHUNK, 0, false, b"x"));
-        assert_ne!(a, chunk_aad("j", CHUNK, 0, false, b""));
-    }
-
-    #[test]
-    fn tag_files_round_trip() {
-        let t = tag_file("m", 2, &[0xab; 32]);
-        assert_eq!(parse_tag_file(&t).unwrap(), ("m".into(), 2, vec![0xab; 32]));
-        assert!(parse_tag_file("nope").is_err());
-    }
 }

@@ -21,6 +21,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod formats;
 pub mod frame;
 pub mod message;
 pub mod period;

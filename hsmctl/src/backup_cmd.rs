@@ -7,12 +7,12 @@ use std::{
 };
 
 use clap::Subcommand;
-use protocol::{BackupManifest, BackupProtection, Client, ClientError, Operation, Reply, UnlockSecret};
+use protocol::{BackupManifest, BackupProtection, Client, Operation, Reply, UnlockSecret};
 use serde_json::json;
 use sha2::Digest as _;
 
 use crate::{
-    failure::{Failure, Local},
+    failure::{unexpected, Failure, Local},
     print_json, secrets,
 };
 
@@ -146,14 +146,6 @@ fn upload(client: &mut Client, archive: &[u8]) -> Result<u64, Failure> {
         }
     }
     Ok(transfer)
-}
-
-fn unexpected(expected: &'static str, got: &Reply) -> Failure {
-    ClientError::UnexpectedReply {
-        expected,
-        got: got.name(),
-    }
-    .into()
 }
 
 fn print_manifest(json: bool, what: &str, m: &BackupManifest, extra: serde_json::Value) {

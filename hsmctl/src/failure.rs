@@ -136,3 +136,8 @@ impl Failure {
         }})
     }
 }
+
+/// hsmd answered `got` to a request whose answer is `expected`.
+pub(crate) fn unexpected(expected: &'static str, got: &protocol::Reply) -> Failure {
+    Failure::Client(ClientError::unexpected_reply(expected, got))
+}

@@ -12,11 +12,11 @@ use std::{
 };
 
 use clap::{Subcommand, ValueEnum};
-use protocol::{Client, ClientError, FileInfo, Operation, Reply, SecretBytes};
+use protocol::{Client, FileInfo, Operation, Reply, SecretBytes};
 use serde_json::json;
 
 use crate::{
-    failure::{Failure, Local},
+    failure::{unexpected, Failure, Local},
     print_json,
     progress::Progress,
     sealing,
@@ -111,14 +111,6 @@ fn parse_size(s: &str) -> Result<u32, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("{s:?} is not a size like 64KiB, 1MiB or 65536"))
-}
-
-fn unexpected(expected: &'static str, got: &Reply) -> Failure {
-    ClientError::UnexpectedReply {
-        expected,
-        got: got.name(),
-    }
-    .into()
 }
 
 fn local(msg: String) -> Failure {

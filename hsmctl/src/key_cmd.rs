@@ -7,11 +7,11 @@ use std::{
 };
 
 use clap::Subcommand;
-use protocol::{Client, ClientError, KeyChanges, KeyInfo, KeyOptions, KeyType, Operation, Reply, Transition, Usage};
+use protocol::{Client, KeyChanges, KeyInfo, KeyOptions, KeyType, Operation, Reply, Transition, Usage};
 use serde_json::json;
 
 use crate::{
-    failure::{Failure, Local},
+    failure::{unexpected, Failure, Local},
     keys, print_json,
 };
 
@@ -263,11 +263,7 @@ fn rotation_note(k: &KeyInfo, now: u64) -> Option<String> {
 fn expect_key(reply: Reply, expected: &'static str) -> Result<KeyInfo, Failure> {
     match reply {
         Reply::KeyUpdated(k) | Reply::KeyCreated(k) | Reply::Key(k) => Ok(*k),
-        other => Err(ClientError::UnexpectedReply {
-            expected,
-            got: other.name(),
-        }
-        .into()),
+        other => Err(unexpected(expected, &other)),
     }
 }
 
@@ -445,13 +441,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                     );
                 }
             }
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "key-list",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("key-list", &other)),
         },
         KeyCommand::Info { name } => {
             let k = keys::info(client, name)?;
@@ -502,13 +492,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                         out.finish()?;
                     }
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "key-public",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("key-public", &other)),
             }
         }
         KeyCommand::Rotate { name } => {
@@ -604,13 +588,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                         println!("purged key {name}");
                     }
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "key-purge",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("key-purge", &other)),
             }
         }
     }

@@ -16,14 +16,7 @@ use base64::{engine::general_purpose::STANDARD, Engine as _};
 use protocol::{Client, KeyInfo, KeyType, Operation, Reply};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
-use crate::failure::{Failure, Local};
-
-fn unexpected(expected: &'static str, got: &Reply) -> Failure {
-    Failure::Client(protocol::ClientError::UnexpectedReply {
-        expected,
-        got: got.name(),
-    })
-}
+use crate::failure::{unexpected, Failure, Local};
 
 /// Fetches one key's metadata.
 pub fn info(client: &mut Client, name: &str) -> Result<KeyInfo, Failure> {

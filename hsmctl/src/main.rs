@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::{
     backup_cmd::BackupCommand,
-    failure::{Failure, Local},
+    failure::{unexpected, Failure, Local},
     file_cmd::FileCommand,
     key_cmd::KeyCommand,
 };
@@ -671,13 +671,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
             let id = match result? {
                 Reply::Initialized { slot } | Reply::SlotAdded { slot } => slot,
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "init",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("init", &other)),
             };
             if cli.json {
                 println!("{}", json!({ "slot": id, "keyfile": created }));
@@ -715,13 +709,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         }
                     }
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "unlock",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("unlock", &other)),
             }
         }
         Command::Lock => match client.call(Operation::Lock)? {
@@ -732,13 +720,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     println!("locked: the master key is zeroized");
                 }
             }
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "lock",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("lock", &other)),
         },
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
         Command::Backend(BackendCommand::Pkcs11(Pkcs11Command::SetPin { .. })) => {
@@ -756,13 +738,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         println!("the {backend} PIN is sealed in the keystore and handed to the token");
                     }
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "backend-set-pin",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("backend-set-pin", &other)),
             }
         }
         Command::Backup(_) | Command::Hardware(_) | Command::Completions { .. } | Command::GenerateMan { .. } => {
@@ -772,13 +748,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Metrics => match client.call(Operation::Metrics)? {
             Reply::Metrics { text } if cli.json => print_json(&json!({ "format": "openmetrics-text", "text": text })),
             Reply::Metrics { text } => print!("{text}"),
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "metrics",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("metrics", &other)),
         },
         Command::Audit(AuditCommand::Verify) => match client.call(Operation::AuditVerify)? {
             Reply::AuditVerified {
@@ -812,13 +782,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     }
                 }
             }
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "audit-verify",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("audit-verify", &other)),
         },
         Command::Audit(AuditCommand::Show {
             since,
@@ -836,13 +800,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             limit: *limit,
         })? {
             Reply::AuditLines(lines) => print_audit(cli.json, &lines)?,
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "audit-show",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("audit-show", &other)),
         },
         Command::Policy(PolicyCommand::Show) => match client.call(Operation::PolicyShow)? {
             Reply::Policy { source, text, roles } => {
@@ -855,13 +813,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     }
                 }
             }
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "policy-show",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("policy-show", &other)),
         },
         Command::Policy(PolicyCommand::Check { user, action, key }) => {
             let (resource, action) = match action.split_once(':') {
@@ -884,13 +836,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         return Err(Failure::Quiet);
                     }
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "policy-check",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("policy-check", &other)),
             }
         }
         Command::Rewrap {
@@ -1005,13 +951,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                                             "output": output.as_ref().filter(|p| !output::is_stdout(Some(p))) }));
                     }
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "mac",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("mac", &other)),
             }
         }
         Command::MacVerify {
@@ -1049,13 +989,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     let e = Local::InvalidTag.fail(format!("tag INVALID for key {name} version {version}"));
                     return Err(invalid(cli.json, e, name, version));
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "mac-verify",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("mac-verify", &other)),
             }
         }
         Command::Sign {
@@ -1074,13 +1008,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 digest,
             })? {
                 Reply::Signature { version, signature } => (version, signature),
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "sign",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("sign", &other)),
             };
             if cli.json {
                 print_json(
@@ -1141,24 +1069,12 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     let e = Local::InvalidSignature.fail(format!("signature INVALID for key {name} version {version}"));
                     return Err(invalid(cli.json, e, name, version));
                 }
-                other => {
-                    return Err(ClientError::UnexpectedReply {
-                        expected: "verify",
-                        got: other.name(),
-                    }
-                    .into())
-                }
+                other => return Err(unexpected("verify", &other)),
             }
         }
         Command::Slot(SlotCommand::List) => match client.call(Operation::SlotList)? {
             Reply::Slots(slots) => print_slots(cli.json, &slots),
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "slot-list",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("slot-list", &other)),
         },
         Command::Slot(SlotCommand::Remove { id }) => match client.call(Operation::SlotRemove { id: *id })? {
             Reply::SlotRemoved { slot } => {
@@ -1168,13 +1084,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     println!("removed unlock slot {slot}");
                 }
             }
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "slot-remove",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("slot-remove", &other)),
         },
     }
     Ok(())

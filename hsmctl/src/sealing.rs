@@ -15,7 +15,7 @@ use protocol::{Client, ClientError, Operation, Reply};
 
 use crate::{
     armor,
-    failure::{Failure, Local},
+    failure::{unexpected, Failure, Local},
     output::Output,
 };
 
@@ -143,13 +143,7 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aa
             aad: chunk_aad(name, CHUNK, index, last, aad),
         })? {
             Reply::Encrypted { version, sealed } => (version, sealed),
-            other => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "encrypt",
-                    got: other.name(),
-                }
-                .into())
-            }
+            other => return Err(unexpected("encrypt", &other)),
         };
         if !wrote_header {
             out.write(
@@ -237,13 +231,7 @@ pub fn decrypt(
             allow_compromised,
         }) {
             Ok(Reply::Decrypted { plaintext }) => plaintext,
-            Ok(other) => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "decrypt",
-                    got: other.name(),
-                }
-                .into())
-            }
+            Ok(other) => return Err(unexpected("decrypt", &other)),
             Err(e) if e.code() == Some(protocol::ErrorCode::DecryptFailed) => {
                 return Err(chunk_failed(index, input, &e));
             }
@@ -284,13 +272,7 @@ pub fn rewrap(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aad
             to_version: to,
         }) {
             Ok(Reply::Encrypted { version, sealed }) => (version, sealed),
-            Ok(other) => {
-                return Err(ClientError::UnexpectedReply {
-                    expected: "rewrap",
-                    got: other.name(),
-                }
-                .into())
-            }
+            Ok(other) => return Err(unexpected("rewrap", &other)),
             Err(e) if e.code() == Some(protocol::ErrorCode::DecryptFailed) => {
                 return Err(chunk_failed(index, input, &e));
             }
@@ -346,13 +328,7 @@ pub fn datakey(
             sealed,
             plaintext,
         } => (version, sealed, plaintext),
-        other => {
-            return Err(ClientError::UnexpectedReply {
-                expected: "datakey",
-                got: other.name(),
-            }
-            .into())
-        }
+        other => return Err(unexpected("datakey", &other)),
     };
     // The plain key goes to a new mode-0600 file that appears only when
     // complete (the output's temporary file is made mode 0600).

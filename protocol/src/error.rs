@@ -286,6 +286,16 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// hsmd answered `got` to a request whose answer is `expected` (an
+    /// operation's name).
+    #[must_use]
+    pub fn unexpected_reply(expected: &'static str, got: &crate::Reply) -> Self {
+        Self::UnexpectedReply {
+            expected,
+            got: got.name(),
+        }
+    }
+
     /// The daemon's error code, if the daemon answered with an error.
     #[must_use]
     pub fn code(&self) -> Option<ErrorCode> {

@@ -96,8 +96,5 @@ fn expect_id(response: Response, id: u64) -> Result<Reply, ClientError> {
 }
 
 fn unexpected(expected: &'static str, got: &Reply) -> ClientError {
-    ClientError::UnexpectedReply {
-        expected,
-        got: got.name(),
-    }
+    ClientError::unexpected_reply(expected, got)
 }

@@ -883,3 +883,36 @@ pub fn table_rows(text: &str) -> Vec<Vec<f64>> {
         })
         .collect()
 }
+
+/// Checks shared by the end-to-end tests.
+pub mod check {
+    use std::{path::Path, process::Output};
+
+    /// The standard output of a command that must have succeeded; fails the
+    /// test with its whole output otherwise.
+    pub fn ok(out: &Output) -> String {
+        assert!(out.status.success(), "command failed: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The standard error of an hsmctl run that hsmd refused with `code`
+    /// (exit 1, the code in parentheses).
+    pub fn refused(out: &Output, code: &str) -> String {
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains(&format!("({code})")), "expected {code}: {err}");
+        err
+    }
+
+    /// The JSON document a successful command printed.
+    #[must_use]
+    pub fn json(out: &Output) -> serde_json::Value {
+        serde_json::from_str(&ok(out)).expect("one JSON document")
+    }
+
+    /// A path as the `&str` an argument list takes.
+    #[must_use]
+    pub fn p(path: &Path) -> &str {
+        path.to_str().expect("a UTF-8 path")
+    }
+}

@@ -3,19 +3,11 @@
 //! tail each make it fail naming the first bad sequence number; and no line
 //! holds a passphrase, key-file bytes, a data key or plaintext.
 
-use std::{fs, path::Path, process::Output};
+use std::{fs, path::Path};
 
 use base64::Engine as _;
+use hsmd_tests::check::{ok, p};
 use hsmd_tests::Daemon;
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 const PASSPHRASE: &str = "correct horse battery staple";
 const PLAINTEXT: &str = "TOP-SECRET-PLAINTEXT-4242";

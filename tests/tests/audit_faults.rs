@@ -9,7 +9,6 @@ use std::{
     fs,
     io::Write as _,
     path::{Path, PathBuf},
-    process::Output,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -18,20 +17,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hsmd_tests::check::{ok, p};
 use hsmd_tests::{Daemon, DaemonBuilder, Prepared};
 use nix::sys::signal::Signal;
 use protocol::{Client, ErrorCode, KeyOptions, KeyType, Operation, Reply};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 /// A dev daemon whose state survives restarts and that unlocks itself at
 /// start with the dev key file.

@@ -2,15 +2,9 @@
 //! (must-show 5) and what every backend shares: `--backend` on creation, the
 //! backend in key info, audit lines and policy, health in status and metrics.
 
-use std::process::Output;
-
+use hsmd_tests::check::ok;
 use hsmd_tests::Daemon;
 use protocol::{ErrorCode, KeyOptions, KeyType, Operation, Reply};
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn mock_daemon(latency: &str, failure_rate: f64) -> Daemon {
     Daemon::builder()

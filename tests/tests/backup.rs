@@ -3,30 +3,11 @@
 //! counter; a damaged archive is refused by verify and restore and changes
 //! nothing; a live keystore is replaced only with --force.
 
-use std::{fs, path::Path, process::Output};
+use std::{fs, path::Path};
 
+use hsmd_tests::check::{json, ok, p, refused};
 use hsmd_tests::Daemon;
 use serde_json::Value;
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn refused(out: &Output, code: &str) -> String {
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(err.contains(&format!("({code})")), "expected {code}: {err}");
-    err
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_str(&ok(out)).expect("json")
-}
 
 /// Key metadata that a restore must bring back exactly (use times aside,
 /// since the daemon keeps counting while the test runs).

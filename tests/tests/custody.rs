@@ -10,23 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hsmd_tests::check::{ok, refused};
 use hsmd_tests::Daemon;
 use nix::sys::signal::Signal;
 use protocol::{ErrorCode, Operation, SecretBytes, ServiceState, UnlockSecret};
 
 const PASS: &str = "correct horse battery staple";
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn refused(out: &Output, code: &str) -> String {
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(err.contains(&format!("({code})")), "expected {code}: {err}");
-    err
-}
 
 fn state(d: &Daemon) -> ServiceState {
     d.client().status().expect("status").state

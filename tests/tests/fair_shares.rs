@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hsmd_tests::check::ok;
 use hsmd_tests::{bin, Daemon, DaemonBuilder};
 
 const ATTACKER: u32 = 4001;
@@ -88,11 +89,6 @@ fn as_uid(uid: u32, program: &Path) -> Command {
     ])
     .arg(program);
     cmd
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A running `hsmd-hostile` and what it reported.

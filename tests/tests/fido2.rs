@@ -5,18 +5,10 @@
 //! hmac-secret as CTAP 2.1 defines it; with none, the commands say "no FIDO2
 //! authenticator found" and exit 1.
 
-use std::{path::Path, process::Output};
+use std::process::Output;
 
+use hsmd_tests::check::{ok, p as path};
 use hsmd_tests::{bin, Daemon};
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn hsmctl_with(d: &Daemon, emulator: Option<&str>, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(bin("hsmctl"));

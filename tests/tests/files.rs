@@ -12,30 +12,15 @@ use std::{
     io::Write as _,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
 };
 
+use hsmd_tests::check::{ok, p, refused};
 use hsmd_tests::{bin, Daemon};
 use protocol::{ErrorCode, Operation, Reply};
 
 /// Both ways bytes travel: the descriptor passed to hsmd, and frames.
 const VIAS: [&str; 2] = ["fd", "frames"];
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn refused(out: &Output, code: &str) -> String {
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(err.contains(&format!("({code})")), "expected {code}: {err}");
-    err
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 fn token_of(out: &str) -> String {
     out.lines()

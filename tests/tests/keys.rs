@@ -4,8 +4,7 @@
 use std::{
     collections::BTreeSet,
     fs,
-    path::Path,
-    process::{Command, Output},
+    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -14,24 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hsmd_tests::check::{ok, p as path, refused};
 use hsmd_tests::{openssl_verifies, Daemon};
 use protocol::{Client, ErrorCode, KeyType, Operation, Reply, ServiceState, Usage};
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn refused(out: &Output, code: &str) -> String {
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(err.contains(&format!("({code})")), "expected {code}: {err}");
-    err
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// A daemon initialized with a key-file slot (fast to unlock after restarts).
 fn initialized() -> (Daemon, std::path::PathBuf) {

@@ -5,32 +5,16 @@
 use std::{
     fs,
     path::Path,
-    process::Output,
     thread,
     time::{Duration, Instant},
 };
 
+use hsmd_tests::check::{ok, p, refused};
 use hsmd_tests::Daemon;
 use protocol::{
     BatchItem, Client, ErrorCode, KeyInfo, KeyOptions, KeyType, Operation, Reply, Transition, MAX_BATCH_ITEMS,
 };
 use sha2::Digest as _;
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn refused(out: &Output, code: &str) -> String {
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(err.contains(&format!("({code})")), "expected {code}: {err}");
-    err
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 path")
-}
 
 fn info(c: &mut Client, name: &str) -> KeyInfo {
     match c.call(Operation::KeyInfo { name: name.into() }).expect("key info") {

@@ -6,16 +6,12 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::{Command, Output},
+    process::Command,
 };
 
+use hsmd_tests::check::ok;
 use hsmd_tests::Daemon;
 use prometheus_parse::{Sample, Scrape, Value};
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The metrics the shipped alert rules use.
 const RULE_METRICS: [&str; 8] = [

@@ -8,22 +8,14 @@
 use std::{
     fs,
     path::Path,
-    process::{Command, Output},
+    process::Command,
     time::{Duration, Instant},
 };
 
+use hsmd_tests::check::{ok, p as path};
 use hsmd_tests::{bin, openssl_verifies, Daemon, SoftHsm};
 use nix::sys::signal::{kill, Signal};
 use protocol::{Client, ErrorCode, Operation, Reply};
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "command failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// The pid of hsmd's PKCS#11 helper (a child running `--pkcs11-helper`).
 fn helper_pid(d: &Daemon) -> Option<i32> {

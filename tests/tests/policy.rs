@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hsmd_tests::check::ok;
 use hsmd_tests::{bin, Daemon};
 
 const POLICY: &str = r#"
@@ -96,11 +97,6 @@ impl Setup {
             &["sign", "--force", key, "-i", "data", "-o", &format!("{key}.{uid}.sig")],
         )
     }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn denied(out: &Output) -> String {

@@ -2,18 +2,10 @@
 //! altered, reordered, truncated files and other associated data all fail, and
 //! a failed decryption leaves no output behind.
 
-use std::{fs, path::Path, process::Output};
+use std::fs;
 
+use hsmd_tests::check::{ok, p as path};
 use hsmd_tests::Daemon;
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "hsmctl failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn unlocked_with_keys() -> Daemon {
     let d = Daemon::start();

@@ -3,18 +3,10 @@
 //! reset and an hsmd restart; a TPM that goes away is `backend-unavailable`
 //! while other backends work.
 
-use std::{fs, path::Path, process::Output, time::Duration};
+use std::{fs, time::Duration};
 
+use hsmd_tests::check::{ok, p as path};
 use hsmd_tests::{openssl_verifies, Daemon, Swtpm};
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "command failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn health(d: &Daemon) -> (bool, String) {
     hsmd_tests::backend_health(d, "tpm")

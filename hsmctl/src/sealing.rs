@@ -146,14 +146,7 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aa
             other => return Err(unexpected("encrypt", &other)),
         };
         if !wrote_header {
-            out.write(
-                &Header {
-                    key: name.to_owned(),
-                    version,
-                    chunk_size: CHUNK,
-                }
-                .to_bytes(),
-            )?;
+            out.write(&header_bytes(name, version, CHUNK))?;
             wrote_header = true;
             pinned = Some(version);
         }
@@ -173,6 +166,16 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aa
         plaintext_bytes: total,
         chunks: index + 1,
     })
+}
+
+/// The header of a file sealed under `name`'s `version`.
+fn header_bytes(name: &str, version: u32, chunk_size: u32) -> Vec<u8> {
+    Header {
+        key: name.to_owned(),
+        version,
+        chunk_size,
+    }
+    .to_bytes()
 }
 
 /// A damaged or foreign encrypted file, named by the path it came from.
@@ -279,14 +282,7 @@ pub fn rewrap(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aad
             Err(e) => return Err(e.into()),
         };
         if to.is_none() {
-            out.write(
-                &Header {
-                    key: name.to_owned(),
-                    version: new_version,
-                    chunk_size,
-                }
-                .to_bytes(),
-            )?;
+            out.write(&header_bytes(name, new_version, chunk_size))?;
             to = Some(new_version);
         }
         out.write(&chunk_bytes(&resealed))?;
@@ -335,14 +331,7 @@ pub fn datakey(
     if let (Some(plain), Some(key)) = (plain.as_mut(), plaintext) {
         plain.write(key.expose())?;
     }
-    out.write(
-        &Header {
-            key: name.to_owned(),
-            version,
-            chunk_size: CHUNK,
-        }
-        .to_bytes(),
-    )?;
+    out.write(&header_bytes(name, version, CHUNK))?;
     out.write(&chunk_bytes(&sealed))?;
     out.finish()?;
     if let Some(plain) = plain {

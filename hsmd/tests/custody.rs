@@ -42,11 +42,15 @@ fn custody_moves_through_its_states_and_keys_outlive_a_lock_and_a_reopen() {
     )
     .expect("create");
     let digest = Sha512::digest(b"release").to_vec();
-    let (version, signature) = v.sign("rel", &digest).expect("sign");
+    let key = v.find("rel", None).expect("find");
+    let (version, signature) = v.sign(&key, &digest).expect("sign");
 
     v.lock().expect("lock");
     assert_eq!(v.state(), ServiceState::Locked);
-    assert!(matches!(v.sign("rel", &digest), Err(VaultError::Locked)));
+    assert!(matches!(
+        v.find("rel", None).and_then(|k| v.sign(&k, &digest)),
+        Err(VaultError::Locked)
+    ));
 
     // A wrong key file: refused, then the same uid must wait; another uid not.
     assert!(matches!(unlock(&v, 1000, 9), Err(VaultError::UnlockFailed { .. })));
@@ -55,7 +59,8 @@ fn custody_moves_through_its_states_and_keys_outlive_a_lock_and_a_reopen() {
         Err(VaultError::Backoff { uid: 1000, .. })
     ));
     assert_eq!(unlock(&v, 1001, 7).expect("another uid unlocks"), slot);
-    assert!(v.verify("rel", version, &digest, &signature, false).expect("verify"));
+    let old = v.find("rel", Some(version)).expect("find the version");
+    assert!(v.verify(&old, &digest, &signature, false).expect("verify"));
 
     // Reopened from its files: locked, and the same key after unlocking.
     drop(v);
@@ -64,7 +69,8 @@ fn custody_moves_through_its_states_and_keys_outlive_a_lock_and_a_reopen() {
     unlock(&v, 0, 7).expect("unlock after reopen");
     let keys = v.list_keys().expect("list");
     assert_eq!(keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["rel"]);
-    assert!(v.verify("rel", version, &digest, &signature, false).expect("verify"));
+    let old = v.find("rel", Some(version)).expect("find the version");
+    assert!(v.verify(&old, &digest, &signature, false).expect("verify"));
 
     // The last slot cannot go; with a second one, the first can.
     assert!(matches!(v.remove_slot(slot), Err(VaultError::LastSlot(_))));

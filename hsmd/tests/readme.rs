@@ -18,7 +18,7 @@ fn the_readme_names_every_audit_event_type() {
 
 #[test]
 fn the_readme_permission_table_names_every_action() {
-    for (resource, actions) in hsmd::auth::policy::RESOURCES {
+    for (resource, actions) in hsmd::auth::policy::RESOURCES.iter() {
         let row = README
             .lines()
             .find(|l| {
@@ -29,7 +29,7 @@ fn the_readme_permission_table_names_every_action() {
             })
             .unwrap_or_else(|| panic!("README.md's permission table has no row for {resource}"));
         let words: Vec<&str> = row.split('|').nth(2).unwrap_or("").split_whitespace().collect();
-        for action in *actions {
+        for action in actions {
             assert!(
                 words.contains(action),
                 "README.md's row for {resource} lacks {action}: {row}"

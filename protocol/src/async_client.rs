@@ -12,7 +12,7 @@ use crate::{
     codec,
     error::ClientError,
     frame::MAX_FRAME_CEILING,
-    message::{Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo},
+    message::{Operation, Reply, Request, Response, ServerHello},
     recv::RecvBuf,
 };
 
@@ -146,28 +146,6 @@ impl AsyncClient {
         crate::expect_id(self.wait_for(id).await?, id)
     }
 
-    /// Round trip with an echoed payload.
-    ///
-    /// # Errors
-    /// As [`crate::Client::call`].
-    pub async fn ping(&mut self, payload: Vec<u8>) -> Result<Vec<u8>, ClientError> {
-        match self.call(Operation::Ping { payload }).await? {
-            Reply::Pong { payload } => Ok(payload),
-            other => Err(crate::unexpected("ping", &other)),
-        }
-    }
-
-    /// The daemon's status.
-    ///
-    /// # Errors
-    /// As [`crate::Client::call`].
-    pub async fn status(&mut self) -> Result<StatusInfo, ClientError> {
-        match self.call(Operation::Status).await? {
-            Reply::Status(s) => Ok(s),
-            other => Err(crate::unexpected("status", &other)),
-        }
-    }
-
     /// Several key operations in one frame; one result per item, in order.
     ///
     /// # Errors
@@ -179,17 +157,6 @@ impl AsyncClient {
         match self.call(Operation::Batch { items }).await? {
             Reply::Batch(results) => Ok(results),
             other => Err(crate::unexpected("batch", &other)),
-        }
-    }
-
-    /// The caller's identity as the daemon sees it.
-    ///
-    /// # Errors
-    /// As [`crate::Client::call`].
-    pub async fn whoami(&mut self) -> Result<PeerInfo, ClientError> {
-        match self.call(Operation::WhoAmI).await? {
-            Reply::WhoAmI(p) => Ok(p),
-            other => Err(crate::unexpected("whoami", &other)),
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::{
     codec,
     error::{ClientError, ErrorCode},
     frame::MAX_FRAME_CEILING,
-    message::{Operation, PeerInfo, Reply, Request, Response, ServerHello, StatusInfo, CONNECTION_ERROR_ID},
+    message::{Operation, Reply, Request, Response, ServerHello, CONNECTION_ERROR_ID},
     recv::RecvBuf,
 };
 
@@ -271,39 +271,6 @@ impl Client {
         let response = self.wait_for(id);
         self.stream.set_read_timeout(self.timeout).map_err(ClientError::Io)?;
         crate::expect_id(response?, id)
-    }
-
-    /// Round trip with an echoed payload.
-    ///
-    /// # Errors
-    /// As [`Client::call`].
-    pub fn ping(&mut self, payload: Vec<u8>) -> Result<Vec<u8>, ClientError> {
-        match self.call(Operation::Ping { payload })? {
-            Reply::Pong { payload } => Ok(payload),
-            other => Err(crate::unexpected("ping", &other)),
-        }
-    }
-
-    /// The daemon's status.
-    ///
-    /// # Errors
-    /// As [`Client::call`].
-    pub fn status(&mut self) -> Result<StatusInfo, ClientError> {
-        match self.call(Operation::Status)? {
-            Reply::Status(s) => Ok(s),
-            other => Err(crate::unexpected("status", &other)),
-        }
-    }
-
-    /// The caller's identity as the daemon sees it.
-    ///
-    /// # Errors
-    /// As [`Client::call`].
-    pub fn whoami(&mut self) -> Result<PeerInfo, ClientError> {
-        match self.call(Operation::WhoAmI)? {
-            Reply::WhoAmI(p) => Ok(p),
-            other => Err(crate::unexpected("whoami", &other)),
-        }
     }
 }
 

@@ -35,6 +35,7 @@ struct ReadmeExample;
 
 #[cfg(feature = "tokio")]
 mod async_client;
+pub mod calls;
 mod client;
 
 #[cfg(feature = "tokio")]

@@ -16,8 +16,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const CONNECTION_ERROR_ID: u64 = 0;
 
 /// Number of [`Operation`] variants this version knows; an index at or above it is
-/// an unknown request.
-pub const OPERATION_VARIANTS: u32 = 53;
+/// an unknown request. Counted by the compiler from the enum.
+#[allow(clippy::cast_possible_truncation)]
+pub const OPERATION_VARIANTS: u32 = <Operation as strum::EnumCount>::COUNT as u32;
 
 /// One client frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,7 +30,28 @@ pub struct Request {
 }
 
 /// An operation a client asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its name (for logs, metrics and audit lines) is the variant's name in
+/// kebab-case unless an attribute says otherwise; [`OperationKind`] is the
+/// same list without the payloads.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumCount,
+    strum::EnumDiscriminants,
+)]
+#[strum(serialize_all = "kebab-case")]
+#[strum_discriminants(
+    name(OperationKind),
+    derive(Hash, PartialOrd, Ord, strum::EnumIter, strum::IntoStaticStr),
+    strum(serialize_all = "kebab-case"),
+    doc = "Which operation a request is, without its payload."
+)]
 pub enum Operation {
     /// Must be the first request on a connection, and only the first. Its layout
     /// is frozen across protocol versions so any daemon can read it.
@@ -43,6 +65,7 @@ pub enum Operation {
     /// The daemon's state, version, uptime, backends and load.
     Status,
     /// The caller's identity as the daemon sees it, and what it may do.
+    #[strum(serialize = "whoami")]
     WhoAmI,
     /// Holds a worker for `millis` milliseconds (at most 10 000) and then answers.
     /// Served only by `hsmd --dev`; used to test concurrency and shutdown.
@@ -229,6 +252,7 @@ pub enum Operation {
     /// A fresh random 32-byte data key, sealed by an aes256-gcm key as
     /// `Encrypt` would seal it, and in plain as well only when asked and the
     /// key allows it (`KeyOptions::allow_plaintext_datakey`).
+    #[strum(serialize = "datakey")]
     DataKey {
         /// The key's name.
         name: String,
@@ -384,6 +408,7 @@ pub enum Operation {
     /// hsmd reads with the caller's own access and seals chunks in parallel.
     /// hsmd reads the descriptor in order with read(2), so its shared file
     /// offset shows the progress. Answered with `File` once stored.
+    #[strum(serialize = "file-store")]
     FileStoreFd {
         /// The original file name (no directories).
         name: String,
@@ -396,6 +421,7 @@ pub enum Operation {
     /// request, in order with write(2) (so the offset of a regular file shows
     /// the progress); the last chunk is written only once every chunk and the
     /// checksum have checked out. Answered with `File`.
+    #[strum(serialize = "file-retrieve")]
     FileRetrieveFd {
         /// The file's token.
         token: String,
@@ -1033,61 +1059,21 @@ impl Operation {
     /// A short stable name for logs and audit lines.
     #[must_use]
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::Hello(_) => "hello",
-            Self::Ping { .. } => "ping",
-            Self::Status => "status",
-            Self::WhoAmI => "whoami",
-            Self::DebugDelay { .. } => "debug-delay",
-            Self::Init { .. } => "init",
-            Self::Unlock { .. } => "unlock",
-            Self::Lock => "lock",
-            Self::SlotList => "slot-list",
-            Self::SlotAdd { .. } => "slot-add",
-            Self::SlotRemove { .. } => "slot-remove",
-            Self::KeyCreate { .. } => "key-create",
-            Self::KeyList => "key-list",
-            Self::KeyInfo { .. } => "key-info",
-            Self::KeyPublic { .. } => "key-public",
-            Self::KeyDelete { .. } => "key-delete",
-            Self::Sign { .. } => "sign",
-            Self::Verify { .. } => "verify",
-            Self::Encrypt { .. } => "encrypt",
-            Self::Decrypt { .. } => "decrypt",
-            Self::Mac { .. } => "mac",
-            Self::MacVerify { .. } => "mac-verify",
-            Self::KeyRotate { .. } => "key-rotate",
-            Self::KeySet { .. } => "key-set",
-            Self::KeyTransition { .. } => "key-transition",
-            Self::KeyRestore { .. } => "key-restore",
-            Self::KeyPurge { .. } => "key-purge",
-            Self::Rewrap { .. } => "rewrap",
-            Self::DataKey { .. } => "datakey",
-            Self::Batch { .. } => "batch",
-            Self::DebugClock { .. } => "debug-clock",
-            Self::BackupCreate { .. } => "backup-create",
-            Self::TransferRead { .. } => "transfer-read",
-            Self::TransferBegin { .. } => "transfer-begin",
-            Self::TransferWrite { .. } => "transfer-write",
-            Self::BackupVerify { .. } => "backup-verify",
-            Self::BackupRestore { .. } => "backup-restore",
-            Self::PolicyShow => "policy-show",
-            Self::PolicyCheck { .. } => "policy-check",
-            Self::AuditVerify => "audit-verify",
-            Self::AuditShow { .. } => "audit-show",
-            Self::Metrics => "metrics",
-            Self::FileStoreBegin { .. } => "file-store-begin",
-            Self::FileStoreChunk { .. } => "file-store-chunk",
-            Self::FileStoreFinish { .. } => "file-store-finish",
-            Self::FileRetrieveBegin { .. } => "file-retrieve-begin",
-            Self::FileRetrieveNext { .. } => "file-retrieve-next",
-            Self::FileList => "file-list",
-            Self::FileInfo { .. } => "file-info",
-            Self::FileDelete { .. } => "file-delete",
-            Self::FileStoreFd { .. } => "file-store",
-            Self::FileRetrieveFd { .. } => "file-retrieve",
-            Self::BackendSetPin { .. } => "backend-set-pin",
-        }
+        self.into()
+    }
+
+    /// Which operation this is.
+    #[must_use]
+    pub fn kind(&self) -> OperationKind {
+        self.into()
+    }
+}
+
+impl OperationKind {
+    /// The operation's name, as [`Operation::name`] gives it.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 
@@ -1110,31 +1096,41 @@ pub struct Response {
 }
 
 /// A successful answer; the variant matches the operation asked for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its name is that of the operation that answers with it, given by the
+/// attribute on each variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum Reply {
     /// Answer to [`Operation::Hello`].
+    #[strum(serialize = "hello")]
     Hello(ServerHello),
     /// Answer to [`Operation::Ping`].
+    #[strum(serialize = "ping")]
     Pong {
         /// The request's payload.
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// Answer to [`Operation::Status`].
+    #[strum(serialize = "status")]
     Status(StatusInfo),
     /// Answer to [`Operation::WhoAmI`].
+    #[strum(serialize = "whoami")]
     WhoAmI(PeerInfo),
     /// Answer to [`Operation::DebugDelay`].
+    #[strum(serialize = "debug-delay")]
     Delayed {
         /// How long the worker was held.
         millis: u32,
     },
     /// Answer to [`Operation::Init`].
+    #[strum(serialize = "init")]
     Initialized {
         /// The id of the first slot.
         slot: u32,
     },
     /// Answer to [`Operation::Unlock`].
+    #[strum(serialize = "unlock")]
     Unlocked {
         /// The slot that unlocked.
         slot: u32,
@@ -1144,26 +1140,34 @@ pub enum Reply {
         warnings: Vec<String>,
     },
     /// Answer to [`Operation::Lock`].
+    #[strum(serialize = "lock")]
     Locked,
     /// Answer to [`Operation::SlotList`].
+    #[strum(serialize = "slot-list")]
     Slots(Vec<SlotInfo>),
     /// Answer to [`Operation::SlotAdd`].
+    #[strum(serialize = "slot-add")]
     SlotAdded {
         /// The new slot's id.
         slot: u32,
     },
     /// Answer to [`Operation::SlotRemove`].
+    #[strum(serialize = "slot-remove")]
     SlotRemoved {
         /// The removed slot's id.
         slot: u32,
     },
     /// Answer to [`Operation::KeyCreate`].
+    #[strum(serialize = "key-create")]
     KeyCreated(Box<KeyInfo>),
     /// Answer to [`Operation::KeyList`].
+    #[strum(serialize = "key-list")]
     Keys(Vec<KeyInfo>),
     /// Answer to [`Operation::KeyInfo`].
+    #[strum(serialize = "key-info")]
     Key(Box<KeyInfo>),
     /// Answer to [`Operation::KeyPublic`].
+    #[strum(serialize = "key-public")]
     PublicKey {
         /// The key's type.
         key_type: KeyType,
@@ -1174,11 +1178,13 @@ pub enum Reply {
         spki_der: Vec<u8>,
     },
     /// Answer to [`Operation::KeyDelete`].
+    #[strum(serialize = "key-delete")]
     KeyDeleted {
         /// The deleted key's name.
         name: String,
     },
     /// Answer to [`Operation::Sign`].
+    #[strum(serialize = "sign")]
     Signature {
         /// The key version that signed.
         version: u32,
@@ -1187,11 +1193,13 @@ pub enum Reply {
         signature: Vec<u8>,
     },
     /// Answer to [`Operation::Verify`].
+    #[strum(serialize = "verify")]
     Verified {
         /// Whether the signature is valid.
         valid: bool,
     },
     /// Answer to [`Operation::Encrypt`].
+    #[strum(serialize = "encrypt")]
     Encrypted {
         /// The key version that sealed.
         version: u32,
@@ -1200,11 +1208,13 @@ pub enum Reply {
         sealed: Vec<u8>,
     },
     /// Answer to [`Operation::Decrypt`].
+    #[strum(serialize = "decrypt")]
     Decrypted {
         /// The data.
         plaintext: crate::SecretBytes,
     },
     /// Answer to [`Operation::Mac`].
+    #[strum(serialize = "mac")]
     MacTag {
         /// The key version used.
         version: u32,
@@ -1213,19 +1223,23 @@ pub enum Reply {
         tag: Vec<u8>,
     },
     /// Answer to [`Operation::MacVerify`].
+    #[strum(serialize = "mac-verify")]
     MacVerified {
         /// Whether the tag is valid.
         valid: bool,
     },
     /// Answer to `KeyRotate`, `KeySet`, `KeyTransition` and `KeyRestore`: the
     /// key as it is now.
+    #[strum(serialize = "key-updated")]
     KeyUpdated(Box<KeyInfo>),
     /// Answer to `KeyPurge`.
+    #[strum(serialize = "key-purge")]
     KeyPurged {
         /// The key that is gone.
         name: String,
     },
     /// Answer to `DataKey`.
+    #[strum(serialize = "datakey")]
     DataKey {
         /// The version that sealed it.
         version: u32,
@@ -1236,13 +1250,16 @@ pub enum Reply {
         plaintext: Option<crate::SecretBytes>,
     },
     /// Answer to `Batch`: one result per item, in order.
+    #[strum(serialize = "batch")]
     Batch(Vec<Result<Reply, WireError>>),
     /// Answer to `DebugClock`.
+    #[strum(serialize = "debug-clock")]
     Clock {
         /// The daemon's lifecycle clock now, seconds since the Unix epoch.
         now_unix: u64,
     },
     /// Answer to `BackupCreate`: the archive waits to be read.
+    #[strum(serialize = "backup-create")]
     BackupReady {
         /// Read it with `TransferRead`.
         transfer: u64,
@@ -1252,26 +1269,32 @@ pub enum Reply {
         manifest: BackupManifest,
     },
     /// Answer to `TransferRead`.
+    #[strum(serialize = "transfer-read")]
     TransferData {
         /// The bytes (fewer than asked only at the end).
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// Answer to `TransferBegin`.
+    #[strum(serialize = "transfer-begin")]
     TransferStarted {
         /// Write to it with `TransferWrite`.
         transfer: u64,
     },
     /// Answer to `TransferWrite`.
+    #[strum(serialize = "transfer-write")]
     TransferAck {
         /// Bytes received so far.
         received: u64,
     },
     /// Answer to `BackupVerify`.
+    #[strum(serialize = "backup-verify")]
     BackupVerified(BackupManifest),
     /// Answer to `BackupRestore`.
+    #[strum(serialize = "backup-restore")]
     Restored(BackupManifest),
     /// Answer to `PolicyShow`.
+    #[strum(serialize = "policy-show")]
     Policy {
         /// The file, or a sentence saying there is none.
         source: String,
@@ -1281,6 +1304,7 @@ pub enum Reply {
         roles: Vec<String>,
     },
     /// Answer to `PolicyCheck`.
+    #[strum(serialize = "policy-check")]
     PolicyDecision {
         /// Whether it would be allowed.
         allowed: bool,
@@ -1289,6 +1313,7 @@ pub enum Reply {
     },
     /// Answer to `AuditVerify` when the chain is whole (a broken chain is the
     /// error `Tampered`, naming the first bad sequence number).
+    #[strum(serialize = "audit-verify")]
     AuditVerified {
         /// Lines checked.
         lines: u64,
@@ -1304,13 +1329,16 @@ pub enum Reply {
         recoveries: Vec<String>,
     },
     /// Answer to `AuditShow`: JSON lines as written.
+    #[strum(serialize = "audit-show")]
     AuditLines(Vec<String>),
     /// Answer to `Metrics`.
+    #[strum(serialize = "metrics")]
     Metrics {
         /// OpenMetrics text.
         text: String,
     },
     /// Answer to `FileStoreBegin` and `FileRetrieveBegin`.
+    #[strum(serialize = "file-session")]
     FileSession {
         /// Send chunks to, or read chunks from, this session.
         session: u64,
@@ -1318,11 +1346,13 @@ pub enum Reply {
         info: FileInfo,
     },
     /// Answer to `FileStoreChunk`.
+    #[strum(serialize = "file-store-chunk")]
     FileChunkStored {
         /// The chunk's index.
         index: u64,
     },
     /// Answer to `FileRetrieveNext`.
+    #[strum(serialize = "file-retrieve-next")]
     FileChunk {
         /// Its index.
         index: u64,
@@ -1332,15 +1362,19 @@ pub enum Reply {
         bytes: crate::SecretBytes,
     },
     /// Answer to `FileStoreFinish`, `FileStoreFd`, `FileRetrieveFd` and `FileInfo`.
+    #[strum(serialize = "file-info")]
     File(FileInfo),
     /// Answer to `FileList`.
+    #[strum(serialize = "file-list")]
     Files(Vec<FileInfo>),
     /// Answer to `FileDelete`.
+    #[strum(serialize = "file-delete")]
     FileDeleted {
         /// The token that is gone.
         token: String,
     },
     /// Answer to `BackendSetPin`.
+    #[strum(serialize = "backend-set-pin")]
     BackendPinSet {
         /// The backend.
         backend: String,
@@ -1382,53 +1416,7 @@ impl Reply {
     /// A short stable name, matching [`Operation::name`].
     #[must_use]
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::Hello(_) => "hello",
-            Self::Pong { .. } => "ping",
-            Self::Status(_) => "status",
-            Self::WhoAmI(_) => "whoami",
-            Self::Delayed { .. } => "debug-delay",
-            Self::Initialized { .. } => "init",
-            Self::Unlocked { .. } => "unlock",
-            Self::Locked => "lock",
-            Self::Slots(_) => "slot-list",
-            Self::SlotAdded { .. } => "slot-add",
-            Self::SlotRemoved { .. } => "slot-remove",
-            Self::KeyCreated(_) => "key-create",
-            Self::Keys(_) => "key-list",
-            Self::Key(_) => "key-info",
-            Self::PublicKey { .. } => "key-public",
-            Self::KeyDeleted { .. } => "key-delete",
-            Self::Signature { .. } => "sign",
-            Self::Verified { .. } => "verify",
-            Self::Encrypted { .. } => "encrypt",
-            Self::Decrypted { .. } => "decrypt",
-            Self::MacTag { .. } => "mac",
-            Self::MacVerified { .. } => "mac-verify",
-            Self::KeyUpdated(_) => "key-updated",
-            Self::KeyPurged { .. } => "key-purge",
-            Self::DataKey { .. } => "datakey",
-            Self::Batch(_) => "batch",
-            Self::Clock { .. } => "debug-clock",
-            Self::BackupReady { .. } => "backup-create",
-            Self::TransferData { .. } => "transfer-read",
-            Self::TransferStarted { .. } => "transfer-begin",
-            Self::TransferAck { .. } => "transfer-write",
-            Self::BackupVerified(_) => "backup-verify",
-            Self::Restored(_) => "backup-restore",
-            Self::Policy { .. } => "policy-show",
-            Self::PolicyDecision { .. } => "policy-check",
-            Self::AuditVerified { .. } => "audit-verify",
-            Self::AuditLines(_) => "audit-show",
-            Self::Metrics { .. } => "metrics",
-            Self::FileSession { .. } => "file-session",
-            Self::FileChunkStored { .. } => "file-store-chunk",
-            Self::FileChunk { .. } => "file-retrieve-next",
-            Self::File(_) => "file-info",
-            Self::Files(_) => "file-list",
-            Self::FileDeleted { .. } => "file-delete",
-            Self::BackendPinSet { .. } => "backend-set-pin",
-        }
+        self.into()
     }
 }
 

@@ -7,6 +7,7 @@
 mod access;
 pub mod lookups;
 mod peer;
+pub mod permission;
 pub mod policy;
 pub mod rate;
 

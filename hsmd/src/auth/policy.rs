@@ -29,55 +29,7 @@ use serde::Deserialize;
 
 use super::PeerIdentity;
 
-/// Resources and the actions each has, in the order `hsmctl policy show` lists them.
-pub const RESOURCES: &[(&str, &[&str])] = &[
-    (
-        "keys",
-        &[
-            "list",
-            "info",
-            "public",
-            "create",
-            "sign",
-            "verify",
-            "encrypt",
-            "decrypt",
-            "mac",
-            "mac-verify",
-            "rewrap",
-            "datakey",
-            "datakey-plaintext",
-            "rotate",
-            "set",
-            "disable",
-            "enable",
-            "deactivate",
-            "compromise",
-            "destroy",
-            "delete",
-            "restore",
-            "purge",
-        ],
-    ),
-    (
-        "keystore",
-        &[
-            "init",
-            "unlock",
-            "lock",
-            "slot-list",
-            "slot-add",
-            "slot-remove",
-            "backup",
-            "restore",
-            "backend-pin",
-        ],
-    ),
-    ("files", &["store", "retrieve", "list", "info", "delete", "admin"]),
-    ("audit", &["read"]),
-    ("policy", &["read"]),
-    ("metrics", &["read"]),
-];
+pub use super::permission::RESOURCES;
 
 /// One permission.
 #[derive(Debug, Clone)]
@@ -387,7 +339,7 @@ impl Policy {
                         RESOURCES
                             .iter()
                             .find(|(r, _)| *r == p.resource)
-                            .map(|(_, a)| *a)
+                            .map(|(_, a)| a.as_slice())
                             .ok_or_else(|| {
                                 invalid(format!(
                                     "{at}: unknown resource {:?}; resources are {}, or *",

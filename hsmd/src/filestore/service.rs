@@ -579,13 +579,8 @@ impl Files {
             )
         })?;
         let key = vault
-            .decrypt(
-                &header.key,
-                header.key_version,
-                &wrapped,
-                &format::data_key_aad(token),
-                false,
-            )
+            .find(&header.key, Some(header.key_version))
+            .and_then(|key| vault.decrypt(&key, &wrapped, &format::data_key_aad(token), false))
             .map_err(|e| e.to_wire())?;
         let key: Zeroizing<[u8; 32]> = Zeroizing::new(<[u8; 32]>::try_from(key.as_slice()).map_err(|_| {
             wire(

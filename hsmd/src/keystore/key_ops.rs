@@ -65,6 +65,26 @@ pub(super) struct UseCounter {
     last_used: AtomicU64,
 }
 
+/// A key a request names, looked up once ([`Vault::find`] or
+/// [`Vault::find_hot`]): the request path reads its backend for the audit
+/// line and the operation uses it, without a second lookup.
+#[derive(Debug, Clone)]
+pub struct Found(Arc<Cached>);
+
+impl Found {
+    /// The name of the backend that holds the key.
+    #[must_use]
+    pub fn backend(&self) -> &'static str {
+        crate::backend::static_name(&self.0.row.backend)
+    }
+
+    /// The key's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.0.row.name
+    }
+}
+
 /// A key version's row as cached, with its use counter.
 #[derive(Debug)]
 pub(super) struct Cached {
@@ -880,13 +900,14 @@ impl Vault {
     /// key's minimum, its usages include `usage`; returns the row and material.
     fn prepare(
         &self,
-        name: &str,
+        key: &Found,
         version: Option<u32>,
         action: Action,
         usage: Usage,
         allow_compromised: bool,
     ) -> Result<(Arc<Cached>, Arc<dyn KeyHandle>), VaultError> {
-        let c = self.cached(name, version)?;
+        let c = Arc::clone(&key.0);
+        let name = c.row.name.as_str();
         if !c.verified {
             self.verify_policy(&c.row)?;
         }
@@ -971,8 +992,8 @@ impl Vault {
     /// [`VaultError::Locked`], [`VaultError::NoSuchKey`], [`VaultError::KeyState`],
     /// [`VaultError::UsageNotAllowed`], [`VaultError::Invalid`] for a digest of
     /// the wrong length, [`VaultError::Tampered`].
-    pub fn sign(&self, name: &str, digest: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
-        let (c, material) = self.prepare(name, None, Action::Sign, Usage::Sign, false)?;
+    pub fn sign(&self, key: &Found, digest: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
+        let (c, material) = self.prepare(key, None, Action::Sign, Usage::Sign, false)?;
         check_digest(&c.row, digest)?;
         let signature = material.sign(digest)?;
         Ok((c.row.version, signature))
@@ -984,13 +1005,13 @@ impl Vault {
     /// As [`Vault::sign`].
     pub fn verify(
         &self,
-        name: &str,
-        version: u32,
+        key: &Found,
         digest: &[u8],
         signature: &[u8],
         allow_compromised: bool,
     ) -> Result<bool, VaultError> {
-        let (c, material) = self.prepare(name, Some(version), Action::Verify, Usage::Verify, allow_compromised)?;
+        let version = Some(key.0.row.version);
+        let (c, material) = self.prepare(key, version, Action::Verify, Usage::Verify, allow_compromised)?;
         check_digest(&c.row, digest)?;
         Ok(material.verify(digest, signature)?)
     }
@@ -1001,12 +1022,12 @@ impl Vault {
     /// As [`Vault::sign`], and [`VaultError::Invalid`] for a key that is not aes256-gcm.
     pub fn encrypt(
         &self,
-        name: &str,
+        key: &Found,
         version: Option<u32>,
         plaintext: &[u8],
         aad: &[u8],
     ) -> Result<(u32, Vec<u8>), VaultError> {
-        let (c, material) = self.prepare(name, version, Action::Encrypt, Usage::Encrypt, false)?;
+        let (c, material) = self.prepare(key, version, Action::Encrypt, Usage::Encrypt, false)?;
         let sealed = material.encrypt(plaintext, aad)?;
         Ok((c.row.version, sealed))
     }
@@ -1017,16 +1038,16 @@ impl Vault {
     /// [`VaultError::DecryptFailed`] when authentication fails; as [`Vault::sign`].
     pub fn decrypt(
         &self,
-        name: &str,
-        version: u32,
+        key: &Found,
         sealed: &[u8],
         aad: &[u8],
         allow_compromised: bool,
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let (_, material) = self.prepare(name, Some(version), Action::Decrypt, Usage::Decrypt, allow_compromised)?;
+        let version = Some(key.0.row.version);
+        let (c, material) = self.prepare(key, version, Action::Decrypt, Usage::Decrypt, allow_compromised)?;
         material
             .decrypt(sealed, aad)?
-            .ok_or_else(|| VaultError::DecryptFailed(name.to_owned()))
+            .ok_or_else(|| VaultError::DecryptFailed(c.row.name.clone()))
     }
 
     /// Opens a ciphertext and seals its plaintext again under the newest
@@ -1043,8 +1064,20 @@ impl Vault {
         aad: &[u8],
         to_version: Option<u32>,
     ) -> Result<(u32, Vec<u8>), VaultError> {
-        let (_, from) = self.prepare(name, Some(version), Action::Rewrap, Usage::Decrypt, false)?;
-        let (to_row, to) = self.prepare(name, to_version, Action::Rewrap, Usage::Encrypt, false)?;
+        let (_, from) = self.prepare(
+            &self.find(name, Some(version))?,
+            Some(version),
+            Action::Rewrap,
+            Usage::Decrypt,
+            false,
+        )?;
+        let (to_row, to) = self.prepare(
+            &self.find(name, to_version)?,
+            to_version,
+            Action::Rewrap,
+            Usage::Encrypt,
+            false,
+        )?;
         if let Some(v) = to_version {
             if v < to_row.row.policy.min_encrypt_version {
                 return Err(VaultError::KeyState(format!(
@@ -1067,7 +1100,7 @@ impl Vault {
     /// [`VaultError::UsageNotAllowed`] for a plaintext data key the key does not
     /// allow; as [`Vault::encrypt`].
     pub fn datakey(&self, name: &str, aad: &[u8], plaintext: bool) -> Result<DataKey, VaultError> {
-        let (c, material) = self.prepare(name, None, Action::DataKey, Usage::Encrypt, false)?;
+        let (c, material) = self.prepare(&self.find(name, None)?, None, Action::DataKey, Usage::Encrypt, false)?;
         if plaintext && !c.row.policy.allow_plaintext_datakey {
             return Err(VaultError::UsageNotAllowed {
                 name: name.to_owned(),
@@ -1094,7 +1127,7 @@ impl Vault {
     /// # Errors
     /// As [`Vault::encrypt`].
     pub fn internal_data_key(&self, name: &str, aad: &[u8]) -> Result<InternalDataKey, VaultError> {
-        let (c, material) = self.prepare(name, None, Action::DataKey, Usage::Encrypt, false)?;
+        let (c, material) = self.prepare(&self.find(name, None)?, None, Action::DataKey, Usage::Encrypt, false)?;
         let key = Zeroizing::new(crypto::random::<32>()?);
         let sealed = material.encrypt(key.as_ref(), aad)?;
         Ok(InternalDataKey {
@@ -1108,8 +1141,8 @@ impl Vault {
     ///
     /// # Errors
     /// As [`Vault::sign`].
-    pub fn mac(&self, name: &str, data: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
-        let (c, material) = self.prepare(name, None, Action::Mac, Usage::Mac, false)?;
+    pub fn mac(&self, key: &Found, data: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
+        let (c, material) = self.prepare(key, None, Action::Mac, Usage::Mac, false)?;
         let tag = material.mac(data)?;
         Ok((c.row.version, tag))
     }
@@ -1120,33 +1153,42 @@ impl Vault {
     /// As [`Vault::sign`].
     pub fn mac_verify(
         &self,
-        name: &str,
-        version: u32,
+        key: &Found,
         data: &[u8],
         tag: &[u8],
         allow_compromised: bool,
     ) -> Result<bool, VaultError> {
-        let (_, material) = self.prepare(name, Some(version), Action::MacVerify, Usage::Mac, allow_compromised)?;
+        let version = Some(key.0.row.version);
+        let (_, material) = self.prepare(key, version, Action::MacVerify, Usage::Mac, allow_compromised)?;
         Ok(material.mac_verify(data, tag)?)
     }
 
-    /// Whether using this key now needs neither disk nor a slow computation:
-    /// its row is cached and checked, its material unwrapped, and its type cheap
-    /// (Ed25519, AES-256-GCM, HMAC: tens of microseconds, against ~200 µs for
-    /// ECDSA). Such requests are served on the reactor, sparing two thread
-    /// wake-ups.
-    pub fn is_hot(&self, name: &str, version: Option<u32>) -> bool {
-        let Some(c) = lock(&self.rows).get(&(name.to_owned(), version)).map(Arc::clone) else {
-            return false;
-        };
+    /// The key `name` (at `version`, or its newest), from the cache or else
+    /// the keystore (blocking: one indexed SQLite read).
+    ///
+    /// # Errors
+    /// [`VaultError::NotInitialized`], [`VaultError::NoSuchKey`] (or why the key
+    /// is gone), [`VaultError::Tampered`], [`VaultError::Store`].
+    pub fn find(&self, name: &str, version: Option<u32>) -> Result<Found, VaultError> {
+        self.cached(name, version).map(Found)
+    }
+
+    /// The key `name` if using it now needs neither disk nor a slow
+    /// computation: its row is cached and checked, its material unwrapped, and
+    /// its type cheap (Ed25519, AES-256-GCM, HMAC: tens of microseconds,
+    /// against ~200 µs for ECDSA). Such requests are served on the reactor,
+    /// sparing two thread wake-ups. Never blocks.
+    pub fn find_hot(&self, name: &str, version: Option<u32>) -> Option<Found> {
+        let c = lock(&self.rows).get(&(name.to_owned(), version)).map(Arc::clone)?;
         if matches!(parse_type(&c.row), Ok(KeyType::EcdsaP256 | KeyType::EcdsaP384) | Err(_)) {
-            return false;
+            return None;
         }
         // A device round trip (or the mock's latency) must not stall the reactor.
         if !self.backends.get(&c.row.backend).is_ok_and(|b| b.is_fast()) {
-            return false;
+            return None;
         }
-        matches!(&*lock(&self.custody), Custody::Unlocked { keys, .. } if keys.contains_key(&(c.row.id.clone(), c.row.version)))
+        let unwrapped = matches!(&*lock(&self.custody), Custody::Unlocked { keys, .. } if keys.contains_key(&(c.row.id.clone(), c.row.version)));
+        unwrapped.then_some(Found(c))
     }
 
     /// Writes the use counts gathered since the last flush, in one

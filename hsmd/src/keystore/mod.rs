@@ -11,7 +11,7 @@ pub use crate::crypto;
 pub use backup::MAX_ARCHIVE;
 mod key_ops;
 mod key_set;
-pub use key_ops::{DataKey, Maintained, Maintenance};
+pub use key_ops::{DataKey, Found, Maintained, Maintenance};
 pub mod keys;
 pub mod lifecycle;
 pub mod slots;

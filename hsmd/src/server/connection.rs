@@ -28,7 +28,6 @@ use tokio::{
 use tracing::Instrument;
 
 use super::{
-    dispatch::{self, Answer, Caller, Work},
     wiped::{self, InBuf},
     InFlight, Shared, REFUSAL_WRITE_TIMEOUT, VERSION,
 };
@@ -36,6 +35,7 @@ use crate::{
     audit::{Class, Progress, Settled, Ticket},
     auth::{Admission, Credentials},
     budget::{Budget, Waiter},
+    ops::{self as dispatch, Answer, Caller, Work},
 };
 
 /// How long identity lookups (NSS) may take before the peer is refused.

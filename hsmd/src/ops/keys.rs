@@ -1,0 +1,265 @@
+//! Keys: their lifecycle (create, settings, rotation, states, delete) and
+//! their use (sign, verify, encrypt, decrypt, MAC, rewrap, data keys).
+
+use protocol::{KeyChanges, KeyOptions, KeyType, Reply, SecretBytes, Transition, Usage};
+
+use super::{audit_line::compromised_use, AuditSpec, Plan};
+use crate::{
+    audit::EventType,
+    auth::permission::{KeyAction as A, Permission},
+};
+
+fn on_key(event: EventType, name: &str, action: &'static str, risk: u8, security: bool) -> AuditSpec {
+    AuditSpec::new(event, format!("key:{name}"), action, risk, security)
+}
+
+pub(super) fn create(name: String, key_type: KeyType, usages: Vec<Usage>, options: KeyOptions) -> Plan {
+    let spec = on_key(EventType::KeyCreated, &name, "create", 3, true).on_backend(options.backend.as_deref());
+    // A new key is checked against the backend it asks for.
+    let (key, backend) = (name.clone(), options.backend.clone());
+    Plan::start(move |cx| {
+        let (uid, user) = (cx.caller.peer.creds.uid, cx.caller.peer.user.clone());
+        cx.vault(move |v| {
+            v.create_key(&name, key_type, &usages, &options, uid, user.as_deref())
+                .map(|k| Reply::KeyCreated(Box::new(k)))
+        })
+    })
+    .needs(Permission::Keys(A::Create), Some(&key))
+    .on_backend(backend)
+    .audited(spec)
+    .logged()
+}
+
+/// Lists only the keys the caller may list.
+pub(super) fn list() -> Plan {
+    Plan::start(|cx| {
+        let (policy, peer) = (cx.shared.policy(), cx.caller.peer.clone());
+        cx.vault(move |v| {
+            v.list_keys().map(|keys| {
+                Reply::Keys(
+                    keys.into_iter()
+                        .filter(|k| {
+                            policy
+                                .check(&peer, Permission::Keys(A::List).on(Some(&k.name)), &k.backend, || {
+                                    k.owner_exists.then_some(k.owner_uid)
+                                })
+                                .is_ok()
+                        })
+                        .collect(),
+                )
+            })
+        })
+    })
+    .needs(Permission::Keys(A::List), None)
+    .audited(AuditSpec::new(EventType::KeyList, "keys".into(), "list", 1, false))
+}
+
+pub(super) fn info(name: String) -> Plan {
+    let spec = on_key(EventType::KeyInfo, &name, "info", 1, false);
+    let need = Permission::Keys(A::Info);
+    Plan::vault({
+        let name = name.clone();
+        move |v| v.key_info(&name).map(|k| Reply::Key(Box::new(k)))
+    })
+    .needs(need, Some(&name))
+    .audited(spec)
+}
+
+pub(super) fn public(name: String) -> Plan {
+    let spec = on_key(EventType::KeyPublic, &name, "public", 1, false);
+    Plan::vault({
+        let name = name.clone();
+        move |v| {
+            v.public_key(&name)
+                .map(|(key_type, version, spki_der)| Reply::PublicKey {
+                    key_type,
+                    version,
+                    spki_der,
+                })
+        }
+    })
+    .needs(Permission::Keys(A::Public), Some(&name))
+    .audited(spec)
+}
+
+pub(super) fn delete(name: String) -> Plan {
+    let spec = on_key(EventType::KeyDeleted, &name, "delete", 5, true);
+    Plan::start({
+        let name = name.clone();
+        move |cx| {
+            let window = cx.shared.recovery_window;
+            cx.vault(move |v| v.delete_key(&name, window).map(|k| Reply::KeyUpdated(Box::new(k))))
+        }
+    })
+    .needs(Permission::Keys(A::Delete), Some(&name))
+    .audited(spec)
+    .logged()
+}
+
+pub(super) fn rotate(name: String) -> Plan {
+    let spec = on_key(EventType::KeyRotated, &name, "rotate", 3, true);
+    Plan::vault({
+        let name = name.clone();
+        move |v| v.rotate_key(&name).map(|k| Reply::KeyUpdated(Box::new(k)))
+    })
+    .needs(Permission::Keys(A::Rotate), Some(&name))
+    .audited(spec)
+    .logged()
+}
+
+pub(super) fn set(name: String, changes: KeyChanges) -> Plan {
+    let spec = on_key(EventType::KeyUpdated, &name, "set", 3, true);
+    Plan::vault({
+        let name = name.clone();
+        move |v| v.set_key(&name, &changes).map(|k| Reply::KeyUpdated(Box::new(k)))
+    })
+    .needs(Permission::Keys(A::Set), Some(&name))
+    .audited(spec)
+    .logged()
+}
+
+pub(super) fn transition(name: String, to: Transition) -> Plan {
+    let (action, risk) = match to {
+        Transition::Disable => (A::Disable, 4),
+        Transition::Enable => (A::Enable, 4),
+        Transition::Deactivate => (A::Deactivate, 4),
+        Transition::Compromise => (A::Compromise, 8),
+        Transition::Destroy => (A::Destroy, 8),
+    };
+    let spec = on_key(EventType::KeyStateChanged, &name, action.into(), risk, true);
+    Plan::vault({
+        let name = name.clone();
+        move |v| v.transition_key(&name, to).map(|k| Reply::KeyUpdated(Box::new(k)))
+    })
+    .needs(Permission::Keys(action), Some(&name))
+    .audited(spec)
+    .logged()
+}
+
+pub(super) fn restore(name: String) -> Plan {
+    let spec = on_key(EventType::KeyRestored, &name, "restore", 4, true);
+    Plan::vault({
+        let name = name.clone();
+        move |v| v.restore_key(&name).map(|k| Reply::KeyUpdated(Box::new(k)))
+    })
+    .needs(Permission::Keys(A::Restore), Some(&name))
+    .audited(spec)
+    .logged()
+}
+
+pub(super) fn purge(name: String) -> Plan {
+    let spec = on_key(EventType::KeyPurged, &name, "purge", 8, true);
+    Plan::vault({
+        let name = name.clone();
+        move |v| v.purge_key(&name).map(|()| Reply::KeyPurged { name })
+    })
+    .needs(Permission::Keys(A::Purge), Some(&name))
+    .audited(spec)
+    .logged()
+}
+
+pub(super) fn sign(name: String, digest: Vec<u8>) -> Plan {
+    let spec = on_key(EventType::Sign, &name, "sign", 1, false);
+    let need = Permission::Keys(A::Sign);
+    Plan::key_use(name, None, digest.len(), move |v, key| {
+        v.sign(key, &digest)
+            .map(|(version, signature)| Reply::Signature { version, signature })
+    })
+    .needs_on_key(need)
+    .audited(spec)
+}
+
+pub(super) fn verify(name: String, version: u32, digest: Vec<u8>, signature: Vec<u8>, allow_compromised: bool) -> Plan {
+    let spec = compromised_use(EventType::Verify, format!("key:{name}"), "verify", allow_compromised);
+    Plan::key_use(name, Some(version), digest.len(), move |v, key| {
+        v.verify(key, &digest, &signature, allow_compromised)
+            .map(|valid| Reply::Verified { valid })
+    })
+    .needs_on_key(Permission::Keys(A::Verify))
+    .audited(spec)
+}
+
+pub(super) fn encrypt(name: String, version: Option<u32>, plaintext: SecretBytes, aad: Vec<u8>) -> Plan {
+    let spec = on_key(EventType::Encrypt, &name, "encrypt", 1, false);
+    let payload = plaintext.len() + aad.len();
+    // The request's copy of the plaintext is wiped as it drops.
+    Plan::key_use(name, version, payload, move |v, key| {
+        v.encrypt(key, version, plaintext.expose(), &aad)
+            .map(|(version, sealed)| Reply::Encrypted { version, sealed })
+    })
+    .needs_on_key(Permission::Keys(A::Encrypt))
+    .audited(spec)
+}
+
+pub(super) fn decrypt(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>, allow_compromised: bool) -> Plan {
+    let spec = compromised_use(EventType::Decrypt, format!("key:{name}"), "decrypt", allow_compromised);
+    let payload = sealed.len() + aad.len();
+    Plan::key_use(name, Some(version), payload, move |v, key| {
+        v.decrypt(key, &sealed, &aad, allow_compromised)
+            .map(|p| Reply::Decrypted {
+                plaintext: SecretBytes::new(p.to_vec()),
+            })
+    })
+    .needs_on_key(Permission::Keys(A::Decrypt))
+    .audited(spec)
+}
+
+pub(super) fn mac(name: String, data: Vec<u8>) -> Plan {
+    let spec = on_key(EventType::Mac, &name, "mac", 1, false);
+    Plan::key_use(name, None, data.len(), move |v, key| {
+        v.mac(key, &data).map(|(version, tag)| Reply::MacTag { version, tag })
+    })
+    .needs_on_key(Permission::Keys(A::Mac))
+    .audited(spec)
+}
+
+pub(super) fn mac_verify(name: String, version: u32, data: Vec<u8>, tag: Vec<u8>, allow_compromised: bool) -> Plan {
+    let spec = compromised_use(
+        EventType::MacVerify,
+        format!("key:{name}"),
+        "mac-verify",
+        allow_compromised,
+    );
+    Plan::key_use(name, Some(version), data.len(), move |v, key| {
+        v.mac_verify(key, &data, &tag, allow_compromised)
+            .map(|valid| Reply::MacVerified { valid })
+    })
+    .needs_on_key(Permission::Keys(A::MacVerify))
+    .audited(spec)
+}
+
+pub(super) fn rewrap(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>, to_version: Option<u32>) -> Plan {
+    let spec = on_key(EventType::Rewrap, &name, "rewrap", 2, false);
+    Plan::vault({
+        let name = name.clone();
+        move |v| {
+            v.rewrap(&name, version, &sealed, &aad, to_version)
+                .map(|(version, sealed)| Reply::Encrypted { version, sealed })
+        }
+    })
+    .needs(Permission::Keys(A::Rewrap), Some(&name))
+    .audited(spec)
+}
+
+pub(super) fn datakey(name: String, aad: Vec<u8>, plaintext: bool) -> Plan {
+    let (action, spec) = if plaintext {
+        (
+            A::DatakeyPlaintext,
+            on_key(EventType::Datakey, &name, "datakey-plaintext", 6, true),
+        )
+    } else {
+        (A::Datakey, on_key(EventType::Datakey, &name, "datakey", 2, false))
+    };
+    Plan::vault({
+        let name = name.clone();
+        move |v| {
+            v.datakey(&name, &aad, plaintext).map(|k| Reply::DataKey {
+                version: k.version,
+                sealed: k.sealed,
+                plaintext: k.plaintext.map(|p| SecretBytes::new(p.to_vec())),
+            })
+        }
+    })
+    .needs(Permission::Keys(action), Some(&name))
+    .audited(spec)
+}

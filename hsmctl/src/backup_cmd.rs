@@ -7,7 +7,7 @@ use std::{
 };
 
 use clap::Subcommand;
-use protocol::{BackupManifest, BackupProtection, Client, Operation, Reply, UnlockSecret};
+use protocol::{BackupManifest, BackupProtection, Client, UnlockSecret};
 use serde_json::json;
 use sha2::Digest as _;
 
@@ -128,22 +128,10 @@ fn chunk_len(client: &Client) -> usize {
 }
 
 fn upload(client: &mut Client, archive: &[u8]) -> Result<u64, Failure> {
-    let transfer = match client.call(Operation::TransferBegin {
-        size: archive.len() as u64,
-    })? {
-        Reply::TransferStarted { transfer } => transfer,
-        other => return Err(unexpected("transfer-begin", &other)),
-    };
+    let transfer = client.transfer_begin(archive.len() as u64)?;
     let mut offset = 0u64;
     for piece in archive.chunks(chunk_len(client)) {
-        match client.call(Operation::TransferWrite {
-            transfer,
-            offset,
-            bytes: piece.to_vec(),
-        })? {
-            Reply::TransferAck { received } => offset = received,
-            other => return Err(unexpected("transfer-write", &other)),
-        }
+        offset = client.transfer_write(transfer, offset, piece.to_vec())?;
     }
     Ok(transfer)
 }
@@ -195,25 +183,20 @@ pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
             // Checked before hsmd builds the archive, so a refusal costs nothing.
             let mut out = crate::output::Output::create(file, *force)?;
             let mut client = crate::connect(cli)?;
-            let (transfer, size, manifest) = match client.call(Operation::BackupCreate { protection })? {
-                Reply::BackupReady {
-                    transfer,
-                    size,
-                    manifest,
-                } => (transfer, size, manifest),
-                other => return Err(unexpected("backup-create", &other)),
-            };
+            let protocol::calls::BackupReady {
+                transfer,
+                size,
+                manifest,
+            } = client.backup_create(protection)?;
             let mut archive = Vec::new();
             while (archive.len() as u64) < size {
                 let want = u32::try_from(chunk_len(&client)).unwrap_or(u32::MAX);
-                match client.call(Operation::TransferRead {
-                    transfer,
-                    offset: archive.len() as u64,
-                    len: want,
-                })? {
-                    Reply::TransferData { bytes } if !bytes.is_empty() => archive.extend_from_slice(&bytes),
-                    other => return Err(unexpected("transfer-read", &other)),
+                let bytes = client.transfer_read(transfer, archive.len() as u64, want)?;
+                if bytes.is_empty() {
+                    // Short of the size hsmd announced: asking again would never end.
+                    return Err(unexpected("transfer-read", &protocol::Reply::TransferData { bytes }));
                 }
+                archive.extend_from_slice(&bytes);
             }
             let (body, sum) = archive.split_at(archive.len().saturating_sub(32));
             if sha2::Sha256::digest(body).as_slice() != sum {
@@ -241,8 +224,9 @@ pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
             };
             let mut client = crate::connect(cli)?;
             let transfer = upload(&mut client, &archive)?;
-            match client.call(Operation::BackupVerify { transfer, secret })? {
-                Reply::BackupVerified(m) => {
+            let m = client.backup_verify(transfer, secret)?;
+            {
+                {
                     let what = if m.authenticated {
                         format!("{}: checksum, encryption and keystore all check", file.display())
                     } else {
@@ -254,7 +238,6 @@ pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
                     };
                     print_manifest(cli.json, &what, &m, json!({ "file": file }));
                 }
-                other => return Err(unexpected("backup-verify", &other)),
             }
         }
         BackupCommand::Restore { file, secret, force } => {
@@ -266,22 +249,16 @@ pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
             let secret = secret.read(prompt)?;
             let mut client = crate::connect(cli)?;
             let transfer = upload(&mut client, &archive)?;
-            match client.call(Operation::BackupRestore {
-                transfer,
-                secret,
-                force: *force,
-            })? {
-                Reply::Restored(m) => print_manifest(
-                    cli.json,
-                    &format!(
-                        "restored from {}; hsmd is locked: unlock it with one of the backup's slots",
-                        file.display()
-                    ),
-                    &m,
-                    json!({ "file": file, "state": "locked" }),
+            let m = client.backup_restore(transfer, secret, *force)?;
+            print_manifest(
+                cli.json,
+                &format!(
+                    "restored from {}; hsmd is locked: unlock it with one of the backup's slots",
+                    file.display()
                 ),
-                other => return Err(unexpected("backup-restore", &other)),
-            }
+                &m,
+                json!({ "file": file, "state": "locked" }),
+            );
         }
     }
     Ok(())

@@ -233,14 +233,8 @@ fn store_frames(client: &mut Client, a: &StoreArgs<'_>, name: String) -> Result<
     let input_file = open_for_store(a.path)?;
     let (total, _) = remaining(&input_file);
     let mut input = io::BufReader::new(input_file);
-    let (session, info) = match client.call(Operation::FileStoreBegin {
-        name,
-        key: a.key.to_owned(),
-        chunk_size: a.chunk_size,
-    })? {
-        Reply::FileSession { session, info } => (session, info),
-        other => return Err(unexpected("file-store-begin", &other)),
-    };
+    let protocol::calls::FileSession { session, info } =
+        client.file_store_begin(name, a.key.to_owned(), a.chunk_size)?;
     let bar = Progress::new("storing", total, a.quiet);
     let size = a.chunk_size as usize;
     let mut current = vec![0u8; size];
@@ -257,15 +251,7 @@ fn store_frames(client: &mut Client, a: &StoreArgs<'_>, name: String) -> Result<
                 0
             };
             let last = next_len == 0;
-            match client.call(Operation::FileStoreChunk {
-                session,
-                index,
-                last,
-                bytes: SecretBytes::new(current[..len].to_vec()),
-            })? {
-                Reply::FileChunkStored { .. } => {}
-                other => return Err(unexpected("file-store-chunk", &other)),
-            }
+            client.file_store_chunk(session, index, last, SecretBytes::new(current[..len].to_vec()))?;
             bar.add(len as u64);
             if last {
                 break;
@@ -274,10 +260,7 @@ fn store_frames(client: &mut Client, a: &StoreArgs<'_>, name: String) -> Result<
             len = next_len;
             index += 1;
         }
-        match client.call(Operation::FileStoreFinish { session })? {
-            Reply::File(f) => Ok(f),
-            other => Err(unexpected("file-store-finish", &other)),
-        }
+        Ok(client.file_store_finish(session)?)
     })();
     match sent {
         Ok(stored) => {
@@ -305,11 +288,8 @@ fn retrieve(client: &mut Client, json: bool, a: &RetrieveArgs<'_>) -> Result<(),
     // The name and size come from `file info`; a role that may retrieve but
     // not read metadata (files:retrieve without files:info) can still
     // retrieve to -o, without a size for the bar.
-    let info = match client.call(Operation::FileInfo {
-        token: a.token.to_owned(),
-    }) {
-        Ok(Reply::File(f)) => Some(f),
-        Ok(other) => return Err(unexpected("file-info", &other)),
+    let info = match client.file_info(a.token.to_owned()) {
+        Ok(f) => Some(f),
         Err(e) if a.output.is_some() && protocol::is_code(&e, protocol::ErrorCode::PermissionDenied) => None,
         Err(e) => return Err(e.into()),
     };
@@ -386,22 +366,13 @@ fn retrieve_frames(
     out: &mut crate::output::Output,
     bar: &Progress,
 ) -> Result<FileInfo, Failure> {
-    let (session, info) = match client.call(Operation::FileRetrieveBegin {
-        token: token.to_owned(),
-    })? {
-        Reply::FileSession { session, info } => (session, info),
-        other => return Err(unexpected("file-retrieve-begin", &other)),
-    };
+    let protocol::calls::FileSession { session, info } = client.file_retrieve_begin(token.to_owned())?;
     loop {
-        match client.call(Operation::FileRetrieveNext { session })? {
-            Reply::FileChunk { last, bytes, .. } => {
-                out.write(bytes.expose())?;
-                bar.add(bytes.expose().len() as u64);
-                if last {
-                    return Ok(info);
-                }
-            }
-            other => return Err(unexpected("file-retrieve-next", &other)),
+        let chunk = client.file_retrieve_next(session)?;
+        out.write(chunk.bytes.expose())?;
+        bar.add(chunk.bytes.expose().len() as u64);
+        if chunk.last {
+            return Ok(info);
         }
     }
 }
@@ -447,8 +418,9 @@ pub fn run(json: bool, client: &mut Client, cmd: &FileCommand) -> Result<(), Fai
                 force: *force,
             },
         ),
-        FileCommand::List => match client.call(Operation::FileList)? {
-            Reply::Files(files) => {
+        FileCommand::List => {
+            let files = client.file_list()?;
+            {
                 if json {
                     print_json(&files);
                 } else {
@@ -469,31 +441,23 @@ pub fn run(json: bool, client: &mut Client, cmd: &FileCommand) -> Result<(), Fai
                 }
                 Ok(())
             }
-            other => Err(unexpected("file-list", &other)),
-        },
-        FileCommand::Info { token } => match client.call(Operation::FileInfo { token: token.clone() })? {
-            Reply::File(f) => {
-                print_info(json, &f);
-                Ok(())
-            }
-            other => Err(unexpected("file-info", &other)),
-        },
+        }
+        FileCommand::Info { token } => {
+            print_info(json, &client.file_info(token.clone())?);
+            Ok(())
+        }
         FileCommand::Delete { token, yes } => {
             crate::confirm::confirm(
                 &format!("deleting stored file {token} overwrites its chunks and removes it for good"),
                 *yes,
             )?;
-            match client.call(Operation::FileDelete { token: token.clone() })? {
-                Reply::FileDeleted { token } => {
-                    if json {
-                        println!("{}", json!({ "deleted": token }));
-                    } else {
-                        println!("deleted {token} (its chunks were overwritten, then removed)");
-                    }
-                    Ok(())
-                }
-                other => Err(unexpected("file-delete", &other)),
+            let token = client.file_delete(token.clone())?;
+            if json {
+                println!("{}", json!({ "deleted": token }));
+            } else {
+                println!("deleted {token} (its chunks were overwritten, then removed)");
             }
+            Ok(())
         }
     }
 }

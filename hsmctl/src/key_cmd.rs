@@ -7,11 +7,11 @@ use std::{
 };
 
 use clap::Subcommand;
-use protocol::{Client, KeyChanges, KeyInfo, KeyOptions, KeyType, Operation, Reply, Transition, Usage};
+use protocol::{Client, KeyChanges, KeyInfo, KeyOptions, KeyType, Transition, Usage};
 use serde_json::json;
 
 use crate::{
-    failure::{unexpected, Failure, Local},
+    failure::{Failure, Local},
     keys, print_json,
 };
 
@@ -260,13 +260,6 @@ fn rotation_note(k: &KeyInfo, now: u64) -> Option<String> {
     (next - now <= soon).then(|| format!("note: rotation due soon, in {}", span(next - now)))
 }
 
-fn expect_key(reply: Reply, expected: &'static str) -> Result<KeyInfo, Failure> {
-    match reply {
-        Reply::KeyUpdated(k) | Reply::KeyCreated(k) | Reply::Key(k) => Ok(*k),
-        other => Err(unexpected(expected, &other)),
-    }
-}
-
 fn opt_time(t: Option<u64>) -> String {
     t.map_or_else(|| "-".to_owned(), time)
 }
@@ -373,22 +366,19 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
             allow_plaintext_datakey,
             backend,
         } => {
-            let k = expect_key(
-                client.call(Operation::KeyCreate {
-                    name: name.clone(),
-                    key_type: *key_type,
-                    usages: usages.clone(),
-                    options: KeyOptions {
-                        description: description.clone(),
-                        labels: labels.iter().cloned().collect::<BTreeMap<_, _>>(),
-                        rotate_every_secs: *rotate_every,
-                        activate_at_unix: *activate_at,
-                        expire_at_unix: *expire_at,
-                        allow_plaintext_datakey: *allow_plaintext_datakey,
-                        backend: backend.clone(),
-                    },
-                })?,
-                "key-create",
+            let k = client.key_create(
+                name.clone(),
+                *key_type,
+                usages.clone(),
+                KeyOptions {
+                    description: description.clone(),
+                    labels: labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+                    rotate_every_secs: *rotate_every,
+                    activate_at_unix: *activate_at,
+                    expire_at_unix: *expire_at,
+                    allow_plaintext_datakey: *allow_plaintext_datakey,
+                    backend: backend.clone(),
+                },
             )?;
             say(
                 &k,
@@ -402,8 +392,9 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                 ),
             );
         }
-        KeyCommand::List => match client.call(Operation::KeyList)? {
-            Reply::Keys(list) => {
+        KeyCommand::List => {
+            let list = client.key_list()?;
+            {
                 if json {
                     print_json(&list);
                 } else {
@@ -441,8 +432,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                     );
                 }
             }
-            other => return Err(unexpected("key-list", &other)),
-        },
+        }
         KeyCommand::Info { name } => {
             let k = keys::info(client, name)?;
             if json {
@@ -468,8 +458,9 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                     matches!(format.as_str(), "der" | "raw"),
                 )?)
             };
-            match client.call(Operation::KeyPublic { name: name.clone() })? {
-                Reply::PublicKey { key_type, spki_der, .. } => {
+            let protocol::calls::PublicKey { key_type, spki_der, .. } = client.key_public(name.clone())?;
+            {
+                {
                     let bytes =
                         keys::format_public(key_type, &spki_der, format, name).map_err(|e| Local::Usage.fail(e))?;
                     if json {
@@ -492,11 +483,10 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                         out.finish()?;
                     }
                 }
-                other => return Err(unexpected("key-public", &other)),
             }
         }
         KeyCommand::Rotate { name } => {
-            let k = expect_key(client.call(Operation::KeyRotate { name: name.clone() })?, "key-rotate")?;
+            let k = client.key_rotate(name.clone())?;
             say(
                 &k,
                 format!(
@@ -529,13 +519,7 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
             if changes == KeyChanges::default() {
                 return Err(Local::Usage.fail("nothing to change; see `hsmctl key set --help`"));
             }
-            let k = expect_key(
-                client.call(Operation::KeySet {
-                    name: name.clone(),
-                    changes,
-                })?,
-                "key-set",
-            )?;
+            let k = client.key_set(name.clone(), changes)?;
             say(&k, format!("updated key {}", k.name));
         }
         KeyCommand::Disable { name }
@@ -553,14 +537,11 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
             if let KeyCommand::Destroy { yes, .. } = cmd {
                 crate::confirm::confirm(&format!("destroying erases every version of {name:?} for good"), *yes)?;
             }
-            let k = expect_key(
-                client.call(Operation::KeyTransition { name: name.clone(), to })?,
-                "key-transition",
-            )?;
+            let k = client.key_transition(name.clone(), to)?;
             say(&k, format!("key {} is now {}", k.name, k.state.as_str()));
         }
         KeyCommand::Delete { name } => {
-            let k = expect_key(client.call(Operation::KeyDelete { name: name.clone() })?, "key-delete")?;
+            let k = client.key_delete(name.clone())?;
             say(
                 &k,
                 format!(
@@ -572,23 +553,16 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
             );
         }
         KeyCommand::Restore { name } => {
-            let k = expect_key(
-                client.call(Operation::KeyRestore { name: name.clone() })?,
-                "key-restore",
-            )?;
+            let k = client.key_restore(name.clone())?;
             say(&k, format!("restored key {} ({})", k.name, k.state.as_str()));
         }
         KeyCommand::Purge { name, yes } => {
             crate::confirm::confirm(&format!("purging destroys {name:?} and every version for good"), *yes)?;
-            match client.call(Operation::KeyPurge { name: name.clone() })? {
-                Reply::KeyPurged { name } => {
-                    if json {
-                        println!("{}", json!({ "purged": name }));
-                    } else {
-                        println!("purged key {name}");
-                    }
-                }
-                other => return Err(unexpected("key-purge", &other)),
+            let name = client.key_purge(name.clone())?;
+            if json {
+                println!("{}", json!({ "purged": name }));
+            } else {
+                println!("purged key {name}");
             }
         }
     }

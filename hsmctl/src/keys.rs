@@ -13,17 +13,14 @@ use std::{
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use protocol::{Client, KeyInfo, KeyType, Operation, Reply};
+use protocol::{Client, KeyInfo, KeyType};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
-use crate::failure::{unexpected, Failure, Local};
+use crate::failure::{Failure, Local};
 
 /// Fetches one key's metadata.
 pub fn info(client: &mut Client, name: &str) -> Result<KeyInfo, Failure> {
-    match client.call(Operation::KeyInfo { name: name.to_owned() })? {
-        Reply::Key(k) => Ok(*k),
-        other => Err(unexpected("key-info", &other)),
-    }
+    Ok(client.key_info(name.to_owned())?)
 }
 
 /// Hashes a file (`-` is stdin) with the key type's digest.

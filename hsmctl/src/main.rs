@@ -8,15 +8,12 @@ use std::{
 
 use base64::Engine as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
-use protocol::{
-    Client, ClientError, ClientOptions, GroupInfo, NewSlot, Operation, PeerInfo, Reply, SlotInfo, StatusInfo,
-    UnlockSecret,
-};
+use protocol::{Client, ClientError, ClientOptions, GroupInfo, NewSlot, PeerInfo, SlotInfo, StatusInfo, UnlockSecret};
 use serde_json::json;
 
 use crate::{
     backup_cmd::BackupCommand,
-    failure::{unexpected, Failure, Local},
+    failure::{Failure, Local},
     file_cmd::FileCommand,
     key_cmd::KeyCommand,
 };
@@ -657,22 +654,18 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 return Err(Local::Internal.fail("no slot prepared"));
             };
             let adding = matches!(cli.command, Command::Slot(_));
-            let op = if adding {
-                Operation::SlotAdd { slot }
+            let result = if adding {
+                client.slot_add(slot)
             } else {
-                Operation::Init { slot }
+                client.init(slot)
             };
-            let result = client.call(op);
             if result.is_err() {
                 // A key file the daemon did not take would only mislead.
                 if let Some(path) = &created {
                     let _ = std::fs::remove_file(path);
                 }
             }
-            let id = match result? {
-                Reply::Initialized { slot } | Reply::SlotAdded { slot } => slot,
-                other => return Err(unexpected("init", &other)),
-            };
+            let id = result?;
             if cli.json {
                 println!("{}", json!({ "slot": id, "keyfile": created }));
             } else if adding {
@@ -688,9 +681,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let secret = match prepared {
                 Some(Prepared::Unlock(secret)) => secret,
                 Some(Prepared::UnlockFido2(mut auth, pin)) => {
-                    let Reply::Slots(slots) = client.call(Operation::SlotList)? else {
-                        return Err(Local::Internal.fail("hsmd answered the slot list with something else"));
-                    };
+                    let slots = client.slot_list()?;
                     let (credential_id, secret) =
                         fido2::unlock_secret(auth.as_mut(), &slots, pin.as_deref().map(String::as_str))
                             .map_err(|e| Local::Authenticator.fail(e))?;
@@ -698,66 +689,57 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 }
                 _ => return Err(Local::Internal.fail("no secret prepared")),
             };
-            match client.call(Operation::Unlock { secret })? {
-                Reply::Unlocked { slot, warnings } => {
-                    if cli.json {
-                        println!("{}", json!({ "state": "unlocked", "slot": slot, "warnings": warnings }));
-                    } else {
-                        println!("unlocked (slot {slot})");
-                        for w in &warnings {
-                            eprintln!("hsmctl: warning: {w}");
-                        }
-                    }
+            let protocol::calls::Unlocked { slot, warnings } = client.unlock(secret)?;
+            if cli.json {
+                println!("{}", json!({ "state": "unlocked", "slot": slot, "warnings": warnings }));
+            } else {
+                println!("unlocked (slot {slot})");
+                for w in &warnings {
+                    eprintln!("hsmctl: warning: {w}");
                 }
-                other => return Err(unexpected("unlock", &other)),
             }
         }
-        Command::Lock => match client.call(Operation::Lock)? {
-            Reply::Locked => {
-                if cli.json {
-                    println!("{}", json!({ "state": "locked" }));
-                } else {
-                    println!("locked: the master key is zeroized");
-                }
+        Command::Lock => {
+            client.lock()?;
+            if cli.json {
+                println!("{}", json!({ "state": "locked" }));
+            } else {
+                println!("locked: the master key is zeroized");
             }
-            other => return Err(unexpected("lock", &other)),
-        },
+        }
         Command::Key(cmd) => key_cmd::run(cli.json, &mut client, cmd)?,
         Command::Backend(BackendCommand::Pkcs11(Pkcs11Command::SetPin { .. })) => {
             let Some(Prepared::Pin(pin)) = prepared else {
                 return Err(Local::Internal.fail("no PIN prepared"));
             };
-            match client.call(Operation::BackendSetPin {
-                backend: "pkcs11".into(),
-                pin,
-            })? {
-                Reply::BackendPinSet { backend } => {
-                    if cli.json {
-                        println!("{}", json!({ "backend": backend, "pin": "sealed" }));
-                    } else {
-                        println!("the {backend} PIN is sealed in the keystore and handed to the token");
-                    }
-                }
-                other => return Err(unexpected("backend-set-pin", &other)),
+            let backend = client.backend_set_pin("pkcs11".into(), pin)?;
+            if cli.json {
+                println!("{}", json!({ "backend": backend, "pin": "sealed" }));
+            } else {
+                println!("the {backend} PIN is sealed in the keystore and handed to the token");
             }
         }
         Command::Backup(_) | Command::Hardware(_) | Command::Completions { .. } | Command::GenerateMan { .. } => {
             return Err(Local::Internal.fail("backup, hardware, completions and man pages are handled above"))
         }
         Command::File(cmd) => file_cmd::run(cli.json, &mut client, cmd)?,
-        Command::Metrics => match client.call(Operation::Metrics)? {
-            Reply::Metrics { text } if cli.json => print_json(&json!({ "format": "openmetrics-text", "text": text })),
-            Reply::Metrics { text } => print!("{text}"),
-            other => return Err(unexpected("metrics", &other)),
-        },
-        Command::Audit(AuditCommand::Verify) => match client.call(Operation::AuditVerify)? {
-            Reply::AuditVerified {
+        Command::Metrics => {
+            let text = client.metrics()?;
+            if cli.json {
+                print_json(&json!({ "format": "openmetrics-text", "text": text }));
+            } else {
+                print!("{text}");
+            }
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let protocol::calls::AuditVerified {
                 lines,
                 first_seq,
                 last_seq,
                 files,
                 recoveries,
-            } => {
+            } = client.audit_verify()?;
+            {
                 if cli.json {
                     println!(
                         "{}",
@@ -782,8 +764,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     }
                 }
             }
-            other => return Err(unexpected("audit-verify", &other)),
-        },
+        }
         Command::Audit(AuditCommand::Show {
             since,
             event,
@@ -791,52 +772,42 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             key,
             result,
             limit,
-        }) => match client.call(Operation::AuditShow {
-            since_secs: since.map(|d| d.as_secs()),
-            event_type: event.clone(),
-            user: user.clone(),
-            key: key.clone(),
-            result: result.clone(),
-            limit: *limit,
-        })? {
-            Reply::AuditLines(lines) => print_audit(cli.json, &lines)?,
-            other => return Err(unexpected("audit-show", &other)),
-        },
-        Command::Policy(PolicyCommand::Show) => match client.call(Operation::PolicyShow)? {
-            Reply::Policy { source, text, roles } => {
-                if cli.json {
-                    println!("{}", json!({ "source": source, "roles": roles, "text": text }));
-                } else {
-                    println!("policy: {source}\nroles:  {}", roles.join(", "));
-                    if !text.is_empty() {
-                        println!("\n{text}");
-                    }
+        }) => {
+            let lines = client.audit_show(
+                since.map(|d| d.as_secs()),
+                event.clone(),
+                user.clone(),
+                key.clone(),
+                result.clone(),
+                *limit,
+            )?;
+            print_audit(cli.json, &lines)?;
+        }
+        Command::Policy(PolicyCommand::Show) => {
+            let protocol::calls::PolicyText { source, text, roles } = client.policy_show()?;
+            if cli.json {
+                println!("{}", json!({ "source": source, "roles": roles, "text": text }));
+            } else {
+                println!("policy: {source}\nroles:  {}", roles.join(", "));
+                if !text.is_empty() {
+                    println!("\n{text}");
                 }
             }
-            other => return Err(unexpected("policy-show", &other)),
-        },
+        }
         Command::Policy(PolicyCommand::Check { user, action, key }) => {
             let (resource, action) = match action.split_once(':') {
                 Some((r, a)) => (r.to_owned(), a.to_owned()),
                 None => ("keys".to_owned(), action.clone()),
             };
-            match client.call(Operation::PolicyCheck {
-                user: user.clone(),
-                resource,
-                action,
-                key: key.clone(),
-            })? {
-                Reply::PolicyDecision { allowed, reason } => {
-                    if cli.json {
-                        println!("{}", json!({ "allowed": allowed, "reason": reason }));
-                    } else {
-                        println!("{}: {reason}", if allowed { "ALLOWED" } else { "DENIED" });
-                    }
-                    if !allowed {
-                        return Err(Failure::Quiet);
-                    }
-                }
-                other => return Err(unexpected("policy-check", &other)),
+            let protocol::calls::PolicyDecision { allowed, reason } =
+                client.policy_check(user.clone(), resource, action, key.clone())?;
+            if cli.json {
+                println!("{}", json!({ "allowed": allowed, "reason": reason }));
+            } else {
+                println!("{}: {reason}", if allowed { "ALLOWED" } else { "DENIED" });
+            }
+            if !allowed {
+                return Err(Failure::Quiet);
             }
         }
         Command::Rewrap {
@@ -935,23 +906,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             output::not_the_input(input, output.as_deref().unwrap_or(Path::new("-")))?;
             let mut out = open_unless_json(cli.json, output.as_deref(), *force, false)?;
             let data = sealing::read_mac_input(input)?;
-            match client.call(Operation::Mac {
-                name: name.clone(),
-                data,
-            })? {
-                Reply::MacTag { version, tag } => {
-                    if let Some(out) = out.as_mut() {
-                        out.write(protocol::formats::tag::write(name, version, &tag).as_bytes())?;
-                    }
-                    if let Some(out) = out {
-                        out.finish()?;
-                    }
-                    if cli.json {
-                        print_json(&json!({ "key": name, "version": version, "tag": hex::encode(&tag),
-                                            "output": output.as_ref().filter(|p| !output::is_stdout(Some(p))) }));
-                    }
-                }
-                other => return Err(unexpected("mac", &other)),
+            let protocol::calls::Tagged { version, tag } = client.mac(name.clone(), data)?;
+            if let Some(out) = out.as_mut() {
+                out.write(protocol::formats::tag::write(name, version, &tag).as_bytes())?;
+            }
+            if let Some(out) = out {
+                out.finish()?;
+            }
+            if cli.json {
+                print_json(&json!({ "key": name, "version": version, "tag": hex::encode(&tag),
+                                    "output": output.as_ref().filter(|p| !output::is_stdout(Some(p))) }));
             }
         }
         Command::MacVerify {
@@ -971,25 +935,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 return Err(Local::Input.fail(format!("the tag was made by key {signer:?}, not {name:?}")));
             }
             let data = sealing::read_mac_input(input)?;
-            match client.call(Operation::MacVerify {
-                name: name.clone(),
-                version,
-                data,
-                tag,
-                allow_compromised: *allow_compromised,
-            })? {
-                Reply::MacVerified { valid: true } => {
-                    if cli.json {
-                        print_json(&json!({ "valid": true, "key": name, "version": version }));
-                    } else {
-                        println!("tag valid (key {name}, version {version})");
-                    }
-                }
-                Reply::MacVerified { valid: false } => {
-                    let e = Local::InvalidTag.fail(format!("tag INVALID for key {name} version {version}"));
-                    return Err(invalid(cli.json, e, name, version));
-                }
-                other => return Err(unexpected("mac-verify", &other)),
+            if !client.mac_verify(name.clone(), version, data, tag, *allow_compromised)? {
+                let e = Local::InvalidTag.fail(format!("tag INVALID for key {name} version {version}"));
+                return Err(invalid(cli.json, e, name, version));
+            }
+            if cli.json {
+                print_json(&json!({ "valid": true, "key": name, "version": version }));
+            } else {
+                println!("tag valid (key {name}, version {version})");
             }
         }
         Command::Sign {
@@ -1003,13 +956,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let mut out = open_unless_json(cli.json, output.as_deref(), *force, format == "raw")?;
             let key = keys::info(&mut client, name)?;
             let digest = keys::digest_file(key.key_type, input)?;
-            let (version, signature) = match client.call(Operation::Sign {
-                name: name.clone(),
-                digest,
-            })? {
-                Reply::Signature { version, signature } => (version, signature),
-                other => return Err(unexpected("sign", &other)),
-            };
+            let protocol::calls::Signed { version, signature } = client.sign(name.clone(), digest)?;
             if cli.json {
                 print_json(
                     &json!({ "key": name, "version": version, "type": key.key_type.as_str(), "format": format,
@@ -1051,41 +998,25 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 (version, sig)
             };
             let digest = keys::digest_file(key.key_type, input)?;
-            match client.call(Operation::Verify {
-                name: name.clone(),
-                version,
-                digest,
-                signature: sig,
-                allow_compromised: *allow_compromised,
-            })? {
-                Reply::Verified { valid: true } => {
-                    if cli.json {
-                        println!("{}", json!({ "valid": true, "key": name, "version": version }));
-                    } else {
-                        println!("signature valid (key {name}, version {version})");
-                    }
-                }
-                Reply::Verified { valid: false } => {
-                    let e = Local::InvalidSignature.fail(format!("signature INVALID for key {name} version {version}"));
-                    return Err(invalid(cli.json, e, name, version));
-                }
-                other => return Err(unexpected("verify", &other)),
+            if !client.verify(name.clone(), version, digest, sig, *allow_compromised)? {
+                let e = Local::InvalidSignature.fail(format!("signature INVALID for key {name} version {version}"));
+                return Err(invalid(cli.json, e, name, version));
+            }
+            if cli.json {
+                println!("{}", json!({ "valid": true, "key": name, "version": version }));
+            } else {
+                println!("signature valid (key {name}, version {version})");
             }
         }
-        Command::Slot(SlotCommand::List) => match client.call(Operation::SlotList)? {
-            Reply::Slots(slots) => print_slots(cli.json, &slots),
-            other => return Err(unexpected("slot-list", &other)),
-        },
-        Command::Slot(SlotCommand::Remove { id }) => match client.call(Operation::SlotRemove { id: *id })? {
-            Reply::SlotRemoved { slot } => {
-                if cli.json {
-                    println!("{}", json!({ "removed": slot }));
-                } else {
-                    println!("removed unlock slot {slot}");
-                }
+        Command::Slot(SlotCommand::List) => print_slots(cli.json, &client.slot_list()?),
+        Command::Slot(SlotCommand::Remove { id }) => {
+            let slot = client.slot_remove(*id)?;
+            if cli.json {
+                println!("{}", json!({ "removed": slot }));
+            } else {
+                println!("removed unlock slot {slot}");
             }
-            other => return Err(unexpected("slot-remove", &other)),
-        },
+        }
     }
     Ok(())
 }
@@ -1095,7 +1026,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
 /// told so, with the flag that fits. If the slot list cannot be read, the
 /// daemon's answer to the unlock says what is wrong instead.
 fn passphrase_slot_exists(cli: &Cli) -> Result<(), Failure> {
-    let Ok(Reply::Slots(slots)) = connect(cli).and_then(|mut c| c.call(Operation::SlotList)) else {
+    let Ok(Ok(slots)) = connect(cli).map(|mut c| c.slot_list()) else {
         return Ok(());
     };
     if slots.is_empty() || slots.iter().any(|s| s.kind == "passphrase") {

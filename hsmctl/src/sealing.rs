@@ -11,11 +11,11 @@ use std::{
     path::Path,
 };
 
-use protocol::{Client, ClientError, Operation, Reply};
+use protocol::{Client, ClientError};
 
 use crate::{
     armor,
-    failure::{unexpected, Failure, Local},
+    failure::{Failure, Local},
     output::Output,
 };
 
@@ -134,17 +134,14 @@ pub fn encrypt(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aa
         };
         let last = next_len == 0;
         total += len as u64;
-        let (version, sealed) = match client.call(Operation::Encrypt {
-            name: name.to_owned(),
-            // Every chunk under the version the header names, even if the key
-            // is rotated while this runs.
-            version: pinned,
-            plaintext: protocol::SecretBytes::new(current[..len].to_vec()),
-            aad: chunk_aad(name, CHUNK, index, last, aad),
-        })? {
-            Reply::Encrypted { version, sealed } => (version, sealed),
-            other => return Err(unexpected("encrypt", &other)),
-        };
+        // Every chunk under the version the header names, even if the key is
+        // rotated while this runs.
+        let protocol::calls::Sealed { version, sealed } = client.encrypt(
+            name.to_owned(),
+            pinned,
+            protocol::SecretBytes::new(current[..len].to_vec()),
+            chunk_aad(name, CHUNK, index, last, aad),
+        )?;
         if !wrote_header {
             out.write(&header_bytes(name, version, CHUNK))?;
             wrote_header = true;
@@ -226,15 +223,9 @@ pub fn decrypt(
     let mut chunks = Chunks::new(&mut *reader, &header);
     let (mut total, mut count) = (0u64, 0u64);
     while let Some((index, sealed, last)) = chunks.next_chunk().map_err(|e| format_failure(input, e))? {
-        let plaintext = match client.call(Operation::Decrypt {
-            name: name.clone(),
-            version,
-            sealed,
-            aad: chunk_aad(&name, chunk_size, index, last, aad),
-            allow_compromised,
-        }) {
-            Ok(Reply::Decrypted { plaintext }) => plaintext,
-            Ok(other) => return Err(unexpected("decrypt", &other)),
+        let aad = chunk_aad(&name, chunk_size, index, last, aad);
+        let plaintext = match client.decrypt(name.clone(), version, sealed, aad, allow_compromised) {
+            Ok(plaintext) => plaintext,
             Err(e) if e.code() == Some(protocol::ErrorCode::DecryptFailed) => {
                 return Err(chunk_failed(index, input, &e));
             }
@@ -267,15 +258,9 @@ pub fn rewrap(client: &mut Client, name: &str, input: &Path, dest: Dest<'_>, aad
     let mut chunks = Chunks::new(&mut *reader, &header);
     let mut to = None;
     while let Some((index, sealed, last)) = chunks.next_chunk().map_err(|e| format_failure(input, e))? {
-        let (new_version, resealed) = match client.call(Operation::Rewrap {
-            name: name.to_owned(),
-            version,
-            sealed,
-            aad: chunk_aad(name, chunk_size, index, last, aad),
-            to_version: to,
-        }) {
-            Ok(Reply::Encrypted { version, sealed }) => (version, sealed),
-            Ok(other) => return Err(unexpected("rewrap", &other)),
+        let aad = chunk_aad(name, chunk_size, index, last, aad);
+        let (new_version, resealed) = match client.rewrap(name.to_owned(), version, sealed, aad, to) {
+            Ok(s) => (s.version, s.sealed),
             Err(e) if e.code() == Some(protocol::ErrorCode::DecryptFailed) => {
                 return Err(chunk_failed(index, input, &e));
             }
@@ -314,18 +299,15 @@ pub fn datakey(
     // Both outputs are checked before hsmd makes a key, so a refusal costs nothing.
     let mut out = dest.open()?;
     let mut plain = plaintext_out.map(|p| Output::create(p, dest.force)).transpose()?;
-    let (version, sealed, plaintext) = match client.call(Operation::DataKey {
-        name: name.to_owned(),
-        aad: chunk_aad(name, CHUNK, 0, true, aad),
-        plaintext: plaintext_out.is_some(),
-    })? {
-        Reply::DataKey {
-            version,
-            sealed,
-            plaintext,
-        } => (version, sealed, plaintext),
-        other => return Err(unexpected("datakey", &other)),
-    };
+    let protocol::calls::DataKey {
+        version,
+        sealed,
+        plaintext,
+    } = client.datakey(
+        name.to_owned(),
+        chunk_aad(name, CHUNK, 0, true, aad),
+        plaintext_out.is_some(),
+    )?;
     // The plain key goes to a new mode-0600 file that appears only when
     // complete (the output's temporary file is made mode 0600).
     if let (Some(plain), Some(key)) = (plain.as_mut(), plaintext) {

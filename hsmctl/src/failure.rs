@@ -27,6 +27,8 @@ pub(crate) enum Local {
     InvalidSignature,
     /// The MAC tag does not verify (exit 1).
     InvalidTag,
+    /// `key exists`: there is no such key (exit 1).
+    Absent,
     /// The output exists and `--force` was not given.
     OutputExists,
     /// The output is refused whatever the flags: a link, a FIFO, a directory,
@@ -49,6 +51,7 @@ impl Local {
             Self::Authenticator => "authenticator",
             Self::InvalidSignature => "invalid-signature",
             Self::InvalidTag => "invalid-tag",
+            Self::Absent => "absent",
             Self::OutputExists => "output-exists",
             Self::UnsafeOutput => "unsafe-output",
             Self::NotConfirmed => "not-confirmed",

@@ -69,6 +69,12 @@ pub enum KeyCommand {
         /// The key's name
         name: String,
     },
+    /// Exit 0 if a key by this name is in the keystore (deleted but recoverable
+    /// ones count: the name is taken), 1 if not; for scripts
+    Exists {
+        /// The key's name
+        name: String,
+    },
     /// Print the public key of an asymmetric key
     Public {
         /// The key's name
@@ -439,6 +445,24 @@ pub fn run(json: bool, client: &mut Client, cmd: &KeyCommand) -> Result<(), Fail
                 print_json(&k);
             } else {
                 print_info(&k);
+            }
+        }
+        KeyCommand::Exists { name } => {
+            if !client.key_exists(name.clone())? {
+                let e = Local::Absent.fail(format!("there is no key {name:?}"));
+                if !json {
+                    return Err(e);
+                }
+                let mut doc = e.to_json();
+                doc["key"] = json!(name);
+                doc["exists"] = json!(false);
+                print_json(&doc);
+                return Err(Failure::Quiet);
+            }
+            if json {
+                print_json(&json!({ "key": name, "exists": true }));
+            } else {
+                println!("key {name} exists");
             }
         }
         KeyCommand::Public {

@@ -352,6 +352,9 @@ calls! {
         FileInfo => fn file_info(token: String) -> FileInfo { Reply::File(f) => f }
         /// Deletes a stored file; answers its token.
         FileDelete => fn file_delete(token: String) -> String { Reply::FileDeleted { token } => token }
+        /// Whether a key by this name is in the keystore (deleted but
+        /// recoverable ones count).
+        KeyExists => fn key_exists(name: String) -> bool { Reply::KeyExists { exists } => exists }
         /// Seals and stores the PIN of a backend (pkcs11) so the daemon can log in at unlock.
         BackendSetPin => fn backend_set_pin(backend: String, pin: SecretBytes) -> String {
             Reply::BackendPinSet { backend } => backend

@@ -435,6 +435,13 @@ pub enum Operation {
         /// The PIN.
         pin: SecretBytes,
     },
+    /// Whether a key by this name is in the keystore (a deleted key still
+    /// recoverable counts: its name is taken). Needs any permission on the
+    /// key, as `KeyInfo`; works while locked. Answered with `KeyExists`.
+    KeyExists {
+        /// The key's name.
+        name: String,
+    },
 }
 
 impl Operation {
@@ -1378,6 +1385,12 @@ pub enum Reply {
     BackendPinSet {
         /// The backend.
         backend: String,
+    },
+    /// Answer to `KeyExists`.
+    #[strum(serialize = "key-exists")]
+    KeyExists {
+        /// Whether the key is there.
+        exists: bool,
     },
 }
 

@@ -181,6 +181,8 @@ fn every_command_prints_one_json_document_on_success_and_on_failure() {
     w.ok(&["key", "list"]);
     w.ok(&["key", "info", "s"]);
     w.fails(&["key", "info", "nosuch"], 1, "not-found");
+    assert_eq!(w.ok(&["key", "exists", "s"])["exists"], true);
+    assert_eq!(w.fails(&["key", "exists", "nosuch"], 1, "absent")["exists"], false);
     let public = w.ok(&["key", "public", "s"]);
     assert!(
         public["pem"]

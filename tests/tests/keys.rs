@@ -435,3 +435,29 @@ fn openssh_public_keys_read_back_by_ssh_keygen_as_the_same_key() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pem.trim(), "{t}");
     }
 }
+
+#[test]
+fn key_exists_exits_0_for_a_key_and_1_for_none_locked_or_not() {
+    let (d, keyfile) = initialized();
+    ok(&d.hsmctl(&["key", "create", "present", "--type", "ed25519"]));
+    let yes = d.hsmctl(&["key", "exists", "present"]);
+    assert_eq!(yes.status.code(), Some(0), "{yes:?}");
+    assert_eq!(String::from_utf8_lossy(&yes.stdout), "key present exists\n");
+    let no = d.hsmctl(&["key", "exists", "absent"]);
+    assert_eq!(no.status.code(), Some(1), "{no:?}");
+    assert!(no.stdout.is_empty(), "{no:?}");
+    assert!(
+        String::from_utf8_lossy(&no.stderr).contains("there is no key \"absent\""),
+        "{no:?}"
+    );
+    // A deleted key still recoverable holds its name.
+    ok(&d.hsmctl(&["key", "create", "deleted", "--type", "ed25519"]));
+    ok(&d.hsmctl(&["key", "delete", "deleted"]));
+    assert_eq!(d.hsmctl(&["key", "exists", "deleted"]).status.code(), Some(0));
+    // The answer needs no unlocked keystore: names are not secret from those
+    // who may see the key.
+    ok(&d.hsmctl(&["lock"]));
+    assert_eq!(d.hsmctl(&["key", "exists", "present"]).status.code(), Some(0));
+    assert_eq!(d.hsmctl(&["key", "exists", "absent"]).status.code(), Some(1));
+    ok(&d.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
+}

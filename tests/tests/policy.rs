@@ -414,3 +414,24 @@ fn storing_a_file_takes_encrypt_on_the_wrapping_key_and_its_line_names_the_key()
     // The line stored through the descriptor is the key's own line.
     assert_eq!(show(&["--event", "FILE_STORED", "--key", "ci-files"]).len(), 1);
 }
+
+#[test]
+fn key_exists_answers_only_those_with_a_permission_on_the_key_and_never_about_others() {
+    let s = setup("");
+    ok(&s.d.hsmctl(&["key", "create", "ci-release", "--type", "ed25519"]));
+    ok(&s.d.hsmctl(&["key", "create", "team-key", "--type", "ed25519"]));
+    // The ci operator: yes for its own pattern, and no for an absent ci-* name.
+    let yes = s.as_uid(4002, &["key", "exists", "ci-release"]);
+    assert_eq!(yes.status.code(), Some(0), "{yes:?}");
+    let no = s.as_uid(4002, &["--json", "key", "exists", "ci-nothing"]);
+    assert_eq!(no.status.code(), Some(1), "{no:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&no.stdout).expect("one JSON document");
+    assert_eq!(doc["exists"], false, "{doc}");
+    assert_eq!(doc["error"]["code"], "absent", "{doc}");
+    // Outside its pattern it is refused alike whether the key is there or
+    // not, so a refusal says nothing about which keys exist.
+    for name in ["team-key", "no-such-key"] {
+        let err = denied(&s.as_uid(4002, &["key", "exists", name]));
+        assert!(err.contains(&format!("key {name:?}")), "{err}");
+    }
+}

@@ -65,6 +65,22 @@ pub(super) fn info(name: String) -> Plan {
     .audited(spec)
 }
 
+/// Whether the key is there: any permission on it will do, as for its
+/// metadata, so a caller with none learns nothing about it.
+pub(super) fn exists(name: String) -> Plan {
+    let spec = on_key(EventType::KeyInfo, &name, "exists", 1, false);
+    Plan::vault({
+        let name = name.clone();
+        move |v| match v.find(&name, None) {
+            Ok(_) => Ok(Reply::KeyExists { exists: true }),
+            Err(crate::keystore::VaultError::NoSuchKey(_)) => Ok(Reply::KeyExists { exists: false }),
+            Err(e) => Err(e),
+        }
+    })
+    .needs(Permission::Keys(A::Info), Some(&name))
+    .audited(spec)
+}
+
 pub(super) fn public(name: String) -> Plan {
     let spec = on_key(EventType::KeyPublic, &name, "public", 1, false);
     Plan::vault({

@@ -330,6 +330,7 @@ pub fn plan(op: Operation) -> Plan {
         } => keys::create(name, key_type, usages, options),
         O::KeyList => keys::list(),
         O::KeyInfo { name } => keys::info(name),
+        O::KeyExists { name } => keys::exists(name),
         O::KeyPublic { name } => keys::public(name),
         O::KeyDelete { name } => keys::delete(name),
         O::KeyRotate { name } => keys::rotate(name),

@@ -207,10 +207,7 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::BackendSetPin {
-                backend: String::new(),
-                pin: crate::SecretBytes::new(Vec::new()),
-            },
+            op: Operation::KeyExists { name: String::new() },
         };
         let body = encode_body(&last).unwrap();
         assert_eq!(peek_request_header(&body), Some((9, OPERATION_VARIANTS - 1)));

@@ -69,6 +69,7 @@ pub enum Operation {
     WhoAmI,
     /// Holds a worker for `millis` milliseconds (at most 10 000) and then answers.
     /// Served only by `hsmd --dev`; used to test concurrency and shutdown.
+    #[doc(hidden)]
     DebugDelay {
         /// How long to hold the worker.
         millis: u32,
@@ -270,6 +271,7 @@ pub enum Operation {
     },
     /// Dev mode only: moves the daemon's clock for key lifecycles (activation,
     /// expiry, rotation, purge) forward, so tests need not wait for days.
+    #[doc(hidden)]
     DebugClock {
         /// Seconds to add.
         advance_secs: u64,
@@ -1126,6 +1128,7 @@ pub enum Reply {
     WhoAmI(PeerInfo),
     /// Answer to [`Operation::DebugDelay`].
     #[strum(serialize = "debug-delay")]
+    #[doc(hidden)]
     Delayed {
         /// How long the worker was held.
         millis: u32,
@@ -1261,6 +1264,7 @@ pub enum Reply {
     Batch(Vec<Result<Reply, WireError>>),
     /// Answer to `DebugClock`.
     #[strum(serialize = "debug-clock")]
+    #[doc(hidden)]
     Clock {
         /// The daemon's lifecycle clock now, seconds since the Unix epoch.
         now_unix: u64,

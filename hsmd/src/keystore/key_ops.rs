@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 use crate::backend::{Backend, KeyHandle, KeyLabel};
 
 use super::{
-    check_digest, crypto, key_aad, keys,
+    crypto, key_aad, keys,
     lifecycle::{self, Action, Allowed},
     lock, now_unix, parse_type,
     store::{KeyPolicy, KeyRow},
@@ -71,6 +71,27 @@ pub(super) struct UseCounter {
 #[derive(Debug, Clone)]
 pub struct Found(Arc<Cached>);
 
+impl Cached {
+    /// Checks that `digest` has the length the key type's signatures cover.
+    fn check_digest(&self, digest: &[u8]) -> Result<(), VaultError> {
+        let key_type = self.key_type.clone().map_err(VaultError::Tampered)?;
+        let Some(expected) = key_type.digest_len() else {
+            return Err(VaultError::Invalid(format!(
+                "an {} key does not sign",
+                key_type.as_str()
+            )));
+        };
+        if digest.len() != expected {
+            return Err(VaultError::Invalid(format!(
+                "an {} signature covers a {expected}-byte digest, not {} bytes",
+                key_type.as_str(),
+                digest.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Found {
     /// The name of the backend that holds the key.
     #[must_use]
@@ -89,6 +110,10 @@ impl Found {
 #[derive(Debug)]
 pub(super) struct Cached {
     pub(super) row: KeyRow,
+    /// The row's type and usages, parsed once when it was read: every use
+    /// checks them. An unknown type is tampering, said when the key is used.
+    key_type: Result<KeyType, String>,
+    usages: Vec<Usage>,
     counter: Arc<UseCounter>,
     /// Whether the policy MAC was checked (it can be only while unlocked).
     verified: bool,
@@ -368,7 +393,18 @@ impl Vault {
             Err(VaultError::Locked) => false,
             Err(e) => return Err(e),
         };
-        let cached = Arc::new(Cached { row, counter, verified });
+        let key_type = parse_type(&row).map_err(|e| match e {
+            VaultError::Tampered(why) => why,
+            other => other.to_string(),
+        });
+        let usages = row.usages.split(',').filter_map(Usage::parse).collect();
+        let cached = Arc::new(Cached {
+            row,
+            key_type,
+            usages,
+            counter,
+            verified,
+        });
         if verified {
             lock(&self.rows).insert(cache_key, Arc::clone(&cached));
         }
@@ -948,7 +984,7 @@ impl Vault {
                 "compromised key used because the request allowed it"
             );
         }
-        if !row.usages.split(',').any(|u| u == usage.as_str()) {
+        if !c.usages.contains(&usage) {
             return Err(VaultError::UsageNotAllowed {
                 name: row.name.clone(),
                 usage: usage.as_str(),
@@ -994,7 +1030,7 @@ impl Vault {
     /// the wrong length, [`VaultError::Tampered`].
     pub fn sign(&self, key: &Found, digest: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
         let (c, material) = self.prepare(key, None, Action::Sign, Usage::Sign, false)?;
-        check_digest(&c.row, digest)?;
+        c.check_digest(digest)?;
         let signature = material.sign(digest)?;
         Ok((c.row.version, signature))
     }
@@ -1012,7 +1048,7 @@ impl Vault {
     ) -> Result<bool, VaultError> {
         let version = Some(key.0.row.version);
         let (c, material) = self.prepare(key, version, Action::Verify, Usage::Verify, allow_compromised)?;
-        check_digest(&c.row, digest)?;
+        c.check_digest(digest)?;
         Ok(material.verify(digest, signature)?)
     }
 
@@ -1180,7 +1216,7 @@ impl Vault {
     /// sparing two thread wake-ups. Never blocks.
     pub fn find_hot(&self, name: &str, version: Option<u32>) -> Option<Found> {
         let c = lock(&self.rows).get(&(name.to_owned(), version)).map(Arc::clone)?;
-        if matches!(parse_type(&c.row), Ok(KeyType::EcdsaP256 | KeyType::EcdsaP384) | Err(_)) {
+        if matches!(c.key_type, Ok(KeyType::EcdsaP256 | KeyType::EcdsaP384) | Err(_)) {
             return None;
         }
         // A device round trip (or the mock's latency) must not stall the reactor.

@@ -264,21 +264,6 @@ fn key_aad(store_id: &[u8], row: &KeyRow) -> Vec<u8> {
     aad
 }
 
-/// Checks that `digest` has the length the key type's signatures cover.
-fn check_digest(row: &KeyRow, digest: &[u8]) -> Result<(), VaultError> {
-    let Some(expected) = parse_type(row)?.digest_len() else {
-        return Err(VaultError::Invalid(format!("an {} key does not sign", row.key_type)));
-    };
-    if digest.len() != expected {
-        return Err(VaultError::Invalid(format!(
-            "an {} signature covers a {expected}-byte digest, not {} bytes",
-            row.key_type,
-            digest.len()
-        )));
-    }
-    Ok(())
-}
-
 fn parse_type(row: &KeyRow) -> Result<KeyType, VaultError> {
     KeyType::parse(&row.key_type)
         .ok_or_else(|| VaultError::Tampered(format!("key {:?} has unknown type {:?}", row.name, row.key_type)))

@@ -35,7 +35,7 @@ use crate::{
     audit::{Class, Progress, Settled, Ticket},
     auth::{Admission, Credentials},
     budget::{Budget, Waiter},
-    ops::{self as dispatch, Answer, Caller, Work},
+    ops::{self, Answer, Caller, Work},
 };
 
 /// How long identity lookups (NSS) may take before the peer is refused.
@@ -635,7 +635,7 @@ impl Connection {
             );
             return true;
         }
-        let (job, own_thread) = match dispatch::route(op, &self.caller, &self.shared, attached) {
+        let (job, own_thread) = match ops::route(op, &self.caller, &self.shared, attached) {
             Work::Done(answer) => {
                 self.deliver(id, answer, 0);
                 return true;

@@ -150,26 +150,33 @@ fn back_off_doubles_with_each_wrong_secret() {
     let wrong = || Operation::Unlock {
         secret: UnlockSecret::Passphrase(SecretBytes::new(b"wrong passphrase".to_vec())),
     };
+    let mut failed_sent = Instant::now();
     let err = c.call(wrong()).expect_err("wrong");
     assert_eq!(err.code(), Some(ErrorCode::UnlockFailed), "{err}");
-    // How long the daemon refuses to try again after each further failure:
-    // until its last refusal, so that the Argon2 run of the attempt it then
-    // lets through (slow and uneven on a busy machine) is not counted.
+    // How long the daemon refuses to try again after each failure: from when
+    // the failing attempt was sent (its back-off starts later, when hsmd has
+    // run Argon2 and counted it; its answer may come later still, after its
+    // audit line is on disk) until the last refusal, so that neither a slow
+    // answer nor the Argon2 run of the attempt then let through counts
+    // against the back-off.
     let mut waits = Vec::new();
     for _ in 0..3 {
-        let started = Instant::now();
-        let mut refused_until = started;
+        let mut refused_until = failed_sent;
         loop {
+            let sent = Instant::now();
             match c.call(wrong()) {
                 Err(e) if e.code() == Some(ErrorCode::RateLimited) => {
                     refused_until = Instant::now();
                     thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) if e.code() == Some(ErrorCode::UnlockFailed) => break,
+                Err(e) if e.code() == Some(ErrorCode::UnlockFailed) => {
+                    waits.push(refused_until - failed_sent);
+                    failed_sent = sent;
+                    break;
+                }
                 other => panic!("{other:?}"),
             }
         }
-        waits.push(refused_until - started);
     }
     assert!(waits[0] >= Duration::from_millis(150), "{waits:?}");
     assert!(waits[1] > waits[0] && waits[2] > waits[1], "waits grow: {waits:?}");

@@ -140,36 +140,39 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
         };
     };
     let (who, vault) = (Arc::clone(&caller.who), Arc::clone(&shared.vault));
-    let durable = !spec.is_exempt();
     match staged {
         Staged::Done(reached) => {
             // Written when the connection has handled what it has read.
             let (event, class) = spec.event(who, &reached.result, reached.backend, &vault);
-            let ticket = audit.submit_deferred(event, class, durable);
+            let ticket = audit.submit_deferred(event, class, !spec.is_exempt());
             Work::Done(Answer {
                 result: reached.result,
                 audit: ticket,
             })
         }
-        Staged::Blocking(job) => Work::Blocking(Box::new(move || {
-            let reached = job();
-            let (event, class) = spec.event(who, &reached.result, reached.backend, &vault);
-            let ticket = audit.submit(event, class, durable);
-            Answer {
-                result: reached.result,
-                audit: ticket,
-            }
-        })),
-        Staged::Transfer(job) => Work::Transfer(Box::new(move || {
-            let reached = job();
-            let (event, class) = spec.event(who, &reached.result, reached.backend, &vault);
-            let ticket = audit.submit(event, class, durable);
-            Answer {
-                result: reached.result,
-                audit: ticket,
-            }
-        })),
+        Staged::Blocking(job) => Work::Blocking(then_audit(job, spec, audit, who, vault)),
+        Staged::Transfer(job) => Work::Transfer(then_audit(job, spec, audit, who, vault)),
     }
+}
+
+/// `job`, followed by its audit line, written as soon as it is done (off the
+/// reactor, nothing else waits for the connection).
+fn then_audit(
+    job: super::Job,
+    spec: super::AuditSpec,
+    audit: Arc<Auditor>,
+    who: Arc<crate::audit::Who>,
+    vault: Arc<crate::keystore::Vault>,
+) -> BlockingJob {
+    Box::new(move || {
+        let reached = job();
+        let (event, class) = spec.event(who, &reached.result, reached.backend, &vault);
+        let ticket = audit.submit(event, class, !spec.is_exempt());
+        Answer {
+            result: reached.result,
+            audit: ticket,
+        }
+    })
 }
 
 /// Payloads up to this size may be served on the reactor when the key is hot.

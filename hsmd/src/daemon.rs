@@ -302,7 +302,7 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     if let Some(path) = &config.unlock.keyfile {
         unlock_at_start(&vault, path, audit.as_deref());
     }
-    if config.unlock.tpm2 && vault.state() == protocol::ServiceState::Locked {
+    if config.unlock.tpm2 && vault.custody().state() == protocol::ServiceState::Locked {
         let unlocked = vault.unlock(nix::unistd::getuid().as_raw(), &protocol::UnlockSecret::Tpm2);
         record_unlock_at_start(audit.as_deref(), "the TPM", &unlocked);
     }
@@ -569,7 +569,7 @@ async fn serve_until_signalled(
     // Use counts gathered since the last flush are written before exit.
     let _ = maintenance.await;
     let vault = Arc::clone(&shared.vault);
-    match tokio::task::spawn_blocking(move || vault.flush_usage()).await {
+    match tokio::task::spawn_blocking(move || vault.keys().flush_usage()).await {
         Ok(Ok(n)) if n > 0 => tracing::info!(versions = n, "key use counts written"),
         Ok(Err(e)) => tracing::error!(error = %e, "could not write key use counts at shutdown"),
         _ => {}
@@ -644,7 +644,7 @@ fn prepare_state_dir(dir: &Path) -> Result<fs::File, DaemonError> {
 /// key-file slot whose file lives in the state dir, so `lock` and `unlock` can be
 /// tried. A state dir that already holds a keystore is used as it is (locked).
 fn dev_initialize(vault: &Vault, state_dir: &Path) -> Result<Option<PathBuf>, DaemonError> {
-    if vault.state() != protocol::ServiceState::Uninitialized {
+    if vault.custody().state() != protocol::ServiceState::Uninitialized {
         return Ok(None);
     }
     let key = zeroize::Zeroizing::new(crate::keystore::crypto::random::<32>().map_err(VaultError::from)?);
@@ -653,7 +653,7 @@ fn dev_initialize(vault: &Vault, state_dir: &Path) -> Result<Option<PathBuf>, Da
         path: path.clone(),
         source,
     })?;
-    vault.init(&protocol::NewSlot::Keyfile {
+    vault.custody().init(&protocol::NewSlot::Keyfile {
         label: "hsmd --dev".to_owned(),
         key: protocol::SecretBytes::new(key.to_vec()),
     })?;
@@ -665,7 +665,7 @@ fn dev_initialize(vault: &Vault, state_dir: &Path) -> Result<Option<PathBuf>, Da
 /// and audited.
 fn unlock_at_start(vault: &Vault, path: &Path, audit: Option<&crate::audit::Auditor>) {
     use std::os::unix::fs::PermissionsExt;
-    if vault.state() != protocol::ServiceState::Locked {
+    if vault.custody().state() != protocol::ServiceState::Locked {
         return;
     }
     let key = match fs::read(path) {
@@ -699,7 +699,7 @@ fn spawn_auto_lock(config: &Config, shared: &Arc<Shared>) {
             tokio::select! {
                 () = shared.shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    if let Some(why) = shared.vault.enforce_timeouts(idle, max) {
+                    if let Some(why) = shared.vault.custody().enforce_timeouts(idle, max) {
                         tracing::info!("locked automatically: {why}");
                     }
                 }

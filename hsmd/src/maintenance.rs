@@ -102,7 +102,7 @@ fn maintain(shared: &Shared) {
             return;
         }
     }
-    let done = match shared.vault.maintain() {
+    let done = match shared.vault.keys().maintain() {
         Ok(done) => done,
         Err(e) => {
             tracing::error!(error = %e, "key maintenance failed");
@@ -119,7 +119,7 @@ fn maintain(shared: &Shared) {
             }
         }
     }
-    if let Err(e) = shared.vault.lifecycle_reported(done.seen_until) {
+    if let Err(e) = shared.vault.keys().lifecycle_reported(done.seen_until) {
         tracing::error!(error = %e, "cannot record which activation and expiry times were reported");
     }
 }
@@ -143,7 +143,7 @@ pub fn spawn(config: &Config, shared: &Arc<Shared>) -> JoinHandle<()> {
                 }
                 _ = flush.tick() => {
                     let vault = Arc::clone(&shared.vault);
-                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || vault.flush_usage()).await {
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || vault.keys().flush_usage()).await {
                         tracing::error!(error = %e, "could not write key use counts; will retry");
                     }
                 }

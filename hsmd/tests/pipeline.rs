@@ -39,6 +39,7 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let vault = Vault::open(dir.path(), Argon2Cost::FLOOR).expect("open");
     vault
+        .custody()
         .init(&NewSlot::Keyfile {
             label: "first".into(),
             key: SecretBytes::new(vec![7; 32]),

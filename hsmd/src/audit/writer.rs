@@ -570,7 +570,7 @@ impl Auditor {
     }
 
     /// Checks the chain through every file, from a snapshot (see
-    /// [`verify`](super::verify)). Blocking.
+    /// `audit::verify`). Blocking.
     ///
     /// # Errors
     /// [`Broken`] naming each break.

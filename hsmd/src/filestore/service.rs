@@ -22,7 +22,7 @@ use super::{
     store::{self, Chunks, Cursor, FileStore, Meta, ReadError, Reader, StoreError, Writer, RECORD_PREFIX},
 };
 use crate::{
-    keystore::Vault,
+    keystore::Keys,
     shares::{Names, Share, Shares},
 };
 
@@ -335,7 +335,7 @@ impl Files {
     /// wrapped by `key`, the header, the cipher and the temporary directory.
     fn prepare_store(
         &self,
-        vault: &Vault,
+        keys: Keys<'_>,
         uid: u32,
         name: &str,
         key: &str,
@@ -344,7 +344,7 @@ impl Files {
         check_name(name)?;
         format::check_chunk_size(chunk_size).map_err(|e| wire(ErrorCode::InvalidArgument, e))?;
         let token = store::new_token().map_err(|_| wire(ErrorCode::Internal, "the random source failed"))?;
-        let dk = vault
+        let dk = keys
             .internal_data_key(key, &format::data_key_aad(&token))
             .map_err(|e| e.to_wire())?;
         let (key_version, wrapped, data_key) = (dk.version, dk.sealed, dk.key);
@@ -377,14 +377,14 @@ impl Files {
     /// A bad name or chunk size, the key refusing (state, usage, locked), disk.
     pub fn begin_store(
         &self,
-        vault: &Vault,
+        keys: Keys<'_>,
         (uid, connection): (u32, u64),
         name: &str,
         key: &str,
         chunk_size: u32,
     ) -> Result<(u64, FileInfo), WireError> {
         let share = self.session_place(uid)?;
-        let (info, cipher, writer) = self.prepare_store(vault, uid, name, key, chunk_size)?;
+        let (info, cipher, writer) = self.prepare_store(keys, uid, name, key, chunk_size)?;
         let id = self.insert(
             share,
             connection,
@@ -408,14 +408,14 @@ impl Files {
     /// As [`Files::begin_store`]; reading the input; disk. Nothing is stored then.
     pub fn store_fd(
         &self,
-        vault: &Vault,
+        keys: Keys<'_>,
         uid: u32,
         (name, key, chunk_size): (&str, &str, u32),
         input: &File,
         _place: Share,
     ) -> Result<FileInfo, WireError> {
         check_access(input, false)?;
-        let (mut info, cipher, mut writer) = self.prepare_store(vault, uid, name, key, chunk_size)?;
+        let (mut info, cipher, mut writer) = self.prepare_store(keys, uid, name, key, chunk_size)?;
         let started = Instant::now();
         let (size, checksum) = pipeline::store_from(input, &cipher, &mut writer, chunk_size, &self.tuning, uid)
             .map_err(|e| transfer_err(&info.token, e))?;
@@ -565,7 +565,7 @@ impl Files {
     /// unwrapped) and its chunks, after checking the caller may read it.
     fn prepare_read(
         &self,
-        vault: &Vault,
+        keys: Keys<'_>,
         uid: u32,
         token: &str,
         any: bool,
@@ -578,9 +578,9 @@ impl Files {
                 format!("stored file {token}: its data key is not hex"),
             )
         })?;
-        let key = vault
+        let key = keys
             .find(&header.key, Some(header.key_version))
-            .and_then(|key| vault.decrypt(&key, &wrapped, &format::data_key_aad(token), false))
+            .and_then(|key| keys.decrypt(&key, &wrapped, &format::data_key_aad(token), false))
             .map_err(|e| e.to_wire())?;
         let key: Zeroizing<[u8; 32]> = Zeroizing::new(<[u8; 32]>::try_from(key.as_slice()).map_err(|_| {
             wire(
@@ -599,13 +599,13 @@ impl Files {
     /// Unknown or malformed token, not the owner, the key refusing, damage.
     pub fn begin_retrieve(
         &self,
-        vault: &Vault,
+        keys: Keys<'_>,
         (uid, connection): (u32, u64),
         token: &str,
         any: bool,
     ) -> Result<(u64, FileInfo), WireError> {
         let share = self.session_place(uid)?;
-        let (info, cipher, chunks) = self.prepare_read(vault, uid, token, any)?;
+        let (info, cipher, chunks) = self.prepare_read(keys, uid, token, any)?;
         let id = self.insert(
             share,
             connection,
@@ -631,7 +631,7 @@ impl Files {
     /// output failing.
     pub fn retrieve_fd(
         &self,
-        vault: &Vault,
+        keys: Keys<'_>,
         uid: u32,
         token: &str,
         any: bool,
@@ -639,7 +639,7 @@ impl Files {
         _place: Share,
     ) -> Result<FileInfo, WireError> {
         check_access(output, true)?;
-        let (info, cipher, chunks) = self.prepare_read(vault, uid, token, any)?;
+        let (info, cipher, chunks) = self.prepare_read(keys, uid, token, any)?;
         let started = Instant::now();
         pipeline::retrieve_into(
             &chunks,

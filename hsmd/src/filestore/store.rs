@@ -196,7 +196,7 @@ impl FileStore {
     /// Opens a stored file for reading.
     ///
     /// # Errors
-    /// As [`FileStore::dir`]; [`StoreError::Damaged`] for missing parts.
+    /// As `FileStore::dir`; [`StoreError::Damaged`] for missing parts.
     pub fn open_file(&self, token: &str) -> Result<Reader, StoreError> {
         let dir = self.dir(token)?;
         let damaged = |why: String| StoreError::Damaged {
@@ -237,7 +237,7 @@ impl FileStore {
     /// leaves debris that the next start removes, never a half-wiped file.
     ///
     /// # Errors
-    /// As [`FileStore::dir`]; [`StoreError::Io`].
+    /// As `FileStore::dir`; [`StoreError::Io`].
     pub fn delete(&self, token: &str) -> Result<(), StoreError> {
         let dir = self.dir(token)?;
         let mut r = [0u8; 8];

@@ -26,10 +26,11 @@ use zeroize::Zeroizing;
 
 use super::{
     crypto::{self, Key256},
-    lock, now_unix, open_master,
+    custody::{fido2_rows, open_master, MAX_PASSPHRASE, MIN_PASSPHRASE},
+    lock, now_unix,
     slots::SlotParams,
     store::{SlotRow, Store},
-    Custody, Vault, VaultError,
+    Vault, VaultError,
 };
 
 const MAGIC: &[u8; 8] = b"HSMDBAK1";
@@ -195,8 +196,8 @@ impl Vault {
     /// [`VaultError::Locked`]; [`VaultError::Invalid`] for a passphrase out of
     /// range; [`VaultError::Store`] if the snapshot fails.
     pub fn create_backup(&self, protection: &BackupProtection) -> Result<(Vec<u8>, BackupManifest), VaultError> {
-        let master = self.master()?;
-        if let Err(e) = self.flush_usage() {
+        let master = self.custody.master()?;
+        if let Err(e) = self.keys().flush_usage() {
             tracing::warn!(error = %e, "use counts not flushed before the backup");
         }
         let dir = lock(&self.store).dir().to_owned();
@@ -225,19 +226,18 @@ impl Vault {
             }
             BackupProtection::Passphrase(p) => {
                 let n = p.len();
-                if !(super::MIN_PASSPHRASE..=super::MAX_PASSPHRASE).contains(&n) {
+                if !(MIN_PASSPHRASE..=MAX_PASSPHRASE).contains(&n) {
                     return Err(VaultError::Invalid(format!(
                         "a backup passphrase must be {} to {} bytes; this one is {n}",
-                        super::MIN_PASSPHRASE,
-                        super::MAX_PASSPHRASE
+                        MIN_PASSPHRASE, MAX_PASSPHRASE
                     )));
                 }
                 let params = SlotParams::Argon2id {
-                    cost: self.cost,
+                    cost: self.custody.cost,
                     salt: hex::encode(crypto::random::<16>()?),
                 };
                 let key = {
-                    let _gate = lock(&self.kdf_gate);
+                    let _gate = lock(&self.custody.kdf_gate);
                     params
                         .derive(p.expose())
                         .map_err(|e| VaultError::Invalid(e.to_string()))?
@@ -287,8 +287,8 @@ impl Vault {
         parsed: &Parsed<'_>,
         secret: &UnlockSecret,
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let _gate = lock(&self.kdf_gate);
-        self.check_backoff(uid)?;
+        let _gate = lock(&self.custody.kdf_gate);
+        self.custody.check_backoff(uid)?;
         let h = &parsed.header;
         // Whether the key is known to be right before the seal is tried: a
         // slot of the archive opened, or the check value matched.
@@ -335,22 +335,17 @@ impl Vault {
                         open_master(&store_id, &rows, "keyfile", k.expose()).map_err(tampered)?,
                     ),
                     // The backup's TPM2 slots open on the machine whose TPM sealed them.
-                    UnlockSecret::Tpm2 => ("tpm2", self.open_tpm2(&store_id, &rows).map_err(tampered)?),
+                    UnlockSecret::Tpm2 => ("tpm2", self.custody.open_tpm2(&store_id, &rows).map_err(tampered)?),
                     UnlockSecret::Fido2 { credential_id, secret } => (
                         "fido2",
-                        open_master(
-                            &store_id,
-                            &super::fido2_rows(&rows, credential_id),
-                            "fido2",
-                            secret.expose(),
-                        )
-                        .map_err(tampered)?,
+                        open_master(&store_id, &fido2_rows(&rows, credential_id), "fido2", secret.expose())
+                            .map_err(tampered)?,
                     ),
                 };
                 match opened {
                     Some((_, master)) => (master_backup_key(&master, &hex_decode("salt", &h.salt)?), true),
                     None => {
-                        self.record_failure(uid);
+                        self.custody.record_failure(uid);
                         return Err(VaultError::BackupSecret(format!(
                             "no {kind} slot of the backup accepts this {kind}"
                         )));
@@ -368,7 +363,7 @@ impl Vault {
                         .into(),
                 );
             }
-            self.record_failure(uid);
+            self.custody.record_failure(uid);
             VaultError::BackupSecret("the backup does not open with this passphrase".into())
         })?;
         if hex::encode(Sha256::digest(&payload[..])) != h.manifest.payload_sha256
@@ -376,7 +371,7 @@ impl Vault {
         {
             return Err(damaged("the keystore inside does not match its manifest"));
         }
-        lock(&self.failures).remove(&uid);
+        self.custody.clear_failures(uid);
         Ok(payload)
     }
 
@@ -437,7 +432,7 @@ impl Vault {
         force: bool,
     ) -> Result<BackupManifest, VaultError> {
         let parsed = parse(archive)?;
-        if self.state() != ServiceState::Uninitialized && !force {
+        if self.custody.state() != ServiceState::Uninitialized && !force {
             return Err(VaultError::Wire(protocol::WireError::new(
                 protocol::ErrorCode::AlreadyInitialized,
                 "hsmd already has a keystore; restoring would replace it. Add --force to replace it \
@@ -451,16 +446,8 @@ impl Vault {
         write_private(&incoming.0, &payload)?;
         self.check_payload(&incoming.0, &manifest)?;
         let store_id = hex_decode("store id", &manifest.store_id)?;
-        // Nothing may use the old keys or rows from here on.
-        *lock(&self.custody) = Custody::Locked;
-        let kept = {
-            let mut store = lock(&self.store);
-            let kept = store.replace_with(&incoming.0)?;
-            *lock(&self.store_id) = Some(store_id);
-            kept
-        };
-        lock(&self.rows).clear();
-        lock(&self.usage).clear();
+        let kept = self.custody.replace_store(&incoming.0, store_id)?;
+        self.keys.forget_all();
         if let Some(k) = &kept {
             tracing::warn!(kept = %k.display(), "keystore replaced by a backup; the previous one is kept");
         }
@@ -515,6 +502,7 @@ mod tests {
         let vault = Vault::open(dir.path(), super::super::Argon2Cost::FLOOR).unwrap();
         let keyfile = vec![5u8; 32];
         vault
+            .custody()
             .init(&protocol::NewSlot::Keyfile {
                 label: String::new(),
                 key: protocol::SecretBytes::new(keyfile.clone()),
@@ -522,7 +510,10 @@ mod tests {
             .unwrap();
         let (archive, _) = vault.create_backup(&BackupProtection::MasterKey).unwrap();
         let parsed = parse(&archive).unwrap();
-        let key = master_backup_key(&vault.master().unwrap(), &hex::decode(&parsed.header.salt).unwrap());
+        let key = master_backup_key(
+            &vault.custody().master().unwrap(),
+            &hex::decode(&parsed.header.salt).unwrap(),
+        );
         let payload = crypto::open(&key, parsed.sealed, &aad(parsed.header_bytes)).unwrap();
         let mut old = parsed.header.clone();
         assert!(old.check.is_some(), "format 2 writes a check value");
@@ -531,7 +522,7 @@ mod tests {
         for slot in &mut old.slots {
             assert_eq!(
                 slot.wrapped.len(),
-                2 * (crypto::CHECK_LEN + super::super::SEALED_MASTER_LEN)
+                2 * (crypto::CHECK_LEN + super::super::custody::SEALED_MASTER_LEN)
             );
             slot.wrapped = slot.wrapped[2 * crypto::CHECK_LEN..].to_owned();
         }
@@ -546,7 +537,7 @@ mod tests {
         vault.restore_backup(0, &old_archive, &secret, true).unwrap();
         // The restored keystore's own slot (made with a check value) unlocks.
         vault.unlock(0, &secret).unwrap();
-        assert_eq!(vault.state(), ServiceState::Unlocked);
+        assert_eq!(vault.custody().state(), ServiceState::Unlocked);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::{
     lifecycle::{self, Action, Allowed},
     lock, now_unix, parse_type,
     store::{KeyPolicy, KeyRow},
-    Custody, Vault, VaultError,
+    Keys, VaultError,
 };
 
 /// Longest description, in bytes.
@@ -36,23 +36,23 @@ const MAX_LABEL_VALUE: usize = 256;
 /// Longest automatic rotation period or lifetime setting (100 years).
 const MAX_PERIOD: u64 = 100 * 365 * 86_400;
 
-/// A data key made by [`Vault::datakey`].
+/// A data key made by [`Keys::datakey`].
 #[derive(Debug)]
 pub struct DataKey {
     /// The version that sealed it.
     pub version: u32,
-    /// Sealed as `Vault::encrypt` seals.
+    /// Sealed as `Keys::encrypt` seals.
     pub sealed: Vec<u8>,
     /// In plain, when asked and allowed.
     pub plaintext: Option<Zeroizing<Vec<u8>>>,
 }
 
-/// A data key for hsmd's own use: [`Vault::internal_data_key`].
+/// A data key for hsmd's own use: [`Keys::internal_data_key`].
 #[derive(Debug)]
 pub struct InternalDataKey {
     /// The version that sealed it.
     pub version: u32,
-    /// Sealed as `Vault::encrypt` seals.
+    /// Sealed as `Keys::encrypt` seals.
     pub sealed: Vec<u8>,
     /// The key itself.
     pub key: Zeroizing<[u8; 32]>,
@@ -65,8 +65,8 @@ pub(super) struct UseCounter {
     last_used: AtomicU64,
 }
 
-/// A key a request names, looked up once ([`Vault::find`] or
-/// [`Vault::find_hot`]): the request path reads its backend for the audit
+/// A key a request names, looked up once ([`Keys::find`] or
+/// [`Keys::find_hot`]): the request path reads its backend for the audit
 /// line and the operation uses it, without a second lookup.
 #[derive(Debug, Clone)]
 pub struct Found(Arc<Cached>);
@@ -262,7 +262,7 @@ fn labels_json(labels: &BTreeMap<String, String>) -> Result<String, VaultError> 
     serde_json::to_string(labels).map_err(|e| VaultError::Invalid(e.to_string()))
 }
 
-impl Vault {
+impl Keys<'_> {
     /// The lifecycle clock: the system's, plus what `DebugClock` added (dev mode).
     pub(super) fn now(&self) -> u64 {
         now_unix().saturating_add(self.clock_offset.load(Ordering::Relaxed))
@@ -322,19 +322,24 @@ impl Vault {
         self.writes.load(Ordering::Relaxed)
     }
 
-    pub(super) fn master_and_id(&self) -> Result<(super::crypto::Key256, Vec<u8>), VaultError> {
-        let master = self.master()?;
-        let store_id = lock(&self.store_id).clone().ok_or(VaultError::NotInitialized)?;
-        Ok((master, store_id))
+    /// What follows an unlock: seals the policies of keys that predate policy
+    /// MACs, then checks the key set. Returns what the check found wrong, one
+    /// sentence each (see `key_set`).
+    pub(super) fn after_unlock(&self) -> Vec<String> {
+        if let Err(e) = self.seal_pending_policies() {
+            tracing::error!(error = %e, "could not seal the policies of keys from before this version");
+        }
+        self.check_key_set()
+            .unwrap_or_else(|e| vec![format!("the check of the keystore's keys could not run: {e}")])
     }
 
     /// Seals the policy of keys that predate policy MACs; run once, at the
     /// first unlock after the upgrade.
-    pub(super) fn seal_pending_policies(&self) -> Result<(), VaultError> {
+    fn seal_pending_policies(&self) -> Result<(), VaultError> {
         if !lock(&self.store).policy_seal_pending()? {
             return Ok(());
         }
-        let (master, store_id) = self.master_and_id()?;
+        let (master, store_id) = self.custody.master_and_id()?;
         let mut rows = lock(&self.store).keys()?;
         for row in &mut rows {
             row.policy.mac = Some(policy_mac(&master, &store_id, row));
@@ -345,13 +350,13 @@ impl Vault {
     }
 
     fn seal(&self, row: &mut KeyRow) -> Result<(), VaultError> {
-        let (master, store_id) = self.master_and_id()?;
+        let (master, store_id) = self.custody.master_and_id()?;
         row.policy.mac = Some(policy_mac(&master, &store_id, row));
         Ok(())
     }
 
     pub(super) fn verify_policy(&self, row: &KeyRow) -> Result<(), VaultError> {
-        let (master, store_id) = self.master_and_id()?;
+        let (master, store_id) = self.custody.master_and_id()?;
         // verify_slice compares in constant time.
         let good = match (row.policy.mac.as_deref(), policy_hmac(&master, &store_id, row)) {
             (Some(mac), Some(m)) => m.verify_slice(mac).is_ok(),
@@ -371,7 +376,7 @@ impl Vault {
     /// The key's row at `version` (`None`: newest), from the cache when there.
     /// Rows are cached only once their policy MAC checked out.
     pub(super) fn cached(&self, name: &str, version: Option<u32>) -> Result<Arc<Cached>, VaultError> {
-        if self.state() == protocol::ServiceState::Uninitialized {
+        if self.custody.state() == protocol::ServiceState::Uninitialized {
             return Err(VaultError::NotInitialized);
         }
         let cache_key = (name.to_owned(), version);
@@ -415,9 +420,7 @@ impl Vault {
     fn invalidate(&self, key_id: Option<&str>) {
         lock(&self.rows).clear();
         if let Some(id) = key_id {
-            if let Custody::Unlocked { keys, .. } = &mut *lock(&self.custody) {
-                keys.retain(|(k, _), _| k != id);
-            }
+            self.custody.forget_key(id);
         }
     }
 
@@ -533,7 +536,7 @@ impl Vault {
             return Err(VaultError::Invalid("only aes256-gcm keys make data keys".into()));
         }
         let pre_active = options.activate_at_unix.is_some_and(|t| t > now);
-        let (master, store_id) = self.master_and_id()?;
+        let (master, store_id) = self.custody.master_and_id()?;
         let backend = self
             .backends
             .get(options.backend.as_deref().unwrap_or(self.backends.default_name()))?;
@@ -612,7 +615,7 @@ impl Vault {
     /// # Errors
     /// [`VaultError::NotInitialized`], or the file failing.
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError> {
-        if self.state() == protocol::ServiceState::Uninitialized {
+        if self.custody.state() == protocol::ServiceState::Uninitialized {
             return Err(VaultError::NotInitialized);
         }
         let rows = lock(&self.store).keys()?;
@@ -635,7 +638,7 @@ impl Vault {
         F: FnOnce(&mut KeyRow, KeyState, u64) -> Result<(), VaultError>,
     {
         let _gate = lock(&self.manage_gate);
-        self.master()?;
+        self.custody.master()?;
         let c = self.cached(name, None)?;
         if !c.verified {
             self.verify_policy(&c.row)?;
@@ -755,7 +758,7 @@ impl Vault {
 
     fn destroy_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
         let _gate = lock(&self.manage_gate);
-        self.master()?;
+        self.custody.master()?;
         let c = self.cached(name, None)?;
         if !c.verified {
             self.verify_policy(&c.row)?;
@@ -792,7 +795,7 @@ impl Vault {
         if !backend.holds_objects() {
             return;
         }
-        let Ok((master, store_id)) = self.master_and_id() else {
+        let Ok((master, store_id)) = self.custody.master_and_id() else {
             return;
         };
         let Ok(key_type) = parse_type(row) else { return };
@@ -826,7 +829,7 @@ impl Vault {
     /// [`VaultError::KeyState`] unless the key is active or pre-active.
     pub fn rotate_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
         let _gate = lock(&self.manage_gate);
-        let (master, store_id) = self.master_and_id()?;
+        let (master, store_id) = self.custody.master_and_id()?;
         let c = self.cached(name, None)?;
         if !c.verified {
             self.verify_policy(&c.row)?;
@@ -991,7 +994,7 @@ impl Vault {
                 usages: row.usages.replace(',', ", "),
             });
         }
-        let material = self.material(row)?;
+        let material = self.custody.material(row)?;
         c.counter.count.fetch_add(1, Ordering::Relaxed);
         c.counter.last_used.fetch_max(now, Ordering::Relaxed);
         Ok((c, material))
@@ -1000,7 +1003,7 @@ impl Vault {
     /// The public key. Needs unlocked (the key is unwrapped to check it).
     ///
     /// # Errors
-    /// [`VaultError::Invalid`] for a symmetric key; as [`Vault::sign`].
+    /// [`VaultError::Invalid`] for a symmetric key; as [`Keys::sign`].
     pub fn public_key(&self, name: &str) -> Result<(KeyType, u32, Vec<u8>), VaultError> {
         let c = self.cached(name, None)?;
         if !c.verified {
@@ -1012,7 +1015,7 @@ impl Vault {
         let p = &row.policy;
         let state = lifecycle::effective(stored_state(row)?, p.activate_at_unix, p.expire_at_unix, self.now());
         lifecycle::check(name, state, Action::PublicKey, false).map_err(VaultError::KeyState)?;
-        let material = self.material(row)?;
+        let material = self.custody.material(row)?;
         let spki = material.public_spki().ok_or_else(|| {
             VaultError::Invalid(format!(
                 "key {name:?} is an {} key and has no public half",
@@ -1038,7 +1041,7 @@ impl Vault {
     /// Checks a signature made by `version` of the key.
     ///
     /// # Errors
-    /// As [`Vault::sign`].
+    /// As [`Keys::sign`].
     pub fn verify(
         &self,
         key: &Found,
@@ -1055,7 +1058,7 @@ impl Vault {
     /// Seals with the key's newest version, or `version`.
     ///
     /// # Errors
-    /// As [`Vault::sign`], and [`VaultError::Invalid`] for a key that is not aes256-gcm.
+    /// As [`Keys::sign`], and [`VaultError::Invalid`] for a key that is not aes256-gcm.
     pub fn encrypt(
         &self,
         key: &Found,
@@ -1068,10 +1071,10 @@ impl Vault {
         Ok((c.row.version, sealed))
     }
 
-    /// Opens what [`Vault::encrypt`] sealed with `version`.
+    /// Opens what [`Keys::encrypt`] sealed with `version`.
     ///
     /// # Errors
-    /// [`VaultError::DecryptFailed`] when authentication fails; as [`Vault::sign`].
+    /// [`VaultError::DecryptFailed`] when authentication fails; as [`Keys::sign`].
     pub fn decrypt(
         &self,
         key: &Found,
@@ -1091,7 +1094,7 @@ impl Vault {
     /// exists only inside this call.
     ///
     /// # Errors
-    /// As [`Vault::decrypt`] and [`Vault::encrypt`].
+    /// As [`Keys::decrypt`] and [`Keys::encrypt`].
     pub fn rewrap(
         &self,
         name: &str,
@@ -1134,7 +1137,7 @@ impl Vault {
     ///
     /// # Errors
     /// [`VaultError::UsageNotAllowed`] for a plaintext data key the key does not
-    /// allow; as [`Vault::encrypt`].
+    /// allow; as [`Keys::encrypt`].
     pub fn datakey(&self, name: &str, aad: &[u8], plaintext: bool) -> Result<DataKey, VaultError> {
         let (c, material) = self.prepare(&self.find(name, None)?, None, Action::DataKey, Usage::Encrypt, false)?;
         if plaintext && !c.row.policy.allow_plaintext_datakey {
@@ -1161,7 +1164,7 @@ impl Vault {
     /// plaintext-data-key permission does not apply; its state and usages do.
     ///
     /// # Errors
-    /// As [`Vault::encrypt`].
+    /// As [`Keys::encrypt`].
     pub fn internal_data_key(&self, name: &str, aad: &[u8]) -> Result<InternalDataKey, VaultError> {
         let (c, material) = self.prepare(&self.find(name, None)?, None, Action::DataKey, Usage::Encrypt, false)?;
         let key = Zeroizing::new(crypto::random::<32>()?);
@@ -1176,7 +1179,7 @@ impl Vault {
     /// HMAC-SHA-256 with the key's newest version.
     ///
     /// # Errors
-    /// As [`Vault::sign`].
+    /// As [`Keys::sign`].
     pub fn mac(&self, key: &Found, data: &[u8]) -> Result<(u32, Vec<u8>), VaultError> {
         let (c, material) = self.prepare(key, None, Action::Mac, Usage::Mac, false)?;
         let tag = material.mac(data)?;
@@ -1186,7 +1189,7 @@ impl Vault {
     /// Checks a tag made by `version`.
     ///
     /// # Errors
-    /// As [`Vault::sign`].
+    /// As [`Keys::sign`].
     pub fn mac_verify(
         &self,
         key: &Found,
@@ -1223,7 +1226,7 @@ impl Vault {
         if !self.backends.get(&c.row.backend).is_ok_and(|b| b.is_fast()) {
             return None;
         }
-        let unwrapped = matches!(&*lock(&self.custody), Custody::Unlocked { keys, .. } if keys.contains_key(&(c.row.id.clone(), c.row.version)));
+        let unwrapped = self.custody.is_unwrapped(&c.row.id, c.row.version);
         unwrapped.then_some(Found(c))
     }
 
@@ -1272,11 +1275,11 @@ impl Vault {
             done: Vec::new(),
             seen_until: now,
         };
-        if self.state() == protocol::ServiceState::Uninitialized {
+        if self.custody.state() == protocol::ServiceState::Uninitialized {
             return Ok(done);
         }
         done.done = self.lifecycle_times(now)?;
-        if self.state() != protocol::ServiceState::Unlocked {
+        if self.custody.state() != protocol::ServiceState::Unlocked {
             return Ok(done);
         }
         let purges = lock(&self.store).due_purges(now)?;
@@ -1374,7 +1377,7 @@ impl Vault {
     }
 }
 
-/// What one round of [`Vault::maintain`] did.
+/// What one round of [`Keys::maintain`] did.
 #[derive(Debug, Clone)]
 pub struct Maintenance {
     /// Each change, in order.
@@ -1383,7 +1386,7 @@ pub struct Maintenance {
     pub seen_until: u64,
 }
 
-/// What the daemon did by itself in [`Vault::maintain`].
+/// What the daemon did by itself in [`Keys::maintain`].
 #[derive(Debug, Clone)]
 pub enum Maintained {
     /// A key rotated by its rotation policy.

@@ -17,7 +17,7 @@ use zeroize::Zeroizing;
 use super::{
     lock,
     store::{KeySetRecord, StoreError},
-    Vault, VaultError,
+    Keys, VaultError,
 };
 
 type KeySetMac = Hmac<Sha256>;
@@ -123,10 +123,10 @@ fn versions_text(v: &[u32]) -> String {
     v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
-impl Vault {
+impl Keys<'_> {
     /// The key that seals the key set. Needs unlocked.
     pub(super) fn key_set_key(&self) -> Result<SetKey, VaultError> {
-        let (master, store_id) = self.master_and_id()?;
+        let (master, store_id) = self.custody.master_and_id()?;
         Ok(SetKey::derive(&master, &store_id))
     }
 

@@ -626,7 +626,7 @@ pub struct KeyPolicy {
     pub purge_at_unix: Option<u64>,
     /// Data keys may be returned in plain.
     pub allow_plaintext_datakey: bool,
-    /// HMAC over the above (see `Vault::policy_mac`); `None` before it was sealed.
+    /// HMAC over the above (see `key_ops::policy_mac`); `None` before it was sealed.
     pub mac: Option<Vec<u8>>,
 }
 

@@ -85,7 +85,7 @@ pub(super) fn policy_check(user: String, resource: String, action: String, key: 
                 &peer,
                 ask,
                 "soft",
-                || key.as_deref().and_then(|k| vault.live_owner(k)),
+                || key.as_deref().and_then(|k| vault.keys().live_owner(k)),
                 peer.creds.uid == asker,
             );
             Ok(match decision {

@@ -142,9 +142,11 @@ impl AuditSpec {
                     Ok(Reply::KeyCreated(k) | Reply::KeyUpdated(k)) => Some(crate::backend::static_name(&k.backend)),
                     // The key the operation found; else the one a creation
                     // asked for; else the cached row's, if there is one.
-                    _ => used
-                        .or(self.backend)
-                        .or_else(|| self.resource.strip_prefix("key:").and_then(|k| vault.known_backend(k))),
+                    _ => used.or(self.backend).or_else(|| {
+                        self.resource
+                            .strip_prefix("key:")
+                            .and_then(|k| vault.keys().known_backend(k))
+                    }),
                 },
                 resource: self.resource.clone(),
                 action: self.action,

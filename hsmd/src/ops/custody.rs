@@ -14,7 +14,7 @@ fn keystore(event: EventType, action: &'static str, risk: u8, security: bool) ->
 }
 
 pub(super) fn init(slot: NewSlot) -> Plan {
-    Plan::vault(move |v| v.init(&slot).map(|slot| Reply::Initialized { slot }))
+    Plan::custody(move |c| c.init(&slot).map(|slot| Reply::Initialized { slot }))
         .needs(Permission::Keystore(A::Init), None)
         .audited(keystore(EventType::KeystoreInitialized, "init", 5, true))
         .logged()
@@ -37,7 +37,7 @@ pub(super) fn unlock(secret: UnlockSecret) -> Plan {
 /// other work, and served while the audit log cannot be written.
 pub(super) fn lock() -> Plan {
     Plan::start(|cx| {
-        let result = cx.shared.vault.lock().map_err(|e| e.to_wire());
+        let result = cx.shared.vault.custody().lock().map_err(|e| e.to_wire());
         if result.is_ok() {
             tracing::info!(uid = cx.caller.peer.creds.uid, "locked: master key zeroized");
         }
@@ -48,20 +48,20 @@ pub(super) fn lock() -> Plan {
 }
 
 pub(super) fn slot_list() -> Plan {
-    Plan::vault(|v| v.slots().map(Reply::Slots))
+    Plan::custody(|c| c.slots().map(Reply::Slots))
         .needs(Permission::Keystore(A::SlotList), None)
         .audited(keystore(EventType::SlotList, "slot-list", 1, false))
 }
 
 pub(super) fn slot_add(slot: NewSlot) -> Plan {
-    Plan::vault(move |v| v.add_slot(&slot).map(|slot| Reply::SlotAdded { slot }))
+    Plan::custody(move |c| c.add_slot(&slot).map(|slot| Reply::SlotAdded { slot }))
         .needs(Permission::Keystore(A::SlotAdd), None)
         .audited(keystore(EventType::SlotAdded, "slot-add", 6, true))
         .logged()
 }
 
 pub(super) fn slot_remove(id: u32) -> Plan {
-    Plan::vault(move |v| v.remove_slot(id).map(|slot| Reply::SlotRemoved { slot }))
+    Plan::custody(move |c| c.remove_slot(id).map(|slot| Reply::SlotRemoved { slot }))
         .needs(Permission::Keystore(A::SlotRemove), None)
         .audited(keystore(EventType::SlotRemoved, "slot-remove", 6, true))
         .logged()
@@ -76,8 +76,8 @@ pub(super) fn backend_set_pin(backend: String, pin: SecretBytes) -> Plan {
         true,
     )
     .on_backend(Some(&backend));
-    Plan::vault(move |v| {
-        v.set_backend_pin(&backend, pin.expose())
+    Plan::custody(move |c| {
+        c.set_backend_pin(&backend, pin.expose())
             .map(|()| Reply::BackendPinSet { backend })
     })
     .needs(Permission::Keystore(A::BackendPin), None)

@@ -109,7 +109,7 @@ pub(super) fn store_fd(name: String, key: String, chunk_size: u32) -> Plan {
             let input = f.passed("file-store")?;
             let place = f.place()?;
             f.files
-                .store_fd(&f.vault, f.who.0, (&name, &key, chunk_size), &input, place)
+                .store_fd(f.vault.keys(), f.who.0, (&name, &key, chunk_size), &input, place)
                 .map(Reply::File)
         }
     });
@@ -122,7 +122,7 @@ pub(super) fn retrieve_fd(token: String) -> Plan {
         let output = f.passed("file-retrieve")?;
         let place = f.place()?;
         f.files
-            .retrieve_fd(&f.vault, f.who.0, &token, f.any, &output, place)
+            .retrieve_fd(f.vault.keys(), f.who.0, &token, f.any, &output, place)
             .map(Reply::File)
     })
     .needs(Permission::Files(A::Retrieve), None)
@@ -146,7 +146,7 @@ pub(super) fn store_begin(name: String, key: String, chunk_size: u32) -> Plan {
                 ));
             }
             f.files
-                .begin_store(&f.vault, f.who, &name, &key, chunk_size)
+                .begin_store(f.vault.keys(), f.who, &name, &key, chunk_size)
                 .map(|(session, info)| Reply::FileSession { session, info })
         }
     });
@@ -174,7 +174,7 @@ pub(super) fn retrieve_begin(token: String) -> Plan {
     let spec = AuditSpec::new(EventType::FileRetrieved, format!("file:{token}"), "retrieve", 2, false);
     file_op(Via::Pool, move |f| {
         f.files
-            .begin_retrieve(&f.vault, f.who, &token, f.any)
+            .begin_retrieve(f.vault.keys(), f.who, &token, f.any)
             .map(|(session, info)| Reply::FileSession { session, info })
     })
     .needs(Permission::Files(A::Retrieve), None)

@@ -19,8 +19,8 @@ pub(super) fn create(name: String, key_type: KeyType, usages: Vec<Usage>, option
     let (key, backend) = (name.clone(), options.backend.clone());
     Plan::start(move |cx| {
         let (uid, user) = (cx.caller.peer.creds.uid, cx.caller.peer.user.clone());
-        cx.vault(move |v| {
-            v.create_key(&name, key_type, &usages, &options, uid, user.as_deref())
+        cx.keys(move |k| {
+            k.create_key(&name, key_type, &usages, &options, uid, user.as_deref())
                 .map(|k| Reply::KeyCreated(Box::new(k)))
         })
     })
@@ -34,8 +34,8 @@ pub(super) fn create(name: String, key_type: KeyType, usages: Vec<Usage>, option
 pub(super) fn list() -> Plan {
     Plan::start(|cx| {
         let (policy, peer) = (cx.shared.policy(), cx.caller.peer.clone());
-        cx.vault(move |v| {
-            v.list_keys().map(|keys| {
+        cx.keys(move |k| {
+            k.list_keys().map(|keys| {
                 Reply::Keys(
                     keys.into_iter()
                         .filter(|k| {
@@ -57,9 +57,9 @@ pub(super) fn list() -> Plan {
 pub(super) fn info(name: String) -> Plan {
     let spec = on_key(EventType::KeyInfo, &name, "info", 1, false);
     let need = Permission::Keys(A::Info);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| v.key_info(&name).map(|k| Reply::Key(Box::new(k)))
+        move |k| k.key_info(&name).map(|k| Reply::Key(Box::new(k)))
     })
     .needs(need, Some(&name))
     .audited(spec)
@@ -69,9 +69,9 @@ pub(super) fn info(name: String) -> Plan {
 /// metadata, so a caller with none learns nothing about it.
 pub(super) fn exists(name: String) -> Plan {
     let spec = on_key(EventType::KeyInfo, &name, "exists", 1, false);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| match v.find(&name, None) {
+        move |k| match k.find(&name, None) {
             Ok(_) => Ok(Reply::KeyExists { exists: true }),
             Err(crate::keystore::VaultError::NoSuchKey(_)) => Ok(Reply::KeyExists { exists: false }),
             Err(e) => Err(e),
@@ -83,10 +83,10 @@ pub(super) fn exists(name: String) -> Plan {
 
 pub(super) fn public(name: String) -> Plan {
     let spec = on_key(EventType::KeyPublic, &name, "public", 1, false);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| {
-            v.public_key(&name)
+        move |k| {
+            k.public_key(&name)
                 .map(|(key_type, version, spki_der)| Reply::PublicKey {
                     key_type,
                     version,
@@ -104,7 +104,7 @@ pub(super) fn delete(name: String) -> Plan {
         let name = name.clone();
         move |cx| {
             let window = cx.shared.recovery_window;
-            cx.vault(move |v| v.delete_key(&name, window).map(|k| Reply::KeyUpdated(Box::new(k))))
+            cx.keys(move |k| k.delete_key(&name, window).map(|k| Reply::KeyUpdated(Box::new(k))))
         }
     })
     .needs(Permission::Keys(A::Delete), Some(&name))
@@ -114,9 +114,9 @@ pub(super) fn delete(name: String) -> Plan {
 
 pub(super) fn rotate(name: String) -> Plan {
     let spec = on_key(EventType::KeyRotated, &name, "rotate", 3, true);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| v.rotate_key(&name).map(|k| Reply::KeyUpdated(Box::new(k)))
+        move |k| k.rotate_key(&name).map(|k| Reply::KeyUpdated(Box::new(k)))
     })
     .needs(Permission::Keys(A::Rotate), Some(&name))
     .audited(spec)
@@ -125,9 +125,9 @@ pub(super) fn rotate(name: String) -> Plan {
 
 pub(super) fn set(name: String, changes: KeyChanges) -> Plan {
     let spec = on_key(EventType::KeyUpdated, &name, "set", 3, true);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| v.set_key(&name, &changes).map(|k| Reply::KeyUpdated(Box::new(k)))
+        move |k| k.set_key(&name, &changes).map(|k| Reply::KeyUpdated(Box::new(k)))
     })
     .needs(Permission::Keys(A::Set), Some(&name))
     .audited(spec)
@@ -143,9 +143,9 @@ pub(super) fn transition(name: String, to: Transition) -> Plan {
         Transition::Destroy => (A::Destroy, 8),
     };
     let spec = on_key(EventType::KeyStateChanged, &name, action.into(), risk, true);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| v.transition_key(&name, to).map(|k| Reply::KeyUpdated(Box::new(k)))
+        move |k| k.transition_key(&name, to).map(|k| Reply::KeyUpdated(Box::new(k)))
     })
     .needs(Permission::Keys(action), Some(&name))
     .audited(spec)
@@ -154,9 +154,9 @@ pub(super) fn transition(name: String, to: Transition) -> Plan {
 
 pub(super) fn restore(name: String) -> Plan {
     let spec = on_key(EventType::KeyRestored, &name, "restore", 4, true);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| v.restore_key(&name).map(|k| Reply::KeyUpdated(Box::new(k)))
+        move |k| k.restore_key(&name).map(|k| Reply::KeyUpdated(Box::new(k)))
     })
     .needs(Permission::Keys(A::Restore), Some(&name))
     .audited(spec)
@@ -165,9 +165,9 @@ pub(super) fn restore(name: String) -> Plan {
 
 pub(super) fn purge(name: String) -> Plan {
     let spec = on_key(EventType::KeyPurged, &name, "purge", 8, true);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| v.purge_key(&name).map(|()| Reply::KeyPurged { name })
+        move |k| k.purge_key(&name).map(|()| Reply::KeyPurged { name })
     })
     .needs(Permission::Keys(A::Purge), Some(&name))
     .audited(spec)
@@ -177,8 +177,8 @@ pub(super) fn purge(name: String) -> Plan {
 pub(super) fn sign(name: String, digest: Vec<u8>) -> Plan {
     let spec = on_key(EventType::Sign, &name, "sign", 1, false);
     let need = Permission::Keys(A::Sign);
-    Plan::key_use(name, None, digest.len(), move |v, key| {
-        v.sign(key, &digest)
+    Plan::key_use(name, None, digest.len(), move |k, key| {
+        k.sign(key, &digest)
             .map(|(version, signature)| Reply::Signature { version, signature })
     })
     .needs_on_key(need)
@@ -187,8 +187,8 @@ pub(super) fn sign(name: String, digest: Vec<u8>) -> Plan {
 
 pub(super) fn verify(name: String, version: u32, digest: Vec<u8>, signature: Vec<u8>, allow_compromised: bool) -> Plan {
     let spec = compromised_use(EventType::Verify, format!("key:{name}"), "verify", allow_compromised);
-    Plan::key_use(name, Some(version), digest.len(), move |v, key| {
-        v.verify(key, &digest, &signature, allow_compromised)
+    Plan::key_use(name, Some(version), digest.len(), move |k, key| {
+        k.verify(key, &digest, &signature, allow_compromised)
             .map(|valid| Reply::Verified { valid })
     })
     .needs_on_key(Permission::Keys(A::Verify))
@@ -199,8 +199,8 @@ pub(super) fn encrypt(name: String, version: Option<u32>, plaintext: SecretBytes
     let spec = on_key(EventType::Encrypt, &name, "encrypt", 1, false);
     let payload = plaintext.len() + aad.len();
     // The request's copy of the plaintext is wiped as it drops.
-    Plan::key_use(name, version, payload, move |v, key| {
-        v.encrypt(key, version, plaintext.expose(), &aad)
+    Plan::key_use(name, version, payload, move |k, key| {
+        k.encrypt(key, version, plaintext.expose(), &aad)
             .map(|(version, sealed)| Reply::Encrypted { version, sealed })
     })
     .needs_on_key(Permission::Keys(A::Encrypt))
@@ -210,8 +210,8 @@ pub(super) fn encrypt(name: String, version: Option<u32>, plaintext: SecretBytes
 pub(super) fn decrypt(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>, allow_compromised: bool) -> Plan {
     let spec = compromised_use(EventType::Decrypt, format!("key:{name}"), "decrypt", allow_compromised);
     let payload = sealed.len() + aad.len();
-    Plan::key_use(name, Some(version), payload, move |v, key| {
-        v.decrypt(key, &sealed, &aad, allow_compromised)
+    Plan::key_use(name, Some(version), payload, move |k, key| {
+        k.decrypt(key, &sealed, &aad, allow_compromised)
             .map(|p| Reply::Decrypted {
                 plaintext: SecretBytes::new(p.to_vec()),
             })
@@ -222,8 +222,8 @@ pub(super) fn decrypt(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>,
 
 pub(super) fn mac(name: String, data: Vec<u8>) -> Plan {
     let spec = on_key(EventType::Mac, &name, "mac", 1, false);
-    Plan::key_use(name, None, data.len(), move |v, key| {
-        v.mac(key, &data).map(|(version, tag)| Reply::MacTag { version, tag })
+    Plan::key_use(name, None, data.len(), move |k, key| {
+        k.mac(key, &data).map(|(version, tag)| Reply::MacTag { version, tag })
     })
     .needs_on_key(Permission::Keys(A::Mac))
     .audited(spec)
@@ -236,8 +236,8 @@ pub(super) fn mac_verify(name: String, version: u32, data: Vec<u8>, tag: Vec<u8>
         "mac-verify",
         allow_compromised,
     );
-    Plan::key_use(name, Some(version), data.len(), move |v, key| {
-        v.mac_verify(key, &data, &tag, allow_compromised)
+    Plan::key_use(name, Some(version), data.len(), move |k, key| {
+        k.mac_verify(key, &data, &tag, allow_compromised)
             .map(|valid| Reply::MacVerified { valid })
     })
     .needs_on_key(Permission::Keys(A::MacVerify))
@@ -246,10 +246,10 @@ pub(super) fn mac_verify(name: String, version: u32, data: Vec<u8>, tag: Vec<u8>
 
 pub(super) fn rewrap(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>, to_version: Option<u32>) -> Plan {
     let spec = on_key(EventType::Rewrap, &name, "rewrap", 2, false);
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| {
-            v.rewrap(&name, version, &sealed, &aad, to_version)
+        move |k| {
+            k.rewrap(&name, version, &sealed, &aad, to_version)
                 .map(|(version, sealed)| Reply::Encrypted { version, sealed })
         }
     })
@@ -266,10 +266,10 @@ pub(super) fn datakey(name: String, aad: Vec<u8>, plaintext: bool) -> Plan {
     } else {
         (A::Datakey, on_key(EventType::Datakey, &name, "datakey", 2, false))
     };
-    Plan::vault({
+    Plan::keys({
         let name = name.clone();
-        move |v| {
-            v.datakey(&name, &aad, plaintext).map(|k| Reply::DataKey {
+        move |k| {
+            k.datakey(&name, &aad, plaintext).map(|k| Reply::DataKey {
                 version: k.version,
                 sealed: k.sealed,
                 plaintext: k.plaintext.map(|p| SecretBytes::new(p.to_vec())),

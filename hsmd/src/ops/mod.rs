@@ -3,8 +3,8 @@
 //! runs and what it does — and [`pipeline`] carries every plan through the
 //! same steps: authorize → run → audit → measure.
 //!
-//! The operations live in one module per group ([`status`], [`custody`],
-//! [`keys`], [`files`], [`backup`], [`admin`]). [`plan`] matches every
+//! The operations live in one module per group (`status`, `custody`,
+//! `keys`, `files`, `backup`, `admin`). [`plan`] matches every
 //! [`Operation`] without a wildcard, so a new operation does not build until
 //! it has an entry.
 
@@ -29,7 +29,7 @@ pub use shared::{Counters, Shared};
 
 use crate::{
     auth::permission::Permission,
-    keystore::{Found, Vault, VaultError},
+    keystore::{Custody, Found, Keys, Vault, VaultError},
 };
 
 /// What a request asks to be allowed: a permission, on a key for the `keys`
@@ -106,6 +106,22 @@ impl Ctx<'_> {
         let (uid, what, logged) = (self.caller.peer.creds.uid, self.what, self.logged);
         Staged::Blocking(Box::new(move || logged_result(uid, what, logged, f(&vault)).into()))
     }
+
+    /// As `Ctx::vault`, for what custody of the master key alone does.
+    fn custody<F>(&self, f: F) -> Staged
+    where
+        F: FnOnce(&Custody) -> Result<Reply, VaultError> + Send + 'static,
+    {
+        self.vault(move |v| f(v.custody()))
+    }
+
+    /// As `Ctx::vault`, for what the key service alone does.
+    fn keys<F>(&self, f: F) -> Staged
+    where
+        F: FnOnce(Keys<'_>) -> Result<Reply, VaultError> + Send + 'static,
+    {
+        self.vault(move |v| f(v.keys()))
+    }
 }
 
 /// A key use: found once, on the reactor when its key is hot, else on the pool.
@@ -121,17 +137,17 @@ pub struct KeyUse {
 }
 
 /// What a key use does with its key.
-pub type KeyBody = Box<dyn FnOnce(&Vault, &Found) -> Result<Reply, VaultError> + Send + 'static>;
+pub type KeyBody = Box<dyn FnOnce(Keys<'_>, &Found) -> Result<Reply, VaultError> + Send + 'static>;
 
 impl KeyUse {
     /// Finds the key unless it was found already, and uses it.
-    pub fn run(self, vault: &Vault, found: Option<Found>, uid: u32, what: &'static str) -> Reached {
-        let key = match found.map_or_else(|| vault.find(&self.name, self.version), Ok) {
+    pub fn run(self, keys: Keys<'_>, found: Option<Found>, uid: u32, what: &'static str) -> Reached {
+        let key = match found.map_or_else(|| keys.find(&self.name, self.version), Ok) {
             Ok(k) => k,
             Err(e) => return logged_result(uid, what, false, Err(e)).into(),
         };
         Reached {
-            result: logged_result(uid, what, false, (self.body)(vault, &key)),
+            result: logged_result(uid, what, false, (self.body)(keys, &key)),
             backend: Some(key.backend()),
         }
     }
@@ -179,9 +195,14 @@ impl Plan {
         Self::start(move |_| result.into())
     }
 
-    /// An operation against the keystore on the blocking pool.
-    fn vault(f: impl FnOnce(&Vault) -> Result<Reply, VaultError> + Send + 'static) -> Self {
-        Self::start(move |cx| cx.vault(f))
+    /// An operation of custody alone on the blocking pool.
+    fn custody(f: impl FnOnce(&Custody) -> Result<Reply, VaultError> + Send + 'static) -> Self {
+        Self::start(move |cx| cx.custody(f))
+    }
+
+    /// An operation of the key service alone on the blocking pool.
+    fn keys(f: impl FnOnce(Keys<'_>) -> Result<Reply, VaultError> + Send + 'static) -> Self {
+        Self::start(move |cx| cx.keys(f))
     }
 
     /// A use of the key `name`.
@@ -189,7 +210,7 @@ impl Plan {
         name: String,
         version: Option<u32>,
         payload: usize,
-        body: impl FnOnce(&Vault, &Found) -> Result<Reply, VaultError> + Send + 'static,
+        body: impl FnOnce(Keys<'_>, &Found) -> Result<Reply, VaultError> + Send + 'static,
     ) -> Self {
         Self {
             need: None,

@@ -179,7 +179,7 @@ fn then_audit(
 const INLINE_MAX_PAYLOAD: usize = 64 * 1024;
 
 /// Starts an authorized operation. A key use runs on the reactor when its key
-/// is hot and its payload small (see [`Vault::find_hot`]), else on the pool.
+/// is hot and its payload small (see [`crate::keystore::Keys::find_hot`]), else on the pool.
 fn start(
     run: Run,
     caller: &Caller,
@@ -199,13 +199,13 @@ fn start(
         }),
         Run::Key(key_use) => {
             let hot = (key_use.payload <= INLINE_MAX_PAYLOAD)
-                .then(|| shared.vault.find_hot(&key_use.name, key_use.version))
+                .then(|| shared.vault.keys().find_hot(&key_use.name, key_use.version))
                 .flatten();
             if let Some(found) = hot {
-                return Staged::Done(key_use.run(&shared.vault, Some(found), uid, what));
+                return Staged::Done(key_use.run(shared.vault.keys(), Some(found), uid, what));
             }
             let vault = Arc::clone(&shared.vault);
-            Staged::Blocking(Box::new(move || key_use.run(&vault, None, uid, what)))
+            Staged::Blocking(Box::new(move || key_use.run(vault.keys(), None, uid, what)))
         }
     }
 }
@@ -267,7 +267,7 @@ fn batch(items: Vec<protocol::BatchItem>, caller: &Caller, shared: &Arc<Shared>,
             .into_iter()
             .map(|item| {
                 let reached = match item.run {
-                    Ok(k) => k.run(&vault, None, uid, item.what),
+                    Ok(k) => k.run(vault.keys(), None, uid, item.what),
                     Err(e) => Err(e).into(),
                 };
                 if let (Some(audit), Some(spec)) = (&audit, item.spec) {
@@ -293,7 +293,7 @@ fn authorize(shared: &Shared, caller: &Caller, need: &Need) -> Result<(), WireEr
     let ask = need.permission.on(need.key.as_deref());
     // The owner is looked up only for permissions limited to owned keys; the
     // key's row is usually cached, else this is one indexed SQLite read.
-    let owner = || ask.key.and_then(|k| shared.vault.live_owner(k));
+    let owner = || ask.key.and_then(|k| shared.vault.keys().live_owner(k));
     // The key's backend: read from the keystore (one indexed read, as for the
     // owner) only when some permission depends on it.
     let default = shared.vault.backends().default_name();
@@ -301,7 +301,7 @@ fn authorize(shared: &Shared, caller: &Caller, need: &Need) -> Result<(), WireEr
         need.backend
             .as_deref()
             .map(crate::backend::static_name)
-            .or_else(|| ask.key.and_then(|k| shared.vault.key_backend(k)))
+            .or_else(|| ask.key.and_then(|k| shared.vault.keys().key_backend(k)))
             .unwrap_or(default)
     } else {
         // No permission names a backend: which one it is cannot matter.

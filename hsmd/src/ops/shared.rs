@@ -89,12 +89,12 @@ impl Shared {
             dropped_total: a.dropped_total(),
         });
         self.metrics.render(&crate::metrics::Snapshot {
-            state: Some(self.vault.state()),
+            state: Some(self.vault.custody().state()),
             audit,
             connections: self.counters.connections(),
             frame_memory: self.frame_budget.held(),
             backends: self.vault.backends().statuses(),
-            keys: self.vault.list_keys().ok(),
+            keys: self.vault.keys().list_keys().ok(),
         })
     }
 

@@ -72,6 +72,7 @@ pub(super) fn debug_clock(advance_secs: u64) -> Plan {
         }
         cx.shared
             .vault
+            .keys()
             .advance_clock(advance_secs)
             .map(|now_unix| Reply::Clock { now_unix })
             .map_err(|e| e.to_wire())
@@ -81,7 +82,7 @@ pub(super) fn debug_clock(advance_secs: u64) -> Plan {
 
 fn status_of(shared: &Shared) -> StatusInfo {
     StatusInfo {
-        state: shared.vault.state(),
+        state: shared.vault.custody().state(),
         daemon_version: crate::VERSION.to_owned(),
         protocol_version: PROTOCOL_VERSION,
         uptime_secs: shared.started.elapsed().as_secs(),
@@ -93,7 +94,7 @@ fn status_of(shared: &Shared) -> StatusInfo {
         profile: shared.profile,
         pid: std::process::id(),
         memory_locked: shared.memory_locked,
-        keystore_writes: shared.vault.keystore_writes(),
+        keystore_writes: shared.vault.keys().keystore_writes(),
         audit: match &shared.audit {
             None => protocol::AuditStatus::default(),
             Some(a) => {

@@ -95,10 +95,10 @@ fn create(s: &Setup, name: &str, key_type: KeyType) {
 
 /// A signing request over a digest of the size the key type signs.
 fn sign(name: &str) -> Operation {
-    Operation::Sign {
+    Operation::Sign(protocol::SignArgs {
         name: name.into(),
         digest: vec![1; if name == "ec" { 32 } else { 64 }],
-    }
+    })
 }
 
 #[test]
@@ -120,12 +120,14 @@ fn a_key_use_runs_on_the_pool_until_its_key_is_hot_then_on_the_reactor() {
     assert!(matches!(r, Ok(Reply::Signature { version: 1, .. })), "{r:?}");
 
     // The signature checks, and a wrong one does not.
-    let verify = |signature: Vec<u8>| Operation::Verify {
-        name: "ed".into(),
-        version: 1,
-        digest: vec![1; 64],
-        signature,
-        allow_compromised: false,
+    let verify = |signature: Vec<u8>| {
+        Operation::Verify(protocol::VerifyArgs {
+            name: "ed".into(),
+            version: 1,
+            digest: vec![1; 64],
+            signature,
+            allow_compromised: false,
+        })
     };
     assert!(matches!(
         ask(&s, &admin, verify(signature.clone())).1,
@@ -161,13 +163,13 @@ fn a_request_without_its_permission_is_refused_before_it_runs() {
     assert_eq!(ask(&s, &caller(0), sign("ed")).0, "pool");
 
     // What the role grants runs.
-    let op = Operation::Verify {
+    let op = Operation::Verify(protocol::VerifyArgs {
         name: "ed".into(),
         version: 1,
         digest: vec![1; 64],
         signature: vec![0; 64],
         allow_compromised: false,
-    };
+    });
     assert!(matches!(ask(&s, &checker, op).1, Ok(Reply::Verified { valid: false })));
 
     // Custody needs its own permission.
@@ -181,21 +183,21 @@ fn a_batch_authorizes_and_answers_each_item_in_its_slot() {
     let s = setup();
     create(&s, "ed", KeyType::Ed25519);
     let items = vec![
-        BatchItem::Sign {
+        BatchItem::Sign(protocol::SignArgs {
             name: "ed".into(),
             digest: vec![2; 64],
-        },
-        BatchItem::Verify {
+        }),
+        BatchItem::Verify(protocol::VerifyArgs {
             name: "ed".into(),
             version: 1,
             digest: vec![2; 64],
             signature: vec![0; 64],
             allow_compromised: false,
-        },
-        BatchItem::Sign {
+        }),
+        BatchItem::Sign(protocol::SignArgs {
             name: "missing".into(),
             digest: vec![2; 64],
-        },
+        }),
     ];
     let (where_, r) = ask(&s, &caller(4100), Operation::Batch { items: items.clone() });
     assert_eq!(where_, "pool");

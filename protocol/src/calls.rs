@@ -3,7 +3,7 @@
 //! an [`Operation`] and matching the [`Reply`].
 //!
 //! Each entry below names the operation, the method, its arguments (the
-//! operation's fields, in order) and the reply it expects. The list is
+//! operation's fields, or its payload struct's, in order) and the reply it expects. The list is
 //! checked against [`OperationKind`] by the compiler: an operation missing
 //! from it fails to build.
 
@@ -151,7 +151,7 @@ macro_rules! calls {
         typed {
             $(
                 $(#[doc = $doc:literal])*
-                $kind:ident => fn $method:ident($($arg:ident: $ty:ty),* $(,)?) -> $out:ty {
+                $kind:ident $(($args:ident))? => fn $method:ident($($arg:ident: $ty:ty),* $(,)?) -> $out:ty {
                     $pat:pat => $value:expr
                 }
             )*
@@ -165,7 +165,7 @@ macro_rules! calls {
                 /// # Errors
                 /// As [`Client::call`].
                 pub fn $method(&mut self, $($arg: $ty),*) -> Result<$out, ClientError> {
-                    match self.call(Operation::$kind { $($arg),* })? {
+                    match self.call(operation!($kind $(($args))? { $($arg),* }))? {
                         $pat => Ok($value),
                         other => Err(ClientError::unexpected_reply(OperationKind::$kind.name(), &other)),
                     }
@@ -181,7 +181,7 @@ macro_rules! calls {
                 /// # Errors
                 /// As [`Client::call`].
                 pub async fn $method(&mut self, $($arg: $ty),*) -> Result<$out, ClientError> {
-                    match self.call(Operation::$kind { $($arg),* }).await? {
+                    match self.call(operation!($kind $(($args))? { $($arg),* })).await? {
                         $pat => Ok($value),
                         other => Err(ClientError::unexpected_reply(OperationKind::$kind.name(), &other)),
                     }
@@ -200,6 +200,17 @@ macro_rules! calls {
 
         /// The operations that have a generated method, by name.
         pub const TYPED: &[OperationKind] = &[$(OperationKind::$kind),*];
+    };
+}
+
+/// The operation a method sends: its fields in the variant, or in the
+/// payload struct the variant shares with [`BatchItem`](crate::BatchItem).
+macro_rules! operation {
+    ($kind:ident ($args:ident) { $($arg:ident),* }) => {
+        Operation::$kind(crate::message::$args { $($arg),* })
+    };
+    ($kind:ident { $($arg:ident),* }) => {
+        Operation::$kind { $($arg),* }
     };
 }
 
@@ -240,25 +251,25 @@ calls! {
         /// Deletes a key, recoverably until its recovery window ends.
         KeyDelete => fn key_delete(name: String) -> KeyInfo { Reply::KeyUpdated(k) => *k }
         /// Signs a digest with the key's newest version.
-        Sign => fn sign(name: String, digest: Vec<u8>) -> Signed {
+        Sign(SignArgs) => fn sign(name: String, digest: Vec<u8>) -> Signed {
             Reply::Signature { version, signature } => Signed { version, signature }
         }
         /// Checks a signature made by `version` of the key.
-        Verify => fn verify(name: String, version: u32, digest: Vec<u8>, signature: Vec<u8>, allow_compromised: bool) -> bool {
+        Verify(VerifyArgs) => fn verify(name: String, version: u32, digest: Vec<u8>, signature: Vec<u8>, allow_compromised: bool) -> bool {
             Reply::Verified { valid } => valid
         }
         /// Seals with the key's newest version, or `version`.
-        Encrypt => fn encrypt(name: String, version: Option<u32>, plaintext: SecretBytes, aad: Vec<u8>) -> Sealed {
+        Encrypt(EncryptArgs) => fn encrypt(name: String, version: Option<u32>, plaintext: SecretBytes, aad: Vec<u8>) -> Sealed {
             Reply::Encrypted { version, sealed } => Sealed { version, sealed }
         }
         /// Opens what `version` of the key sealed.
-        Decrypt => fn decrypt(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>, allow_compromised: bool) -> SecretBytes {
+        Decrypt(DecryptArgs) => fn decrypt(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>, allow_compromised: bool) -> SecretBytes {
             Reply::Decrypted { plaintext } => plaintext
         }
         /// A MAC tag over `data` with the key's newest version.
-        Mac => fn mac(name: String, data: Vec<u8>) -> Tagged { Reply::MacTag { version, tag } => Tagged { version, tag } }
+        Mac(MacArgs) => fn mac(name: String, data: Vec<u8>) -> Tagged { Reply::MacTag { version, tag } => Tagged { version, tag } }
         /// Checks a MAC tag made by `version` of the key.
-        MacVerify => fn mac_verify(name: String, version: u32, data: Vec<u8>, tag: Vec<u8>, allow_compromised: bool) -> bool {
+        MacVerify(MacVerifyArgs) => fn mac_verify(name: String, version: u32, data: Vec<u8>, tag: Vec<u8>, allow_compromised: bool) -> bool {
             Reply::MacVerified { valid } => valid
         }
         /// Adds a new version of the key and makes it the one that signs and seals.

@@ -43,10 +43,11 @@ pub use async_client::AsyncClient;
 pub use client::{default_socket, is_code, Client, ClientOptions, DEFAULT_SOCKET};
 pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
-    AuditStatus, BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, Fido2Challenge, FileInfo,
-    GroupInfo, KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, NewSlot, Operation, PeerInfo, Profile, Reply,
-    Request, Response, RsaScheme, ServerHello, ServiceState, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage,
-    VersionInfo, CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, PROTOCOL_VERSION,
+    AuditStatus, BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, DecryptArgs, EncryptArgs,
+    Fido2Challenge, FileInfo, GroupInfo, KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, MacArgs, MacVerifyArgs,
+    NewSlot, Operation, PeerInfo, Profile, Reply, Request, Response, RsaScheme, ServerHello, ServiceState, SignArgs,
+    SlotInfo, StatusInfo, Transition, UnlockSecret, Usage, VerifyArgs, VersionInfo, CONNECTION_ERROR_ID,
+    MAX_BATCH_ITEMS, PROTOCOL_VERSION,
 };
 pub use period::format_period;
 

@@ -130,81 +130,18 @@ pub enum Operation {
     },
     /// Signs a digest the client computed (SHA-512 for ed25519, SHA-256 for
     /// ecdsa-p256 and every RSA type, SHA-384 for ecdsa-p384). Needs unlocked.
-    Sign {
-        /// The key's name.
-        name: String,
-        /// The digest of the data.
-        #[serde(with = "serde_bytes")]
-        digest: Vec<u8>,
-    },
+    Sign(SignArgs),
     /// Checks a signature over a digest.
-    Verify {
-        /// The key's name.
-        name: String,
-        /// The key version the signature names.
-        version: u32,
-        /// The digest of the data.
-        #[serde(with = "serde_bytes")]
-        digest: Vec<u8>,
-        /// The signature: 64 bytes for ed25519, DER for ECDSA, the modulus
-        /// length (big-endian) for RSA.
-        #[serde(with = "serde_bytes")]
-        signature: Vec<u8>,
-        /// Allow this use of a key in state `compromised` (logged at high risk).
-        allow_compromised: bool,
-    },
+    Verify(VerifyArgs),
     /// Seals `plaintext` with an aes256-gcm key's newest version, or with
     /// `version` (no lower than the key's minimum encryption version). Needs unlocked.
-    Encrypt {
-        /// The key's name.
-        name: String,
-        /// The version to seal with; `None` for the newest. Lets a client that
-        /// seals a file chunk by chunk keep one version across a rotation.
-        version: Option<u32>,
-        /// The data; wiped when the request is dropped.
-        plaintext: SecretBytes,
-        /// Associated data, authenticated but not encrypted.
-        #[serde(with = "serde_bytes")]
-        aad: Vec<u8>,
-    },
+    Encrypt(EncryptArgs),
     /// Opens what `Encrypt` sealed. Needs unlocked.
-    Decrypt {
-        /// The key's name.
-        name: String,
-        /// The key version the ciphertext names.
-        version: u32,
-        /// 12-byte nonce, ciphertext, 16-byte tag.
-        #[serde(with = "serde_bytes")]
-        sealed: Vec<u8>,
-        /// The associated data given to `Encrypt`.
-        #[serde(with = "serde_bytes")]
-        aad: Vec<u8>,
-        /// Allow this use of a key in state `compromised` (logged at high risk).
-        allow_compromised: bool,
-    },
+    Decrypt(DecryptArgs),
     /// HMAC-SHA-256 of `data` with an hmac-sha256 key's newest version. Needs unlocked.
-    Mac {
-        /// The key's name.
-        name: String,
-        /// The data.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-    },
+    Mac(MacArgs),
     /// Checks an HMAC tag in constant time. Needs unlocked.
-    MacVerify {
-        /// The key's name.
-        name: String,
-        /// The key version the tag names.
-        version: u32,
-        /// The data.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-        /// The 32-byte tag.
-        #[serde(with = "serde_bytes")]
-        tag: Vec<u8>,
-        /// Allow this use of a key in state `compromised` (logged at high risk).
-        allow_compromised: bool,
-    },
+    MacVerify(MacVerifyArgs),
     /// Adds a version to a key; new signatures and ciphertexts use it. Needs unlocked.
     KeyRotate {
         /// The key's name.
@@ -527,137 +464,117 @@ pub struct BackupManifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BatchItem {
     /// As [`Operation::Sign`].
-    Sign {
-        /// The key's name.
-        name: String,
-        /// The digest of the data.
-        #[serde(with = "serde_bytes")]
-        digest: Vec<u8>,
-    },
+    Sign(SignArgs),
     /// As [`Operation::Verify`].
-    Verify {
-        /// The key's name.
-        name: String,
-        /// The key version the signature names.
-        version: u32,
-        /// The digest of the data.
-        #[serde(with = "serde_bytes")]
-        digest: Vec<u8>,
-        /// The signature.
-        #[serde(with = "serde_bytes")]
-        signature: Vec<u8>,
-        /// Allow this use of a compromised key.
-        allow_compromised: bool,
-    },
+    Verify(VerifyArgs),
     /// As [`Operation::Encrypt`].
-    Encrypt {
-        /// The key's name.
-        name: String,
-        /// The version to seal with; `None` for the newest.
-        version: Option<u32>,
-        /// The data; wiped when the item is dropped.
-        plaintext: SecretBytes,
-        /// Associated data.
-        #[serde(with = "serde_bytes")]
-        aad: Vec<u8>,
-    },
+    Encrypt(EncryptArgs),
     /// As [`Operation::Decrypt`].
-    Decrypt {
-        /// The key's name.
-        name: String,
-        /// The key version the ciphertext names.
-        version: u32,
-        /// Nonce, ciphertext, tag.
-        #[serde(with = "serde_bytes")]
-        sealed: Vec<u8>,
-        /// Associated data.
-        #[serde(with = "serde_bytes")]
-        aad: Vec<u8>,
-        /// Allow this use of a compromised key.
-        allow_compromised: bool,
-    },
+    Decrypt(DecryptArgs),
     /// As [`Operation::Mac`].
-    Mac {
-        /// The key's name.
-        name: String,
-        /// The data.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-    },
+    Mac(MacArgs),
     /// As [`Operation::MacVerify`].
-    MacVerify {
-        /// The key's name.
-        name: String,
-        /// The key version the tag names.
-        version: u32,
-        /// The data.
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
-        /// The tag.
-        #[serde(with = "serde_bytes")]
-        tag: Vec<u8>,
-        /// Allow this use of a compromised key.
-        allow_compromised: bool,
-    },
+    MacVerify(MacVerifyArgs),
 }
 
 impl From<BatchItem> for Operation {
     fn from(item: BatchItem) -> Self {
         match item {
-            BatchItem::Sign { name, digest } => Self::Sign { name, digest },
-            BatchItem::Verify {
-                name,
-                version,
-                digest,
-                signature,
-                allow_compromised,
-            } => Self::Verify {
-                name,
-                version,
-                digest,
-                signature,
-                allow_compromised,
-            },
-            BatchItem::Encrypt {
-                name,
-                version,
-                plaintext,
-                aad,
-            } => Self::Encrypt {
-                name,
-                version,
-                plaintext,
-                aad,
-            },
-            BatchItem::Decrypt {
-                name,
-                version,
-                sealed,
-                aad,
-                allow_compromised,
-            } => Self::Decrypt {
-                name,
-                version,
-                sealed,
-                aad,
-                allow_compromised,
-            },
-            BatchItem::Mac { name, data } => Self::Mac { name, data },
-            BatchItem::MacVerify {
-                name,
-                version,
-                data,
-                tag,
-                allow_compromised,
-            } => Self::MacVerify {
-                name,
-                version,
-                data,
-                tag,
-                allow_compromised,
-            },
+            BatchItem::Sign(a) => Self::Sign(a),
+            BatchItem::Verify(a) => Self::Verify(a),
+            BatchItem::Encrypt(a) => Self::Encrypt(a),
+            BatchItem::Decrypt(a) => Self::Decrypt(a),
+            BatchItem::Mac(a) => Self::Mac(a),
+            BatchItem::MacVerify(a) => Self::MacVerify(a),
         }
     }
+}
+
+/// The fields of [`Operation::Sign`] and [`BatchItem::Sign`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignArgs {
+    /// The key's name.
+    pub name: String,
+    /// The digest of the data.
+    #[serde(with = "serde_bytes")]
+    pub digest: Vec<u8>,
+}
+
+/// The fields of [`Operation::Verify`] and [`BatchItem::Verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyArgs {
+    /// The key's name.
+    pub name: String,
+    /// The key version the signature names.
+    pub version: u32,
+    /// The digest of the data.
+    #[serde(with = "serde_bytes")]
+    pub digest: Vec<u8>,
+    /// The signature: 64 bytes for ed25519, DER for ECDSA, the modulus
+    /// length (big-endian) for RSA.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+    /// Allow this use of a key in state `compromised` (logged at high risk).
+    pub allow_compromised: bool,
+}
+
+/// The fields of [`Operation::Encrypt`] and [`BatchItem::Encrypt`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptArgs {
+    /// The key's name.
+    pub name: String,
+    /// The version to seal with; `None` for the newest. Lets a client that
+    /// seals a file chunk by chunk keep one version across a rotation.
+    pub version: Option<u32>,
+    /// The data; wiped when the request is dropped.
+    pub plaintext: SecretBytes,
+    /// Associated data, authenticated but not encrypted.
+    #[serde(with = "serde_bytes")]
+    pub aad: Vec<u8>,
+}
+
+/// The fields of [`Operation::Decrypt`] and [`BatchItem::Decrypt`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecryptArgs {
+    /// The key's name.
+    pub name: String,
+    /// The key version the ciphertext names.
+    pub version: u32,
+    /// 12-byte nonce, ciphertext, 16-byte tag.
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+    /// The associated data given to `Encrypt`.
+    #[serde(with = "serde_bytes")]
+    pub aad: Vec<u8>,
+    /// Allow this use of a key in state `compromised` (logged at high risk).
+    pub allow_compromised: bool,
+}
+
+/// The fields of [`Operation::Mac`] and [`BatchItem::Mac`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MacArgs {
+    /// The key's name.
+    pub name: String,
+    /// The data.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// The fields of [`Operation::MacVerify`] and [`BatchItem::MacVerify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MacVerifyArgs {
+    /// The key's name.
+    pub name: String,
+    /// The key version the tag names.
+    pub version: u32,
+    /// The data.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// The 32-byte tag.
+    #[serde(with = "serde_bytes")]
+    pub tag: Vec<u8>,
+    /// Allow this use of a key in state `compromised` (logged at high risk).
+    pub allow_compromised: bool,
 }
 
 /// The most items one `Operation::Batch` may carry.

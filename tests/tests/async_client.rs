@@ -33,14 +33,14 @@ async fn async_client_handshakes_calls_and_pipelines() {
     .expect("create");
     let results = c
         .batch(vec![
-            protocol::BatchItem::Mac {
+            protocol::BatchItem::Mac(protocol::MacArgs {
                 name: "a".into(),
                 data: b"x".to_vec(),
-            },
-            protocol::BatchItem::Mac {
+            }),
+            protocol::BatchItem::Mac(protocol::MacArgs {
                 name: "nope".into(),
                 data: b"x".to_vec(),
-            },
+            }),
         ])
         .await
         .expect("batch");

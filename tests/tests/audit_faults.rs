@@ -148,10 +148,10 @@ fn sigkill_at_random_moments_under_load_never_breaks_the_chain_or_loses_an_ackno
                     n += 1;
                     let result = match worker {
                         0 | 1 => c
-                            .call(Operation::Sign {
+                            .call(Operation::Sign(protocol::SignArgs {
                                 name: "s".into(),
                                 digest: vec![worker as u8; 64],
-                            })
+                            }))
                             .map(|_| *acked.lock().expect("lock").signs.entry(conn).or_default() += 1),
                         2 => {
                             let name = format!("c-{round}-{n}");
@@ -360,10 +360,10 @@ fn a_full_disk_refuses_audited_requests_with_audit_unavailable_and_service_resum
     let mut c = d.client();
     create(&mut c, "k", KeyType::Ed25519, KeyOptions::default()).expect("create");
     let sign = |c: &mut Client| {
-        c.call(Operation::Sign {
+        c.call(Operation::Sign(protocol::SignArgs {
             name: "k".into(),
             digest: vec![1; 64],
-        })
+        }))
     };
     sign(&mut c).expect("sign");
     let filler = disk.fill();
@@ -495,10 +495,10 @@ fn a_state_directory_gone_read_only_refuses_audited_requests_until_it_is_writabl
     run("mount", &["--bind", p(&st), p(&st)]);
     run("mount", &["-o", "remount,ro,bind", p(&st)]);
     let sign = |c: &mut Client| {
-        c.call(Operation::Sign {
+        c.call(Operation::Sign(protocol::SignArgs {
             name: "k".into(),
             digest: vec![3; 64],
-        })
+        }))
     };
     let mut refused = None;
     for _ in 0..50 {
@@ -540,10 +540,10 @@ fn verify_on_a_busy_daemon_whose_log_rotates_never_reports_tampering() {
                 let mut c = Client::connect(&socket).expect("connect");
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    c.call(Operation::Sign {
+                    c.call(Operation::Sign(protocol::SignArgs {
                         name: "k".into(),
                         digest: vec![2; 64],
-                    })
+                    }))
                     .expect("sign");
                     n += 1;
                 }

@@ -93,10 +93,10 @@ fn mock_failures_surface_as_backend_errors_in_client_and_audit_while_soft_keys_w
     let mut c = d.client();
     let codes: Vec<_> = (0..30)
         .map(|_| {
-            c.call(Operation::Sign {
+            c.call(Operation::Sign(protocol::SignArgs {
                 name: "flaky".into(),
                 digest: vec![1; 64],
-            })
+            }))
             .err()
             .and_then(|e| e.code())
         })
@@ -145,9 +145,11 @@ fn mock_latency_is_felt_by_the_client_and_other_keys_are_not_held_up() {
     let d = mock_daemon("1500ms", 0.0);
     create_mock(&d, "slow", KeyType::HmacSha256);
     ok(&d.hsmctl(&["key", "create", "fast", "--type", "hmac-sha256"]));
-    let mac = |name: &str| Operation::Mac {
-        name: name.into(),
-        data: b"x".to_vec(),
+    let mac = |name: &str| {
+        Operation::Mac(protocol::MacArgs {
+            name: name.into(),
+            data: b"x".to_vec(),
+        })
     };
     let mut c = d.client();
     let t = std::time::Instant::now();
@@ -262,18 +264,18 @@ fn a_policy_permission_limited_to_a_backend_holds() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("(permission-denied)"), "{out:?}");
     let mut c = d.client();
-    c.call(Operation::Sign {
+    c.call(Operation::Sign(protocol::SignArgs {
         name: "s".into(),
         digest: vec![0; 64],
-    })
+    }))
     .expect("soft key signs");
     // A mock key it may create but not use: the check reads the key's own backend.
     ok(&d.hsmctl(&["key", "create", "made-m", "--type", "ed25519", "--backend", "mock"]));
     let e = c
-        .call(Operation::Sign {
+        .call(Operation::Sign(protocol::SignArgs {
             name: "made-m".into(),
             digest: vec![0; 64],
-        })
+        }))
         .expect_err("a mock key is outside the role's backend");
     assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
 }

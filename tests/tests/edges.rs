@@ -22,9 +22,11 @@ fn audit_show_with_a_huge_limit_answers_the_newest_lines_that_fit() {
     let mut made = 0;
     while made < 60_000 {
         let items = (0..1024)
-            .map(|i| BatchItem::Mac {
-                name: "k".into(),
-                data: vec![i as u8; 8],
+            .map(|i| {
+                BatchItem::Mac(protocol::MacArgs {
+                    name: "k".into(),
+                    data: vec![i as u8; 8],
+                })
             })
             .collect();
         c.batch(items).expect("batch");

@@ -177,10 +177,10 @@ fn names_usages_and_duplicates_are_checked_with_the_rule_given() {
 
     let mut c = d.client();
     let err = c
-        .call(Operation::Sign {
+        .call(Operation::Sign(protocol::SignArgs {
             name: "dup".into(),
             digest: vec![0; 64],
-        })
+        }))
         .expect_err("wrong digest length");
     assert_eq!(err.code(), Some(ErrorCode::InvalidArgument));
     assert!(err.to_string().contains("32-byte digest"), "{err}");
@@ -236,10 +236,10 @@ fn edit(d: &Daemon, sql: &str) {
 }
 
 fn sign_code(c: &mut Client, name: &str, len: usize) -> Result<(), ErrorCode> {
-    match c.call(Operation::Sign {
+    match c.call(Operation::Sign(protocol::SignArgs {
         name: name.into(),
         digest: vec![1; len],
-    }) {
+    })) {
         Ok(Reply::Signature { .. }) => Ok(()),
         Ok(other) => panic!("{other:?}"),
         Err(e) => Err(e.code().unwrap_or(ErrorCode::Internal)),

@@ -131,12 +131,12 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
     let (v1_sealed, _) = {
         ok(&d.hsmctl(&["key", "create", "env", "--type", "aes256-gcm"]));
         match c
-            .call(Operation::Encrypt {
+            .call(Operation::Encrypt(protocol::EncryptArgs {
                 name: "env".into(),
                 version: None,
                 plaintext: protocol::SecretBytes::new(secret.to_vec()),
                 aad: b"a".to_vec(),
-            })
+            }))
             .expect("encrypt")
         {
             Reply::Encrypted { sealed, version } => (sealed, version),
@@ -219,12 +219,12 @@ fn rotated_keys_keep_old_versions_working_until_the_minimum_rises_and_rewrap_mov
     );
     // Naming an old version to encrypt with is refused below the minimum.
     let err = c
-        .call(Operation::Encrypt {
+        .call(Operation::Encrypt(protocol::EncryptArgs {
             name: "vault".into(),
             version: Some(2),
             plaintext: protocol::SecretBytes::new(vec![1]),
             aad: vec![],
-        })
+        }))
         .expect_err("below the minimum");
     assert_eq!(err.code(), Some(ErrorCode::KeyState), "{err}");
 }
@@ -344,32 +344,32 @@ fn each_state_allows_exactly_its_row_of_the_readme_table() {
             (vec![0; 64], vec![0; 28], vec![0; 32])
         } else {
             let signature = match c
-                .call(Operation::Sign {
+                .call(Operation::Sign(protocol::SignArgs {
                     name: s.clone(),
                     digest: digest.clone(),
-                })
+                }))
                 .expect("sign")
             {
                 Reply::Signature { signature, .. } => signature,
                 other => panic!("{other:?}"),
             };
             let sealed = match c
-                .call(Operation::Encrypt {
+                .call(Operation::Encrypt(protocol::EncryptArgs {
                     name: e.clone(),
                     version: None,
                     plaintext: protocol::SecretBytes::new(b"p".to_vec()),
                     aad: vec![],
-                })
+                }))
                 .expect("encrypt")
             {
                 Reply::Encrypted { sealed, .. } => sealed,
                 other => panic!("{other:?}"),
             };
             let mac = match c
-                .call(Operation::Mac {
+                .call(Operation::Mac(protocol::MacArgs {
                     name: m.clone(),
                     data: b"d".to_vec(),
-                })
+                }))
                 .expect("mac")
             {
                 Reply::MacTag { tag, .. } => tag,
@@ -399,41 +399,41 @@ fn each_state_allows_exactly_its_row_of_the_readme_table() {
         let mut got = Vec::new();
         for flag in [false, true] {
             let ops = vec![
-                Operation::Sign {
+                Operation::Sign(protocol::SignArgs {
                     name: s.clone(),
                     digest: digest.clone(),
-                },
-                Operation::Verify {
+                }),
+                Operation::Verify(protocol::VerifyArgs {
                     name: s.clone(),
                     version: 1,
                     digest: digest.clone(),
                     signature: signature.clone(),
                     allow_compromised: flag,
-                },
-                Operation::Encrypt {
+                }),
+                Operation::Encrypt(protocol::EncryptArgs {
                     name: e.clone(),
                     version: None,
                     plaintext: protocol::SecretBytes::new(b"p".to_vec()),
                     aad: vec![],
-                },
-                Operation::Decrypt {
+                }),
+                Operation::Decrypt(protocol::DecryptArgs {
                     name: e.clone(),
                     version: 1,
                     sealed: sealed.clone(),
                     aad: vec![],
                     allow_compromised: flag,
-                },
-                Operation::Mac {
+                }),
+                Operation::Mac(protocol::MacArgs {
                     name: m.clone(),
                     data: b"d".to_vec(),
-                },
-                Operation::MacVerify {
+                }),
+                Operation::MacVerify(protocol::MacVerifyArgs {
                     name: m.clone(),
                     version: 1,
                     data: b"d".to_vec(),
                     tag: mac.clone(),
                     allow_compromised: flag,
-                },
+                }),
                 Operation::Rewrap {
                     name: e.clone(),
                     version: 1,
@@ -466,10 +466,10 @@ fn each_state_allows_exactly_its_row_of_the_readme_table() {
     }
     // A refusal names the state and what it forbids.
     let err = c
-        .call(Operation::Sign {
+        .call(Operation::Sign(protocol::SignArgs {
             name: "suspended-sig".into(),
             digest: digest.clone(),
-        })
+        }))
         .expect_err("suspended");
     assert!(
         err.to_string().contains("\"suspended-sig\" is suspended") && err.to_string().contains("key enable"),
@@ -607,10 +607,10 @@ fn ten_thousand_signatures_are_counted_with_few_keystore_writes_and_survive_a_re
     // 9,000 in batches of 500 and 1,000 one at a time.
     for _ in 0..18 {
         let items = vec![
-            BatchItem::Sign {
+            BatchItem::Sign(protocol::SignArgs {
                 name: "busy".into(),
                 digest: digest.clone()
-            };
+            });
             500
         ];
         let results = c.batch(items).expect("batch");
@@ -620,10 +620,10 @@ fn ten_thousand_signatures_are_counted_with_few_keystore_writes_and_survive_a_re
             .all(|r| matches!(r, Ok(Reply::Signature { version: 1, .. }))));
     }
     for _ in 0..1000 {
-        c.call(Operation::Sign {
+        c.call(Operation::Sign(protocol::SignArgs {
             name: "busy".into(),
             digest: digest.clone(),
-        })
+        }))
         .expect("sign");
     }
     let writes = c.status().expect("status").keystore_writes - writes_before;
@@ -655,24 +655,24 @@ fn batches_answer_item_by_item_and_have_a_limit() {
     create(&mut c, "b-ed", KeyType::Ed25519, KeyOptions::default());
     create(&mut c, "b-aes", KeyType::Aes256Gcm, KeyOptions::default());
     let items = vec![
-        BatchItem::Sign {
+        BatchItem::Sign(protocol::SignArgs {
             name: "b-ed".into(),
             digest: vec![1; 64],
-        },
-        BatchItem::Sign {
+        }),
+        BatchItem::Sign(protocol::SignArgs {
             name: "missing".into(),
             digest: vec![1; 64],
-        },
-        BatchItem::Encrypt {
+        }),
+        BatchItem::Encrypt(protocol::EncryptArgs {
             name: "b-aes".into(),
             version: None,
             plaintext: protocol::SecretBytes::new(b"x".to_vec()),
             aad: vec![],
-        },
-        BatchItem::Sign {
+        }),
+        BatchItem::Sign(protocol::SignArgs {
             name: "b-ed".into(),
             digest: vec![1; 3],
-        },
+        }),
     ];
     let Reply::Batch(results) = c.call(Operation::Batch { items }).expect("batch") else {
         panic!("not a batch answer");
@@ -685,10 +685,10 @@ fn batches_answer_item_by_item_and_have_a_limit() {
         ErrorCode::InvalidArgument
     );
     let too_many = vec![
-        BatchItem::Mac {
+        BatchItem::Mac(protocol::MacArgs {
             name: "x".into(),
             data: vec![]
-        };
+        });
         MAX_BATCH_ITEMS + 1
     ];
     let err = c.call(Operation::Batch { items: too_many }).expect_err("limit");

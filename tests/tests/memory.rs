@@ -158,37 +158,37 @@ fn no_plaintext_or_data_key_stays_in_memory_after_its_request() {
     // Sealed and opened.
     let sealed_text = random(4096);
     let Reply::Encrypted { version, sealed } = c
-        .call(Operation::Encrypt {
+        .call(Operation::Encrypt(protocol::EncryptArgs {
             name: "box".into(),
             version: None,
             plaintext: protocol::SecretBytes::new(sealed_text.clone()),
             aad: Vec::new(),
-        })
+        }))
         .expect("encrypt")
     else {
         panic!("encrypt answer")
     };
     let opened_text = random(4096);
     let Reply::Encrypted { sealed: sealed2, .. } = c
-        .call(Operation::Encrypt {
+        .call(Operation::Encrypt(protocol::EncryptArgs {
             name: "box".into(),
             version: Some(version),
             plaintext: protocol::SecretBytes::new(opened_text.clone()),
             aad: Vec::new(),
-        })
+        }))
         .expect("encrypt")
     else {
         panic!("encrypt answer")
     };
     let _ = sealed;
     match c
-        .call(Operation::Decrypt {
+        .call(Operation::Decrypt(protocol::DecryptArgs {
             name: "box".into(),
             version,
             sealed: sealed2,
             aad: Vec::new(),
             allow_compromised: false,
-        })
+        }))
         .expect("decrypt")
     {
         Reply::Decrypted { plaintext } => assert_eq!(plaintext.expose(), opened_text.as_slice()),

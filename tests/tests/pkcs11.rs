@@ -55,10 +55,10 @@ fn wait_health(d: &Daemon, healthy: bool, within: Duration) -> String {
 }
 
 fn sign(c: &mut Client, name: &str, len: usize) -> Result<Vec<u8>, ErrorCode> {
-    match c.call(Operation::Sign {
+    match c.call(Operation::Sign(protocol::SignArgs {
         name: name.into(),
         digest: vec![0x5a; len],
-    }) {
+    })) {
         Ok(Reply::Signature { signature, .. }) => Ok(signature),
         Ok(other) => panic!("sign answered {other:?}"),
         Err(e) => Err(e.code().unwrap_or(ErrorCode::Internal)),

@@ -23,11 +23,11 @@ fn create(c: &mut Client, name: &str) {
 
 fn sign(c: &mut Client, name: &str, message: &[u8]) {
     use sha2::Digest as _;
-    c.call(Operation::Sign {
+    c.call(Operation::Sign(protocol::SignArgs {
         name: name.into(),
         // Ed25519 keys sign a SHA-512 digest.
         digest: sha2::Sha512::digest(message).to_vec(),
-    })
+    }))
     .expect("sign answered");
 }
 

@@ -1,7 +1,10 @@
 //! Keys: their lifecycle (create, settings, rotation, states, delete) and
 //! their use (sign, verify, encrypt, decrypt, MAC, rewrap, data keys).
 
-use protocol::{KeyChanges, KeyOptions, KeyType, Reply, SecretBytes, Transition, Usage};
+use protocol::{
+    DecryptArgs, EncryptArgs, KeyChanges, KeyOptions, KeyType, MacArgs, MacVerifyArgs, Reply, SecretBytes, SignArgs,
+    Transition, Usage, VerifyArgs,
+};
 
 use super::{audit_line::compromised_use, AuditSpec, Plan};
 use crate::{
@@ -174,7 +177,7 @@ pub(super) fn purge(name: String) -> Plan {
     .logged()
 }
 
-pub(super) fn sign(name: String, digest: Vec<u8>) -> Plan {
+pub(super) fn sign(SignArgs { name, digest }: SignArgs) -> Plan {
     let spec = on_key(EventType::Sign, &name, "sign", 1, false);
     let need = Permission::Keys(A::Sign);
     Plan::key_use(name, None, digest.len(), move |k, key| {
@@ -185,7 +188,15 @@ pub(super) fn sign(name: String, digest: Vec<u8>) -> Plan {
     .audited(spec)
 }
 
-pub(super) fn verify(name: String, version: u32, digest: Vec<u8>, signature: Vec<u8>, allow_compromised: bool) -> Plan {
+pub(super) fn verify(
+    VerifyArgs {
+        name,
+        version,
+        digest,
+        signature,
+        allow_compromised,
+    }: VerifyArgs,
+) -> Plan {
     let spec = compromised_use(EventType::Verify, format!("key:{name}"), "verify", allow_compromised);
     Plan::key_use(name, Some(version), digest.len(), move |k, key| {
         k.verify(key, &digest, &signature, allow_compromised)
@@ -195,7 +206,14 @@ pub(super) fn verify(name: String, version: u32, digest: Vec<u8>, signature: Vec
     .audited(spec)
 }
 
-pub(super) fn encrypt(name: String, version: Option<u32>, plaintext: SecretBytes, aad: Vec<u8>) -> Plan {
+pub(super) fn encrypt(
+    EncryptArgs {
+        name,
+        version,
+        plaintext,
+        aad,
+    }: EncryptArgs,
+) -> Plan {
     let spec = on_key(EventType::Encrypt, &name, "encrypt", 1, false);
     let payload = plaintext.len() + aad.len();
     // The request's copy of the plaintext is wiped as it drops.
@@ -207,7 +225,15 @@ pub(super) fn encrypt(name: String, version: Option<u32>, plaintext: SecretBytes
     .audited(spec)
 }
 
-pub(super) fn decrypt(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>, allow_compromised: bool) -> Plan {
+pub(super) fn decrypt(
+    DecryptArgs {
+        name,
+        version,
+        sealed,
+        aad,
+        allow_compromised,
+    }: DecryptArgs,
+) -> Plan {
     let spec = compromised_use(EventType::Decrypt, format!("key:{name}"), "decrypt", allow_compromised);
     let payload = sealed.len() + aad.len();
     Plan::key_use(name, Some(version), payload, move |k, key| {
@@ -220,7 +246,7 @@ pub(super) fn decrypt(name: String, version: u32, sealed: Vec<u8>, aad: Vec<u8>,
     .audited(spec)
 }
 
-pub(super) fn mac(name: String, data: Vec<u8>) -> Plan {
+pub(super) fn mac(MacArgs { name, data }: MacArgs) -> Plan {
     let spec = on_key(EventType::Mac, &name, "mac", 1, false);
     Plan::key_use(name, None, data.len(), move |k, key| {
         k.mac(key, &data).map(|(version, tag)| Reply::MacTag { version, tag })
@@ -229,7 +255,15 @@ pub(super) fn mac(name: String, data: Vec<u8>) -> Plan {
     .audited(spec)
 }
 
-pub(super) fn mac_verify(name: String, version: u32, data: Vec<u8>, tag: Vec<u8>, allow_compromised: bool) -> Plan {
+pub(super) fn mac_verify(
+    MacVerifyArgs {
+        name,
+        version,
+        data,
+        tag,
+        allow_compromised,
+    }: MacVerifyArgs,
+) -> Plan {
     let spec = compromised_use(
         EventType::MacVerify,
         format!("key:{name}"),

@@ -291,10 +291,10 @@ fn security_suite(args: &Args) -> Result<()> {
                 let (depth, batch) = (args.depth, args.batch);
                 runs.push(measure_batched(clients, args.seconds, depth * batch, move || {
                     let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
-                    let item = protocol::BatchItem::Sign {
+                    let item = protocol::BatchItem::Sign(protocol::SignArgs {
                         name: "bench-ed25519".into(),
                         digest: vec![7; 64],
-                    };
+                    });
                     let request = if batch == 1 {
                         Operation::from(item)
                     } else {
@@ -497,42 +497,42 @@ fn key_suite(args: &Args) -> Result<()> {
     let ops = [
         KeyOp {
             label: "ed25519 sign",
-            request: Operation::Sign {
+            request: Operation::Sign(protocol::SignArgs {
                 name: "bench-ed25519".into(),
                 digest: vec![7; 64],
-            },
-            item: protocol::BatchItem::Sign {
+            }),
+            item: protocol::BatchItem::Sign(protocol::SignArgs {
                 name: "bench-ed25519".into(),
                 digest: vec![7; 64],
-            },
+            }),
             in_process: in_process_ed25519,
         },
         KeyOp {
             label: "ecdsa-p256 sign",
-            request: Operation::Sign {
+            request: Operation::Sign(protocol::SignArgs {
                 name: "bench-p256".into(),
                 digest: vec![7; 32],
-            },
-            item: protocol::BatchItem::Sign {
+            }),
+            item: protocol::BatchItem::Sign(protocol::SignArgs {
                 name: "bench-p256".into(),
                 digest: vec![7; 32],
-            },
+            }),
             in_process: in_process_p256,
         },
         KeyOp {
             label: "aes256-gcm encrypt 4 KiB",
-            request: Operation::Encrypt {
+            request: Operation::Encrypt(protocol::EncryptArgs {
                 name: "bench-aes".into(),
                 version: None,
                 plaintext: protocol::SecretBytes::new(vec![0x5a; 4096]),
                 aad: Vec::new(),
-            },
-            item: protocol::BatchItem::Encrypt {
+            }),
+            item: protocol::BatchItem::Encrypt(protocol::EncryptArgs {
                 name: "bench-aes".into(),
                 version: None,
                 plaintext: protocol::SecretBytes::new(vec![0x5a; 4096]),
                 aad: Vec::new(),
-            },
+            }),
             in_process: in_process_aes,
         },
     ];
@@ -863,10 +863,10 @@ fn backend_suite(args: &Args) -> Result<()> {
                     let socket = daemon.socket.clone();
                     out.push(measure(clients, args.seconds, move || {
                         let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
-                        let request = Operation::Sign {
+                        let request = Operation::Sign(protocol::SignArgs {
                             name: name.clone(),
                             digest: vec![7; if ed { 64 } else { 32 }],
-                        };
+                        });
                         Ok(move || -> Result<()> {
                             c.call(request.clone())?;
                             Ok(())
@@ -921,10 +921,10 @@ fn rsa_rows(args: &Args, daemon: &hsmd_tests::Daemon, hsm: &hsmd_tests::SoftHsm)
                 let socket = daemon.socket.clone();
                 out.push(measure(clients, args.seconds, move || {
                     let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
-                    let request = Operation::Sign {
+                    let request = Operation::Sign(protocol::SignArgs {
                         name: name.to_owned(),
                         digest: vec![7; 32],
-                    };
+                    });
                     Ok(move || -> Result<()> {
                         c.call(request.clone())?;
                         Ok(())

@@ -158,10 +158,10 @@ fn flood_round(socket: &str, c: &mut Client, round: usize) {
     use std::io::Write as _;
     let name = format!("no-such-key-{round}-{}", std::process::id());
     let _ = c.call(Operation::KeyInfo { name: name.clone() });
-    let _ = c.call(Operation::Sign {
+    let _ = c.call(Operation::Sign(protocol::SignArgs {
         name,
         digest: vec![0; 32],
-    });
+    }));
     let _ = c.ping(vec![round as u8; 512]);
     // Raw connections: garbage after a valid header, half a header, hello and leave.
     if let Ok(mut raw) = std::os::unix::net::UnixStream::connect(socket) {

@@ -238,9 +238,7 @@ impl Vault {
                 };
                 let key = {
                     let _gate = lock(&self.custody.kdf_gate);
-                    params
-                        .derive(p.expose())
-                        .map_err(|e| VaultError::Invalid(e.to_string()))?
+                    params.derive(p.expose())?
                 };
                 (key, Some(params), Vec::new(), "passphrase")
             }
@@ -266,7 +264,10 @@ impl Vault {
             slots,
             salt: hex::encode(salt),
         };
-        let header_bytes = serde_json::to_vec(&header).map_err(|e| VaultError::Invalid(e.to_string()))?;
+        let header_bytes = serde_json::to_vec(&header).map_err(|source| VaultError::Encode {
+            what: "a backup header",
+            source,
+        })?;
         let sealed = crypto::seal(&key, &payload, &aad(&header_bytes))?;
         let mut archive = Vec::with_capacity(12 + header_bytes.len() + sealed.len() + 32);
         archive.extend_from_slice(MAGIC);

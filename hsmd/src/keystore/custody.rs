@@ -169,7 +169,7 @@ fn open_slot(
     let secret = secret_for(&params)?;
     let kek = match params.derive(&secret) {
         Ok(k) => k,
-        Err(SlotError::BadSecret(why)) => return Err(VaultError::Invalid(why)),
+        Err(e @ SlotError::BadSecret(_)) => return Err(e.into()),
         Err(SlotError::BadParams(why)) => {
             tracing::error!(slot = row.id, why, "keystore record tampered: slot parameters refused");
             edited.push(format!("slot {}'s parameters were edited ({why})", row.id));
@@ -745,9 +745,12 @@ impl Custody {
         }
         let kek = {
             let _gate = lock(&self.kdf_gate);
-            params.derive(&secret).map_err(|e| VaultError::Invalid(e.to_string()))?
+            params.derive(&secret)?
         };
-        let json = serde_json::to_string(&params).map_err(|e| VaultError::Invalid(e.to_string()))?;
+        let json = serde_json::to_string(&params).map_err(|source| VaultError::Encode {
+            what: "a slot's parameters",
+            source,
+        })?;
         let kind = params.kind();
         let aad = slot_aad(store_id, kind, &json);
         let mut wrapped = crypto::check_value(&kek, &aad).to_vec();

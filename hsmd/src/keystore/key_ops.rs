@@ -259,7 +259,10 @@ fn check_time(what: &str, t: Option<u64>) -> Result<(), VaultError> {
 }
 
 fn labels_json(labels: &BTreeMap<String, String>) -> Result<String, VaultError> {
-    serde_json::to_string(labels).map_err(|e| VaultError::Invalid(e.to_string()))
+    serde_json::to_string(labels).map_err(|source| VaultError::Encode {
+        what: "a key's labels",
+        source,
+    })
 }
 
 impl Keys<'_> {

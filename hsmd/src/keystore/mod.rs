@@ -37,7 +37,7 @@ use crate::backend::{BackendError, Backends};
 use self::{
     crypto::CryptoError,
     key_service::KeyService,
-    slots::Argon2Cost,
+    slots::{Argon2Cost, SlotError},
     store::{KeyRow, Store, StoreError},
 };
 
@@ -120,6 +120,19 @@ pub enum VaultError {
     /// The key's backend could not do it.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A slot key could not be derived: the secret has the wrong shape for
+    /// its kind of slot, or the slot's parameters are unusable.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// hsmd could not encode a record of its own (a bug; nothing was written).
+    #[error("hsmd could not encode {what}: {source}; nothing was written. Report this as a bug")]
+    Encode {
+        /// The record.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
     /// No TPM2 slot could be unsealed, and why.
     #[error("no tpm2 slot unlocks: {0}")]
     Tpm2Refused(String),
@@ -138,7 +151,8 @@ impl VaultError {
             Self::Backoff { .. } => ErrorCode::RateLimited,
             Self::NoSuchSlot(_) => ErrorCode::NotFound,
             Self::LastSlot(_) => ErrorCode::FailedPrecondition,
-            Self::Invalid(_) => ErrorCode::InvalidArgument,
+            Self::Invalid(_) | Self::Slot(_) => ErrorCode::InvalidArgument,
+            Self::Encode { .. } => ErrorCode::Internal,
             Self::Tampered(_) | Self::BackupTampered(_) => ErrorCode::Tampered,
             Self::NoSuchKey(_) => ErrorCode::NotFound,
             Self::KeyExists(_) => ErrorCode::AlreadyExists,

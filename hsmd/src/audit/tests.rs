@@ -54,6 +54,16 @@ fn write(a: &Auditor, n: usize) {
     }
 }
 
+/// Writes `n` events, then waits out a rotation the last one made due: a
+/// line is answered once synced, and the writer rotates just after, so a test
+/// that lists, edits or counts the files must let that finish first.
+fn write_settled(a: &Auditor, n: usize, max: u64) {
+    write(a, n);
+    wait_for("the writer to rotate its full file", || {
+        fs::metadata(a.path()).is_ok_and(|m| m.len() <= max)
+    });
+}
+
 fn open(dir: &Path, store: &Arc<Memory>, max: u64, keep: u32) -> Auditor {
     Auditor::open(settings(dir, max, keep), Arc::clone(store) as Arc<dyn AnchorStore>).unwrap()
 }
@@ -87,8 +97,7 @@ fn a_rotating_chain_verifies_and_every_kind_of_damage_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Memory::default());
     let a = open(dir.path(), &store, 1500, 50);
-    write(&a, 12);
-    // Verifying waits for the writer to finish its round (it may be rotating).
+    write_settled(&a, 12, 1500);
     let ok = a.verify().unwrap();
     let files = a.files();
     assert!(files.len() > 2, "rotated by size: {files:?}");
@@ -153,7 +162,7 @@ fn rotation_past_keep_files_moves_the_recorded_start_and_the_chain_still_verifie
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Memory::default());
     let a = open(dir.path(), &store, 1500, 2);
-    write(&a, 20);
+    write_settled(&a, 20, 1500);
     let v = a.verify().unwrap();
     assert!(v.first_seq > 1, "old files were dropped: {v:?}");
     let start = store.anchors.lock().unwrap().start.clone().unwrap();
@@ -164,7 +173,7 @@ fn rotation_past_keep_files_moves_the_recorded_start_and_the_chain_still_verifie
     // Lowering keep_files leaves no file behind to break the chain.
     drop(a);
     let a = open(dir.path(), &store, 1500, 1);
-    write(&a, 10);
+    write_settled(&a, 10, 1500);
     assert!(a.verify().is_ok());
     assert!(!dir.path().join("audit.log.2").exists());
 }

@@ -12,8 +12,8 @@ use crate::AsyncClient;
 use crate::Client;
 use crate::{
     message::{
-        BackupManifest, BackupProtection, FileInfo, KeyChanges, KeyInfo, KeyOptions, KeyType, NewSlot, OperationKind,
-        PeerInfo, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage,
+        BackupManifest, BackupProtection, FileInfo, HashAlg, KeyChanges, KeyInfo, KeyOptions, KeyType, NewSlot,
+        OperationKind, PeerInfo, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage,
     },
     ClientError, Operation, Reply, SecretBytes,
 };
@@ -271,6 +271,22 @@ calls! {
         /// Checks a MAC tag made by `version` of the key.
         MacVerify(MacVerifyArgs) => fn mac_verify(name: String, version: u32, data: Vec<u8>, tag: Vec<u8>, allow_compromised: bool) -> bool {
             Reply::MacVerified { valid } => valid
+        }
+        /// Signs a message (at most `MAX_SIGN_MESSAGE` bytes) with the key's
+        /// newest version: pure Ed25519, or ECDSA/RSA over its hash.
+        SignMessage(SignMessageArgs) => fn sign_message(name: String, message: Vec<u8>, hash: Option<HashAlg>) -> Signed {
+            Reply::Signature { version, signature } => Signed { version, signature }
+        }
+        /// Checks a signature made by `sign_message`.
+        VerifyMessage(VerifyMessageArgs) => fn verify_message(
+            name: String,
+            version: u32,
+            message: Vec<u8>,
+            hash: Option<HashAlg>,
+            signature: Vec<u8>,
+            allow_compromised: bool,
+        ) -> bool {
+            Reply::Verified { valid } => valid
         }
         /// Adds a new version of the key and makes it the one that signs and seals.
         KeyRotate => fn key_rotate(name: String) -> KeyInfo { Reply::KeyUpdated(k) => *k }

@@ -44,10 +44,10 @@ pub use client::{default_socket, is_code, Client, ClientOptions, DEFAULT_SOCKET}
 pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
     AuditStatus, BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, DecryptArgs, EncryptArgs,
-    Fido2Challenge, FileInfo, GroupInfo, KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, MacArgs, MacVerifyArgs,
-    NewSlot, Operation, PeerInfo, Profile, Reply, Request, Response, RsaScheme, ServerHello, ServiceState, SignArgs,
-    SlotInfo, StatusInfo, Transition, UnlockSecret, Usage, VerifyArgs, VersionInfo, CONNECTION_ERROR_ID,
-    MAX_BATCH_ITEMS, PROTOCOL_VERSION,
+    Fido2Challenge, FileInfo, GroupInfo, HashAlg, KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, MacArgs,
+    MacVerifyArgs, NewSlot, Operation, PeerInfo, Profile, Reply, Request, Response, RsaScheme, ServerHello,
+    ServiceState, SignArgs, SignMessageArgs, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage, VerifyArgs,
+    VerifyMessageArgs, VersionInfo, CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, MAX_SIGN_MESSAGE, PROTOCOL_VERSION,
 };
 pub use period::format_period;
 

@@ -381,6 +381,13 @@ pub enum Operation {
         /// The key's name.
         name: String,
     },
+    /// Signs a message the client sends (at most [`MAX_SIGN_MESSAGE`]
+    /// bytes): pure Ed25519 (RFC 8032) over the message itself; ECDSA and
+    /// RSA over its hash, with the hash named or the key type's own. Needs
+    /// unlocked. Answered with `Signature`.
+    SignMessage(SignMessageArgs),
+    /// Checks a signature made by `SignMessage`. Answered with `Verified`.
+    VerifyMessage(VerifyMessageArgs),
 }
 
 impl Operation {
@@ -475,6 +482,10 @@ pub enum BatchItem {
     Mac(MacArgs),
     /// As [`Operation::MacVerify`].
     MacVerify(MacVerifyArgs),
+    /// As [`Operation::SignMessage`].
+    SignMessage(SignMessageArgs),
+    /// As [`Operation::VerifyMessage`].
+    VerifyMessage(VerifyMessageArgs),
 }
 
 impl From<BatchItem> for Operation {
@@ -486,6 +497,8 @@ impl From<BatchItem> for Operation {
             BatchItem::Decrypt(a) => Self::Decrypt(a),
             BatchItem::Mac(a) => Self::Mac(a),
             BatchItem::MacVerify(a) => Self::MacVerify(a),
+            BatchItem::SignMessage(a) => Self::SignMessage(a),
+            BatchItem::VerifyMessage(a) => Self::VerifyMessage(a),
         }
     }
 }
@@ -573,6 +586,84 @@ pub struct MacVerifyArgs {
     /// The 32-byte tag.
     #[serde(with = "serde_bytes")]
     pub tag: Vec<u8>,
+    /// Allow this use of a key in state `compromised` (logged at high risk).
+    pub allow_compromised: bool,
+}
+
+/// The longest message [`Operation::SignMessage`] signs, in bytes. Longer
+/// data is hashed by the client and signed with [`Operation::Sign`].
+pub const MAX_SIGN_MESSAGE: usize = 64 * 1024;
+
+/// A hash a message is signed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HashAlg {
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+}
+
+impl HashAlg {
+    /// The name used on the command line and in audit lines.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sha256 => "sha256",
+            Self::Sha384 => "sha384",
+            Self::Sha512 => "sha512",
+        }
+    }
+
+    /// Parses [`HashAlg::as_str`]'s names.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Sha256, Self::Sha384, Self::Sha512]
+            .into_iter()
+            .find(|h| h.as_str() == s)
+    }
+
+    /// The digest's length in bytes.
+    #[must_use]
+    pub fn digest_len(self) -> usize {
+        match self {
+            Self::Sha256 => 32,
+            Self::Sha384 => 48,
+            Self::Sha512 => 64,
+        }
+    }
+}
+
+/// The fields of [`Operation::SignMessage`] and [`BatchItem::SignMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignMessageArgs {
+    /// The key's name.
+    pub name: String,
+    /// The message, at most [`MAX_SIGN_MESSAGE`] bytes.
+    #[serde(with = "serde_bytes")]
+    pub message: Vec<u8>,
+    /// The hash signed over: `None` for the key type's own (none for
+    /// Ed25519, which signs the message itself; SHA-256 for ecdsa-p256 and
+    /// RSA; SHA-384 for ecdsa-p384). An Ed25519 key takes none.
+    pub hash: Option<HashAlg>,
+}
+
+/// The fields of [`Operation::VerifyMessage`] and [`BatchItem::VerifyMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyMessageArgs {
+    /// The key's name.
+    pub name: String,
+    /// The key version the signature names.
+    pub version: u32,
+    /// The message, at most [`MAX_SIGN_MESSAGE`] bytes.
+    #[serde(with = "serde_bytes")]
+    pub message: Vec<u8>,
+    /// The hash it was signed over, as given to `SignMessage`.
+    pub hash: Option<HashAlg>,
+    /// The signature, encoded as `Sign`'s.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
     /// Allow this use of a key in state `compromised` (logged at high risk).
     pub allow_compromised: bool,
 }

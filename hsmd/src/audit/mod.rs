@@ -276,6 +276,12 @@ pub struct Meta {
     /// A stored file's token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// For a message signature: the hash signed over (`pure` for Ed25519).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<&'static str>,
+    /// For a message signature: the message's length in bytes (never the message).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_bytes: Option<u64>,
     /// The message of a failure or decision (hsmd's own text, never a secret).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -121,6 +121,10 @@ impl KeyHandle for MockKey {
         self.inner.verify(digest, signature)
     }
 
+    fn any_ecdsa_hash(&self) -> bool {
+        self.inner.any_ecdsa_hash()
+    }
+
     fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, BackendError> {
         self.injection.apply("encrypt")?;
         self.inner.encrypt(plaintext, aad)

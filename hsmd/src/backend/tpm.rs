@@ -790,6 +790,11 @@ impl KeyHandle for TpmKey {
         Ok(verify_spki(self.key_type, &self.spki, digest, signature))
     }
 
+    fn any_ecdsa_hash(&self) -> bool {
+        // The key's signing scheme names its hash; the TPM refuses others.
+        false
+    }
+
     fn encrypt(&self, _plaintext: &[u8], _aad: &[u8]) -> Result<Vec<u8>, BackendError> {
         Err(self.unsupported("encrypt"))
     }

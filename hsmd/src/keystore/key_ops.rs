@@ -13,7 +13,7 @@ use std::{
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac as _};
-use protocol::{KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, Transition, Usage, VersionInfo};
+use protocol::{HashAlg, KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, Transition, Usage, VersionInfo};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
@@ -89,6 +89,71 @@ impl Cached {
             )));
         }
         Ok(())
+    }
+}
+
+impl Cached {
+    /// What a key signs for a message: the message itself for Ed25519, else
+    /// its hash, the one named or the key type's own. A hash other than the
+    /// type's own is refused where the backend signs with a fixed hash.
+    fn message_input(
+        &self,
+        message: &[u8],
+        hash: Option<HashAlg>,
+        handle: &dyn KeyHandle,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        use sha2::Digest as _;
+        if message.len() > protocol::MAX_SIGN_MESSAGE {
+            return Err(VaultError::Invalid(format!(
+                "a message to sign is at most {} bytes; this one is {}. Hash it and sign the digest instead",
+                protocol::MAX_SIGN_MESSAGE,
+                message.len()
+            )));
+        }
+        let key_type = self.key_type.clone().map_err(VaultError::Tampered)?;
+        let own = match key_type {
+            KeyType::Ed25519 => {
+                if let Some(h) = hash {
+                    return Err(VaultError::Invalid(format!(
+                        "an ed25519 key signs the message itself (pure Ed25519), not its {} hash; ask for no hash",
+                        h.as_str()
+                    )));
+                }
+                return Ok(Zeroizing::new(message.to_vec()));
+            }
+            KeyType::EcdsaP384 => HashAlg::Sha384,
+            KeyType::Aes256Gcm | KeyType::HmacSha256 => {
+                return Err(VaultError::Invalid(format!(
+                    "an {} key does not sign",
+                    key_type.as_str()
+                )))
+            }
+            // ecdsa-p256 and every RSA type.
+            _ => HashAlg::Sha256,
+        };
+        let hash = hash.unwrap_or(own);
+        if hash != own {
+            let why = if key_type.rsa().is_some() {
+                Some("an RSA key's type binds its hash (SHA-256)")
+            } else if !handle.any_ecdsa_hash() {
+                Some("its backend signs with the key type's own hash only")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(VaultError::Invalid(format!(
+                    "key {:?} cannot sign over {}: {why}; ask for {} or no hash",
+                    self.row.name,
+                    hash.as_str(),
+                    own.as_str()
+                )));
+            }
+        }
+        Ok(Zeroizing::new(match hash {
+            HashAlg::Sha256 => sha2::Sha256::digest(message).to_vec(),
+            HashAlg::Sha384 => sha2::Sha384::digest(message).to_vec(),
+            HashAlg::Sha512 => sha2::Sha512::digest(message).to_vec(),
+        }))
     }
 }
 
@@ -1056,6 +1121,43 @@ impl Keys<'_> {
         let (c, material) = self.prepare(key, version, Action::Verify, Usage::Verify, allow_compromised)?;
         c.check_digest(digest)?;
         Ok(material.verify(digest, signature)?)
+    }
+
+    /// Signs `message` with the key's newest version: pure Ed25519 over the
+    /// message, ECDSA and RSA over its `hash` (the key type's own if `None`).
+    ///
+    /// # Errors
+    /// As [`Keys::sign`]; [`VaultError::Invalid`] for a message over
+    /// [`protocol::MAX_SIGN_MESSAGE`] or a hash the key or its backend cannot
+    /// sign over.
+    pub fn sign_message(
+        &self,
+        key: &Found,
+        message: &[u8],
+        hash: Option<HashAlg>,
+    ) -> Result<(u32, Vec<u8>), VaultError> {
+        let (c, material) = self.prepare(key, None, Action::Sign, Usage::Sign, false)?;
+        let signed = c.message_input(message, hash, material.as_ref())?;
+        let signature = material.sign(&signed)?;
+        Ok((c.row.version, signature))
+    }
+
+    /// Checks a signature made by [`Keys::sign_message`] with `version` of the key.
+    ///
+    /// # Errors
+    /// As [`Keys::sign_message`].
+    pub fn verify_message(
+        &self,
+        key: &Found,
+        message: &[u8],
+        hash: Option<HashAlg>,
+        signature: &[u8],
+        allow_compromised: bool,
+    ) -> Result<bool, VaultError> {
+        let version = Some(key.0.row.version);
+        let (c, material) = self.prepare(key, version, Action::Verify, Usage::Verify, allow_compromised)?;
+        let signed = c.message_input(message, hash, material.as_ref())?;
+        Ok(material.verify(&signed, signature)?)
     }
 
     /// Seals with the key's newest version, or `version`.

@@ -25,6 +25,8 @@ pub struct AuditSpec {
     /// Served while the audit log cannot be written (the panic button, and
     /// reading the log itself), its line written when it can be.
     exempt: bool,
+    /// A message signature's hash (`pure` for Ed25519) and the message's length.
+    message: Option<(&'static str, u64)>,
 }
 
 impl AuditSpec {
@@ -37,7 +39,15 @@ impl AuditSpec {
             risk,
             security,
             exempt: false,
+            message: None,
         }
+    }
+
+    /// For a message signature: the hash it is over and the message's length
+    /// (the line never holds the message).
+    pub(super) fn over_message(mut self, hash: &'static str, len: usize) -> Self {
+        self.message = Some((hash, len as u64));
+        self
     }
 
     /// For a key creation: the backend it asked for.
@@ -66,6 +76,10 @@ impl AuditSpec {
     ) -> (crate::audit::Event, Class) {
         use crate::audit::{Event, Outcome};
         let mut metadata = crate::audit::Meta::default();
+        if let Some((hash, len)) = self.message {
+            metadata.hash = Some(hash);
+            metadata.message_bytes = Some(len);
+        }
         let mut event_type = self.event_type;
         let mut risk = self.risk;
         let mut security = self.security;

@@ -2,8 +2,8 @@
 //! their use (sign, verify, encrypt, decrypt, MAC, rewrap, data keys).
 
 use protocol::{
-    DecryptArgs, EncryptArgs, KeyChanges, KeyOptions, KeyType, MacArgs, MacVerifyArgs, Reply, SecretBytes, SignArgs,
-    Transition, Usage, VerifyArgs,
+    DecryptArgs, EncryptArgs, HashAlg, KeyChanges, KeyOptions, KeyType, MacArgs, MacVerifyArgs, Reply, SecretBytes,
+    SignArgs, SignMessageArgs, Transition, Usage, VerifyArgs, VerifyMessageArgs,
 };
 
 use super::{audit_line::compromised_use, AuditSpec, Plan};
@@ -275,6 +275,47 @@ pub(super) fn mac_verify(
             .map(|valid| Reply::MacVerified { valid })
     })
     .needs_on_key(Permission::Keys(A::MacVerify))
+    .audited(spec)
+}
+
+/// The hash an audit line names for a message signature: the one asked
+/// for, or `default` for the key type's own (pure for Ed25519).
+fn hash_label(hash: Option<HashAlg>) -> &'static str {
+    hash.map_or("default", HashAlg::as_str)
+}
+
+pub(super) fn sign_message(SignMessageArgs { name, message, hash }: SignMessageArgs) -> Plan {
+    let spec = on_key(EventType::Sign, &name, "sign-message", 1, false).over_message(hash_label(hash), message.len());
+    Plan::key_use(name, None, message.len(), move |k, key| {
+        k.sign_message(key, &message, hash)
+            .map(|(version, signature)| Reply::Signature { version, signature })
+    })
+    .needs_on_key(Permission::Keys(A::Sign))
+    .audited(spec)
+}
+
+pub(super) fn verify_message(
+    VerifyMessageArgs {
+        name,
+        version,
+        message,
+        hash,
+        signature,
+        allow_compromised,
+    }: VerifyMessageArgs,
+) -> Plan {
+    let spec = compromised_use(
+        EventType::Verify,
+        format!("key:{name}"),
+        "verify-message",
+        allow_compromised,
+    )
+    .over_message(hash_label(hash), message.len());
+    Plan::key_use(name, Some(version), message.len(), move |k, key| {
+        k.verify_message(key, &message, hash, &signature, allow_compromised)
+            .map(|valid| Reply::Verified { valid })
+    })
+    .needs_on_key(Permission::Keys(A::Verify))
     .audited(spec)
 }
 

@@ -365,6 +365,8 @@ pub fn plan(op: Operation) -> Plan {
         O::Decrypt(a) => keys::decrypt(a),
         O::Mac(a) => keys::mac(a),
         O::MacVerify(a) => keys::mac_verify(a),
+        O::SignMessage(a) => keys::sign_message(a),
+        O::VerifyMessage(a) => keys::verify_message(a),
         O::Rewrap {
             name,
             version,

@@ -109,6 +109,16 @@ fn openssh_line(t: KeyType, raw: &[u8], comment: &str) -> Option<String> {
     Some(format!("{algorithm} {} {comment}\n", STANDARD.encode(blob)))
 }
 
+/// The key's `authorized_keys` line, from hsmd, for SSH signatures.
+///
+/// # Errors
+/// The daemon's refusal, or a key type OpenSSH does not take.
+pub fn openssh_public(client: &mut Client, name: &str) -> Result<String, Failure> {
+    let public = client.key_public(name.to_owned())?;
+    let line = format_public(public.key_type, &public.spki_der, "openssh", name).map_err(|e| Local::Input.fail(e))?;
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
 /// `key public` output in the requested format.
 ///
 /// # Errors

@@ -8,7 +8,10 @@ use std::{
 
 use base64::Engine as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
-use protocol::{Client, ClientError, ClientOptions, GroupInfo, NewSlot, PeerInfo, SlotInfo, StatusInfo, UnlockSecret};
+use protocol::{
+    formats::sshsig, Client, ClientError, ClientOptions, GroupInfo, NewSlot, PeerInfo, SlotInfo, StatusInfo,
+    UnlockSecret,
+};
 use serde_json::json;
 
 use crate::{
@@ -231,9 +234,14 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
         /// hsmd: a self-describing text file (key, version, signature); raw: the bare
-        /// signature (64 bytes for Ed25519, DER for ECDSA)
-        #[arg(long, default_value = "hsmd", value_parser = ["hsmd", "raw"])]
+        /// signature (64 bytes for Ed25519, DER for ECDSA); ssh: an SSH signature as
+        /// `ssh-keygen -Y sign` writes it (needs -n)
+        #[arg(long, default_value = "hsmd", value_parser = ["hsmd", "raw", "ssh"])]
         format: String,
+        /// What an SSH signature is for (`git`, `file`, …): a signature made for one
+        /// namespace is not valid for another
+        #[arg(short = 'n', long, value_name = "NAMESPACE")]
+        namespace: Option<String>,
         /// Replace the output file if it exists
         #[arg(long)]
         force: bool,
@@ -337,8 +345,11 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         signature: PathBuf,
         /// Format of the signature file (as for sign)
-        #[arg(long, default_value = "hsmd", value_parser = ["hsmd", "raw"])]
+        #[arg(long, default_value = "hsmd", value_parser = ["hsmd", "raw", "ssh"])]
         format: String,
+        /// The namespace an SSH signature must be for
+        #[arg(short = 'n', long, value_name = "NAMESPACE")]
+        namespace: Option<String>,
         /// Key version for a raw signature [default: the newest]
         #[arg(long, value_name = "N")]
         key_version: Option<u32>,
@@ -950,13 +961,31 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             input,
             output,
             format,
+            namespace,
             force,
         } => {
+            let namespace = ssh_namespace(format, namespace.as_deref())?;
             output::not_the_input(input, output.as_deref().unwrap_or(Path::new("-")))?;
             let mut out = open_unless_json(cli.json, output.as_deref(), *force, format == "raw")?;
             let key = keys::info(&mut client, name)?;
-            let digest = keys::digest_file(key.key_type, input)?;
-            let protocol::calls::Signed { version, signature } = client.sign(name.clone(), digest)?;
+            let (protocol::calls::Signed { version, signature }, ssh) = match namespace {
+                Some(ns) => {
+                    let public = keys::openssh_public(&mut client, name)?;
+                    let hash = sshsig::FileHash {
+                        algorithm: sshsig::HASH,
+                        digest: keys::digest_file(protocol::KeyType::Ed25519, input)?,
+                    };
+                    let blob = sshsig::signed_data(ns, &hash).map_err(|e| Local::Input.fail(e.to_string()))?;
+                    let signed = client.sign_message(name.clone(), blob, None)?;
+                    let text = sshsig::armor(&public, key.key_type, ns, &hash, &signed.signature)
+                        .map_err(|e| Local::Input.fail(e.to_string()))?;
+                    (signed, Some(text))
+                }
+                None => (
+                    client.sign(name.clone(), keys::digest_file(key.key_type, input)?)?,
+                    None,
+                ),
+            };
             if cli.json {
                 print_json(
                     &json!({ "key": name, "version": version, "type": key.key_type.as_str(), "format": format,
@@ -965,7 +994,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 );
             }
             if let Some(mut out) = out.take() {
-                if format == "raw" {
+                if let Some(text) = &ssh {
+                    out.write(text.as_bytes())?;
+                } else if format == "raw" {
                     out.write(&signature)?;
                 } else {
                     out.write(protocol::formats::signature::write(name, version, key.key_type, &signature).as_bytes())?;
@@ -978,11 +1009,40 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             input,
             signature,
             format,
+            namespace,
             key_version,
             allow_compromised,
         } => {
+            let namespace = ssh_namespace(format, namespace.as_deref())?;
             let key = keys::info(&mut client, name)?;
             let raw = read_small(input, signature, "signature")?;
+            if let Some(ns) = namespace {
+                let public = keys::openssh_public(&mut client, name)?;
+                let parsed = sshsig::parse(&String::from_utf8_lossy(&raw), &public, key.key_type, ns)
+                    .map_err(|e| Local::Input.fail(format!("{}: {e}", signature.display())))?;
+                // The file hashed as the signature says: SHA-512 or SHA-256.
+                let as_type = if parsed.hash_algorithm == "sha256" {
+                    protocol::KeyType::EcdsaP256
+                } else {
+                    protocol::KeyType::Ed25519
+                };
+                let hash = sshsig::FileHash {
+                    algorithm: parsed.hash_algorithm,
+                    digest: keys::digest_file(as_type, input)?,
+                };
+                let blob = sshsig::signed_data(ns, &hash).map_err(|e| Local::Input.fail(e.to_string()))?;
+                let version = key.version;
+                if !client.verify_message(name.clone(), version, blob, None, parsed.signature, *allow_compromised)? {
+                    let e = Local::InvalidSignature.fail(format!("signature INVALID for key {name} version {version}"));
+                    return Err(invalid(cli.json, e, name, version));
+                }
+                if cli.json {
+                    println!("{}", json!({ "valid": true, "key": name, "version": version }));
+                } else {
+                    println!("signature valid (key {name}, version {version}, namespace {ns})");
+                }
+                return Ok(());
+            }
             let (version, sig) = if format == "raw" {
                 (key_version.unwrap_or(key.version), raw)
             } else {
@@ -1019,6 +1079,20 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The namespace of an SSH signature: required with `--format ssh`, refused
+/// with the other formats (they have none).
+fn ssh_namespace<'a>(format: &str, namespace: Option<&'a str>) -> Result<Option<&'a str>, Failure> {
+    match (format, namespace) {
+        ("ssh", Some(ns)) if !ns.is_empty() => Ok(Some(ns)),
+        ("ssh", _) => {
+            Err(Local::Usage
+                .fail("an SSH signature needs a namespace: -n NAMESPACE (git for git commits, file for files)"))
+        }
+        (_, Some(_)) => Err(Local::Usage.fail("-n NAMESPACE is for --format ssh only")),
+        (_, None) => Ok(None),
+    }
 }
 
 /// Before asking for a passphrase to unlock with, checks that a passphrase

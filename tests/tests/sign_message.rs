@@ -212,3 +212,108 @@ fn batches_hold_message_signatures_and_the_audit_line_names_hash_and_length_neve
     }
     assert!(!log.contains("7f3a9c"), "the message reached the audit log");
 }
+
+/// `ssh-keygen -Y verify` against an allowed-signers file naming `public`.
+fn ssh_keygen_verifies(dir: &Path, public: &str, namespace: &str, data: &Path, sig: &Path) -> bool {
+    let allowed = dir.join("allowed_signers");
+    let mut fields = public.split_whitespace();
+    let (kind, blob) = (fields.next().expect("type"), fields.next().expect("key"));
+    fs::write(&allowed, format!("release@example.org {kind} {blob}\n")).expect("write");
+    let out = Command::new("ssh-keygen")
+        .args([
+            "-Y",
+            "verify",
+            "-f",
+            path(&allowed),
+            "-I",
+            "release@example.org",
+            "-n",
+            namespace,
+        ])
+        .args(["-s", path(sig)])
+        .stdin(fs::File::open(data).expect("open"))
+        .output()
+        .expect("run ssh-keygen (Debian package openssh-client)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && said.contains(&format!("Good \"{namespace}\" signature"))
+}
+
+#[test]
+fn hsmctl_writes_ssh_signatures_that_ssh_keygen_accepts_and_reads_them_back() {
+    let hsm = SoftHsm::new("hsmd-sshsig");
+    let d = started(&hsm);
+    let data = d.dir().join("release.tar");
+    fs::write(&data, b"a release signed the way git and ssh-keygen sign").expect("write");
+    for (name, key_type, backend) in [
+        ("ed", "ed25519", "soft"),
+        ("p256", "ecdsa-p256", "soft"),
+        ("p384", "ecdsa-p384", "soft"),
+        ("rsa", "rsa-pkcs1-2048", "pkcs11"),
+    ] {
+        ok(&d.hsmctl(&["key", "create", name, "--type", key_type, "--backend", backend]));
+        let public = ok(&d.hsmctl(&["key", "public", name, "--format", "openssh"]));
+        let sig = d.dir().join(format!("{name}.sig"));
+        ok(&d.hsmctl(&[
+            "sign",
+            name,
+            "-i",
+            path(&data),
+            "-o",
+            path(&sig),
+            "--format",
+            "ssh",
+            "-n",
+            "file",
+        ]));
+        let text = fs::read_to_string(&sig).expect("read");
+        assert!(text.starts_with("-----BEGIN SSH SIGNATURE-----\n"), "{text}");
+        assert!(
+            ssh_keygen_verifies(d.dir(), &public, "file", &data, &sig),
+            "ssh-keygen rejects the {key_type} signature"
+        );
+        // A signature is for its namespace only.
+        assert!(!ssh_keygen_verifies(d.dir(), &public, "git", &data, &sig));
+        let verify = |ns: &str| {
+            d.hsmctl(&[
+                "verify",
+                name,
+                "-i",
+                path(&data),
+                "-s",
+                path(&sig),
+                "--format",
+                "ssh",
+                "-n",
+                ns,
+            ])
+        };
+        assert!(ok(&verify("file")).contains("signature valid"));
+        let out = verify("git");
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not \"git\""), "{out:?}");
+    }
+    // An altered file: both refuse it.
+    let public = ok(&d.hsmctl(&["key", "public", "ed", "--format", "openssh"]));
+    let sig = d.dir().join("ed.sig");
+    fs::write(&data, b"a release signed the way git and ssh-keygen sign, altered").expect("write");
+    assert!(!ssh_keygen_verifies(d.dir(), &public, "file", &data, &sig));
+    let out = d.hsmctl(&[
+        "verify",
+        "ed",
+        "-i",
+        path(&data),
+        "-s",
+        path(&sig),
+        "--format",
+        "ssh",
+        "-n",
+        "file",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // No namespace, no SSH signature.
+    let out = d.hsmctl(&["sign", "ed", "-i", path(&data), "--format", "ssh"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a namespace"),
+        "{out:?}"
+    );
+}

@@ -5,6 +5,8 @@
 
 pub mod encrypted;
 pub mod signature;
+#[cfg(feature = "ssh")]
+pub mod sshsig;
 pub mod tag;
 
 /// What is wrong with a file read as one of these formats.

@@ -435,3 +435,40 @@ fn key_exists_answers_only_those_with_a_permission_on_the_key_and_never_about_ot
         assert!(err.contains(&format!("key {name:?}")), "{err}");
     }
 }
+
+#[test]
+#[ignore = "needs root; scripts/test runs it as root"]
+fn a_message_signature_needs_the_keys_sign_permission_as_a_digest_signature_does() {
+    let s = setup("");
+    for key in ["ci-ssh", "prod-ssh"] {
+        ok(&s.d.hsmctl(&["key", "create", key, "--type", "ed25519"]));
+    }
+    let ssh_sign = |uid: u32, key: &str| {
+        s.as_uid(
+            uid,
+            &[
+                "sign",
+                "--force",
+                key,
+                "-i",
+                "data",
+                "-o",
+                &format!("{key}.{uid}.ssh"),
+                "--format",
+                "ssh",
+                "-n",
+                "git",
+            ],
+        )
+    };
+    // The operator of ci-* keys signs a message with one, not with another key.
+    let sig = ok(&ssh_sign(4002, "ci-ssh"));
+    assert!(sig.is_empty(), "{sig}");
+    let written = fs::read_to_string(s.work.join("ci-ssh.4002.ssh")).expect("the signature");
+    assert!(written.starts_with("-----BEGIN SSH SIGNATURE-----"), "{written}");
+    denied(&ssh_sign(4002, "prod-ssh"));
+    // A viewer reads the key and its public half, and is refused the signature
+    // itself: the message signature's own check, keys:sign on the key.
+    let err = denied(&ssh_sign(4001, "ci-ssh"));
+    assert!(err.contains("keys:sign on key \"ci-ssh\""), "{err}");
+}

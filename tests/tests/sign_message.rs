@@ -71,6 +71,8 @@ fn messages_are_signed_as_the_standards_sign_them_and_openssl_agrees() {
         ("ecdsa-p256", "pkcs11", Some(HashAlg::Sha512), "sha512"),
         ("ecdsa-p384", "pkcs11", None, "sha384"),
         ("rsa-pkcs1-2048", "pkcs11", None, "sha256"),
+        // rsa-sha2-512, as SSH clients ask of an agent.
+        ("rsa-pkcs1-2048", "pkcs11", Some(HashAlg::Sha512), "sha512"),
         ("rsa-pss-2048", "pkcs11", Some(HashAlg::Sha256), "sha256"),
     ];
     let mut c = d.client();
@@ -134,7 +136,7 @@ fn what_a_key_or_its_backend_cannot_sign_is_refused_with_the_reason() {
     for (name, key_type, backend) in [
         ("ed", "ed25519", "soft"),
         ("ec", "ecdsa-p256", "soft"),
-        ("rsa", "rsa-pkcs1-2048", "pkcs11"),
+        ("rsa", "rsa-pss-2048", "pkcs11"),
         ("box", "aes256-gcm", "soft"),
     ] {
         ok(&d.hsmctl(&["key", "create", name, "--type", key_type, "--backend", backend]));

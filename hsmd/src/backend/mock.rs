@@ -121,8 +121,8 @@ impl KeyHandle for MockKey {
         self.inner.verify(digest, signature)
     }
 
-    fn any_ecdsa_hash(&self) -> bool {
-        self.inner.any_ecdsa_hash()
+    fn any_hash(&self) -> bool {
+        self.inner.any_hash()
     }
 
     fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, BackendError> {

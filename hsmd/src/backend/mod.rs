@@ -164,9 +164,10 @@ pub trait KeyHandle: Send + Sync + fmt::Debug {
     /// # Errors
     /// As [`KeyHandle::sign`].
     fn verify(&self, digest: &[u8], signature: &[u8]) -> Result<bool, BackendError>;
-    /// Whether an ECDSA key signs a digest of any of SHA-256/384/512 (soft
-    /// and PKCS#11 sign the bytes given; a TPM key's scheme fixes its hash).
-    fn any_ecdsa_hash(&self) -> bool {
+    /// Whether an ECDSA or RSA PKCS#1 v1.5 key signs a digest of any of
+    /// SHA-256/384/512 (soft and PKCS#11 sign the digest given, a PKCS#1
+    /// signature naming its hash; a TPM key's scheme fixes its hash).
+    fn any_hash(&self) -> bool {
         true
     }
     /// AES-256-GCM seal: 12-byte nonce ‖ ciphertext ‖ tag.

@@ -14,7 +14,7 @@ use rsa::{
     traits::PublicKeyParts as _,
     BigUint, Pkcs1v15Sign, Pss, RsaPublicKey,
 };
-use sha2::Sha256;
+use sha2::{Sha256, Sha384, Sha512};
 
 /// The public exponent of every RSA key hsmd makes (F4).
 pub const PUBLIC_EXPONENT: u32 = 65_537;
@@ -24,6 +24,29 @@ pub const PUBLIC_EXPONENT: u32 = 65_537;
 pub const SHA256_DIGEST_INFO: [u8; 19] = [
     0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20,
 ];
+
+/// The DER DigestInfo prefix for SHA-384 (RFC 8017 §9.2, note 1).
+pub const SHA384_DIGEST_INFO: [u8; 19] = [
+    0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02, 0x05, 0x00, 0x04, 0x30,
+];
+
+/// The DER DigestInfo prefix for SHA-512 (RFC 8017 §9.2, note 1).
+pub const SHA512_DIGEST_INFO: [u8; 19] = [
+    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05, 0x00, 0x04, 0x40,
+];
+
+/// The DigestInfo prefix for a SHA-2 digest of `len` bytes: a PKCS#1 v1.5
+/// signature names its hash, so a digest's length picks it without
+/// ambiguity (SHA-256, SHA-384, SHA-512).
+#[must_use]
+pub fn digest_info(len: usize) -> Option<&'static [u8; 19]> {
+    match len {
+        32 => Some(&SHA256_DIGEST_INFO),
+        48 => Some(&SHA384_DIGEST_INFO),
+        64 => Some(&SHA512_DIGEST_INFO),
+        _ => None,
+    }
+}
 
 /// The PSS salt length: the digest's (32 bytes for SHA-256), as the TPM uses
 /// and as most verifiers expect.
@@ -45,8 +68,9 @@ pub fn spki(key_type: KeyType, modulus: &[u8], exponent: &[u8]) -> Option<Vec<u8
     Some(key.to_public_key_der().ok()?.as_bytes().to_vec())
 }
 
-/// Whether `signature` is a valid signature of `key_type`'s scheme over the
-/// SHA-256 `digest` under the key in `spki_der`. Malformed keys and
+/// Whether `signature` is a valid signature of `key_type`'s scheme over
+/// `digest` under the key in `spki_der`: SHA-256 for PSS (the type binds
+/// it); for PKCS#1 v1.5 a SHA-256, SHA-384 or SHA-512 digest, by its length. Malformed keys and
 /// signatures, a signature of another length than the modulus, and a key of
 /// another size than the type's are all simply invalid.
 #[must_use]
@@ -57,14 +81,17 @@ pub fn verify(key_type: KeyType, spki_der: &[u8], digest: &[u8], signature: &[u8
     let Ok(key) = RsaPublicKey::from_public_key_der(spki_der) else {
         return false;
     };
-    if key.n().bits() != bits as usize || signature.len() != key.size() || digest.len() != 32 {
+    if key.n().bits() != bits as usize || signature.len() != key.size() {
         return false;
     }
-    match scheme {
-        RsaScheme::Pss => key
+    match (scheme, digest.len()) {
+        (RsaScheme::Pss, 32) => key
             .verify(Pss::new_with_salt::<Sha256>(PSS_SALT_LEN), digest, signature)
             .is_ok(),
-        RsaScheme::Pkcs1v15 => key.verify(Pkcs1v15Sign::new::<Sha256>(), digest, signature).is_ok(),
+        (RsaScheme::Pkcs1v15, 32) => key.verify(Pkcs1v15Sign::new::<Sha256>(), digest, signature).is_ok(),
+        (RsaScheme::Pkcs1v15, 48) => key.verify(Pkcs1v15Sign::new::<Sha384>(), digest, signature).is_ok(),
+        (RsaScheme::Pkcs1v15, 64) => key.verify(Pkcs1v15Sign::new::<Sha512>(), digest, signature).is_ok(),
+        _ => false,
     }
 }
 
@@ -177,11 +204,17 @@ mod tests {
     }
 
     #[test]
-    fn the_digest_info_prefix_is_sha256s() {
-        // RFC 8017 §9.2 note 1, SHA-256: 30 31 30 0d 06 09 60 86 48 01 65 03 04 02 01 05 00 04 20.
+    fn the_digest_info_prefixes_are_rfc_8017s() {
+        // RFC 8017 §9.2 note 1.
+        let hexes = [32, 48, 64].map(|n| hex::encode(digest_info(n).unwrap()));
         assert_eq!(
-            hex::encode(SHA256_DIGEST_INFO),
-            "3031300d060960864801650304020105000420"
+            hexes,
+            [
+                "3031300d060960864801650304020105000420",
+                "3041300d060960864801650304020205000430",
+                "3051300d060960864801650304020305000440",
+            ]
         );
+        assert!(digest_info(20).is_none());
     }
 }

@@ -790,7 +790,7 @@ impl KeyHandle for TpmKey {
         Ok(verify_spki(self.key_type, &self.spki, digest, signature))
     }
 
-    fn any_ecdsa_hash(&self) -> bool {
+    fn any_hash(&self) -> bool {
         // The key's signing scheme names its hash; the TPM refuses others.
         false
     }

@@ -133,9 +133,9 @@ impl Cached {
         };
         let hash = hash.unwrap_or(own);
         if hash != own {
-            let why = if key_type.rsa().is_some() {
-                Some("an RSA key's type binds its hash (SHA-256)")
-            } else if !handle.any_ecdsa_hash() {
+            let why = if matches!(key_type.rsa(), Some((_, protocol::RsaScheme::Pss))) {
+                Some("an rsa-pss key's type binds its hash (SHA-256, MGF1-SHA-256)")
+            } else if !handle.any_hash() {
                 Some("its backend signs with the key type's own hash only")
             } else {
                 None

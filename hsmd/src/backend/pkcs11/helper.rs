@@ -334,7 +334,14 @@ fn handle(session: &Session, shared: &Shared, request: Request) -> Result<Reply,
                     s_len: (rsa_public::PSS_SALT_LEN as u64).into(),
                 }),
                 (_, Some((_, RsaScheme::Pkcs1v15))) => {
-                    let mut info = rsa_public::SHA256_DIGEST_INFO.to_vec();
+                    // The digest's length names its hash (SHA-256/384/512).
+                    let Some(prefix) = rsa_public::digest_info(input.len()) else {
+                        return Err(Failure::Unsupported(format!(
+                            "a {}-byte digest is not a SHA-2 digest an RSA signature can name",
+                            input.len()
+                        )));
+                    };
+                    let mut info = prefix.to_vec();
                     info.extend_from_slice(&input);
                     input = info;
                     Mechanism::RsaPkcs

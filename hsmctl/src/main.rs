@@ -977,7 +977,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     };
                     let blob = sshsig::signed_data(ns, &hash).map_err(|e| Local::Input.fail(e.to_string()))?;
                     let signed = client.sign_message(name.clone(), blob, None)?;
-                    let text = sshsig::armor(&public, key.key_type, ns, &hash, &signed.signature)
+                    let text = sshsig::armor(&public, key.key_type, ns, &hash, &signed.signature, None)
                         .map_err(|e| Local::Input.fail(e.to_string()))?;
                     (signed, Some(text))
                 }
@@ -1032,7 +1032,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 };
                 let blob = sshsig::signed_data(ns, &hash).map_err(|e| Local::Input.fail(e.to_string()))?;
                 let version = key.version;
-                if !client.verify_message(name.clone(), version, blob, None, parsed.signature, *allow_compromised)? {
+                if !client.verify_message(
+                    name.clone(),
+                    version,
+                    blob,
+                    parsed.message_hash,
+                    parsed.signature,
+                    *allow_compromised,
+                )? {
                     let e = Local::InvalidSignature.fail(format!("signature INVALID for key {name} version {version}"));
                     return Err(invalid(cli.json, e, name, version));
                 }

@@ -319,3 +319,55 @@ fn hsmctl_writes_ssh_signatures_that_ssh_keygen_accepts_and_reads_them_back() {
         "{out:?}"
     );
 }
+
+#[test]
+fn an_rsa_sha2_512_ssh_signature_made_with_the_library_satisfies_ssh_keygen_and_hsmctl() {
+    use protocol::formats::sshsig;
+    let hsm = SoftHsm::new("hsmd-rsa512");
+    let d = started(&hsm);
+    ok(&d.hsmctl(&[
+        "key",
+        "create",
+        "rsa",
+        "--type",
+        "rsa-pkcs1-2048",
+        "--backend",
+        "pkcs11",
+    ]));
+    let public = ok(&d.hsmctl(&["key", "public", "rsa", "--format", "openssh"]));
+    let data = d.dir().join("commit.txt");
+    fs::write(&data, b"tree 4b825dc642cb6eb9a060e54bf8d69288fbee4904\n").expect("write");
+    // What an SSH client asks of an agent for an RSA key: rsa-sha2-512.
+    let hash = sshsig::hash("sha512", &fs::read(&data).expect("read"));
+    let blob = sshsig::signed_data("git", &hash).expect("signed data");
+    let mut c = d.client();
+    let signed = c.sign_message("rsa".into(), blob, Some(HashAlg::Sha512)).expect("sign");
+    let text = sshsig::armor(
+        &public,
+        protocol::KeyType::RsaPkcs1_2048,
+        "git",
+        &hash,
+        &signed.signature,
+        Some(HashAlg::Sha512),
+    )
+    .expect("armor");
+    let sig = d.dir().join("commit.sig");
+    fs::write(&sig, &text).expect("write");
+    assert!(
+        ssh_keygen_verifies(d.dir(), &public, "git", &data, &sig),
+        "ssh-keygen rejects rsa-sha2-512"
+    );
+    let out = ok(&d.hsmctl(&[
+        "verify",
+        "rsa",
+        "-i",
+        path(&data),
+        "-s",
+        path(&sig),
+        "--format",
+        "ssh",
+        "-n",
+        "git",
+    ]));
+    assert!(out.contains("signature valid"), "{out}");
+}

@@ -73,7 +73,9 @@ fn algorithm(key_type: KeyType) -> Result<Algorithm, FormatError> {
 
 /// Wraps hsmd's signature over [`signed_data`] into an armored SSH signature.
 /// `public` is the key's `authorized_keys` line; `signature` is as hsmd
-/// encodes it (64 bytes for Ed25519, DER for ECDSA, the modulus length for RSA).
+/// encodes it (64 bytes for Ed25519, DER for ECDSA, the modulus length for RSA);
+/// `message_hash` is the hash `SignMessage` was asked for: `None` (the key
+/// type's own), or SHA-512 for an RSA key's `rsa-sha2-512`.
 ///
 /// # Errors
 /// [`FormatError::Invalid`] for a key type SSH does not take, an unreadable
@@ -84,9 +86,22 @@ pub fn armor(
     namespace: &str,
     hash: &FileHash,
     signature: &[u8],
+    message_hash: Option<crate::HashAlg>,
 ) -> Result<String, FormatError> {
     let key = PublicKey::from_openssh(public.trim()).map_err(|e| invalid(format!("the public key: {e}")))?;
-    let alg = algorithm(key_type)?;
+    let alg = match (algorithm(key_type)?, message_hash) {
+        (Algorithm::Rsa { .. }, Some(crate::HashAlg::Sha512)) => Algorithm::Rsa {
+            hash: Some(ssh_key::HashAlg::Sha512),
+        },
+        (alg, None) => alg,
+        (_, Some(other)) => {
+            return Err(invalid(format!(
+                "an SSH signature of an {} key is not over {}",
+                key_type.as_str(),
+                other.as_str()
+            )))
+        }
+    };
     let sig = match key_type {
         KeyType::EcdsaP256 => Signature::try_from(
             p256::ecdsa::Signature::from_der(signature).map_err(|e| invalid(format!("the ECDSA signature: {e}")))?,
@@ -113,6 +128,9 @@ pub struct Parsed {
     pub hash_algorithm: &'static str,
     /// The signature as hsmd encodes it (DER for ECDSA).
     pub signature: Vec<u8>,
+    /// The hash the signature is over, for `VerifyMessage`: `None` for the key
+    /// type's own; SHA-512 for an `rsa-sha2-512` signature.
+    pub message_hash: Option<crate::HashAlg>,
 }
 
 /// Reads an armored SSH signature made for `namespace` by the key whose
@@ -134,13 +152,21 @@ pub fn parse(text: &str, public: &str, key_type: KeyType, namespace: &str) -> Re
             sig.namespace()
         )));
     }
-    if sig.algorithm() != algorithm(key_type)? {
-        return Err(invalid(format!(
-            "the SSH signature is {}, which an {} key in hsmd does not make",
-            sig.algorithm(),
-            key_type.as_str()
-        )));
-    }
+    let rsa_sha512 = Algorithm::Rsa {
+        hash: Some(ssh_key::HashAlg::Sha512),
+    };
+    let message_hash =
+        if matches!(key_type.rsa(), Some((_, crate::RsaScheme::Pkcs1v15))) && sig.algorithm() == rsa_sha512 {
+            Some(crate::HashAlg::Sha512)
+        } else if sig.algorithm() == algorithm(key_type)? {
+            None
+        } else {
+            return Err(invalid(format!(
+                "the SSH signature is {}, which an {} key in hsmd does not make",
+                sig.algorithm(),
+                key_type.as_str()
+            )));
+        };
     let signature = match key_type {
         KeyType::EcdsaP256 => p256::ecdsa::Signature::try_from(sig.signature())
             .map(|s| s.to_der().as_bytes().to_vec())
@@ -157,6 +183,7 @@ pub fn parse(text: &str, public: &str, key_type: KeyType, namespace: &str) -> Re
     Ok(Parsed {
         hash_algorithm,
         signature,
+        message_hash,
     })
 }
 

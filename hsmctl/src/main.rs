@@ -1016,7 +1016,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let namespace = ssh_namespace(format, namespace.as_deref())?;
             let key = keys::info(&mut client, name)?;
             let raw = read_small(input, signature, "signature")?;
-            if let Some(ns) = namespace {
+            let (version, valid) = if let Some(ns) = namespace {
                 let public = keys::openssh_public(&mut client, name)?;
                 let parsed = sshsig::parse(&String::from_utf8_lossy(&raw), &public, key.key_type, ns)
                     .map_err(|e| Local::Input.fail(format!("{}: {e}", signature.display())))?;
@@ -1031,41 +1031,40 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     digest: keys::digest_file(as_type, input)?,
                 };
                 let blob = sshsig::signed_data(ns, &hash).map_err(|e| Local::Input.fail(e.to_string()))?;
-                let version = key.version;
-                if !client.verify_message(
+                // An SSH signature names no version: the newest is checked.
+                let valid = client.verify_message(
                     name.clone(),
-                    version,
+                    key.version,
                     blob,
                     parsed.message_hash,
                     parsed.signature,
                     *allow_compromised,
-                )? {
-                    let e = Local::InvalidSignature.fail(format!("signature INVALID for key {name} version {version}"));
-                    return Err(invalid(cli.json, e, name, version));
-                }
-                if cli.json {
-                    println!("{}", json!({ "valid": true, "key": name, "version": version }));
-                } else {
-                    println!("signature valid (key {name}, version {version}, namespace {ns})");
-                }
-                return Ok(());
-            }
-            let (version, sig) = if format == "raw" {
-                (key_version.unwrap_or(key.version), raw)
+                )?;
+                (key.version, valid)
             } else {
-                let protocol::formats::signature::SignatureFile {
-                    key: signer,
+                let (version, sig) = if format == "raw" {
+                    (key_version.unwrap_or(key.version), raw)
+                } else {
+                    let protocol::formats::signature::SignatureFile {
+                        key: signer,
+                        version,
+                        signature: sig,
+                    } = protocol::formats::signature::parse(&String::from_utf8_lossy(&raw))
+                        .map_err(|e| Local::Input.fail(format!("{}: {e}", signature.display())))?;
+                    if signer != *name {
+                        return Err(
+                            Local::Input.fail(format!("the signature was made by key {signer:?}, not {name:?}"))
+                        );
+                    }
+                    (version, sig)
+                };
+                let digest = keys::digest_file(key.key_type, input)?;
+                (
                     version,
-                    signature: sig,
-                } = protocol::formats::signature::parse(&String::from_utf8_lossy(&raw))
-                    .map_err(|e| Local::Input.fail(format!("{}: {e}", signature.display())))?;
-                if signer != *name {
-                    return Err(Local::Input.fail(format!("the signature was made by key {signer:?}, not {name:?}")));
-                }
-                (version, sig)
+                    client.verify(name.clone(), version, digest, sig, *allow_compromised)?,
+                )
             };
-            let digest = keys::digest_file(key.key_type, input)?;
-            if !client.verify(name.clone(), version, digest, sig, *allow_compromised)? {
+            if !valid {
                 let e = Local::InvalidSignature.fail(format!("signature INVALID for key {name} version {version}"));
                 return Err(invalid(cli.json, e, name, version));
             }

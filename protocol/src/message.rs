@@ -623,16 +623,6 @@ impl HashAlg {
             .into_iter()
             .find(|h| h.as_str() == s)
     }
-
-    /// The digest's length in bytes.
-    #[must_use]
-    pub fn digest_len(self) -> usize {
-        match self {
-            Self::Sha256 => 32,
-            Self::Sha384 => 48,
-            Self::Sha512 => 64,
-        }
-    }
 }
 
 /// The fields of [`Operation::SignMessage`] and [`BatchItem::SignMessage`].

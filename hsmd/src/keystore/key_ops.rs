@@ -93,15 +93,16 @@ impl Cached {
 }
 
 impl Cached {
-    /// What a key signs for a message: the message itself for Ed25519, else
-    /// its hash, the one named or the key type's own. A hash other than the
-    /// type's own is refused where the backend signs with a fixed hash.
-    fn message_input(
+    /// What a key signs for a message: the message itself for Ed25519 (not
+    /// copied), else its hash, the one named or the key type's own. A hash
+    /// other than the type's own is refused where the backend signs with a
+    /// fixed hash. Neither is secret: the message is the client's to sign.
+    fn message_input<'m>(
         &self,
-        message: &[u8],
+        message: &'m [u8],
         hash: Option<HashAlg>,
         handle: &dyn KeyHandle,
-    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    ) -> Result<std::borrow::Cow<'m, [u8]>, VaultError> {
         use sha2::Digest as _;
         if message.len() > protocol::MAX_SIGN_MESSAGE {
             return Err(VaultError::Invalid(format!(
@@ -119,7 +120,7 @@ impl Cached {
                         h.as_str()
                     )));
                 }
-                return Ok(Zeroizing::new(message.to_vec()));
+                return Ok(std::borrow::Cow::Borrowed(message));
             }
             KeyType::EcdsaP384 => HashAlg::Sha384,
             KeyType::Aes256Gcm | KeyType::HmacSha256 => {
@@ -149,7 +150,7 @@ impl Cached {
                 )));
             }
         }
-        Ok(Zeroizing::new(match hash {
+        Ok(std::borrow::Cow::Owned(match hash {
             HashAlg::Sha256 => sha2::Sha256::digest(message).to_vec(),
             HashAlg::Sha384 => sha2::Sha384::digest(message).to_vec(),
             HashAlg::Sha512 => sha2::Sha512::digest(message).to_vec(),

@@ -24,6 +24,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The listening socket.
     pub socket: SocketConfig,
+    /// The SSH agent socket.
+    pub ssh_agent: SshAgentConfig,
     /// Who may connect at all (roles and permissions come later, in the policy).
     pub access: AccessConfig,
     /// Resource limits.
@@ -201,6 +203,17 @@ impl FilesConfig {
             n => n as usize,
         }
     }
+}
+
+/// `[ssh_agent]`: hsmd's keys for ssh, ssh-add, `ssh-keygen -Y`, git and
+/// sshd's `HostKeyAgent`, through the SSH agent protocol on a socket of its
+/// own, with the main socket's mode, group, access and policy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshAgentConfig {
+    /// Where hsmd binds the agent socket when systemd does not pass one
+    /// (`FileDescriptorName=ssh-agent`); off when unset.
+    pub socket: Option<PathBuf>,
 }
 
 /// `[metrics]`
@@ -607,6 +620,7 @@ impl Default for Config {
             profile: Profile::default(),
             state_dir: PathBuf::from("/var/lib/hsmd"),
             socket: SocketConfig::default(),
+            ssh_agent: SshAgentConfig::default(),
             access: AccessConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
@@ -988,6 +1002,20 @@ impl Config {
                 "socket.path",
                 format!("{} is not an absolute path", self.socket.path.display()),
             ));
+        }
+        if let Some(agent) = &self.ssh_agent.socket {
+            if !agent.is_absolute() {
+                return Err((
+                    "ssh_agent.socket",
+                    format!("{} is not an absolute path", agent.display()),
+                ));
+            }
+            if *agent == self.socket.path {
+                return Err((
+                    "ssh_agent.socket",
+                    "is the same path as socket.path; give the agent a socket of its own".to_owned(),
+                ));
+            }
         }
         if !self.state_dir.is_absolute() {
             return Err((

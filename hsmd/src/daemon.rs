@@ -501,10 +501,23 @@ async fn serve_until_signalled(
     (dev_keyfile, throw_away): (Option<&Path>, bool),
     (config_file, config_sha256): (Option<PathBuf>, Option<String>),
 ) -> Result<(), DaemonError> {
-    let listener = match listener::from_systemd()? {
+    let activated = listener::from_systemd()?;
+    let listener = match activated.hsmd {
         Some(l) => l,
         None => listener::bind(&config.socket)?,
     };
+    let agent = match (activated.ssh_agent, &config.ssh_agent.socket) {
+        (Some(l), _) => Some(l),
+        // The agent socket is reached by the same people as the main one.
+        (None, Some(path)) => Some(listener::bind(&crate::config::SocketConfig {
+            path: path.clone(),
+            ..config.socket.clone()
+        })?),
+        (None, None) => None,
+    };
+    if let Some(agent) = &agent {
+        tracing::info!(socket = %agent.path.display(), activated = agent.is_activated(), "SSH agent socket listening");
+    }
     let path = listener.path.display().to_string();
     let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
@@ -551,8 +564,11 @@ async fn serve_until_signalled(
         stop.cancel();
     });
 
-    let tracker = server::serve(&listener.socket, Arc::clone(&shared)).await;
+    let tracker = server::serve(&listener.socket, agent.as_ref().map(|a| &a.socket), Arc::clone(&shared)).await;
     listener.close();
+    if let Some(agent) = agent {
+        agent.close();
+    }
     signals.abort();
     let open = shared.counters.connections();
     let grace = config.limits.shutdown_grace;

@@ -108,6 +108,16 @@ fn daemon_page(cmd: clap::Command, w: &mut dyn io::Write) -> io::Result<()> {
             "The socket (mode 0660, group hsmd), created by hsmd.socket or by hsmd itself.",
         )],
     );
+    item(
+        &mut r,
+        "/run/hsmd/ssh-agent.sock",
+        [roman(
+            "The SSH agent socket (same mode and group), created by hsmd-ssh-agent.socket or, with \
+             [ssh_agent] socket set, by hsmd itself. It offers the keys labelled ssh that the caller may sign \
+             with to ssh, ssh-add, ssh-keygen -Y, git and sshd's HostKeyAgent; adding keys and the agent's \
+             lock are refused.",
+        )],
+    );
 
     section(&mut r, "SYSTEMD");
     r.text([

@@ -66,6 +66,7 @@ fn caller(uid: u32) -> Caller {
             pid: None,
             executable: None,
             connection: 1,
+            ssh_host_key: None,
         }),
         peer,
         admitted_because: "a test".into(),

@@ -13,7 +13,7 @@ use crate::Client;
 use crate::{
     message::{
         BackupManifest, BackupProtection, FileInfo, HashAlg, KeyChanges, KeyInfo, KeyOptions, KeyType, NewSlot,
-        OperationKind, PeerInfo, SlotInfo, StatusInfo, Transition, UnlockSecret, Usage,
+        OperationKind, PeerInfo, SlotInfo, SshIdentity, StatusInfo, Transition, UnlockSecret, Usage,
     },
     ClientError, Operation, Reply, SecretBytes,
 };
@@ -242,6 +242,8 @@ calls! {
         }
         /// The keys the caller may list.
         KeyList => fn key_list() -> Vec<KeyInfo> { Reply::Keys(keys) => keys }
+        /// The keys offered to SSH that the caller may sign with.
+        SshIdentities => fn ssh_identities() -> Vec<SshIdentity> { Reply::SshIdentities(ids) => ids }
         /// One key's description.
         KeyInfo => fn key_info(name: String) -> KeyInfo { Reply::Key(k) => *k }
         /// A key's public half.

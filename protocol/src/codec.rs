@@ -207,14 +207,7 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::VerifyMessage(crate::VerifyMessageArgs {
-                name: String::new(),
-                version: 1,
-                message: Vec::new(),
-                hash: None,
-                signature: Vec::new(),
-                allow_compromised: false,
-            }),
+            op: Operation::SshIdentities,
         };
         let body = encode_body(&last).unwrap();
         assert_eq!(peek_request_header(&body), Some((9, OPERATION_VARIANTS - 1)));

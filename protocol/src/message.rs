@@ -388,6 +388,30 @@ pub enum Operation {
     SignMessage(SignMessageArgs),
     /// Checks a signature made by `SignMessage`. Answered with `Verified`.
     VerifyMessage(VerifyMessageArgs),
+    /// The keys the caller may sign with that are offered to SSH: labelled
+    /// [`SSH_LABEL`], allowed to sign, active, and of a type OpenSSH takes.
+    /// Needs no permission of its own: each key is listed only if the
+    /// caller's `keys.sign` covers it. Needs unlocked (the public halves
+    /// are read from the keys). Answered with `SshIdentities`.
+    SshIdentities,
+}
+
+/// The label that offers a key to SSH clients through hsmd's agent socket
+/// (its value is not read): `hsmctl key create … --label ssh=yes`.
+pub const SSH_LABEL: &str = "ssh";
+
+/// A key offered to SSH, as [`Operation::SshIdentities`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshIdentity {
+    /// The key's name.
+    pub name: String,
+    /// Its type.
+    pub key_type: KeyType,
+    /// Its newest version, the one that signs.
+    pub version: u32,
+    /// That version's public key, as a DER SubjectPublicKeyInfo.
+    #[serde(with = "serde_bytes")]
+    pub spki_der: Vec<u8>,
 }
 
 impl Operation {
@@ -1394,6 +1418,9 @@ pub enum Reply {
         /// Whether the key is there.
         exists: bool,
     },
+    /// Answer to `SshIdentities`.
+    #[strum(serialize = "ssh-identities")]
+    SshIdentities(Vec<SshIdentity>),
 }
 
 /// An unlock slot, as `SlotList` shows it.

@@ -4,6 +4,7 @@
 //! `protocol` client or raw bytes) and the `hsmctl` binary.
 
 pub mod file_bench;
+pub mod openssh;
 
 use std::{
     fs,

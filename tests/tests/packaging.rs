@@ -111,7 +111,7 @@ fn the_units_verify_without_a_word_and_the_service_scores_below_two() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
     // verify checks that ExecStart= exists and that Documentation= man pages
     // resolve: point them at this build.
-    for unit in ["hsmd.service", "hsmd.socket"] {
+    for unit in ["hsmd.service", "hsmd.socket", "hsmd-ssh-agent.socket"] {
         let text = fs::read_to_string(root.join(unit)).expect("unit");
         fs::write(dir.path().join(unit), text.replace("/usr/bin/hsmd", path(&bin("hsmd")))).expect("write");
     }
@@ -119,6 +119,7 @@ fn the_units_verify_without_a_word_and_the_service_scores_below_two() {
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path().join("hsmd.socket"))
+        .arg(dir.path().join("hsmd-ssh-agent.socket"))
         .arg(dir.path().join("hsmd.service"))
         .env("MANPATH", &man)
         .output()
@@ -397,6 +398,8 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     assert_eq!((state.uid(), state.gid(), state.mode() & 0o777), (uid, gid, 0o700));
     let wants = Path::new("/etc/systemd/system/sockets.target.wants/hsmd.socket");
     assert!(wants.exists(), "hsmd.socket is not enabled");
+    let agent_wants = Path::new("/etc/systemd/system/sockets.target.wants/hsmd-ssh-agent.socket");
+    assert!(agent_wants.exists(), "hsmd-ssh-agent.socket is not enabled");
     let out = ok(&run(
         "/usr/bin/hsmd",
         &["--check-config", "--config", "/etc/hsmd/hsmd.toml"],
@@ -543,6 +546,10 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     ok(&run("dpkg", &["-r", "hsmd"]));
     assert!(!Path::new("/usr/bin/hsmd").exists() && !Path::new("/usr/lib/systemd/system/hsmd.service").exists());
     assert!(!wants.exists(), "hsmd.socket still enabled after removal");
+    assert!(
+        !agent_wants.exists(),
+        "hsmd-ssh-agent.socket still enabled after removal"
+    );
     assert!(
         Path::new("/etc/hsmd/hsmd.toml").exists(),
         "removal took the configuration"
@@ -761,11 +768,17 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
     guest.ok("dpkg -i /share/hsmd.deb");
     assert_eq!(guest.ok("systemctl is-enabled hsmd.socket"), "enabled");
     assert_eq!(guest.ok("systemctl is-active hsmd.socket"), "active");
+    assert_eq!(guest.ok("systemctl is-active hsmd-ssh-agent.socket"), "active");
     assert_eq!(guest.ok("systemctl is-active hsmd.service || true"), "inactive");
     assert_eq!(
         guest.ok("stat -c '%U:%G %a' /run/hsmd/hsmd.sock"),
         "root:hsmd 660",
         "SocketGroup=hsmd, SocketMode=0660"
+    );
+    assert_eq!(
+        guest.ok("stat -c '%U:%G %a' /run/hsmd/ssh-agent.sock"),
+        "root:hsmd 660",
+        "the agent socket is reached by the same people"
     );
     // Served, not yet initialized: `status` exits 2, as documented.
     let status = guest.status(2);
@@ -778,6 +791,10 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
     );
     let journal = guest.journal();
     assert!(journal.contains("systemd watchdog enabled"), "{journal}");
+    // systemd passed the agent socket too: an SSH client reaches hsmd there
+    // (uninitialized, so it offers no keys).
+    let listed = guest.ok("SSH_AUTH_SOCK=/run/hsmd/ssh-agent.sock ssh-add -L 2>&1 || true");
+    assert!(listed.contains("no identities"), "{listed}");
     assert!(
         !journal.contains("not fit for profile"),
         "the packaged config is not production-fit: {journal}"

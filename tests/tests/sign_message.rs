@@ -7,7 +7,7 @@
 use std::{fs, path::Path, process::Command};
 
 use hsmd_tests::check::{ok, p as path};
-use hsmd_tests::{Daemon, SoftHsm};
+use hsmd_tests::{openssh::ssh_keygen_verifies, Daemon, SoftHsm};
 use protocol::{BatchItem, Client, ErrorCode, HashAlg, Reply, SignMessageArgs, MAX_SIGN_MESSAGE};
 
 /// Whether OpenSSL accepts `sig` over the message in `msg`: Ed25519 over the
@@ -213,31 +213,6 @@ fn batches_hold_message_signatures_and_the_audit_line_names_hash_and_length_neve
         assert_eq!(l["result"], "success");
     }
     assert!(!log.contains("7f3a9c"), "the message reached the audit log");
-}
-
-/// `ssh-keygen -Y verify` against an allowed-signers file naming `public`.
-fn ssh_keygen_verifies(dir: &Path, public: &str, namespace: &str, data: &Path, sig: &Path) -> bool {
-    let allowed = dir.join("allowed_signers");
-    let mut fields = public.split_whitespace();
-    let (kind, blob) = (fields.next().expect("type"), fields.next().expect("key"));
-    fs::write(&allowed, format!("release@example.org {kind} {blob}\n")).expect("write");
-    let out = Command::new("ssh-keygen")
-        .args([
-            "-Y",
-            "verify",
-            "-f",
-            path(&allowed),
-            "-I",
-            "release@example.org",
-            "-n",
-            namespace,
-        ])
-        .args(["-s", path(sig)])
-        .stdin(fs::File::open(data).expect("open"))
-        .output()
-        .expect("run ssh-keygen (Debian package openssh-client)");
-    let said = String::from_utf8_lossy(&out.stdout);
-    out.status.success() && said.contains(&format!("Good \"{namespace}\" signature"))
 }
 
 #[test]

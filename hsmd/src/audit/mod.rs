@@ -62,6 +62,10 @@ pub struct Who {
     pub executable: Option<String>,
     /// The daemon's connection number (0: the daemon itself).
     pub connection: u64,
+    /// On the SSH agent socket: the fingerprint (`SHA256:…`) of the host key
+    /// the client's SSH session was bound to (`session-bind@openssh.com`),
+    /// so the line says which server a signature logged the user in to.
+    pub ssh_host_key: Option<String>,
 }
 
 impl Who {
@@ -76,6 +80,7 @@ impl Who {
             pid: Some(std::process::id()),
             executable: std::env::current_exe().ok().map(|p| p.display().to_string()),
             connection: 0,
+            ssh_host_key: None,
         })
     }
 }

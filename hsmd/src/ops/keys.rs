@@ -57,6 +57,52 @@ pub(super) fn list() -> Plan {
     .audited(AuditSpec::new(EventType::KeyList, "keys".into(), "list", 1, false))
 }
 
+/// The keys offered to SSH (labelled `ssh`, signing, active, of a type
+/// OpenSSH takes) that the caller's `keys.sign` covers. A key whose public
+/// half cannot be had now (its token absent) is left out, not an error: the
+/// others still serve.
+pub(super) fn ssh_identities() -> Plan {
+    Plan::start(|cx| {
+        let (policy, peer) = (cx.shared.policy(), cx.caller.peer.clone());
+        cx.keys(move |k| {
+            let offered = k.list_keys()?.into_iter().filter(|info| {
+                info.labels.contains_key(protocol::SSH_LABEL)
+                    && info.usages.contains(&Usage::Sign)
+                    && info.state == protocol::KeyState::Active
+                    && protocol::formats::openssh::has_ssh_form(info.key_type)
+                    && policy
+                        .check(
+                            &peer,
+                            Permission::Keys(A::Sign).on(Some(&info.name)),
+                            &info.backend,
+                            || info.owner_exists.then_some(info.owner_uid),
+                        )
+                        .is_ok()
+            });
+            let mut identities = Vec::new();
+            for info in offered {
+                match k.public_key(&info.name) {
+                    Ok((key_type, version, spki_der)) => identities.push(protocol::SshIdentity {
+                        name: info.name,
+                        key_type,
+                        version,
+                        spki_der,
+                    }),
+                    Err(e) => tracing::warn!(key = %info.name, error = %e, "not offered to SSH: no public key now"),
+                }
+            }
+            Ok(Reply::SshIdentities(identities))
+        })
+    })
+    .audited(AuditSpec::new(
+        EventType::KeyList,
+        "keys".into(),
+        "ssh-identities",
+        1,
+        false,
+    ))
+}
+
 pub(super) fn info(name: String) -> Plan {
     let spec = on_key(EventType::KeyInfo, &name, "info", 1, false);
     let need = Permission::Keys(A::Info);

@@ -367,6 +367,7 @@ pub fn plan(op: Operation) -> Plan {
         O::MacVerify(a) => keys::mac_verify(a),
         O::SignMessage(a) => keys::sign_message(a),
         O::VerifyMessage(a) => keys::verify_message(a),
+        O::SshIdentities => keys::ssh_identities(),
         O::Rewrap {
             name,
             version,

@@ -2,14 +2,12 @@
 //! frames and answer requests, many in flight at once, until the peer leaves, a
 //! limit is broken, or the daemon shuts down.
 
-use crate::audit::EventType;
 use std::{
     collections::VecDeque,
     io::{self, IoSliceMut},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     panic::{catch_unwind, AssertUnwindSafe},
     sync::Arc,
-    time::Duration,
 };
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
@@ -32,14 +30,12 @@ use super::{
     InFlight, Shared, REFUSAL_WRITE_TIMEOUT, VERSION,
 };
 use crate::{
-    audit::{Class, Progress, Settled, Ticket},
-    auth::{Admission, Credentials},
+    audit::{Progress, Settled, Ticket},
+    auth::Credentials,
     budget::{Budget, Waiter},
     ops::{self, Answer, Caller, Work},
 };
 
-/// How long identity lookups (NSS) may take before the peer is refused.
-const IDENTITY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of responses gathered into one write when several are ready.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Descriptors a peer may send ahead of the requests that use them.
@@ -66,91 +62,15 @@ pub async fn refuse(mut stream: UnixStream, error: WireError) {
 
 /// Serves one accepted connection to the end.
 pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>, creds: Credentials, place: super::Place) {
-    let peer = match timeout(IDENTITY_TIMEOUT, shared.lookups.resolve(creds)).await {
-        Ok(Ok(peer)) => peer,
-        _ => {
-            tracing::error!(
-                connection = id,
-                uid = creds.uid,
-                "user database lookup failed or hung; refusing"
-            );
-            refuse(
-                stream,
-                WireError::new(ErrorCode::Internal, "hsmd could not look up your identity; see its log"),
-            )
-            .await;
-            return;
-        }
-    };
     let span = tracing::info_span!("conn", id, uid = creds.uid, pid = creds.pid);
     async move {
-        let exe = peer.executable.as_ref().map(|p| p.display().to_string());
-        let admitted_because = match shared.gate.admit(&peer) {
-            Admission::Admitted(why) => why,
-            Admission::Refused(why) => {
-                tracing::warn!(user = ?peer.user, exe = ?exe, reason = %why, "connection refused");
-                shared.metrics.auth_failure("connection_refused");
-                if let Some(audit) = shared.audit.clone() {
-                    let metadata = crate::audit::Meta {
-                        message: Some(why.clone()),
-                        ..crate::audit::Meta::default()
-                    };
-                    let event = crate::audit::Event {
-                        event_type: EventType::AuthFailure,
-                        who: Arc::new(crate::audit::Who {
-                            uid: peer.creds.uid,
-                            user: peer.user.clone(),
-                            pid: peer.creds.pid,
-                            executable: exe.clone(),
-                            connection: id,
-                        }),
-                        backend: None,
-                        resource: "connection".into(),
-                        action: "connect",
-                        result: crate::audit::Outcome::Failure,
-                        metadata,
-                        risk_score: 6,
-                        time: std::time::SystemTime::now(),
-                    };
-                    if let Some(ticket) = audit.submit(event, Class::Security, false) {
-                        let _ = audit.wait(ticket).await;
-                    }
-                }
-                refuse(stream, WireError::new(ErrorCode::PermissionDenied, why)).await;
+        let caller = match super::admit::identify(id, shared, creds, &place).await {
+            Ok(caller) => caller,
+            Err(refusal) => {
+                refuse(stream, refusal).await;
                 return;
             }
         };
-        if place.reserved && !may_use_reserve(shared, &peer) {
-            let (max, kept) = (shared.limits.max_connections, shared.limits.reserved_connections);
-            tracing::warn!(user = ?peer.user, "refusing connection: only the reserved places are free");
-            shared.metrics.connection_refused("total");
-            refuse(
-                stream,
-                WireError::new(
-                    ErrorCode::TooManyConnections,
-                    format!(
-                        "hsmd is serving its maximum of {max} connections (limits.max_connections); the last \
-                         {kept} are kept for root and the admin role (limits.reserved_connections); try again shortly"
-                    ),
-                ),
-            )
-            .await;
-            return;
-        }
-        tracing::debug!(user = ?peer.user, exe = ?exe, "connection admitted: {admitted_because}");
-        let who = Arc::new(crate::audit::Who {
-            uid: peer.creds.uid,
-            user: peer.user.clone(),
-            pid: peer.creds.pid,
-            executable: exe,
-            connection: id,
-        });
-        let caller = Arc::new(Caller {
-            peer,
-            admitted_because,
-            connection_id: id,
-            who,
-        });
         Connection::new(stream, caller, Arc::clone(shared)).run().await;
         drop(place);
         // Frame-path file sessions end with the connection that opened them
@@ -161,12 +81,6 @@ pub async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>, creds: Cre
     }
     .instrument(span)
     .await;
-}
-
-/// Whether the peer may hold one of the places kept back: root, and holders
-/// of the admin role (with no policy file, everyone admitted is an admin).
-fn may_use_reserve(shared: &Shared, peer: &crate::auth::PeerIdentity) -> bool {
-    peer.creds.uid == 0 || shared.policy().roles_of(peer).iter().any(|(r, _)| r.name == "admin")
 }
 
 /// Why the connection ended.
@@ -203,7 +117,7 @@ struct Connection {
     /// The caller's rate under the policy last seen, so roles are not worked
     /// out again for every request. Holding the policy keeps the comparison
     /// by address sound.
-    rate: Option<(Arc<crate::auth::policy::Policy>, Option<crate::auth::policy::Rate>)>,
+    rate: super::RateGate,
     /// Descriptors received (SCM_RIGHTS) for requests not yet read.
     fds: VecDeque<OwnedFd>,
     /// Room for the ancillary data of one read.
@@ -249,7 +163,7 @@ impl Connection {
             progress,
             out: Vec::with_capacity(8 * 1024),
             greeted: false,
-            rate: None,
+            rate: super::RateGate::default(),
             fds: VecDeque::new(),
             cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
             budget,
@@ -604,26 +518,8 @@ impl Connection {
         } else {
             None
         };
-        if let Err(wait) = self.take_token() {
+        if let Err(wait) = self.rate.take(&self.shared, &self.caller, op.name()) {
             tracing::debug!(request = id, op = op.name(), "rate limited");
-            self.shared.metrics.rate_limited();
-            if let Some(audit) = &self.shared.audit {
-                let _ = audit.submit(
-                    crate::audit::Event {
-                        event_type: EventType::RateLimited,
-                        who: Arc::clone(&self.caller.who),
-                        backend: None,
-                        resource: "connection".into(),
-                        action: op.name(),
-                        result: crate::audit::Outcome::Failure,
-                        metadata: crate::audit::Meta::default(),
-                        risk_score: 4,
-                        time: std::time::SystemTime::now(),
-                    },
-                    Class::Operation,
-                    false,
-                );
-            }
             self.push_error(
                 id,
                 ErrorCode::RateLimited,
@@ -679,20 +575,6 @@ impl Connection {
             );
         }
         true
-    }
-
-    /// Takes a request from the caller's token bucket.
-    fn take_token(&mut self) -> Result<(), Duration> {
-        let policy = self.shared.policy();
-        let rate = match &self.rate {
-            Some((seen, rate)) if Arc::ptr_eq(seen, &policy) => *rate,
-            _ => {
-                let rate = policy.rate_of(&self.caller.peer);
-                self.rate = Some((policy, rate));
-                rate
-            }
-        };
-        self.shared.limiters.check(self.caller.peer.creds.uid, rate)
     }
 
     fn handshake(&mut self, id: u64, op: Operation) -> bool {

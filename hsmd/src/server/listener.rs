@@ -107,29 +107,51 @@ impl Listener {
     }
 }
 
-/// Takes the socket systemd passed (LISTEN_FDS), if any: the one named `hsmd`,
-/// or the only one.
+/// The sockets systemd passed (LISTEN_FDS).
+#[derive(Debug, Default)]
+pub struct Activated {
+    /// The hsmd socket: the one named `hsmd`, or the only one.
+    pub hsmd: Option<Listener>,
+    /// The SSH agent socket: the one named `ssh-agent`
+    /// (`FileDescriptorName=ssh-agent` in hsmd-ssh-agent.socket).
+    pub ssh_agent: Option<Listener>,
+}
+
+/// Takes the sockets systemd passed, if any.
 ///
 /// # Errors
-/// [`ListenError::Activation`] if the descriptors are not what hsmd.socket passes.
-pub fn from_systemd() -> Result<Option<Listener>, ListenError> {
+/// [`ListenError::Activation`] if the descriptors are not what hsmd.socket
+/// and hsmd-ssh-agent.socket pass.
+pub fn from_systemd() -> Result<Activated, ListenError> {
     let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()
         .map_err(|e| ListenError::Activation(format!("invalid LISTEN_* environment: {e}")))?
         .collect();
-    let fd = match fds.as_slice() {
-        [] => return Ok(None),
-        [(fd, _)] => *fd,
-        many => many
-            .iter()
-            .find(|(_, name)| name == "hsmd")
-            .map(|(fd, _)| *fd)
-            .ok_or_else(|| {
-                ListenError::Activation(format!(
+    let mut activated = Activated::default();
+    match fds.as_slice() {
+        [] => {}
+        [(fd, name)] if name != "ssh-agent" => activated.hsmd = Some(adopt(*fd)?),
+        many => {
+            for (fd, name) in many {
+                match name.as_str() {
+                    "hsmd" => activated.hsmd = Some(adopt(*fd)?),
+                    "ssh-agent" => activated.ssh_agent = Some(adopt(*fd)?),
+                    other => tracing::warn!(fd, name = other, "ignoring a passed socket hsmd has no use for"),
+                }
+            }
+            if activated.hsmd.is_none() && activated.ssh_agent.is_none() {
+                return Err(ListenError::Activation(format!(
                     "{} sockets were passed and none is named \"hsmd\" (FileDescriptorName=hsmd in hsmd.socket)",
                     many.len()
-                ))
-            })?,
-    };
+                )));
+            }
+        }
+    }
+    Ok(activated)
+}
+
+/// Owns a descriptor systemd passed, once it is checked to be a listening
+/// Unix stream socket.
+fn adopt(fd: RawFd) -> Result<Listener, ListenError> {
     // SAFETY: systemd (or systemd-socket-activate) passed this descriptor to this
     // process (LISTEN_PID matched) for us to own; nothing else in hsmd uses it.
     #[allow(unsafe_code)]
@@ -141,17 +163,17 @@ pub fn from_systemd() -> Result<Option<Listener>, ListenError> {
         .map_err(|e| ListenError::Activation(format!("descriptor {fd} is not a Unix socket: {e}")))?;
     if kind != SockType::Stream || !listening {
         return Err(ListenError::Activation(format!(
-            "descriptor {fd} is not a listening stream socket (ListenStream= in hsmd.socket)"
+            "descriptor {fd} is not a listening stream socket (ListenStream= in the .socket unit)"
         )));
     }
     let path = addr.path().map_or_else(|| PathBuf::from("<abstract>"), Path::to_owned);
     let std = StdUnixListener::from(owned);
     let socket = into_tokio(std, &path)?;
-    Ok(Some(Listener {
+    Ok(Listener {
         socket,
         path,
         origin: Origin::Activated,
-    }))
+    })
 }
 
 /// Binds the configured socket path.

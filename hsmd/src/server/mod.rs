@@ -1,6 +1,8 @@
 //! The socket front end: accepts connections, enforces the connection limit, and
 //! runs one task per connection. Nothing below this module knows about sockets.
 
+mod admit;
+mod agent;
 mod connection;
 pub mod listener;
 mod wiped;
@@ -55,6 +57,59 @@ impl Drop for InFlight {
     }
 }
 
+/// The caller's request rate, checked for every request on either socket.
+/// It keeps the rate worked out under the policy last seen, so roles are not
+/// worked out again for every request; holding the policy keeps the
+/// comparison by address sound.
+#[derive(Default)]
+pub(crate) struct RateGate {
+    seen: Option<(Arc<crate::auth::policy::Policy>, Option<crate::auth::policy::Rate>)>,
+}
+
+impl RateGate {
+    /// Takes a request (`what`) from the caller's token bucket; when there is
+    /// none, counts and audits the refusal and says how long to wait.
+    pub(crate) fn take(
+        &mut self,
+        shared: &Shared,
+        caller: &crate::ops::Caller,
+        what: &'static str,
+    ) -> Result<(), Duration> {
+        let policy = shared.policy();
+        let rate = match &self.seen {
+            Some((seen, rate)) if Arc::ptr_eq(seen, &policy) => *rate,
+            _ => {
+                let rate = policy.rate_of(&caller.peer);
+                self.seen = Some((policy, rate));
+                rate
+            }
+        };
+        let wait = match shared.limiters.check(caller.peer.creds.uid, rate) {
+            Ok(()) => return Ok(()),
+            Err(wait) => wait,
+        };
+        shared.metrics.rate_limited();
+        if let Some(audit) = &shared.audit {
+            let _ = audit.submit(
+                crate::audit::Event {
+                    event_type: crate::audit::EventType::RateLimited,
+                    who: Arc::clone(&caller.who),
+                    backend: None,
+                    resource: "connection".into(),
+                    action: what,
+                    result: crate::audit::Outcome::Failure,
+                    metadata: crate::audit::Meta::default(),
+                    risk_score: 4,
+                    time: std::time::SystemTime::now(),
+                },
+                crate::audit::Class::Operation,
+                false,
+            );
+        }
+        Err(wait)
+    }
+}
+
 /// How long a refused client gets to take its error before we close.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -89,9 +144,32 @@ fn refuse_over(
     tokio::spawn(connection::refuse(stream, places.refusal(uid, why)));
 }
 
-/// Accepts connections until `shared.shutdown` is cancelled; returns the tracker
-/// of connection tasks so the caller can wait for them.
-pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> TaskTracker {
+/// Which protocol a socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// hsmd's own (length-prefixed bincode frames).
+    Hsmd,
+    /// The SSH agent protocol.
+    SshAgent,
+}
+
+/// Accepts one connection from `listener`, or waits forever when there is none.
+async fn accept(listener: Option<&tokio::net::UnixListener>) -> std::io::Result<tokio::net::UnixStream> {
+    match listener {
+        Some(l) => l.accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
+/// Accepts connections on the hsmd socket and, when there is one, the SSH
+/// agent socket, until `shared.shutdown` is cancelled; returns the tracker of
+/// connection tasks so the caller can wait for them. Both sockets share one
+/// set of connection places: the limits are the daemon's, not a socket's.
+pub async fn serve(
+    listener: &tokio::net::UnixListener,
+    agent: Option<&tokio::net::UnixListener>,
+    shared: Arc<Shared>,
+) -> TaskTracker {
     let tracker = TaskTracker::new();
     let limits = &shared.limits;
     let (max, reserve) = (
@@ -111,13 +189,14 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
         },
     );
     loop {
-        let accepted = tokio::select! {
+        let (accepted, front) = tokio::select! {
             biased;
             () = shared.shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept() => (accepted.map(|(stream, _)| stream), Front::Hsmd),
+            accepted = accept(agent) => (accepted, Front::SshAgent),
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::error!(error = %e, "accept failed");
@@ -168,7 +247,10 @@ pub async fn serve(listener: &tokio::net::UnixListener, shared: Arc<Shared>) -> 
         let shared = Arc::clone(&shared);
         tracker.spawn(async move {
             let _counted = CountGuard::new(&shared.counters.connections);
-            connection::serve(stream, id, &shared, creds, place).await;
+            match front {
+                Front::Hsmd => connection::serve(stream, id, &shared, creds, place).await,
+                Front::SshAgent => agent::serve(stream, id, &shared, creds, place).await,
+            }
         });
     }
     tracker.close();

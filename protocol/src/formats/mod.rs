@@ -4,6 +4,8 @@
 //! read and write what hsmctl does. The byte-level spec is `docs/formats.md`.
 
 pub mod encrypted;
+#[cfg(feature = "ssh")]
+pub mod openssh;
 pub mod signature;
 #[cfg(feature = "ssh")]
 pub mod sshsig;

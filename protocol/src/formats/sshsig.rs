@@ -12,7 +12,7 @@
 //! signed data = "SSHSIG" | string namespace | string reserved ("") | string hash_alg | string H(file)
 //! ```
 
-use ssh_key::{Algorithm, EcdsaCurve, LineEnding, PublicKey, Signature, SshSig};
+use ssh_key::{Algorithm, LineEnding, PublicKey, SshSig};
 
 use super::FormatError;
 use crate::KeyType;
@@ -49,28 +49,6 @@ pub fn signed_data(namespace: &str, hash: &FileHash) -> Result<Vec<u8>, FormatEr
     Ok(out)
 }
 
-/// The SSH algorithm a key type's signatures from `SignMessage` are.
-fn algorithm(key_type: KeyType) -> Result<Algorithm, FormatError> {
-    Ok(match key_type {
-        KeyType::Ed25519 => Algorithm::Ed25519,
-        KeyType::EcdsaP256 => Algorithm::Ecdsa {
-            curve: EcdsaCurve::NistP256,
-        },
-        KeyType::EcdsaP384 => Algorithm::Ecdsa {
-            curve: EcdsaCurve::NistP384,
-        },
-        KeyType::RsaPkcs1_2048 | KeyType::RsaPkcs1_3072 | KeyType::RsaPkcs1_4096 => Algorithm::Rsa {
-            hash: Some(ssh_key::HashAlg::Sha256),
-        },
-        other => {
-            return Err(invalid(format!(
-                "an {} key has no SSH signature form (SSH takes ed25519, ecdsa-p256, ecdsa-p384 and rsa-pkcs1 keys)",
-                other.as_str()
-            )))
-        }
-    })
-}
-
 /// Wraps hsmd's signature over [`signed_data`] into an armored SSH signature.
 /// `public` is the key's `authorized_keys` line; `signature` is as hsmd
 /// encodes it (64 bytes for Ed25519, DER for ECDSA, the modulus length for RSA);
@@ -89,29 +67,7 @@ pub fn armor(
     message_hash: Option<crate::HashAlg>,
 ) -> Result<String, FormatError> {
     let key = PublicKey::from_openssh(public.trim()).map_err(|e| invalid(format!("the public key: {e}")))?;
-    let alg = match (algorithm(key_type)?, message_hash) {
-        (Algorithm::Rsa { .. }, Some(crate::HashAlg::Sha512)) => Algorithm::Rsa {
-            hash: Some(ssh_key::HashAlg::Sha512),
-        },
-        (alg, None) => alg,
-        (_, Some(other)) => {
-            return Err(invalid(format!(
-                "an SSH signature of an {} key is not over {}",
-                key_type.as_str(),
-                other.as_str()
-            )))
-        }
-    };
-    let sig = match key_type {
-        KeyType::EcdsaP256 => Signature::try_from(
-            p256::ecdsa::Signature::from_der(signature).map_err(|e| invalid(format!("the ECDSA signature: {e}")))?,
-        ),
-        KeyType::EcdsaP384 => Signature::try_from(
-            p384::ecdsa::Signature::from_der(signature).map_err(|e| invalid(format!("the ECDSA signature: {e}")))?,
-        ),
-        _ => Signature::new(alg, signature.to_vec()),
-    }
-    .map_err(|e| invalid(format!("the signature: {e}")))?;
+    let sig = super::openssh::signature(key_type, signature, message_hash)?;
     let hash_alg = match hash.algorithm {
         "sha256" => ssh_key::HashAlg::Sha256,
         _ => ssh_key::HashAlg::Sha512,
@@ -158,7 +114,7 @@ pub fn parse(text: &str, public: &str, key_type: KeyType, namespace: &str) -> Re
     let message_hash =
         if matches!(key_type.rsa(), Some((_, crate::RsaScheme::Pkcs1v15))) && sig.algorithm() == rsa_sha512 {
             Some(crate::HashAlg::Sha512)
-        } else if sig.algorithm() == algorithm(key_type)? {
+        } else if sig.algorithm() == super::openssh::algorithm(key_type, None)? {
             None
         } else {
             return Err(invalid(format!(

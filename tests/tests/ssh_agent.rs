@@ -470,3 +470,73 @@ fn sshd_serves_a_host_key_held_in_hsmd_through_host_key_agent() {
         "{out:?}"
     );
 }
+
+/// `ssh-add -L` run as `uid` (setpriv) against the agent socket.
+fn listed_as(uid: u32, socket: &Path) -> Vec<String> {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+            "--clear-groups",
+            "--",
+        ])
+        .args(["ssh-add", "-L"])
+        .env("SSH_AUTH_SOCK", socket)
+        .output()
+        .expect("run setpriv (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        assert!(text.contains("no identities"), "ssh-add -L as {uid}: {out:?}");
+        return Vec::new();
+    }
+    text.lines().map(str::to_owned).collect()
+}
+
+#[test]
+#[ignore = "needs root; scripts/test runs it as root"]
+fn each_caller_is_offered_only_the_ssh_keys_their_policy_lets_them_sign_with() {
+    hsmd_tests::require_root("acting as other uids");
+    let prepared = Daemon::builder()
+        .socket_mode("0666")
+        .users(&["4001", "4002"])
+        .extra(AGENT)
+        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
+        .prepare();
+    fs::write(
+        prepared.dir.path().join("policy.toml"),
+        r#"
+[roles.ci-operator]
+permissions = [{ resource = "keys", action = "*", keys = "ci-*" }]
+
+[[bind]]
+users = ["4001"]
+roles = ["viewer"]
+
+[[bind]]
+users = ["4002"]
+roles = ["ci-operator"]
+
+[[bind]]
+users = ["0"]
+roles = ["admin"]
+"#,
+    )
+    .expect("write policy");
+    let d = prepared.start();
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&d.dir().join("unlock.key"))]));
+    create(&d, "ci-deploy", "ed25519", "soft", true);
+    create(&d, "prod-deploy", "ed25519", "soft", true);
+    let socket = agent(&d);
+    assert_eq!(
+        listed_as(4002, &socket),
+        vec![openssh_line(&d, "ci-deploy")],
+        "the ci operator sees its key, not prod's"
+    );
+    assert!(
+        listed_as(4001, &socket).is_empty(),
+        "a viewer may read keys but not sign: it is offered none"
+    );
+    assert_eq!(agent_lines(&socket).len(), 2, "the admin (root) is offered both");
+}

@@ -62,9 +62,10 @@ Exit codes:
 #[derive(Debug, Parser)]
 #[command(version, after_help = EXAMPLES)]
 struct Cli {
-    /// hsmd's socket
-    #[arg(long, global = true, env = "HSMD_SOCKET", default_value = protocol::DEFAULT_SOCKET, value_name = "PATH")]
-    socket: PathBuf,
+    /// hsmd's socket [default: $XDG_RUNTIME_DIR/hsmd/hsmd.sock if it exists
+    /// (hsmd --user), else /run/hsmd/hsmd.sock]
+    #[arg(long, global = true, env = "HSMD_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Print machine-readable JSON instead of text
     #[arg(long, global = true)]
     json: bool,
@@ -548,7 +549,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
 
 fn connect(cli: &Cli) -> Result<Client, ClientError> {
     Client::connect_with(
-        &cli.socket,
+        cli.socket.clone().unwrap_or_else(protocol::default_socket),
         &ClientOptions {
             client_name: concat!("hsmctl/", env!("CARGO_PKG_VERSION")).to_owned(),
             timeout: Some(Duration::from_secs(cli.timeout)),

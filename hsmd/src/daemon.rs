@@ -30,6 +30,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// `--dev`: a throw-away instance.
     pub dev: bool,
+    /// `--user`: one person's own daemon (see [`user_defaults`]).
+    pub user: bool,
     /// `--state-dir`: overrides `state_dir`.
     pub state_dir: Option<PathBuf>,
     /// `--socket`: overrides `socket.path`.
@@ -120,6 +122,71 @@ pub struct Effective {
     pub source: ConfigSource,
     /// Whether this is `--dev`.
     pub dev: bool,
+    /// Whether this is `--user`.
+    pub user: bool,
+}
+
+/// Where `hsmd --user` keeps its state, its config and its sockets, from the
+/// XDG base directories: `$XDG_DATA_HOME/hsmd` (else `~/.local/share/hsmd`),
+/// `$XDG_CONFIG_HOME/hsmd/hsmd.toml` (else `~/.config/hsmd/hsmd.toml`) and
+/// `$XDG_RUNTIME_DIR/hsmd/` (which the user's session must provide).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserPaths {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The config file read if it exists.
+    pub config: PathBuf,
+    /// The hsmd socket.
+    pub socket: PathBuf,
+    /// The SSH agent socket.
+    pub ssh_agent: PathBuf,
+}
+
+/// The paths of `hsmd --user`, from the environment.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] when `XDG_RUNTIME_DIR` is unset (and `--socket`
+/// was not given) or no home directory is known.
+pub fn user_paths(socket_given: bool) -> Result<UserPaths, ConfigError> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    let home = var("HOME").or_else(|| {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|u| u.dir)
+    });
+    let invalid = |key, problem: &str| ConfigError::Invalid {
+        origin: None,
+        key,
+        problem: problem.to_owned(),
+    };
+    let under_home = |xdg: &str, rest: &str| {
+        var(xdg)
+            .or_else(|| home.as_ref().map(|h| h.join(rest)))
+            .ok_or_else(|| invalid("state_dir", "hsmd --user needs $HOME or the XDG base directories set"))
+    };
+    let runtime = match var("XDG_RUNTIME_DIR") {
+        Some(dir) => dir.join("hsmd"),
+        None if socket_given => PathBuf::new(),
+        None => {
+            return Err(invalid(
+                "socket.path",
+                "hsmd --user puts its sockets in $XDG_RUNTIME_DIR/hsmd, and XDG_RUNTIME_DIR is not set; \
+                 log in through a session that sets it (systemd --user does), or give --socket",
+            ))
+        }
+    };
+    Ok(UserPaths {
+        state_dir: under_home("XDG_DATA_HOME", ".local/share")?.join("hsmd"),
+        config: under_home("XDG_CONFIG_HOME", ".config")?.join("hsmd/hsmd.toml"),
+        socket: runtime.join("hsmd.sock"),
+        ssh_agent: runtime.join("ssh-agent.sock"),
+    })
 }
 
 /// Loads the configuration the way `hsmd` does: `--config`, else the default
@@ -128,14 +195,46 @@ pub struct Effective {
 /// # Errors
 /// [`ConfigError`] for a file that cannot be read or is invalid.
 pub fn effective_config(opts: &Options) -> Result<Effective, ConfigError> {
-    let (mut config, source) = match &opts.config {
-        Some(path) => (Config::load(path)?, ConfigSource::File(path.clone())),
-        None if !opts.dev && Path::new(DEFAULT_CONFIG_PATH).exists() => (
+    let user = if opts.user {
+        Some(user_paths(opts.socket.is_some())?)
+    } else {
+        None
+    };
+    let (mut config, source) = match (&opts.config, &user) {
+        (Some(path), _) => (Config::load(path)?, ConfigSource::File(path.clone())),
+        (None, Some(paths)) if paths.config.exists() => {
+            (Config::load(&paths.config)?, ConfigSource::File(paths.config.clone()))
+        }
+        (None, Some(_)) => {
+            // Like ssh-agent, a person's own daemon runs without locked
+            // memory when their memlock limit is small (most sessions');
+            // it says so in its log.
+            let mut config = Config::default();
+            config.memory.require_lock = false;
+            (config, ConfigSource::Defaults)
+        }
+        (None, None) if !opts.dev && Path::new(DEFAULT_CONFIG_PATH).exists() => (
             Config::load(Path::new(DEFAULT_CONFIG_PATH))?,
             ConfigSource::File(DEFAULT_CONFIG_PATH.into()),
         ),
-        None => (Config::default(), ConfigSource::Defaults),
+        (None, None) => (Config::default(), ConfigSource::Defaults),
     };
+    if let Some(paths) = user {
+        // Paths left at the system's defaults move to the user's directories;
+        // only the owner may reach the sockets, whatever the file says.
+        let system = Config::default();
+        if config.state_dir == system.state_dir {
+            config.state_dir = paths.state_dir;
+        }
+        if config.socket.path == system.socket.path {
+            config.socket.path = paths.socket;
+        }
+        if config.ssh_agent.socket.is_none() && !paths.ssh_agent.as_os_str().is_empty() {
+            config.ssh_agent.socket = Some(paths.ssh_agent);
+        }
+        config.socket.mode = OctalMode(0o600);
+        config.socket.group = None;
+    }
     if opts.dev && opts.config.is_none() {
         // Only the owner (and root) may reach a dev socket.
         config.socket.mode = OctalMode(0o600);
@@ -162,6 +261,7 @@ pub fn effective_config(opts: &Options) -> Result<Effective, ConfigError> {
         config,
         source,
         dev: opts.dev,
+        user: opts.user,
     })
 }
 
@@ -174,6 +274,9 @@ pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
     let eff = effective_config(opts)?;
     let mut lines = vec![match &eff.source {
         ConfigSource::File(p) => format!("config {} is valid", p.display()),
+        ConfigSource::Defaults if eff.user => {
+            "no config file in $XDG_CONFIG_HOME/hsmd; the built-in defaults for --user are valid".to_owned()
+        }
         ConfigSource::Defaults => format!("no config file at {DEFAULT_CONFIG_PATH}; the built-in defaults are valid"),
     }];
     if let Some(group) = &eff.config.socket.group {
@@ -205,7 +308,12 @@ pub fn check_config(opts: &Options) -> Result<Vec<String>, DaemonError> {
             policy.role_names().len()
         ));
     }
-    let (_, access_warnings) = AccessGate::from_config(&eff.config.access);
+    // hsmd --user serves its owner whatever [access] says.
+    let access_warnings = if eff.user {
+        Vec::new()
+    } else {
+        AccessGate::from_config(&eff.config.access).1
+    };
     for w in eff.config.warnings().into_iter().chain(access_warnings) {
         lines.push(format!("warning: {w}"));
     }
@@ -245,6 +353,9 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     logging::init(&config.log.level, config.log.format);
     match &eff.source {
         ConfigSource::File(p) => tracing::info!(config = %p.display(), "configuration loaded"),
+        ConfigSource::Defaults if eff.user => {
+            tracing::info!("hsmd --user: no config file; running on built-in defaults")
+        }
         ConfigSource::Defaults if !eff.dev => tracing::info!(
             "no config file at {DEFAULT_CONFIG_PATH} and no --config given; running on built-in defaults"
         ),
@@ -309,6 +420,8 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
 
     let gate = if eff.dev {
         AccessGate::dev(nix::unistd::getuid().as_raw())
+    } else if eff.user {
+        AccessGate::only(nix::unistd::getuid().as_raw())
     } else {
         let (gate, warnings) = AccessGate::from_config(&config.access);
         for w in warnings {

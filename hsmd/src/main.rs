@@ -15,6 +15,7 @@ use hsmd::{
     hsmd --dev > hsmd.env &           # a throw-away instance; it writes its HSMD_SOCKET line there\n  \
     . ./hsmd.env                      # once it is listening (the file is not empty)\n  \
     hsmd --config /etc/hsmd/hsmd.toml\n  \
+    hsmd --user                       # your own daemon, as ssh-agent: systemctl --user enable --now hsmd.socket\n  \
     hsmd --check-config --config ./hsmd.toml\n  \
     hsmd --generate-man /tmp/man && man -l /tmp/man/hsmd.8"
 )]
@@ -28,6 +29,12 @@ struct Cli {
     /// Start a throw-away instance: state in a fresh temp dir, serves only you and root
     #[arg(long)]
     dev: bool,
+    /// Run as one person's own daemon, as ssh-agent runs: state in
+    /// $XDG_DATA_HOME/hsmd, sockets (hsmd and SSH agent) in
+    /// $XDG_RUNTIME_DIR/hsmd/, config from $XDG_CONFIG_HOME/hsmd/hsmd.toml if
+    /// it exists; serves only your uid
+    #[arg(long, conflicts_with = "dev")]
+    user: bool,
     /// Override state_dir
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -69,6 +76,7 @@ fn main() -> ExitCode {
     let opts = Options {
         config: cli.config,
         dev: cli.dev,
+        user: cli.user,
         state_dir: cli.state_dir,
         socket: cli.socket,
         log_format: cli.log_format.map(|f| match f {

@@ -23,12 +23,18 @@ use crate::{
 pub const DEFAULT_SOCKET: &str = "/run/hsmd/hsmd.sock";
 
 /// The socket a client uses when it is given none: `$HSMD_SOCKET` if set and
-/// not empty, else [`DEFAULT_SOCKET`].
+/// not empty; else the caller's own daemon's (`hsmd --user`),
+/// `$XDG_RUNTIME_DIR/hsmd/hsmd.sock`, if that exists; else [`DEFAULT_SOCKET`].
 #[must_use]
 pub fn default_socket() -> PathBuf {
-    std::env::var_os("HSMD_SOCKET")
+    if let Some(socket) = std::env::var_os("HSMD_SOCKET").filter(|s| !s.is_empty()) {
+        return PathBuf::from(socket);
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
         .filter(|s| !s.is_empty())
-        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from)
+        .map(|dir| PathBuf::from(dir).join("hsmd/hsmd.sock"))
+        .filter(|own| own.is_absolute() && own.exists())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
 /// How a client connects.

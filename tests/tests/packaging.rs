@@ -132,6 +132,29 @@ fn the_units_verify_without_a_word_and_the_service_scores_below_two() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The user units (hsmd --user), verified by a user manager's rules.
+    let user_dir = dir.path().join("user");
+    let runtime = dir.path().join("runtime");
+    fs::create_dir_all(&user_dir).expect("mkdir");
+    fs::create_dir_all(&runtime).expect("mkdir");
+    fs::set_permissions(&runtime, fs::Permissions::from_mode(0o700)).expect("chmod");
+    let user_units = ["hsmd.socket", "hsmd-ssh-agent.socket", "hsmd.service"];
+    for unit in user_units {
+        let text = fs::read_to_string(root.join("user").join(unit)).expect("user unit");
+        fs::write(user_dir.join(unit), text.replace("/usr/bin/hsmd", path(&bin("hsmd")))).expect("write");
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["--user", "verify"])
+        .args(user_units.map(|u| user_dir.join(u)))
+        .env("MANPATH", &man)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "systemd-analyze --user verify: {out:?}"
+    );
+
     let out = run(
         "systemd-analyze",
         &["security", "--offline=true", path(&root.join("hsmd.service"))],

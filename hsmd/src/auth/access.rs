@@ -71,6 +71,17 @@ impl AccessGate {
         }
     }
 
+    /// `hsmd --user`: its owner and no one else, root included.
+    #[must_use]
+    pub fn only(owner_uid: u32) -> Self {
+        let label = resolve_user(&owner_uid.to_string()).map_or_else(|| format!("uid {owner_uid}"), |(_, l)| l);
+        Self {
+            allow_root: false,
+            users: BTreeMap::from([(owner_uid, label)]),
+            groups: BTreeMap::new(),
+        }
+    }
+
     /// Decides whether `peer` may connect.
     #[must_use]
     pub fn admit(&self, peer: &PeerIdentity) -> Admission {

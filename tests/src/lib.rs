@@ -3,7 +3,9 @@
 //! talk to the daemon only through its public surfaces: the socket (via the
 //! `protocol` client or raw bytes) and the `hsmctl` binary.
 
+pub mod agent_bench;
 pub mod file_bench;
+pub mod measure;
 pub mod openssh;
 
 use std::{

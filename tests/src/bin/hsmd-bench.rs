@@ -19,6 +19,11 @@
 //! 2048 with keys in the token and the TPM, beside the token directly and
 //! `openssl speed rsa2048` (hsmd has no software RSA to compare with).
 //!
+//! Suite `agent` (not part of `all`): Ed25519 and ECDSA-P256 signatures
+//! through hsmd's SSH agent socket beside OpenSSH's ssh-agent holding keys of
+//! the same types, driven by the same agent-protocol client (see
+//! `agent_bench`).
+//!
 //! Suite `ping`: round trips beside a raw echo. Suite `keys`: Ed25519 and
 //! ECDSA-P256 signatures and AES-256-GCM encryptions of 4 KiB through hsmd,
 //! beside the same operation done in this process with the same crates, with as
@@ -40,13 +45,15 @@ use std::{
     os::unix::net::UnixStream,
     path::Path,
     process::{Child, Command, Stdio},
-    sync::{Arc, Barrier},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use hsmd_tests::Daemon;
+use hsmd_tests::{
+    measure::{measure, measure_batched, median, Figures},
+    Daemon,
+};
 use protocol::{
     codec,
     frame::{self, FrameStatus, HEADER_LEN},
@@ -113,12 +120,14 @@ fn parse_args() -> Result<Option<Args>> {
             "--batch" => args.batch = it.next().context("--batch N")?.parse()?,
             "--reactor-threads" => args.reactor_threads = it.next().context("--reactor-threads N")?.parse()?,
             "--suite" => {
-                args.suite = it.next().context("--suite ping|keys|security|files|backends|all")?;
+                args.suite = it
+                    .next()
+                    .context("--suite ping|keys|security|files|backends|agent|all")?;
                 if !matches!(
                     args.suite.as_str(),
-                    "ping" | "keys" | "security" | "files" | "backends" | "all"
+                    "ping" | "keys" | "security" | "files" | "backends" | "agent" | "all"
                 ) {
-                    bail!("--suite is ping, keys, security, files, backends or all");
+                    bail!("--suite is ping, keys, security, files, backends, agent or all");
                 }
             }
             "--clients" => {
@@ -130,7 +139,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backends|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backends|agent|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -145,76 +154,6 @@ fn parse_args() -> Result<Option<Args>> {
     Ok(Some(args))
 }
 
-/// Figures of one measured run.
-#[derive(Debug, Clone, Copy)]
-struct Figures {
-    per_sec: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-/// Runs `clients` threads, each calling `round_trip` on its own connection for
-/// `secs` after a warm-up, and returns the aggregate rate and latency percentiles.
-fn measure<C, F>(clients: usize, secs: f64, connect: C) -> Result<Figures>
-where
-    C: Fn() -> Result<F>,
-    F: FnMut() -> Result<()> + Send + 'static,
-{
-    measure_batched(clients, secs, 1, connect)
-}
-
-/// As [`measure`], where each call of `round_trip` completes `per_call`
-/// operations; the rate counts operations, the latencies are per call.
-fn measure_batched<C, F>(clients: usize, secs: f64, per_call: usize, connect: C) -> Result<Figures>
-where
-    C: Fn() -> Result<F>,
-    F: FnMut() -> Result<()> + Send + 'static,
-{
-    let warmup = Duration::from_secs_f64((secs * 0.2).min(0.5));
-    let run = Duration::from_secs_f64(secs);
-    let barrier = Arc::new(Barrier::new(clients));
-    let mut handles = Vec::new();
-    for _ in 0..clients {
-        let mut rt = connect()?;
-        let barrier = Arc::clone(&barrier);
-        handles.push(thread::spawn(move || -> Result<Vec<u32>> {
-            barrier.wait();
-            let start = Instant::now();
-            while start.elapsed() < warmup {
-                rt()?;
-            }
-            let mut lat = Vec::with_capacity(1 << 20);
-            let start = Instant::now();
-            loop {
-                let t = Instant::now();
-                rt()?;
-                let now = Instant::now();
-                lat.push(u32::try_from((now - t).as_nanos()).unwrap_or(u32::MAX));
-                if now - start >= run {
-                    break;
-                }
-            }
-            Ok(lat)
-        }));
-    }
-    let mut all = Vec::new();
-    for h in handles {
-        all.extend(h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??);
-    }
-    all.sort_unstable();
-    let pct = |p: f64| f64::from(all[((all.len() - 1) as f64 * p) as usize]) / 1000.0;
-    Ok(Figures {
-        per_sec: (all.len() * per_call) as f64 / secs,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-    })
-}
-
-fn median(mut v: Vec<Figures>) -> Figures {
-    v.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
-    v[v.len() / 2]
-}
-
 fn main() -> Result<()> {
     let Some(args) = parse_args()? else {
         return Ok(());
@@ -224,6 +163,12 @@ fn main() -> Result<()> {
         "keys" => key_suite(&args),
         "security" => security_suite(&args),
         "backends" => backend_suite(&args),
+        "agent" => hsmd_tests::agent_bench::run(&hsmd_tests::agent_bench::AgentBench {
+            seconds: args.seconds,
+            rounds: args.rounds,
+            clients: args.clients.clone(),
+            reactor_threads: args.reactor_threads,
+        }),
         "files" => hsmd_tests::file_bench::run(&hsmd_tests::file_bench::FileBench {
             mib: args.file_mib,
             chunk: args.chunk.clone(),

@@ -1,0 +1,85 @@
+//! Running benchmark clients: several threads, each on its own connection,
+//! timed per call after a warm-up; the rate and latency percentiles of a run.
+
+use std::{
+    sync::{Arc, Barrier},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+
+/// Figures of one measured run.
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    /// Operations per second, all clients together.
+    pub per_sec: f64,
+    /// Median latency of one call, µs.
+    pub p50_us: f64,
+    /// 99th percentile latency of one call, µs.
+    pub p99_us: f64,
+}
+
+/// Runs `clients` threads, each calling `round_trip` on its own connection for
+/// `secs` after a warm-up, and returns the aggregate rate and latency percentiles.
+pub fn measure<C, F>(clients: usize, secs: f64, connect: C) -> Result<Figures>
+where
+    C: Fn() -> Result<F>,
+    F: FnMut() -> Result<()> + Send + 'static,
+{
+    measure_batched(clients, secs, 1, connect)
+}
+
+/// As [`measure`], where each call of `round_trip` completes `per_call`
+/// operations; the rate counts operations, the latencies are per call.
+pub fn measure_batched<C, F>(clients: usize, secs: f64, per_call: usize, connect: C) -> Result<Figures>
+where
+    C: Fn() -> Result<F>,
+    F: FnMut() -> Result<()> + Send + 'static,
+{
+    let warmup = Duration::from_secs_f64((secs * 0.2).min(0.5));
+    let run = Duration::from_secs_f64(secs);
+    let barrier = Arc::new(Barrier::new(clients));
+    let mut handles = Vec::new();
+    for _ in 0..clients {
+        let mut rt = connect()?;
+        let barrier = Arc::clone(&barrier);
+        handles.push(thread::spawn(move || -> Result<Vec<u32>> {
+            barrier.wait();
+            let start = Instant::now();
+            while start.elapsed() < warmup {
+                rt()?;
+            }
+            let mut lat = Vec::with_capacity(1 << 20);
+            let start = Instant::now();
+            loop {
+                let t = Instant::now();
+                rt()?;
+                let now = Instant::now();
+                lat.push(u32::try_from((now - t).as_nanos()).unwrap_or(u32::MAX));
+                if now - start >= run {
+                    break;
+                }
+            }
+            Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??);
+    }
+    all.sort_unstable();
+    let pct = |p: f64| f64::from(all[((all.len() - 1) as f64 * p) as usize]) / 1000.0;
+    Ok(Figures {
+        per_sec: (all.len() * per_call) as f64 / secs,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    })
+}
+
+/// The run with the median rate.
+#[must_use]
+pub fn median(mut v: Vec<Figures>) -> Figures {
+    v.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+    v[v.len() / 2]
+}

@@ -2,7 +2,9 @@
 //! socket beside OpenSSH's own `ssh-agent`, in the same run, with keys of the
 //! same types and the same client: a thread per client, each on its own
 //! connection, sending SIGN_REQUESTs of 150 bytes of session data (the size of
-//! what ssh signs to log in) one at a time.
+//! what ssh signs to log in) one at a time. Beside them, the same signature
+//! made in this process with the crates hsmd's soft backend uses, on as many
+//! threads: the ceiling any front end of hsmd's can reach.
 
 use std::{
     io::{Read as _, Write as _},
@@ -17,7 +19,7 @@ use anyhow::{bail, Context as _, Result};
 use base64::Engine as _;
 
 use crate::{
-    measure::{measure, median},
+    measure::{in_process_ed25519, in_process_p256, measure, median},
     Daemon,
 };
 
@@ -182,7 +184,10 @@ pub fn run(b: &AgentBench) -> Result<()> {
         if b.rounds == 1 { "" } else { "s" },
         thread::available_parallelism().map_or(0, std::num::NonZero::get),
     );
-    for (label, kind) in [("ed25519", "ssh-ed25519"), ("ecdsa-p256", "ecdsa-sha2-nistp256")] {
+    for (label, kind, local) in [
+        ("ed25519", "ssh-ed25519", in_process_ed25519 as fn() -> _),
+        ("ecdsa-p256", "ecdsa-sha2-nistp256", in_process_p256),
+    ] {
         let find = |keys: &[(String, Vec<u8>)]| {
             keys.iter()
                 .find(|(k, _)| k == kind)
@@ -192,27 +197,29 @@ pub fn run(b: &AgentBench) -> Result<()> {
         let (ours, theirs) = (find(&hsmd_keys)?, find(&openssh_keys)?);
         println!("{label}:");
         println!(
-            "{:>7} | {:>12} {:>9} {:>9} | {:>13} {:>9} {:>9} | {:>12}",
-            "clients", "hsmd/s", "p50 µs", "p99 µs", "ssh-agent/s", "p50 µs", "p99 µs", "hsmd/agent"
+            "{:>7} | {:>12} {:>9} {:>9} | {:>13} {:>9} {:>9} | {:>12} | {:>12}",
+            "clients", "hsmd/s", "p50 µs", "p99 µs", "ssh-agent/s", "p50 µs", "p99 µs", "hsmd/agent", "in-proc/s"
         );
         for &clients in &b.clients {
-            let (mut h, mut o) = (Vec::new(), Vec::new());
+            let (mut h, mut o, mut l) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..b.rounds {
                 let (socket, blob) = (hsmd_agent.clone(), ours.clone());
                 h.push(measure(clients, b.seconds, move || signer(&socket, &blob))?);
                 let (socket, blob) = (openssh.socket.clone(), theirs.clone());
                 o.push(measure(clients, b.seconds, move || signer(&socket, &blob))?);
+                l.push(measure(clients, b.seconds, move || Ok(local()))?);
             }
-            let (h, o) = (median(h), median(o));
+            let (h, o, l) = (median(h), median(o), median(l));
             println!(
-                "{clients:>7} | {:>12.0} {:>9.1} {:>9.1} | {:>13.0} {:>9.1} {:>9.1} | {:>11.1}×",
+                "{clients:>7} | {:>12.0} {:>9.1} {:>9.1} | {:>13.0} {:>9.1} {:>9.1} | {:>11.1}× | {:>12.0}",
                 h.per_sec,
                 h.p50_us,
                 h.p99_us,
                 o.per_sec,
                 o.p50_us,
                 o.p99_us,
-                h.per_sec / o.per_sec
+                h.per_sec / o.per_sec,
+                l.per_sec
             );
         }
     }

@@ -83,3 +83,31 @@ pub fn median(mut v: Vec<Figures>) -> Figures {
     v.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
     v[v.len() / 2]
 }
+
+/// One Ed25519 signature (of 64 bytes) in this process, per call.
+pub fn in_process_ed25519() -> Box<dyn FnMut() -> Result<()> + Send> {
+    use ed25519_dalek::Signer as _;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).expect("random");
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let digest = [7u8; 64];
+    Box::new(move || {
+        std::hint::black_box(key.sign(&digest));
+        Ok(())
+    })
+}
+
+/// One ECDSA-P256 signature (of a SHA-256 digest) in this process, per call:
+/// the crates hsmd's soft backend uses.
+pub fn in_process_p256() -> Box<dyn FnMut() -> Result<()> + Send> {
+    use p256::ecdsa::signature::hazmat::PrehashSigner as _;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).expect("random");
+    let key = p256::ecdsa::SigningKey::from_slice(&seed).expect("scalar");
+    let digest = [7u8; 32];
+    Box::new(move || {
+        let sig: p256::ecdsa::Signature = key.sign_prehash(&digest).map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::hint::black_box(sig.to_der());
+        Ok(())
+    })
+}

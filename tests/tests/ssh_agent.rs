@@ -106,16 +106,7 @@ fn ssh_keygen_signs_through_the_agent_and_its_signatures_verify() {
     ] {
         create(&d, name, key_type, backend, true);
         let line = openssh_line(&d, name);
-        // The public key alone: the private key is in hsmd, never here.
-        let public = d.dir().join(format!("{name}.pub"));
-        fs::write(&public, format!("{line}\n")).expect("write");
-        let out = Command::new("ssh-keygen")
-            .args(["-Y", "sign", "-n", "git", "-f"])
-            .arg(&public)
-            .arg(&data)
-            .env("SSH_AUTH_SOCK", agent(&d))
-            .output()
-            .expect("ssh-keygen");
+        let out = agent_sign(&d, name, &data);
         assert!(out.status.success(), "ssh-keygen -Y sign with {key_type}: {out:?}");
         let sig = d.dir().join("release.tar.sig");
         if key_type.starts_with("rsa") {
@@ -158,16 +149,22 @@ fn ssh_keygen_signs_through_the_agent_and_its_signatures_verify() {
 
     // A key that is not offered cannot be signed with, even by its public key.
     create(&d, "hidden", "ed25519", "soft", false);
-    let public = d.dir().join("hidden.pub");
-    fs::write(&public, format!("{}\n", openssh_line(&d, "hidden"))).expect("write");
-    let out = Command::new("ssh-keygen")
+    let out = agent_sign(&d, "hidden", &data);
+    assert!(!out.status.success(), "signed with a key not offered to SSH: {out:?}");
+}
+
+/// `ssh-keygen -Y sign -n git` of `data` (into `data.sig`) with the key's
+/// public half alone: the private key is in hsmd, reached through the agent.
+fn agent_sign(d: &Daemon, name: &str, data: &Path) -> std::process::Output {
+    let public = d.dir().join(format!("{name}.pub"));
+    fs::write(&public, format!("{}\n", openssh_line(d, name))).expect("write");
+    Command::new("ssh-keygen")
         .args(["-Y", "sign", "-n", "git", "-f"])
         .arg(&public)
-        .arg(&data)
-        .env("SSH_AUTH_SOCK", agent(&d))
+        .arg(data)
+        .env("SSH_AUTH_SOCK", agent(d))
         .output()
-        .expect("ssh-keygen");
-    assert!(!out.status.success(), "signed with a key not offered to SSH: {out:?}");
+        .expect("ssh-keygen")
 }
 
 fn base64_body(armored: &str) -> Vec<u8> {

@@ -63,11 +63,9 @@ impl AccessGate {
     /// The `hsmd --dev` gate: the uid that started the daemon, and root.
     #[must_use]
     pub fn dev(owner_uid: u32) -> Self {
-        let label = resolve_user(&owner_uid.to_string()).map_or_else(|| format!("uid {owner_uid}"), |(_, l)| l);
         Self {
             allow_root: true,
-            users: BTreeMap::from([(owner_uid, label)]),
-            groups: BTreeMap::new(),
+            ..Self::only(owner_uid)
         }
     }
 

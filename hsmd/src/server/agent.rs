@@ -79,7 +79,7 @@ pub(super) async fn serve(stream: UnixStream, id: u64, shared: &Arc<Shared>, cre
             listed: Vec::new(),
         };
         match agent.run().await {
-            Ok(()) => tracing::debug!("agent client closed the connection"),
+            Ok(()) => tracing::debug!("agent connection ended"),
             Err(why) => tracing::warn!("agent connection closed: {why}"),
         }
         drop(place);
@@ -95,7 +95,7 @@ enum Closed {
     TooLong(usize),
     #[error("an empty message")]
     Empty,
-    #[error("no whole message within limits.idle_timeout / limits.frame_timeout")]
+    #[error("a message begun and not finished within limits.frame_timeout")]
     TimedOut,
     #[error("no room in the daemon's frame memory for a {0}-byte message")]
     NoRoom(usize),
@@ -151,7 +151,11 @@ impl Agent {
         let limits = &self.shared.limits;
         let mut header = [0u8; 4];
         match timeout(limits.idle_timeout, self.stream.read_exact(&mut header)).await {
-            Err(_) => return Err(Closed::TimedOut),
+            Err(_) => {
+                // Idle as long as limits.idle_timeout: its place goes to others.
+                tracing::debug!("agent connection idle for limits.idle_timeout; closing");
+                return Ok(None);
+            }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Ok(Err(e)) => return Err(e.into()),
             Ok(Ok(_)) => {}

@@ -51,7 +51,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use hsmd_tests::{
-    measure::{measure, measure_batched, median, Figures},
+    measure::{in_process_ed25519, in_process_p256, measure, measure_batched, median, Figures},
     Daemon,
 };
 use protocol::{
@@ -374,31 +374,6 @@ struct KeyOp {
     request: Operation,
     item: protocol::BatchItem,
     in_process: fn() -> Box<dyn FnMut() -> Result<()> + Send>,
-}
-
-fn in_process_ed25519() -> Box<dyn FnMut() -> Result<()> + Send> {
-    use ed25519_dalek::Signer as _;
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).expect("random");
-    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
-    let digest = [7u8; 64];
-    Box::new(move || {
-        std::hint::black_box(key.sign(&digest));
-        Ok(())
-    })
-}
-
-fn in_process_p256() -> Box<dyn FnMut() -> Result<()> + Send> {
-    use p256::ecdsa::signature::hazmat::PrehashSigner as _;
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).expect("random");
-    let key = p256::ecdsa::SigningKey::from_slice(&seed).expect("scalar");
-    let digest = [7u8; 32];
-    Box::new(move || {
-        let sig: p256::ecdsa::Signature = key.sign_prehash(&digest).map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::hint::black_box(sig.to_der());
-        Ok(())
-    })
 }
 
 fn in_process_aes() -> Box<dyn FnMut() -> Result<()> + Send> {

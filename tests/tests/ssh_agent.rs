@@ -537,3 +537,11 @@ roles = ["admin"]
     );
     assert_eq!(agent_lines(&socket).len(), 2, "the admin (root) is offered both");
 }
+
+#[test]
+fn an_uninitialized_hsmd_offers_no_keys_rather_than_failing() {
+    let d = Daemon::builder().extra(AGENT).start();
+    let out = ssh_add(&agent(&d), &["-L"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("no identities"), "{out:?}");
+}

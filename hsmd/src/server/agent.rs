@@ -250,7 +250,8 @@ impl Agent {
     }
 
     /// Lists the caller's SSH keys, and remembers them for sign requests. A
-    /// locked keystore lists none (ssh then tries its other keys).
+    /// locked or uninitialized keystore lists none (ssh then tries its other
+    /// keys).
     async fn list(&mut self) -> Result<(), WireError> {
         self.listed.clear();
         let identities = match self.call(Operation::SshIdentities).await? {
@@ -277,8 +278,13 @@ impl Agent {
                     })
                     .collect(),
             ),
-            Err(e) if e.code == protocol::ErrorCode::Locked => {
-                tracing::info!("listing no SSH keys: the keystore is locked");
+            Err(e)
+                if matches!(
+                    e.code,
+                    protocol::ErrorCode::Locked | protocol::ErrorCode::NotInitialized
+                ) =>
+            {
+                tracing::info!(reason = %e.message, "listing no SSH keys");
                 Response::IdentitiesAnswer(Vec::new())
             }
             Err(e) => {

@@ -30,7 +30,7 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// `--dev`: a throw-away instance.
     pub dev: bool,
-    /// `--user`: one person's own daemon (see [`user_defaults`]).
+    /// `--user`: one person's own daemon (see [`user_paths`]).
     pub user: bool,
     /// `--state-dir`: overrides `state_dir`.
     pub state_dir: Option<PathBuf>,
@@ -136,10 +136,11 @@ pub struct UserPaths {
     pub state_dir: PathBuf,
     /// The config file read if it exists.
     pub config: PathBuf,
-    /// The hsmd socket.
-    pub socket: PathBuf,
-    /// The SSH agent socket.
-    pub ssh_agent: PathBuf,
+    /// The directory of the hsmd and SSH agent sockets (`hsmd.sock`,
+    /// `ssh-agent.sock`); `None` when `--socket` was given and
+    /// `XDG_RUNTIME_DIR` is unset (then there is no agent socket unless
+    /// configured).
+    pub runtime: Option<PathBuf>,
 }
 
 /// The paths of `hsmd --user`, from the environment.
@@ -171,8 +172,8 @@ pub fn user_paths(socket_given: bool) -> Result<UserPaths, ConfigError> {
             .ok_or_else(|| invalid("state_dir", "hsmd --user needs $HOME or the XDG base directories set"))
     };
     let runtime = match var("XDG_RUNTIME_DIR") {
-        Some(dir) => dir.join("hsmd"),
-        None if socket_given => PathBuf::new(),
+        Some(dir) => Some(dir.join("hsmd")),
+        None if socket_given => None,
         None => {
             return Err(invalid(
                 "socket.path",
@@ -184,8 +185,7 @@ pub fn user_paths(socket_given: bool) -> Result<UserPaths, ConfigError> {
     Ok(UserPaths {
         state_dir: under_home("XDG_DATA_HOME", ".local/share")?.join("hsmd"),
         config: under_home("XDG_CONFIG_HOME", ".config")?.join("hsmd/hsmd.toml"),
-        socket: runtime.join("hsmd.sock"),
-        ssh_agent: runtime.join("ssh-agent.sock"),
+        runtime,
     })
 }
 
@@ -226,11 +226,14 @@ pub fn effective_config(opts: &Options) -> Result<Effective, ConfigError> {
         if config.state_dir == system.state_dir {
             config.state_dir = paths.state_dir;
         }
-        if config.socket.path == system.socket.path {
-            config.socket.path = paths.socket;
-        }
-        if config.ssh_agent.socket.is_none() && !paths.ssh_agent.as_os_str().is_empty() {
-            config.ssh_agent.socket = Some(paths.ssh_agent);
+        if let Some(runtime) = &paths.runtime {
+            if config.socket.path == system.socket.path {
+                config.socket.path = runtime.join("hsmd.sock");
+            }
+            config
+                .ssh_agent
+                .socket
+                .get_or_insert_with(|| runtime.join("ssh-agent.sock"));
         }
         config.socket.mode = OctalMode(0o600);
         config.socket.group = None;

@@ -597,6 +597,16 @@ pub fn is_root() -> bool {
     nix::unistd::getuid().is_root()
 }
 
+/// `program` run as `uid` (its own gid, no supplementary groups) with
+/// util-linux's `setpriv`: how the root-only tests act as other users.
+pub fn as_uid(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let id = uid.to_string();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", &id, "--regid", &id, "--clear-groups", "--"])
+        .arg(program);
+    cmd
+}
+
 /// For the tests marked `#[ignore = "needs root…"]`, which `scripts/test`
 /// runs as root with `--include-ignored`: run any other way they fail, naming
 /// why, instead of passing without having run.

@@ -23,7 +23,12 @@ pub fn ssh_add(socket: &Path, args: &[&str]) -> Output {
 /// The `authorized_keys` lines `ssh-add -L` prints for the agent at
 /// `socket`, sorted; empty when it has none.
 pub fn agent_lines(socket: &Path) -> Vec<String> {
-    let out = ssh_add(socket, &["-L"]);
+    listed(&ssh_add(socket, &["-L"]))
+}
+
+/// The lines of `ssh-add -L`'s output, sorted; empty when the agent said it
+/// has none (any other failure fails the test).
+pub fn listed(out: &Output) -> Vec<String> {
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         assert!(text.contains("no identities"), "ssh-add -L failed: {out:?}");

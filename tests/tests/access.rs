@@ -2,7 +2,7 @@
 //! keeps serving others. The test acts as `nobody` (uid 65534) in a child process
 //! through `setpriv`, so it needs root; as any other user it says so and stops.
 
-use std::{fs, os::unix::fs::PermissionsExt, path::PathBuf, process::Command};
+use std::{fs, os::unix::fs::PermissionsExt, path::PathBuf};
 
 use hsmd_tests::{bin, Daemon};
 
@@ -17,9 +17,7 @@ fn hsmctl_for_nobody(d: &Daemon) -> PathBuf {
 }
 
 fn as_nobody(hsmctl: &PathBuf, d: &Daemon, args: &[&str]) -> std::process::Output {
-    Command::new("setpriv")
-        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--"])
-        .arg(hsmctl)
+    hsmd_tests::as_uid(65534, hsmctl)
         .arg("--socket")
         .arg(&d.socket)
         .args(args)

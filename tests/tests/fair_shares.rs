@@ -9,7 +9,7 @@ use std::{
     io::{BufRead as _, BufReader},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -77,20 +77,6 @@ fn setup(builder: DaemonBuilder) -> Setup {
     s
 }
 
-fn as_uid(uid: u32, program: &Path) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid",
-        &uid.to_string(),
-        "--regid",
-        &uid.to_string(),
-        "--clear-groups",
-        "--",
-    ])
-    .arg(program);
-    cmd
-}
-
 /// A running `hsmd-hostile` and what it reported.
 struct Hostile {
     child: Child,
@@ -108,7 +94,7 @@ impl Drop for Hostile {
 
 impl Setup {
     fn hsmctl_as(&self, uid: u32, args: &[&str]) -> Output {
-        as_uid(uid, &self.hsmctl)
+        hsmd_tests::as_uid(uid, &self.hsmctl)
             .arg("--socket")
             .arg(&self.d.socket)
             .args(args)
@@ -118,7 +104,7 @@ impl Setup {
     }
 
     fn hostile(&self, uid: u32, what: &str, n: usize) -> Hostile {
-        let mut child = as_uid(uid, &self.hostile)
+        let mut child = hsmd_tests::as_uid(uid, &self.hostile)
             .arg(what)
             .arg(&self.d.socket)
             .arg(n.to_string())

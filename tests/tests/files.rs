@@ -391,10 +391,8 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     let hsmctl: PathBuf = d.dir().join("hsmctl");
     fs::copy(bin("hsmctl"), &hsmctl).expect("copy");
     fs::set_permissions(&hsmctl, fs::Permissions::from_mode(0o755)).expect("chmod");
-    let as_uid = |uid: &str, args: &[&str]| {
-        Command::new("setpriv")
-            .args(["--reuid", uid, "--regid", uid, "--clear-groups", "--"])
-            .arg(&hsmctl)
+    let as_uid = |uid: u32, args: &[&str]| {
+        hsmd_tests::as_uid(uid, &hsmctl)
             .arg("--socket")
             .arg(&d.socket)
             .args(args)
@@ -402,7 +400,7 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
             .output()
             .expect("setpriv")
     };
-    let as_4002 = |args: &[&str]| as_uid("4002", args);
+    let as_4002 = |args: &[&str]| as_uid(4002, args);
     // Answered exactly as a token that does not exist: nothing says the
     // file is there, or whose it is.
     let unknown = "0f8fad5b-d9cb-469f-a165-70867728950e";
@@ -439,10 +437,10 @@ fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     ok(&as_4002(&["file", "delete", &theirs, "--yes"]));
     // A role that may store and retrieve but not read metadata
     // (files:info) still retrieves its own file to -o.
-    let fetched = token_of(&ok(&as_uid("4005", &["file", "store", "-", "--name", "f"])));
-    refused(&as_uid("4005", &["file", "info", &fetched]), "permission-denied");
+    let fetched = token_of(&ok(&as_uid(4005, &["file", "store", "-", "--name", "f"])));
+    refused(&as_uid(4005, &["file", "info", &fetched]), "permission-denied");
     assert_eq!(
-        ok(&as_uid("4005", &["file", "retrieve", "--force", &fetched, "-o", "-"])),
+        ok(&as_uid(4005, &["file", "retrieve", "--force", &fetched, "-o", "-"])),
         ""
     );
     // The owner (an admin here) still can.

@@ -49,9 +49,8 @@ fn prepared_for_nobody(require_lock: bool) -> (Prepared, std::path::PathBuf) {
 }
 
 fn as_nobody_with_small_memlock(hsmd: &std::path::Path, prepared: &Prepared) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .args(["prlimit", "--memlock=65536:65536", "--"])
+    let mut cmd = hsmd_tests::as_uid(65534, "prlimit");
+    cmd.args(["--memlock=65536:65536", "--"])
         .arg(hsmd)
         .arg("--config")
         .arg(&prepared.config);

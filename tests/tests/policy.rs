@@ -73,16 +73,7 @@ fn setup(extra: &str) -> Setup {
 
 impl Setup {
     fn as_uid(&self, uid: u32, args: &[&str]) -> Output {
-        Command::new("setpriv")
-            .args([
-                "--reuid",
-                &uid.to_string(),
-                "--regid",
-                &uid.to_string(),
-                "--clear-groups",
-                "--",
-            ])
-            .arg(&self.hsmctl)
+        hsmd_tests::as_uid(uid, &self.hsmctl)
             .arg("--socket")
             .arg(&self.d.socket)
             .args(args)

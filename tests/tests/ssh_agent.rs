@@ -15,7 +15,7 @@ use std::{
 };
 
 use hsmd_tests::check::{ok, p as path};
-use hsmd_tests::openssh::{agent_lines, fingerprint, ssh_add, ssh_keygen_verifies, Sshd};
+use hsmd_tests::openssh::{agent_lines, fingerprint, listed, ssh_add, ssh_keygen_verifies, Sshd};
 use hsmd_tests::{Daemon, DaemonBuilder, SoftHsm};
 
 const AGENT: &str = "[ssh_agent]\nsocket = \"$DIR/agent.sock\"\n";
@@ -468,27 +468,14 @@ fn sshd_serves_a_host_key_held_in_hsmd_through_host_key_agent() {
     );
 }
 
-/// `ssh-add -L` run as `uid` (setpriv) against the agent socket.
+/// `ssh-add -L` run as `uid` against the agent socket.
 fn listed_as(uid: u32, socket: &Path) -> Vec<String> {
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &uid.to_string(),
-            "--clear-groups",
-            "--",
-        ])
-        .args(["ssh-add", "-L"])
+    let out = hsmd_tests::as_uid(uid, "ssh-add")
+        .arg("-L")
         .env("SSH_AUTH_SOCK", socket)
         .output()
         .expect("run setpriv (util-linux)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        assert!(text.contains("no identities"), "ssh-add -L as {uid}: {out:?}");
-        return Vec::new();
-    }
-    text.lines().map(str::to_owned).collect()
+    listed(&out)
 }
 
 #[test]

@@ -18,23 +18,14 @@ const UID: u32 = 4011;
 
 /// A command run as `UID` with the user's XDG environment under `base`.
 fn as_user(base: &Path, program: &Path) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid",
-        &UID.to_string(),
-        "--regid",
-        &UID.to_string(),
-        "--clear-groups",
-        "--",
-    ])
-    .arg(program)
-    .env_clear()
-    .env("PATH", "/usr/bin:/bin")
-    .env("HOME", base.join("home"))
-    .env("XDG_RUNTIME_DIR", base.join("run"))
-    .env("XDG_DATA_HOME", base.join("home/.local/share"))
-    .env("XDG_CONFIG_HOME", base.join("home/.config"))
-    .current_dir(base.join("home"));
+    let mut cmd = hsmd_tests::as_uid(UID, program);
+    cmd.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", base.join("home"))
+        .env("XDG_RUNTIME_DIR", base.join("run"))
+        .env("XDG_DATA_HOME", base.join("home/.local/share"))
+        .env("XDG_CONFIG_HOME", base.join("home/.config"))
+        .current_dir(base.join("home"));
     cmd
 }
 
@@ -133,9 +124,8 @@ fn an_unprivileged_user_runs_hsmd_for_themself_and_ssh_add_lists_their_key() {
     let out = run(Command::new("ssh-add").arg("-L").env("SSH_AUTH_SOCK", &agent));
     assert!(!out.status.success(), "root listed a user's keys: {out:?}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("hsmd:laptop"), "{out:?}");
-    let other = run(Command::new("setpriv")
-        .args(["--reuid", "4012", "--regid", "4012", "--clear-groups", "--"])
-        .args(["ssh-add", "-L"])
+    let other = run(hsmd_tests::as_uid(4012, "ssh-add")
+        .arg("-L")
         .env("SSH_AUTH_SOCK", &agent));
     assert!(!other.status.success(), "another user listed the keys: {other:?}");
 }

@@ -9,7 +9,11 @@ use protocol::{
 use super::{audit_line::compromised_use, AuditSpec, Plan};
 use crate::{
     audit::EventType,
-    auth::permission::{KeyAction as A, Permission},
+    auth::{
+        permission::{KeyAction as A, Permission},
+        policy::Policy,
+        PeerIdentity,
+    },
 };
 
 fn on_key(event: EventType, name: &str, action: &'static str, risk: u8, security: bool) -> AuditSpec {
@@ -33,6 +37,19 @@ pub(super) fn create(name: String, key_type: KeyType, usages: Vec<Usage>, option
     .logged()
 }
 
+/// Whether the policy grants `peer` the key action `action` on the key
+/// `info` describes (its backend and owner as the listing read them).
+fn may(policy: &Policy, peer: &PeerIdentity, action: A, info: &protocol::KeyInfo) -> bool {
+    policy
+        .check(
+            peer,
+            Permission::Keys(action).on(Some(&info.name)),
+            &info.backend,
+            || info.owner_exists.then_some(info.owner_uid),
+        )
+        .is_ok()
+}
+
 /// Lists only the keys the caller may list.
 pub(super) fn list() -> Plan {
     Plan::start(|cx| {
@@ -41,13 +58,7 @@ pub(super) fn list() -> Plan {
             k.list_keys().map(|keys| {
                 Reply::Keys(
                     keys.into_iter()
-                        .filter(|k| {
-                            policy
-                                .check(&peer, Permission::Keys(A::List).on(Some(&k.name)), &k.backend, || {
-                                    k.owner_exists.then_some(k.owner_uid)
-                                })
-                                .is_ok()
-                        })
+                        .filter(|info| may(&policy, &peer, A::List, info))
                         .collect(),
                 )
             })
@@ -70,14 +81,7 @@ pub(super) fn ssh_identities() -> Plan {
                     && info.usages.contains(&Usage::Sign)
                     && info.state == protocol::KeyState::Active
                     && protocol::formats::openssh::has_ssh_form(info.key_type)
-                    && policy
-                        .check(
-                            &peer,
-                            Permission::Keys(A::Sign).on(Some(&info.name)),
-                            &info.backend,
-                            || info.owner_exists.then_some(info.owner_uid),
-                        )
-                        .is_ok()
+                    && may(&policy, &peer, A::Sign, info)
             });
             let mut identities = Vec::new();
             for info in offered {

@@ -119,6 +119,51 @@ fn daemon_page(cmd: clap::Command, w: &mut dyn io::Write) -> io::Result<()> {
         )],
     );
 
+    item(
+        &mut r,
+        "/usr/lib/hsmd/libhsmd_pkcs11.so",
+        [roman("The PKCS#11 module; see PKCS#11 MODULE below.")],
+    );
+    item(
+        &mut r,
+        "/usr/share/p11-kit/modules/hsmd.module",
+        [roman(
+            "Makes the module known to p11-kit and to the programs that load modules through it.",
+        )],
+    );
+
+    section(&mut r, "PKCS#11 MODULE");
+    paragraph(
+        &mut r,
+        [roman(
+            "Programs that take keys from a PKCS#11 module (OpenSSL's engine, GnuTLS, curl, p11tool, ssh-keygen -D \
+             and ssh -I, NSS) use hsmd's keys through libhsmd_pkcs11.so. The module holds no key: each signature is \
+             a request to hsmd made with the calling program's own uid, so hsmd's policy, rate limits and audit \
+             log apply to it as to hsmctl sign. It offers one slot holding one token, the hsmd at $HSMD_SOCKET, \
+             else the caller's own hsmd --user, else /run/hsmd/hsmd.sock. Its objects are the signing keys the \
+             caller may list: a private key (sensitive, never extractable) and a public key for each, labelled \
+             with the key's name and identified (CKA_ID) by its id, which rotation keeps.",
+        )],
+    );
+    paragraph(
+        &mut r,
+        [
+            roman(
+                "There is no PIN: hsmd knows the caller from the kernel, so the token does not ask for a login and \
+             accepts any PIN if a program logs in anyway; a PIN grants nothing. A locked hsmd answers \
+             CKR_USER_NOT_LOGGED_IN until ",
+            ),
+            bold("hsmctl unlock"),
+            roman(
+                "; a policy refusal is CKR_KEY_FUNCTION_NOT_PERMITTED; an hsmd that cannot be reached is \
+             CKR_DEVICE_REMOVED (and an empty slot), never a crash of the program. Set HSMD_PKCS11_DEBUG=1 to have \
+             the module print why a call failed. Example: ",
+            ),
+            bold("pkcs11-tool --module /usr/lib/hsmd/libhsmd_pkcs11.so -O"),
+            roman("."),
+        ],
+    );
+
     section(&mut r, "SYSTEMD");
     r.text([
         roman(

@@ -24,6 +24,8 @@ pub fn bin_dir() -> &'static Path {
                 "hsmd",
                 "-p",
                 "hsmctl",
+                "-p",
+                "hsmd-pkcs11",
                 "--features",
                 &features(),
                 "--target-dir",
@@ -76,6 +78,11 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// hsmd's PKCS#11 module (`libhsmd_pkcs11.so`) of this build.
+pub fn pkcs11_module() -> PathBuf {
+    bin("libhsmd_pkcs11.so")
 }
 
 /// How to start a daemon.

@@ -7,6 +7,7 @@ pub mod agent_bench;
 pub mod file_bench;
 pub mod measure;
 pub mod openssh;
+pub mod pkcs11_bench;
 
 use std::{
     fs,

@@ -423,6 +423,12 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     assert!(wants.exists(), "hsmd.socket is not enabled");
     let agent_wants = Path::new("/etc/systemd/system/sockets.target.wants/hsmd-ssh-agent.socket");
     assert!(agent_wants.exists(), "hsmd-ssh-agent.socket is not enabled");
+    // p11-kit finds the PKCS#11 module through the packaged module file.
+    let modules = ok(&run("p11-kit", &["list-modules"]));
+    assert!(
+        modules.contains("module: hsmd") && modules.contains("library-description: hsmd PKCS#11 module"),
+        "{modules}"
+    );
     let out = ok(&run(
         "/usr/bin/hsmd",
         &["--check-config", "--config", "/etc/hsmd/hsmd.toml"],
@@ -572,6 +578,10 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     assert!(
         !agent_wants.exists(),
         "hsmd-ssh-agent.socket still enabled after removal"
+    );
+    assert!(
+        !ok(&run("p11-kit", &["list-modules"])).contains("module: hsmd"),
+        "p11-kit still lists hsmd's module after removal"
     );
     assert!(
         Path::new("/etc/hsmd/hsmd.toml").exists(),
@@ -818,6 +828,13 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
     // (uninitialized, so it offers no keys).
     let listed = guest.ok("SSH_AUTH_SOCK=/run/hsmd/ssh-agent.sock ssh-add -L 2>&1 || true");
     assert!(listed.contains("no identities"), "{listed}");
+    // p11-kit loads the packaged module, which reaches the running hsmd: its
+    // token is present (not yet initialized).
+    let modules = guest.ok("p11-kit list-modules");
+    assert!(
+        modules.contains("module: hsmd") && modules.contains("token: hsmd"),
+        "{modules}"
+    );
     assert!(
         !journal.contains("not fit for profile"),
         "the packaged config is not production-fit: {journal}"
@@ -961,8 +978,8 @@ fn the_debs_depends_name_the_package_of_every_library_its_binaries_load() {
         .collect();
     let tree = tempfile::tempdir().expect("tempdir");
     ok(&run("dpkg-deb", &["-x", path(&deb), path(tree.path())]));
-    for binary in ["hsmd", "hsmctl"] {
-        let file = tree.path().join("usr/bin").join(binary);
+    for binary in ["usr/bin/hsmd", "usr/bin/hsmctl", "usr/lib/hsmd/libhsmd_pkcs11.so"] {
+        let file = tree.path().join(binary);
         let dynamic = ok(&run("readelf", &["-d", "--wide", path(&file)]));
         let needed: Vec<&str> = dynamic
             .lines()

@@ -24,6 +24,10 @@
 //! the same types, driven by the same agent-protocol client (see
 //! `agent_bench`).
 //!
+//! Suite `pkcs11` (not part of `all`): ECDSA P-256 and Ed25519 signatures
+//! through hsmd's PKCS#11 module beside SoftHSM2's module, both driven
+//! through cryptoki in this process (see `pkcs11_bench`).
+//!
 //! Suite `ping`: round trips beside a raw echo. Suite `keys`: Ed25519 and
 //! ECDSA-P256 signatures and AES-256-GCM encryptions of 4 KiB through hsmd,
 //! beside the same operation done in this process with the same crates, with as
@@ -122,12 +126,12 @@ fn parse_args() -> Result<Option<Args>> {
             "--suite" => {
                 args.suite = it
                     .next()
-                    .context("--suite ping|keys|security|files|backends|agent|all")?;
+                    .context("--suite ping|keys|security|files|backends|agent|pkcs11|all")?;
                 if !matches!(
                     args.suite.as_str(),
-                    "ping" | "keys" | "security" | "files" | "backends" | "agent" | "all"
+                    "ping" | "keys" | "security" | "files" | "backends" | "agent" | "pkcs11" | "all"
                 ) {
-                    bail!("--suite is ping, keys, security, files, backends, agent or all");
+                    bail!("--suite is ping, keys, security, files, backends, agent, pkcs11 or all");
                 }
             }
             "--clients" => {
@@ -139,7 +143,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backends|agent|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backends|agent|pkcs11|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -164,6 +168,12 @@ fn main() -> Result<()> {
         "security" => security_suite(&args),
         "backends" => backend_suite(&args),
         "agent" => hsmd_tests::agent_bench::run(&hsmd_tests::agent_bench::AgentBench {
+            seconds: args.seconds,
+            rounds: args.rounds,
+            clients: args.clients.clone(),
+            reactor_threads: args.reactor_threads,
+        }),
+        "pkcs11" => hsmd_tests::pkcs11_bench::run(&hsmd_tests::pkcs11_bench::Pkcs11Bench {
             seconds: args.seconds,
             rounds: args.rounds,
             clients: args.clients.clone(),

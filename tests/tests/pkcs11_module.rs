@@ -1,0 +1,566 @@
+//! hsmd's PKCS#11 module (`libhsmd_pkcs11.so`) with other people's programs
+//! as its clients: OpenSC's `pkcs11-tool` lists, signs and generates keys;
+//! OpenSSL's PKCS#11 engine (libp11) signs and makes a certificate;
+//! `gnutls-serv` serves TLS 1.3 with the key in hsmd while `gnutls-cli`
+//! connects; `ssh-keygen -D` prints the keys. OpenSSL checks every signature
+//! against `hsmctl key public`. A second uid sees nothing, a locked hsmd and a
+//! killed one give PKCS#11 errors, not crashes.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use hsmd_tests::check::{json, ok, p as path};
+use hsmd_tests::{pkcs11_module, Daemon};
+
+/// The PKCS#11 engine Debian 12's `libengine-pkcs11-openssl` installs.
+const ENGINE: &str = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so";
+
+fn started() -> Daemon {
+    let d = Daemon::start();
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&d.dir().join("unlock.key"))]));
+    d
+}
+
+fn create(d: &Daemon, name: &str, key_type: &str) {
+    ok(&d.hsmctl(&["key", "create", name, "--type", key_type]));
+}
+
+fn key_id(d: &Daemon, name: &str) -> String {
+    json(&d.hsmctl(&["--json", "key", "info", name]))["id"]
+        .as_str()
+        .expect("key id")
+        .to_owned()
+}
+
+fn public_pem(d: &Daemon, name: &str) -> PathBuf {
+    let pem = d.dir().join(format!("{name}.pem"));
+    fs::write(&pem, ok(&d.hsmctl(&["key", "public", name]))).expect("write");
+    pem
+}
+
+/// `pkcs11-tool --module libhsmd_pkcs11.so ARGS…` against `d`.
+fn pkcs11_tool(d: &Daemon, args: &[&str]) -> Output {
+    Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(pkcs11_module())
+        .args(args)
+        .env("HSMD_SOCKET", &d.socket)
+        .env("HSMD_PKCS11_DEBUG", "1")
+        .output()
+        .expect("run pkcs11-tool (opensc)")
+}
+
+fn audit(d: &Daemon) -> String {
+    fs::read_to_string(d.dir().join("state/audit.log")).expect("audit log")
+}
+
+#[test]
+fn pkcs11_tool_lists_signs_and_generates_keys() {
+    let d = started();
+    create(&d, "web", "ecdsa-p256");
+    create(&d, "release", "ed25519");
+    create(&d, "box", "aes256-gcm");
+
+    let slots = ok(&pkcs11_tool(&d, &["-L"]));
+    assert!(slots.contains("token label        : hsmd"), "{slots}");
+    assert!(slots.contains("token initialized"), "{slots}");
+
+    let objects = ok(&pkcs11_tool(&d, &["-O"]));
+    for (name, kind) in [("web", "EC"), ("release", "EC_EDWARDS")] {
+        let id = key_id(&d, name);
+        assert!(
+            objects.contains(&format!(
+                "Private Key Object; {kind}\n  label:      {name}\n  ID:         {id}"
+            )),
+            "{name}'s private key object: {objects}"
+        );
+        assert!(
+            objects.contains(&format!("label:      {name}\n  ID:         {id}\n  Usage:      verify")),
+            "{name}'s public key object: {objects}"
+        );
+    }
+    assert!(
+        objects.contains("Access:     sensitive, always sensitive, never extractable"),
+        "{objects}"
+    );
+    assert!(
+        !objects.contains("box"),
+        "a key that does not sign is not an object: {objects}"
+    );
+
+    // ECDSA over SHA-256 of 100 KB (hashed in the module, signed in hsmd).
+    let data = d.dir().join("data");
+    fs::write(&data, vec![0x5a; 100_000]).expect("write");
+    let sig = d.dir().join("web.sig");
+    ok(&pkcs11_tool(
+        &d,
+        &[
+            "--sign",
+            "-m",
+            "ECDSA-SHA256",
+            "--id",
+            &key_id(&d, "web"),
+            "--signature-format",
+            "openssl",
+            "-i",
+            path(&data),
+            "-o",
+            path(&sig),
+        ],
+    ));
+    let verified = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(public_pem(&d, "web"))
+        .arg("-signature")
+        .arg(&sig)
+        .arg(&data)
+        .output()
+        .expect("openssl");
+    assert_eq!(ok(&verified).trim(), "Verified OK");
+
+    // Pure Ed25519 over the message itself.
+    let message = d.dir().join("message");
+    fs::write(&message, b"release v1.2.3\n").expect("write");
+    let sig = d.dir().join("release.sig");
+    ok(&pkcs11_tool(
+        &d,
+        &[
+            "--sign",
+            "-m",
+            "EDDSA",
+            "--id",
+            &key_id(&d, "release"),
+            "-i",
+            path(&message),
+            "-o",
+            path(&sig),
+        ],
+    ));
+    let verified = Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+        .arg(public_pem(&d, "release"))
+        .arg("-in")
+        .arg(&message)
+        .arg("-sigfile")
+        .arg(&sig)
+        .output()
+        .expect("openssl");
+    assert!(
+        ok(&verified).contains("Signature Verified Successfully"),
+        "{verified:?}"
+    );
+    let log = audit(&d);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"key:release\"") && l.contains("\"sign-message\"") && l.contains("pkcs11-tool")),
+        "the Ed25519 signature's audit line names pkcs11-tool"
+    );
+
+    // A key made through the module is an hsmd key.
+    let made = ok(&pkcs11_tool(
+        &d,
+        &["--keypairgen", "--key-type", "EC:prime256v1", "--label", "from-p11"],
+    ));
+    assert!(made.contains("label:      from-p11"), "{made}");
+    let keys = ok(&d.hsmctl(&["key", "list"]));
+    assert!(
+        keys.lines()
+            .any(|l| l.starts_with("from-p11") && l.contains("ecdsa-p256")),
+        "{keys}"
+    );
+    // hsmd names its keys' ids; a caller's CKA_ID is refused, not ignored.
+    let refused = pkcs11_tool(
+        &d,
+        &[
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "x",
+            "--id",
+            "01",
+        ],
+    );
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("CKR_ATTRIBUTE_READ_ONLY"),
+        "{refused:?}"
+    );
+}
+
+/// An OpenSSL config that loads the PKCS#11 engine with hsmd's module.
+fn openssl_conf(d: &Daemon) -> PathBuf {
+    let conf = d.dir().join("openssl.cnf");
+    fs::write(
+        &conf,
+        format!(
+            "openssl_conf = openssl_init\n[openssl_init]\nengines = engine_section\n\
+             [engine_section]\npkcs11 = pkcs11_section\n[pkcs11_section]\nengine_id = pkcs11\n\
+             dynamic_path = {ENGINE}\nMODULE_PATH = {}\ninit = 0\n",
+            pkcs11_module().display()
+        ),
+    )
+    .expect("write");
+    conf
+}
+
+fn openssl(d: &Daemon, args: &[&str]) -> Output {
+    Command::new("openssl")
+        .args(args)
+        .env("OPENSSL_CONF", openssl_conf(d))
+        .env("HSMD_SOCKET", &d.socket)
+        .env("HSMD_PKCS11_DEBUG", "1")
+        .output()
+        .expect("run openssl")
+}
+
+/// A self-signed certificate for the hsmd key `name`, made by `openssl req`
+/// through the engine.
+fn certificate(d: &Daemon, name: &str) -> PathBuf {
+    let cert = d.dir().join(format!("{name}.crt"));
+    let uri = format!("pkcs11:object={name};type=private");
+    ok(&openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-engine",
+            "pkcs11",
+            "-keyform",
+            "engine",
+            "-key",
+            &uri,
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "2",
+            "-out",
+            path(&cert),
+        ],
+    ));
+    cert
+}
+
+#[test]
+fn openssl_signs_and_makes_a_certificate_through_the_engine() {
+    let d = started();
+    create(&d, "tls", "ecdsa-p256");
+    let digest = d.dir().join("digest");
+    fs::write(&digest, [0x42; 32]).expect("write");
+    let sig = d.dir().join("sig");
+    ok(&openssl(
+        &d,
+        &[
+            "pkeyutl",
+            "-engine",
+            "pkcs11",
+            "-keyform",
+            "engine",
+            "-sign",
+            "-inkey",
+            "pkcs11:object=tls;type=private",
+            "-in",
+            path(&digest),
+            "-out",
+            path(&sig),
+        ],
+    ));
+    let verified = Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
+        .arg(public_pem(&d, "tls"))
+        .arg("-in")
+        .arg(&digest)
+        .arg("-sigfile")
+        .arg(&sig)
+        .output()
+        .expect("openssl");
+    assert!(
+        ok(&verified).contains("Signature Verified Successfully"),
+        "{verified:?}"
+    );
+
+    let cert = certificate(&d, "tls");
+    // Self-signed by the hsmd key: its own public key checks its signature,
+    // and that public key is hsmctl's.
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&cert)
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(ok(&verify).contains(": OK"), "{verify:?}");
+    let cert_key = Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert_eq!(ok(&cert_key), ok(&d.hsmctl(&["key", "public", "tls"])));
+}
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port()
+}
+
+#[test]
+fn gnutls_serves_tls13_with_the_key_in_hsmd() {
+    let d = started();
+    create(&d, "tls", "ecdsa-p256");
+    let cert = certificate(&d, "tls");
+    let port = free_port();
+    let server_log = d.dir().join("gnutls-serv.log");
+    let mut server = Command::new("gnutls-serv")
+        .arg("--provider")
+        .arg(pkcs11_module())
+        .arg("--x509certfile")
+        .arg(&cert)
+        .args([
+            "--x509keyfile",
+            "pkcs11:object=tls;type=private",
+            "--echo",
+            "-p",
+            &port.to_string(),
+        ])
+        .env("HSMD_SOCKET", &d.socket)
+        .env("HSMD_PKCS11_DEBUG", "1")
+        .stdout(fs::File::create(&server_log).expect("log"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run gnutls-serv (gnutls-bin)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "gnutls-serv did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let signatures = || {
+        audit(&d)
+            .lines()
+            .filter(|l| l.contains("gnutls-serv") && l.contains("\"SIGN\"") && l.contains("\"key:tls\""))
+            .count()
+    };
+    let signed_before = signatures();
+    let mut client = Command::new("gnutls-cli")
+        .args(["--x509cafile", path(&cert), "-p", &port.to_string(), "localhost"])
+        .args(["--priority", "NORMAL:-VERS-ALL:+VERS-TLS1.3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run gnutls-cli");
+    {
+        use std::io::Write as _;
+        let mut stdin = client.stdin.take().expect("stdin");
+        stdin.write_all(b"hello through hsmd\n").expect("write");
+    }
+    let out = client.wait_with_output().expect("gnutls-cli");
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Handshake was completed") || text.contains("Handshake was completed"),
+        "{out:?}\nserver: {}",
+        fs::read_to_string(&server_log).unwrap_or_default()
+    );
+    assert!(format!("{text}{err}").contains("(TLS1.3"), "not TLS 1.3: {out:?}");
+    assert!(text.contains("hello through hsmd"), "no echo: {out:?}");
+    assert!(
+        signatures() > signed_before,
+        "the handshake's signature has no audit line naming gnutls-serv"
+    );
+}
+
+#[test]
+fn ssh_keygen_prints_the_keys_openssh_can_use() {
+    let d = started();
+    create(&d, "host", "ecdsa-p256");
+    create(&d, "p384", "ecdsa-p384");
+    let out = Command::new("ssh-keygen")
+        .arg("-D")
+        .arg(pkcs11_module())
+        .env("HSMD_SOCKET", &d.socket)
+        .output()
+        .expect("ssh-keygen");
+    let listed = ok(&out);
+    for name in ["host", "p384"] {
+        let line = ok(&d.hsmctl(&["key", "public", name, "--format", "openssh"]));
+        let blob = line.split_whitespace().nth(1).expect("blob");
+        assert!(listed.contains(blob), "{name} missing from ssh-keygen -D: {listed}");
+    }
+}
+
+/// The module loaded into this process through cryptoki, as a program links
+/// it: secrets are not readable, a locked hsmd is `CKR_USER_NOT_LOGGED_IN`
+/// until unlocked, and a killed hsmd is `CKR_DEVICE_REMOVED` (the host lives
+/// on) until it is back, when the same session signs again. One test, since
+/// a module is initialized once per process.
+#[test]
+fn locked_and_killed_daemons_are_errors_the_host_program_survives() {
+    use cryptoki::{
+        context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+        error::{Error, RvError},
+        mechanism::Mechanism,
+        object::{Attribute, AttributeInfo, AttributeType, ObjectClass},
+    };
+    let mut d = started();
+    create(&d, "web", "ecdsa-p256");
+    // Read once, at C_Initialize; no other test in this binary reads the
+    // process environment for the socket.
+    std::env::set_var("HSMD_SOCKET", &d.socket);
+    let p11 = Pkcs11::new(pkcs11_module()).expect("load the module");
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
+    let slot = p11.get_slots_with_token().expect("slots")[0];
+    let session = p11.open_rw_session(slot).expect("session");
+    let key = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(b"web".to_vec()),
+        ])
+        .expect("find")[0];
+    let info = session
+        .get_attribute_info(key, &[AttributeType::Value, AttributeType::Sensitive])
+        .expect("attribute info");
+    assert!(
+        matches!(info[..], [AttributeInfo::Sensitive, AttributeInfo::Available(1)]),
+        "the private scalar is sensitive: {info:?}"
+    );
+    let sign = || session.sign(&Mechanism::Ecdsa, key, &[7; 32]);
+    assert_eq!(sign().expect("sign").len(), 64);
+
+    ok(&d.hsmctl(&["lock"]));
+    assert!(
+        matches!(sign(), Err(Error::Pkcs11(RvError::UserNotLoggedIn, _))),
+        "locked: {:?}",
+        sign()
+    );
+    ok(&d.hsmctl(&["unlock", "--keyfile", path(&d.dir().join("unlock.key"))]));
+    assert_eq!(sign().expect("sign after unlock").len(), 64);
+
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(10));
+    assert!(
+        matches!(sign(), Err(Error::Pkcs11(RvError::DeviceRemoved, _))),
+        "killed: {:?}",
+        sign()
+    );
+    assert!(
+        p11.get_slots_with_token().expect("slots").is_empty(),
+        "no token while hsmd is gone"
+    );
+
+    d.restart(false);
+    ok(&d.hsmctl(&["unlock", "--keyfile", path(&d.dir().join("unlock.key"))]));
+    assert_eq!(
+        sign().expect("sign after hsmd is back").len(),
+        64,
+        "the session outlives hsmd's restart"
+    );
+    drop(session);
+    p11.finalize().expect("C_Finalize");
+}
+
+#[test]
+#[ignore = "needs root; scripts/test runs it as root"]
+fn a_second_uid_without_the_right_sees_no_objects_and_cannot_sign() {
+    hsmd_tests::require_root("acting as another uid");
+    let prepared = Daemon::builder()
+        .socket_mode("0666")
+        .users(&["4001", "4002"])
+        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
+        .prepare();
+    fs::write(
+        prepared.dir.path().join("policy.toml"),
+        r#"
+[roles.web-signer]
+permissions = [{ resource = "keys", action = "*", keys = "web" }]
+
+[[bind]]
+users = ["4002"]
+roles = ["web-signer"]
+
+[[bind]]
+users = ["0"]
+roles = ["admin"]
+"#,
+    )
+    .expect("write policy");
+    let d = prepared.start();
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&d.dir().join("unlock.key"))]));
+    create(&d, "web", "ecdsa-p256");
+    create(&d, "other", "ecdsa-p256");
+    let data = d.dir().join("data");
+    fs::write(&data, b"data").expect("write");
+    fs::set_permissions(d.dir(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let as_uid = |uid: u32, args: &[&str]| {
+        hsmd_tests::as_uid(uid, "pkcs11-tool")
+            .arg("--module")
+            .arg(pkcs11_module())
+            .args(args)
+            .env("HSMD_SOCKET", &d.socket)
+            .output()
+            .expect("run pkcs11-tool as another uid")
+    };
+    let sign = |uid: u32| {
+        as_uid(
+            uid,
+            &[
+                "--sign",
+                "-m",
+                "ECDSA-SHA256",
+                "--id",
+                &key_id(&d, "web"),
+                "-i",
+                path(&data),
+                "-o",
+                "/dev/null",
+            ],
+        )
+    };
+
+    let listed = String::from_utf8_lossy(&as_uid(4001, &["-O"]).stdout).into_owned();
+    assert!(
+        !listed.contains("Key Object"),
+        "uid 4001 has no role but sees: {listed}"
+    );
+    let refused = sign(4001);
+    assert!(!refused.status.success(), "uid 4001 signed: {refused:?}");
+
+    let listed = ok(&as_uid(4002, &["-O"]));
+    assert!(listed.contains("label:      web"), "{listed}");
+    assert!(
+        !listed.contains("label:      other"),
+        "uid 4002 sees a key it may not use: {listed}"
+    );
+    ok(&sign(4002));
+    let log = audit(&d);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"uid\":4002") && l.contains("\"SIGN\"") && l.contains("\"key:web\"")),
+        "the signature is audited under the caller's own uid"
+    );
+}
+
+#[test]
+fn an_unreachable_hsmd_is_an_empty_slot_list_not_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(pkcs11_module())
+        .arg("-L")
+        .env("HSMD_SOCKET", dir.path().join("no.sock"))
+        .output()
+        .expect("pkcs11-tool");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Slot 0 (0x1): hsmd at"), "{text}");
+    assert!(text.contains("(empty)") || !text.contains("token label"), "{text}");
+}

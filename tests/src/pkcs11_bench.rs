@@ -4,7 +4,9 @@
 //! client, each with its own session, calling `C_Sign` over a 32-byte digest
 //! (ECDSA P-256) or a 32-byte message (Ed25519), one at a time, as a program
 //! signing through `pkcs11-tool` or OpenSSL's engine would. The hsmd key is
-//! in hsmd's soft backend; the SoftHSM2 key is in SoftHSM2's token.
+//! in hsmd's soft backend; the SoftHSM2 key is in SoftHSM2's token. Beside
+//! them, the same signature made in this process with the crates hsmd's soft
+//! backend signs with, on as many threads: the ceiling for hsmd's figure.
 
 use std::{sync::Arc, thread};
 
@@ -22,7 +24,7 @@ use cryptoki::{
 };
 
 use crate::{
-    measure::{measure, median, Figures},
+    measure::{in_process_ed25519, in_process_p256, measure, median, Figures},
     Daemon, SoftHsm, SOFTHSM_MODULE,
 };
 
@@ -174,25 +176,28 @@ pub fn run(b: &Pkcs11Bench) -> Result<()> {
     ] {
         println!("{title}:");
         println!(
-            "{:>7} | {:>12} {:>9} {:>9} | {:>12} {:>9} {:>9} | {:>12}",
-            "clients", "hsmd .so/s", "p50 µs", "p99 µs", "softhsm2/s", "p50 µs", "p99 µs", "hsmd/softhsm"
+            "{:>7} | {:>12} {:>9} {:>9} | {:>12} {:>9} {:>9} | {:>12} | {:>12}",
+            "clients", "hsmd .so/s", "p50 µs", "p99 µs", "softhsm2/s", "p50 µs", "p99 µs", "hsmd/softhsm", "in-proc/s"
         );
         for &clients in &b.clients {
-            let (mut h, mut s) = (Vec::new(), Vec::new());
+            let (mut h, mut s, mut l) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..b.rounds {
                 h.push(sign_rate(&ours, label, ed, clients, b.seconds)?);
                 s.push(sign_rate(&theirs, label, ed, clients, b.seconds)?);
+                let make = if ed { in_process_ed25519 } else { in_process_p256 };
+                l.push(measure(clients, b.seconds, move || Ok(make()))?);
             }
-            let (h, s) = (median(h), median(s));
+            let (h, s, l) = (median(h), median(s), median(l));
             println!(
-                "{clients:>7} | {:>12.0} {:>9.1} {:>9.1} | {:>12.0} {:>9.1} {:>9.1} | {:>11.1}%",
+                "{clients:>7} | {:>12.0} {:>9.1} {:>9.1} | {:>12.0} {:>9.1} {:>9.1} | {:>11.1}% | {:>12.0}",
                 h.per_sec,
                 h.p50_us,
                 h.p99_us,
                 s.per_sec,
                 s.p50_us,
                 s.p99_us,
-                h.per_sec / s.per_sec * 100.0
+                h.per_sec / s.per_sec * 100.0,
+                l.per_sec
             );
         }
     }

@@ -426,7 +426,8 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
     // p11-kit finds the PKCS#11 module through the packaged module file.
     let modules = ok(&run("p11-kit", &["list-modules"]));
     assert!(
-        modules.contains("module: hsmd") && modules.contains("library-description: hsmd PKCS#11 module"),
+        modules.contains("hsmd: /usr/lib/hsmd/libhsmd_pkcs11.so")
+            && modules.contains("library-description: hsmd PKCS#11 module"),
         "{modules}"
     );
     let out = ok(&run(
@@ -580,7 +581,7 @@ fn the_deb_installs_serves_its_group_as_the_hsmd_user_and_removes_cleanly() {
         "hsmd-ssh-agent.socket still enabled after removal"
     );
     assert!(
-        !ok(&run("p11-kit", &["list-modules"])).contains("module: hsmd"),
+        !ok(&run("p11-kit", &["list-modules"])).contains("hsmd: /usr/lib/hsmd"),
         "p11-kit still lists hsmd's module after removal"
     );
     assert!(
@@ -832,7 +833,7 @@ fn under_a_real_systemd_the_package_starts_hsmd_on_demand_sandboxed_and_restarts
     // token is present (not yet initialized).
     let modules = guest.ok("p11-kit list-modules");
     assert!(
-        modules.contains("module: hsmd") && modules.contains("token: hsmd"),
+        modules.contains("hsmd: /usr/lib/hsmd/libhsmd_pkcs11.so") && modules.contains("token: hsmd"),
         "{modules}"
     );
     assert!(

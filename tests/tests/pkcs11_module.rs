@@ -9,7 +9,7 @@
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -41,6 +41,26 @@ fn public_pem(d: &Daemon, name: &str) -> PathBuf {
     let pem = d.dir().join(format!("{name}.pem"));
     fs::write(&pem, ok(&d.hsmctl(&["key", "public", name]))).expect("write");
     pem
+}
+
+/// Fails the test unless `openssl pkeyutl -verify` accepts `sig` over
+/// `input` (the message itself with `raw`, as Ed25519 signs; else a digest).
+fn pkeyutl_verifies(public: &Path, input: &Path, sig: &Path, raw: bool) {
+    let verified = Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin"])
+        .args(raw.then_some("-rawin"))
+        .arg("-inkey")
+        .arg(public)
+        .arg("-in")
+        .arg(input)
+        .arg("-sigfile")
+        .arg(sig)
+        .output()
+        .expect("openssl");
+    assert!(
+        ok(&verified).contains("Signature Verified Successfully"),
+        "{verified:?}"
+    );
 }
 
 /// `pkcs11-tool --module libhsmd_pkcs11.so ARGS…` against `d`.
@@ -141,19 +161,7 @@ fn pkcs11_tool_lists_signs_and_generates_keys() {
             path(&sig),
         ],
     ));
-    let verified = Command::new("openssl")
-        .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
-        .arg(public_pem(&d, "release"))
-        .arg("-in")
-        .arg(&message)
-        .arg("-sigfile")
-        .arg(&sig)
-        .output()
-        .expect("openssl");
-    assert!(
-        ok(&verified).contains("Signature Verified Successfully"),
-        "{verified:?}"
-    );
+    pkeyutl_verifies(&public_pem(&d, "release"), &message, &sig, true);
     let log = audit(&d);
     assert!(
         log.lines()
@@ -270,19 +278,7 @@ fn openssl_signs_and_makes_a_certificate_through_the_engine() {
             path(&sig),
         ],
     ));
-    let verified = Command::new("openssl")
-        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
-        .arg(public_pem(&d, "tls"))
-        .arg("-in")
-        .arg(&digest)
-        .arg("-sigfile")
-        .arg(&sig)
-        .output()
-        .expect("openssl");
-    assert!(
-        ok(&verified).contains("Signature Verified Successfully"),
-        "{verified:?}"
-    );
+    pkeyutl_verifies(&public_pem(&d, "tls"), &digest, &sig, false);
 
     let cert = certificate(&d, "tls");
     // Self-signed by the hsmd key: its own public key checks its signature,
@@ -563,4 +559,76 @@ fn an_unreachable_hsmd_is_an_empty_slot_list_not_a_crash() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Slot 0 (0x1): hsmd at"), "{text}");
     assert!(text.contains("(empty)") || !text.contains("token label"), "{text}");
+}
+
+/// RSA keys (hsmd keeps them in a PKCS#11 token: SoftHSM2 here) sign through
+/// the module with PKCS#1 v1.5 over SHA-256 and SHA-384 and with PSS, each
+/// checked by OpenSSL; a PSS key refuses PKCS#1 v1.5 and the reverse.
+#[test]
+fn rsa_keys_sign_pkcs1_and_pss_through_the_module() {
+    let hsm = hsmd_tests::SoftHsm::new("hsmd-p11-module-rsa");
+    let d = hsm.daemon("").start();
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&d.dir().join("unlock.key"))]));
+    ok(&d.hsmctl(&[
+        "key",
+        "create",
+        "rsa",
+        "--type",
+        "rsa-pkcs1-2048",
+        "--backend",
+        "pkcs11",
+    ]));
+    ok(&d.hsmctl(&["key", "create", "pss", "--type", "rsa-pss-2048", "--backend", "pkcs11"]));
+    let data = d.dir().join("data");
+    fs::write(&data, vec![0x33; 5000]).expect("write");
+    let sign = |name: &str, mechanism: &str, extra: &[&str]| {
+        let sig = d.dir().join(format!("{name}-{mechanism}.sig"));
+        let mut args = vec!["--sign", "-m", mechanism];
+        let id = key_id(&d, name);
+        args.extend(["--id", &id, "-i", path(&data), "-o", path(&sig)]);
+        args.extend(extra);
+        (pkcs11_tool(&d, &args), sig)
+    };
+    let verifies = |name: &str, sig: &Path, opts: &[&str]| {
+        let out = Command::new("openssl")
+            .arg("dgst")
+            .args(opts)
+            .arg("-verify")
+            .arg(public_pem(&d, name))
+            .arg("-signature")
+            .arg(sig)
+            .arg(&data)
+            .output()
+            .expect("openssl");
+        ok(&out).trim() == "Verified OK"
+    };
+    for (mechanism, hash) in [("SHA256-RSA-PKCS", "-sha256"), ("SHA384-RSA-PKCS", "-sha384")] {
+        let (out, sig) = sign("rsa", mechanism, &[]);
+        ok(&out);
+        assert!(verifies("rsa", &sig, &[hash]), "{mechanism}");
+    }
+    // pkcs11-tool's defaults for SHA256-RSA-PKCS-PSS are the key's own
+    // parameters: SHA-256, MGF1-SHA-256, a 32-byte salt.
+    let (out, sig) = sign("pss", "SHA256-RSA-PKCS-PSS", &[]);
+    ok(&out);
+    let pss_opts = [
+        "-sha256",
+        "-sigopt",
+        "rsa_padding_mode:pss",
+        "-sigopt",
+        "rsa_pss_saltlen:32",
+    ];
+    assert!(verifies("pss", &sig, &pss_opts));
+    // Each key signs with its own scheme only.
+    let (out, _) = sign("pss", "SHA256-RSA-PKCS", &[]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CKR_KEY_TYPE_INCONSISTENT"),
+        "{out:?}"
+    );
+    let (out, _) = sign("pss", "SHA256-RSA-PKCS-PSS", &["--salt-len", "20"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CKR_MECHANISM_PARAM_INVALID"),
+        "{out:?}"
+    );
 }

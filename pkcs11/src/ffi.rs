@@ -990,3 +990,175 @@ static INTERFACES: Interfaces = Interfaces([
         flags: 0,
     },
 ]);
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The C interface's handling of what a careless or hostile caller
+    //! passes: null pointers, short buffers, handles never given out, calls
+    //! out of order. No hsmd runs: the socket points nowhere. One test, since
+    //! the module is initialized once per process.
+    use super::*;
+
+    #[test]
+    fn bad_arguments_get_the_specifications_return_values_not_a_crash() {
+        std::env::set_var("HSMD_SOCKET", "/nonexistent/hsmd-pkcs11-unit-test.sock");
+        // SAFETY: every pointer below is null or points at a live local of
+        // the type the function writes.
+        unsafe {
+            let mut info = std::mem::zeroed::<CK_INFO>();
+            assert_eq!(C_GetInfo(&mut info), CKR_CRYPTOKI_NOT_INITIALIZED);
+            let mut args = std::mem::zeroed::<CK_C_INITIALIZE_ARGS>();
+            args.LockMutex = Some(fake_mutex);
+            assert_eq!(C_Initialize(ptr::addr_of_mut!(args).cast()), CKR_ARGUMENTS_BAD);
+            assert_eq!(C_Initialize(ptr::null_mut()), CKR_OK);
+            assert_eq!(C_Initialize(ptr::null_mut()), CKR_CRYPTOKI_ALREADY_INITIALIZED);
+            assert_eq!(C_GetInfo(&mut info), CKR_OK);
+            assert_eq!((info.cryptokiVersion.major, info.cryptokiVersion.minor), (3, 0));
+            assert_eq!(&info.manufacturerID[..5], b"hsmd ");
+
+            // Function lists and interfaces.
+            assert_eq!(C_GetFunctionList(ptr::null_mut()), CKR_ARGUMENTS_BAD);
+            let mut list = ptr::null_mut();
+            assert_eq!(C_GetFunctionList(&mut list), CKR_OK);
+            assert_eq!((*list).version.minor, 40);
+            let mut count: CK_ULONG = 0;
+            assert_eq!(C_GetInterfaceList(ptr::null_mut(), &mut count), CKR_OK);
+            assert_eq!(count, 2);
+            let mut one = [std::mem::zeroed::<CK_INTERFACE>(); 1];
+            count = 1;
+            assert_eq!(C_GetInterfaceList(one.as_mut_ptr(), &mut count), CKR_BUFFER_TOO_SMALL);
+            assert_eq!(count, 2);
+            let mut interface = ptr::null_mut();
+            assert_eq!(
+                C_GetInterface(ptr::null_mut(), ptr::null_mut(), &mut interface, 0),
+                CKR_OK
+            );
+            let three = (*interface).pFunctionList.cast::<CK_FUNCTION_LIST_3_0>();
+            assert_eq!((*three).version.major, 3);
+            assert!((*three).C_GetInterface.is_some() && (*three).C_Sign.is_some());
+            let mut name = *b"PKCS 12\0";
+            assert_eq!(
+                C_GetInterface(name.as_mut_ptr(), ptr::null_mut(), &mut interface, 0),
+                CKR_ARGUMENTS_BAD
+            );
+            let mut old = CRYPTOKI_2_40;
+            assert_eq!(C_GetInterface(ptr::null_mut(), &mut old, &mut interface, 0), CKR_OK);
+            assert_eq!(
+                (*(*interface).pFunctionList.cast::<CK_FUNCTION_LIST>()).version.minor,
+                40
+            );
+
+            // The slot, with hsmd unreachable.
+            assert_eq!(
+                C_GetSlotList(CK_FALSE, ptr::null_mut(), ptr::null_mut()),
+                CKR_ARGUMENTS_BAD
+            );
+            count = 0;
+            assert_eq!(C_GetSlotList(CK_FALSE, ptr::null_mut(), &mut count), CKR_OK);
+            assert_eq!(count, 1);
+            let mut slots = [0; 1];
+            count = 0;
+            assert_eq!(
+                C_GetSlotList(CK_FALSE, slots.as_mut_ptr(), &mut count),
+                CKR_BUFFER_TOO_SMALL
+            );
+            assert_eq!(C_GetSlotList(CK_TRUE, ptr::null_mut(), &mut count), CKR_OK);
+            assert_eq!(count, 0, "no token while hsmd cannot be reached");
+            let mut slot_info = std::mem::zeroed::<CK_SLOT_INFO>();
+            assert_eq!(C_GetSlotInfo(99, &mut slot_info), CKR_SLOT_ID_INVALID);
+            assert_eq!(C_GetSlotInfo(SLOT, &mut slot_info), CKR_OK);
+            assert_eq!(slot_info.flags & CKF_TOKEN_PRESENT, 0);
+            let mut token_info = std::mem::zeroed::<CK_TOKEN_INFO>();
+            assert_eq!(C_GetTokenInfo(SLOT, &mut token_info), CKR_TOKEN_NOT_PRESENT);
+            let mut mech_info = std::mem::zeroed::<CK_MECHANISM_INFO>();
+            assert_eq!(C_GetMechanismInfo(SLOT, CKM_MD5, &mut mech_info), CKR_MECHANISM_INVALID);
+            assert_eq!(C_GetMechanismInfo(SLOT, CKM_EDDSA, &mut mech_info), CKR_OK);
+            assert_eq!(mech_info.flags & CKF_SIGN, CKF_SIGN);
+
+            // Sessions.
+            let mut session = 0;
+            assert_eq!(
+                C_OpenSession(SLOT, 0, ptr::null_mut(), None, &mut session),
+                CKR_SESSION_PARALLEL_NOT_SUPPORTED
+            );
+            assert_eq!(
+                C_OpenSession(SLOT, CKF_SERIAL_SESSION, ptr::null_mut(), None, ptr::null_mut()),
+                CKR_ARGUMENTS_BAD
+            );
+            assert_eq!(
+                C_OpenSession(SLOT, CKF_SERIAL_SESSION, ptr::null_mut(), None, &mut session),
+                CKR_OK
+            );
+            assert_eq!(C_Login(session, CKU_SO, ptr::null_mut(), 0), CKR_USER_TYPE_INVALID);
+            assert_eq!(C_Login(session, CKU_USER, ptr::null_mut(), 0), CKR_OK);
+            assert_eq!(
+                C_Login(session, CKU_USER, ptr::null_mut(), 0),
+                CKR_USER_ALREADY_LOGGED_IN
+            );
+            let mut session_info = std::mem::zeroed::<CK_SESSION_INFO>();
+            assert_eq!(C_GetSessionInfo(session, &mut session_info), CKR_OK);
+            assert_eq!(session_info.state, CKS_RO_USER_FUNCTIONS);
+            assert_eq!(
+                C_GetSessionInfo(session + 1000, &mut session_info),
+                CKR_SESSION_HANDLE_INVALID
+            );
+
+            // Objects and signing, with hsmd gone and handles never given out.
+            assert_eq!(C_FindObjectsInit(session, ptr::null_mut(), 1), CKR_ARGUMENTS_BAD);
+            assert_eq!(C_FindObjectsInit(session, ptr::null_mut(), 0), CKR_DEVICE_REMOVED);
+            let mut handles = [0; 4];
+            assert_eq!(
+                C_FindObjects(session, handles.as_mut_ptr(), 4, &mut count),
+                CKR_OPERATION_NOT_INITIALIZED
+            );
+            let mut attr = CK_ATTRIBUTE {
+                type_: CKA_LABEL,
+                pValue: ptr::null_mut(),
+                ulValueLen: 0,
+            };
+            assert_eq!(C_GetAttributeValue(session, 7, &mut attr, 1), CKR_OBJECT_HANDLE_INVALID);
+            assert_eq!(C_SignInit(session, ptr::null_mut(), 7), CKR_ARGUMENTS_BAD);
+            let mut mech = CK_MECHANISM {
+                mechanism: CKM_ECDSA,
+                pParameter: ptr::null_mut(),
+                ulParameterLen: 0,
+            };
+            assert_eq!(C_SignInit(session, &mut mech, 7), CKR_KEY_HANDLE_INVALID);
+            let mut sig = [0u8; 64];
+            let mut sig_len: CK_ULONG = 64;
+            let mut data = [0u8; 32];
+            assert_eq!(
+                C_Sign(session, data.as_mut_ptr(), 32, sig.as_mut_ptr(), &mut sig_len),
+                CKR_OPERATION_NOT_INITIALIZED
+            );
+            assert_eq!(
+                C_Sign(session, ptr::null_mut(), 32, sig.as_mut_ptr(), &mut sig_len),
+                CKR_ARGUMENTS_BAD
+            );
+            assert_eq!(
+                C_Sign(session, data.as_mut_ptr(), 32, sig.as_mut_ptr(), ptr::null_mut()),
+                CKR_ARGUMENTS_BAD
+            );
+            assert_eq!(
+                C_Encrypt(session, ptr::null_mut(), 0, ptr::null_mut(), ptr::null_mut()),
+                CKR_FUNCTION_NOT_SUPPORTED
+            );
+
+            assert_eq!(C_Logout(session), CKR_OK);
+            assert_eq!(C_Logout(session), CKR_USER_NOT_LOGGED_IN);
+            assert_eq!(C_CloseSession(session), CKR_OK);
+            assert_eq!(C_CloseSession(session), CKR_SESSION_HANDLE_INVALID);
+            assert_eq!(
+                C_Finalize(ptr::NonNull::<u8>::dangling().as_ptr().cast()),
+                CKR_ARGUMENTS_BAD
+            );
+            assert_eq!(C_Finalize(ptr::null_mut()), CKR_OK);
+            assert_eq!(C_Finalize(ptr::null_mut()), CKR_CRYPTOKI_NOT_INITIALIZED);
+        }
+    }
+
+    unsafe extern "C" fn fake_mutex(_: *mut c_void) -> CK_RV {
+        CKR_OK
+    }
+}

@@ -13,7 +13,7 @@ use crate::{
     error::{Error, Result},
     mechanism::{Mechanism, Params, MECHANISMS},
     objects::Attr,
-    token::{self, SLOT},
+    token::{self, Purpose, SLOT},
 };
 
 const CRYPTOKI_3_0: CK_VERSION = CK_VERSION { major: 3, minor: 0 };
@@ -686,7 +686,7 @@ pub unsafe extern "C" fn C_SignInit(
         let token = token::token()?;
         // SAFETY: the caller's mechanism.
         let mech = unsafe { mechanism(mech) }?;
-        token.sign_init(session, &mech, key)?;
+        token.signature_init(session, Purpose::Sign, &mech, key)?;
         Ok(CKR_OK)
     })
 }
@@ -755,7 +755,7 @@ pub unsafe extern "C" fn C_SignUpdate(session: CK_SESSION_HANDLE, data: *mut CK_
         let token = token::token()?;
         // SAFETY: the caller's data of `data_len` bytes.
         let data = unsafe { bytes(data, data_len) }?;
-        token.sign_update(session, data)?;
+        token.signature_update(session, Purpose::Sign, data)?;
         Ok(CKR_OK)
     })
 }
@@ -766,6 +766,74 @@ pub unsafe extern "C" fn C_SignUpdate(session: CK_SESSION_HANDLE, data: *mut CK_
 pub unsafe extern "C" fn C_SignFinal(session: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG) -> CK_RV {
     // SAFETY: the caller's signature buffer and length.
     unsafe { sign_into("C_SignFinal", session, None, out, out_len) }
+}
+
+// ---------------------------------------------------------------- verifying
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_VerifyInit(
+    session: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard("C_VerifyInit", || {
+        let token = token::token()?;
+        // SAFETY: the caller's mechanism.
+        let mech = unsafe { mechanism(mech) }?;
+        token.signature_init(session, Purpose::Verify, &mech, key)?;
+        Ok(CKR_OK)
+    })
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_Verify(
+    session: CK_SESSION_HANDLE,
+    data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    signature: *mut CK_BYTE,
+    signature_len: CK_ULONG,
+) -> CK_RV {
+    guard("C_Verify", || {
+        let token = token::token()?;
+        // SAFETY: the caller's data and signature of the lengths given.
+        let (data, signature) = unsafe { (bytes(data, data_len)?, bytes(signature, signature_len)?) };
+        token.verify(session, Some(data), signature)?;
+        Ok(CKR_OK)
+    })
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_VerifyUpdate(session: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG) -> CK_RV {
+    guard("C_VerifyUpdate", || {
+        let token = token::token()?;
+        // SAFETY: the caller's data of `data_len` bytes.
+        let data = unsafe { bytes(data, data_len) }?;
+        token.signature_update(session, Purpose::Verify, data)?;
+        Ok(CKR_OK)
+    })
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_VerifyFinal(
+    session: CK_SESSION_HANDLE,
+    signature: *mut CK_BYTE,
+    signature_len: CK_ULONG,
+) -> CK_RV {
+    guard("C_VerifyFinal", || {
+        let token = token::token()?;
+        // SAFETY: the caller's signature of `signature_len` bytes.
+        let signature = unsafe { bytes(signature, signature_len) }?;
+        token.verify(session, None, signature)?;
+        Ok(CKR_OK)
+    })
 }
 
 // ---------------------------------------------------------------- not offered
@@ -821,10 +889,6 @@ not_supported! {
     C_DigestFinal(H, B, *mut L);
     C_SignRecoverInit(H, M, O);
     C_SignRecover(H, B, L, B, *mut L);
-    C_VerifyInit(H, M, O);
-    C_Verify(H, B, L, B, L);
-    C_VerifyUpdate(H, B, L);
-    C_VerifyFinal(H, B, L);
     C_VerifyRecoverInit(H, M, O);
     C_VerifyRecover(H, B, L, B, *mut L);
     C_DigestEncryptUpdate(H, B, L, B, *mut L);

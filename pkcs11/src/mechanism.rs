@@ -1,5 +1,6 @@
 //! The signing mechanisms the module offers, and how each becomes one hsmd
-//! request: a digest for `Sign`, or a whole message for `SignMessage`.
+//! request: a digest for `Sign` (or `Verify`), or a whole message for
+//! `SignMessage` (or `VerifyMessage`).
 //!
 //! hash-and-sign mechanisms are hashed here, part by part, so data of any size
 //! costs one request; hsmd signs the digest with the key. The exceptions are
@@ -30,17 +31,17 @@ const PSS_PARAMS: (CK_MECHANISM_TYPE, CK_RSA_PKCS_MGF_TYPE, CK_ULONG) = (CKM_SHA
 
 /// The mechanisms `C_GetMechanismList` names, with their `CK_MECHANISM_INFO`.
 pub const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
-    (CKM_ECDSA, 256, 384, CKF_SIGN | EC_FLAGS),
-    (CKM_ECDSA_SHA256, 256, 384, CKF_SIGN | EC_FLAGS),
-    (CKM_ECDSA_SHA384, 256, 384, CKF_SIGN | EC_FLAGS),
-    (CKM_ECDSA_SHA512, 256, 384, CKF_SIGN | EC_FLAGS),
-    (CKM_EDDSA, 255, 255, CKF_SIGN | EC_FLAGS),
-    (CKM_RSA_PKCS, 2048, 4096, CKF_SIGN),
-    (CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_SIGN),
-    (CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_SIGN),
-    (CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_SIGN),
-    (CKM_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN),
-    (CKM_SHA256_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN),
+    (CKM_ECDSA, 256, 384, CKF_SIGN | CKF_VERIFY | EC_FLAGS),
+    (CKM_ECDSA_SHA256, 256, 384, CKF_SIGN | CKF_VERIFY | EC_FLAGS),
+    (CKM_ECDSA_SHA384, 256, 384, CKF_SIGN | CKF_VERIFY | EC_FLAGS),
+    (CKM_ECDSA_SHA512, 256, 384, CKF_SIGN | CKF_VERIFY | EC_FLAGS),
+    (CKM_EDDSA, 255, 255, CKF_SIGN | CKF_VERIFY | EC_FLAGS),
+    (CKM_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
+    (CKM_SHA256_RSA_PKCS_PSS, 2048, 4096, CKF_SIGN | CKF_VERIFY),
     (CKM_EC_KEY_PAIR_GEN, 256, 384, CKF_GENERATE_KEY_PAIR | EC_FLAGS),
     (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR | EC_FLAGS),
     (CKM_RSA_PKCS_KEY_PAIR_GEN, 2048, 4096, CKF_GENERATE_KEY_PAIR),
@@ -110,10 +111,11 @@ pub enum Request {
     Message(Vec<u8>, Option<HashAlg>),
 }
 
-/// A signing operation between `C_SignInit` and its end.
+/// A signing or verifying operation between `C_SignInit` (`C_VerifyInit`)
+/// and its end.
 #[derive(Debug)]
 pub struct SignOp {
-    /// The private key object.
+    /// The key object.
     pub key: std::sync::Arc<Object>,
     input: Input,
 }
@@ -255,6 +257,39 @@ impl SignOp {
             }
         })
     }
+}
+
+/// A PKCS#11 signature in hsmd's encoding (the reverse of [`encode`]).
+///
+/// # Errors
+/// `CKR_SIGNATURE_LEN_RANGE` for a signature of the wrong length;
+/// `CKR_SIGNATURE_INVALID` for ECDSA halves out of range.
+pub fn decode(key_type: KeyType, signature: &[u8]) -> Result<Vec<u8>> {
+    if signature.len() != signature_len(key_type) {
+        return Err(Error::call(
+            CKR_SIGNATURE_LEN_RANGE,
+            format!(
+                "an {} signature is {} bytes, not {}",
+                key_type.as_str(),
+                signature_len(key_type),
+                signature.len()
+            ),
+        ));
+    }
+    let invalid = || Error::call(CKR_SIGNATURE_INVALID, "r or s is out of range");
+    Ok(match key_type {
+        KeyType::EcdsaP256 => p256::ecdsa::Signature::from_slice(signature)
+            .map_err(|_| invalid())?
+            .to_der()
+            .as_bytes()
+            .to_vec(),
+        KeyType::EcdsaP384 => p384::ecdsa::Signature::from_slice(signature)
+            .map_err(|_| invalid())?
+            .to_der()
+            .as_bytes()
+            .to_vec(),
+        _ => signature.to_vec(),
+    })
 }
 
 /// hsmd's signature in PKCS#11's encoding: ECDSA as `r || s` (hsmd answers

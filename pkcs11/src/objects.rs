@@ -61,6 +61,9 @@ pub struct Object {
     pub key_type: KeyType,
     /// Which half.
     pub class: Class,
+    /// The key version whose public half the object shows: the newest when
+    /// it was listed, the one that verifies through it.
+    pub version: u32,
     attrs: BTreeMap<CK_ATTRIBUTE_TYPE, Attr>,
 }
 
@@ -246,6 +249,7 @@ fn key_objects(info: &KeyInfo, spki: &[u8]) -> Result<[Object; 2]> {
         name: info.name.clone(),
         key_type: info.key_type,
         class,
+        version: info.version,
         attrs,
     };
     Ok([object(Class::Private, private), object(Class::Public, public_obj)])
@@ -287,11 +291,6 @@ impl Objects {
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
         let mut found = Vec::new();
         let mut seen = HashMap::new();
-        let mut keys = keys;
-        // Edwards keys last: libp11 before 0.4.13 (Debian 12's OpenSSL engine)
-        // stops enumerating at the first key type it does not know, so an
-        // Ed25519 key listed first would hide every key after it.
-        keys.sort_by_key(|(info, _)| info.key_type == KeyType::Ed25519);
         for (info, spki) in keys {
             for object in key_objects(&info, &spki)? {
                 let key = (info.id.clone(), object.class);

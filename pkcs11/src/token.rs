@@ -81,6 +81,25 @@ pub struct Session {
     read_write: bool,
     find: Option<std::vec::IntoIter<CK_OBJECT_HANDLE>>,
     sign: Option<SignOp>,
+    verify: Option<SignOp>,
+}
+
+/// Which of a session's two signature operations a call is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `C_Sign*`: a private key object makes a signature through hsmd.
+    Sign,
+    /// `C_Verify*`: hsmd checks a signature with the object's key version.
+    Verify,
+}
+
+impl Session {
+    fn op(&mut self, purpose: Purpose) -> &mut Option<SignOp> {
+        match purpose {
+            Purpose::Sign => &mut self.sign,
+            Purpose::Verify => &mut self.verify,
+        }
+    }
 }
 
 /// What `C_GetTokenInfo` says beyond fixed strings.
@@ -338,21 +357,30 @@ impl Token {
         lock(&self.objects).get(handle)
     }
 
-    /// `C_SignInit`.
+    /// `C_SignInit` or `C_VerifyInit`.
     ///
     /// # Errors
-    /// `CKR_OPERATION_ACTIVE`; `CKR_KEY_FUNCTION_NOT_PERMITTED` for a key
-    /// object that does not sign; the mechanism's errors ([`SignOp::new`]).
-    pub fn sign_init(&self, session: CK_SESSION_HANDLE, mech: &Mechanism, key: CK_OBJECT_HANDLE) -> Result<()> {
+    /// `CKR_OPERATION_ACTIVE`; `CKR_KEY_FUNCTION_NOT_PERMITTED` for signing
+    /// with a public key object; the mechanism's errors ([`SignOp::new`]).
+    pub fn signature_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        purpose: Purpose,
+        mech: &Mechanism,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
         let session = self.session(session)?;
         let mut session = lock(&session);
-        if session.sign.is_some() {
-            return Err(Error::call(CKR_OPERATION_ACTIVE, "a signature is already being made"));
+        if session.op(purpose).is_some() {
+            return Err(Error::call(
+                CKR_OPERATION_ACTIVE,
+                format!("a {purpose:?} operation is active"),
+            ));
         }
         let key = lock(&self.objects)
             .get(key)
             .map_err(|e| Error::call(CKR_KEY_HANDLE_INVALID, e.to_string()))?;
-        if key.class != Class::Private {
+        if purpose == Purpose::Sign && key.class != Class::Private {
             return Err(Error::call(
                 CKR_KEY_FUNCTION_NOT_PERMITTED,
                 format!(
@@ -361,26 +389,62 @@ impl Token {
                 ),
             ));
         }
-        session.sign = Some(SignOp::new(mech, key)?);
+        *session.op(purpose) = Some(SignOp::new(mech, key)?);
         Ok(())
     }
 
-    /// `C_SignUpdate`. An error ends the operation.
+    /// `C_SignUpdate` or `C_VerifyUpdate`. An error ends the operation.
     ///
     /// # Errors
     /// `CKR_OPERATION_NOT_INITIALIZED`; [`SignOp::update`]'s.
-    pub fn sign_update(&self, session: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
+    pub fn signature_update(&self, session: CK_SESSION_HANDLE, purpose: Purpose, data: &[u8]) -> Result<()> {
         let session = self.session(session)?;
         let mut session = lock(&session);
-        let op = session
-            .sign
-            .as_mut()
-            .ok_or_else(|| Error::call(CKR_OPERATION_NOT_INITIALIZED, "C_SignInit first"))?;
+        let slot = session.op(purpose);
+        let op = slot.as_mut().ok_or_else(|| {
+            Error::call(
+                CKR_OPERATION_NOT_INITIALIZED,
+                format!("no {purpose:?} operation is active"),
+            )
+        })?;
         let result = op.update(data);
         if result.is_err() {
-            session.sign = None;
+            *slot = None;
         }
         result
+    }
+
+    /// `C_Verify` (with `data`) or `C_VerifyFinal` (without): hsmd checks
+    /// `signature` with the key version the object shows. Ends the operation.
+    ///
+    /// # Errors
+    /// `CKR_SIGNATURE_INVALID`, `CKR_SIGNATURE_LEN_RANGE`; hsmd's refusals.
+    pub fn verify(&self, session: CK_SESSION_HANDLE, data: Option<&[u8]>, signature: &[u8]) -> Result<()> {
+        let session = self.session(session)?;
+        let mut op = lock(&session)
+            .verify
+            .take()
+            .ok_or_else(|| Error::call(CKR_OPERATION_NOT_INITIALIZED, "C_VerifyInit first"))?;
+        if let Some(data) = data {
+            op.update(data)?;
+        }
+        let (name, key_type, version) = (op.key.name.clone(), op.key.key_type, op.key.version);
+        let signature = crate::mechanism::decode(key_type, signature)?;
+        let valid = match op.request()? {
+            Request::Digest(digest) => self
+                .pool
+                .call(|c| c.verify(name.clone(), version, digest.clone(), signature.clone(), false))?,
+            Request::Message(message, hash) => self
+                .pool
+                .call(|c| c.verify_message(name.clone(), version, message.clone(), hash, signature.clone(), false))?,
+        };
+        if !valid {
+            return Err(Error::call(
+                CKR_SIGNATURE_INVALID,
+                format!("the signature does not verify with {name:?} version {version}"),
+            ));
+        }
+        Ok(())
     }
 
     /// `C_Sign` (with `data`) or `C_SignFinal` (without): the signature's

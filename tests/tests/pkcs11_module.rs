@@ -142,6 +142,19 @@ fn pkcs11_tool_lists_signs_and_generates_keys() {
         .output()
         .expect("openssl");
     assert_eq!(ok(&verified).trim(), "Verified OK");
+    // And hsmd checks it through the module; one byte more and it does not.
+    let p11_verify = |mechanism: &str, name: &str, input: &PathBuf, sig: &PathBuf, extra: &[&str]| {
+        let id = key_id(&d, name);
+        let mut args = vec!["--verify", "-m", mechanism, "--id", &id, "--input-file", path(input)];
+        args.extend(["--signature-file", path(sig)]);
+        args.extend(extra);
+        String::from_utf8_lossy(&pkcs11_tool(&d, &args).stdout).into_owned()
+    };
+    let openssl_format = ["--signature-format", "openssl"];
+    assert!(p11_verify("ECDSA-SHA256", "web", &data, &sig, &openssl_format).contains("Signature is valid"));
+    let altered = d.dir().join("altered");
+    fs::write(&altered, vec![0x5a; 100_001]).expect("write");
+    assert!(p11_verify("ECDSA-SHA256", "web", &altered, &sig, &openssl_format).contains("Invalid signature"));
 
     // Pure Ed25519 over the message itself.
     let message = d.dir().join("message");
@@ -162,6 +175,7 @@ fn pkcs11_tool_lists_signs_and_generates_keys() {
         ],
     ));
     pkeyutl_verifies(&public_pem(&d, "release"), &message, &sig, true);
+    assert!(p11_verify("EDDSA", "release", &message, &sig, &[]).contains("Signature is valid"));
     let log = audit(&d);
     assert!(
         log.lines()

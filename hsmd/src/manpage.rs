@@ -140,7 +140,8 @@ fn daemon_page(cmd: clap::Command, w: &mut dyn io::Write) -> io::Result<()> {
              and ssh -I, NSS) use hsmd's keys through libhsmd_pkcs11.so. The module holds no key: each signature is \
              a request to hsmd made with the calling program's own uid, so hsmd's policy, rate limits and audit \
              log apply to it as to hsmctl sign. It offers one slot holding one token, the hsmd at $HSMD_SOCKET, \
-             else the caller's own hsmd --user, else /run/hsmd/hsmd.sock. Its objects are the signing keys the \
+             else the socket named by socket = \"PATH\" in /etc/hsmd/pkcs11.toml (or the file \
+             $HSMD_PKCS11_CONFIG names), else the caller's own hsmd --user, else /run/hsmd/hsmd.sock. Its objects are the signing keys the \
              caller may list: a private key (sensitive, never extractable) and a public key for each, labelled \
              with the key's name and identified (CKA_ID) by its id, which rotation keeps.",
         )],

@@ -9,8 +9,9 @@
 //! through the module as to `hsmctl sign`.
 //!
 //! - One slot (id 1) holding one token: the hsmd at `$HSMD_SOCKET`, else the
-//!   caller's own `hsmd --user` (`$XDG_RUNTIME_DIR/hsmd/hsmd.sock`), else
-//!   `/run/hsmd/hsmd.sock`.
+//!   `socket` of `/etc/hsmd/pkcs11.toml` (or the file `$HSMD_PKCS11_CONFIG`
+//!   names), else the caller's own `hsmd --user`
+//!   (`$XDG_RUNTIME_DIR/hsmd/hsmd.sock`), else `/run/hsmd/hsmd.sock`.
 //! - Objects: for each signing key the caller may list, a private-key object
 //!   (`CKA_SENSITIVE`, never `CKA_EXTRACTABLE`) and a public-key object, both
 //!   with `CKA_LABEL` = the key's name and `CKA_ID` = its id, which rotation
@@ -19,6 +20,7 @@
 //!   caller by uid; the token does not ask for a login.
 //! - Errors are logged to standard error when `HSMD_PKCS11_DEBUG` is set.
 
+pub mod config;
 pub mod error;
 mod ffi;
 pub mod mechanism;

@@ -31,17 +31,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `C_Initialize`: connects lazily to the socket `$HSMD_SOCKET` names, else
-/// the caller's own `hsmd --user`'s, else the system's.
+/// `C_Initialize`: connects lazily to the socket [`crate::config::socket`]
+/// chooses.
 ///
 /// # Errors
-/// `CKR_CRYPTOKI_ALREADY_INITIALIZED`.
+/// `CKR_CRYPTOKI_ALREADY_INITIALIZED`; a configuration file that is not valid.
 pub fn initialize() -> Result<()> {
     let mut module = MODULE.write().unwrap_or_else(PoisonError::into_inner);
     if module.is_some() {
         return Err(Error::call(CKR_CRYPTOKI_ALREADY_INITIALIZED, "already initialized"));
     }
-    *module = Some(Arc::new(Token::new(protocol::default_socket())));
+    *module = Some(Arc::new(Token::new(crate::config::socket()?)));
     Ok(())
 }
 

@@ -646,3 +646,37 @@ fn rsa_keys_sign_pkcs1_and_pss_through_the_module() {
         "{out:?}"
     );
 }
+
+/// A program whose environment cannot be set (one p11-kit loads the module
+/// into) finds hsmd through the module's configuration file; a broken file
+/// stops `C_Initialize` instead of silently using another hsmd.
+#[test]
+fn the_module_reads_its_socket_from_its_configuration_file() {
+    let d = started();
+    let conf = d.dir().join("pkcs11.toml");
+    let list = |conf: &PathBuf| {
+        Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(pkcs11_module())
+            .arg("-L")
+            .env_remove("HSMD_SOCKET")
+            .env("HSMD_PKCS11_CONFIG", conf)
+            .env("HSMD_PKCS11_DEBUG", "1")
+            .output()
+            .expect("pkcs11-tool")
+    };
+    fs::write(&conf, format!("socket = {:?}\n", d.socket)).expect("write");
+    let listed = ok(&list(&conf));
+    assert!(
+        listed.contains(&format!("hsmd at {}", d.socket.display())) && listed.contains("token label        : hsmd"),
+        "{listed}"
+    );
+    fs::write(&conf, "socket = \"relative/hsmd.sock\"\n").expect("write");
+    let out = list(&conf);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("C_Initialize") && err.contains("not an absolute path"),
+        "{err}"
+    );
+}

@@ -100,6 +100,7 @@ pub struct DaemonBuilder {
     unlock: Vec<(String, String)>,
     keys: Vec<(String, String)>,
     extra: String,
+    policy: Option<String>,
     base: Option<PathBuf>,
 }
 
@@ -120,6 +121,7 @@ impl Default for DaemonBuilder {
             unlock: Vec::new(),
             keys: Vec::new(),
             extra: String::new(),
+            policy: None,
             base: None,
         }
     }
@@ -201,6 +203,12 @@ impl DaemonBuilder {
         self.extra.push('\n');
         self
     }
+    /// Uses `policy` (TOML) as the daemon's policy file, `$DIR/policy.toml`.
+    #[must_use]
+    pub fn policy(mut self, policy: &str) -> Self {
+        self.policy = Some(policy.into());
+        self
+    }
     /// Adds an environment variable for the daemon.
     #[must_use]
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -251,6 +259,11 @@ impl DaemonBuilder {
         }
         text.push('\n');
         text.push_str(&self.extra.replace("$DIR", &dir.path().display().to_string()));
+        if let Some(policy) = &self.policy {
+            let path = dir.path().join("policy.toml");
+            fs::write(&path, policy).expect("write policy");
+            text.push_str(&format!("\n[policy]\npath = {path:?}\n"));
+        }
         fs::write(&config, text).expect("write config");
         Prepared {
             dir,

@@ -17,8 +17,8 @@ use cryptoki::{
         eddsa::{EddsaParams, EddsaSignatureScheme},
         Mechanism,
     },
-    object::{Attribute, ObjectClass},
-    session::UserType,
+    object::{Attribute, ObjectClass, ObjectHandle},
+    session::{Session, UserType},
     slot::Slot,
     types::AuthPin,
 };
@@ -45,14 +45,20 @@ pub struct Pkcs11Bench {
 const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
 
-/// One loaded module and the slot whose token holds the keys.
-struct Module {
+/// One loaded and initialized module, and the slot whose token holds the keys.
+#[derive(Debug)]
+pub struct Module {
     p11: Pkcs11,
     slot: Slot,
     pin: Option<String>,
 }
 
-fn load(path: &std::path::Path, token: &str, pin: Option<String>) -> Result<Module> {
+/// Loads and initializes the module at `path` and finds the token labelled
+/// `token`; `pin` logs each session in (SoftHSM2's user PIN; none for hsmd).
+///
+/// # Errors
+/// A module that does not load or initialize, or no such token.
+pub fn load(path: &std::path::Path, token: &str, pin: Option<String>) -> Result<Module> {
     let p11 = Pkcs11::new(path).with_context(|| format!("load {}", path.display()))?;
     p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
     let slot = p11
@@ -64,9 +70,27 @@ fn load(path: &std::path::Path, token: &str, pin: Option<String>) -> Result<Modu
 }
 
 impl Module {
+    /// A new session (logged in where the token needs it) and the private key
+    /// labelled `label` in it: what each signing thread starts with.
+    ///
+    /// # Errors
+    /// A session that does not open or log in, or no such key.
+    pub fn signing_session(&self, label: &str) -> Result<(Session, ObjectHandle)> {
+        let session = self.p11.open_ro_session(self.slot)?;
+        self.login(&session)?;
+        let key = *session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])?
+            .first()
+            .with_context(|| format!("no private key {label:?}"))?;
+        Ok((session, key))
+    }
+
     /// Logs the application in, once: a token that needs a PIN (SoftHSM2)
     /// answers that any later session is logged in already.
-    fn login(&self, session: &cryptoki::session::Session) -> Result<()> {
+    fn login(&self, session: &Session) -> Result<()> {
         let Some(pin) = &self.pin else { return Ok(()) };
         match session.login(UserType::User, Some(&AuthPin::new(pin.clone().into()))) {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => Ok(()),
@@ -107,15 +131,7 @@ fn sign_rate(m: &Arc<Module>, label: &str, ed: bool, clients: usize, secs: f64) 
     let m = Arc::clone(m);
     let label = label.to_owned();
     measure(clients, secs, move || {
-        let session = m.p11.open_ro_session(m.slot)?;
-        m.login(&session)?;
-        let key = *session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])?
-            .first()
-            .with_context(|| format!("no private key {label:?}"))?;
+        let (session, key) = m.signing_session(&label)?;
         Ok(move || -> Result<()> {
             // Built per call: cryptoki's Mechanism holds raw pointers and may
             // not cross threads; building it costs nothing beside C_Sign.

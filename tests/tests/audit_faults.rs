@@ -883,11 +883,8 @@ fn one_change_of_the_policy_file_is_one_reload_and_a_bad_edit_one_error() {
          {{ resource = \"audit\", action = \"read\" }}, {{ resource = \"policy\", action = \"read\" }} ]\n\n\
          [[bind]]\nusers = [\"{uid}\"]\nroles = [\"signer\"]\n"
     );
-    let prepared = Daemon::builder()
-        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
-        .prepare();
+    let prepared = Daemon::builder().policy(&policy).prepare();
     let path = prepared.dir.path().join("policy.toml");
-    fs::write(&path, &policy).expect("policy");
     let mut d = prepared.start();
     let st = state(&d);
     thread::sleep(Duration::from_millis(500));

@@ -40,13 +40,11 @@ struct Setup {
 
 fn setup(builder: DaemonBuilder) -> Setup {
     hsmd_tests::require_root("acting as other uids");
-    let prepared = builder
+    let d = builder
         .socket_mode("0666")
         .users(&["4001", "4002", "4003", "4004"])
-        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
-        .prepare();
-    fs::write(prepared.dir.path().join("policy.toml"), POLICY).expect("write policy");
-    let d = prepared.start();
+        .policy(POLICY)
+        .start();
     ok(&d.hsmctl(&[
         "init",
         "--keyfile-out",

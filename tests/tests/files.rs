@@ -368,21 +368,17 @@ fn tokens_names_and_symlinks_cannot_reach_outside_the_store() {
 #[ignore = "needs root; scripts/test runs it as root"]
 fn another_uid_can_neither_retrieve_nor_delete_a_file() {
     hsmd_tests::require_root("acting as another uid");
-    let prepared = Daemon::builder()
+    let d = Daemon::builder()
         .socket_mode("0666")
         .users(&["4002", "4005"])
-        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
-        .prepare();
-    fs::write(
-        prepared.dir.path().join("policy.toml"),
-        "[roles.fetcher]\npermissions = [ { resource = \"files\", action = \"store\" }, \
+        .policy(
+            "[roles.fetcher]\npermissions = [ { resource = \"files\", action = \"store\" }, \
          { resource = \"files\", action = \"retrieve\" }, \
          { resource = \"keys\", action = \"encrypt\", keys = \"files\" } ]\n\
          [[bind]]\nusers = [\"4002\"]\nroles = [\"operator\"]\n[[bind]]\nusers = [\"4005\"]\nroles = [\"fetcher\"]\n\
          [[bind]]\nusers = [\"0\"]\nroles = [\"admin\"]\n",
-    )
-    .expect("policy");
-    let d = prepared.start();
+        )
+        .start();
     ok(&d.hsmctl(&["init", "--keyfile-out", p(&d.dir().join("k"))]));
     ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
     let src = d.dir().join("secret.txt");

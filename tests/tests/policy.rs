@@ -225,13 +225,8 @@ fn a_uid_over_its_rate_is_limited_and_another_is_not() {
 #[test]
 fn a_policy_that_does_not_load_stops_the_daemon_from_starting() {
     let prepared = Daemon::builder()
-        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
+        .policy("[[bind]]\nusers = [\"x\"]\nroles = [\"wizard\"]\n")
         .prepare();
-    fs::write(
-        prepared.dir.path().join("policy.toml"),
-        "[[bind]]\nusers = [\"x\"]\nroles = [\"wizard\"]\n",
-    )
-    .expect("write");
     let out = prepared.command().output().expect("run hsmd");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -482,15 +482,12 @@ fn listed_as(uid: u32, socket: &Path) -> Vec<String> {
 #[ignore = "needs root; scripts/test runs it as root"]
 fn each_caller_is_offered_only_the_ssh_keys_their_policy_lets_them_sign_with() {
     hsmd_tests::require_root("acting as other uids");
-    let prepared = Daemon::builder()
+    let d = Daemon::builder()
         .socket_mode("0666")
         .users(&["4001", "4002"])
         .extra(AGENT)
-        .extra("[policy]\npath = \"$DIR/policy.toml\"\n")
-        .prepare();
-    fs::write(
-        prepared.dir.path().join("policy.toml"),
-        r#"
+        .policy(
+            r#"
 [roles.ci-operator]
 permissions = [{ resource = "keys", action = "*", keys = "ci-*" }]
 
@@ -506,9 +503,8 @@ roles = ["ci-operator"]
 users = ["0"]
 roles = ["admin"]
 "#,
-    )
-    .expect("write policy");
-    let d = prepared.start();
+        )
+        .start();
     ok(&d.hsmctl(&["init", "--keyfile-out", path(&d.dir().join("unlock.key"))]));
     create(&d, "ci-deploy", "ed25519", "soft", true);
     create(&d, "prod-deploy", "ed25519", "soft", true);

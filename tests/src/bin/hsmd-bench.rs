@@ -659,54 +659,32 @@ fn openssl_rsa2048(cores: usize, secs: f64) -> Result<f64> {
 /// Signs through cryptoki in this process: `clients` threads, each with its
 /// own session on the token, using the private key labelled `label`.
 fn direct_pkcs11(hsm: &hsmd_tests::SoftHsm, label: &str, kind: Sig, clients: usize, secs: f64) -> Result<Figures> {
-    use cryptoki::{
-        context::{CInitializeArgs, CInitializeFlags, Pkcs11},
-        mechanism::{
-            eddsa::EddsaParams,
-            eddsa::EddsaSignatureScheme,
-            rsa::{PkcsMgfType, PkcsPssParams},
-            Mechanism, MechanismType,
-        },
-        object::{Attribute, ObjectClass},
-        session::UserType,
-        types::AuthPin,
+    use cryptoki::mechanism::{
+        eddsa::EddsaParams,
+        eddsa::EddsaSignatureScheme,
+        rsa::{PkcsMgfType, PkcsPssParams},
+        Mechanism, MechanismType,
     };
-    static P11: std::sync::OnceLock<Pkcs11> = std::sync::OnceLock::new();
+    use hsmd_tests::pkcs11_bench::{load, Module};
+    static P11: std::sync::OnceLock<std::sync::Arc<Module>> = std::sync::OnceLock::new();
     // SoftHSM reads its configuration when the module is first initialized,
-    // here, before any client thread exists.
+    // here, before any client thread exists; it is initialized once per process.
     std::env::set_var("SOFTHSM2_CONF", hsm.conf());
-    let p11 = match P11.get() {
-        Some(p) => p.clone(),
+    let module = match P11.get() {
+        Some(m) => std::sync::Arc::clone(m),
         None => {
-            let p = Pkcs11::new(hsmd_tests::SOFTHSM_MODULE)?;
-            p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
-            let _ = P11.set(p.clone());
-            p
+            let m = std::sync::Arc::new(load(
+                std::path::Path::new(hsmd_tests::SOFTHSM_MODULE),
+                &hsm.label,
+                Some(hsm.pin.clone()),
+            )?);
+            let _ = P11.set(std::sync::Arc::clone(&m));
+            m
         }
     };
-    let slot = p11
-        .get_slots_with_token()?
-        .into_iter()
-        .find(|s| p11.get_token_info(*s).is_ok_and(|t| t.label().trim() == hsm.label))
-        .context("token not found")?;
     let label = label.to_owned();
-    let pin = hsm.pin.clone();
-    let logged_in = std::sync::atomic::AtomicBool::new(false);
     measure(clients, secs, move || {
-        let session = p11.open_ro_session(slot)?;
-        if !logged_in.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            match session.login(UserType::User, Some(&AuthPin::new(pin.clone().into()))) {
-                Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let key = *session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])?
-            .first()
-            .context("key not in the token")?;
+        let (session, key) = module.signing_session(&label)?;
         let digest = vec![7u8; kind.digest_len()];
         Ok(move || -> Result<()> {
             // The mechanisms hsmd's helper uses for the same keys.

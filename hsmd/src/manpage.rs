@@ -141,9 +141,12 @@ fn daemon_page(cmd: clap::Command, w: &mut dyn io::Write) -> io::Result<()> {
              a request to hsmd made with the calling program's own uid, so hsmd's policy, rate limits and audit \
              log apply to it as to hsmctl sign. It offers one slot holding one token, the hsmd at $HSMD_SOCKET, \
              else the socket named by socket = \"PATH\" in /etc/hsmd/pkcs11.toml (or the file \
-             $HSMD_PKCS11_CONFIG names), else the caller's own hsmd --user, else /run/hsmd/hsmd.sock. Its objects are the signing keys the \
-             caller may list: a private key (sensitive, never extractable) and a public key for each, labelled \
-             with the key's name and identified (CKA_ID) by its id, which rotation keeps.",
+             $HSMD_PKCS11_CONFIG names), else the caller's own hsmd --user, else /run/hsmd/hsmd.sock. Its objects are the keys the \
+             caller may list: a private key (sensitive, never extractable) and a public key for each signing key, \
+             a secret key for each aes256-gcm key, labelled with the key's name and identified (CKA_ID) by its id, \
+             which rotation keeps. AES-GCM encrypts only through C_EncryptMessage with a random IV that hsmd draws \
+             (C_EncryptInit, whose IV would be the caller's, is refused); C_Decrypt and C_DecryptMessage open what \
+             any version of the key still allowed to decrypt sealed.",
         )],
     );
     paragraph(

@@ -97,6 +97,11 @@ fn rotation_adds_a_version_and_minimum_versions_retire_the_old_one() {
         keys.decrypt(&key, &old, b"", false).is_err(),
         "version 2 opened what version 1 sealed"
     );
+    // A caller that does not know the version gets it with the plaintext.
+    let any = |sealed: &[u8]| keys.decrypt_any_version("data", sealed, b"", false);
+    let (version, plaintext) = any(&old).unwrap();
+    assert_eq!((version, plaintext.as_slice()), (1, &b"old"[..]));
+    assert_eq!(any(&new).unwrap().0, 2);
     // Until the minimum decrypt version passes it.
     let changes = KeyChanges {
         min_decrypt_version: Some(2),
@@ -110,6 +115,11 @@ fn rotation_adds_a_version_and_minimum_versions_retire_the_old_one() {
         Err(VaultError::KeyState(_))
     ));
     assert_eq!(&*keys.decrypt(&key, &new, b"", false).unwrap(), b"new");
+    assert!(
+        matches!(any(&old), Err(VaultError::DecryptFailed(_))),
+        "version 1 is no longer tried"
+    );
+    assert_eq!(any(&new).unwrap().0, 2);
 }
 
 #[test]

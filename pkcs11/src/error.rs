@@ -41,6 +41,8 @@ impl Error {
             Self::Hsmd(e) => match e {
                 ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Closed => CKR_DEVICE_REMOVED,
                 ClientError::Daemon(w) => daemon_rv(w.code),
+                // A request larger than hsmd's frame limit.
+                ClientError::Codec(protocol::codec::CodecError::Frame(_)) => CKR_DATA_LEN_RANGE,
                 _ => CKR_DEVICE_ERROR,
             },
         }
@@ -53,6 +55,7 @@ fn daemon_rv(code: ErrorCode) -> CK_RV {
         ErrorCode::NotInitialized => CKR_TOKEN_NOT_RECOGNIZED,
         ErrorCode::PermissionDenied | ErrorCode::KeyState => CKR_KEY_FUNCTION_NOT_PERMITTED,
         ErrorCode::NotFound => CKR_KEY_HANDLE_INVALID,
+        ErrorCode::DecryptFailed => CKR_ENCRYPTED_DATA_INVALID,
         ErrorCode::InvalidArgument => CKR_ARGUMENTS_BAD,
         ErrorCode::AlreadyExists => CKR_TEMPLATE_INCONSISTENT,
         ErrorCode::StorageUnavailable => CKR_DEVICE_MEMORY,

@@ -10,6 +10,7 @@ use std::{ffi::c_void, panic::AssertUnwindSafe, ptr};
 use cryptoki_sys::*;
 
 use crate::{
+    cipher::{self, Direction, GcmParams, MessageParams, IV_LEN, TAG_LEN},
     error::{Error, Result},
     mechanism::{Mechanism, Params, MECHANISMS},
     objects::Attr,
@@ -170,12 +171,41 @@ unsafe fn mechanism(mech: *const CK_MECHANISM) -> Result<Mechanism> {
             prehash: p.phFlag != CK_FALSE,
             context_len: p.ulContextDataLen,
         }
+    } else if len == std::mem::size_of::<CK_GCM_PARAMS>() && m.mechanism == CKM_AES_GCM {
+        // SAFETY: as above, a CK_GCM_PARAMS, whose IV and AAD pointers are
+        // valid for their lengths.
+        let p = unsafe { m.pParameter.cast::<CK_GCM_PARAMS>().read_unaligned() };
+        Params::Gcm(GcmParams {
+            // SAFETY: as the caller promises.
+            iv: unsafe { bytes(p.pIv, p.ulIvLen) }?.to_vec(),
+            // SAFETY: as the caller promises.
+            aad: unsafe { bytes(p.pAAD, p.ulAADLen) }?.to_vec(),
+            tag_bits: p.ulTagBits,
+        })
     } else {
         Params::Other
     };
     Ok(Mechanism {
         kind: m.mechanism,
         params,
+    })
+}
+
+/// The mechanism of a message operation's init, whose parameter is not read:
+/// each message brings its own (and a `CK_GCM_MESSAGE_PARAMS` has the size
+/// of a `CK_GCM_PARAMS`, so reading it as one would follow wrong pointers).
+///
+/// # Safety
+/// `mech` is null or valid.
+unsafe fn message_mechanism(mech: *const CK_MECHANISM) -> Result<Mechanism> {
+    if mech.is_null() {
+        return Err(bad("a null mechanism"));
+    }
+    // SAFETY: non-null and valid, as the caller promises.
+    let kind = unsafe { (*mech).mechanism };
+    Ok(Mechanism {
+        kind,
+        params: Params::Other,
     })
 }
 
@@ -691,27 +721,28 @@ pub unsafe extern "C" fn C_SignInit(
     })
 }
 
-/// `C_Sign` and `C_SignFinal`.
+/// A call that writes output by PKCS#11's convention (`C_Sign`,
+/// `C_Decrypt`, …): `produce` gets the caller's buffer (`None` for a length
+/// query) and answers the length, or an error with the length needed.
 ///
 /// # Safety
-/// `out_len` is writable; `out` is null or valid for `*out_len` bytes.
-unsafe fn sign_into(
+/// `out_len` is null or writable; `out` is null or valid for `*out_len` bytes.
+unsafe fn output_into(
     name: &str,
-    session: CK_SESSION_HANDLE,
-    data: Option<&[u8]>,
     out: *mut CK_BYTE,
     out_len: *mut CK_ULONG,
+    produce: impl FnOnce(&token::Token, Option<&mut [u8]>) -> std::result::Result<usize, (Error, usize)>,
 ) -> CK_RV {
     guard(name, || {
         let token = token::token()?;
         if out_len.is_null() {
-            return Err(bad("a null signature length pointer"));
+            return Err(bad("a null output length pointer"));
         }
         // SAFETY: non-null and readable.
         let room = unsafe { *out_len };
         // SAFETY: the caller's buffer of `room` bytes.
         let buf = unsafe { bytes_mut(out, room) };
-        match token.sign(session, data, buf) {
+        match produce(&token, buf) {
             Ok(len) => {
                 // SAFETY: non-null and writable.
                 unsafe { put(out_len, len as CK_ULONG) }?;
@@ -728,6 +759,30 @@ unsafe fn sign_into(
     })
 }
 
+/// A single-part call (`C_Sign`, `C_Decrypt`): its input read, then as
+/// [`output_into`].
+///
+/// # Safety
+/// `data` is null or valid for its length; as [`output_into`] for the rest.
+unsafe fn one_part(
+    name: &str,
+    data: (*mut CK_BYTE, CK_ULONG),
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+    produce: impl FnOnce(&token::Token, &[u8], Option<&mut [u8]>) -> std::result::Result<usize, (Error, usize)>,
+) -> CK_RV {
+    // SAFETY: the caller's input of the length given.
+    let data = match unsafe { bytes(data.0, data.1) } {
+        Ok(d) => d,
+        Err(e) => {
+            crate::log(&format!("{name}: {e}"));
+            return e.rv();
+        }
+    };
+    // SAFETY: the caller's output buffer and length.
+    unsafe { output_into(name, out, out_len, |t, buf| produce(t, data, buf)) }
+}
+
 /// # Safety
 /// As PKCS#11 specifies.
 #[no_mangle]
@@ -738,13 +793,12 @@ pub unsafe extern "C" fn C_Sign(
     out: *mut CK_BYTE,
     out_len: *mut CK_ULONG,
 ) -> CK_RV {
-    // SAFETY: the caller's data of `data_len` bytes.
-    let data = match unsafe { bytes(data, data_len) } {
-        Ok(d) => d,
-        Err(e) => return e.rv(),
-    };
-    // SAFETY: the caller's signature buffer and length, as PKCS#11 lays them out.
-    unsafe { sign_into("C_Sign", session, Some(data), out, out_len) }
+    // SAFETY: the caller's data, signature buffer and lengths, as PKCS#11 lays them out.
+    unsafe {
+        one_part("C_Sign", (data, data_len), out, out_len, |t, data, buf| {
+            t.sign(session, Some(data), buf)
+        })
+    }
 }
 
 /// # Safety
@@ -765,7 +819,7 @@ pub unsafe extern "C" fn C_SignUpdate(session: CK_SESSION_HANDLE, data: *mut CK_
 #[no_mangle]
 pub unsafe extern "C" fn C_SignFinal(session: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG) -> CK_RV {
     // SAFETY: the caller's signature buffer and length.
-    unsafe { sign_into("C_SignFinal", session, None, out, out_len) }
+    unsafe { output_into("C_SignFinal", out, out_len, |t, buf| t.sign(session, None, buf)) }
 }
 
 // ---------------------------------------------------------------- verifying
@@ -836,6 +890,343 @@ pub unsafe extern "C" fn C_VerifyFinal(
     })
 }
 
+// ---------------------------------------------------------------- AES-GCM
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_EncryptInit(
+    session: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard("C_EncryptInit", || {
+        let token = token::token()?;
+        // SAFETY: the caller's mechanism.
+        let mech = unsafe { mechanism(mech) }?;
+        token.encrypt_init(session, &mech, key)?;
+        Ok(CKR_OK)
+    })
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_DecryptInit(
+    session: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard("C_DecryptInit", || {
+        let token = token::token()?;
+        // SAFETY: the caller's mechanism.
+        let mech = unsafe { mechanism(mech) }?;
+        token.decrypt_init(session, &mech, key)?;
+        Ok(CKR_OK)
+    })
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_Decrypt(
+    session: CK_SESSION_HANDLE,
+    data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's ciphertext, plaintext buffer and lengths.
+    unsafe {
+        one_part("C_Decrypt", (data, data_len), out, out_len, |t, data, buf| {
+            t.decrypt(session, Some(data), buf)
+        })
+    }
+}
+
+/// Collects the part; the plaintext comes out whole from `C_DecryptFinal`,
+/// once the tag has checked out, so no part is ever output here.
+///
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_DecryptUpdate(
+    session: CK_SESSION_HANDLE,
+    data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    guard("C_DecryptUpdate", || {
+        let token = token::token()?;
+        // SAFETY: the caller's ciphertext of `data_len` bytes.
+        let data = unsafe { bytes(data, data_len) }?;
+        // A null buffer asks only how much would come out: nothing is taken.
+        if !out.is_null() {
+            token.decrypt_update(session, data)?;
+        }
+        // SAFETY: the caller's length pointer.
+        unsafe { put(out_len, 0) }?;
+        Ok(CKR_OK)
+    })
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_DecryptFinal(
+    session: CK_SESSION_HANDLE,
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's plaintext buffer and length.
+    unsafe { output_into("C_DecryptFinal", out, out_len, |t, buf| t.decrypt(session, None, buf)) }
+}
+
+/// A message's `CK_GCM_MESSAGE_PARAMS`, its lengths checked, with its IV
+/// and tag pointers.
+///
+/// # Safety
+/// `param` is null or valid for `len` bytes.
+unsafe fn message_params(
+    param: *mut c_void,
+    len: CK_ULONG,
+    direction: Direction,
+) -> Result<(*mut CK_BYTE, *mut CK_BYTE)> {
+    if param.is_null() || len as usize != std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>() {
+        return Err(cipher::refuse_message_params());
+    }
+    // SAFETY: non-null and of the struct's size; read unaligned.
+    let p = unsafe { param.cast::<CK_GCM_MESSAGE_PARAMS>().read_unaligned() };
+    cipher::check_message(
+        &MessageParams {
+            iv_len: p.ulIvLen,
+            iv_fixed_bits: p.ulIvFixedBits,
+            generator: p.ivGenerator,
+            tag_bits: p.ulTagBits,
+        },
+        direction,
+    )?;
+    if p.pIv.is_null() || p.pTag.is_null() {
+        return Err(cipher::refuse_message_params());
+    }
+    Ok((p.pIv, p.pTag))
+}
+
+/// `C_MessageEncryptInit` and `C_MessageDecryptInit`.
+///
+/// # Safety
+/// `mech` is null or valid.
+unsafe fn message_init(
+    name: &str,
+    direction: Direction,
+    session: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard(name, || {
+        let token = token::token()?;
+        // SAFETY: the caller's mechanism.
+        let mech = unsafe { message_mechanism(mech) }?;
+        token.message_init(session, direction, &mech, key)?;
+        Ok(CKR_OK)
+    })
+}
+
+/// `C_EncryptMessage` and `C_DecryptMessage`: the output is as long as the
+/// input (the tag travels in the parameter). To encrypt, hsmd seals with an
+/// IV it draws, and the IV and tag are written to the parameter's `pIv` and
+/// `pTag`; to decrypt, they are read from there.
+///
+/// # Safety
+/// As PKCS#11 specifies for those two functions.
+#[allow(clippy::too_many_arguments)]
+unsafe fn crypt_message(
+    name: &str,
+    direction: Direction,
+    session: CK_SESSION_HANDLE,
+    param: *mut c_void,
+    param_len: CK_ULONG,
+    aad: (*mut CK_BYTE, CK_ULONG),
+    data: (*mut CK_BYTE, CK_ULONG),
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's associated data and input of the lengths given.
+    let inputs = unsafe { bytes(aad.0, aad.1).and_then(|a| Ok((a, bytes(data.0, data.1)?))) };
+    let (aad, data) = match inputs {
+        Ok(i) => i,
+        Err(e) => return e.rv(),
+    };
+    let len = data.len();
+    // SAFETY: the caller's output buffer and length.
+    unsafe {
+        output_into(name, out, out_len, |t, buf| {
+            let Some(buf) = buf else { return Ok(len) };
+            if buf.len() < len {
+                return Err((
+                    Error::call(CKR_BUFFER_TOO_SMALL, format!("the output takes {len} bytes")),
+                    len,
+                ));
+            }
+            let fail = |e| (e, len);
+            // SAFETY: the caller's parameter of `param_len` bytes.
+            let (iv_ptr, tag_ptr) = message_params(param, param_len, direction).map_err(fail)?;
+            match direction {
+                Direction::Encrypt => {
+                    let sealed = t.encrypt_message(session, aad, data).map_err(fail)?;
+                    let (iv, ciphertext, tag) = cipher::split_sealed(&sealed).map_err(fail)?;
+                    // SAFETY: the parameter's IV and tag buffers, whose
+                    // lengths (12 and 16 bytes) `message_params` checked.
+                    ptr::copy_nonoverlapping(iv.as_ptr(), iv_ptr, IV_LEN);
+                    // SAFETY: as above.
+                    ptr::copy_nonoverlapping(tag.as_ptr(), tag_ptr, TAG_LEN);
+                    buf[..len].copy_from_slice(ciphertext);
+                }
+                Direction::Decrypt => {
+                    // SAFETY: the parameter's IV and tag, 12 and 16 bytes as checked.
+                    let iv = bytes(iv_ptr, IV_LEN as CK_ULONG).map_err(fail)?;
+                    // SAFETY: as above.
+                    let tag = bytes(tag_ptr, TAG_LEN as CK_ULONG).map_err(fail)?;
+                    let plaintext = t.decrypt_message(session, iv, tag, aad, data).map_err(fail)?;
+                    buf[..len].copy_from_slice(plaintext.expose());
+                }
+            }
+            Ok(len)
+        })
+    }
+}
+
+/// `C_MessageEncryptFinal` and `C_MessageDecryptFinal`.
+fn message_final(name: &str, direction: Direction, session: CK_SESSION_HANDLE) -> CK_RV {
+    guard(name, || {
+        token::token()?.message_final(session, direction)?;
+        Ok(CKR_OK)
+    })
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_MessageEncryptInit(
+    session: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    // SAFETY: the caller's mechanism.
+    unsafe { message_init("C_MessageEncryptInit", Direction::Encrypt, session, mech, key) }
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_EncryptMessage(
+    session: CK_SESSION_HANDLE,
+    param: *mut c_void,
+    param_len: CK_ULONG,
+    aad: *mut CK_BYTE,
+    aad_len: CK_ULONG,
+    data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's arguments, as PKCS#11 lays them out.
+    unsafe {
+        crypt_message(
+            "C_EncryptMessage",
+            Direction::Encrypt,
+            session,
+            param,
+            param_len,
+            (aad, aad_len),
+            (data, data_len),
+            out,
+            out_len,
+        )
+    }
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_MessageEncryptFinal(session: CK_SESSION_HANDLE) -> CK_RV {
+    message_final("C_MessageEncryptFinal", Direction::Encrypt, session)
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_MessageDecryptInit(
+    session: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    key: CK_OBJECT_HANDLE,
+) -> CK_RV {
+    // SAFETY: the caller's mechanism.
+    unsafe { message_init("C_MessageDecryptInit", Direction::Decrypt, session, mech, key) }
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_DecryptMessage(
+    session: CK_SESSION_HANDLE,
+    param: *mut c_void,
+    param_len: CK_ULONG,
+    aad: *mut CK_BYTE,
+    aad_len: CK_ULONG,
+    data: *mut CK_BYTE,
+    data_len: CK_ULONG,
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: the caller's arguments, as PKCS#11 lays them out.
+    unsafe {
+        crypt_message(
+            "C_DecryptMessage",
+            Direction::Decrypt,
+            session,
+            param,
+            param_len,
+            (aad, aad_len),
+            (data, data_len),
+            out,
+            out_len,
+        )
+    }
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_MessageDecryptFinal(session: CK_SESSION_HANDLE) -> CK_RV {
+    message_final("C_MessageDecryptFinal", Direction::Decrypt, session)
+}
+
+/// # Safety
+/// As PKCS#11 specifies.
+#[no_mangle]
+pub unsafe extern "C" fn C_GenerateKey(
+    session: CK_SESSION_HANDLE,
+    mech: *mut CK_MECHANISM,
+    attrs: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    key_out: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard("C_GenerateKey", || {
+        let token = token::token()?;
+        // SAFETY: the caller's mechanism and template.
+        let (mech, template) = unsafe { (mechanism(mech)?, template(attrs, count)?) };
+        if key_out.is_null() {
+            return Err(bad("a null output pointer"));
+        }
+        let key = token.generate_key(session, mech.kind, &template)?;
+        // SAFETY: non-null and writable.
+        unsafe { put(key_out, key) }?;
+        Ok(CKR_OK)
+    })
+}
+
 // ---------------------------------------------------------------- not offered
 
 /// Functions hsmd does not offer through PKCS#11: each answers
@@ -874,14 +1265,9 @@ not_supported! {
     C_CopyObject(H, O, T, L, *mut O);
     C_GetObjectSize(H, O, *mut L);
     C_SetAttributeValue(H, O, T, L);
-    C_EncryptInit(H, M, O);
     C_Encrypt(H, B, L, B, *mut L);
     C_EncryptUpdate(H, B, L, B, *mut L);
     C_EncryptFinal(H, B, *mut L);
-    C_DecryptInit(H, M, O);
-    C_Decrypt(H, B, L, B, *mut L);
-    C_DecryptUpdate(H, B, L, B, *mut L);
-    C_DecryptFinal(H, B, *mut L);
     C_DigestInit(H, M);
     C_Digest(H, B, L, B, *mut L);
     C_DigestUpdate(H, B, L);
@@ -895,7 +1281,6 @@ not_supported! {
     C_DecryptDigestUpdate(H, B, L, B, *mut L);
     C_SignEncryptUpdate(H, B, L, B, *mut L);
     C_DecryptVerifyUpdate(H, B, L, B, *mut L);
-    C_GenerateKey(H, M, T, L, *mut O);
     C_WrapKey(H, M, O, O, B, *mut L);
     C_UnwrapKey(H, M, O, B, L, T, L, *mut O);
     C_DeriveKey(H, M, O, T, L, *mut O);
@@ -904,16 +1289,10 @@ not_supported! {
     C_WaitForSlotEvent(CK_FLAGS, *mut CK_SLOT_ID, P);
     C_LoginUser(H, CK_USER_TYPE, B, L, B, L);
     C_SessionCancel(H, CK_FLAGS);
-    C_MessageEncryptInit(H, M, O);
-    C_EncryptMessage(H, P, L, B, L, B, L, B, *mut L);
     C_EncryptMessageBegin(H, P, L, B, L);
     C_EncryptMessageNext(H, P, L, B, L, B, *mut L, CK_FLAGS);
-    C_MessageEncryptFinal(H);
-    C_MessageDecryptInit(H, M, O);
-    C_DecryptMessage(H, P, L, B, L, B, L, B, *mut L);
     C_DecryptMessageBegin(H, P, L, B, L);
     C_DecryptMessageNext(H, P, L, B, L, B, *mut L, CK_FLAGS);
-    C_MessageDecryptFinal(H);
     C_MessageSignInit(H, M, O);
     C_SignMessage(H, P, L, B, L, B, *mut L);
     C_SignMessageBegin(H, P, L);

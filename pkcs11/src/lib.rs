@@ -15,11 +15,13 @@
 //! - Objects: for each signing key the caller may list, a private-key object
 //!   (`CKA_SENSITIVE`, never `CKA_EXTRACTABLE`) and a public-key object, both
 //!   with `CKA_LABEL` = the key's name and `CKA_ID` = its id, which rotation
-//!   keeps.
+//!   keeps; for each AES key a secret-key object (see [`cipher`] for how
+//!   AES-GCM goes through hsmd).
 //! - No PIN: `C_Login` accepts any PIN and checks none, since hsmd knows the
 //!   caller by uid; the token does not ask for a login.
 //! - Errors are logged to standard error when `HSMD_PKCS11_DEBUG` is set.
 
+pub mod cipher;
 pub mod config;
 pub mod error;
 mod ffi;

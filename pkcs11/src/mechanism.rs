@@ -1,4 +1,4 @@
-//! The signing mechanisms the module offers, and how each becomes one hsmd
+//! The mechanisms the module offers, and how each signing one becomes one hsmd
 //! request: a digest for `Sign` (or `Verify`), or a whole message for
 //! `SignMessage` (or `VerifyMessage`).
 //!
@@ -45,6 +45,15 @@ pub const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
     (CKM_EC_KEY_PAIR_GEN, 256, 384, CKF_GENERATE_KEY_PAIR | EC_FLAGS),
     (CKM_EC_EDWARDS_KEY_PAIR_GEN, 255, 255, CKF_GENERATE_KEY_PAIR | EC_FLAGS),
     (CKM_RSA_PKCS_KEY_PAIR_GEN, 2048, 4096, CKF_GENERATE_KEY_PAIR),
+    // Key sizes in bytes for AES. No CKF_ENCRYPT: hsmd draws every IV, so it
+    // encrypts through the message interface only (see `cipher`).
+    (
+        CKM_AES_GCM,
+        32,
+        32,
+        CKF_DECRYPT | CKF_MESSAGE_ENCRYPT | CKF_MESSAGE_DECRYPT,
+    ),
+    (CKM_AES_KEY_GEN, 32, 32, CKF_GENERATE),
 ];
 
 const EC_FLAGS: CK_FLAGS = CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
@@ -72,6 +81,8 @@ pub enum Params {
         /// `ulContextDataLen`.
         context_len: CK_ULONG,
     },
+    /// `CK_GCM_PARAMS`.
+    Gcm(crate::cipher::GcmParams),
     /// A parameter this module does not read for this mechanism.
     Other,
 }
@@ -155,7 +166,13 @@ impl SignOp {
             CKM_SHA512_RSA_PKCS if pkcs1 => Input::Message(Vec::new(), Some(HashAlg::Sha512)),
             CKM_RSA_PKCS_PSS if pss => Input::Raw(Raw::RsaPss, Vec::new()),
             CKM_SHA256_RSA_PKCS_PSS if pss => Input::Sha256(sha2::Sha256::new()),
-            other if MECHANISMS.iter().any(|m| m.0 == other) => return Err(wrong_key(other, &key)),
+            other
+                if MECHANISMS
+                    .iter()
+                    .any(|m| m.0 == other && m.3 & (CKF_SIGN | CKF_VERIFY) != 0) =>
+            {
+                return Err(wrong_key(other, &key))
+            }
             other => {
                 return Err(Error::call(
                     CKR_MECHANISM_INVALID,

@@ -1,5 +1,6 @@
 //! hsmd's keys as PKCS#11 objects: a private-key and a public-key object for
-//! each signing key the caller may see, with the attributes programs read.
+//! each signing key the caller may see, a secret-key object for each AES key,
+//! with the attributes programs read.
 //!
 //! Objects are the process's view of `KeyList`: the caller's uid decides what
 //! hsmd lists, so what one program sees another may not. Handles stay the
@@ -32,6 +33,8 @@ pub enum Class {
     Private,
     /// `CKO_PUBLIC_KEY`: the newest version's public half.
     Public,
+    /// `CKO_SECRET_KEY`: an AES key that encrypts and decrypts through hsmd.
+    Secret,
 }
 
 impl Class {
@@ -39,6 +42,7 @@ impl Class {
         match self {
             Self::Private => CKO_PRIVATE_KEY,
             Self::Public => CKO_PUBLIC_KEY,
+            Self::Secret => CKO_SECRET_KEY,
         }
     }
 }
@@ -62,7 +66,8 @@ pub struct Object {
     /// Which half.
     pub class: Class,
     /// The key version whose public half the object shows: the newest when
-    /// it was listed, the one that verifies through it.
+    /// it was listed, the one that verifies through it. (A secret key's
+    /// ciphertexts are opened by whichever version made them.)
     pub version: u32,
     attrs: BTreeMap<CK_ATTRIBUTE_TYPE, Attr>,
 }
@@ -72,6 +77,12 @@ impl Object {
     #[must_use]
     pub fn attr(&self, kind: CK_ATTRIBUTE_TYPE) -> Option<&Attr> {
         self.attrs.get(&kind)
+    }
+
+    /// A boolean attribute's value (`false` when absent).
+    #[must_use]
+    pub fn flag(&self, kind: CK_ATTRIBUTE_TYPE) -> bool {
+        matches!(self.attrs.get(&kind), Some(Attr::Value(v)) if v.as_slice() == [CK_TRUE])
     }
 
     /// Whether every attribute of `template` has the same value here.
@@ -164,18 +175,27 @@ pub fn ck_key_type(key_type: KeyType) -> Option<CK_KEY_TYPE> {
     Some(match key_type {
         KeyType::Ed25519 => CKK_EC_EDWARDS,
         KeyType::EcdsaP256 | KeyType::EcdsaP384 => CKK_EC,
+        KeyType::Aes256Gcm => CKK_AES,
         t if t.rsa().is_some() => CKK_RSA,
         _ => return None,
     })
 }
 
-/// The private and public objects of one key.
-fn key_objects(info: &KeyInfo, spki: &[u8]) -> Result<[Object; 2]> {
+/// Whether a key of this type has a public half to fetch (its objects need it).
+#[must_use]
+pub fn has_public(key_type: KeyType) -> bool {
+    key_type.is_asymmetric()
+}
+
+/// The objects of one key: its private and public halves, or its secret key
+/// (`spki` is `None` for a symmetric key).
+fn key_objects(info: &KeyInfo, spki: Option<&[u8]>) -> Result<Vec<Object>> {
     let Some(ck_type) = ck_key_type(info.key_type) else {
-        return Err(Error::call(CKR_GENERAL_ERROR, "not a signing key"));
+        return Err(Error::call(CKR_GENERAL_ERROR, "not a key this module serves"));
     };
     let id = hex::decode(&info.id).unwrap_or_else(|_| info.id.as_bytes().to_vec());
-    let signs = info.usages.contains(&Usage::Sign) && info.state == KeyState::Active;
+    let active = info.state == KeyState::Active;
+    let signs = info.usages.contains(&Usage::Sign) && active;
     let verifies = info.usages.contains(&Usage::Verify);
     let common = |class: Class| -> BTreeMap<CK_ATTRIBUTE_TYPE, Attr> {
         BTreeMap::from([
@@ -195,24 +215,47 @@ fn key_objects(info: &KeyInfo, spki: &[u8]) -> Result<[Object; 2]> {
             (CKA_DERIVE, bool_attr(false)),
             (CKA_LOCAL, bool_attr(true)),
             (CKA_KEY_GEN_MECHANISM, ulong(CK_UNAVAILABLE_INFORMATION)),
-            (CKA_SUBJECT, Attr::Value(Vec::new())),
-            (CKA_PUBLIC_KEY_INFO, Attr::Value(spki.to_vec())),
         ])
     };
+    let object = |class, attrs| Object {
+        name: info.name.clone(),
+        key_type: info.key_type,
+        class,
+        version: info.version,
+        attrs,
+    };
+    let Some(spki) = spki else {
+        let mut secret = common(Class::Secret);
+        secret.extend(never_leaves());
+        secret.extend([
+            (CKA_VALUE, Attr::Sensitive),
+            (CKA_VALUE_LEN, ulong(32)),
+            (CKA_ENCRYPT, bool_attr(info.usages.contains(&Usage::Encrypt) && active)),
+            // hsmd's lifecycle lets a deactivated key still open what it sealed.
+            (CKA_DECRYPT, bool_attr(info.usages.contains(&Usage::Decrypt))),
+            (CKA_SIGN, bool_attr(false)),
+            (CKA_VERIFY, bool_attr(false)),
+            (CKA_WRAP, bool_attr(false)),
+            (CKA_UNWRAP, bool_attr(false)),
+            (CKA_TRUSTED, bool_attr(false)),
+        ]);
+        return Ok(vec![object(Class::Secret, secret)]);
+    };
     let public = public_attrs(info.key_type, spki)?;
+    let with_spki = |class| {
+        let mut attrs = common(class);
+        attrs.insert(CKA_SUBJECT, Attr::Value(Vec::new()));
+        attrs.insert(CKA_PUBLIC_KEY_INFO, Attr::Value(spki.to_vec()));
+        attrs
+    };
 
-    let mut private = common(Class::Private);
+    let mut private = with_spki(Class::Private);
+    private.extend(never_leaves());
     private.extend([
-        (CKA_SENSITIVE, bool_attr(true)),
-        (CKA_ALWAYS_SENSITIVE, bool_attr(true)),
-        (CKA_EXTRACTABLE, bool_attr(false)),
-        (CKA_NEVER_EXTRACTABLE, bool_attr(true)),
         (CKA_SIGN, bool_attr(signs)),
         (CKA_SIGN_RECOVER, bool_attr(false)),
         (CKA_DECRYPT, bool_attr(false)),
         (CKA_UNWRAP, bool_attr(false)),
-        (CKA_WRAP_WITH_TRUSTED, bool_attr(false)),
-        (CKA_ALWAYS_AUTHENTICATE, bool_attr(false)),
     ]);
     match info.key_type {
         KeyType::Ed25519 | KeyType::EcdsaP256 | KeyType::EcdsaP384 => {
@@ -236,7 +279,7 @@ fn key_objects(info: &KeyInfo, spki: &[u8]) -> Result<[Object; 2]> {
         }
     }
 
-    let mut public_obj = common(Class::Public);
+    let mut public_obj = with_spki(Class::Public);
     public_obj.extend(public);
     public_obj.extend([
         (CKA_VERIFY, bool_attr(verifies)),
@@ -245,18 +288,24 @@ fn key_objects(info: &KeyInfo, spki: &[u8]) -> Result<[Object; 2]> {
         (CKA_WRAP, bool_attr(false)),
         (CKA_TRUSTED, bool_attr(false)),
     ]);
-    let object = |class, attrs| Object {
-        name: info.name.clone(),
-        key_type: info.key_type,
-        class,
-        version: info.version,
-        attrs,
-    };
-    Ok([object(Class::Private, private), object(Class::Public, public_obj)])
+    Ok(vec![object(Class::Private, private), object(Class::Public, public_obj)])
 }
 
-/// Whether a listed key becomes objects here: a signing type, not deleted
-/// or destroyed.
+/// What every private and secret key object says of its secret: it is
+/// sensitive, and never was nor will be extractable.
+fn never_leaves() -> [(CK_ATTRIBUTE_TYPE, Attr); 6] {
+    [
+        (CKA_SENSITIVE, bool_attr(true)),
+        (CKA_ALWAYS_SENSITIVE, bool_attr(true)),
+        (CKA_EXTRACTABLE, bool_attr(false)),
+        (CKA_NEVER_EXTRACTABLE, bool_attr(true)),
+        (CKA_WRAP_WITH_TRUSTED, bool_attr(false)),
+        (CKA_ALWAYS_AUTHENTICATE, bool_attr(false)),
+    ]
+}
+
+/// Whether a listed key becomes objects here: a signing or AES type, not
+/// deleted or destroyed.
 #[must_use]
 pub fn is_served(info: &KeyInfo) -> bool {
     ck_key_type(info.key_type).is_some() && info.deleted_unix.is_none() && info.state != KeyState::Destroyed
@@ -279,20 +328,21 @@ impl Objects {
         self.spki.get(&(info.id.clone(), info.version)).map(Vec::as_slice)
     }
 
-    /// Replaces the objects with those of `keys` (each with its public key)
-    /// and returns the handles of those that match `template`.
+    /// Replaces the objects with those of `keys` (each with its public key,
+    /// `None` for a symmetric key) and returns the handles of those that
+    /// match `template`.
     ///
     /// # Errors
     /// A public key that does not parse.
     pub fn refresh(
         &mut self,
-        keys: Vec<(KeyInfo, Vec<u8>)>,
+        keys: Vec<(KeyInfo, Option<Vec<u8>>)>,
         template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
     ) -> Result<Vec<CK_OBJECT_HANDLE>> {
         let mut found = Vec::new();
         let mut seen = HashMap::new();
         for (info, spki) in keys {
-            for object in key_objects(&info, &spki)? {
+            for object in key_objects(&info, spki.as_deref())? {
                 let key = (info.id.clone(), object.class);
                 let handle = match self.by_key.get(&key) {
                     Some(h) => *h,
@@ -307,7 +357,9 @@ impl Objects {
                 }
                 seen.insert(handle, Arc::new(object));
             }
-            self.spki.insert((info.id.clone(), info.version), spki);
+            if let Some(spki) = spki {
+                self.spki.insert((info.id.clone(), info.version), spki);
+            }
         }
         // A key no longer listed (deleted, or policy changed) has no object;
         // its handle is not reused.

@@ -15,9 +15,10 @@ use protocol::{ClientError, ErrorCode, KeyInfo, KeyOptions, KeyType, ServiceStat
 use sha2::Digest as _;
 
 use crate::{
+    cipher::{self, DecryptOp, Direction, MessageOp},
     error::{Error, Result},
     mechanism::{Mechanism, Request, SignOp},
-    objects::{is_served, Class, Object, Objects},
+    objects::{has_public, is_served, Class, Object, Objects},
     pool::Pool,
 };
 
@@ -82,6 +83,9 @@ pub struct Session {
     find: Option<std::vec::IntoIter<CK_OBJECT_HANDLE>>,
     sign: Option<SignOp>,
     verify: Option<SignOp>,
+    decrypt: Option<DecryptOp>,
+    message_encrypt: Option<MessageOp>,
+    message_decrypt: Option<MessageOp>,
 }
 
 /// Which of a session's two signature operations a call is about.
@@ -98,6 +102,13 @@ impl Session {
         match purpose {
             Purpose::Sign => &mut self.sign,
             Purpose::Verify => &mut self.verify,
+        }
+    }
+
+    fn message(&mut self, direction: Direction) -> &mut Option<MessageOp> {
+        match direction {
+            Direction::Encrypt => &mut self.message_encrypt,
+            Direction::Decrypt => &mut self.message_decrypt,
         }
     }
 }
@@ -256,10 +267,10 @@ impl Token {
         Ok(())
     }
 
-    /// The keys this process may see, each with its newest public key. A
-    /// locked or uninitialized hsmd, or a caller hsmd lets list nothing, has
-    /// no objects (as an empty token), not an error.
-    fn listing(&self) -> Result<Vec<(KeyInfo, Vec<u8>)>> {
+    /// The keys this process may see, each asymmetric one with its newest
+    /// public key. A locked or uninitialized hsmd, or a caller hsmd lets list
+    /// nothing, has no objects (as an empty token), not an error.
+    fn listing(&self) -> Result<Vec<(KeyInfo, Option<Vec<u8>>)>> {
         let keys = match self.pool.call(|c| c.key_list()) {
             Ok(keys) => keys,
             Err(ClientError::Daemon(w))
@@ -275,6 +286,10 @@ impl Token {
         };
         let mut out = Vec::new();
         for info in keys.into_iter().filter(is_served) {
+            if !has_public(info.key_type) {
+                out.push((info, None));
+                continue;
+            }
             let cached = lock(&self.objects).cached_spki(&info).map(<[u8]>::to_vec);
             let spki = match cached {
                 Some(spki) => spki,
@@ -289,7 +304,7 @@ impl Token {
                     Err(e) => return Err(e.into()),
                 },
             };
-            out.push((info, spki));
+            out.push((info, Some(spki)));
         }
         Ok(out)
     }
@@ -308,7 +323,7 @@ impl Token {
         // objects needs no request.
         let keys_wanted = template.iter().all(|(kind, value)| {
             *kind != CKA_CLASS
-                || [CKO_PRIVATE_KEY, CKO_PUBLIC_KEY]
+                || [CKO_PRIVATE_KEY, CKO_PUBLIC_KEY, CKO_SECRET_KEY]
                     .iter()
                     .any(|c| c.to_ne_bytes().as_slice() == value.as_slice())
         });
@@ -357,6 +372,16 @@ impl Token {
         lock(&self.objects).get(handle)
     }
 
+    /// The key object behind a handle an operation names.
+    ///
+    /// # Errors
+    /// `CKR_KEY_HANDLE_INVALID`.
+    fn key_object(&self, key: CK_OBJECT_HANDLE) -> Result<Arc<Object>> {
+        lock(&self.objects)
+            .get(key)
+            .map_err(|e| Error::call(CKR_KEY_HANDLE_INVALID, e.to_string()))
+    }
+
     /// `C_SignInit` or `C_VerifyInit`.
     ///
     /// # Errors
@@ -377,9 +402,7 @@ impl Token {
                 format!("a {purpose:?} operation is active"),
             ));
         }
-        let key = lock(&self.objects)
-            .get(key)
-            .map_err(|e| Error::call(CKR_KEY_HANDLE_INVALID, e.to_string()))?;
+        let key = self.key_object(key)?;
         if purpose == Purpose::Sign && key.class != Class::Private {
             return Err(Error::call(
                 CKR_KEY_FUNCTION_NOT_PERMITTED,
@@ -495,6 +518,277 @@ impl Token {
         Ok(signed.len())
     }
 
+    /// `C_EncryptInit`: refused, saying why (see [`cipher`]), once the
+    /// session and key are known to be valid.
+    ///
+    /// # Errors
+    /// Always; [`cipher::refuse_single_part_encrypt`].
+    pub fn encrypt_init(&self, session: CK_SESSION_HANDLE, mech: &Mechanism, key: CK_OBJECT_HANDLE) -> Result<()> {
+        self.session(session)?;
+        self.key_object(key)?;
+        Err(cipher::refuse_single_part_encrypt(mech))
+    }
+
+    /// `C_DecryptInit`.
+    ///
+    /// # Errors
+    /// `CKR_OPERATION_ACTIVE`; [`DecryptOp::new`]'s.
+    pub fn decrypt_init(&self, session: CK_SESSION_HANDLE, mech: &Mechanism, key: CK_OBJECT_HANDLE) -> Result<()> {
+        let session = self.session(session)?;
+        let mut session = lock(&session);
+        if session.decrypt.is_some() {
+            return Err(Error::call(CKR_OPERATION_ACTIVE, "a decryption is active"));
+        }
+        session.decrypt = Some(DecryptOp::new(mech, self.key_object(key)?)?);
+        Ok(())
+    }
+
+    /// `C_DecryptUpdate`: collects the part; no plaintext comes out before
+    /// the tag has checked out. An error ends the operation.
+    ///
+    /// # Errors
+    /// `CKR_OPERATION_NOT_INITIALIZED`; [`DecryptOp::update`]'s.
+    pub fn decrypt_update(&self, session: CK_SESSION_HANDLE, data: &[u8]) -> Result<()> {
+        let session = self.session(session)?;
+        let mut session = lock(&session);
+        let op = session
+            .decrypt
+            .as_mut()
+            .ok_or_else(|| Error::call(CKR_OPERATION_NOT_INITIALIZED, "C_DecryptInit first"))?;
+        let result = op.update(data);
+        if result.is_err() {
+            session.decrypt = None;
+        }
+        result
+    }
+
+    /// `C_Decrypt` (with `data`) or `C_DecryptFinal` (without): the
+    /// plaintext's length when `out` is `None` or too short, which leaves the
+    /// operation open; otherwise hsmd opens the ciphertext with whichever
+    /// version of the key made it, the plaintext is written, and the
+    /// operation ends, whatever the outcome.
+    ///
+    /// # Errors
+    /// `CKR_BUFFER_TOO_SMALL` (with the length needed);
+    /// `CKR_ENCRYPTED_DATA_INVALID` when no version authenticates it; hsmd's
+    /// refusals.
+    pub fn decrypt(
+        &self,
+        session: CK_SESSION_HANDLE,
+        data: Option<&[u8]>,
+        out: Option<&mut [u8]>,
+    ) -> std::result::Result<usize, (Error, usize)> {
+        let session = self.session(session).map_err(|e| (e, 0))?;
+        let mut session = lock(&session);
+        let tail = data.unwrap_or_default();
+        let Some(op) = session.decrypt.as_ref() else {
+            return Err((Error::call(CKR_OPERATION_NOT_INITIALIZED, "C_DecryptInit first"), 0));
+        };
+        let len = match op.plaintext_len(tail) {
+            Ok(len) => len,
+            Err(e) => {
+                session.decrypt = None;
+                return Err((e, 0));
+            }
+        };
+        let Some(out) = out else { return Ok(len) };
+        if out.len() < len {
+            return Err((
+                Error::call(CKR_BUFFER_TOO_SMALL, format!("the plaintext takes {len} bytes")),
+                len,
+            ));
+        }
+        let Some(op) = session.decrypt.take() else {
+            return Err((Error::call(CKR_OPERATION_NOT_INITIALIZED, "C_DecryptInit first"), 0));
+        };
+        drop(session);
+        let (sealed, aad) = op.sealed(tail).map_err(|e| (e, len))?;
+        let opened = self
+            .pool
+            .call(|c| c.decrypt_any_version(op.key.name.clone(), sealed.clone(), aad.clone(), false))
+            .map_err(|e| (e.into(), len))?;
+        let plaintext = opened.plaintext.expose();
+        if plaintext.len() != len {
+            return Err((
+                Error::call(CKR_DEVICE_ERROR, "hsmd opened a plaintext of another length"),
+                len,
+            ));
+        }
+        out[..len].copy_from_slice(plaintext);
+        Ok(len)
+    }
+
+    /// `C_MessageEncryptInit` or `C_MessageDecryptInit`.
+    ///
+    /// # Errors
+    /// `CKR_OPERATION_ACTIVE`; [`MessageOp::new`]'s.
+    pub fn message_init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        direction: Direction,
+        mech: &Mechanism,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
+        let session = self.session(session)?;
+        let mut session = lock(&session);
+        let slot = session.message(direction);
+        if slot.is_some() {
+            return Err(Error::call(
+                CKR_OPERATION_ACTIVE,
+                format!("a message {direction:?} operation is active"),
+            ));
+        }
+        *slot = Some(MessageOp::new(mech, self.key_object(key)?, direction)?);
+        Ok(())
+    }
+
+    /// `C_MessageEncryptFinal` or `C_MessageDecryptFinal`.
+    ///
+    /// # Errors
+    /// `CKR_OPERATION_NOT_INITIALIZED`.
+    pub fn message_final(&self, session: CK_SESSION_HANDLE, direction: Direction) -> Result<()> {
+        let session = self.session(session)?;
+        let ended = lock(&session).message(direction).take();
+        ended.map(|_| ()).ok_or_else(|| {
+            Error::call(
+                CKR_OPERATION_NOT_INITIALIZED,
+                format!("no message {direction:?} operation is active"),
+            )
+        })
+    }
+
+    /// The key of the session's message operation.
+    fn message_key(&self, session: CK_SESSION_HANDLE, direction: Direction) -> Result<Arc<Object>> {
+        let session = self.session(session)?;
+        let mut session = lock(&session);
+        session
+            .message(direction)
+            .as_ref()
+            .map(|op| Arc::clone(&op.key))
+            .ok_or_else(|| {
+                Error::call(
+                    CKR_OPERATION_NOT_INITIALIZED,
+                    format!("C_Message{direction:?}Init first"),
+                )
+            })
+    }
+
+    /// `C_EncryptMessage`: hsmd seals `plaintext` with a fresh random IV
+    /// under the key's newest version; the answer is IV, ciphertext and tag.
+    /// The operation stays open for the next message.
+    ///
+    /// # Errors
+    /// `CKR_OPERATION_NOT_INITIALIZED`; hsmd's refusals.
+    pub fn encrypt_message(&self, session: CK_SESSION_HANDLE, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        let key = self.message_key(session, Direction::Encrypt)?;
+        let plaintext = protocol::SecretBytes::new(plaintext.to_vec());
+        let sealed = self
+            .pool
+            .call(|c| c.encrypt(key.name.clone(), None, plaintext.clone(), aad.to_vec()))?;
+        Ok(sealed.sealed)
+    }
+
+    /// `C_DecryptMessage`: hsmd opens IV, ciphertext and tag with whichever
+    /// version of the key made them.
+    ///
+    /// # Errors
+    /// `CKR_OPERATION_NOT_INITIALIZED`; `CKR_ENCRYPTED_DATA_INVALID` when no
+    /// version authenticates it; hsmd's refusals.
+    pub fn decrypt_message(
+        &self,
+        session: CK_SESSION_HANDLE,
+        iv: &[u8],
+        tag: &[u8],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<protocol::SecretBytes> {
+        let key = self.message_key(session, Direction::Decrypt)?;
+        let sealed = [iv, ciphertext, tag].concat();
+        let opened = self
+            .pool
+            .call(|c| c.decrypt_any_version(key.name.clone(), sealed.clone(), aad.to_vec(), false))?;
+        Ok(opened.plaintext)
+    }
+
+    /// `C_GenerateKey`: creates an hsmd AES-256-GCM key named by
+    /// `CKA_LABEL`, allowed to encrypt and decrypt unless the template sets
+    /// `CKA_ENCRYPT` or `CKA_DECRYPT` false.
+    ///
+    /// # Errors
+    /// `CKR_MECHANISM_INVALID` for a mechanism other than `CKM_AES_KEY_GEN`;
+    /// `CKR_ATTRIBUTE_VALUE_INVALID` for another key length or type, a
+    /// session object or a key that could leave; `CKR_ATTRIBUTE_READ_ONLY`
+    /// for a `CKA_ID`; `CKR_TEMPLATE_INCOMPLETE` without a `CKA_LABEL`;
+    /// hsmd's refusals.
+    pub fn generate_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: CK_MECHANISM_TYPE,
+        template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
+    ) -> Result<CK_OBJECT_HANDLE> {
+        if mech != CKM_AES_KEY_GEN {
+            return Err(Error::call(
+                CKR_MECHANISM_INVALID,
+                format!("mechanism {mech:#x} does not make hsmd secret keys; CKM_AES_KEY_GEN does"),
+            ));
+        }
+        let new = NewKey::read(template)?;
+        let invalid = |why: &str| Error::call(CKR_ATTRIBUTE_VALUE_INVALID, why.to_owned());
+        if new.ulong(CKA_VALUE_LEN).is_some_and(|len| len != 32) {
+            return Err(invalid("hsmd's AES keys are 256 bits: CKA_VALUE_LEN 32"));
+        }
+        if new.ulong(CKA_KEY_TYPE).is_some_and(|t| t != CKK_AES) {
+            return Err(invalid("CKM_AES_KEY_GEN makes CKK_AES keys"));
+        }
+        if new.ulong(CKA_CLASS).is_some_and(|c| c != CKO_SECRET_KEY) {
+            return Err(invalid("CKM_AES_KEY_GEN makes CKO_SECRET_KEY objects"));
+        }
+        let usages: Vec<Usage> = [(CKA_ENCRYPT, Usage::Encrypt), (CKA_DECRYPT, Usage::Decrypt)]
+            .into_iter()
+            .filter(|(attr, _)| new.flag(*attr) != Some(false))
+            .map(|(_, usage)| usage)
+            .collect();
+        if usages.is_empty() {
+            return Err(Error::call(
+                CKR_TEMPLATE_INCONSISTENT,
+                "a key that may neither encrypt nor decrypt does nothing: leave CKA_ENCRYPT or CKA_DECRYPT true",
+            ));
+        }
+        self.create(&new.name, KeyType::Aes256Gcm, usages, session)?;
+        let [secret] = self.handles_after_create(&new.name, [Class::Secret])?;
+        Ok(secret)
+    }
+
+    /// Creates the key in hsmd, in a read-write session.
+    fn create(&self, name: &str, key_type: KeyType, usages: Vec<Usage>, session: CK_SESSION_HANDLE) -> Result<()> {
+        if !lock(&*self.session(session)?).read_write {
+            return Err(Error::call(
+                CKR_SESSION_READ_ONLY,
+                "key generation needs a read-write session",
+            ));
+        }
+        self.pool
+            .call(|c| c.key_create(name.to_owned(), key_type, usages.clone(), KeyOptions::default()))?;
+        Ok(())
+    }
+
+    /// The handles of a key's objects of `classes` just after it was created.
+    fn handles_after_create<const N: usize>(&self, name: &str, classes: [Class; N]) -> Result<[CK_OBJECT_HANDLE; N]> {
+        let listing = self.listing()?;
+        let mut objects = lock(&self.objects);
+        objects.refresh(listing, &[])?;
+        let mut handles = [0; N];
+        for (handle, class) in handles.iter_mut().zip(classes) {
+            *handle = objects.handle_of(name, class).ok_or_else(|| {
+                Error::call(
+                    CKR_FUNCTION_FAILED,
+                    format!("hsmd created key {name:?} but does not list it for this caller"),
+                )
+            })?;
+        }
+        Ok(handles)
+    }
+
     /// `C_GenerateKeyPair`: creates an hsmd key named by `CKA_LABEL` (hsmd
     /// picks its id) of the type the mechanism and template ask for.
     ///
@@ -509,58 +803,12 @@ impl Token {
         public: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
         private: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
     ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
-        if !lock(&*self.session(session)?).read_write {
-            return Err(Error::call(
-                CKR_SESSION_READ_ONLY,
-                "key generation needs a read-write session",
-            ));
-        }
-        let find = |kind| {
-            private
-                .iter()
-                .chain(public)
-                .find(|(k, _)| *k == kind)
-                .map(|(_, v)| v.as_slice())
-        };
-        if find(CKA_ID).is_some() {
-            return Err(Error::call(
-                CKR_ATTRIBUTE_READ_ONLY,
-                "hsmd assigns each key its id (CKA_ID); name the key with CKA_LABEL",
-            ));
-        }
-        let key_type = generated_type(mech, find(CKA_EC_PARAMS), find(CKA_MODULUS_BITS))?;
-        let name = match find(CKA_LABEL) {
-            Some(label) => String::from_utf8(label.to_vec())
-                .map_err(|_| Error::call(CKR_ATTRIBUTE_VALUE_INVALID, "CKA_LABEL is not UTF-8"))?,
-            None => {
-                return Err(Error::call(
-                    CKR_TEMPLATE_INCOMPLETE,
-                    "an hsmd key needs a name: give CKA_LABEL",
-                ))
-            }
-        };
-        let options = KeyOptions::default();
-        self.pool.call(|c| {
-            c.key_create(
-                name.clone(),
-                key_type,
-                vec![Usage::Sign, Usage::Verify],
-                options.clone(),
-            )
-        })?;
-        let listing = self.listing()?;
-        let mut objects = lock(&self.objects);
-        objects.refresh(listing, &[])?;
-        match (
-            objects.handle_of(&name, Class::Public),
-            objects.handle_of(&name, Class::Private),
-        ) {
-            (Some(public), Some(private)) => Ok((public, private)),
-            _ => Err(Error::call(
-                CKR_FUNCTION_FAILED,
-                format!("hsmd created key {name:?} but does not list it for this caller"),
-            )),
-        }
+        let both: Vec<_> = private.iter().chain(public).cloned().collect();
+        let new = NewKey::read(&both)?;
+        let key_type = generated_type(mech, new.value(CKA_EC_PARAMS), new.ulong(CKA_MODULUS_BITS))?;
+        self.create(&new.name, key_type, vec![Usage::Sign, Usage::Verify], session)?;
+        let [public, private] = self.handles_after_create(&new.name, [Class::Public, Class::Private])?;
+        Ok((public, private))
     }
 
     /// `C_DestroyObject`: deletes the key in hsmd (recoverable with `hsmctl
@@ -596,8 +844,78 @@ impl Token {
     }
 }
 
+/// A key generation's template, checked against what hsmd keys are.
+struct NewKey<'t> {
+    name: String,
+    template: &'t [(CK_ATTRIBUTE_TYPE, Vec<u8>)],
+}
+
+impl<'t> NewKey<'t> {
+    /// Reads the name and refuses what hsmd cannot make.
+    ///
+    /// # Errors
+    /// `CKR_TEMPLATE_INCOMPLETE` without a `CKA_LABEL`;
+    /// `CKR_ATTRIBUTE_READ_ONLY` for a `CKA_ID` (hsmd assigns ids);
+    /// `CKR_ATTRIBUTE_VALUE_INVALID` for a session object (`CKA_TOKEN`
+    /// false: hsmd keeps every key it makes) or a key that could leave
+    /// (`CKA_EXTRACTABLE` true, `CKA_SENSITIVE` false).
+    fn read(template: &'t [(CK_ATTRIBUTE_TYPE, Vec<u8>)]) -> Result<Self> {
+        let partial = Self {
+            name: String::new(),
+            template,
+        };
+        let invalid = |why: &str| Error::call(CKR_ATTRIBUTE_VALUE_INVALID, why.to_owned());
+        if partial.value(CKA_ID).is_some() {
+            return Err(Error::call(
+                CKR_ATTRIBUTE_READ_ONLY,
+                "hsmd assigns each key its id (CKA_ID); name the key with CKA_LABEL",
+            ));
+        }
+        if partial.flag(CKA_TOKEN) == Some(false) {
+            return Err(invalid(
+                "hsmd keeps every key it makes: it has no session objects (CKA_TOKEN false); \
+                 delete the key with C_DestroyObject when done",
+            ));
+        }
+        if partial.flag(CKA_EXTRACTABLE) == Some(true) || partial.flag(CKA_SENSITIVE) == Some(false) {
+            return Err(invalid(
+                "an hsmd key never leaves hsmd: CKA_EXTRACTABLE true and CKA_SENSITIVE false cannot be \
+                 honoured (pkcs11-tool: add --sensitive)",
+            ));
+        }
+        let name = match partial.value(CKA_LABEL) {
+            Some(label) => String::from_utf8(label.to_vec())
+                .map_err(|_| Error::call(CKR_ATTRIBUTE_VALUE_INVALID, "CKA_LABEL is not UTF-8"))?,
+            None => {
+                return Err(Error::call(
+                    CKR_TEMPLATE_INCOMPLETE,
+                    "an hsmd key needs a name: give CKA_LABEL",
+                ))
+            }
+        };
+        Ok(Self { name, ..partial })
+    }
+
+    fn value(&self, kind: CK_ATTRIBUTE_TYPE) -> Option<&'t [u8]> {
+        self.template
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn flag(&self, kind: CK_ATTRIBUTE_TYPE) -> Option<bool> {
+        self.value(kind).map(|v| v.iter().any(|b| *b != CK_FALSE))
+    }
+
+    fn ulong(&self, kind: CK_ATTRIBUTE_TYPE) -> Option<CK_ULONG> {
+        self.value(kind)
+            .and_then(|b| <[u8; std::mem::size_of::<CK_ULONG>()]>::try_from(b).ok())
+            .map(CK_ULONG::from_ne_bytes)
+    }
+}
+
 /// The hsmd key type `C_GenerateKeyPair` makes.
-fn generated_type(mech: CK_MECHANISM_TYPE, ec_params: Option<&[u8]>, bits: Option<&[u8]>) -> Result<KeyType> {
+fn generated_type(mech: CK_MECHANISM_TYPE, ec_params: Option<&[u8]>, bits: Option<CK_ULONG>) -> Result<KeyType> {
     let invalid = |why: &str| Error::call(CKR_ATTRIBUTE_VALUE_INVALID, why.to_owned());
     match mech {
         CKM_EC_KEY_PAIR_GEN => match ec_params {
@@ -608,10 +926,7 @@ fn generated_type(mech: CK_MECHANISM_TYPE, ec_params: Option<&[u8]>, bits: Optio
         },
         CKM_EC_EDWARDS_KEY_PAIR_GEN => Ok(KeyType::Ed25519),
         CKM_RSA_PKCS_KEY_PAIR_GEN => {
-            let bits = bits
-                .and_then(|b| <[u8; std::mem::size_of::<CK_ULONG>()]>::try_from(b).ok())
-                .map(CK_ULONG::from_ne_bytes)
-                .ok_or_else(|| Error::call(CKR_TEMPLATE_INCOMPLETE, "give CKA_MODULUS_BITS"))?;
+            let bits = bits.ok_or_else(|| Error::call(CKR_TEMPLATE_INCOMPLETE, "give CKA_MODULUS_BITS"))?;
             // PKCS#1 v1.5, what CKM_RSA_PKCS and TLS 1.2 and SSH sign with;
             // an RSA-PSS key is made with `hsmctl key create`.
             match bits {

@@ -36,6 +36,15 @@ pub struct Sealed {
     pub sealed: Vec<u8>,
 }
 
+/// A plaintext and the key version that opened it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The key version that opened it.
+    pub version: u32,
+    /// The data; wiped when dropped.
+    pub plaintext: SecretBytes,
+}
+
 /// A MAC tag and the key version that made it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tagged {
@@ -244,6 +253,11 @@ calls! {
         KeyList => fn key_list() -> Vec<KeyInfo> { Reply::Keys(keys) => keys }
         /// The keys offered to SSH that the caller may sign with.
         SshIdentities => fn ssh_identities() -> Vec<SshIdentity> { Reply::SshIdentities(ids) => ids }
+        /// Opens what some version of the key sealed, trying the versions it
+        /// still decrypts with, newest first.
+        DecryptAnyVersion(DecryptAnyVersionArgs) => fn decrypt_any_version(name: String, sealed: Vec<u8>, aad: Vec<u8>, allow_compromised: bool) -> Opened {
+            Reply::DecryptedWith { version, plaintext } => Opened { version, plaintext }
+        }
         /// One key's description.
         KeyInfo => fn key_info(name: String) -> KeyInfo { Reply::Key(k) => *k }
         /// A key's public half.

@@ -394,6 +394,12 @@ pub enum Operation {
     /// caller's `keys.sign` covers it. Needs unlocked (the public halves
     /// are read from the keys). Answered with `SshIdentities`.
     SshIdentities,
+    /// Opens what `Encrypt` sealed when the caller does not know which key
+    /// version sealed it (a PKCS#11 `C_Decrypt` has only the ciphertext):
+    /// hsmd tries the versions the key still decrypts with, newest first,
+    /// down to its minimum decryption version. Needs `keys.decrypt` and
+    /// unlocked. Answered with `DecryptedWith`, which names the version.
+    DecryptAnyVersion(DecryptAnyVersionArgs),
 }
 
 /// The label that offers a key to SSH clients through hsmd's agent socket
@@ -577,6 +583,21 @@ pub struct DecryptArgs {
     pub name: String,
     /// The key version the ciphertext names.
     pub version: u32,
+    /// 12-byte nonce, ciphertext, 16-byte tag.
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+    /// The associated data given to `Encrypt`.
+    #[serde(with = "serde_bytes")]
+    pub aad: Vec<u8>,
+    /// Allow this use of a key in state `compromised` (logged at high risk).
+    pub allow_compromised: bool,
+}
+
+/// The fields of [`Operation::DecryptAnyVersion`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecryptAnyVersionArgs {
+    /// The key's name.
+    pub name: String,
     /// 12-byte nonce, ciphertext, 16-byte tag.
     #[serde(with = "serde_bytes")]
     pub sealed: Vec<u8>,
@@ -1421,6 +1442,14 @@ pub enum Reply {
     /// Answer to `SshIdentities`.
     #[strum(serialize = "ssh-identities")]
     SshIdentities(Vec<SshIdentity>),
+    /// Answer to [`Operation::DecryptAnyVersion`].
+    #[strum(serialize = "decrypt-any-version")]
+    DecryptedWith {
+        /// The key version that opened it.
+        version: u32,
+        /// The data.
+        plaintext: SecretBytes,
+    },
 }
 
 /// An unlock slot, as `SlotList` shows it.

@@ -2,9 +2,10 @@
 //! as its clients: OpenSC's `pkcs11-tool` lists, signs and generates keys;
 //! OpenSSL's PKCS#11 engine (libp11) signs and makes a certificate;
 //! `gnutls-serv` serves TLS 1.3 with the key in hsmd while `gnutls-cli`
-//! connects; `ssh-keygen -D` prints the keys. OpenSSL checks every signature
-//! against `hsmctl key public`. A second uid sees nothing, a locked hsmd and a
-//! killed one give PKCS#11 errors, not crashes.
+//! connects; `ssh-keygen -D` prints the keys; Parsec's `cryptoki` encrypts
+//! and decrypts with AES-GCM. OpenSSL checks every signature against `hsmctl
+//! key public`, hsmd's own `Decrypt` every ciphertext. A second uid sees
+//! nothing, a locked hsmd and a killed one give PKCS#11 errors, not crashes.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::{
@@ -96,6 +97,34 @@ fn audit(d: &Daemon) -> String {
     fs::read_to_string(d.dir().join("state/audit.log")).expect("audit log")
 }
 
+/// Held by each test that loads the module into this process: the module is
+/// loaded once per process, and reads `$HSMD_SOCKET` at `C_Initialize`.
+static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The handle of the object of `class` labelled `label`.
+fn find(
+    session: &cryptoki::session::Session,
+    class: cryptoki::object::ObjectClass,
+    label: &str,
+) -> cryptoki::object::ObjectHandle {
+    use cryptoki::object::Attribute;
+    let found = session
+        .find_objects(&[Attribute::Class(class), Attribute::Label(label.into())])
+        .expect("C_FindObjects");
+    *found.first().unwrap_or_else(|| panic!("no {class} object {label:?}"))
+}
+
+/// Loads the module into this process for `d`, initialized.
+fn in_process(d: &Daemon) -> (std::sync::MutexGuard<'static, ()>, cryptoki::context::Pkcs11) {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    let held = IN_PROCESS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    std::env::set_var("HSMD_SOCKET", &d.socket);
+    let p11 = Pkcs11::new(pkcs11_module()).expect("load the module");
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
+    (held, p11)
+}
+
 #[test]
 fn pkcs11_tool_lists_signs_and_generates_keys() {
     let d = started();
@@ -126,8 +155,11 @@ fn pkcs11_tool_lists_signs_and_generates_keys() {
         "{objects}"
     );
     assert!(
-        !objects.contains("box"),
-        "a key that does not sign is not an object: {objects}"
+        objects.contains(&format!(
+            "Secret Key Object; AES length 32\n  label:      box\n  ID:         {}\n  Usage:      encrypt, decrypt",
+            key_id(&d, "box")
+        )),
+        "an AES key is a secret key object: {objects}"
     );
 
     // ECDSA over SHA-256 of 100 KB (hashed in the module, signed in hsmd).
@@ -204,6 +236,41 @@ fn pkcs11_tool_lists_signs_and_generates_keys() {
             .any(|l| l.starts_with("from-p11") && l.contains("ecdsa-p256")),
         "{keys}"
     );
+    // C_GenerateKey makes an AES key, 256-bit only.
+    let made = ok(&pkcs11_tool(
+        &d,
+        &[
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "aes-from-p11",
+            "--sensitive",
+        ],
+    ));
+    assert!(made.contains("label:      aes-from-p11"), "{made}");
+    let info = json(&d.hsmctl(&["--json", "key", "info", "aes-from-p11"]));
+    assert_eq!(info["key_type"], "aes256-gcm", "{info}");
+    assert_eq!(info["usages"], serde_json::json!(["encrypt", "decrypt"]), "{info}");
+    let keygen = |bytes: &str, extra: &[&str]| {
+        let key_type = format!("AES:{bytes}");
+        let mut args = vec!["--keygen", "--key-type", &key_type, "--label", "aes128"];
+        args.extend(extra);
+        let out = pkcs11_tool(&d, &args);
+        assert!(!out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let short = keygen("16", &["--sensitive"]);
+    assert!(
+        short.contains("CKR_ATTRIBUTE_VALUE_INVALID") && short.contains("256 bits"),
+        "{short}"
+    );
+    // pkcs11-tool asks for a readable key unless told --sensitive; hsmd
+    // cannot give one, and says so rather than pretend.
+    let readable = keygen("32", &[]);
+    assert!(readable.contains("never leaves hsmd"), "{readable}");
+    assert!(!ok(&d.hsmctl(&["key", "list"])).contains("aes128"));
+
     // hsmd names its keys' ids; a caller's CKA_ID is refused, not ignored.
     let refused = pkcs11_tool(
         &d,
@@ -425,27 +492,16 @@ fn ssh_keygen_prints_the_keys_openssh_can_use() {
 #[test]
 fn locked_and_killed_daemons_are_errors_the_host_program_survives() {
     use cryptoki::{
-        context::{CInitializeArgs, CInitializeFlags, Pkcs11},
         error::{Error, RvError},
         mechanism::Mechanism,
-        object::{Attribute, AttributeInfo, AttributeType, ObjectClass},
+        object::{AttributeInfo, AttributeType, ObjectClass},
     };
     let mut d = started();
     create(&d, "web", "ecdsa-p256");
-    // Read once, at C_Initialize; no other test in this binary reads the
-    // process environment for the socket.
-    std::env::set_var("HSMD_SOCKET", &d.socket);
-    let p11 = Pkcs11::new(pkcs11_module()).expect("load the module");
-    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .expect("C_Initialize");
+    let (_held, p11) = in_process(&d);
     let slot = p11.get_slots_with_token().expect("slots")[0];
     let session = p11.open_rw_session(slot).expect("session");
-    let key = session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::Label(b"web".to_vec()),
-        ])
-        .expect("find")[0];
+    let key = find(&session, ObjectClass::PRIVATE_KEY, "web");
     let info = session
         .get_attribute_info(key, &[AttributeType::Value, AttributeType::Sensitive])
         .expect("attribute info");
@@ -483,6 +539,157 @@ fn locked_and_killed_daemons_are_errors_the_host_program_survives() {
         sign().expect("sign after hsmd is back").len(),
         64,
         "the session outlives hsmd's restart"
+    );
+    drop(session);
+    p11.finalize().expect("C_Finalize");
+}
+
+#[test]
+fn aes_gcm_encrypts_with_ivs_hsmd_draws_and_decrypts_what_any_version_sealed() {
+    use cryptoki::{
+        error::{Error, RvError},
+        mechanism::{
+            aead::{GcmMessageParams, GcmParams, GeneratorFunction},
+            Mechanism, MessageParam,
+        },
+        object::{AttributeInfo, AttributeType, ObjectClass},
+    };
+    let d = started();
+    create(&d, "vault", "aes256-gcm");
+    let (_held, p11) = in_process(&d);
+    let slot = p11.get_slots_with_token().expect("slots")[0];
+    let session = p11.open_rw_session(slot).expect("session");
+    let key = find(&session, ObjectClass::SECRET_KEY, "vault");
+    let info = session
+        .get_attribute_info(key, &[AttributeType::Value, AttributeType::ValueLen])
+        .expect("attribute info");
+    assert!(
+        matches!(info[..], [AttributeInfo::Sensitive, AttributeInfo::Available(_)]),
+        "the key is sensitive: {info:?}"
+    );
+    let rv = |e: Error| match e {
+        Error::Pkcs11(rv, _) => rv,
+        other => panic!("not a PKCS#11 error: {other}"),
+    };
+
+    // Encrypt: hsmd draws the IV and the module writes it, and the tag, into
+    // the caller's parameters.
+    let aad = b"record 17";
+    let plaintext = b"the launch codes".as_slice();
+    let encrypt = |generator| {
+        let (mut iv, mut tag) = ([0u8; 12], [0u8; 16]);
+        let params = GcmMessageParams::new(&mut iv, 0.into(), generator, &mut tag).expect("params");
+        let ciphertext = session.encrypt_message(&MessageParam::AesGcmMessage(params), aad, plaintext)?;
+        Ok::<_, Error>((iv, ciphertext, tag))
+    };
+    // The message interface's init takes the mechanism; each message brings
+    // its own parameters.
+    let (mut no_iv, mut no_tag) = ([0u8; 12], [0u8; 16]);
+    let gcm = Mechanism::AesGcmMessage(
+        GcmMessageParams::new(&mut no_iv, 0.into(), GeneratorFunction::NoGenerate, &mut no_tag).expect("params"),
+    );
+    session.message_encrypt_init(&gcm, key).expect("C_MessageEncryptInit");
+    let (iv, ciphertext, tag) = encrypt(GeneratorFunction::GenerateRandom).expect("C_EncryptMessage");
+    assert_eq!(ciphertext.len(), plaintext.len());
+    assert_ne!(ciphertext, plaintext);
+    let (iv2, _, _) = encrypt(GeneratorFunction::GenerateRandom).expect("a second message");
+    assert_ne!(iv, [0; 12], "the IV hsmd drew was written back");
+    assert_ne!(iv, iv2, "each message gets its own IV");
+    assert_eq!(
+        rv(encrypt(GeneratorFunction::NoGenerate).unwrap_err()),
+        RvError::MechanismParamInvalid,
+        "a caller's own IV is refused"
+    );
+    session.message_encrypt_final().expect("C_MessageEncryptFinal");
+
+    // hsmd's own Decrypt opens it: IV, ciphertext and tag are its sealed form.
+    let sealed = [&iv[..], &ciphertext, &tag].concat();
+    let opened = d
+        .client()
+        .decrypt("vault".into(), 1, sealed.clone(), aad.to_vec(), false)
+        .expect("hsmd decrypts what the module sealed");
+    assert_eq!(opened.expose(), plaintext);
+
+    // Single-part C_Encrypt would take the caller's IV: refused.
+    let mut caller_iv = [9u8; 12];
+    let single = Mechanism::AesGcm(GcmParams::new(&mut caller_iv, aad, 128.into()).expect("params"));
+    assert_eq!(
+        rv(session.encrypt(&single, key, plaintext).unwrap_err()),
+        RvError::MechanismParamInvalid
+    );
+
+    // What hsmd sealed before a rotation opens through C_Decrypt after it,
+    // in one part or several, and the audit line names the version.
+    let before = d
+        .client()
+        .encrypt(
+            "vault".into(),
+            None,
+            protocol::SecretBytes::new(plaintext.to_vec()),
+            aad.to_vec(),
+        )
+        .expect("encrypt");
+    assert_eq!(before.version, 1);
+    ok(&d.hsmctl(&["key", "rotate", "vault"]));
+    let (old_iv, old_body) = before.sealed.split_at(12);
+    let mut old_iv: [u8; 12] = old_iv.try_into().unwrap();
+    let decrypt = |iv: &mut [u8; 12], aad: &[u8], body: &[u8]| {
+        session.decrypt(
+            &Mechanism::AesGcm(GcmParams::new(iv, aad, 128.into()).expect("params")),
+            key,
+            body,
+        )
+    };
+    assert_eq!(
+        decrypt(&mut old_iv, aad, old_body).expect("C_Decrypt of version 1"),
+        plaintext
+    );
+    let log = audit(&d);
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"key:vault\"") && l.contains("\"decrypt\""))
+        .expect("the decryption's audit line");
+    assert!(line.contains("\"version\":1") && line.contains("\"success\""), "{line}");
+    session
+        .decrypt_init(
+            &Mechanism::AesGcm(GcmParams::new(&mut old_iv, aad, 128.into()).expect("params")),
+            key,
+        )
+        .expect("C_DecryptInit");
+    let (first, rest) = old_body.split_at(5);
+    assert!(
+        session.decrypt_update(first).expect("C_DecryptUpdate").is_empty(),
+        "nothing before the tag checks out"
+    );
+    assert!(session.decrypt_update(rest).expect("C_DecryptUpdate").is_empty());
+    assert_eq!(session.decrypt_final().expect("C_DecryptFinal"), plaintext);
+
+    // The message interface opens it too; a flipped bit, other associated
+    // data, or a version below the key's minimum do not.
+    session.message_decrypt_init(&gcm, key).expect("C_MessageDecryptInit");
+    let open = |iv: &[u8; 12], tag: &[u8; 16], aad: &[u8], body: &[u8]| {
+        let (mut iv, mut tag) = (*iv, *tag);
+        let params = GcmMessageParams::new(&mut iv, 0.into(), GeneratorFunction::NoGenerate, &mut tag).expect("params");
+        session.decrypt_message(&MessageParam::AesGcmMessage(params), aad, body)
+    };
+    assert_eq!(open(&iv, &tag, aad, &ciphertext).expect("C_DecryptMessage"), plaintext);
+    let mut flipped = ciphertext.clone();
+    flipped[0] ^= 1;
+    assert_eq!(
+        rv(open(&iv, &tag, aad, &flipped).unwrap_err()),
+        RvError::EncryptedDataInvalid
+    );
+    assert_eq!(
+        rv(open(&iv, &tag, b"record 18", &ciphertext).unwrap_err()),
+        RvError::EncryptedDataInvalid
+    );
+    session.message_decrypt_final().expect("C_MessageDecryptFinal");
+    ok(&d.hsmctl(&["key", "set", "vault", "--min-decrypt-version", "2"]));
+    assert_eq!(
+        rv(decrypt(&mut old_iv, aad, old_body).unwrap_err()),
+        RvError::EncryptedDataInvalid,
+        "version 1 no longer decrypts"
     );
     drop(session);
     p11.finalize().expect("C_Finalize");

@@ -1195,6 +1195,42 @@ impl Keys<'_> {
             .ok_or_else(|| VaultError::DecryptFailed(c.row.name.clone()))
     }
 
+    /// Opens what some version of `name` sealed, for a caller that does not
+    /// know which (a PKCS#11 `C_Decrypt` holds only the ciphertext): tries
+    /// the versions the key still decrypts with, newest first, down to its
+    /// minimum decryption version, and answers with the one that opened it.
+    /// A version that is gone from the keystore is passed over.
+    ///
+    /// # Errors
+    /// [`VaultError::DecryptFailed`] when no version opens it; as [`Keys::decrypt`].
+    pub fn decrypt_any_version(
+        &self,
+        name: &str,
+        sealed: &[u8],
+        aad: &[u8],
+        allow_compromised: bool,
+    ) -> Result<(u32, Zeroizing<Vec<u8>>), VaultError> {
+        let newest = self.find(name, None)?;
+        let (latest, lowest) = (newest.0.row.version, newest.0.row.policy.min_decrypt_version);
+        for version in (lowest..=latest).rev() {
+            let key = if version == latest {
+                newest.clone()
+            } else {
+                match self.find(name, Some(version)) {
+                    Ok(key) => key,
+                    Err(VaultError::NoSuchKey(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            let (_, material) =
+                self.prepare(&key, Some(version), Action::Decrypt, Usage::Decrypt, allow_compromised)?;
+            if let Some(plaintext) = material.decrypt(sealed, aad)? {
+                return Ok((version, plaintext));
+            }
+        }
+        Err(VaultError::DecryptFailed(name.to_owned()))
+    }
+
     /// Opens a ciphertext and seals its plaintext again under the newest
     /// version (or `to_version`), with the same associated data; the plaintext
     /// exists only inside this call.

@@ -90,7 +90,8 @@ impl AuditSpec {
                     | Reply::Encrypted { version, .. }
                     | Reply::MacTag { version, .. }
                     | Reply::DataKey { version, .. }
-                    | Reply::PublicKey { version, .. } => Some(*version),
+                    | Reply::PublicKey { version, .. }
+                    | Reply::DecryptedWith { version, .. } => Some(*version),
                     Reply::KeyCreated(k) | Reply::KeyUpdated(k) => Some(k.version),
                     _ => None,
                 };

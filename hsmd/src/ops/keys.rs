@@ -2,8 +2,8 @@
 //! their use (sign, verify, encrypt, decrypt, MAC, rewrap, data keys).
 
 use protocol::{
-    DecryptArgs, EncryptArgs, HashAlg, KeyChanges, KeyOptions, KeyType, MacArgs, MacVerifyArgs, Reply, SecretBytes,
-    SignArgs, SignMessageArgs, Transition, Usage, VerifyArgs, VerifyMessageArgs,
+    DecryptAnyVersionArgs, DecryptArgs, EncryptArgs, HashAlg, KeyChanges, KeyOptions, KeyType, MacArgs, MacVerifyArgs,
+    Reply, SecretBytes, SignArgs, SignMessageArgs, Transition, Usage, VerifyArgs, VerifyMessageArgs,
 };
 
 use super::{audit_line::compromised_use, AuditSpec, Plan};
@@ -293,6 +293,30 @@ pub(super) fn decrypt(
             })
     })
     .needs_on_key(Permission::Keys(A::Decrypt))
+    .audited(spec)
+}
+
+pub(super) fn decrypt_any_version(
+    DecryptAnyVersionArgs {
+        name,
+        sealed,
+        aad,
+        allow_compromised,
+    }: DecryptAnyVersionArgs,
+) -> Plan {
+    let spec = compromised_use(EventType::Decrypt, format!("key:{name}"), "decrypt", allow_compromised);
+    // On the pool: the older versions it may try are read from the keystore.
+    Plan::keys({
+        let name = name.clone();
+        move |k| {
+            k.decrypt_any_version(&name, &sealed, &aad, allow_compromised)
+                .map(|(version, p)| Reply::DecryptedWith {
+                    version,
+                    plaintext: SecretBytes::new(p.to_vec()),
+                })
+        }
+    })
+    .needs(Permission::Keys(A::Decrypt), Some(&name))
     .audited(spec)
 }
 

@@ -363,6 +363,7 @@ pub fn plan(op: Operation) -> Plan {
         O::Verify(a) => keys::verify(a),
         O::Encrypt(a) => keys::encrypt(a),
         O::Decrypt(a) => keys::decrypt(a),
+        O::DecryptAnyVersion(a) => keys::decrypt_any_version(a),
         O::Mac(a) => keys::mac(a),
         O::MacVerify(a) => keys::mac_verify(a),
         O::SignMessage(a) => keys::sign_message(a),

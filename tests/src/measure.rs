@@ -98,16 +98,14 @@ pub fn in_process_ed25519() -> Box<dyn FnMut() -> Result<()> + Send> {
 }
 
 /// One ECDSA-P256 signature (of a SHA-256 digest) in this process, per call:
-/// the crates hsmd's soft backend uses.
+/// AWS-LC, as hsmd's soft backend signs.
 pub fn in_process_p256() -> Box<dyn FnMut() -> Result<()> + Send> {
-    use p256::ecdsa::signature::hazmat::PrehashSigner as _;
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).expect("random");
-    let key = p256::ecdsa::SigningKey::from_slice(&seed).expect("scalar");
-    let digest = [7u8; 32];
+    use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).expect("generate");
+    let digest = aws_lc_rs::digest::Digest::import_less_safe(&[7u8; 32], &aws_lc_rs::digest::SHA256).expect("digest");
     Box::new(move || {
-        let sig: p256::ecdsa::Signature = key.sign_prehash(&digest).map_err(|e| anyhow::anyhow!("{e}"))?;
-        std::hint::black_box(sig.to_der());
+        let sig = key.sign_digest(&digest).map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::hint::black_box(sig.as_ref());
         Ok(())
     })
 }

@@ -14,6 +14,7 @@
 use arbitrary::{Arbitrary, Unstructured};
 
 pub mod audit;
+pub mod backup;
 pub mod connection;
 
 /// A target: what it does with the fuzzer's bytes.
@@ -30,6 +31,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("signature_file", signature_file),
     ("filestore", filestore),
     ("audit", audit::run),
+    ("backup", backup::run),
     ("connection", connection::run),
 ];
 

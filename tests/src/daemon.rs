@@ -506,6 +506,24 @@ impl Daemon {
         }
     }
 
+    /// The pid of hsmd's PKCS#11 helper (a child running `--pkcs11-helper`),
+    /// if one runs.
+    pub fn pkcs11_helper_pid(&self) -> Option<i32> {
+        // Any of hsmd's threads may have spawned it: look at each one's children.
+        let tasks = fs::read_dir(format!("/proc/{}/task", self.pid())).ok()?;
+        tasks
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .flat_map(|c| {
+                c.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
+            .find(|p| {
+                fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--pkcs11-helper"))
+            })
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()

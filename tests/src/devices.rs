@@ -124,13 +124,14 @@ impl Swtpm {
             port: 0,
             child: None,
         };
-        me.launch();
+        me.launch(None);
         me
     }
 
-    fn launch(&mut self) {
+    /// Starts swtpm on `port` (and the next one), or on free ports.
+    fn launch(&mut self, port: Option<u16>) {
         for _ in 0..20 {
-            let port = free_port_pair();
+            let port = port.unwrap_or_else(free_port_pair);
             let child = Command::new("swtpm")
                 .args(["socket", "--tpm2", "--server"])
                 .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
@@ -151,7 +152,10 @@ impl Swtpm {
                     return;
                 }
                 if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
-                    break; // the port was taken: try another
+                    // The port was taken: try another, or the same again
+                    // once the old one's socket is gone.
+                    thread::sleep(Duration::from_millis(100));
+                    break;
                 }
                 thread::sleep(Duration::from_millis(20));
             }
@@ -176,13 +180,60 @@ impl Swtpm {
     /// Starts it again on the same state (a TPM reset: a reboot).
     pub fn restart(&mut self) {
         self.stop();
-        self.launch();
+        self.launch(None);
+    }
+
+    /// Starts it again on the same state and the same ports, so a daemon
+    /// configured with [`Swtpm::tcti`] finds it again.
+    pub fn resume(&mut self) {
+        self.stop();
+        self.launch(Some(self.port));
     }
 }
 
 impl Drop for Swtpm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A small tmpfs mounted over a directory (root only), to fill to the last
+/// byte; unmounted on drop.
+#[derive(Debug)]
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (`mount -o size=`, e.g. `24m`) at `at`.
+    pub fn mount(at: &Path, size: &str) -> Self {
+        fs::create_dir_all(at).expect("mkdir");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount tmpfs: {out:?}");
+        Self(at.to_owned())
+    }
+
+    /// Fills it to the last byte; returns the filler's path.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.0.join("filler");
+        let mut f = fs::File::create(&filler).expect("filler");
+        let block = vec![0x5au8; 64 * 1024];
+        loop {
+            match f.write(&block) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = f.write(&[0u8; 1]);
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
     }
 }
 

@@ -8,6 +8,7 @@ pub mod file_bench;
 pub mod measure;
 pub mod openssh;
 pub mod pkcs11_bench;
+pub mod soak;
 
 use std::{
     fs,

@@ -18,7 +18,7 @@ use std::{
 };
 
 use hsmd_tests::check::{ok, p};
-use hsmd_tests::{Daemon, DaemonBuilder, Prepared};
+use hsmd_tests::{Daemon, DaemonBuilder, Prepared, SmallDisk};
 use nix::sys::signal::Signal;
 use protocol::{Client, ErrorCode, KeyOptions, KeyType, Operation, Reply};
 use serde_json::Value;
@@ -305,42 +305,6 @@ fn a_torn_tail_is_cut_at_start_and_recorded_as_a_recovery_not_tampering() {
     );
 }
 
-/// A small tmpfs, unmounted when dropped.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(at: &Path, size: &str) -> Self {
-        fs::create_dir_all(at).expect("mkdir");
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs", p(at)])
-            .output()
-            .expect("mount");
-        assert!(out.status.success(), "mount tmpfs: {out:?}");
-        Self(at.to_owned())
-    }
-
-    /// Fills it to the last byte; returns the filler's path.
-    fn fill(&self) -> PathBuf {
-        let filler = self.0.join("filler");
-        let mut f = fs::File::create(&filler).expect("filler");
-        let block = vec![0x5au8; 64 * 1024];
-        loop {
-            match f.write(&block) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        let _ = f.write(&[0u8; 1]);
-        filler
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").args(["-l", p(&self.0)]).output();
-    }
-}
-
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
@@ -458,6 +422,9 @@ fn a_full_disk_refuses_audited_requests_with_audit_unavailable_and_service_resum
     let d = prepared.start();
     let mut c = d.client();
     create(&mut c, "a", KeyType::Ed25519, KeyOptions::default()).expect("create");
+    create(&mut c, "files", KeyType::Aes256Gcm, KeyOptions::default()).expect("create");
+    let data = d.dir().join("data");
+    fs::write(&data, vec![7u8; 256 * 1024]).expect("write");
     let filler = disk.fill();
     let mut err = None;
     for i in 0..200 {
@@ -469,8 +436,16 @@ fn a_full_disk_refuses_audited_requests_with_audit_unavailable_and_service_resum
     let err = err.expect("keys were created on a full disk");
     assert_eq!(err.code(), Some(ErrorCode::StorageUnavailable), "{err}");
     assert!(err.to_string().contains("no space left on device in"), "{err}");
+    // A file stored on the full disk: the same code and words, nothing kept.
+    let err = hsmd_tests::check::refused(&d.hsmctl(&["file", "store", p(&data)]), "storage-unavailable");
+    assert!(err.contains("no space left on device in"), "{err}");
     fs::remove_file(filler).expect("free");
     create(&mut c, "after", KeyType::Ed25519, KeyOptions::default()).expect("create after space came back");
+    assert!(
+        !ok(&d.hsmctl(&["file", "list"])).contains("data"),
+        "a file half stored is listed"
+    );
+    ok(&d.hsmctl(&["file", "store", p(&data)]));
     drop(c);
     drop(d);
 }

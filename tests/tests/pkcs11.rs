@@ -17,23 +17,6 @@ use hsmd_tests::{bin, openssl_verifies, Daemon, SoftHsm};
 use nix::sys::signal::{kill, Signal};
 use protocol::{Client, ErrorCode, Operation, Reply};
 
-/// The pid of hsmd's PKCS#11 helper (a child running `--pkcs11-helper`).
-fn helper_pid(d: &Daemon) -> Option<i32> {
-    // Any of hsmd's threads may have spawned it: look at each one's children.
-    let tasks = fs::read_dir(format!("/proc/{}/task", d.pid())).ok()?;
-    tasks
-        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .find(|p| {
-            fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("--pkcs11-helper"))
-        })
-}
-
 fn pkcs11_health(d: &Daemon) -> (bool, String) {
     hsmd_tests::backend_health(d, "pkcs11")
 }
@@ -452,7 +435,7 @@ fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
 
     // Killed mid-signature: stop the helper so the request is surely inside
     // it, send the request, then kill it.
-    let first = helper_pid(&d).expect("helper running");
+    let first = d.pkcs11_helper_pid().expect("helper running");
     kill(nix::unistd::Pid::from_raw(first), Signal::SIGSTOP).expect("stop helper");
     let mut c2 = d.client();
     let inflight = std::thread::spawn(move || sign(&mut c2, "k", 32));
@@ -460,7 +443,7 @@ fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
     kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).expect("kill helper");
     assert_eq!(inflight.join().expect("thread"), Err(ErrorCode::BackendUnavailable));
     sign(&mut c, "k", 32).expect("the next signature works on a new helper");
-    let second = helper_pid(&d).expect("helper restarted");
+    let second = d.pkcs11_helper_pid().expect("helper restarted");
     assert_ne!(first, second);
     assert!(wait_health(&d, true, Duration::from_secs(5)).contains("restarted 1 times"));
 
@@ -471,7 +454,7 @@ fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
     assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
     assert!(d.log().contains("did not answer within 1s"), "{}", d.log());
     sign(&mut c, "k", 32).expect("works again after the hung helper is replaced");
-    assert_ne!(helper_pid(&d), Some(second));
+    assert_ne!(d.pkcs11_helper_pid(), Some(second));
     // hsmd itself never went down.
     ok(&d.hsmctl(&["status"]));
 }

@@ -1,4 +1,6 @@
-//! Memory stays bounded: mixed and hostile traffic (key names never seen
+//! Faults under mixed load lose nothing (the soak of `hsmd_tests::soak`, in
+//! short: `HSMD_FAULT_SOAK_SECONDS`, default 150), and memory stays
+//! bounded: mixed and hostile traffic (key names never seen
 //! before, malformed and abandoned frames, large frames, connection churn,
 //! file transfers) for a while, with the daemon's resident and locked memory
 //! sampled ten times; over the last four samples, neither may grow by 5% or
@@ -99,4 +101,31 @@ fn memory_reaches_a_plateau_under_hostile_traffic() {
         locked_max * 100 <= locked0 * 105,
         "locked memory grew from {locked0} to {locked_max} KiB: {samples:?}"
     );
+}
+
+#[test]
+#[ignore = "needs root; scripts/test runs it as root"]
+fn faults_under_mixed_load_lose_no_acknowledged_write_and_raise_no_false_alarm() {
+    let seconds: u64 = std::env::var("HSMD_FAULT_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
+    let summary = hsmd_tests::soak::run(&hsmd_tests::soak::Options {
+        duration: Duration::from_secs(seconds),
+        fault_every: Duration::from_secs(4),
+        ..hsmd_tests::soak::Options::default()
+    });
+    println!("{summary}");
+    assert!(summary.passed(), "{summary}");
+    assert!(
+        hsmd_tests::soak::every_fault_injected(&summary),
+        "a kind of fault was never injected: {summary}"
+    );
+    // Every kind of request was answered right at least once, and the
+    // limited uid was refused.
+    assert!(summary.ops.len() >= 12, "{summary}");
+    for (what, t) in &summary.ops {
+        assert!(t.done + t.refused > 0, "{what} never succeeded: {summary}");
+    }
+    assert!(summary.writes_checked > 0 && summary.verifies > 0, "{summary}");
 }

@@ -103,6 +103,14 @@ fn store_err(e: StoreError) -> WireError {
         StoreError::BadToken(_) => wire(ErrorCode::InvalidArgument, e.to_string()),
         StoreError::NotFound(_) => wire(ErrorCode::NotFound, e.to_string()),
         StoreError::Damaged { .. } => wire(ErrorCode::Tampered, e.to_string()),
+        StoreError::Io { ref path, ref source } if storage_cause(path, source).is_some() => {
+            let cause = storage_cause(path, source).unwrap_or_default();
+            tracing::error!(error = %e, "file store I/O failed");
+            wire(
+                ErrorCode::StorageUnavailable,
+                format!("{cause}: the file store cannot be written; nothing was kept, free space or fix the file system and try again"),
+            )
+        }
         StoreError::Io { .. } => {
             tracing::error!(error = %e, "file store I/O failed");
             wire(
@@ -110,6 +118,19 @@ fn store_err(e: StoreError) -> WireError {
                 "hsmd could not read or write its file store; see its log",
             )
         }
+    }
+}
+
+/// What a disk that is full or read-only is called, naming the directory;
+/// `None` for other I/O errors (those are hsmd's to explain in its log).
+fn storage_cause(path: &std::path::Path, source: &std::io::Error) -> Option<String> {
+    let dir = path.parent().unwrap_or(path).display();
+    match source.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            Some(format!("no space left on device in {dir}"))
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => Some(format!("the file system of {dir} is read-only")),
+        _ => None,
     }
 }
 

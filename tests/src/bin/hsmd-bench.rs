@@ -28,6 +28,13 @@
 //! through hsmd's PKCS#11 module beside SoftHSM2's module, both driven
 //! through cryptoki in this process (see `pkcs11_bench`).
 //!
+//! Suite `soak` (not part of `all`, needs root): the fault-injection soak of
+//! `--minutes M` (default 20; `--fault-every S`, default 8), mixed load from
+//! four uids while hsmd is killed, its disk filled, its PKCS#11 helper killed,
+//! its TPM stopped and its policy broken; prints the summary table and exits
+//! non-zero when anything acknowledged was lost or answered wrongly (see
+//! `hsmd_tests::soak`).
+//!
 //! Suite `ping`: round trips beside a raw echo. Suite `keys`: Ed25519 and
 //! ECDSA-P256 signatures and AES-256-GCM encryptions of 4 KiB through hsmd,
 //! beside the same operation done in this process with the same crates, with as
@@ -78,6 +85,8 @@ struct Args {
     chunk: String,
     workers: u32,
     dir: String,
+    minutes: f64,
+    fault_every: f64,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -99,6 +108,8 @@ fn parse_args() -> Result<Option<Args>> {
         } else {
             std::env::temp_dir().display().to_string()
         },
+        minutes: 20.0,
+        fault_every: 8.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -117,6 +128,8 @@ fn parse_args() -> Result<Option<Args>> {
             "--chunk" => args.chunk = it.next().context("--chunk 64KiB")?,
             "--workers" => args.workers = it.next().context("--workers N")?.parse()?,
             "--dir" => args.dir = it.next().context("--dir PATH (tmpfs)")?,
+            "--minutes" => args.minutes = it.next().context("--minutes M")?.parse()?,
+            "--fault-every" => args.fault_every = it.next().context("--fault-every SECONDS")?.parse()?,
             "--seconds" => args.seconds = it.next().context("--seconds N")?.parse()?,
             "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
             "--payload" => args.payload = it.next().context("--payload BYTES")?.parse()?,
@@ -126,12 +139,12 @@ fn parse_args() -> Result<Option<Args>> {
             "--suite" => {
                 args.suite = it
                     .next()
-                    .context("--suite ping|keys|security|files|backends|agent|pkcs11|all")?;
+                    .context("--suite ping|keys|security|files|backends|agent|pkcs11|soak|all")?;
                 if !matches!(
                     args.suite.as_str(),
-                    "ping" | "keys" | "security" | "files" | "backends" | "agent" | "pkcs11" | "all"
+                    "ping" | "keys" | "security" | "files" | "backends" | "agent" | "pkcs11" | "soak" | "all"
                 ) {
-                    bail!("--suite is ping, keys, security, files, backends, agent, pkcs11 or all");
+                    bail!("--suite is ping, keys, security, files, backends, agent, pkcs11, soak or all");
                 }
             }
             "--clients" => {
@@ -143,7 +156,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backends|agent|pkcs11|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backends|agent|pkcs11|soak|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm] [--minutes M] [--fault-every S]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -151,6 +164,9 @@ fn parse_args() -> Result<Option<Args>> {
     }
     if args.rounds == 0 || args.clients.is_empty() || args.seconds <= 0.0 || args.depth == 0 || args.batch == 0 {
         bail!("--rounds, --clients, --depth, --batch and --seconds must be positive");
+    }
+    if !(args.minutes > 0.0 && args.fault_every >= 1.0) {
+        bail!("--minutes must be positive and --fault-every at least 1 (second)");
     }
     if args.batch > protocol::MAX_BATCH_ITEMS {
         bail!("--batch is at most {}", protocol::MAX_BATCH_ITEMS);
@@ -186,11 +202,25 @@ fn main() -> Result<()> {
             workers: args.workers,
             dir: args.dir.clone().into(),
         }),
+        "soak" => soak_suite(&args),
         _ => {
             ping_suite(&args)?;
             key_suite(&args)
         }
     }
+}
+
+fn soak_suite(args: &Args) -> Result<()> {
+    let summary = hsmd_tests::soak::run(&hsmd_tests::soak::Options {
+        duration: Duration::from_secs_f64(args.minutes * 60.0),
+        fault_every: Duration::from_secs_f64(args.fault_every),
+        ..hsmd_tests::soak::Options::default()
+    });
+    println!("{summary}");
+    if !summary.passed() {
+        bail!("the soak found acknowledged writes lost, wrong answers, false tamper reports, unrecovered faults, panics or RSS over its bound (above)");
+    }
+    Ok(())
 }
 
 /// Ed25519 signing with the policy, rate limits (set high) and the audit log

@@ -422,6 +422,24 @@ struct Publics {
     tpm: p256::ecdsa::VerifyingKey,
 }
 
+/// What the root clients sign with: (what, key, digest length).
+const SIGNERS: [(&str, &str, usize); 3] = [
+    ("sign ed25519 (software, root)", "s-ed", 64),
+    ("sign P-256 (SoftHSM2 token, root)", "p11-ec", 32),
+    ("sign P-256 (TPM, root)", "tpm-ec", 32),
+];
+
+impl Publics {
+    /// Whether `reply` is a signature over `digest` by `key`.
+    fn check(&self, key: &str, digest: &[u8], reply: &Reply) -> Outcome {
+        match key {
+            "s-ed" => check_ed(&self.ed, digest, reply),
+            "p11-ec" => check_p256(&self.p11, digest, reply),
+            _ => check_p256(&self.tpm, digest, reply),
+        }
+    }
+}
+
 fn public_der(c: &mut Client, name: &str) -> Vec<u8> {
     match c.call(Operation::KeyPublic { name: name.into() }) {
         Ok(Reply::PublicKey { spki_der, .. }) => spki_der,
@@ -461,39 +479,15 @@ fn root_load(shared: &Shared, publics: &Publics, rotates: bool) {
             },
         };
         i += 1;
-        let (what, result): (&'static str, Result<Outcome, ClientError>) = match i % 4 {
-            0 => {
-                let digest = dice.bytes(64);
+        let (what, result): (&'static str, Result<Outcome, ClientError>) = match (i % 4) as usize {
+            n @ 0..=2 => {
+                let (what, key, len) = SIGNERS[n];
+                let digest = dice.bytes(len);
                 let r = c.call(Operation::Sign(SignArgs {
-                    name: "s-ed".into(),
+                    name: key.into(),
                     digest: digest.clone(),
                 }));
-                (
-                    "sign ed25519 (software, root)",
-                    r.map(|reply| check_ed(&publics.ed, &digest, &reply)),
-                )
-            }
-            1 => {
-                let digest = dice.bytes(32);
-                let r = c.call(Operation::Sign(SignArgs {
-                    name: "p11-ec".into(),
-                    digest: digest.clone(),
-                }));
-                (
-                    "sign P-256 (SoftHSM2 token, root)",
-                    r.map(|reply| check_p256(&publics.p11, &digest, &reply)),
-                )
-            }
-            2 => {
-                let digest = dice.bytes(32);
-                let r = c.call(Operation::Sign(SignArgs {
-                    name: "tpm-ec".into(),
-                    digest: digest.clone(),
-                }));
-                (
-                    "sign P-256 (TPM, root)",
-                    r.map(|reply| check_p256(&publics.tpm, &digest, &reply)),
-                )
+                (what, r.map(|reply| publics.check(key, &digest, &reply)))
             }
             _ if rotates && last_rotation.elapsed() > Duration::from_secs(2) => {
                 last_rotation = Instant::now();

@@ -581,6 +581,18 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// A log filter (`[log] level`, `HSMD_LOG`) parsed, or `None` when it is not
+/// one. Only ASCII reaches tracing-subscriber's parser: it slices some
+/// non-ASCII text inside a character and panics, and hsmd must refuse a bad
+/// config line, not crash on it.
+#[must_use]
+pub fn log_filter(text: &str) -> Option<tracing_subscriber::EnvFilter> {
+    if !text.is_ascii() {
+        return None;
+    }
+    tracing_subscriber::EnvFilter::try_new(text).ok()
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -1023,11 +1035,11 @@ impl Config {
                 format!("{} is not an absolute path", self.state_dir.display()),
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if log_filter(&self.log.level).is_none() {
             return Err((
                 "log.level",
                 format!(
-                    "{:?} is not a log filter; use error, warn, info, debug or trace",
+                    "{:?} is not a log filter; use error, warn, info, debug or trace (ASCII only)",
                     self.log.level
                 ),
             ));
@@ -1241,6 +1253,9 @@ mod tests {
             ("[limits]\nidle_timeout = \"1ms\"\n", "limits.idle_timeout"),
             ("[socket]\npath = \"relative.sock\"\n", "socket.path"),
             ("[log]\nlevel = \"loud[\"\n", "log.level"),
+            // Found by the config fuzz target: tracing-subscriber's parser
+            // panicked on it.
+            ("[log]\nlevel = \" is\u{58c}[transfer_memory_per_uidpold{=.to 85899344dma;x_frame_byte;d}}ons_per_uidle_dirs\"\n", "log.level"),
             ("[unlock]\nargon2_memory_kib = 1024\n", "unlock.argon2_*"),
             ("[unlock]\nidle_lock = \"10ms\"\n", "unlock.idle_lock"),
         ] {

@@ -20,7 +20,7 @@ use std::{
 
 use tracing_subscriber::{fmt, fmt::MakeWriter, EnvFilter};
 
-use crate::config::LogFormat;
+use crate::config::{log_filter, LogFormat};
 
 /// Lines that may wait for the writer thread. With lines cut at
 /// [`MAX_LINE_BYTES`], the queue holds at most 2 MiB.
@@ -53,8 +53,8 @@ pub fn dropped_lines() -> (u64, u64) {
 pub fn init(level: &str, format: LogFormat) {
     let filter = std::env::var("HSMD_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_new(level).ok())
+        .and_then(|f| log_filter(&f))
+        .or_else(|| log_filter(level))
         .unwrap_or_else(|| EnvFilter::new("info"));
     let Some(writer) = QueueWriter::start() else {
         // Already installed (tests calling in twice); keep the first.

@@ -737,23 +737,26 @@ fn limited_load(shared: &Shared, ed: &ed25519_dalek::VerifyingKey) {
     fs::write(&data, b"signed by the limited uid").expect("write");
     let digest = Sha512::digest(b"signed by the limited uid");
     let mut i = 0u64;
+    let sign = |key: &str| {
+        let _ = fs::remove_file(&sig);
+        shared.hsmctl(
+            LIMITED,
+            &[
+                "sign",
+                key,
+                "-i",
+                path_str(&data),
+                "-o",
+                path_str(&sig),
+                "--format",
+                "raw",
+            ],
+        )
+    };
     while !shared.stopped() {
         i += 1;
         if i.is_multiple_of(2) {
-            let _ = fs::remove_file(&sig);
-            let out = shared.hsmctl(
-                LIMITED,
-                &[
-                    "sign",
-                    "s-ed",
-                    "-i",
-                    path_str(&data),
-                    "-o",
-                    path_str(&sig),
-                    "--format",
-                    "raw",
-                ],
-            );
+            let out = sign("s-ed");
             let outcome = if !out.status.success() {
                 failed(&out)
             } else {
@@ -766,20 +769,7 @@ fn limited_load(shared: &Shared, ed: &ed25519_dalek::VerifyingKey) {
             shared.record("sign ed25519 (limited uid)", outcome);
         } else {
             let key = if i % 4 == 1 { "p11-ec" } else { "box" };
-            let out = shared.hsmctl(
-                LIMITED,
-                &[
-                    "sign",
-                    "--force",
-                    key,
-                    "-i",
-                    path_str(&data),
-                    "-o",
-                    path_str(&sig),
-                    "--format",
-                    "raw",
-                ],
-            );
+            let out = sign(key);
             let outcome = if out.status.success() {
                 Outcome::Wrong(format!(
                     "the limited uid signed with {key}, which its role does not allow"

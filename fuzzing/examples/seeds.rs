@@ -169,4 +169,239 @@ fn main() {
     ]
     .concat();
     write("connection", "agent", &[[1u8].as_slice(), &agent].concat());
+
+    // agent: one of each message hsmd reads, a session-bind signed by a
+    // host key (and one whose signature is wrong), and an unknown extension.
+    for (name, bytes) in agent_messages() {
+        write("agent", name, &bytes);
+    }
+
+    // pkcs11: programs' call sequences, each tried on every object the
+    // session finds (the handles' order is the module's).
+    for (name, calls) in pkcs11_calls() {
+        write("pkcs11", name, &hsmd_fuzzing::pkcs11::encode(&calls));
+    }
+}
+
+fn pkcs11_calls() -> Vec<(&'static str, Vec<hsmd_fuzzing::pkcs11::Call>)> {
+    use hsmd_fuzzing::pkcs11::{Attr, Call, Mech, MessageParams, Obj, Param, Pick, Value};
+    // Indexes into the target's lists of mechanisms and attribute types.
+    let (ecdsa, ecdsa_sha256, eddsa, pss, ec_gen, ed_gen, gcm, aes_gen) = (0, 1, 4, 10, 11, 12, 14, 15);
+    let (class, label, token, sensitive, extractable, ec_params, value_len, id) = (0, 2, 4, 6, 7, 14, 20, 3);
+    let mech = |k: u8, param| Mech {
+        kind: Pick::Known(k),
+        param,
+    };
+    let attr = |k: u8, value| Attr {
+        kind: Pick::Known(k),
+        value,
+    };
+    let sign = |k, key, parts: Vec<Vec<u8>>, out| Call::Sign {
+        mech: mech(k, Param::None),
+        key,
+        parts,
+        out,
+    };
+    let seal = |key, data: &[u8], out| Call::Message {
+        decrypt: false,
+        mech: mech(gcm, Param::None),
+        key,
+        params: MessageParams {
+            absent: false,
+            iv_len: 12,
+            iv_fixed_bits: 0,
+            generator: Pick::Known(3),
+            tag_bits: 128,
+            iv: Vec::new(),
+            tag: Vec::new(),
+        },
+        aad: b"header".to_vec(),
+        data: data.to_vec(),
+        out,
+    };
+    let every = |f: &dyn Fn(Obj) -> Call| (0..8).map(|i| f(Obj::Found(i))).collect::<Vec<_>>();
+    vec![
+        (
+            "sign-each-way",
+            [
+                every(&|k| sign(ecdsa_sha256, k, vec![b"part one ".to_vec(), b"part two".to_vec()], None)),
+                every(&|k| sign(eddsa, k, vec![b"a message".to_vec()], Some(64))),
+                every(&|k| sign(ecdsa, k, vec![vec![7; 32]], Some(10))),
+            ]
+            .concat(),
+        ),
+        ("seal", every(&|k| seal(k, b"the plaintext", None))),
+        (
+            "generate-use-destroy",
+            vec![
+                Call::GenerateKeyPair {
+                    mech: mech(ec_gen, Param::None),
+                    public: vec![attr(ec_params, Value::Curve(0)), attr(label, Value::Label(1))],
+                    private: vec![attr(sensitive, Value::True), attr(token, Value::True)],
+                },
+                sign(ecdsa_sha256, Obj::Made(0), vec![b"data".to_vec()], None),
+                Call::GenerateKeyPair {
+                    mech: mech(ed_gen, Param::None),
+                    public: vec![attr(label, Value::Label(2))],
+                    private: vec![],
+                },
+                sign(eddsa, Obj::Made(1), vec![b"data".to_vec()], None),
+                Call::GenerateKey {
+                    mech: mech(aes_gen, Param::None),
+                    template: vec![
+                        attr(label, Value::Label(3)),
+                        attr(value_len, Value::Small(32)),
+                        attr(sensitive, Value::True),
+                        attr(extractable, Value::False),
+                    ],
+                },
+                seal(Obj::Made(2), b"sealed with a new key", Some(64)),
+                Call::Destroy { object: Obj::Made(0) },
+            ],
+        ),
+        (
+            "refused",
+            vec![
+                Call::GenerateKey {
+                    mech: mech(aes_gen, Param::None),
+                    template: vec![attr(label, Value::Label(4)), attr(value_len, Value::Small(16))],
+                },
+                Call::GenerateKeyPair {
+                    mech: mech(ec_gen, Param::None),
+                    public: vec![attr(ec_params, Value::Curve(4)), attr(id, Value::Bytes(vec![1]))],
+                    private: vec![attr(label, Value::Null(4))],
+                },
+                Call::EncryptInit {
+                    mech: mech(
+                        gcm,
+                        Param::Gcm {
+                            iv: vec![0; 12],
+                            aad: Vec::new(),
+                            tag_bits: 128,
+                        },
+                    ),
+                    key: Obj::Found(0),
+                },
+                Call::Sign {
+                    mech: mech(
+                        pss,
+                        Param::Pss {
+                            hash: Pick::Known(1),
+                            mgf: 1,
+                            salt: 20,
+                        },
+                    ),
+                    key: Obj::Found(0),
+                    parts: vec![vec![1]],
+                    out: None,
+                },
+                Call::Sign {
+                    mech: mech(
+                        eddsa,
+                        Param::Eddsa {
+                            prehash: true,
+                            context: b"ctx".to_vec(),
+                        },
+                    ),
+                    key: Obj::Found(1),
+                    parts: vec![vec![1]],
+                    out: None,
+                },
+                Call::Decrypt {
+                    mech: mech(
+                        gcm,
+                        Param::Gcm {
+                            iv: vec![0; 12],
+                            aad: Vec::new(),
+                            tag_bits: 96,
+                        },
+                    ),
+                    key: Obj::Found(2),
+                    parts: vec![vec![0; 40]],
+                    out: Some(100),
+                },
+            ],
+        ),
+        (
+            "objects",
+            [
+                vec![Call::Find {
+                    template: vec![attr(class, Value::Small(3)), attr(label, Value::Bytes(b"ed".to_vec()))],
+                    max: 4,
+                }],
+                every(&|o| Call::Attributes {
+                    object: o,
+                    wanted: (0..24)
+                        .map(|a| (Pick::Known(a), if a % 2 == 0 { None } else { Some(4) }))
+                        .collect(),
+                }),
+            ]
+            .concat(),
+        ),
+    ]
+}
+
+fn agent_messages() -> Vec<(&'static str, Vec<u8>)> {
+    use ed25519_dalek::Signer as _;
+    use ssh_agent_lib::{
+        proto::{extension::SessionBind, Extension, PublicCredential, Request, SignRequest},
+        ssh_encoding::Encode as _,
+        ssh_key::{public::Ed25519PublicKey, public::KeyData, Algorithm, Signature},
+    };
+    let host = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let host_key = KeyData::Ed25519(Ed25519PublicKey(host.verifying_key().to_bytes()));
+    let session_id = vec![9u8; 32];
+    let signed = |data: &[u8]| Signature::new(Algorithm::Ed25519, host.sign(data).to_bytes().to_vec()).unwrap();
+    let bind = |signature| SessionBind {
+        host_key: host_key.clone(),
+        session_id: session_id.clone(),
+        signature,
+        is_forwarding: false,
+    };
+    let encode = |request: Request| {
+        let mut out = Vec::new();
+        request.encode(&mut out).unwrap();
+        out
+    };
+    vec![
+        ("identities", vec![11]),
+        (
+            "sign",
+            encode(Request::SignRequest(SignRequest {
+                credential: PublicCredential::Key(host_key.clone()),
+                data: b"git commit".to_vec(),
+                flags: 0,
+            })),
+        ),
+        (
+            "sign-rsa-sha2-512",
+            encode(Request::SignRequest(SignRequest {
+                credential: PublicCredential::Key(host_key.clone()),
+                data: vec![1; 64],
+                flags: 4,
+            })),
+        ),
+        (
+            "session-bind",
+            encode(Request::Extension(
+                Extension::new_message(bind(signed(&session_id))).unwrap(),
+            )),
+        ),
+        (
+            "session-bind-forged",
+            encode(Request::Extension(
+                Extension::new_message(bind(signed(b"another session"))).unwrap(),
+            )),
+        ),
+        (
+            "extension-unknown",
+            encode(Request::Extension(Extension {
+                name: "query".into(),
+                details: Vec::new().into(),
+            })),
+        ),
+        ("add-identity", vec![17, 0, 0, 0, 11]),
+        ("lock", vec![22, 0, 0, 0, 4, b'p', b'a', b's', b's']),
+        ("unknown", vec![200]),
+    ]
 }

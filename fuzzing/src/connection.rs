@@ -43,67 +43,79 @@ users = ["UID"]
 roles = ["fuzz"]
 "#;
 
-struct Server {
+/// An hsmd server running in this process.
+pub(crate) struct Server {
     _dir: tempfile::TempDir,
-    main: PathBuf,
+    /// Its main socket.
+    pub(crate) main: PathBuf,
     agent: PathBuf,
 }
 
+/// The server, started by the first caller.
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
+    let ssh = KeyOptions {
+        labels: [("ssh".to_owned(), "yes".to_owned())].into(),
+        ..KeyOptions::default()
+    };
     SERVER.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let uid = std::fs::metadata(dir.path()).expect("stat").uid();
-        let vault = Vault::open(dir.path(), Argon2Cost::FLOOR).expect("open the keystore");
-        vault
-            .custody()
-            .init(&NewSlot::Keyfile {
-                label: "fuzz".into(),
-                key: SecretBytes::new(vec![7; 32]),
-            })
-            .expect("init");
-        let ssh = KeyOptions {
-            labels: [("ssh".to_owned(), "yes".to_owned())].into(),
-            ..KeyOptions::default()
-        };
-        for (name, key_type, options) in [
-            ("ed", KeyType::Ed25519, &ssh),
-            ("p256", KeyType::EcdsaP256, &ssh),
-            ("aes", KeyType::Aes256Gcm, &KeyOptions::default()),
-            ("mac", KeyType::HmacSha256, &KeyOptions::default()),
-        ] {
-            vault
-                .keys()
-                .create_key(name, key_type, &[], options, uid, None)
-                .expect("create a key");
-        }
-        let limits = Limits {
-            idle_timeout: Duration::from_secs(2),
-            frame_timeout: Duration::from_secs(2),
-            ..Limits::default()
-        };
-        let shared = Shared::new(limits, AccessGate::dev(uid), false, Arc::new(vault));
-        let policy = POLICY.replace("UID", &uid.to_string());
-        shared.set_policy(Policy::parse(&policy, std::path::Path::new("policy.toml")).expect("policy"));
-        let shared = Arc::new(shared);
-        let (main, agent) = (dir.path().join("hsmd.sock"), dir.path().join("agent.sock"));
-        let (m, a) = (main.clone(), agent.clone());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let main = tokio::net::UnixListener::bind(&m).expect("bind");
-                let agent = tokio::net::UnixListener::bind(&a).expect("bind");
-                ready_tx.send(()).expect("ready");
-                hsmd::server::serve(&main, Some(&agent), shared).await;
-            });
-        });
-        ready_rx.recv().expect("the server starts");
-        Server { _dir: dir, main, agent }
+        start(&[
+            ("ed", KeyType::Ed25519, &[], &ssh),
+            ("p256", KeyType::EcdsaP256, &[], &ssh),
+            ("aes", KeyType::Aes256Gcm, &[], &KeyOptions::default()),
+            ("mac", KeyType::HmacSha256, &[], &KeyOptions::default()),
+        ])
     })
+}
+
+/// A key the server starts with: name, type, usages (empty: the type's
+/// own), options.
+pub(crate) type Key<'a> = (&'a str, KeyType, &'a [protocol::Usage], &'a KeyOptions);
+
+/// Starts a server in this process with these keys, on a keystore of its own.
+pub(crate) fn start(keys: &[Key<'_>]) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uid = std::fs::metadata(dir.path()).expect("stat").uid();
+    let vault = Vault::open(dir.path(), Argon2Cost::FLOOR).expect("open the keystore");
+    vault
+        .custody()
+        .init(&NewSlot::Keyfile {
+            label: "fuzz".into(),
+            key: SecretBytes::new(vec![7; 32]),
+        })
+        .expect("init");
+    for (name, key_type, usages, options) in keys {
+        vault
+            .keys()
+            .create_key(name, *key_type, usages, options, uid, None)
+            .expect("create a key");
+    }
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(2),
+        frame_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let shared = Shared::new(limits, AccessGate::dev(uid), false, Arc::new(vault));
+    let policy = POLICY.replace("UID", &uid.to_string());
+    shared.set_policy(Policy::parse(&policy, std::path::Path::new("policy.toml")).expect("policy"));
+    let shared = Arc::new(shared);
+    let (main, agent) = (dir.path().join("hsmd.sock"), dir.path().join("agent.sock"));
+    let (m, a) = (main.clone(), agent.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let main = tokio::net::UnixListener::bind(&m).expect("bind");
+            let agent = tokio::net::UnixListener::bind(&a).expect("bind");
+            ready_tx.send(()).expect("ready");
+            hsmd::server::serve(&main, Some(&agent), shared).await;
+        });
+    });
+    ready_rx.recv().expect("the server starts");
+    Server { _dir: dir, main, agent }
 }
 
 /// Sends the input's bytes on one connection and reads until the server closes.

@@ -13,9 +13,11 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 
+pub mod agent;
 pub mod audit;
 pub mod backup;
 pub mod connection;
+pub mod pkcs11;
 
 /// A target: what it does with the fuzzer's bytes.
 pub type Target = fn(&[u8]);
@@ -33,6 +35,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("audit", audit::run),
     ("backup", backup::run),
     ("connection", connection::run),
+    ("agent", agent::run),
+    ("pkcs11", pkcs11::run),
 ];
 
 /// The receive buffer every client reads frames with, fed in reads of the

@@ -30,6 +30,10 @@ pub mod objects;
 mod pool;
 pub mod token;
 
+/// The module's entry point, as `dlsym` finds it; for Rust programs that
+/// link this crate instead of loading the shared object (the fuzz target).
+pub use ffi::C_GetInterface;
+
 /// Writes a line to standard error when `HSMD_PKCS11_DEBUG` is set. A module
 /// lives in someone else's process, so it is silent by default.
 pub(crate) fn log(line: &str) {

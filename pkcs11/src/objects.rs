@@ -206,7 +206,7 @@ fn key_objects(info: &KeyInfo, spki: Option<&[u8]>) -> Result<Vec<Object>> {
             (CKA_PRIVATE, bool_attr(false)),
             (CKA_MODIFIABLE, bool_attr(false)),
             (CKA_COPYABLE, bool_attr(false)),
-            (CKA_DESTROYABLE, bool_attr(class == Class::Private)),
+            (CKA_DESTROYABLE, bool_attr(class != Class::Public)),
             (CKA_LABEL, Attr::Value(info.name.as_bytes().to_vec())),
             (CKA_KEY_TYPE, ulong(ck_type)),
             (CKA_ID, Attr::Value(id.clone())),

@@ -97,6 +97,15 @@ pub enum Purpose {
     Verify,
 }
 
+impl Purpose {
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Sign => "sign",
+            Self::Verify => "verify",
+        }
+    }
+}
+
 impl Session {
     fn op(&mut self, purpose: Purpose) -> &mut Option<SignOp> {
         match purpose {
@@ -403,12 +412,49 @@ impl Token {
             ));
         }
         let key = self.key_object(key)?;
-        if purpose == Purpose::Sign && key.class != Class::Private {
+        match (purpose, key.class) {
+            (_, Class::Secret) => {
+                return Err(Error::call(
+                    CKR_KEY_TYPE_INCONSISTENT,
+                    format!(
+                        "{:?} is an AES key: it encrypts and decrypts, and signs nothing",
+                        key.name
+                    ),
+                ))
+            }
+            (Purpose::Sign, Class::Public) => {
+                return Err(Error::call(
+                    CKR_KEY_FUNCTION_NOT_PERMITTED,
+                    format!(
+                        "the object for {:?} is a public key; sign with its private key object",
+                        key.name
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        // Refused here, as the object's attributes say, rather than by hsmd
+        // at the end (which a program would see as CKR_FUNCTION_FAILED).
+        let permitted = match purpose {
+            Purpose::Sign => key.flag(CKA_SIGN),
+            Purpose::Verify => {
+                let objects = lock(&self.objects);
+                let public = match key.class {
+                    Class::Public => Some(Arc::clone(&key)),
+                    _ => objects
+                        .handle_of(&key.name, Class::Public)
+                        .and_then(|h| objects.get(h).ok()),
+                };
+                public.is_none_or(|p| p.flag(CKA_VERIFY))
+            }
+        };
+        if !permitted {
             return Err(Error::call(
                 CKR_KEY_FUNCTION_NOT_PERMITTED,
                 format!(
-                    "the object for {:?} is a public key; sign with its private key object",
-                    key.name
+                    "key {:?} may not {}: hsmd's key lacks that usage",
+                    key.name,
+                    purpose.verb()
                 ),
             ));
         }
@@ -825,7 +871,9 @@ impl Token {
             ));
         }
         let object = lock(&self.objects).get(handle)?;
-        if object.class != Class::Private {
+        // A key pair is one hsmd key: it goes with its private half. An AES
+        // key is one object.
+        if object.class == Class::Public {
             return Err(Error::call(
                 CKR_ACTION_PROHIBITED,
                 format!(

@@ -252,6 +252,13 @@ fn pkcs11_tool_lists_signs_and_generates_keys() {
     let info = json(&d.hsmctl(&["--json", "key", "info", "aes-from-p11"]));
     assert_eq!(info["key_type"], "aes256-gcm", "{info}");
     assert_eq!(info["usages"], serde_json::json!(["encrypt", "decrypt"]), "{info}");
+    // ... and destroying its object deletes it (softly, as `key delete`).
+    ok(&pkcs11_tool(
+        &d,
+        &["--delete-object", "--type", "secrkey", "--label", "aes-from-p11"],
+    ));
+    let info = json(&d.hsmctl(&["--json", "key", "info", "aes-from-p11"]));
+    assert!(info["deleted_unix"].is_u64(), "{info}");
     let keygen = |bytes: &str, extra: &[&str]| {
         let key_type = format!("AES:{bytes}");
         let mut args = vec!["--keygen", "--key-type", &key_type, "--label", "aes128"];
@@ -539,6 +546,68 @@ fn locked_and_killed_daemons_are_errors_the_host_program_survives() {
         sign().expect("sign after hsmd is back").len(),
         64,
         "the session outlives hsmd's restart"
+    );
+    drop(session);
+    p11.finalize().expect("C_Finalize");
+}
+
+#[test]
+fn a_key_without_a_usage_is_refused_at_init_as_its_attributes_say() {
+    use cryptoki::{
+        error::{Error, RvError},
+        mechanism::Mechanism,
+        object::{Attribute, AttributeType, ObjectClass},
+    };
+    let d = started();
+    ok(&d.hsmctl(&["key", "create", "signer", "--type", "ecdsa-p256", "--usage", "sign"]));
+    ok(&d.hsmctl(&["key", "create", "checker", "--type", "ecdsa-p256", "--usage", "verify"]));
+    create(&d, "box", "aes256-gcm");
+    let (_held, p11) = in_process(&d);
+    let slot = p11.get_slots_with_token().expect("slots")[0];
+    let session = p11.open_rw_session(slot).expect("session");
+    let rv = |e: Error| match e {
+        Error::Pkcs11(rv, _) => rv,
+        other => panic!("not a PKCS#11 error: {other}"),
+    };
+    let flag = |handle, kind| match &session.get_attributes(handle, &[kind]).expect("attributes")[..] {
+        [Attribute::Sign(v) | Attribute::Verify(v)] => *v,
+        other => panic!("{other:?}"),
+    };
+    let signer = find(&session, ObjectClass::PRIVATE_KEY, "signer");
+    let signer_public = find(&session, ObjectClass::PUBLIC_KEY, "signer");
+    let checker = find(&session, ObjectClass::PRIVATE_KEY, "checker");
+    let checker_public = find(&session, ObjectClass::PUBLIC_KEY, "checker");
+    assert!(flag(signer, AttributeType::Sign) && !flag(signer_public, AttributeType::Verify));
+    assert!(!flag(checker, AttributeType::Sign) && flag(checker_public, AttributeType::Verify));
+
+    // What the attributes deny is refused at init, not by hsmd at the end
+    // (which a program would see as CKR_FUNCTION_FAILED).
+    let signature = session.sign(&Mechanism::EcdsaSha256, signer, b"data").expect("C_Sign");
+    for key in [signer, signer_public] {
+        assert_eq!(
+            rv(session
+                .verify(&Mechanism::EcdsaSha256, key, b"data", &signature)
+                .unwrap_err()),
+            RvError::KeyFunctionNotPermitted
+        );
+    }
+    assert_eq!(
+        rv(session.sign(&Mechanism::EcdsaSha256, checker, b"data").unwrap_err()),
+        RvError::KeyFunctionNotPermitted
+    );
+    let theirs = session.sign(&Mechanism::EcdsaSha256, signer, b"more").expect("C_Sign");
+    assert_eq!(
+        rv(session
+            .verify(&Mechanism::EcdsaSha256, checker_public, b"more", &theirs)
+            .unwrap_err()),
+        RvError::SignatureInvalid,
+        "checker verifies (and the signer's signature is not its own)"
+    );
+    // An AES key signs nothing, and says so.
+    let aes = find(&session, ObjectClass::SECRET_KEY, "box");
+    assert_eq!(
+        rv(session.sign(&Mechanism::EcdsaSha256, aes, b"data").unwrap_err()),
+        RvError::KeyTypeInconsistent
     );
     drop(session);
     p11.finalize().expect("C_Finalize");

@@ -2,7 +2,7 @@
 //! runs one task per connection. Nothing below this module knows about sockets.
 
 mod admit;
-mod agent;
+pub mod agent;
 mod connection;
 pub mod listener;
 mod wiped;

@@ -16,12 +16,14 @@
 //! are read one at a time, up to [`MAX_MESSAGE`]; a longer, truncated or
 //! malformed one closes this connection only.
 
+pub mod message;
+
 use std::{sync::Arc, time::Duration};
 
 use protocol::{formats::openssh, HashAlg, Operation, Reply, SignMessageArgs, SshIdentity, WireError};
 use ssh_agent_lib::{
-    proto::{extension::SessionBind, Extension, Identity, PublicCredential, Request, Response, SignRequest},
-    ssh_encoding::{Decode as _, Encode as _, Reader as _},
+    proto::{extension::SessionBind, Identity, PublicCredential, Response, SignRequest},
+    ssh_encoding::Encode as _,
     ssh_key::{public::KeyData, HashAlg as SshHash},
 };
 use tokio::{
@@ -32,6 +34,7 @@ use tokio::{
 use tracing::Instrument as _;
 use zeroize::Zeroizing;
 
+use self::message::{Malformed, Message as Parsed};
 use super::{InFlight, Place, RateGate, Shared};
 use crate::{
     auth::Credentials,
@@ -40,24 +43,6 @@ use crate::{
 
 /// The longest message read, as OpenSSH's ssh-agent (`AGENT_MAX_LEN`).
 pub const MAX_MESSAGE: usize = 256 * 1024;
-
-/// Request numbers (draft-miller-ssh-agent §6.1) answered without decoding
-/// the body: adding keys would put private keys in this process's memory for
-/// nothing, since hsmd refuses them anyway.
-mod number {
-    pub const REQUEST_IDENTITIES: u8 = 11;
-    pub const SIGN_REQUEST: u8 = 13;
-    pub const ADD_IDENTITY: u8 = 17;
-    pub const REMOVE_IDENTITY: u8 = 18;
-    pub const REMOVE_ALL_IDENTITIES: u8 = 19;
-    pub const ADD_SMARTCARD_KEY: u8 = 20;
-    pub const REMOVE_SMARTCARD_KEY: u8 = 21;
-    pub const LOCK: u8 = 22;
-    pub const UNLOCK: u8 = 23;
-    pub const ADD_ID_CONSTRAINED: u8 = 25;
-    pub const ADD_SMARTCARD_KEY_CONSTRAINED: u8 = 26;
-    pub const EXTENSION: u8 = 27;
-}
 
 /// SIGN_REQUEST flags (draft-miller-ssh-agent §5.3): which RSA signature.
 const RSA_SHA2_256: u32 = 2;
@@ -99,17 +84,10 @@ enum Closed {
     TimedOut,
     #[error("no room in the daemon's frame memory for a {0}-byte message")]
     NoRoom(usize),
-    #[error("malformed {what}: {why}")]
-    Malformed { what: &'static str, why: String },
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
     #[error("the connection failed: {0}")]
     Io(#[from] std::io::Error),
-}
-
-fn malformed(what: &'static str) -> impl FnOnce(ssh_agent_lib::proto::Error) -> Closed {
-    move |e| Closed::Malformed {
-        what,
-        why: e.to_string(),
-    }
 }
 
 struct Agent {
@@ -177,40 +155,34 @@ impl Agent {
     }
 
     async fn handle(&mut self, message: &Message) -> Result<Response, Closed> {
-        use number::*;
-        let kind = message.bytes[0];
-        Ok(match kind {
-            REQUEST_IDENTITIES => self.identities().await,
-            SIGN_REQUEST => match decode(message, "sign request")? {
-                Request::SignRequest(request) => self.sign(request).await,
-                _ => Response::Failure,
-            },
-            EXTENSION => match decode(message, "extension")? {
-                Request::Extension(extension) => self.extension(&extension)?,
-                _ => Response::Failure,
-            },
-            ADD_IDENTITY
-            | ADD_ID_CONSTRAINED
-            | ADD_SMARTCARD_KEY
-            | ADD_SMARTCARD_KEY_CONSTRAINED
-            | REMOVE_IDENTITY
-            | REMOVE_ALL_IDENTITIES
-            | REMOVE_SMARTCARD_KEY => {
+        Ok(match message::parse(&message.bytes)? {
+            Parsed::Identities => self.identities().await,
+            Parsed::Sign(request) => self.sign(request).await,
+            Parsed::SessionBind(bind) => self.bind(&bind),
+            Parsed::ForgedSessionBind(why) => {
+                tracing::warn!(error = %why, "session-bind with a host signature that does not verify; refused");
+                Response::Failure
+            }
+            Parsed::UnknownExtension(name) => {
+                tracing::debug!(extension = %name, "unknown agent extension; answering FAILURE");
+                Response::Failure
+            }
+            Parsed::AddOrRemove(request) => {
                 tracing::info!(
-                    request = kind,
+                    request,
                     "agent request to add or remove a key refused: hsmd's keys are made and deleted with hsmctl"
                 );
                 Response::Failure
             }
-            LOCK | UNLOCK => {
+            Parsed::LockOrUnlock(request) => {
                 tracing::info!(
-                    request = kind,
+                    request,
                     "agent LOCK/UNLOCK refused: the keystore is locked and unlocked with hsmctl lock/unlock"
                 );
                 Response::Failure
             }
-            other => {
-                tracing::debug!(request = other, "unknown agent request; answering FAILURE");
+            Parsed::Unknown(request) => {
+                tracing::debug!(request, "unknown agent request; answering FAILURE");
                 Response::Failure
             }
         })
@@ -372,23 +344,9 @@ impl Agent {
     }
 
     /// `session-bind@openssh.com`: the client says which server this
-    /// connection authenticates to. The host's signature over the session id
-    /// is checked; the host key is then named in the audit lines that follow.
-    fn extension(&mut self, extension: &Extension) -> Result<Response, Closed> {
-        let bind = extension
-            .parse_message::<SessionBind>()
-            .map_err(|e| Closed::Malformed {
-                what: "session-bind@openssh.com",
-                why: e.to_string(),
-            })?;
-        let Some(bind) = bind else {
-            tracing::debug!(extension = %extension.name, "unknown agent extension; answering FAILURE");
-            return Ok(Response::Failure);
-        };
-        if let Err(e) = bind.verify_signature() {
-            tracing::warn!(error = %e, "session-bind with a host signature that does not verify; refused");
-            return Ok(Response::Failure);
-        }
+    /// connection authenticates to (the host's signature over the session id
+    /// already checked); the host key is named in the audit lines that follow.
+    fn bind(&mut self, bind: &SessionBind) -> Response {
         let host = bind.host_key.fingerprint(SshHash::Sha256).to_string();
         tracing::info!(host_key = %host, forwarding = bind.is_forwarding, "SSH session bound");
         let mut who = (*self.caller.who).clone();
@@ -399,21 +357,8 @@ impl Agent {
             connection_id: self.caller.connection_id,
             who: Arc::new(who),
         });
-        Ok(Response::Success)
+        Response::Success
     }
-}
-
-/// Decodes a whole request; bytes left over make it malformed.
-fn decode(message: &Message, what: &'static str) -> Result<Request, Closed> {
-    let mut reader = &message.bytes[..];
-    let request = Request::decode(&mut reader).map_err(malformed(what))?;
-    if !reader.is_finished() {
-        return Err(Closed::Malformed {
-            what,
-            why: format!("{} bytes after its end", reader.remaining_len()),
-        });
-    }
-    Ok(request)
 }
 
 /// One message's bytes, charged to the daemon's frame memory until dropped,

@@ -13,6 +13,7 @@ pub mod aead;
 pub mod audit;
 pub mod auth;
 pub mod backend;
+pub mod backup;
 pub mod budget;
 pub mod config;
 pub mod crypto;

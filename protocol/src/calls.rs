@@ -411,6 +411,8 @@ calls! {
         // Carry a descriptor: `Client::call_with_fd`.
         FileStoreFd,
         FileRetrieveFd,
+        BackupWrite,
+        BackupCheck,
         // Served only by `hsmd --dev`, for tests: `call` with the operation.
         DebugDelay,
         DebugClock,

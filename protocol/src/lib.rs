@@ -43,12 +43,12 @@ pub use async_client::AsyncClient;
 pub use client::{default_socket, is_code, Client, ClientOptions, DEFAULT_SOCKET};
 pub use error::{ClientError, ErrorCode, WireError};
 pub use message::{
-    AuditStatus, BackendStatus, BackupManifest, BackupProtection, BatchItem, ClientHello, DecryptAnyVersionArgs,
-    DecryptArgs, EncryptArgs, Fido2Challenge, FileInfo, GroupInfo, HashAlg, KeyChanges, KeyInfo, KeyOptions, KeyState,
-    KeyType, MacArgs, MacVerifyArgs, NewSlot, Operation, PeerInfo, Profile, Reply, Request, Response, RsaScheme,
-    ServerHello, ServiceState, SignArgs, SignMessageArgs, SlotInfo, SshIdentity, StatusInfo, Transition, UnlockSecret,
-    Usage, VerifyArgs, VerifyMessageArgs, VersionInfo, CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, MAX_SIGN_MESSAGE,
-    PROTOCOL_VERSION, SSH_LABEL,
+    ArchiveSummary, AuditStatus, BackendStatus, BackupContents, BackupManifest, BackupProtection, BatchItem,
+    ClientHello, DecryptAnyVersionArgs, DecryptArgs, EncryptArgs, Fido2Challenge, FileInfo, GroupInfo, HashAlg,
+    KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, MacArgs, MacVerifyArgs, NewSlot, Operation, PeerInfo, Profile,
+    Reply, Request, Response, RsaScheme, ServerHello, ServiceState, SignArgs, SignMessageArgs, SlotInfo, SshIdentity,
+    StatusInfo, Transition, UnlockSecret, Usage, VerifyArgs, VerifyMessageArgs, VersionInfo, CONNECTION_ERROR_ID,
+    MAX_BATCH_ITEMS, MAX_SIGN_MESSAGE, PROTOCOL_VERSION, SSH_LABEL,
 };
 pub use period::format_period;
 

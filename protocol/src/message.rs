@@ -400,6 +400,57 @@ pub enum Operation {
     /// down to its minimum decryption version. Needs `keys.decrypt` and
     /// unlocked. Answered with `DecryptedWith`, which names the version.
     DecryptAnyVersion(DecryptAnyVersionArgs),
+    /// Writes a backup archive of hsmd's state (format 3, `docs/backup.md`:
+    /// the keystore, and as asked the stored files, still sealed, and the
+    /// audit log) to the descriptor sent with this request, streamed in
+    /// order with write(2), in bounded memory whatever its size. Needs
+    /// unlocked. Answered with `BackupWritten`.
+    #[strum(serialize = "backup-write")]
+    BackupWrite {
+        /// What encrypts the archive.
+        protection: BackupProtection,
+        /// What it holds besides the keystore.
+        contents: BackupContents,
+    },
+    /// Reads a format-3 archive from the descriptor sent with this request to
+    /// its end and checks it, writing nothing: every part's digest and the
+    /// final checksum, and with a secret every part's seal, the end record's
+    /// MAC and the keystore inside. Answered with `BackupChecked`.
+    #[strum(serialize = "backup-check")]
+    BackupCheck {
+        /// The backup passphrase, or a slot secret for a master-key backup.
+        secret: Option<UnlockSecret>,
+    },
+}
+
+/// What a format-3 backup holds besides the keystore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BackupContents {
+    /// Every stored file (its sealed chunks and header, never its plaintext).
+    pub files: bool,
+    /// The audit log's files, with the chain's anchors.
+    pub audit: bool,
+}
+
+/// What a format-3 archive holds, as written or as read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveSummary {
+    /// The keystore inside, as format 2 describes it (`format` is 3).
+    pub manifest: BackupManifest,
+    /// What it holds besides the keystore.
+    pub contents: BackupContents,
+    /// Stored files in it.
+    pub files: u32,
+    /// Bytes of the file store's files in it (sealed, as on disk).
+    pub file_bytes: u64,
+    /// Audit log files in it.
+    pub audit_files: u32,
+    /// Bytes of audit log in it.
+    pub audit_bytes: u64,
+    /// The archive's parts.
+    pub parts: u32,
+    /// The archive's bytes.
+    pub archive_bytes: u64,
 }
 
 /// The label that offers a key to SSH clients through hsmd's agent socket
@@ -425,7 +476,13 @@ impl Operation {
     /// `SCM_RIGHTS` ancillary data).
     #[must_use]
     pub fn carries_fd(&self) -> bool {
-        matches!(self, Self::FileStoreFd { .. } | Self::FileRetrieveFd { .. })
+        matches!(
+            self,
+            Self::FileStoreFd { .. }
+                | Self::FileRetrieveFd { .. }
+                | Self::BackupWrite { .. }
+                | Self::BackupCheck { .. }
+        )
     }
 }
 
@@ -1450,6 +1507,12 @@ pub enum Reply {
         /// The data.
         plaintext: SecretBytes,
     },
+    /// Answer to `BackupWrite`: the archive is written.
+    #[strum(serialize = "backup-write")]
+    BackupWritten(ArchiveSummary),
+    /// Answer to `BackupCheck`.
+    #[strum(serialize = "backup-check")]
+    BackupChecked(ArchiveSummary),
 }
 
 /// An unlock slot, as `SlotList` shows it.

@@ -421,3 +421,130 @@ fn an_archive_edited_under_a_recomputed_checksum_is_named_as_tampering_not_a_wro
     );
     assert!(other.log().contains("backup archive tampered"), "{}", other.log());
 }
+
+/// A whole-state archive (format 3) written to a descriptor through the
+/// client library, and checked back through one.
+mod whole_state {
+    use std::{fs, os::fd::AsFd as _, path::Path};
+
+    use hsmd_tests::check::{ok, p};
+    use hsmd_tests::Daemon;
+    use protocol::{ArchiveSummary, BackupContents, BackupProtection, Operation, Reply, SecretBytes, UnlockSecret};
+
+    fn write(d: &Daemon, out: &Path, contents: BackupContents) -> ArchiveSummary {
+        let file = fs::File::create(out).expect("create the archive");
+        let op = Operation::BackupWrite {
+            protection: BackupProtection::MasterKey,
+            contents,
+        };
+        match d.client().call_with_fd(op, file.as_fd()).expect("backup-write") {
+            Reply::BackupWritten(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn check(d: &Daemon, archive: &[u8], secret: Option<UnlockSecret>) -> Result<ArchiveSummary, String> {
+        let path = d.dir().join("to-check");
+        fs::write(&path, archive).expect("write");
+        let file = fs::File::open(&path).expect("open");
+        match d.client().call_with_fd(Operation::BackupCheck { secret }, file.as_fd()) {
+            Ok(Reply::BackupChecked(s)) => Ok(s),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn an_archive_of_keys_files_and_audit_log_checks_clean_and_names_any_damaged_part() {
+        let d = Daemon::start();
+        let keyfile = d.dir().join("unlock.key");
+        ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+        let secret = || UnlockSecret::Keyfile(SecretBytes::new(fs::read(&keyfile).expect("keyfile")));
+        ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
+        let mut sizes = Vec::new();
+        for (i, size) in [0usize, 1000, 200 * 1024].into_iter().enumerate() {
+            let src = d.dir().join(format!("f{i}"));
+            fs::write(&src, vec![i as u8; size]).expect("write");
+            ok(&d.hsmctl(&["file", "store", p(&src), "--key", "files"]));
+            sizes.push(size);
+        }
+        let out = d.dir().join("state.hsmdbak");
+        let all = BackupContents {
+            files: true,
+            audit: true,
+        };
+        let written = write(&d, &out, all);
+        assert_eq!(written.files, 3);
+        assert!(written.audit_files >= 1 && written.audit_bytes > 0, "{written:?}");
+        // Each stored file is its header, its metadata and one segment.
+        assert_eq!(written.parts, 1 + 3 * 3 + written.audit_files, "{written:?}");
+        let archive = fs::read(&out).expect("read");
+        assert_eq!(written.archive_bytes, archive.len() as u64);
+        // Sealed: no stored file's bytes and no audit line in clear.
+        let audit_line = fs::read_to_string(d.dir().join("state/audit.log")).expect("audit log");
+        let first_line = audit_line.lines().next().expect("a line");
+        assert!(!archive.windows(first_line.len()).any(|w| w == first_line.as_bytes()));
+        assert!(!archive.windows(1000).any(|w| w.iter().all(|b| *b == 1)));
+
+        let unkeyed = check(&d, &archive, None).expect("checks without a secret");
+        assert!(!unkeyed.manifest.authenticated);
+        assert_eq!(
+            (unkeyed.files, unkeyed.parts, unkeyed.file_bytes),
+            (3, written.parts, written.file_bytes)
+        );
+        let keyed = check(&d, &archive, Some(secret())).expect("checks with the key file");
+        assert!(keyed.manifest.authenticated);
+        assert_eq!(keyed.audit_bytes, written.audit_bytes);
+
+        // A byte flipped in each kind of part, and the archive cut short:
+        // refused with and without the secret, naming the part.
+        let at = |name: &str| {
+            archive
+                .windows(name.len())
+                .position(|w| w == name.as_bytes())
+                .unwrap_or_else(|| panic!("{name} is not in the archive"))
+                + name.len()
+                + 8
+                + 40
+        };
+        for (what, offset) in [
+            ("keystore", at("keystore.sqlite")),
+            ("file", at("seg-000000")),
+            ("audit", at("audit/audit.log")),
+        ] {
+            let mut damaged = archive.clone();
+            damaged[offset] ^= 0x40;
+            for s in [None, Some(secret())] {
+                let keyed = s.is_some();
+                let e = check(&d, &damaged, s).unwrap_err();
+                assert!(
+                    e.contains(&format!("({what} ")) && (e.contains("damaged") || e.contains("does not open")),
+                    "a flip in the {what} part (keyed: {keyed}): {e}"
+                );
+            }
+        }
+        let cut = &archive[..archive.len() / 2];
+        let e = check(&d, cut, Some(secret())).unwrap_err();
+        assert!(e.contains("truncated") && e.contains("part"), "{e}");
+        let e = check(&d, &archive[..archive.len() - 1], None).unwrap_err();
+        assert!(e.contains("truncated: it ends inside the end record"), "{e}");
+        // Checking wrote nothing beside the keystore.
+        let leftovers: Vec<_> = fs::read_dir(d.dir().join("state"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        // Only what was asked for: the keystore alone.
+        let keystore_only = write(&d, &out, BackupContents::default());
+        assert_eq!(
+            (keystore_only.parts, keystore_only.files, keystore_only.audit_files),
+            (1, 0, 0)
+        );
+        assert!(check(&d, &fs::read(&out).expect("read"), Some(secret())).is_ok());
+        // (Last: a wrong secret counts toward the uid's back-off.)
+        let wrong = check(&d, &archive, Some(UnlockSecret::Keyfile(SecretBytes::new(vec![9; 32])))).unwrap_err();
+        assert!(wrong.contains("no keyfile slot of the backup accepts"), "{wrong}");
+    }
+}

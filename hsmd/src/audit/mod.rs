@@ -47,7 +47,7 @@ use serde::Serialize;
 pub use line::GENESIS;
 pub use show::{show, Filter};
 pub use verify::{Break, Broken, Verified};
-pub use writer::{withheld, Auditor, Health, Progress, Settled, Ticket};
+pub use writer::{withheld, Auditor, BackupSnapshot, Health, Progress, Settled, Ticket};
 
 /// Who made a request, as audit lines name them.
 #[derive(Debug, Clone)]

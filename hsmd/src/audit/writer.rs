@@ -237,6 +237,17 @@ struct Inner {
     short_write: AtomicUsize,
 }
 
+/// What a backup copies of the audit log: see [`Auditor::backup_snapshot`].
+#[derive(Debug)]
+pub struct BackupSnapshot {
+    /// Each file's name (no directory), open, and the length to copy.
+    pub files: Vec<(String, File, u64)>,
+    /// The chain's last line in the copy.
+    pub head: super::Head,
+    /// Where the retained log begins.
+    pub start: super::Start,
+}
+
 /// The daemon's audit log (see the module's documentation).
 pub struct Auditor {
     inner: Arc<Inner>,
@@ -577,6 +588,26 @@ impl Auditor {
     pub fn verify(&self) -> Result<Verified, Broken> {
         let snapshot = self.inner.snapshot();
         verify::check(snapshot)
+    }
+
+    /// The log's files as they are now (whole lines only, opened, oldest
+    /// first), with the chain's head and where the retained log begins: what
+    /// a backup copies. Writes go on meanwhile; they are not in the copy.
+    pub fn backup_snapshot(&self) -> BackupSnapshot {
+        let Snapshot { files, head, start } = self.inner.snapshot();
+        BackupSnapshot {
+            files: files
+                .into_iter()
+                .map(|(path, file, len)| {
+                    let name = path
+                        .file_name()
+                        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                    (name, file, len)
+                })
+                .collect(),
+            head,
+            start,
+        }
     }
 
     /// Writes everything queued, syncs, records the anchors and stops the

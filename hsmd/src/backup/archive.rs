@@ -491,6 +491,12 @@ impl<R: Read> Reader<R> {
         })
     }
 
+    /// The archive's bytes read so far.
+    #[must_use]
+    pub fn bytes_read(&self) -> u64 {
+        self.input.read
+    }
+
     /// The header's bytes (JSON, as the writer gave them).
     #[must_use]
     pub fn header(&self) -> &[u8] {

@@ -753,6 +753,14 @@ impl Files {
         Ok(Self::info_of(&h, Some(&r.meta)))
     }
 
+    /// The store's files for a backup: see [`FileStore::backup_copy`].
+    ///
+    /// # Errors
+    /// As [`FileStore::backup_copy`].
+    pub fn backup_copy(&self) -> Result<super::store::Copy<'_>, super::store::StoreError> {
+        self.store.backup_copy()
+    }
+
     /// Wipes and removes a file.
     ///
     /// # Errors

@@ -124,6 +124,20 @@ pub fn new_token() -> Result<String, std::io::Error> {
 #[derive(Debug, Clone)]
 pub struct FileStore {
     root: PathBuf,
+    /// Held shared by each delete and exclusively by a backup's copy: a
+    /// delete overwrites a file's segments in place, which a copy reading
+    /// them through its open descriptors would take as the file's bytes.
+    copying: std::sync::Arc<std::sync::RwLock<()>>,
+}
+
+/// What a backup copies of the file store: see [`FileStore::backup_copy`].
+#[derive(Debug)]
+pub struct Copy<'a> {
+    /// Every stored file's files: `token/name`, open, and their lengths.
+    pub files: Vec<(String, File, u64)>,
+    /// Tokens in the copy.
+    pub tokens: u32,
+    _no_deletes: std::sync::RwLockWriteGuard<'a, ()>,
 }
 
 impl FileStore {
@@ -145,7 +159,13 @@ impl FileStore {
                 cleaned += 1;
             }
         }
-        Ok((Self { root }, cleaned))
+        Ok((
+            Self {
+                root,
+                copying: std::sync::Arc::default(),
+            },
+            cleaned,
+        ))
     }
 
     /// The directory of a stored file, after checking the token's shape and
@@ -239,6 +259,7 @@ impl FileStore {
     /// # Errors
     /// As `FileStore::dir`; [`StoreError::Io`].
     pub fn delete(&self, token: &str) -> Result<(), StoreError> {
+        let _not_copied = self.copying.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = self.dir(token)?;
         let mut r = [0u8; 8];
         let _ = getrandom::fill(&mut r);
@@ -251,6 +272,47 @@ impl FileStore {
         }
         fs::remove_dir_all(&aside).map_err(io(&aside))?;
         sync_dir(&self.root)
+    }
+}
+
+impl FileStore {
+    /// Every stored file's files, opened, with their lengths, for a backup
+    /// to copy; deletes wait until the copy is dropped. A stored file's files
+    /// never change once it is in place, so the copy is of the store as it
+    /// was when this was called (stores finished later are not in it).
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn backup_copy(&self) -> Result<Copy<'_>, StoreError> {
+        let guard = self.copying.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut files = Vec::new();
+        let tokens = self.tokens()?;
+        for token in &tokens {
+            let dir = self.dir(token)?;
+            let mut names = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(io(&dir))? {
+                let entry = entry.map_err(io(&dir))?;
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+            names.sort();
+            for name in names {
+                let path = dir.join(&name);
+                let file = File::open(&path).map_err(io(&path))?;
+                let meta = file.metadata().map_err(io(&path))?;
+                if !meta.is_file() {
+                    return Err(StoreError::Damaged {
+                        token: token.clone(),
+                        why: format!("{name} in its directory is not a regular file"),
+                    });
+                }
+                files.push((format!("{token}/{name}"), file, meta.len()));
+            }
+        }
+        Ok(Copy {
+            files,
+            tokens: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
+            _no_deletes: guard,
+        })
     }
 }
 

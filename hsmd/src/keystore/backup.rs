@@ -69,6 +69,21 @@ struct Header {
     check: Option<String>,
 }
 
+/// How an archive is protected, as its header says: the fields a format-2
+/// header has besides its manifest, which a format-3 header carries too.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Protection {
+    /// For passphrase backups: the Argon2id parameters and salt.
+    kdf: Option<SlotParams>,
+    /// For master-key backups: the keystore's unlock slots.
+    slots: Vec<ArchivedSlot>,
+    /// Salt of the HKDF that derives a master-key backup's key.
+    salt: String,
+    /// Check value of the archive key, hex.
+    check: Option<String>,
+}
+
 /// A parsed archive whose checksum matched.
 struct Parsed<'a> {
     header: Header,
@@ -162,8 +177,26 @@ fn inspect(path: &Path) -> Result<(Vec<u8>, u32, u32, u32, u32), VaultError> {
     ))
 }
 
-/// A temp file in `dir` that is removed when dropped, unless kept.
-struct Scratch(PathBuf);
+/// A temp file in `dir` that is removed when dropped.
+pub(crate) struct Scratch(PathBuf);
+
+impl Scratch {
+    /// Its path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Creates it, empty and private (0600), for writing.
+    pub(crate) fn create(&self) -> Result<fs::File, VaultError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.0)
+            .map_err(|e| damaged(format!("cannot write {}: {e}", self.0.display())))
+    }
+}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -171,9 +204,18 @@ impl Drop for Scratch {
     }
 }
 
-fn scratch(dir: &Path, what: &str) -> Result<Scratch, VaultError> {
+/// A scratch file's name in `dir`, not yet created.
+pub(crate) fn scratch(dir: &Path, what: &str) -> Result<Scratch, VaultError> {
     let name = format!(".{what}-{}.tmp", hex::encode(crypto::random::<8>()?));
     Ok(Scratch(dir.join(name)))
+}
+
+/// A file's length and SHA-256 (hex), read in pieces.
+fn file_digest(path: &Path) -> Result<(u64, String), VaultError> {
+    let mut f = fs::File::open(path).map_err(|e| damaged(format!("cannot read the snapshot: {e}")))?;
+    let mut hash = Sha256::new();
+    let n = std::io::copy(&mut f, &mut hash).map_err(|e| damaged(format!("cannot read the snapshot: {e}")))?;
+    Ok((n, hex::encode(hash.finalize())))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), VaultError> {
@@ -188,6 +230,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), VaultError> {
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)
 }
 
+impl Protection {
+    /// `master-key` or `passphrase`.
+    pub(crate) fn kind(&self) -> &'static str {
+        if self.kdf.is_some() {
+            "passphrase"
+        } else {
+            "master-key"
+        }
+    }
+}
+
 impl Vault {
     /// Makes a backup archive of the keystore as it is now (use counts are
     /// flushed first). Needs unlocked.
@@ -196,7 +249,46 @@ impl Vault {
     /// [`VaultError::Locked`]; [`VaultError::Invalid`] for a passphrase out of
     /// range; [`VaultError::Store`] if the snapshot fails.
     pub fn create_backup(&self, protection: &BackupProtection) -> Result<(Vec<u8>, BackupManifest), VaultError> {
-        let master = self.custody.master()?;
+        let (snapshot, mut manifest) = self.keystore_snapshot()?;
+        let payload =
+            Zeroizing::new(fs::read(snapshot.path()).map_err(|e| damaged(format!("cannot read the snapshot: {e}")))?);
+        drop(snapshot);
+        let (key, p) = self.archive_protection(protection, &manifest.store_id)?;
+        manifest.format = FORMAT;
+        manifest.protection = p.kind().to_owned();
+        let header = Header {
+            manifest: manifest.clone(),
+            kdf: p.kdf,
+            slots: p.slots,
+            salt: p.salt,
+            check: p.check,
+        };
+        let header_bytes = serde_json::to_vec(&header).map_err(|source| VaultError::Encode {
+            what: "a backup header",
+            source,
+        })?;
+        let sealed = crypto::seal(&key, &payload, &aad(&header_bytes))?;
+        let mut archive = Vec::with_capacity(12 + header_bytes.len() + sealed.len() + 32);
+        archive.extend_from_slice(MAGIC);
+        archive.extend_from_slice(&(header_bytes.len() as u32).to_be_bytes());
+        archive.extend_from_slice(&header_bytes);
+        archive.extend_from_slice(&sealed);
+        let sum = Sha256::digest(&archive);
+        archive.extend_from_slice(&sum);
+        tracing::info!(
+            keys = manifest.keys,
+            bytes = archive.len(),
+            protection = manifest.protection,
+            "backup archive made"
+        );
+        Ok((archive, manifest))
+    }
+
+    /// A consistent copy of the keystore (`VACUUM INTO`, use counts flushed
+    /// first) in a scratch file beside it, and its manifest (format and
+    /// protection left for the caller). Needs unlocked.
+    pub(crate) fn keystore_snapshot(&self) -> Result<(Scratch, BackupManifest), VaultError> {
+        self.custody.master()?;
         if let Err(e) = self.keys().flush_usage() {
             tracing::warn!(error = %e, "use counts not flushed before the backup");
         }
@@ -204,11 +296,33 @@ impl Vault {
         let snapshot = scratch(&dir, "backup")?;
         lock(&self.store).vacuum_into(&snapshot.0)?;
         let (store_id, schema, keys, versions, slot_count) = inspect(&snapshot.0)?;
-        let payload =
-            Zeroizing::new(fs::read(&snapshot.0).map_err(|e| damaged(format!("cannot read the snapshot: {e}")))?);
-        drop(snapshot);
+        let (bytes, sha256) = file_digest(&snapshot.0)?;
+        let manifest = BackupManifest {
+            format: 0,
+            created_unix: now_unix(),
+            hsmd_version: env!("CARGO_PKG_VERSION").to_owned(),
+            store_id: hex::encode(&store_id),
+            schema_version: schema,
+            keys,
+            key_versions: versions,
+            slots: slot_count,
+            protection: String::new(),
+            payload_bytes: bytes,
+            payload_sha256: sha256,
+            authenticated: true,
+        };
+        Ok((snapshot, manifest))
+    }
+
+    /// The archive key for `protection`, and how the header records it.
+    pub(crate) fn archive_protection(
+        &self,
+        protection: &BackupProtection,
+        store_id_hex: &str,
+    ) -> Result<(Key256, Protection), VaultError> {
+        let master = self.custody.master()?;
         let salt = crypto::random::<16>()?;
-        let (key, kdf, slots, kind) = match protection {
+        let (key, kdf, slots) = match protection {
             BackupProtection::MasterKey => {
                 let slots = lock(&self.store)
                     .slots()?
@@ -222,7 +336,7 @@ impl Vault {
                         created_unix: r.created_unix,
                     })
                     .collect();
-                (master_backup_key(&master, &salt), None, slots, "master-key")
+                (master_backup_key(&master, &salt), None, slots)
             }
             BackupProtection::Passphrase(p) => {
                 let n = p.len();
@@ -240,44 +354,19 @@ impl Vault {
                     let _gate = lock(&self.custody.kdf_gate);
                     params.derive(p.expose())?
                 };
-                (key, Some(params), Vec::new(), "passphrase")
+                (key, Some(params), Vec::new())
             }
         };
-        let manifest = BackupManifest {
-            format: FORMAT,
-            created_unix: now_unix(),
-            hsmd_version: env!("CARGO_PKG_VERSION").to_owned(),
-            store_id: hex::encode(&store_id),
-            schema_version: schema,
-            keys,
-            key_versions: versions,
-            slots: slot_count,
-            protection: kind.to_owned(),
-            payload_bytes: payload.len() as u64,
-            payload_sha256: hex::encode(Sha256::digest(&payload[..])),
-            authenticated: true,
-        };
-        let header = Header {
-            check: Some(archive_check(&key, &manifest.store_id)),
-            manifest: manifest.clone(),
-            kdf,
-            slots,
-            salt: hex::encode(salt),
-        };
-        let header_bytes = serde_json::to_vec(&header).map_err(|source| VaultError::Encode {
-            what: "a backup header",
-            source,
-        })?;
-        let sealed = crypto::seal(&key, &payload, &aad(&header_bytes))?;
-        let mut archive = Vec::with_capacity(12 + header_bytes.len() + sealed.len() + 32);
-        archive.extend_from_slice(MAGIC);
-        archive.extend_from_slice(&(header_bytes.len() as u32).to_be_bytes());
-        archive.extend_from_slice(&header_bytes);
-        archive.extend_from_slice(&sealed);
-        let sum = Sha256::digest(&archive);
-        archive.extend_from_slice(&sum);
-        tracing::info!(keys, bytes = archive.len(), protection = kind, "backup archive made");
-        Ok((archive, manifest))
+        let check = Some(archive_check(&key, store_id_hex));
+        Ok((
+            key,
+            Protection {
+                kdf,
+                slots,
+                salt: hex::encode(salt),
+                check,
+            },
+        ))
     }
 
     /// Opens an archive with `secret`: checksum, header, key derivation, seal,
@@ -289,16 +378,90 @@ impl Vault {
         secret: &UnlockSecret,
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let _gate = lock(&self.custody.kdf_gate);
-        self.custody.check_backoff(uid)?;
         let h = &parsed.header;
-        // Whether the key is known to be right before the seal is tried: a
-        // slot of the archive opened, or the check value matched.
-        let (key, key_is_right) = match (&h.kdf, secret) {
+        let protection = Protection {
+            kdf: h.kdf.clone(),
+            slots: h.slots.clone(),
+            salt: h.salt.clone(),
+            check: h.check.clone(),
+        };
+        let (key, key_is_right) = self.archive_key_locked(uid, &protection, &h.manifest.store_id, secret)?;
+        let payload = crypto::open(&key, parsed.sealed, &aad(parsed.header_bytes)).map_err(|_| {
+            if key_is_right {
+                // Not a wrong secret, so not counted toward the back-off.
+                tracing::error!("backup archive tampered: its seal fails under the right key");
+                return VaultError::BackupTampered(
+                    "its sealed keystore or its header was changed after it was made, and its checksum \
+                     recomputed to match; the secret given is right. Use another copy of the backup"
+                        .into(),
+                );
+            }
+            self.custody.record_failure(uid);
+            VaultError::BackupSecret("the backup does not open with this passphrase".into())
+        })?;
+        if hex::encode(Sha256::digest(&payload[..])) != h.manifest.payload_sha256
+            || payload.len() as u64 != h.manifest.payload_bytes
+        {
+            return Err(damaged("the keystore inside does not match its manifest"));
+        }
+        self.custody.clear_failures(uid);
+        Ok(payload)
+    }
+
+    /// The archive key `secret` gives for an archive protected as
+    /// `protection`, and whether it is known to be right (a slot of the
+    /// archive opened, or the check value matched) before any seal is tried.
+    /// Wrong secrets count toward the uid's unlock back-off.
+    pub(crate) fn archive_key(
+        &self,
+        uid: u32,
+        protection: &Protection,
+        store_id_hex: &str,
+        secret: &UnlockSecret,
+    ) -> Result<(Key256, bool), VaultError> {
+        let _gate = lock(&self.custody.kdf_gate);
+        self.archive_key_locked(uid, protection, store_id_hex, secret)
+    }
+
+    /// A scratch file's name beside the keystore, removed when dropped.
+    pub(crate) fn scratch_file(&self, what: &str) -> Result<Scratch, VaultError> {
+        let dir = lock(&self.store).dir().to_owned();
+        scratch(&dir, what)
+    }
+
+    /// An archive opened under `uid`'s secret: its failures are forgotten.
+    pub(crate) fn archive_opened(&self, uid: u32) {
+        self.custody.clear_failures(uid);
+    }
+
+    /// A wrong secret for an archive whose key was not known to be right
+    /// (counted toward the back-off), or its tampering (not counted).
+    pub(crate) fn archive_refused(&self, uid: u32, key_is_right: bool) -> VaultError {
+        if key_is_right {
+            tracing::error!("backup archive tampered: a seal fails under the right key");
+            return VaultError::BackupTampered(
+                "it was changed after it was made; the secret given is right. Use another copy of the backup".into(),
+            );
+        }
+        self.custody.record_failure(uid);
+        VaultError::BackupSecret("the backup does not open with this passphrase".into())
+    }
+
+    /// As [`Vault::archive_key`], the KDF gate held.
+    fn archive_key_locked(
+        &self,
+        uid: u32,
+        h: &Protection,
+        store_id_hex: &str,
+        secret: &UnlockSecret,
+    ) -> Result<(Key256, bool), VaultError> {
+        self.custody.check_backoff(uid)?;
+        Ok(match (&h.kdf, secret) {
             (Some(params), UnlockSecret::Passphrase(p)) => {
                 let key = params
                     .derive(p.expose())
                     .map_err(|e| damaged(format!("its key derivation: {e}")))?;
-                let right = h.check.as_deref() == Some(archive_check(&key, &h.manifest.store_id).as_str());
+                let right = h.check.as_deref() == Some(archive_check(&key, store_id_hex).as_str());
                 (key, right)
             }
             (Some(_), UnlockSecret::Keyfile(_) | UnlockSecret::Tpm2 | UnlockSecret::Fido2 { .. }) => {
@@ -321,7 +484,7 @@ impl Vault {
                         })
                     })
                     .collect::<Result<_, VaultError>>()?;
-                let store_id = hex_decode("store id", &h.manifest.store_id)?;
+                let store_id = hex_decode("store id", store_id_hex)?;
                 let tampered = |e: VaultError| match e {
                     VaultError::Tampered(why) => VaultError::BackupTampered(why),
                     other => other,
@@ -353,27 +516,7 @@ impl Vault {
                     }
                 }
             }
-        };
-        let payload = crypto::open(&key, parsed.sealed, &aad(parsed.header_bytes)).map_err(|_| {
-            if key_is_right {
-                // Not a wrong secret, so not counted toward the back-off.
-                tracing::error!("backup archive tampered: its seal fails under the right key");
-                return VaultError::BackupTampered(
-                    "its sealed keystore or its header was changed after it was made, and its checksum \
-                     recomputed to match; the secret given is right. Use another copy of the backup"
-                        .into(),
-                );
-            }
-            self.custody.record_failure(uid);
-            VaultError::BackupSecret("the backup does not open with this passphrase".into())
-        })?;
-        if hex::encode(Sha256::digest(&payload[..])) != h.manifest.payload_sha256
-            || payload.len() as u64 != h.manifest.payload_bytes
-        {
-            return Err(damaged("the keystore inside does not match its manifest"));
-        }
-        self.custody.clear_failures(uid);
-        Ok(payload)
+        })
     }
 
     /// Checks an archive. Without a secret: its signature, checksum and
@@ -404,7 +547,9 @@ impl Vault {
         Ok(manifest)
     }
 
-    fn check_payload(&self, path: &Path, manifest: &BackupManifest) -> Result<(), VaultError> {
+    /// Checks a keystore file from an archive against its manifest: SQLite's
+    /// integrity check, store id, counts, schema not newer than this hsmd's.
+    pub(crate) fn check_payload(&self, path: &Path, manifest: &BackupManifest) -> Result<(), VaultError> {
         let (store_id, schema, keys, versions, slots) = inspect(path)?;
         if hex::encode(store_id) != manifest.store_id
             || (keys, versions, slots) != (manifest.keys, manifest.key_versions, manifest.slots)

@@ -7,7 +7,7 @@
 //! for the master key and for unwrapped key versions, never the other way.
 
 mod audit_anchors;
-mod backup;
+pub(crate) mod backup;
 /// Moved to the crate's root (the backends use it too); here for the old paths.
 pub use crate::crypto;
 pub use backup::MAX_ARCHIVE;

@@ -100,3 +100,47 @@ pub(super) fn restore(transfer: u64, secret: UnlockSecret, force: bool) -> Plan 
     .audited(keystore(EventType::BackupRestored, "restore", 9, true))
     .logged()
 }
+
+/// A format-3 archive of the whole state, written to the caller's descriptor
+/// on a thread of its own.
+pub(super) fn write(protection: BackupProtection, contents: protocol::BackupContents) -> Plan {
+    Plan::start(move |mut cx| {
+        let out = match passed(cx.attached.take(), "backup-write") {
+            Ok(f) => f,
+            Err(e) => return Err(e).into(),
+        };
+        let sources = crate::backup::Sources {
+            vault: Arc::clone(&cx.shared.vault),
+            files: cx.shared.files.clone(),
+            audit: cx.shared.audit.clone(),
+        };
+        cx.transfer(move || crate::backup::write(&sources, &protection, contents, out).map(Reply::BackupWritten))
+    })
+    .needs(Permission::Keystore(A::Backup), None)
+    .audited(keystore(EventType::BackupCreated, "backup", 6, true))
+    .logged()
+}
+
+/// A format-3 archive read from the caller's descriptor and checked.
+pub(super) fn check(secret: Option<UnlockSecret>) -> Plan {
+    Plan::start(move |mut cx| {
+        let input = match passed(cx.attached.take(), "backup-check") {
+            Ok(f) => f,
+            Err(e) => return Err(e).into(),
+        };
+        let (vault, uid) = (Arc::clone(&cx.shared.vault), cx.caller.peer.creds.uid);
+        cx.transfer(move || crate::backup::check(&vault, uid, input, secret.as_ref()).map(Reply::BackupChecked))
+    })
+    .needs(Permission::Keystore(A::Backup), None)
+    .audited(keystore(EventType::BackupVerified, "backup-verify", 1, false))
+}
+
+/// The descriptor the request came with.
+fn passed(attached: Option<std::os::fd::OwnedFd>, what: &str) -> Result<std::fs::File, protocol::WireError> {
+    attached.map(std::fs::File::from).ok_or_else(|| {
+        protocol::WireError::new(
+            protocol::ErrorCode::InvalidArgument,
+            format!("{what} needs the file descriptor sent with the request (SCM_RIGHTS), and none came"),
+        )
+    })
+}

@@ -107,6 +107,16 @@ impl Ctx<'_> {
         Staged::Blocking(Box::new(move || logged_result(uid, what, logged, f(&vault)).into()))
     }
 
+    /// As `Ctx::vault`, on a thread of its own: it reads or writes a
+    /// descriptor the caller passed, which may stall.
+    fn transfer<F>(&self, f: F) -> Staged
+    where
+        F: FnOnce() -> Result<Reply, VaultError> + Send + 'static,
+    {
+        let (uid, what, logged) = (self.caller.peer.creds.uid, self.what, self.logged);
+        Staged::Transfer(Box::new(move || logged_result(uid, what, logged, f()).into()))
+    }
+
     /// As `Ctx::vault`, for what custody of the master key alone does.
     fn custody<F>(&self, f: F) -> Staged
     where
@@ -423,6 +433,8 @@ pub fn plan(op: Operation) -> Plan {
         O::FileDelete { token } => files::delete(token),
         O::FileStoreFd { name, key, chunk_size } => files::store_fd(name, key, chunk_size),
         O::FileRetrieveFd { token } => files::retrieve_fd(token),
+        O::BackupWrite { protection, contents } => backup::write(protection, contents),
+        O::BackupCheck { secret } => backup::check(secret),
     }
 }
 

@@ -547,4 +547,55 @@ mod whole_state {
         let wrong = check(&d, &archive, Some(UnlockSecret::Keyfile(SecretBytes::new(vec![9; 32])))).unwrap_err();
         assert!(wrong.contains("no keyfile slot of the backup accepts"), "{wrong}");
     }
+
+    #[test]
+    fn a_backup_killed_midway_leaves_an_archive_check_refuses_and_nothing_in_the_state_directory() {
+        use std::io::Read as _;
+        let mut d = Daemon::start();
+        let keyfile = d.dir().join("unlock.key");
+        ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+        ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
+        let src = d.dir().join("big");
+        fs::write(&src, vec![7u8; 16 << 20]).expect("write");
+        ok(&d.hsmctl(&["file", "store", p(&src), "--key", "files"]));
+        // The archive goes into a pipe this test drains slowly, so hsmd is
+        // still writing it when it is killed.
+        let (mut from, into) = std::io::pipe().expect("pipe");
+        let socket = d.socket.clone();
+        let writer = std::thread::spawn(move || {
+            let mut c = protocol::Client::connect(&socket).expect("connect");
+            let op = Operation::BackupWrite {
+                protection: BackupProtection::MasterKey,
+                contents: BackupContents {
+                    files: true,
+                    audit: true,
+                },
+            };
+            let answer = c.call_with_fd(op, into.as_fd());
+            drop(into);
+            answer
+        });
+        let mut partial = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while partial.len() < 2 << 20 {
+            let n = from.read(&mut buf).expect("read the pipe");
+            assert!(n > 0, "the archive ended after {} bytes", partial.len());
+            partial.extend_from_slice(&buf[..n]);
+        }
+        d.restart(true);
+        // What hsmd wrote before it died, and nothing after.
+        from.read_to_end(&mut partial).expect("drain");
+        assert!(writer.join().expect("thread").is_err(), "the killed backup answered");
+        let e = check(&d, &partial, None).unwrap_err();
+        assert!(e.contains("truncated"), "{e}");
+        // No scratch copy is left (one a kill leaves is removed at start).
+        let leftovers: Vec<_> = fs::read_dir(d.dir().join("state"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        ok(&d.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
+        assert!(ok(&d.hsmctl(&["file", "list"])).contains("big"));
+    }
 }

@@ -204,8 +204,37 @@ impl Drop for Scratch {
     }
 }
 
+/// What scratch files are made for (their names' first part).
+const SCRATCH_KINDS: [&str; 4] = ["backup", "verify", "restore", "check"];
+
+/// Removes scratch files that a backup, check or restore killed midway left
+/// in `dir` (no process has them open once hsmd starts: hsmd runs once per
+/// state directory); answers how many.
+pub(crate) fn remove_scratch(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_scratch = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('-'))
+            .is_some_and(|(kind, id)| {
+                SCRATCH_KINDS.contains(&kind) && id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+        if is_scratch && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// A scratch file's name in `dir`, not yet created.
-pub(crate) fn scratch(dir: &Path, what: &str) -> Result<Scratch, VaultError> {
+pub(crate) fn scratch(dir: &Path, what: &'static str) -> Result<Scratch, VaultError> {
+    debug_assert!(
+        SCRATCH_KINDS.contains(&what),
+        "{what} is not a scratch kind start-up removes"
+    );
     let name = format!(".{what}-{}.tmp", hex::encode(crypto::random::<8>()?));
     Ok(Scratch(dir.join(name)))
 }
@@ -424,7 +453,7 @@ impl Vault {
     }
 
     /// A scratch file's name beside the keystore, removed when dropped.
-    pub(crate) fn scratch_file(&self, what: &str) -> Result<Scratch, VaultError> {
+    pub(crate) fn scratch_file(&self, what: &'static str) -> Result<Scratch, VaultError> {
         let dir = lock(&self.store).dir().to_owned();
         scratch(&dir, what)
     }
@@ -684,6 +713,30 @@ mod tests {
         // The restored keystore's own slot (made with a check value) unlocks.
         vault.unlock(0, &secret).unwrap();
         assert_eq!(vault.custody().state(), ServiceState::Unlocked);
+    }
+
+    #[test]
+    fn scratch_copies_a_crash_left_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = scratch(dir.path(), "backup").unwrap();
+        fs::write(made.path(), b"a keystore snapshot").unwrap();
+        let left = made.path().to_owned();
+        // As a SIGKILL leaves it: never dropped.
+        std::mem::forget(made);
+        let others = [
+            ".backup-notes.tmp",
+            "backup-0123456789abcdef.tmp",
+            ".restore-0123456789abcdef",
+            "keystore.sqlite",
+        ];
+        for name in others {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_scratch(dir.path()), 1);
+        assert!(!left.exists());
+        for name in others {
+            assert!(dir.path().join(name).exists(), "{name} was removed");
+        }
     }
 
     #[test]

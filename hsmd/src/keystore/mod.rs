@@ -242,6 +242,11 @@ impl Vault {
     /// [`VaultError::Store`] if the file cannot be opened or migrated.
     pub fn open(state_dir: &Path, cost: Argon2Cost) -> Result<Self, VaultError> {
         let store = Store::open(state_dir)?;
+        // A backup, check or restore killed midway leaves its scratch copy.
+        let removed = backup::remove_scratch(store.dir());
+        if removed > 0 {
+            tracing::info!(removed, "removed scratch files a backup interrupted by a crash left");
+        }
         let store_id = store.store_id()?;
         let writes = store.write_counter();
         let store = Arc::new(Mutex::new(store));

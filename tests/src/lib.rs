@@ -4,6 +4,7 @@
 //! `protocol` client or raw bytes) and the `hsmctl` binary.
 
 pub mod agent_bench;
+pub mod backup_bench;
 pub mod file_bench;
 pub mod measure;
 pub mod openssh;

@@ -82,6 +82,7 @@ struct Args {
     depth: usize,
     batch: usize,
     file_mib: usize,
+    files: usize,
     chunk: String,
     workers: u32,
     dir: String,
@@ -100,6 +101,7 @@ fn parse_args() -> Result<Option<Args>> {
         depth: 1,
         batch: 1,
         file_mib: 1024,
+        files: 64,
         chunk: "64KiB".to_owned(),
         workers: 0,
         // tmpfs where there is one; the system temp directory otherwise.
@@ -125,6 +127,7 @@ fn parse_args() -> Result<Option<Args>> {
                 args.file_mib = 64;
             }
             "--file-mib" => args.file_mib = it.next().context("--file-mib N")?.parse()?,
+            "--files" => args.files = it.next().context("--files N")?.parse()?,
             "--chunk" => args.chunk = it.next().context("--chunk 64KiB")?,
             "--workers" => args.workers = it.next().context("--workers N")?.parse()?,
             "--dir" => args.dir = it.next().context("--dir PATH (tmpfs)")?,
@@ -139,12 +142,21 @@ fn parse_args() -> Result<Option<Args>> {
             "--suite" => {
                 args.suite = it
                     .next()
-                    .context("--suite ping|keys|security|files|backends|agent|pkcs11|soak|all")?;
+                    .context("--suite ping|keys|security|files|backup|backends|agent|pkcs11|soak|all")?;
                 if !matches!(
                     args.suite.as_str(),
-                    "ping" | "keys" | "security" | "files" | "backends" | "agent" | "pkcs11" | "soak" | "all"
+                    "ping"
+                        | "keys"
+                        | "security"
+                        | "files"
+                        | "backup"
+                        | "backends"
+                        | "agent"
+                        | "pkcs11"
+                        | "soak"
+                        | "all"
                 ) {
-                    bail!("--suite is ping, keys, security, files, backends, agent, pkcs11, soak or all");
+                    bail!("--suite is ping, keys, security, files, backup, backends, agent, pkcs11, soak or all");
                 }
             }
             "--clients" => {
@@ -156,7 +168,7 @@ fn parse_args() -> Result<Option<Args>> {
                     .collect::<Result<_, _>>()?;
             }
             "-h" | "--help" => {
-                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backends|agent|pkcs11|soak|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--chunk 64KiB] [--workers N] [--dir /dev/shm] [--minutes M] [--fault-every S]");
+                println!("hsmd-bench [--quick] [--suite ping|keys|security|files|backup|backends|agent|pkcs11|soak|all] [--seconds S] [--rounds N] [--clients 1,2,8] [--payload BYTES] [--reactor-threads N] [--depth N] [--batch N] [--file-mib N] [--files N] [--chunk 64KiB] [--workers N] [--dir /dev/shm] [--minutes M] [--fault-every S]");
                 return Ok(None);
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -200,6 +212,11 @@ fn main() -> Result<()> {
             chunk: args.chunk.clone(),
             rounds: args.rounds,
             workers: args.workers,
+            dir: args.dir.clone().into(),
+        }),
+        "backup" => hsmd_tests::backup_bench::run(&hsmd_tests::backup_bench::BackupBench {
+            mib: args.file_mib,
+            files: args.files,
             dir: args.dir.clone().into(),
         }),
         "soak" => soak_suite(&args),

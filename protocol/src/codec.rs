@@ -207,12 +207,7 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::DecryptAnyVersion(crate::DecryptAnyVersionArgs {
-                name: String::new(),
-                sealed: Vec::new(),
-                aad: Vec::new(),
-                allow_compromised: false,
-            }),
+            op: Operation::BackupCheck { secret: None },
         };
         let body = encode_body(&last).unwrap();
         assert_eq!(peek_request_header(&body), Some((9, OPERATION_VARIANTS - 1)));

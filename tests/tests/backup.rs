@@ -443,6 +443,15 @@ mod whole_state {
         }
     }
 
+    /// Hidden files beside the keystore (scratch copies are `.NAME.tmp`).
+    fn scratch_files(d: &Daemon) -> Vec<String> {
+        fs::read_dir(d.dir().join("state"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
     fn check(d: &Daemon, archive: &[u8], secret: Option<UnlockSecret>) -> Result<ArchiveSummary, String> {
         let path = d.dir().join("to-check");
         fs::write(&path, archive).expect("write");
@@ -529,12 +538,7 @@ mod whole_state {
         let e = check(&d, &archive[..archive.len() - 1], None).unwrap_err();
         assert!(e.contains("truncated: it ends inside the end record"), "{e}");
         // Checking wrote nothing beside the keystore.
-        let leftovers: Vec<_> = fs::read_dir(d.dir().join("state"))
-            .expect("ls")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
+        assert_eq!(scratch_files(&d), Vec::<String>::new());
 
         // Only what was asked for: the keystore alone.
         let keystore_only = write(&d, &out, BackupContents::default());
@@ -589,12 +593,7 @@ mod whole_state {
         let e = check(&d, &partial, None).unwrap_err();
         assert!(e.contains("truncated"), "{e}");
         // No scratch copy is left (one a kill leaves is removed at start).
-        let leftovers: Vec<_> = fs::read_dir(d.dir().join("state"))
-            .expect("ls")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".tmp"))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
+        assert_eq!(scratch_files(&d), Vec::<String>::new());
         ok(&d.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
         assert!(ok(&d.hsmctl(&["file", "list"])).contains("big"));
     }

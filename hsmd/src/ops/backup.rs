@@ -105,7 +105,7 @@ pub(super) fn restore(transfer: u64, secret: UnlockSecret, force: bool) -> Plan 
 /// on a thread of its own.
 pub(super) fn write(protection: BackupProtection, contents: protocol::BackupContents) -> Plan {
     Plan::start(move |mut cx| {
-        let out = match passed(cx.attached.take(), "backup-write") {
+        let out = match super::passed(cx.attached.take(), "backup-write") {
             Ok(f) => f,
             Err(e) => return Err(e).into(),
         };
@@ -124,7 +124,7 @@ pub(super) fn write(protection: BackupProtection, contents: protocol::BackupCont
 /// A format-3 archive read from the caller's descriptor and checked.
 pub(super) fn check(secret: Option<UnlockSecret>) -> Plan {
     Plan::start(move |mut cx| {
-        let input = match passed(cx.attached.take(), "backup-check") {
+        let input = match super::passed(cx.attached.take(), "backup-check") {
             Ok(f) => f,
             Err(e) => return Err(e).into(),
         };
@@ -133,14 +133,4 @@ pub(super) fn check(secret: Option<UnlockSecret>) -> Plan {
     })
     .needs(Permission::Keystore(A::Backup), None)
     .audited(keystore(EventType::BackupVerified, "backup-verify", 1, false))
-}
-
-/// The descriptor the request came with.
-fn passed(attached: Option<std::os::fd::OwnedFd>, what: &str) -> Result<std::fs::File, protocol::WireError> {
-    attached.map(std::fs::File::from).ok_or_else(|| {
-        protocol::WireError::new(
-            protocol::ErrorCode::InvalidArgument,
-            format!("{what} needs the file descriptor sent with the request (SCM_RIGHTS), and none came"),
-        )
-    })
 }

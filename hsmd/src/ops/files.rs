@@ -31,12 +31,7 @@ struct FileCx {
 impl FileCx {
     /// The descriptor the request came with.
     fn passed(&mut self, what: &str) -> Result<std::fs::File, WireError> {
-        self.attached.take().map(std::fs::File::from).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::InvalidArgument,
-                format!("{what} needs the file descriptor sent with the request (SCM_RIGHTS), and none came"),
-            )
-        })
+        super::passed(self.attached.take(), what)
     }
 
     fn place(&mut self) -> Result<Share, WireError> {

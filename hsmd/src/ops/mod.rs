@@ -80,6 +80,17 @@ impl From<Result<Reply, WireError>> for Staged {
     }
 }
 
+/// The descriptor a request came with, as a file; an operation that needs
+/// one and came without is refused.
+fn passed(attached: Option<OwnedFd>, what: &str) -> Result<std::fs::File, WireError> {
+    attached.map(std::fs::File::from).ok_or_else(|| {
+        WireError::new(
+            protocol::ErrorCode::InvalidArgument,
+            format!("{what} needs the file descriptor sent with the request (SCM_RIGHTS), and none came"),
+        )
+    })
+}
+
 /// What the operation may use while it starts: the daemon's state, the
 /// caller, the descriptor that came with the request.
 pub struct Ctx<'a> {

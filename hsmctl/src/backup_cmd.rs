@@ -7,13 +7,17 @@ use std::{
 };
 
 use clap::Subcommand;
-use protocol::{BackupManifest, BackupProtection, Client, UnlockSecret};
+use protocol::{
+    ArchiveSummary, BackupContents, BackupManifest, BackupProtection, Client, Operation, Reply, UnlockSecret,
+};
 use serde_json::json;
 use sha2::Digest as _;
 
 use crate::{
     failure::{unexpected, Failure, Local},
-    print_json, secrets,
+    print_json,
+    progress::Progress,
+    secrets,
 };
 
 /// The largest archive hsmctl uploads (the daemon's limit too).
@@ -21,17 +25,31 @@ const MAX_ARCHIVE: u64 = 256 * 1024 * 1024;
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
-    /// Write one consistent, encrypted archive of the keystore (hsmd must be unlocked)
+    /// Write one consistent, encrypted archive of hsmd's state: the keystore,
+    /// the stored files and the audit log (hsmd must be unlocked)
     #[command(
         after_help = "By default the archive is encrypted under a key derived from the master key:\n\
         restoring it needs a secret of one of its unlock slots (a passphrase or key file).\n\
-        With --passphrase it is encrypted under a backup passphrase (Argon2id) instead.\n\n\
+        With --passphrase it is encrypted under a backup passphrase (Argon2id) instead.\n\
+        Stored files go in as they are on disk (sealed); no plaintext is ever in an archive.\n\n\
         Examples:\n  hsmctl backup create /srv/backup/hsmd-$(date +%F).hsmdbak\n  \
+        hsmctl backup create keys-only.hsmdbak --include keystore\n  \
         hsmctl backup create offsite.hsmdbak --passphrase-file /run/secrets/backup-pass"
     )]
     Create {
-        /// The archive to write (appears only when complete)
+        /// The archive to write (appears under its name only when complete; - for standard output)
         file: PathBuf,
+        /// What the archive holds besides the keystore: files, audit, or keystore
+        /// alone [default: files and the audit log, as hsmd has them]
+        #[arg(long, value_enum, value_delimiter = ',', value_name = "PARTS")]
+        include: Vec<Include>,
+        /// No progress bar
+        #[arg(long, short)]
+        quiet: bool,
+        /// Archive format: 3 (the whole state), or 2 (the keystore alone, as
+        /// hsmd before 3 reads it)
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=3), conflicts_with = "include")]
+        format: u32,
         /// Replace the archive if it exists
         #[arg(long)]
         force: bool,
@@ -51,19 +69,48 @@ pub enum BackupCommand {
         file: PathBuf,
         #[command(flatten)]
         secret: SecretArgs,
+        /// No progress bar
+        #[arg(long, short)]
+        quiet: bool,
     },
-    /// Restore an archive into this daemon (empty, or with --force); hsmd is
-    /// locked afterwards and unlocks with the archive's slots
-    #[command(after_help = "Example:\n  hsmctl backup restore b.hsmdbak --keyfile /etc/hsmd/unlock.key")]
+    /// Restore an archive into this daemon (empty, or with --force): keys,
+    /// stored files under their tokens, and the audit log, which goes on from
+    /// where the archive's ends. hsmd is locked afterwards and unlocks with
+    /// the archive's slots
+    #[command(
+        after_help = "Everything is read and checked before anything is replaced: a damaged archive,\n\
+        a wrong secret, or unlock slots and keys that cannot work on this machine (a TPM2 slot\n\
+        with no TPM, a key on a pkcs11 token not configured here) leave hsmd as it was.\n\n\
+        Example:\n  hsmctl backup restore b.hsmdbak --keyfile /etc/hsmd/unlock.key"
+    )]
     Restore {
         /// The archive
         file: PathBuf,
         #[command(flatten)]
         secret: SecretArgs,
-        /// Replace an existing keystore (kept aside as keystore.sqlite.before-restore-<time>)
+        /// Replace an existing keystore and stored files (each kept aside as
+        /// NAME.before-restore-<time>)
         #[arg(long)]
         force: bool,
+        /// Restore even though some unlock slots or keys of the archive cannot
+        /// work on this machine (they are listed)
+        #[arg(long)]
+        accept_unusable: bool,
+        /// No progress bar
+        #[arg(long, short)]
+        quiet: bool,
     },
+}
+
+/// What `backup create --include` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Include {
+    /// The keystore (always in)
+    Keystore,
+    /// The stored files, sealed as on disk
+    Files,
+    /// The audit log, with its chain's anchors
+    Audit,
 }
 
 /// The secret that opens an archive: the backup passphrase, or for a
@@ -98,14 +145,6 @@ impl SecretArgs {
 
 fn local(msg: String) -> Failure {
     Local::File.fail(msg)
-}
-
-/// The protection an archive names in its header (read here only to ask for
-/// the right secret; hsmd checks everything).
-fn protection_of(archive: &[u8]) -> Option<String> {
-    let len = u32::from_be_bytes(archive.get(8..12)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(archive.get(12..12usize.checked_add(len)?)?).ok()?;
-    header["manifest"]["protection"].as_str().map(str::to_owned)
 }
 
 fn read_archive(path: &Path) -> Result<Vec<u8>, Failure> {
@@ -160,11 +199,185 @@ fn print_manifest(json: bool, what: &str, m: &BackupManifest, extra: serde_json:
     println!("  keystore:   {} bytes, sha256 {}", m.payload_bytes, m.payload_sha256);
 }
 
+/// The signature a format-2 (and 1) archive starts with.
+const MAGIC_2: &[u8; 8] = b"HSMDBAK1";
+/// The signature a format-3 archive starts with.
+const MAGIC_3: &[u8; 8] = b"HSMDBAK3";
+
+/// An archive file, and what its first bytes say.
+struct ArchiveFile {
+    file: fs::File,
+    size: u64,
+    /// 2 for `HSMDBAK1`, 3 for `HSMDBAK3`.
+    format: u32,
+    /// `master-key` or `passphrase`, as its header says.
+    protection: Option<String>,
+}
+
+fn open_archive(path: &Path) -> Result<ArchiveFile, Failure> {
+    use std::io::{Read as _, Seek as _};
+    let cannot = |e: std::io::Error| local(format!("cannot read {}: {e}", path.display()));
+    let mut file = fs::File::open(path).map_err(cannot)?;
+    let size = file.metadata().map_err(cannot)?.len();
+    let mut head = Vec::new();
+    (&mut file).take(12).read_to_end(&mut head).map_err(cannot)?;
+    let format = match head.get(..8) {
+        Some(m) if m == MAGIC_3 => 3,
+        Some(m) if m == MAGIC_2 => 2,
+        _ => {
+            return Err(Local::Input.fail(format!(
+                "{} is not an hsmd backup: it starts with neither the HSMDBAK1 nor the HSMDBAK3 signature",
+                path.display()
+            )))
+        }
+    };
+    // The header only says which secret to ask for; hsmd checks everything.
+    let len = head
+        .get(8..12)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_be_bytes)
+        .min(1 << 20);
+    let mut header = Vec::new();
+    (&mut file)
+        .take(u64::from(len))
+        .read_to_end(&mut header)
+        .map_err(cannot)?;
+    let protection = serde_json::from_slice::<serde_json::Value>(&header)
+        .ok()
+        .and_then(|h| h["manifest"]["protection"].as_str().map(str::to_owned));
+    file.rewind().map_err(cannot)?;
+    Ok(ArchiveFile {
+        file,
+        size,
+        format,
+        protection,
+    })
+}
+
+fn prompt_for(protection: Option<&str>) -> &'static str {
+    match protection {
+        Some("passphrase") => "Backup passphrase: ",
+        _ => "Passphrase of one of the backup's slots: ",
+    }
+}
+
+fn print_summary(json: bool, what: &str, s: &ArchiveSummary, extra: serde_json::Value) {
+    if json {
+        let mut v = serde_json::to_value(s).unwrap_or_default();
+        if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+            obj.extend(more.clone());
+        }
+        print_json(&v);
+        return;
+    }
+    let m = &s.manifest;
+    println!("{what}");
+    println!("  keystore:   {} (schema {})", m.store_id, m.schema_version);
+    println!(
+        "  contents:   {} keys, {} key versions, {} unlock slots",
+        m.keys, m.key_versions, m.slots
+    );
+    if s.contents.files {
+        println!(
+            "  files:      {} stored files, {} bytes (sealed)",
+            s.files, s.file_bytes
+        );
+    }
+    if s.contents.audit {
+        println!("  audit log:  {} files, {} bytes", s.audit_files, s.audit_bytes);
+    }
+    println!(
+        "  made:       {} by hsmd {}",
+        crate::key_cmd::time(m.created_unix),
+        m.hsmd_version
+    );
+    println!("  protection: {}", m.protection);
+    println!(
+        "  archive:    format {}, {} parts, {} bytes",
+        m.format, s.parts, s.archive_bytes
+    );
+}
+
+/// What `--include` asks for; by default all that hsmd keeps.
+fn contents(client: &mut Client, include: &[Include]) -> Result<BackupContents, Failure> {
+    if include.is_empty() {
+        let status = client.status()?;
+        return Ok(BackupContents {
+            files: true,
+            audit: status.audit.enabled,
+        });
+    }
+    Ok(BackupContents {
+        files: include.contains(&Include::Files),
+        audit: include.contains(&Include::Audit),
+    })
+}
+
+/// `call_with_fd` for a backup operation, with a bar following the file.
+fn call_following(
+    client: &mut Client,
+    op: Operation,
+    file: &fs::File,
+    bar: &Progress,
+) -> Result<Reply, protocol::ClientError> {
+    use std::os::fd::AsFd as _;
+    bar.follow(file, 0, || client.call_with_fd(op, file.as_fd()))
+}
+
+fn create_3(
+    cli: &crate::Cli,
+    file: &Path,
+    force: bool,
+    include: &[Include],
+    quiet: bool,
+    protection: BackupProtection,
+) -> Result<(), Failure> {
+    if cli.json && crate::output::is_stdout(Some(file)) {
+        return Err(
+            Local::Usage.fail("with --json, standard output carries the JSON summary; write the archive to a file")
+        );
+    }
+    let out = crate::output::Output::create(file, force)?;
+    let mut client = crate::connect(cli)?;
+    let contents = contents(&mut client, include)?;
+    let bar = Progress::new("writing the backup", None, quiet);
+    let op = Operation::BackupWrite { protection, contents };
+    let (fd, followed) = out.descriptor();
+    let reply = match followed {
+        Some(f) => call_following(&mut client, op, f, &bar),
+        None => client.call_with_fd(op, fd),
+    };
+    let summary = match reply {
+        Ok(Reply::BackupWritten(s)) => s,
+        Ok(other) => {
+            bar.clear();
+            return Err(unexpected("backup-write", &other));
+        }
+        Err(e) => {
+            // The unfinished archive is removed when `out` drops.
+            bar.clear();
+            return Err(e.into());
+        }
+    };
+    out.finish()?;
+    bar.finish();
+    print_summary(
+        cli.json,
+        &format!("backup written to {} ({} bytes)", file.display(), summary.archive_bytes),
+        &summary,
+        json!({ "file": file }),
+    );
+    Ok(())
+}
+
 /// Runs a backup command; connects only once any secret has been read.
 pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
     match cmd {
         BackupCommand::Create {
             file,
+            include,
+            quiet,
+            format,
             force,
             passphrase,
             passphrase_file,
@@ -176,6 +389,9 @@ pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
             } else {
                 BackupProtection::MasterKey
             };
+            if *format == 3 {
+                return create_3(cli, file, *force, include, *quiet, protection);
+            }
             if cli.json && crate::output::is_stdout(Some(file)) {
                 return Err(Local::Usage
                     .fail("with --json, standard output carries the JSON summary; write the archive to a file"));
@@ -211,54 +427,110 @@ pub fn run(cli: &crate::Cli, cmd: &BackupCommand) -> Result<(), Failure> {
                 json!({ "file": file, "size": size }),
             );
         }
-        BackupCommand::Verify { file, secret } => {
-            let archive = read_archive(file)?;
+        BackupCommand::Verify { file, secret, quiet } => {
+            let a = open_archive(file)?;
             let secret = if secret.given() {
-                let prompt = match protection_of(&archive).as_deref() {
-                    Some("passphrase") => "Backup passphrase: ",
-                    _ => "Passphrase of one of the backup's slots: ",
-                };
-                Some(secret.read(prompt)?)
+                Some(secret.read(prompt_for(a.protection.as_deref()))?)
             } else {
                 None
             };
             let mut client = crate::connect(cli)?;
-            let transfer = upload(&mut client, &archive)?;
-            let m = client.backup_verify(transfer, secret)?;
-            {
-                {
-                    let what = if m.authenticated {
-                        format!("{}: checksum, encryption and keystore all check", file.display())
-                    } else {
-                        format!(
-                            "{}: checksum and structure check (give --keyfile, --passphrase-file or \
-                             --passphrase to decrypt and check the keystore too)",
-                            file.display()
-                        )
-                    };
-                    print_manifest(cli.json, &what, &m, json!({ "file": file }));
-                }
+            if a.format == 2 {
+                let archive = read_archive(file)?;
+                let transfer = upload(&mut client, &archive)?;
+                let m = client.backup_verify(transfer, secret)?;
+                let what = if m.authenticated {
+                    format!("{}: checksum, encryption and keystore all check", file.display())
+                } else {
+                    format!(
+                        "{}: checksum and structure check (give --keyfile, --passphrase-file or \
+                         --passphrase to decrypt and check the keystore too)",
+                        file.display()
+                    )
+                };
+                print_manifest(cli.json, &what, &m, json!({ "file": file }));
+                return Ok(());
             }
-        }
-        BackupCommand::Restore { file, secret, force } => {
-            let archive = read_archive(file)?;
-            let prompt = match protection_of(&archive).as_deref() {
-                Some("passphrase") => "Backup passphrase: ",
-                _ => "Passphrase of one of the backup's slots: ",
+            let bar = Progress::new("checking the backup", Some(a.size), *quiet);
+            let reply = call_following(&mut client, Operation::BackupCheck { secret }, &a.file, &bar);
+            bar.clear();
+            let s = match reply? {
+                Reply::BackupChecked(s) => s,
+                other => return Err(unexpected("backup-check", &other)),
             };
-            let secret = secret.read(prompt)?;
+            let what = if s.manifest.authenticated {
+                format!(
+                    "{}: every part's digest and seal, the whole archive's MAC and checksum, and the keystore inside all check",
+                    file.display()
+                )
+            } else {
+                format!(
+                    "{}: every part's digest and the whole archive's checksum check (give --keyfile, \
+                     --passphrase-file or --passphrase to open every part and check the keystore too)",
+                    file.display()
+                )
+            };
+            print_summary(cli.json, &what, &s, json!({ "file": file }));
+        }
+        BackupCommand::Restore {
+            file,
+            secret,
+            force,
+            accept_unusable,
+            quiet,
+        } => {
+            let a = open_archive(file)?;
+            let secret = secret.read(prompt_for(a.protection.as_deref()))?;
             let mut client = crate::connect(cli)?;
-            let transfer = upload(&mut client, &archive)?;
-            let m = client.backup_restore(transfer, secret, *force)?;
-            print_manifest(
+            if a.format == 2 {
+                if *accept_unusable {
+                    return Err(Local::Usage.fail(
+                        "--accept-unusable is for format-3 archives; a format-2 archive holds the keystore alone",
+                    ));
+                }
+                let archive = read_archive(file)?;
+                let transfer = upload(&mut client, &archive)?;
+                let m = client.backup_restore(transfer, secret, *force)?;
+                print_manifest(
+                    cli.json,
+                    &format!(
+                        "restored from {}; hsmd is locked: unlock it with one of the backup's slots",
+                        file.display()
+                    ),
+                    &m,
+                    json!({ "file": file, "state": "locked" }),
+                );
+                return Ok(());
+            }
+            let bar = Progress::new("restoring", Some(a.size), *quiet);
+            let op = Operation::BackupRestoreArchive {
+                secret,
+                force: *force,
+                accept_unusable: *accept_unusable,
+            };
+            let reply = call_following(&mut client, op, &a.file, &bar);
+            bar.clear();
+            let r = match reply? {
+                Reply::BackupRestoredArchive(r) => r,
+                other => return Err(unexpected("backup-restore-archive", &other)),
+            };
+            print_summary(
                 cli.json,
                 &format!(
                     "restored from {}; hsmd is locked: unlock it with one of the backup's slots",
                     file.display()
                 ),
-                &m,
-                json!({ "file": file, "state": "locked" }),
+                &r.archive,
+                json!({ "file": file, "state": "locked", "unusable": r.unusable, "kept": r.kept }),
             );
+            if !cli.json {
+                for u in &r.unusable {
+                    println!("  not usable here: {u}");
+                }
+                for k in &r.kept {
+                    println!("  kept aside:      {k}");
+                }
+            }
         }
     }
     Ok(())

@@ -99,6 +99,9 @@ pub enum DaemonError {
     /// A configured backend cannot start.
     #[error("cannot start the key backends: {0}")]
     Backend(String),
+    /// A restore interrupted midway cannot be finished.
+    #[error("{0}")]
+    Restore(String),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot start the runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -385,6 +388,16 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     // Held until exit: a second hsmd on this directory refuses to start,
     // before it opens (and would repair) the keystore or the audit log.
     let _state_lock = prepare_state_dir(&config.state_dir)?;
+    // A restore a stop interrupted is finished before anything is opened.
+    let audit_dir = config
+        .audit
+        .path
+        .as_deref()
+        .and_then(Path::parent)
+        .unwrap_or(&config.state_dir)
+        .to_owned();
+    let restore_finished =
+        crate::backup::restore::resume(&config.state_dir, &audit_dir).map_err(DaemonError::Restore)?;
     let backends = crate::backend::from_config(&config.backends).map_err(DaemonError::Backend)?;
     tracing::info!(backends = %backends.names().join(", "), default = backends.default_name(), "key backends ready");
     let vault = Arc::new(
@@ -412,6 +425,22 @@ pub fn run(opts: &Options) -> Result<(), DaemonError> {
     };
     if let Some(a) = &audit {
         record_start(a, &eff, config_sha256.as_deref(), policy.as_ref());
+    }
+    if let Some(what) = restore_finished {
+        tracing::warn!("{what}");
+        if let Some(a) = &audit {
+            let event = crate::audit::Event::by_daemon(
+                EventType::BackupRestored,
+                "keystore",
+                "restore",
+                crate::audit::Outcome::Success,
+                9,
+                crate::audit::Meta::message(what),
+            );
+            if let Err(e) = a.record_sync(event) {
+                tracing::error!("{}", e.message);
+            }
+        }
     }
     if let Some(path) = &config.unlock.keyfile {
         unlock_at_start(&vault, path, audit.as_deref());

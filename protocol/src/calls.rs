@@ -413,6 +413,7 @@ calls! {
         FileRetrieveFd,
         BackupWrite,
         BackupCheck,
+        BackupRestoreArchive,
         // Served only by `hsmd --dev`, for tests: `call` with the operation.
         DebugDelay,
         DebugClock,

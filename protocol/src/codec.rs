@@ -125,7 +125,7 @@ pub fn peek_request_header(body: &[u8]) -> Option<(u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{ClientHello, Operation, Request, OPERATION_VARIANTS};
+    use crate::message::{ClientHello, Operation, Request, UnlockSecret, OPERATION_VARIANTS};
 
     #[test]
     fn request_prefix_is_id_then_variant_index() {
@@ -207,7 +207,11 @@ mod tests {
         // The daemon treats indices >= OPERATION_VARIANTS as "unknown request".
         let last = Request {
             id: 9,
-            op: Operation::BackupCheck { secret: None },
+            op: Operation::BackupRestoreArchive {
+                secret: UnlockSecret::Tpm2,
+                force: false,
+                accept_unusable: false,
+            },
         };
         let body = encode_body(&last).unwrap();
         assert_eq!(peek_request_header(&body), Some((9, OPERATION_VARIANTS - 1)));

@@ -46,9 +46,9 @@ pub use message::{
     ArchiveSummary, AuditStatus, BackendStatus, BackupContents, BackupManifest, BackupProtection, BatchItem,
     ClientHello, DecryptAnyVersionArgs, DecryptArgs, EncryptArgs, Fido2Challenge, FileInfo, GroupInfo, HashAlg,
     KeyChanges, KeyInfo, KeyOptions, KeyState, KeyType, MacArgs, MacVerifyArgs, NewSlot, Operation, PeerInfo, Profile,
-    Reply, Request, Response, RsaScheme, ServerHello, ServiceState, SignArgs, SignMessageArgs, SlotInfo, SshIdentity,
-    StatusInfo, Transition, UnlockSecret, Usage, VerifyArgs, VerifyMessageArgs, VersionInfo, CONNECTION_ERROR_ID,
-    MAX_BATCH_ITEMS, MAX_SIGN_MESSAGE, PROTOCOL_VERSION, SSH_LABEL,
+    Reply, Request, Response, RestoreSummary, RsaScheme, ServerHello, ServiceState, SignArgs, SignMessageArgs,
+    SlotInfo, SshIdentity, StatusInfo, Transition, UnlockSecret, Usage, VerifyArgs, VerifyMessageArgs, VersionInfo,
+    CONNECTION_ERROR_ID, MAX_BATCH_ITEMS, MAX_SIGN_MESSAGE, PROTOCOL_VERSION, SSH_LABEL,
 };
 pub use period::format_period;
 

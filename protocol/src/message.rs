@@ -421,6 +421,24 @@ pub enum Operation {
         /// The backup passphrase, or a slot secret for a master-key backup.
         secret: Option<UnlockSecret>,
     },
+    /// Restores a format-3 archive read from the descriptor sent with this
+    /// request: the keystore, and what the archive holds of the stored files
+    /// (under their tokens) and the audit log (which goes on from its head).
+    /// Every part is read and checked into a staging directory first; if
+    /// anything is wrong, or keys or slots of the archive cannot work here
+    /// and `accept_unusable` is not set, nothing changes. Refused when hsmd
+    /// has a keystore or stored files unless `force` (the current ones are
+    /// kept aside). hsmd is locked afterwards. Needs `keystore.restore`.
+    /// Answered with `BackupRestoredArchive`.
+    #[strum(serialize = "backup-restore-archive")]
+    BackupRestoreArchive {
+        /// The backup passphrase, or a slot secret for a master-key backup.
+        secret: UnlockSecret,
+        /// Replace an initialized keystore and a file store that holds files.
+        force: bool,
+        /// Restore even though some unlock slots or keys cannot work here.
+        accept_unusable: bool,
+    },
 }
 
 /// What a format-3 backup holds besides the keystore.
@@ -453,6 +471,19 @@ pub struct ArchiveSummary {
     pub archive_bytes: u64,
 }
 
+/// What a restore of a format-3 archive did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    /// What the archive held.
+    pub archive: ArchiveSummary,
+    /// Unlock slots and keys of the archive that cannot work on this hsmd
+    /// (no TPM, a backend not configured or not reachable), one sentence each.
+    pub unusable: Vec<String>,
+    /// Where what the restore replaced was kept (keystore, file store, audit
+    /// log files).
+    pub kept: Vec<String>,
+}
+
 /// The label that offers a key to SSH clients through hsmd's agent socket
 /// (its value is not read): `hsmctl key create … --label ssh=yes`.
 pub const SSH_LABEL: &str = "ssh";
@@ -482,6 +513,7 @@ impl Operation {
                 | Self::FileRetrieveFd { .. }
                 | Self::BackupWrite { .. }
                 | Self::BackupCheck { .. }
+                | Self::BackupRestoreArchive { .. }
         )
     }
 }
@@ -1513,6 +1545,9 @@ pub enum Reply {
     /// Answer to `BackupCheck`.
     #[strum(serialize = "backup-check")]
     BackupChecked(ArchiveSummary),
+    /// Answer to `BackupRestoreArchive`.
+    #[strum(serialize = "backup-restore-archive")]
+    BackupRestoredArchive(Box<RestoreSummary>),
 }
 
 /// An unlock slot, as `SlotList` shows it.

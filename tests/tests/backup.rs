@@ -123,12 +123,14 @@ fn a_backup_restores_every_key_version_state_and_counter_into_a_fresh_daemon() {
     let by_pass = dir.join("pass.hsmdbak");
     let pass_file = dir.join("backup-pass");
     fs::write(&pass_file, "correct horse battery staple\n").expect("write");
-    let made = json(&d.hsmctl(&["--json", "backup", "create", p(&by_master)]));
+    let made = json(&d.hsmctl(&["--json", "backup", "create", "--format", "2", p(&by_master)]));
     assert_eq!(made["keys"], 6);
     assert_eq!(made["protection"], "master-key");
     ok(&d.hsmctl(&[
         "backup",
         "create",
+        "--format",
+        "2",
         "--force",
         p(&by_pass),
         "--passphrase-file",
@@ -264,7 +266,7 @@ fn a_damaged_archive_fails_verify_and_restore_and_changes_nothing() {
     ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
     ok(&d.hsmctl(&["key", "create", "k", "--type", "ed25519"]));
     let archive = dir.join("b.hsmdbak");
-    ok(&d.hsmctl(&["backup", "create", "--force", p(&archive)]));
+    ok(&d.hsmctl(&["backup", "create", "--format", "2", "--force", p(&archive)]));
     let bytes = fs::read(&archive).expect("read");
 
     let other = fresh();
@@ -329,7 +331,7 @@ fn a_backup_needs_the_keystore_unlocked_and_the_right_slot_secret() {
     assert!(!dir.join("x.hsmdbak").exists());
     ok(&d.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
     let archive = dir.join("b.hsmdbak");
-    ok(&d.hsmctl(&["backup", "create", "--force", p(&archive)]));
+    ok(&d.hsmctl(&["backup", "create", "--format", "2", "--force", p(&archive)]));
     let other = fresh();
     let stranger = other.dir().join("stranger.key");
     fs::write(&stranger, [7u8; 32]).expect("write");
@@ -368,10 +370,12 @@ fn an_archive_edited_under_a_recomputed_checksum_is_named_as_tampering_not_a_wro
     fs::write(&wrong, "not the passphrase at all\n").expect("write");
     let by_master = dir.join("master.hsmdbak");
     let by_pass = dir.join("pass.hsmdbak");
-    ok(&d.hsmctl(&["backup", "create", "--force", p(&by_master)]));
+    ok(&d.hsmctl(&["backup", "create", "--format", "2", "--force", p(&by_master)]));
     ok(&d.hsmctl(&[
         "backup",
         "create",
+        "--format",
+        "2",
         "--force",
         p(&by_pass),
         "--passphrase-file",
@@ -427,7 +431,7 @@ fn an_archive_edited_under_a_recomputed_checksum_is_named_as_tampering_not_a_wro
 mod whole_state {
     use std::{fs, os::fd::AsFd as _, path::Path};
 
-    use hsmd_tests::check::{ok, p};
+    use hsmd_tests::check::{json, ok, p, refused};
     use hsmd_tests::Daemon;
     use protocol::{ArchiveSummary, BackupContents, BackupProtection, Operation, Reply, SecretBytes, UnlockSecret};
 
@@ -596,5 +600,371 @@ mod whole_state {
         assert_eq!(scratch_files(&d), Vec::<String>::new());
         ok(&d.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
         assert!(ok(&d.hsmctl(&["file", "list"])).contains("big"));
+    }
+
+    /// Every entry under `dir` with its size (directories as 0), sorted.
+    fn tree(dir: &Path) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).expect("ls").map(|e| e.expect("entry")) {
+                let m = e.metadata().expect("stat");
+                let name = e.path().strip_prefix(dir).expect("inside").display().to_string();
+                if m.is_dir() {
+                    todo.push(e.path());
+                    out.push((name, 0));
+                } else {
+                    out.push((name, m.len()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A daemon with keys, stored files and history, and its archive
+    /// written by `hsmctl backup create` (files and audit by default).
+    struct Source {
+        d: Daemon,
+        keyfile: std::path::PathBuf,
+        archive: std::path::PathBuf,
+        /// (token, bytes) of each stored file.
+        stored: Vec<(String, Vec<u8>)>,
+    }
+
+    fn source(sizes: &[usize]) -> Source {
+        let d = Daemon::start();
+        let keyfile = d.dir().join("unlock.key");
+        ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+        ok(&d.hsmctl(&["key", "create", "files", "--type", "aes256-gcm"]));
+        ok(&d.hsmctl(&["key", "create", "before-backup", "--type", "ed25519"]));
+        let mut stored = Vec::new();
+        for (i, size) in sizes.iter().enumerate() {
+            let src = d.dir().join(format!("f{i}"));
+            let bytes: Vec<u8> = (0..*size).map(|j| (j * 7 + i) as u8).collect();
+            fs::write(&src, &bytes).expect("write");
+            let out = json(&d.hsmctl(&["--json", "file", "store", p(&src), "--key", "files"]));
+            stored.push((out["token"].as_str().expect("token").to_owned(), bytes));
+        }
+        let archive = d.dir().join("state.hsmdbak");
+        ok(&d.hsmctl(&["backup", "create", p(&archive)]));
+        Source {
+            d,
+            keyfile,
+            archive,
+            stored,
+        }
+    }
+
+    fn fresh() -> Daemon {
+        let d = Daemon::start();
+        assert_eq!(super::status(&d)["state"], "uninitialized");
+        d
+    }
+
+    #[test]
+    fn a_whole_state_archive_restores_keys_files_and_the_audit_history_into_a_fresh_daemon() {
+        let src = source(&[0, 1000, 200 * 1024, 3 << 20]);
+        let v = json(&src.d.hsmctl(&[
+            "--json",
+            "backup",
+            "verify",
+            p(&src.archive),
+            "--keyfile",
+            p(&src.keyfile),
+        ]));
+        assert_eq!(
+            (v["files"].as_u64(), v["manifest"]["authenticated"].as_bool()),
+            (Some(4), Some(true)),
+            "{v}"
+        );
+        assert_eq!(v["contents"], serde_json::json!({"files": true, "audit": true}));
+
+        let other = fresh();
+        let out = json(&other.hsmctl(&[
+            "--json",
+            "backup",
+            "restore",
+            p(&src.archive),
+            "--keyfile",
+            p(&src.keyfile),
+        ]));
+        assert_eq!(out["state"], "locked", "{out}");
+        assert_eq!(out["unusable"], serde_json::json!([]));
+        // The fresh daemon's own log is kept aside, never dropped.
+        let kept = out["kept"].as_array().expect("kept");
+        assert!(
+            kept.iter()
+                .any(|k| k.as_str().is_some_and(|k| k.contains("audit.log.before-restore-"))),
+            "{out}"
+        );
+        assert_eq!(super::status(&other)["state"], "locked");
+        ok(&other.hsmctl(&["unlock", "--keyfile", p(&src.keyfile)]));
+        ok(&other.hsmctl(&["key", "info", "before-backup"]));
+        for (token, bytes) in &src.stored {
+            let to = other.dir().join(format!("back-{token}"));
+            ok(&other.hsmctl(&["file", "retrieve", token, "-o", p(&to)]));
+            assert!(fs::read(&to).expect("read") == *bytes, "{token} differs");
+        }
+        // The chain goes on from the archive's head: the whole history, and
+        // the restore as the event after it.
+        let v = json(&other.hsmctl(&["--json", "audit", "verify"]));
+        assert_eq!(v["valid"], true, "{v}");
+        assert_eq!(v["first_seq"], 1, "{v}");
+        let shown = json(&other.hsmctl(&["--json", "audit", "show", "--key", "before-backup"]));
+        assert!(
+            shown
+                .as_array()
+                .expect("events")
+                .iter()
+                .any(|e| e["event_type"] == "KEY_CREATED"),
+            "the key's creation, from before the backup: {shown}"
+        );
+        let created = shown
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["event_type"] == "KEY_CREATED"))
+            .map(|e| e["seq"].as_u64().expect("seq"))
+            .expect("created");
+        let restored = json(&other.hsmctl(&["--json", "audit", "show", "--event", "BACKUP_RESTORED"]));
+        let restored = restored.as_array().expect("events");
+        assert_eq!(restored.len(), 1, "{restored:?}");
+        assert!(restored[0]["seq"].as_u64().expect("seq") > created);
+        // Nothing of the restore is left behind.
+        let hidden: Vec<String> = tree(&other.dir().join("state"))
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with(".restore") || n.contains("/.restore"))
+            .collect();
+        assert_eq!(hidden, Vec::<String>::new());
+
+        // It has keys and files now: a second restore needs --force, and
+        // keeps what it replaces.
+        let e = refused(
+            &other.hsmctl(&["backup", "restore", p(&src.archive), "--keyfile", p(&src.keyfile)]),
+            "already-initialized",
+        );
+        assert!(
+            e.contains("a keystore and 4 stored files") && e.contains("--force"),
+            "{e}"
+        );
+        let out = json(&other.hsmctl(&[
+            "--json",
+            "backup",
+            "restore",
+            p(&src.archive),
+            "--keyfile",
+            p(&src.keyfile),
+            "--force",
+        ]));
+        let kept: Vec<&str> = out["kept"]
+            .as_array()
+            .expect("kept")
+            .iter()
+            .filter_map(|k| k.as_str())
+            .collect();
+        for what in [
+            "keystore.sqlite.before-restore-",
+            "files.before-restore-",
+            "audit.log.before-restore-",
+        ] {
+            assert!(kept.iter().any(|k| k.contains(what)), "{what} not kept: {kept:?}");
+            assert!(kept.iter().all(|k| Path::new(k).exists()), "{kept:?}");
+        }
+        ok(&other.hsmctl(&["unlock", "--keyfile", p(&src.keyfile)]));
+        assert_eq!(json(&other.hsmctl(&["--json", "audit", "verify"]))["valid"], true);
+        assert_eq!(
+            json(&other.hsmctl(&["--json", "file", "list"]))
+                .as_array()
+                .expect("files")
+                .len(),
+            4
+        );
+
+        // The keystore alone, under a backup passphrase: restored over this
+        // daemon, whose own log goes on (and still verifies).
+        let pass = other.dir().join("backup-pass");
+        fs::write(&pass, "correct horse battery staple").expect("write");
+        let keys_only = other.dir().join("keys.hsmdbak");
+        ok(&other.hsmctl(&[
+            "backup",
+            "create",
+            p(&keys_only),
+            "--include",
+            "keystore",
+            "--passphrase-file",
+            p(&pass),
+        ]));
+        let v = json(&other.hsmctl(&[
+            "--json",
+            "backup",
+            "verify",
+            p(&keys_only),
+            "--passphrase-file",
+            p(&pass),
+        ]));
+        assert_eq!(
+            v["contents"],
+            serde_json::json!({"files": false, "audit": false}),
+            "{v}"
+        );
+        assert_eq!(
+            (v["parts"].as_u64(), v["manifest"]["protection"].as_str()),
+            (Some(1), Some("passphrase"))
+        );
+        let seq_before = json(&other.hsmctl(&["--json", "audit", "verify"]))["last_seq"]
+            .as_u64()
+            .expect("seq");
+        ok(&other.hsmctl(&[
+            "backup",
+            "restore",
+            p(&keys_only),
+            "--passphrase-file",
+            p(&pass),
+            "--force",
+        ]));
+        ok(&other.hsmctl(&["unlock", "--keyfile", p(&src.keyfile)]));
+        let v = json(&other.hsmctl(&["--json", "audit", "verify"]));
+        assert_eq!(v["valid"], true, "{v}");
+        assert!(v["last_seq"].as_u64().expect("seq") > seq_before, "{v}");
+    }
+
+    #[test]
+    fn a_damaged_or_cut_archive_is_refused_by_verify_and_restore_naming_the_part_and_nothing_is_written() {
+        let src = source(&[5000, 300 * 1024]);
+        let archive = fs::read(&src.archive).expect("read");
+        let other = fresh();
+        // Names only: the daemon's own log and WAL grow as it answers.
+        let names = |dir: &Path| tree(dir).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let before = names(&other.dir().join("state"));
+        let at = |name: &str| {
+            archive
+                .windows(name.len())
+                .position(|w| w == name.as_bytes())
+                .unwrap_or_else(|| panic!("{name} is not in the archive"))
+                + name.len()
+                + 8
+                + 40
+        };
+        let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+        for (what, offset) in [
+            ("keystore", at("keystore.sqlite")),
+            ("file", at("seg-000000")),
+            ("audit", at("audit/audit.log")),
+        ] {
+            let mut damaged = archive.clone();
+            damaged[offset] ^= 0x04;
+            cases.push((format!("({what} "), damaged));
+        }
+        cases.push(("truncated".into(), archive[..archive.len() * 2 / 3].to_vec()));
+        for (named, bytes) in &cases {
+            let path = other.dir().join("damaged.hsmdbak");
+            fs::write(&path, bytes).expect("write");
+            let e = refused(&other.hsmctl(&["backup", "verify", p(&path)]), "invalid-argument");
+            assert!(e.contains(named.as_str()), "verify: {named}: {e}");
+            let keyfile = ["--keyfile", p(&src.keyfile)];
+            let out = other.hsmctl(&[&["backup", "verify", p(&path)][..], &keyfile[..]].concat());
+            assert!(!out.status.success(), "verify with the key file accepted {named}");
+            let out = other.hsmctl(&[&["backup", "restore", p(&path)][..], &keyfile[..]].concat());
+            let e = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(!out.status.success(), "restore accepted {named}");
+            assert!(
+                e.contains(named.as_str()) || (named.starts_with('(') && e.contains("was changed after it was made")),
+                "restore: {named}: {e}"
+            );
+            assert_eq!(
+                names(&other.dir().join("state")),
+                before,
+                "restore of {named} wrote something"
+            );
+            assert_eq!(super::status(&other)["state"], "uninitialized");
+        }
+        // The archive itself still restores there.
+        ok(&other.hsmctl(&["backup", "restore", p(&src.archive), "--keyfile", p(&src.keyfile)]));
+    }
+
+    #[test]
+    fn a_restore_killed_midway_leaves_the_state_as_it_was_and_can_be_run_again() {
+        let src = source(&[40 << 20]);
+        let mut other = fresh();
+        let state = other.dir().join("state");
+        let names = |dir: &Path| tree(dir).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let before = names(&state);
+        let mut restore = std::process::Command::new(hsmd_tests::bin("hsmctl"))
+            .args([
+                "--socket",
+                p(&other.socket),
+                "backup",
+                "restore",
+                "--quiet",
+                p(&src.archive),
+            ])
+            .args(["--keyfile", p(&src.keyfile)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("hsmctl");
+        // Killed while it stages: some of the archive is on disk beside the state.
+        let started = std::time::Instant::now();
+        loop {
+            let staged: u64 = tree(&state)
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(".restore-"))
+                .map(|(_, len)| len)
+                .sum();
+            if staged > 4 << 20 {
+                break;
+            }
+            assert!(started.elapsed().as_secs() < 60, "nothing staged");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        other.restart(true);
+        let _ = restore.wait();
+        assert_eq!(names(&state), before, "the state directory after the kill");
+        assert_eq!(super::status(&other)["state"], "uninitialized");
+        ok(&other.hsmctl(&["backup", "restore", p(&src.archive), "--keyfile", p(&src.keyfile)]));
+        ok(&other.hsmctl(&["unlock", "--keyfile", p(&src.keyfile)]));
+        let to = other.dir().join("back");
+        ok(&other.hsmctl(&["file", "retrieve", &src.stored[0].0, "-o", p(&to)]));
+        assert!(fs::read(&to).expect("read") == src.stored[0].1);
+        assert_eq!(json(&other.hsmctl(&["--json", "audit", "verify"]))["valid"], true);
+    }
+
+    #[test]
+    fn a_backup_create_killed_midway_leaves_nothing_verify_accepts() {
+        let mut src = source(&[]);
+        ok(&src.d.hsmctl(&["key", "create", "more", "--type", "aes256-gcm"]));
+        let big = src.d.dir().join("big");
+        fs::write(&big, vec![3u8; 48 << 20]).expect("write");
+        ok(&src.d.hsmctl(&["file", "store", p(&big), "--key", "more"]));
+        let out = src.d.dir().join("killed.hsmdbak");
+        let mut create = std::process::Command::new(hsmd_tests::bin("hsmctl"))
+            .args(["--socket", p(&src.d.socket), "backup", "create", "--quiet", p(&out)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("hsmctl");
+        let dir = src.d.dir().to_owned();
+        let partial = || {
+            fs::read_dir(&dir)
+                .expect("ls")
+                .map(|e| e.expect("entry").path())
+                .find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(".hsmctl-"))
+                })
+        };
+        let started = std::time::Instant::now();
+        while partial().is_none_or(|p| fs::metadata(p).map_or(0, |m| m.len()) <= 1 << 20) {
+            assert!(started.elapsed().as_secs() < 60, "no archive being written");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        src.d.restart(true);
+        let _ = create.wait();
+        assert!(!out.exists(), "a killed backup left {}", out.display());
+        // Whatever is left under another name is refused as what it is.
+        if let Some(left) = partial() {
+            let e = refused(&src.d.hsmctl(&["backup", "verify", p(&left)]), "invalid-argument");
+            assert!(e.contains("truncated"), "{e}");
+        }
     }
 }

@@ -211,6 +211,9 @@ struct FileState {
     lost: bool,
     /// When the file's identity and the free space were last looked at.
     checked: Option<Instant>,
+    /// Bumped when the log is replaced under the writer (a restore): a sync
+    /// planned before must not record its head in the keystore after.
+    generation: u64,
 }
 
 struct Inner {
@@ -329,6 +332,7 @@ impl Auditor {
             last_sync: Instant::now(),
             lost: false,
             checked: None,
+            generation: 0,
         };
         if !recovered.store_anchors {
             state.stored = Some((recovered.head.clone(), recovered.start.clone()));
@@ -610,6 +614,63 @@ impl Auditor {
         }
     }
 
+    /// Replaces the log under the writer (a restore): writes what is queued
+    /// to the log as it is, then, with the writer held, runs `change` with the
+    /// chain's head and start (it puts other files, and a keystore with
+    /// their anchors, in place), reads
+    /// the log back against the anchors as at start-up, and goes on from its
+    /// head. Blocking.
+    ///
+    /// # Errors
+    /// The log left by `change` cannot be read or opened; the writer then
+    /// refuses audited requests until it can (`change`'s own answer is lost,
+    /// so it should not fail after it changed anything).
+    pub fn replaced_while<T>(&self, change: impl FnOnce(&Head, &Start) -> T) -> io::Result<T> {
+        let inner = &self.inner;
+        // What was asked before the restore goes into the log it was asked of.
+        let before = lock(&inner.queue).next_idx.saturating_sub(1);
+        if before > 0 {
+            self.write_pending();
+            let _ = self.wait_blocking(Ticket {
+                idx: before,
+                synced: true,
+                required: false,
+            });
+        }
+        let (out, events) = {
+            let mut f = lock(&inner.file);
+            if let Some(file) = &f.file {
+                let _ = file.sync_data();
+            }
+            let out = change(&f.head, &f.start);
+            let recorded = inner.anchors.load().map_err(io::Error::other)?;
+            let recovered = recovery::recover(&inner.settings, &recorded)?;
+            let file = open_current(&inner.settings.path)?;
+            let meta = file.metadata()?;
+            file.sync_data()?;
+            f.ident = Some(ident(&meta));
+            f.file = Some(Arc::new(file));
+            f.size = recovered.size;
+            f.reserved_to = recovered.size;
+            f.head = recovered.head.clone();
+            f.start = recovered.start.clone();
+            f.stored = (!recovered.store_anchors).then(|| (recovered.head.clone(), recovered.start.clone()));
+            f.unsynced = false;
+            f.lost = false;
+            f.checked = None;
+            f.generation += 1;
+            inner.last_seq.store(recovered.head.seq, Ordering::SeqCst);
+            (out, recovered.events)
+        };
+        sync_dir(&inner.settings.path);
+        for event in events {
+            if let Err(e) = self.record_sync(event) {
+                tracing::error!("{}", e.message);
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes everything queued, syncs, records the anchors and stops the
     /// writer. Blocking. Events that still cannot be written are logged.
     pub fn close(&self) {
@@ -679,6 +740,8 @@ struct SyncPlan {
     /// …ending with this line.
     head: Head,
     start: Start,
+    /// The log it was planned on (see `FileState::generation`).
+    generation: u64,
 }
 
 /// Who writes.
@@ -1143,6 +1206,7 @@ impl Inner {
                 size: f.size,
                 head: f.head.clone(),
                 start: f.start.clone(),
+                generation: f.generation,
             }),
             _ => None,
         };
@@ -1165,6 +1229,10 @@ impl Inner {
             self.publish(|p| p.synced = p.synced.max(plan.idx));
         }
         let mut f = lock(&self.file);
+        if f.generation != plan.generation {
+            // The log was replaced meanwhile: this head is not its chain's.
+            return Cycle::Ok;
+        }
         let same_file = f.file.as_ref().is_some_and(|file| Arc::ptr_eq(file, &plan.file));
         if plan.sync && same_file {
             f.last_sync = Instant::now();

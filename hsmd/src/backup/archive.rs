@@ -101,6 +101,31 @@ impl std::fmt::Display for Part {
     }
 }
 
+/// Where a reader puts the parts it opens.
+pub trait Sink {
+    /// A part begins: its record is read, none of its bytes yet. The record
+    /// is not yet authenticated (that comes with the part's end).
+    ///
+    /// # Errors
+    /// The part cannot be kept (the reader stops, naming it).
+    fn begin(&mut self, part: &Part) -> io::Result<()> {
+        let _ = part;
+        Ok(())
+    }
+
+    /// The part's next plaintext bytes, in order.
+    ///
+    /// # Errors
+    /// They cannot be kept.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()>;
+}
+
+impl<F: FnMut(&[u8]) -> io::Result<()>> Sink for F {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self(bytes)
+    }
+}
+
 /// What is wrong with an archive, or with writing one.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -510,7 +535,8 @@ impl<R: Read> Reader<R> {
     }
 
     /// Reads the next part, giving its plaintext to `sink` chunk by chunk
-    /// (only with a key; without one `sink` gets nothing). `None` after the
+    /// (only with a key; without one `sink` gets nothing but the part's
+    /// beginning). `None` after the
     /// end record, which is then checked whole.
     ///
     /// A part's bytes reach `sink` before its digest is checked: a caller
@@ -520,7 +546,7 @@ impl<R: Read> Reader<R> {
     /// # Errors
     /// Any [`ArchiveError`] about the archive, naming the part; errors of
     /// `sink` as [`ArchiveError::Io`].
-    pub fn next_part(&mut self, sink: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> Result<Option<Part>, ArchiveError> {
+    pub fn next_part(&mut self, sink: &mut dyn Sink) -> Result<Option<Part>, ArchiveError> {
         if self.done {
             return Ok(None);
         }
@@ -569,6 +595,7 @@ impl<R: Read> Reader<R> {
             size: u64::from_be_bytes(size),
         };
         let what = part.to_string();
+        sink.begin(&part).map_err(io_err(format!("cannot keep {what}")))?;
         let record = record_bytes(kind, &part.name, part.size);
         let mut digest = Sha256::new();
         digest.update(index.to_be_bytes());
@@ -589,7 +616,7 @@ impl<R: Read> Reader<R> {
                 let plain = aead
                     .open_in_place(&chunk_nonce(i, i + 1 == n), &aad, &mut buf)
                     .map_err(|_| ArchiveError::PartTampered(what.clone(), i))?;
-                sink(plain).map_err(io_err(format!("cannot keep {what}")))?;
+                sink.write(plain).map_err(io_err(format!("cannot keep {what}")))?;
             }
         }
         let mut said = [0u8; 32];
@@ -679,7 +706,7 @@ mod tests {
         let mut out = Vec::new();
         loop {
             let mut bytes = Vec::new();
-            let Some(part) = r.next_part(&mut |b| {
+            let Some(part) = r.next_part(&mut |b: &[u8]| {
                 bytes.extend_from_slice(b);
                 Ok(())
             })?
@@ -817,7 +844,7 @@ mod tests {
         let mut r = Reader::open(&a[..]).unwrap();
         r.set_key(ArchiveKey::new(Zeroizing::new([4u8; 32])));
         assert!(matches!(
-            r.next_part(&mut |_| Ok(())),
+            r.next_part(&mut |_: &[u8]| Ok(())),
             Err(ArchiveError::PartTampered(_, 0))
         ));
     }

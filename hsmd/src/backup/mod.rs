@@ -6,6 +6,7 @@
 //! [`archive::Reader`], in bounded memory whatever its size.
 
 pub mod archive;
+pub mod restore;
 
 use std::{
     fs::File,
@@ -217,32 +218,14 @@ pub fn check(
     input: impl Read,
     secret: Option<&UnlockSecret>,
 ) -> Result<ArchiveSummary, VaultError> {
-    let mut reader = Reader::open(io::BufReader::with_capacity(256 * 1024, input)).map_err(|e| not_usable(&e))?;
-    let header: Header = serde_json::from_slice(reader.header())
-        .map_err(|e| VaultError::Invalid(format!("not a usable hsmd backup: its header: {e}")))?;
-    if header.manifest.format != FORMAT {
-        return Err(VaultError::Invalid(format!(
-            "not a usable hsmd backup: its header says format {}, in a format-{FORMAT} archive",
-            header.manifest.format
-        )));
-    }
+    let (mut reader, header) = open(input)?;
     let mut key_is_right = false;
     if let Some(secret) = secret {
         let (key, right) = vault.archive_key(uid, &header.protection, &header.manifest.store_id, secret)?;
         key_is_right = right;
         reader.set_key(ArchiveKey::new(key));
     }
-    let mut summary = ArchiveSummary {
-        manifest: header.manifest.clone(),
-        contents: header.contents,
-        files: header.files,
-        file_bytes: 0,
-        audit_files: 0,
-        audit_bytes: 0,
-        parts: 0,
-        archive_bytes: 0,
-    };
-    summary.manifest.authenticated = false;
+    let mut summary = header.summary();
     // The keystore part is kept (in a scratch file beside the keystore) to
     // check it as SQLite, as a restore would.
     let scratch = vault.scratch_file("check")?;
@@ -258,45 +241,18 @@ pub fn check(
         let part = match reader.next_part(&mut sink) {
             Ok(Some(part)) => part,
             Ok(None) => break,
-            Err(e @ (ArchiveError::PartTampered(..) | ArchiveError::EndTampered)) if secret.is_some() => {
-                tracing::warn!(error = %e, "backup check: a seal fails");
-                if summary.parts == 0 && !key_is_right {
-                    return Err(vault.archive_refused(uid, false));
-                }
-                return Err(VaultError::BackupTampered(format!(
-                    "{e}; the secret given is right. Use another copy of the backup"
-                )));
-            }
-            Err(e) => return Err(not_usable(&e)),
-        };
-        keystore = None;
-        let expected = match summary.parts {
-            0 => part.kind == Kind::Keystore && part.name == KEYSTORE,
-            _ => match part.kind {
-                Kind::Keystore => false,
-                Kind::File => header.contents.files && valid_file_part(&part.name),
-                Kind::Audit => header.contents.audit && valid_audit_part(&part.name),
-            },
-        };
-        if !expected {
-            return Err(VaultError::Invalid(format!(
-                "not a usable hsmd backup: {part} is not a part this archive's header allows"
-            )));
-        }
-        match part.kind {
-            Kind::Keystore if part.size != header.manifest.payload_bytes => {
-                return Err(VaultError::Invalid(
-                    "not a usable hsmd backup: the keystore inside does not match its manifest".into(),
+            Err(e) => {
+                return Err(read_failed(
+                    vault,
+                    uid,
+                    e,
+                    secret.is_some(),
+                    summary.parts == 0 && !key_is_right,
                 ))
             }
-            Kind::Keystore => {}
-            Kind::File => summary.file_bytes += part.size,
-            Kind::Audit => {
-                summary.audit_files += 1;
-                summary.audit_bytes += part.size;
-            }
-        }
-        summary.parts += 1;
+        };
+        keystore = None;
+        tally(&mut summary, &header, &part)?;
         if secret.is_some() && part.kind == Kind::Keystore {
             vault.check_payload(scratch.path(), &header.manifest)?;
         }
@@ -312,6 +268,103 @@ pub fn check(
         summary.manifest.authenticated = true;
     }
     Ok(summary)
+}
+
+/// Opens an archive: its signature and header.
+fn open<R: Read>(input: R) -> Result<(Reader<io::BufReader<R>>, Header), VaultError> {
+    let reader = Reader::open(io::BufReader::with_capacity(256 * 1024, input)).map_err(|e| not_usable(&e))?;
+    let header: Header = serde_json::from_slice(reader.header())
+        .map_err(|e| VaultError::Invalid(format!("not a usable hsmd backup: its header: {e}")))?;
+    if header.manifest.format != FORMAT {
+        return Err(VaultError::Invalid(format!(
+            "not a usable hsmd backup: its header says format {}, in a format-{FORMAT} archive",
+            header.manifest.format
+        )));
+    }
+    Ok((reader, header))
+}
+
+/// Refuses a part the header does not allow where it is: the keystore
+/// first and only there, files and audit files only when the header says
+/// the archive holds them, each under a name of their kind.
+fn allowed(header: &Header, part: &archive::Part) -> Result<(), VaultError> {
+    let expected = match part.index {
+        0 => part.kind == Kind::Keystore && part.name == KEYSTORE,
+        _ => match part.kind {
+            Kind::Keystore => false,
+            Kind::File => header.contents.files && valid_file_part(&part.name),
+            Kind::Audit => header.contents.audit && valid_audit_part(&part.name),
+        },
+    };
+    if !expected {
+        return Err(VaultError::Invalid(format!(
+            "not a usable hsmd backup: {part} is not a part this archive's header allows"
+        )));
+    }
+    Ok(())
+}
+
+/// Counts a part read into `summary`, refusing one the header does not
+/// allow where it is (see [`allowed`]) or a keystore of another size than
+/// its manifest's.
+fn tally(summary: &mut ArchiveSummary, header: &Header, part: &archive::Part) -> Result<(), VaultError> {
+    allowed(header, part)?;
+    match part.kind {
+        Kind::Keystore if part.size != header.manifest.payload_bytes => {
+            return Err(VaultError::Invalid(
+                "not a usable hsmd backup: the keystore inside does not match its manifest".into(),
+            ))
+        }
+        Kind::Keystore => {}
+        Kind::File => summary.file_bytes += part.size,
+        Kind::Audit => {
+            summary.audit_files += 1;
+            summary.audit_bytes += part.size;
+        }
+    }
+    summary.parts += 1;
+    Ok(())
+}
+
+impl Header {
+    /// A summary of the archive before any part is read.
+    fn summary(&self) -> ArchiveSummary {
+        ArchiveSummary {
+            manifest: BackupManifest {
+                authenticated: false,
+                ..self.manifest.clone()
+            },
+            contents: self.contents,
+            files: self.files,
+            file_bytes: 0,
+            audit_files: 0,
+            audit_bytes: 0,
+            parts: 0,
+            archive_bytes: 0,
+        }
+    }
+}
+
+/// What a failure to read a part means: with a secret, a seal that fails
+/// on the first part under a key not known to be right is a wrong secret
+/// (counted toward `uid`'s back-off), any other is tampering; the rest
+/// name what is damaged.
+fn read_failed(vault: &Vault, uid: u32, e: ArchiveError, keyed: bool, unsure_of_key: bool) -> VaultError {
+    match e {
+        e @ (ArchiveError::PartTampered(..) | ArchiveError::EndTampered) if keyed => {
+            tracing::warn!(error = %e, "backup archive: a seal fails");
+            if unsure_of_key {
+                return vault.archive_refused(uid, false);
+            }
+            VaultError::BackupTampered(format!(
+                "{e}; the secret given is right. Use another copy of the backup"
+            ))
+        }
+        ArchiveError::Io { what, source } if what.starts_with("cannot keep") => {
+            VaultError::Invalid(format!("{what}: {source} (nothing was changed)"))
+        }
+        e => not_usable(&e),
+    }
 }
 
 /// `files/<token>/<name>`, a name a stored file's directory holds.

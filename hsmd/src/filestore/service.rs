@@ -753,6 +753,12 @@ impl Files {
         Ok(Self::info_of(&h, Some(&r.meta)))
     }
 
+    /// The store's files on disk, for a restore to put others in their place.
+    #[must_use]
+    pub fn store(&self) -> &FileStore {
+        &self.store
+    }
+
     /// The store's files for a backup: see [`FileStore::backup_copy`].
     ///
     /// # Errors

@@ -316,6 +316,21 @@ impl FileStore {
     }
 }
 
+impl FileStore {
+    /// The store's directory (`state_dir/files`).
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Runs `change` (a restore putting another directory in the store's
+    /// place) with deletes held back, as a backup's copy holds them.
+    pub fn replaced_while<T>(&self, change: impl FnOnce() -> T) -> T {
+        let _no_deletes = self.copying.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        change()
+    }
+}
+
 fn write_new(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let mut f = OpenOptions::new()
         .write(true)

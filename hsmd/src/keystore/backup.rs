@@ -548,6 +548,100 @@ impl Vault {
         })
     }
 
+    /// Closes the keystore, runs `change` (which may put another keystore
+    /// file in its place) and opens it again, locked: every unwrapped key
+    /// is forgotten.
+    ///
+    /// # Errors
+    /// [`VaultError::Store`] if the file cannot be opened again.
+    pub(crate) fn replaced_while<T>(&self, change: impl FnOnce() -> T) -> Result<T, VaultError> {
+        let out = self.custody.replaced_while(change)?;
+        self.keys.forget_all();
+        Ok(out)
+    }
+
+    /// The directory the keystore is in (the state directory).
+    pub(crate) fn state_dir(&self) -> PathBuf {
+        lock(&self.store).dir().to_owned()
+    }
+
+    /// What of the keystore file in `dir` (a restore's staged copy) cannot
+    /// work on this hsmd, one sentence each (TPM2 slots the TPM here does not
+    /// unseal, keys whose backend is not configured or not reachable), and
+    /// whether at least one unlock slot can.
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub(crate) fn unusable_here(&self, dir: &Path) -> Result<(Vec<String>, bool), VaultError> {
+        let store = Store::open(dir)?;
+        let mut unusable = Vec::new();
+        let mut usable_slots = 0;
+        for row in store.slots()? {
+            if row.kind != "tpm2" {
+                usable_slots += 1;
+                continue;
+            }
+            let why = match (self.backends().sealer(), serde_json::from_str::<SlotParams>(&row.params)) {
+                (None, _) => Some("no TPM is configured here ([backends.tpm])".to_owned()),
+                (Some(sealer), Ok(SlotParams::Tpm2 {
+                    pcrs, public, private, ..
+                })) => match (hex::decode(&public), hex::decode(&private)) {
+                    (Ok(public), Ok(private)) => sealer.unseal(&public, &private, &pcrs).err().map(|e| {
+                        format!("the TPM here does not unseal it ({e}); it was sealed by another TPM or to other PCR values")
+                    }),
+                    _ => Some("its sealed blobs are not hex".to_owned()),
+                },
+                (Some(_), _) => Some("its parameters are not a TPM2 slot's".to_owned()),
+            };
+            match why {
+                Some(why) => unusable.push(format!("unlock slot {} (tpm2, {:?}): {why}", row.id, row.label)),
+                None => usable_slots += 1,
+            }
+        }
+        let mut by_backend: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+        for key in store.keys()? {
+            by_backend.entry(key.backend).or_default().push(key.name);
+        }
+        for (backend, names) in by_backend {
+            let why = match self.backends().get(&backend) {
+                Err(_) => format!("no {backend} backend is configured here ([backends.{backend}])"),
+                Ok(b) => {
+                    let h = b.health();
+                    if h.healthy {
+                        continue;
+                    }
+                    format!("the {backend} backend here is not reachable: {}", h.detail)
+                }
+            };
+            let shown: Vec<&str> = names.iter().take(10).map(String::as_str).collect();
+            let more = names.len().saturating_sub(shown.len());
+            unusable.push(format!(
+                "{} key{} on the {backend} backend ({}{}): {why}",
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        Ok((unusable, usable_slots > 0))
+    }
+
+    /// Records the audit chain's anchors in the keystore file in `dir` (a
+    /// restore's staged copy), so the log restored beside it is read back
+    /// as its own.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub(crate) fn set_staged_anchors(dir: &Path, head: (u64, &str), start: (u64, &str)) -> Result<(), VaultError> {
+        let mut store = Store::open(dir)?;
+        store.set_audit_anchors(head, start)?;
+        Ok(())
+    }
+
     /// Checks an archive. Without a secret: its signature, checksum and
     /// header; with one: also that it decrypts and holds a sound keystore
     /// matching its manifest. Changes nothing.

@@ -645,6 +645,25 @@ impl Custody {
         Ok(kept)
     }
 
+    /// Locks (or leaves uninitialized), closes the keystore file, runs
+    /// `change` on the state directory and opens the file again: whatever
+    /// keystore is then in place is this daemon's, locked.
+    pub(super) fn replaced_while<T>(&self, change: impl FnOnce() -> T) -> Result<T, VaultError> {
+        let mut state = lock(&self.state);
+        // Nothing may use the old keys or master key from here on.
+        *state = State::Locked;
+        let mut store = lock(&self.store);
+        let out = store.closed_while(change)?;
+        let store_id = store.store_id()?;
+        *state = if store_id.is_some() {
+            State::Locked
+        } else {
+            State::Uninitialized
+        };
+        *lock(&self.store_id) = store_id;
+        Ok(out)
+    }
+
     /// The master key and the store's id, for sealing under the master key.
     pub(super) fn master_and_id(&self) -> Result<(Key256, Vec<u8>), VaultError> {
         let master = self.master()?;

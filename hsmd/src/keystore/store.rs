@@ -330,6 +330,41 @@ impl Store {
             source,
         };
         let had_keystore = self.store_id()?.is_some();
+        let (kept, renamed) = self.closed_while(|| {
+            let kept = if had_keystore {
+                let aside = path.with_file_name(format!("{FILE_NAME}.before-restore-{}", now_secs()));
+                fs::rename(&path, &aside).map_err(io)?;
+                Some(aside)
+            } else {
+                None
+            };
+            for suffix in ["-wal", "-shm"] {
+                let _ = fs::remove_file(path.with_file_name(format!("{FILE_NAME}{suffix}")));
+            }
+            let renamed = fs::rename(incoming, &path).map_err(io);
+            if let Some(dir) = path.parent() {
+                if let Ok(d) = fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+            if let (Err(_), Some(aside)) = (&renamed, &kept) {
+                let _ = fs::rename(aside, &path);
+            }
+            Ok::<_, StoreError>((kept, renamed))
+        })??;
+        renamed?;
+        Ok(kept)
+    }
+
+    /// Closes the file (its WAL checkpointed into it, so the file alone is
+    /// the keystore), runs `change` (which may replace the file), and opens
+    /// the file again, migrating it if it is older.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the file cannot be closed or opened again; then the
+    /// store answers nothing until hsmd restarts.
+    pub fn closed_while<T>(&mut self, change: impl FnOnce() -> T) -> Result<T, StoreError> {
+        let path = self.path.clone();
         let placeholder = self.sql(Connection::open_in_memory())?;
         let old = std::mem::replace(&mut self.conn, placeholder);
         let _ = old.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
@@ -337,31 +372,12 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let kept = if had_keystore {
-            let aside = path.with_file_name(format!("{FILE_NAME}.before-restore-{}", now_secs()));
-            fs::rename(&path, &aside).map_err(io)?;
-            Some(aside)
-        } else {
-            None
-        };
-        for suffix in ["-wal", "-shm"] {
-            let _ = fs::remove_file(path.with_file_name(format!("{FILE_NAME}{suffix}")));
-        }
-        let renamed = fs::rename(incoming, &path).map_err(io);
-        if let Some(dir) = path.parent() {
-            if let Ok(d) = fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        if let (Err(_), Some(aside)) = (&renamed, &kept) {
-            let _ = fs::rename(aside, &path);
-        }
+        let out = change();
         self.conn = self.sql(Connection::open(&path))?;
         self.configure()?;
         self.migrate()?;
-        renamed?;
         self.wrote();
-        Ok(kept)
+        Ok(out)
     }
 
     /// The count of write transactions committed since the file was opened.

@@ -101,6 +101,15 @@ pub(super) fn restore(transfer: u64, secret: UnlockSecret, force: bool) -> Plan 
     .logged()
 }
 
+/// What a whole-state backup copies from and a restore writes to.
+fn sources(cx: &super::Ctx) -> crate::backup::Sources {
+    crate::backup::Sources {
+        vault: Arc::clone(&cx.shared.vault),
+        files: cx.shared.files.clone(),
+        audit: cx.shared.audit.clone(),
+    }
+}
+
 /// A format-3 archive of the whole state, written to the caller's descriptor
 /// on a thread of its own.
 pub(super) fn write(protection: BackupProtection, contents: protocol::BackupContents) -> Plan {
@@ -109,11 +118,7 @@ pub(super) fn write(protection: BackupProtection, contents: protocol::BackupCont
             Ok(f) => f,
             Err(e) => return Err(e).into(),
         };
-        let sources = crate::backup::Sources {
-            vault: Arc::clone(&cx.shared.vault),
-            files: cx.shared.files.clone(),
-            audit: cx.shared.audit.clone(),
-        };
+        let sources = sources(&cx);
         cx.transfer(move || crate::backup::write(&sources, &protection, contents, out).map(Reply::BackupWritten))
     })
     .needs(Permission::Keystore(A::Backup), None)
@@ -133,4 +138,28 @@ pub(super) fn check(secret: Option<UnlockSecret>) -> Plan {
     })
     .needs(Permission::Keystore(A::Backup), None)
     .audited(keystore(EventType::BackupVerified, "backup-verify", 1, false))
+}
+
+/// A format-3 archive read from the caller's descriptor and restored.
+pub(super) fn restore_archive(secret: UnlockSecret, force: bool, accept_unusable: bool) -> Plan {
+    Plan::start(move |mut cx| {
+        let input = match super::passed(cx.attached.take(), "backup-restore-archive") {
+            Ok(f) => f,
+            Err(e) => return Err(e).into(),
+        };
+        let sources = sources(&cx);
+        let uid = cx.caller.peer.creds.uid;
+        cx.transfer(move || {
+            let asked = crate::backup::restore::Asked {
+                secret: &secret,
+                force,
+                accept_unusable,
+            };
+            crate::backup::restore::restore(&sources, uid, input, &asked)
+                .map(|r| Reply::BackupRestoredArchive(Box::new(r)))
+        })
+    })
+    .needs(Permission::Keystore(A::Restore), None)
+    .audited(keystore(EventType::BackupRestored, "restore", 9, true))
+    .logged()
 }

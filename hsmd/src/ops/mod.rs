@@ -446,6 +446,11 @@ pub fn plan(op: Operation) -> Plan {
         O::FileRetrieveFd { token } => files::retrieve_fd(token),
         O::BackupWrite { protection, contents } => backup::write(protection, contents),
         O::BackupCheck { secret } => backup::check(secret),
+        O::BackupRestoreArchive {
+            secret,
+            force,
+            accept_unusable,
+        } => backup::restore_archive(secret, force, accept_unusable),
     }
 }
 

@@ -1,8 +1,10 @@
 //! The whole-state backup benchmark (`hsmd-bench --suite backup`): a file
 //! store of `--file-mib` MiB in `--files` files written to an archive with
 //! `BackupWrite` and read back with `BackupCheck` (without and with the
-//! secret), each beside `tar` of the same file store on the same filesystem
-//! in the same run, and hsmd's resident memory sampled every 20 ms during each.
+//! secret), then restored with `BackupRestoreArchive` into a fresh daemon on
+//! another state directory and every file retrieved from it and compared;
+//! each beside `tar` of the same file store on the same filesystem in the
+//! same run, and hsmd's resident memory sampled every 20 ms during each.
 
 use std::{
     fs,
@@ -18,6 +20,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use protocol::{BackupContents, BackupProtection, Operation, Reply, SecretBytes, UnlockSecret};
+use sha2::Digest as _;
 
 use crate::{bin, Daemon};
 
@@ -91,26 +94,39 @@ pub fn run(b: &BackupBench) -> Result<()> {
         .prefix("hsmd-backup-bench-")
         .tempdir_in(&b.dir)?;
     let d = Daemon::builder().dev().base_dir(work.path()).start();
-    let hsmctl = |args: &[&str]| -> Result<()> {
+    let hsmctl = |d: &Daemon, args: &[&str]| -> Result<String> {
         let out = Command::new(bin("hsmctl"))
             .arg("--socket")
             .arg(&d.socket)
             .args(args)
-            .stdout(Stdio::null())
             .output()?;
         if !out.status.success() {
             bail!("hsmctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    hsmctl(&["key", "create", "files", "--type", "aes256-gcm"])?;
+    hsmctl(&d, &["key", "create", "files", "--type", "aes256-gcm"])?;
+    let mut stored: Vec<(String, [u8; 32])> = Vec::new();
     let each = (b.mib << 20) / b.files;
     let input = work.path().join("input.bin");
     let mut block = vec![0u8; each];
     for i in 0..b.files {
         getrandom::fill(&mut block).map_err(|e| anyhow::anyhow!("random: {e}"))?;
         fs::write(&input, &block)?;
-        hsmctl(&["file", "store", input.to_str().context("path")?, "--key", "files"])?;
+        let out = hsmctl(
+            &d,
+            &[
+                "--json",
+                "file",
+                "store",
+                input.to_str().context("path")?,
+                "--key",
+                "files",
+            ],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let token = v["token"].as_str().context("a token")?.to_owned();
+        stored.push((token, sha2::Sha256::digest(&block).into()));
         if i % 16 == 15 {
             eprintln!("stored {} of {} files", i + 1, b.files);
         }
@@ -161,6 +177,64 @@ pub fn run(b: &BackupBench) -> Result<()> {
         bail!("sha256sum failed");
     }
 
+    // Restored into a fresh daemon on another state directory.
+    let other_base = work.path().join("restored");
+    fs::create_dir(&other_base)?;
+    let other = Daemon::builder().base_dir(&other_base).start();
+    let other_idle = rss_kib(other.pid()).unwrap_or(0);
+    let (restored, restore_peak, restore_t) = peak_rss_during(other.pid(), || {
+        let input = fs::File::open(&archive)?;
+        let op = Operation::BackupRestoreArchive {
+            secret: secret()?,
+            force: false,
+            accept_unusable: false,
+        };
+        match other.client().call_with_fd(op, input.as_fd())? {
+            Reply::BackupRestoredArchive(r) => Ok(r),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    })?;
+    if restored.archive.files as usize != stored.len() {
+        bail!("{} files restored of {}", restored.archive.files, stored.len());
+    }
+    let key = keyfile.to_str().context("path")?;
+    hsmctl(&other, &["unlock", "--keyfile", key])?;
+    let back = work.path().join("back.bin");
+    let (_, retrieve_peak, retrieve_t) = peak_rss_during(other.pid(), || {
+        for (token, sum) in &stored {
+            hsmctl(
+                &other,
+                &[
+                    "file",
+                    "retrieve",
+                    token,
+                    "-o",
+                    back.to_str().context("path")?,
+                    "--force",
+                ],
+            )?;
+            let got: [u8; 32] = sha2::Sha256::digest(fs::read(&back)?).into();
+            if got != *sum {
+                bail!("{token} came back different");
+            }
+        }
+        Ok(())
+    })?;
+    fs::remove_file(&back)?;
+    let untar_dir = work.path().join("untar");
+    fs::create_dir(&untar_dir)?;
+    let untar_start = Instant::now();
+    let untar = Command::new("tar")
+        .arg("-xf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&untar_dir)
+        .status()?;
+    let untar_t = untar_start.elapsed();
+    if !untar.success() {
+        bail!("tar -x failed");
+    }
+
     let bytes = written.archive_bytes;
     println!(
         "whole-state backup: {} files, {} MiB of file store ({} bytes sealed on disk), {} audit files; archive {} bytes, {} parts",
@@ -187,5 +261,22 @@ pub fn run(b: &BackupBench) -> Result<()> {
     row("BackupCheck, no secret", check_t, bytes, Some(check_peak));
     row("BackupCheck, with the key file", keyed_t, bytes, Some(keyed_peak));
     row("sha256sum of the archive", read_t, bytes, None);
+    row(
+        "BackupRestoreArchive into a fresh daemon (staged, checked, moved in)",
+        restore_t,
+        bytes,
+        Some(restore_peak),
+    );
+    row("tar -xf of the file store, same filesystem", untar_t, tar_bytes, None);
+    row(
+        &format!(
+            "every file retrieved from the restored daemon, SHA-256 equal ({} files)",
+            stored.len()
+        ),
+        retrieve_t,
+        (b.mib as u64) << 20,
+        Some(retrieve_peak),
+    );
+    println!("restored daemon resident before: {} MiB", other_idle / 1024);
     Ok(())
 }

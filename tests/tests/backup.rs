@@ -780,12 +780,12 @@ mod whole_state {
             4
         );
 
-        // The keystore alone, under a backup passphrase: restored over this
-        // daemon, whose own log goes on (and still verifies).
+        // The keystore alone, from the first daemon, under a backup passphrase:
+        // restored over this one, whose own log goes on and still verifies.
         let pass = other.dir().join("backup-pass");
         fs::write(&pass, "correct horse battery staple").expect("write");
         let keys_only = other.dir().join("keys.hsmdbak");
-        ok(&other.hsmctl(&[
+        ok(&src.d.hsmctl(&[
             "backup",
             "create",
             p(&keys_only),
@@ -966,5 +966,63 @@ mod whole_state {
             let e = refused(&src.d.hsmctl(&["backup", "verify", p(&left)]), "invalid-argument");
             assert!(e.contains("truncated"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_restore_where_the_pkcs11_token_is_absent_names_its_keys_before_changing_anything() {
+        let hsm = hsmd_tests::SoftHsm::new("hsmd-backup");
+        let d = hsm.daemon("").start();
+        let keyfile = d.dir().join("unlock.key");
+        ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+        ok(&d.hsmctl(&[
+            "key",
+            "create",
+            "on-token",
+            "--type",
+            "ecdsa-p256",
+            "--backend",
+            "pkcs11",
+        ]));
+        ok(&d.hsmctl(&["key", "create", "in-software", "--type", "ed25519"]));
+        let archive = d.dir().join("state.hsmdbak");
+        ok(&d.hsmctl(&["backup", "create", p(&archive)]));
+
+        // Another machine: no token configured.
+        let other = fresh();
+        let names = |dir: &Path| tree(dir).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let before = names(&other.dir().join("state"));
+        let e = refused(
+            &other.hsmctl(&["backup", "restore", p(&archive), "--keyfile", p(&keyfile)]),
+            "failed-precondition",
+        );
+        assert!(
+            e.contains("1 key on the pkcs11 backend (on-token)")
+                && e.contains("no pkcs11 backend is configured here")
+                && e.contains("--accept-unusable")
+                && !e.contains("in-software"),
+            "{e}"
+        );
+        assert_eq!(names(&other.dir().join("state")), before, "the refusal wrote something");
+        assert_eq!(super::status(&other)["state"], "uninitialized");
+
+        // Taken anyway: the software key works, the token's says why not.
+        let out = json(&other.hsmctl(&[
+            "--json",
+            "backup",
+            "restore",
+            p(&archive),
+            "--keyfile",
+            p(&keyfile),
+            "--accept-unusable",
+        ]));
+        let unusable = out["unusable"].as_array().expect("unusable");
+        assert_eq!(unusable.len(), 1, "{out}");
+        ok(&other.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
+        let data = other.dir().join("data");
+        fs::write(&data, b"signed after a restore").expect("write");
+        ok(&other.hsmctl(&["sign", "in-software", "-i", p(&data), "-o", p(&other.dir().join("sig"))]));
+        let out = other.hsmctl(&["sign", "on-token", "-i", p(&data), "-o", p(&other.dir().join("sig2"))]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("pkcs11"), "{out:?}");
     }
 }

@@ -511,22 +511,7 @@ mod whole_state {
 
         // A byte flipped in each kind of part, and the archive cut short:
         // refused with and without the secret, naming the part.
-        let at = |name: &str| {
-            archive
-                .windows(name.len())
-                .position(|w| w == name.as_bytes())
-                .unwrap_or_else(|| panic!("{name} is not in the archive"))
-                + name.len()
-                + 8
-                + 40
-        };
-        for (what, offset) in [
-            ("keystore", at("keystore.sqlite")),
-            ("file", at("seg-000000")),
-            ("audit", at("audit/audit.log")),
-        ] {
-            let mut damaged = archive.clone();
-            damaged[offset] ^= 0x40;
+        for (what, damaged) in damaged_parts(&archive) {
             for s in [None, Some(secret())] {
                 let keyed = s.is_some();
                 let e = check(&d, &damaged, s).unwrap_err();
@@ -620,6 +605,39 @@ mod whole_state {
         }
         out.sort();
         out
+    }
+
+    /// The names under `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        tree(dir).into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// `archive` with one byte flipped inside the first chunk of its
+    /// keystore part, of a file segment and of the audit log, each named
+    /// by its kind.
+    fn damaged_parts(archive: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+        // The record's name, then its size (8) and 40 bytes into the chunk.
+        let at = |name: &str| {
+            archive
+                .windows(name.len())
+                .position(|w| w == name.as_bytes())
+                .unwrap_or_else(|| panic!("{name} is not in the archive"))
+                + name.len()
+                + 8
+                + 40
+        };
+        [
+            ("keystore", at("keystore.sqlite")),
+            ("file", at("seg-000000")),
+            ("audit", at("audit/audit.log")),
+        ]
+        .into_iter()
+        .map(|(what, offset)| {
+            let mut damaged = archive.to_vec();
+            damaged[offset] ^= 0x40;
+            (what, damaged)
+        })
+        .collect()
     }
 
     /// A daemon with keys, stored files and history, and its archive
@@ -834,27 +852,11 @@ mod whole_state {
         let archive = fs::read(&src.archive).expect("read");
         let other = fresh();
         // Names only: the daemon's own log and WAL grow as it answers.
-        let names = |dir: &Path| tree(dir).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         let before = names(&other.dir().join("state"));
-        let at = |name: &str| {
-            archive
-                .windows(name.len())
-                .position(|w| w == name.as_bytes())
-                .unwrap_or_else(|| panic!("{name} is not in the archive"))
-                + name.len()
-                + 8
-                + 40
-        };
-        let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
-        for (what, offset) in [
-            ("keystore", at("keystore.sqlite")),
-            ("file", at("seg-000000")),
-            ("audit", at("audit/audit.log")),
-        ] {
-            let mut damaged = archive.clone();
-            damaged[offset] ^= 0x04;
-            cases.push((format!("({what} "), damaged));
-        }
+        let mut cases: Vec<(String, Vec<u8>)> = damaged_parts(&archive)
+            .into_iter()
+            .map(|(what, damaged)| (format!("({what} "), damaged))
+            .collect();
         cases.push(("truncated".into(), archive[..archive.len() * 2 / 3].to_vec()));
         for (named, bytes) in &cases {
             let path = other.dir().join("damaged.hsmdbak");
@@ -887,7 +889,6 @@ mod whole_state {
         let src = source(&[40 << 20]);
         let mut other = fresh();
         let state = other.dir().join("state");
-        let names = |dir: &Path| tree(dir).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         let before = names(&state);
         let mut restore = std::process::Command::new(hsmd_tests::bin("hsmctl"))
             .args([
@@ -989,7 +990,6 @@ mod whole_state {
 
         // Another machine: no token configured.
         let other = fresh();
-        let names = |dir: &Path| tree(dir).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
         let before = names(&other.dir().join("state"));
         let e = refused(
             &other.hsmctl(&["backup", "restore", p(&archive), "--keyfile", p(&keyfile)]),

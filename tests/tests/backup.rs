@@ -1025,4 +1025,68 @@ mod whole_state {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("pkcs11"), "{out:?}");
     }
+
+    /// The token's PIN is sealed in the keystore (no PIN file): the restored
+    /// keystore brings it, and the token's keys sign once hsmd is unlocked.
+    #[test]
+    fn the_sealed_token_pin_comes_back_with_the_keystore() {
+        let hsm = hsmd_tests::SoftHsm::new("hsmd-pin");
+        let token = format!(
+            "[backends.pkcs11]\nmodule = {:?}\ntoken_label = {:?}\n",
+            hsmd_tests::SOFTHSM_MODULE,
+            hsm.label
+        );
+        let conf = hsm.conf().display().to_string();
+        let daemon = || Daemon::builder().env("SOFTHSM2_CONF", &conf).extra(&token).start();
+        let d = daemon();
+        let keyfile = d.dir().join("unlock.key");
+        ok(&d.hsmctl(&["init", "--keyfile-out", p(&keyfile)]));
+        ok(&d.hsmctl_with_stdin(
+            &["backend", "pkcs11", "set-pin", "--pin-file", "-"],
+            format!("{}\n", hsm.pin).as_bytes(),
+        ));
+        // The helper opens the token with the PIN on its own thread.
+        let started = std::time::Instant::now();
+        loop {
+            let out = d.hsmctl(&[
+                "key",
+                "create",
+                "on-token",
+                "--type",
+                "ecdsa-p256",
+                "--backend",
+                "pkcs11",
+            ]);
+            if out.status.success() {
+                break;
+            }
+            assert!(started.elapsed().as_secs() < 20, "the token never opened: {out:?}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let archive = d.dir().join("state.hsmdbak");
+        ok(&d.hsmctl(&["backup", "create", p(&archive)]));
+        let other = daemon();
+        assert_eq!(super::status(&other)["state"], "uninitialized");
+        let (copy, kept_key) = (other.dir().join("copy.hsmdbak"), other.dir().join("unlock.key"));
+        fs::copy(&archive, &copy).expect("copy");
+        fs::copy(&keyfile, &kept_key).expect("copy");
+        // The first machine is gone; its token is not.
+        drop(d);
+        let (archive, keyfile) = (copy, kept_key);
+        let out = json(&other.hsmctl(&["--json", "backup", "restore", p(&archive), "--keyfile", p(&keyfile)]));
+        assert_eq!(out["unusable"], serde_json::json!([]), "{out}");
+        ok(&other.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
+        let data = other.dir().join("data");
+        fs::write(&data, b"signed by the token after a restore").expect("write");
+        // The helper logs in with the PIN handed over at unlock.
+        let started = std::time::Instant::now();
+        loop {
+            let out = other.hsmctl(&["sign", "on-token", "-i", p(&data), "-o", p(&other.dir().join("sig"))]);
+            if out.status.success() {
+                break;
+            }
+            assert!(started.elapsed().as_secs() < 20, "the token key never signed: {out:?}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
 }

@@ -261,3 +261,73 @@ fn tpm2_slots_need_a_configured_tpm() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("(unlock-failed)") && err.contains("no tpm2 slot"), "{err}");
 }
+
+/// A backup of a keystore with a TPM2 slot and a key inside the TPM, restored
+/// where there is no TPM: the slot and the key are named before anything
+/// changes; an archive whose only slot is the TPM2 one is refused outright.
+#[test]
+fn a_restore_without_the_tpm_names_its_slot_and_key_and_refuses_when_no_slot_could_open() {
+    let tpm = Swtpm::start();
+    let (d, keyfile) = initialized(&tpm);
+    ok(&d.hsmctl(&["slot", "add", "--tpm2", "--label", "boot"]));
+    ok(&d.hsmctl(&["key", "create", "in-tpm", "--type", "ecdsa-p256", "--backend", "tpm"]));
+    let both = d.dir().join("both-slots.hsmdbak");
+    ok(&d.hsmctl(&["backup", "create", path(&both)]));
+    // The key file's slot removed: the TPM2 slot alone opens that keystore.
+    ok(&d.hsmctl(&["slot", "remove", "1"]));
+    let pass = d.dir().join("backup-pass");
+    fs::write(&pass, "correct horse battery staple").expect("write");
+    let tpm_only = d.dir().join("tpm-only.hsmdbak");
+    ok(&d.hsmctl(&["backup", "create", path(&tpm_only), "--passphrase-file", path(&pass)]));
+
+    let other = Daemon::start();
+    let state = || {
+        let mut names: Vec<String> = fs::read_dir(other.dir().join("state"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = state();
+    let e = hsmd_tests::check::refused(
+        &other.hsmctl(&["backup", "restore", path(&both), "--keyfile", path(&keyfile)]),
+        "failed-precondition",
+    );
+    assert!(
+        e.contains("unlock slot 2 (tpm2, \"boot\"): no TPM is configured here")
+            && e.contains("1 key on the tpm backend (in-tpm)")
+            && e.contains("--accept-unusable"),
+        "{e}"
+    );
+    let e = hsmd_tests::check::refused(
+        &other.hsmctl(&["backup", "restore", path(&tpm_only), "--passphrase-file", path(&pass)]),
+        "failed-precondition",
+    );
+    assert!(
+        e.contains("none of the archive's unlock slots can open on this machine"),
+        "{e}"
+    );
+    let e = hsmd_tests::check::refused(
+        &other.hsmctl(&[
+            "backup",
+            "restore",
+            path(&tpm_only),
+            "--passphrase-file",
+            path(&pass),
+            "--accept-unusable",
+        ]),
+        "failed-precondition",
+    );
+    assert!(e.contains("could never be unlocked here"), "{e}");
+    assert_eq!(state(), before, "a refused restore wrote something");
+    ok(&other.hsmctl(&[
+        "backup",
+        "restore",
+        path(&both),
+        "--keyfile",
+        path(&keyfile),
+        "--accept-unusable",
+    ]));
+    ok(&other.hsmctl(&["unlock", "--keyfile", path(&keyfile)]));
+}

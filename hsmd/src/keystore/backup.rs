@@ -607,7 +607,12 @@ impl Vault {
                 Err(_) => format!("no {backend} backend is configured here ([backends.{backend}])"),
                 Ok(b) => {
                     let h = b.health();
-                    if h.healthy {
+                    // A token waiting for the PIN the restored keystore
+                    // brings is opened at unlock: whether it is there is
+                    // known only then.
+                    let awaits_pin = backend == crate::backend::pkcs11::NAME
+                        && self.backends().pkcs11().is_some_and(|p| p.awaits_pin());
+                    if h.healthy || awaits_pin {
                         continue;
                     }
                     format!("the {backend} backend here is not reachable: {}", h.detail)

@@ -339,6 +339,14 @@ impl Pkcs11 {
         self.inner.pin_from_keystore
     }
 
+    /// Whether the backend holds no user PIN yet (it waits for the one
+    /// sealed in the keystore, handed over at unlock): the token is then not
+    /// opened, so its health says nothing about whether it is there.
+    #[must_use]
+    pub fn awaits_pin(&self) -> bool {
+        lock(&self.inner.pin).is_none()
+    }
+
     fn token_serial(&self) -> Option<String> {
         lock(&self.inner.conn).as_ref().map(|c| c.token.serial.clone())
     }

@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _, Result};
 use base64::Engine as _;
 
 use crate::{
-    measure::{in_process_ed25519, in_process_p256, measure, median},
+    measure::{in_process_ed25519, in_process_p256, measure, median, LATENCIES},
     Daemon,
 };
 
@@ -197,8 +197,8 @@ pub fn run(b: &AgentBench) -> Result<()> {
         let (ours, theirs) = (find(&hsmd_keys)?, find(&openssh_keys)?);
         println!("{label}:");
         println!(
-            "{:>7} | {:>12} {:>9} {:>9} | {:>13} {:>9} {:>9} | {:>12} | {:>12}",
-            "clients", "hsmd/s", "p50 µs", "p99 µs", "ssh-agent/s", "p50 µs", "p99 µs", "hsmd/agent", "in-proc/s"
+            "{:>7} | {:>12} {:>22} | {:>13} {:>22} | {:>12} | {:>12}",
+            "clients", "hsmd/s", LATENCIES, "ssh-agent/s", LATENCIES, "hsmd/agent", "in-proc/s"
         );
         for &clients in &b.clients {
             let (mut h, mut o, mut l) = (Vec::new(), Vec::new(), Vec::new());
@@ -211,13 +211,11 @@ pub fn run(b: &AgentBench) -> Result<()> {
             }
             let (h, o, l) = (median(h), median(o), median(l));
             println!(
-                "{clients:>7} | {:>12.0} {:>9.1} {:>9.1} | {:>13.0} {:>9.1} {:>9.1} | {:>11.1}× | {:>12.0}",
+                "{clients:>7} | {:>12.0} {:>22} | {:>13.0} {:>22} | {:>11.1}× | {:>12.0}",
                 h.per_sec,
-                h.p50_us,
-                h.p99_us,
+                h.latencies(),
                 o.per_sec,
-                o.p50_us,
-                o.p99_us,
+                o.latencies(),
                 h.per_sec / o.per_sec,
                 l.per_sec
             );

@@ -59,12 +59,13 @@ pub fn openssl_verifies(t: &str, public: &Path, data: &Path, sig: &Path) -> bool
 }
 
 /// The numeric rows of a benchmark table (the lines that start with a
-/// client count), each cut into its numbers.
+/// client count), each cut into its numbers: a `p50/p99/p99.9/max` column
+/// is four, a ratio such as `71.7%` or `3.4x` one.
 pub fn table_rows(text: &str) -> Vec<Vec<f64>> {
     text.lines()
         .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
         .map(|l| {
-            l.split(|c: char| c == '|' || c.is_whitespace() || c == '%')
+            l.split(|c: char| c == '|' || c.is_whitespace() || matches!(c, '%' | '/' | 'x' | '×'))
                 .filter_map(|f| f.parse().ok())
                 .collect()
         })

@@ -18,6 +18,42 @@ pub struct Figures {
     pub p50_us: f64,
     /// 99th percentile latency of one call, µs.
     pub p99_us: f64,
+    /// 99.9th percentile latency of one call, µs.
+    pub p999_us: f64,
+    /// The slowest call, µs.
+    pub max_us: f64,
+}
+
+impl Figures {
+    /// The latency column every table prints: `p50/p99/p99.9/max` in µs.
+    #[must_use]
+    pub fn latencies(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            short(self.p50_us),
+            short(self.p99_us),
+            short(self.p999_us),
+            short(self.max_us)
+        )
+    }
+
+    /// How many times the median the 99th percentile is.
+    #[must_use]
+    pub fn tail(&self) -> f64 {
+        self.p99_us / self.p50_us.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The header of [`Figures::latencies`]' column.
+pub const LATENCIES: &str = "p50/p99/p99.9/max µs";
+
+/// Microseconds to three significant figures at most, for narrow columns.
+fn short(us: f64) -> String {
+    if us < 10.0 {
+        format!("{us:.1}")
+    } else {
+        format!("{us:.0}")
+    }
 }
 
 /// Runs `clients` threads, each calling `round_trip` on its own connection for
@@ -68,13 +104,31 @@ where
     for h in handles {
         all.extend(h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??);
     }
+    Ok(figures(all, per_call, secs))
+}
+
+/// The figures of latencies (ns) measured over `secs`, each call doing
+/// `per_call` operations.
+#[must_use]
+pub fn figures(mut all: Vec<u32>, per_call: usize, secs: f64) -> Figures {
+    if all.is_empty() {
+        return Figures {
+            per_sec: 0.0,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            p999_us: 0.0,
+            max_us: 0.0,
+        };
+    }
     all.sort_unstable();
     let pct = |p: f64| f64::from(all[((all.len() - 1) as f64 * p) as usize]) / 1000.0;
-    Ok(Figures {
+    Figures {
         per_sec: (all.len() * per_call) as f64 / secs,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
-    })
+        p999_us: pct(0.999),
+        max_us: pct(1.0),
+    }
 }
 
 /// The run with the median rate.

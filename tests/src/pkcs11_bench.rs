@@ -24,7 +24,7 @@ use cryptoki::{
 };
 
 use crate::{
-    measure::{in_process_ed25519, in_process_p256, measure, median, Figures},
+    measure::{in_process_ed25519, in_process_p256, measure, median, Figures, LATENCIES},
     Daemon, SoftHsm, SOFTHSM_MODULE,
 };
 
@@ -192,8 +192,8 @@ pub fn run(b: &Pkcs11Bench) -> Result<()> {
     ] {
         println!("{title}:");
         println!(
-            "{:>7} | {:>12} {:>9} {:>9} | {:>12} {:>9} {:>9} | {:>12} | {:>12}",
-            "clients", "hsmd .so/s", "p50 µs", "p99 µs", "softhsm2/s", "p50 µs", "p99 µs", "hsmd/softhsm", "in-proc/s"
+            "{:>7} | {:>12} {:>22} | {:>12} {:>22} | {:>12} | {:>12}",
+            "clients", "hsmd .so/s", LATENCIES, "softhsm2/s", LATENCIES, "hsmd/softhsm", "in-proc/s"
         );
         for &clients in &b.clients {
             let (mut h, mut s, mut l) = (Vec::new(), Vec::new(), Vec::new());
@@ -205,13 +205,11 @@ pub fn run(b: &Pkcs11Bench) -> Result<()> {
             }
             let (h, s, l) = (median(h), median(s), median(l));
             println!(
-                "{clients:>7} | {:>12.0} {:>9.1} {:>9.1} | {:>12.0} {:>9.1} {:>9.1} | {:>11.1}% | {:>12.0}",
+                "{clients:>7} | {:>12.0} {:>22} | {:>12.0} {:>22} | {:>11.1}% | {:>12.0}",
                 h.per_sec,
-                h.p50_us,
-                h.p99_us,
+                h.latencies(),
                 s.per_sec,
-                s.p50_us,
-                s.p99_us,
+                s.latencies(),
                 h.per_sec / s.per_sec * 100.0,
                 l.per_sec
             );

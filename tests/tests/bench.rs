@@ -19,12 +19,16 @@ fn benchmark_prints_hsmd_and_raw_echo_figures_side_by_side() {
     let rows = hsmd_tests::table_rows(&text);
     assert_eq!(rows.len(), 2, "one row per client count: {text}");
     for row in rows {
-        // clients, raw rt/s, p50, p99, hsmd rt/s, p50, p99, ratio
-        assert_eq!(row.len(), 8, "{row:?}");
-        assert!(row[1] > 0.0 && row[4] > 0.0, "both servers answered: {row:?}");
-        assert!(row[2] <= row[3] && row[5] <= row[6], "p50 <= p99: {row:?}");
+        // clients, raw rt/s, p50, p99, p99.9, max, hsmd rt/s, p50, p99,
+        // p99.9, max, ratio, p99 ratio
+        assert_eq!(row.len(), 13, "{row:?}");
+        assert!(row[1] > 0.0 && row[6] > 0.0, "both servers answered: {row:?}");
+        assert!(
+            row[2..6].windows(2).all(|w| w[0] <= w[1]) && row[7..11].windows(2).all(|w| w[0] <= w[1]),
+            "p50 <= p99 <= p99.9 <= max: {row:?}"
+        );
     }
-    assert!(text.contains("target: at 8 clients"), "{text}");
+    assert!(text.contains("target: at 8 clients hsmd's p99"), "{text}");
 }
 
 #[test]
@@ -40,11 +44,19 @@ fn key_benchmark_prints_in_process_and_socket_figures_for_each_operation() {
     }
     let rows = hsmd_tests::table_rows(&text);
     assert_eq!(rows.len(), 6, "two client counts for each of three operations: {text}");
+    // clients, in-process/s, 4 latencies, hsmd/s, 4 latencies, ratio, p99/p50
     assert!(
-        rows.iter().all(|r| r.len() == 8 && r[1] > 0.0 && r[4] > 0.0),
+        rows.iter().all(|r| r.len() == 13 && r[1] > 0.0 && r[6] > 0.0),
         "{rows:?}"
     );
     assert!(text.contains("target: ed25519 p99 at 1 client"), "{text}");
+    // The fairness row: the lone client alone and beside the load.
+    let lone: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("idle daemon") || l.contains("beside 7 busy clients"))
+        .collect();
+    assert_eq!(lone.len(), 2, "{text}");
+    assert!(text.contains("target: the lone client's p99 beside the load"), "{text}");
 }
 
 #[test]
@@ -80,7 +92,7 @@ fn security_benchmark_compares_policy_rate_limits_and_audit_on_against_off() {
     let rows = hsmd_tests::table_rows(&text);
     assert_eq!(rows.len(), 2, "{text}");
     assert!(
-        rows.iter().all(|r| r.len() == 8 && r[1] > 0.0 && r[4] > 0.0),
+        rows.iter().all(|r| r.len() == 12 && r[1] > 0.0 && r[6] > 0.0),
         "{rows:?}"
     );
     assert!(text.contains("target: with policy, rate limits and audit on"), "{text}");
@@ -137,22 +149,24 @@ fn backend_benchmark_signs_with_soft_pkcs11_and_tpm_keys_beside_cryptoki_directl
     }
     let all = hsmd_tests::table_rows(&text);
     assert_eq!(all.len(), 6, "two client counts for each of three operations: {text}");
-    // RSA: clients, pkcs11/s, p50, cryptoki/s, p50, ratio, tpm/s, p50,
-    // openssl software sign/s; every figure measured.
+    // RSA: clients, pkcs11/s, 4 latencies, cryptoki/s, 4 latencies, ratio,
+    // tpm/s, 4 latencies, openssl software sign/s; every figure measured.
     assert!(
-        all[4..].iter().all(|r| r.len() == 9 && r[1..].iter().all(|f| *f > 0.0)),
+        all[4..]
+            .iter()
+            .all(|r| r.len() == 18 && r[1..].iter().all(|f| *f > 0.0)),
         "rsa figures: {all:?}"
     );
     let rows = &all[..4];
-    // clients, soft/s, p50, pkcs11/s, p50, cryptoki/s, p50, in-process/s,
-    // ratio, then tpm/s and p50 for ecdsa-p256 only
+    // clients, soft/s, 4 latencies, pkcs11/s, 4, cryptoki/s, 4,
+    // in-process/s, ratio, then tpm/s and 4 latencies for ecdsa-p256 only
     assert!(
         rows.iter()
-            .all(|r| r.len() >= 9 && r[1] > 0.0 && r[3] > 0.0 && r[5] > 0.0 && r[7] > 0.0),
+            .all(|r| r.len() >= 18 && r[1] > 0.0 && r[6] > 0.0 && r[11] > 0.0 && r[16] > 0.0),
         "{rows:?}"
     );
     assert!(
-        rows[..2].iter().all(|r| r.len() == 11 && r[9] > 0.0),
+        rows[..2].iter().all(|r| r.len() == 23 && r[18] > 0.0),
         "tpm figures: {rows:?}"
     );
 }

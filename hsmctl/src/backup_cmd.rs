@@ -337,24 +337,53 @@ fn create_3(
             Local::Usage.fail("with --json, standard output carries the JSON summary; write the archive to a file")
         );
     }
-    let out = crate::output::Output::create(file, force)?;
+    let mut out = crate::output::Output::create(file, force)?;
     let mut client = crate::connect(cli)?;
     let contents = contents(&mut client, include)?;
     let bar = Progress::new("writing the backup", None, quiet);
     let op = Operation::BackupWrite { protection, contents };
-    let (fd, followed) = out.descriptor();
-    let reply = match followed {
-        Some(f) => call_following(&mut client, op, f, &bar),
-        None => client.call_with_fd(op, fd),
-    };
-    let summary = match reply {
-        Ok(Reply::BackupWritten(s)) => s,
-        Ok(other) => {
+    // hsmd writes into a pipe that hsmctl copies to the file, not into the
+    // file itself: if hsmctl dies, hsmd's next write fails and the backup
+    // stops, instead of finishing a whole archive under the temporary name.
+    let (mut from_hsmd, into) = std::io::pipe().map_err(|e| local(format!("cannot make a pipe: {e}")))?;
+    let (reply, copied) = std::thread::scope(|s| {
+        let caller = s.spawn(move || {
+            use std::os::fd::AsFd as _;
+            let reply = client.call_with_fd(op, into.as_fd());
+            // hsmd's copy of the write end is closed with its answer; this
+            // one now, so the copy below sees the end.
+            drop(into);
+            reply
+        });
+        let copied = (|| -> Result<(), Failure> {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = std::io::Read::read(&mut from_hsmd, &mut buf)
+                    .map_err(|e| local(format!("cannot read the archive from hsmd: {e}")))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                out.write(&buf[..n])?;
+                bar.add(n as u64);
+            }
+        })();
+        // A failed copy closes the read end: hsmd's next write fails and it answers.
+        drop(from_hsmd);
+        (caller.join(), copied)
+    });
+    let reply = reply.unwrap_or_else(|_| Err(protocol::ClientError::Closed));
+    let summary = match (reply, copied) {
+        (Ok(Reply::BackupWritten(s)), Ok(())) => s,
+        (Ok(Reply::BackupWritten(_)), Err(e)) | (Err(_), Err(e)) => {
+            // The unfinished archive is removed when `out` drops.
+            bar.clear();
+            return Err(e);
+        }
+        (Ok(other), _) => {
             bar.clear();
             return Err(unexpected("backup-write", &other));
         }
-        Err(e) => {
-            // The unfinished archive is removed when `out` drops.
+        (Err(e), Ok(())) => {
             bar.clear();
             return Err(e.into());
         }

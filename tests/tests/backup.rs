@@ -607,6 +607,14 @@ mod whole_state {
         out
     }
 
+    /// `hsmctl --json backup restore ARCHIVE --keyfile KEY MORE…`, which must
+    /// succeed: its JSON answer.
+    fn restore_json(d: &Daemon, archive: &Path, keyfile: &Path, more: &[&str]) -> serde_json::Value {
+        let mut args = vec!["--json", "backup", "restore", p(archive), "--keyfile", p(keyfile)];
+        args.extend_from_slice(more);
+        json(&d.hsmctl(&args))
+    }
+
     /// The names under `dir`, sorted.
     fn names(dir: &Path) -> Vec<String> {
         tree(dir).into_iter().map(|(n, _)| n).collect()
@@ -699,14 +707,7 @@ mod whole_state {
         assert_eq!(v["contents"], serde_json::json!({"files": true, "audit": true}));
 
         let other = fresh();
-        let out = json(&other.hsmctl(&[
-            "--json",
-            "backup",
-            "restore",
-            p(&src.archive),
-            "--keyfile",
-            p(&src.keyfile),
-        ]));
+        let out = restore_json(&other, &src.archive, &src.keyfile, &[]);
         assert_eq!(out["state"], "locked", "{out}");
         assert_eq!(out["unusable"], serde_json::json!([]));
         // The fresh daemon's own log is kept aside, never dropped.
@@ -765,15 +766,7 @@ mod whole_state {
             e.contains("a keystore and 4 stored files") && e.contains("--force"),
             "{e}"
         );
-        let out = json(&other.hsmctl(&[
-            "--json",
-            "backup",
-            "restore",
-            p(&src.archive),
-            "--keyfile",
-            p(&src.keyfile),
-            "--force",
-        ]));
+        let out = restore_json(&other, &src.archive, &src.keyfile, &["--force"]);
         let kept: Vec<&str> = out["kept"]
             .as_array()
             .expect("kept")
@@ -931,42 +924,70 @@ mod whole_state {
     }
 
     #[test]
-    fn a_backup_create_killed_midway_leaves_nothing_verify_accepts() {
+    fn a_backup_create_killed_midway_leaves_nothing_verify_accepts_whichever_side_dies() {
         let mut src = source(&[]);
         ok(&src.d.hsmctl(&["key", "create", "more", "--type", "aes256-gcm"]));
         let big = src.d.dir().join("big");
         fs::write(&big, vec![3u8; 48 << 20]).expect("write");
         ok(&src.d.hsmctl(&["file", "store", p(&big), "--key", "more"]));
-        let out = src.d.dir().join("killed.hsmdbak");
-        let mut create = std::process::Command::new(hsmd_tests::bin("hsmctl"))
-            .args(["--socket", p(&src.d.socket), "backup", "create", "--quiet", p(&out)])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("hsmctl");
         let dir = src.d.dir().to_owned();
-        let partial = || {
+        let partials = || -> Vec<std::path::PathBuf> {
             fs::read_dir(&dir)
                 .expect("ls")
                 .map(|e| e.expect("entry").path())
-                .find(|p| {
+                .filter(|p| {
                     p.file_name()
                         .is_some_and(|n| n.to_string_lossy().starts_with(".hsmctl-"))
                 })
+                .collect()
         };
-        let started = std::time::Instant::now();
-        while partial().is_none_or(|p| fs::metadata(p).map_or(0, |m| m.len()) <= 1 << 20) {
-            assert!(started.elapsed().as_secs() < 60, "no archive being written");
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        src.d.restart(true);
+        // `hsmctl backup create OUT`, once it has written 1 MiB.
+        let creating = |out: &Path| {
+            let child = std::process::Command::new(hsmd_tests::bin("hsmctl"))
+                .args(["--socket", p(&src.d.socket), "backup", "create", "--quiet", p(out)])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("hsmctl");
+            let started = std::time::Instant::now();
+            while !partials()
+                .iter()
+                .any(|p| fs::metadata(p).map_or(0, |m| m.len()) > 1 << 20)
+            {
+                assert!(started.elapsed().as_secs() < 60, "no archive being written");
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            child
+        };
+
+        // hsmctl killed: hsmd's next write fails and it stops; what is left
+        // under the temporary name stays cut short.
+        let out = dir.join("killed.hsmdbak");
+        let mut create = creating(&out);
+        create.kill().expect("SIGKILL hsmctl");
         let _ = create.wait();
-        assert!(!out.exists(), "a killed backup left {}", out.display());
-        // Whatever is left under another name is refused as what it is.
-        if let Some(left) = partial() {
-            let e = refused(&src.d.hsmctl(&["backup", "verify", p(&left)]), "invalid-argument");
-            assert!(e.contains("truncated"), "{e}");
+        let started = std::time::Instant::now();
+        while !src.d.log().contains("the descriptor passed for the archive") {
+            assert!(
+                started.elapsed().as_secs() < 60,
+                "hsmd went on writing: {}",
+                src.d.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        assert!(!out.exists(), "a killed backup left {}", out.display());
+        let left = partials();
+        assert_eq!(left.len(), 1, "{left:?}");
+        let e = refused(&src.d.hsmctl(&["backup", "verify", p(&left[0])]), "invalid-argument");
+        assert!(e.contains("truncated"), "{e}");
+        fs::remove_file(&left[0]).expect("rm");
+
+        // hsmd killed: hsmctl is told, and removes its temporary file.
+        let mut create = creating(&out);
+        src.d.restart(true);
+        assert!(!create.wait().expect("wait").success());
+        assert!(!out.exists(), "a killed backup left {}", out.display());
+        assert_eq!(partials(), Vec::<std::path::PathBuf>::new());
     }
 
     #[test]
@@ -1006,15 +1027,7 @@ mod whole_state {
         assert_eq!(super::status(&other)["state"], "uninitialized");
 
         // Taken anyway: the software key works, the token's says why not.
-        let out = json(&other.hsmctl(&[
-            "--json",
-            "backup",
-            "restore",
-            p(&archive),
-            "--keyfile",
-            p(&keyfile),
-            "--accept-unusable",
-        ]));
+        let out = restore_json(&other, &archive, &keyfile, &["--accept-unusable"]);
         let unusable = out["unusable"].as_array().expect("unusable");
         assert_eq!(unusable.len(), 1, "{out}");
         ok(&other.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
@@ -1073,7 +1086,7 @@ mod whole_state {
         // The first machine is gone; its token is not.
         drop(d);
         let (archive, keyfile) = (copy, kept_key);
-        let out = json(&other.hsmctl(&["--json", "backup", "restore", p(&archive), "--keyfile", p(&keyfile)]));
+        let out = restore_json(&other, &archive, &keyfile, &[]);
         assert_eq!(out["unusable"], serde_json::json!([]), "{out}");
         ok(&other.hsmctl(&["unlock", "--keyfile", p(&keyfile)]));
         let data = other.dir().join("data");

@@ -291,6 +291,18 @@ fn open_current(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Reads the log back against the keystore's anchors (repairing what a
+/// crash left) and opens its current file, synced: the lines read back are
+/// the chain's from then on, durable before the keystore may point at them.
+fn read_back(settings: &Settings, anchors: &dyn AnchorStore) -> io::Result<(recovery::Recovered, File, (u64, u64))> {
+    let recorded = anchors.load().map_err(io::Error::other)?;
+    let recovered = recovery::recover(settings, &recorded)?;
+    let file = open_current(&settings.path)?;
+    let meta = file.metadata()?;
+    file.sync_data()?;
+    Ok((recovered, file, ident(&meta)))
+}
+
 fn ident(meta: &fs::Metadata) -> (u64, u64) {
     (meta.dev(), meta.ino())
 }
@@ -310,15 +322,9 @@ impl Auditor {
     /// # Errors
     /// The anchors or the files cannot be read, or the file cannot be opened.
     pub fn open(settings: Settings, anchors: Arc<dyn AnchorStore>) -> io::Result<Self> {
-        let recorded = anchors.load().map_err(io::Error::other)?;
-        let recovered = recovery::recover(&settings, &recorded)?;
-        let file = open_current(&settings.path)?;
-        let meta = file.metadata()?;
-        // Lines read back are the chain's from now on: make them durable
-        // before the keystore may point at them.
-        file.sync_data()?;
+        let (recovered, file, file_ident) = read_back(&settings, anchors.as_ref())?;
         let mut state = FileState {
-            ident: Some(ident(&meta)),
+            ident: Some(file_ident),
             file: Some(Arc::new(file)),
             size: recovered.size,
             reserved_to: recovered.size,
@@ -643,12 +649,8 @@ impl Auditor {
                 let _ = file.sync_data();
             }
             let out = change(&f.head, &f.start);
-            let recorded = inner.anchors.load().map_err(io::Error::other)?;
-            let recovered = recovery::recover(&inner.settings, &recorded)?;
-            let file = open_current(&inner.settings.path)?;
-            let meta = file.metadata()?;
-            file.sync_data()?;
-            f.ident = Some(ident(&meta));
+            let (recovered, file, file_ident) = read_back(&inner.settings, inner.anchors.as_ref())?;
+            f.ident = Some(file_ident);
             f.file = Some(Arc::new(file));
             f.size = recovered.size;
             f.reserved_to = recovered.size;

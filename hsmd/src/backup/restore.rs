@@ -115,18 +115,21 @@ struct Stager<'a> {
     state: &'a Path,
     audit: Option<&'a Path>,
     file: Option<File>,
+    /// Directories made, in order (synced before the journal is written).
     dirs: Vec<PathBuf>,
+    /// The same, to look up: a store of many files has as many directories.
+    made: std::collections::HashSet<PathBuf>,
     audit_names: Vec<String>,
 }
 
 impl Stager<'_> {
     fn dir(&mut self, dir: &Path) -> io::Result<()> {
-        if !dir.exists() {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        if self.made.contains(dir) {
+            return Ok(());
         }
-        if !self.dirs.iter().any(|d| d == dir) {
-            self.dirs.push(dir.to_owned());
-        }
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        self.made.insert(dir.to_owned());
+        self.dirs.push(dir.to_owned());
         Ok(())
     }
 
@@ -361,6 +364,7 @@ pub fn restore(sources: &Sources, uid: u32, input: impl Read, asked: &Asked<'_>)
         audit: audit_stage.as_deref().filter(|_| header.contents.audit),
         file: None,
         dirs: vec![stage.clone()],
+        made: std::collections::HashSet::from([stage.clone()]),
         audit_names: Vec::new(),
     };
     if header.contents.files {

@@ -4,8 +4,10 @@
 //! only this process, which hsmd restarts. It talks to hsmd over the
 //! socketpair it was given as stdin and stdout, and exits when hsmd closes it.
 //!
-//! One thread reads requests; a pool of workers, each holding its own
-//! session, serves them in parallel (PKCS#11 sessions are single-threaded).
+//! A pool of workers, each holding its own session (PKCS#11 sessions are
+//! single-threaded), serves requests in parallel: the idle worker holding the
+//! socket reads the next request and serves it itself, and answers go back
+//! tagged with the request's id, in whatever order they finish.
 
 use std::{
     collections::HashMap,
@@ -101,20 +103,36 @@ fn serve() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     }
     let shared = Arc::new(Shared {
-        handles: Mutex::new(HashMap::new()),
+        handles: Mutex::new(Handles::default()),
         summary,
         p11,
         slot,
     });
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Envelope>();
-    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-    let mut workers = Vec::new();
+    // Each worker, holding its own session, reads the next request itself and
+    // serves it: no thread stands between the socket and the token, so a
+    // request costs one wake-up here, not two. The reader's lock passes the
+    // socket from one idle worker to the next.
+    let reader = Arc::new(Mutex::new(reader));
+    let (ended_tx, ended_rx) = mpsc::channel::<Result<(), String>>();
     for session in sessions {
-        let (rx, writer, shared) = (Arc::clone(&jobs_rx), Arc::clone(&writer), Arc::clone(&shared));
-        workers.push(std::thread::spawn(move || loop {
-            let job = match lock(&rx).recv() {
-                Ok(j) => j,
-                Err(_) => return,
+        let (reader, writer, shared, ended) = (
+            Arc::clone(&reader),
+            Arc::clone(&writer),
+            Arc::clone(&shared),
+            ended_tx.clone(),
+        );
+        std::thread::spawn(move || loop {
+            let read = wire::read_frame::<Envelope>(&mut *lock(&reader));
+            let job = match read {
+                Ok(Some(j)) => j,
+                Ok(None) => {
+                    let _ = ended.send(Ok(()));
+                    return;
+                }
+                Err(e) => {
+                    let _ = ended.send(Err(format!("bad frame from hsmd: {e}")));
+                    return;
+                }
             };
             let result = handle(&session, &shared, job.request);
             let mut w = lock(&writer);
@@ -123,31 +141,47 @@ fn serve() -> Result<(), String> {
                 .is_err()
             {
                 // hsmd is gone: nothing more to do.
-                std::process::exit(0);
+                let _ = ended.send(Ok(()));
+                return;
             }
-        }));
+        });
     }
-    loop {
-        match wire::read_frame::<Envelope>(&mut reader) {
-            Ok(Some(job)) => {
-                if jobs_tx.send(job).is_err() {
-                    return Err("every worker stopped".into());
-                }
-            }
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(format!("bad frame from hsmd: {e}")),
-        }
-    }
+    drop(ended_tx);
+    // The first worker to see the end (or a bad frame) ends the process; the
+    // others may be inside the module, which the exit interrupts.
+    ended_rx.recv().unwrap_or_else(|_| Err("every worker stopped".into()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Object handles by CKA_ID, one map per class: handles of token objects are
+/// valid in every session of this process. Looked up by the id's bytes as
+/// the request carries them, with no copy.
+#[derive(Default)]
+struct Handles {
+    private: HashMap<Vec<u8>, ObjectHandle>,
+    secret: HashMap<Vec<u8>, ObjectHandle>,
+}
+
+impl Handles {
+    fn of(&mut self, class: ObjectClass) -> &mut HashMap<Vec<u8>, ObjectHandle> {
+        if class == ObjectClass::SECRET_KEY {
+            &mut self.secret
+        } else {
+            &mut self.private
+        }
+    }
+
+    fn forget(&mut self, id: &[u8]) {
+        self.private.remove(id);
+        self.secret.remove(id);
+    }
+}
+
 struct Shared {
-    /// Object handles by (CKA_ID, class): handles of token objects are valid
-    /// in every session of this process.
-    handles: Mutex<HashMap<(Vec<u8>, u64), ObjectHandle>>,
+    handles: Mutex<Handles>,
     summary: TokenSummary,
     p11: Pkcs11,
     slot: Slot,
@@ -413,7 +447,7 @@ fn handle(session: &Session, shared: &Shared, request: Request) -> Result<Reply,
                     .map_err(|e| classify("destroying an object", &e))?;
                 n += 1;
             }
-            lock(&shared.handles).retain(|(i, _), _| *i != id);
+            lock(&shared.handles).forget(&id);
             Ok(Reply::Destroyed(n))
         }
         Request::Health => {
@@ -447,7 +481,7 @@ fn token_present(shared: &Shared) -> Result<(), Failure> {
 /// looks the object up again. It may also mean the token went away (SoftHSM
 /// then answers OBJECT_HANDLE_INVALID): that is reported as such.
 fn forget_on_error(shared: &Shared, id: &[u8], f: Failure) -> Failure {
-    lock(&shared.handles).retain(|(i, _), _| i != id);
+    lock(&shared.handles).forget(id);
     match (&f, token_present(shared)) {
         (Failure::Failed(_), Err(gone)) => gone,
         _ => f,
@@ -455,8 +489,7 @@ fn forget_on_error(shared: &Shared, id: &[u8], f: Failure) -> Failure {
 }
 
 fn find(session: &Session, shared: &Shared, id: &[u8], class: ObjectClass) -> Result<ObjectHandle, Failure> {
-    let key = (id.to_vec(), u64::from(class));
-    if let Some(h) = lock(&shared.handles).get(&key) {
+    if let Some(h) = lock(&shared.handles).of(class).get(id) {
         return Ok(*h);
     }
     let found = session
@@ -475,7 +508,7 @@ fn find(session: &Session, shared: &Shared, id: &[u8], class: ObjectClass) -> Re
             hex::encode(id)
         )));
     };
-    lock(&shared.handles).insert(key, h);
+    lock(&shared.handles).of(class).insert(id.to_vec(), h);
     Ok(h)
 }
 

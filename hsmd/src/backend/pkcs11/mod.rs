@@ -7,10 +7,10 @@
 //! public key in hsmd, so only signing and AES-GCM reach the token.
 
 pub mod helper;
+pub mod link;
 pub mod wire;
 
 use std::{
-    collections::HashMap,
     io::{BufReader, BufWriter, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
@@ -26,7 +26,10 @@ use protocol::KeyType;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use self::wire::{Envelope, Failure, Open, Reply, Request, Response, TokenSummary};
+use self::{
+    link::{Link, Lost},
+    wire::{Failure, Open, Reply, Request, Response},
+};
 use super::{soft::verify_spki, Backend, BackendError, Health, HealthCell, KeyHandle, KeyLabel, NewKey};
 use crate::config::Pkcs11Config;
 
@@ -150,26 +153,6 @@ struct Reference {
     public: Option<String>,
 }
 
-/// One running helper process and the requests waiting on it.
-struct Conn {
-    child: Mutex<Child>,
-    pid: u32,
-    writer: Mutex<BufWriter<UnixStream>>,
-    pending: Mutex<HashMap<u64, mpsc::SyncSender<Result<Reply, Failure>>>>,
-    next_id: AtomicU64,
-    alive: AtomicBool,
-    token: TokenSummary,
-}
-
-impl Conn {
-    /// Ends the helper (hung, or the token went away); the reader thread then
-    /// fails whatever is pending and the supervisor starts another.
-    fn kill(&self) {
-        self.alive.store(false, Ordering::SeqCst);
-        let _ = lock(&self.child).kill();
-    }
-}
-
 struct Inner {
     module: PathBuf,
     /// The configured path and allow-list, checked again before each load.
@@ -186,7 +169,7 @@ struct Inner {
     op_timeout: Duration,
     health_interval: Duration,
     exe: PathBuf,
-    conn: Mutex<Option<Arc<Conn>>>,
+    conn: Mutex<Option<Arc<Link>>>,
     /// Signalled when `conn` changes or a start attempt fails.
     conn_changed: Condvar,
     /// A helper died and its replacement is on the way: requests wait for it
@@ -267,22 +250,7 @@ impl Pkcs11 {
             .inner
             .live_conn()
             .ok_or_else(|| unavailable(self.inner.health.get().detail))?;
-        let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::sync_channel(1);
-        lock(&conn.pending).insert(id, tx);
-        let sent = {
-            let mut w = lock(&conn.writer);
-            wire::write_frame(&mut *w, &Envelope { id, request }).and_then(|()| w.flush())
-        };
-        if let Err(e) = sent {
-            lock(&conn.pending).remove(&id);
-            self.replace(
-                &conn,
-                format!("the PKCS#11 helper (pid {}) stopped reading: {e}", conn.pid),
-            );
-            return Err(unavailable(format!("the PKCS#11 helper stopped reading: {e}")));
-        }
-        match rx.recv_timeout(self.inner.op_timeout) {
+        match conn.call(request, self.inner.op_timeout) {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(Failure::Unavailable(why))) => {
                 // The token went away under the helper: a fresh helper is how
@@ -296,8 +264,14 @@ impl Pkcs11 {
             }),
             Ok(Err(Failure::Unsupported(why))) => Err(BackendError::Unsupported(why)),
             Ok(Err(Failure::PinRefused(why))) => Err(unavailable(why)),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                lock(&conn.pending).remove(&id);
+            Err(Lost::Unsent(e)) => {
+                self.replace(
+                    &conn,
+                    format!("the PKCS#11 helper (pid {}) stopped reading: {e}", conn.pid),
+                );
+                Err(unavailable(format!("the PKCS#11 helper stopped reading: {e}")))
+            }
+            Err(Lost::TimedOut) => {
                 let why = format!(
                     "the PKCS#11 module did not answer within {:?}; its helper (pid {}) was stopped and is restarted",
                     self.inner.op_timeout, conn.pid
@@ -305,15 +279,17 @@ impl Pkcs11 {
                 self.replace(&conn, why.clone());
                 Err(unavailable(why))
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(unavailable(format!(
-                "the PKCS#11 helper (pid {}) exited during the operation; it is restarted",
-                conn.pid
-            ))),
+            Err(Lost::Ended(why)) => {
+                // Gone, or speaking out of turn: either way it is replaced.
+                let why = format!("{why}; it is restarted");
+                self.replace(&conn, why.clone());
+                Err(unavailable(why))
+            }
         }
     }
 
     /// Marks the backend red and has the supervisor replace `conn`.
-    fn replace(&self, conn: &Arc<Conn>, why: String) {
+    fn replace(&self, conn: &Arc<Link>, why: String) {
         self.inner.health.set(
             NAME,
             Health {
@@ -356,11 +332,11 @@ impl Inner {
     /// The running helper; while one is being restarted, waits for it (up to
     /// the operation timeout) so that a crash costs only the requests it was
     /// serving.
-    fn live_conn(&self) -> Option<Arc<Conn>> {
+    fn live_conn(&self) -> Option<Arc<Link>> {
         let deadline = Instant::now() + self.op_timeout;
         let mut guard = lock(&self.conn);
         loop {
-            if let Some(c) = guard.as_ref().filter(|c| c.alive.load(Ordering::SeqCst)) {
+            if let Some(c) = guard.as_ref().filter(|c| c.alive()) {
                 return Some(Arc::clone(c));
             }
             let now = Instant::now();
@@ -384,7 +360,7 @@ impl Inner {
     }
 
     /// Publishes the outcome of a start attempt.
-    fn set_conn(&self, conn: Option<Arc<Conn>>) {
+    fn set_conn(&self, conn: Option<Arc<Link>>) {
         let mut guard = lock(&self.conn);
         if conn.is_none() {
             self.restarting.store(false, Ordering::SeqCst);
@@ -453,8 +429,7 @@ fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>
                 watch(&me, &conn);
                 me.restarting.store(true, Ordering::SeqCst);
                 *lock(&me.conn) = None;
-                let _ = lock(&conn.child).kill();
-                let status = lock(&conn.child).wait();
+                let status = conn.stop();
                 tracing::warn!(pid = conn.pid, status = ?status, "PKCS#11 helper ended; restarting it");
                 me.restarts.fetch_add(1, Ordering::Relaxed);
                 // Keep a more specific reason (token removed, hung module).
@@ -516,7 +491,7 @@ fn supervise(inner: &std::sync::Weak<Inner>, mut first: Option<mpsc::Sender<()>>
     }
 }
 
-fn detail(inner: &Inner, conn: &Conn) -> String {
+fn detail(inner: &Inner, conn: &Link) -> String {
     format!(
         "token {:?} (serial {}, {} {}) via {}, {} sessions, helper pid {}",
         conn.token.label,
@@ -531,7 +506,7 @@ fn detail(inner: &Inner, conn: &Conn) -> String {
 
 /// Waits while the helper lives, asking the token for its health every
 /// `health_interval`; returns when the helper must be replaced.
-fn watch(inner: &Arc<Inner>, conn: &Arc<Conn>) {
+fn watch(inner: &Arc<Inner>, conn: &Arc<Link>) {
     let backend = Pkcs11 {
         inner: Arc::clone(inner),
     };
@@ -544,7 +519,7 @@ fn watch(inner: &Arc<Inner>, conn: &Arc<Conn>) {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             *flag = false;
         }
-        if !conn.alive.load(Ordering::SeqCst) {
+        if !conn.alive() {
             return;
         }
         match backend.call(Request::Health) {
@@ -567,7 +542,7 @@ fn watch(inner: &Arc<Inner>, conn: &Arc<Conn>) {
                         detail: e.to_string(),
                     },
                 );
-                if !conn.alive.load(Ordering::SeqCst) {
+                if !conn.alive() {
                     return;
                 }
             }
@@ -576,7 +551,7 @@ fn watch(inner: &Arc<Inner>, conn: &Arc<Conn>) {
 }
 
 /// Starts a helper and has it open the token.
-fn spawn(inner: &Arc<Inner>) -> Result<Arc<Conn>, StartError> {
+fn spawn(inner: &Arc<Inner>) -> Result<Arc<Link>, StartError> {
     // The module may have been replaced since start (by a symlink elsewhere).
     let module = check_module(&inner.configured_module, &inner.allowed_module_dirs)?;
     if !module.is_file() {
@@ -591,7 +566,6 @@ fn spawn(inner: &Arc<Inner>) -> Result<Arc<Conn>, StartError> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot start the PKCS#11 helper {}: {e}", inner.exe.display()))?;
-    let pid = child.id();
     let mut child = Some(child);
     // Stops the helper that could not open the token.
     let stop = |child: &mut Option<Child>| {
@@ -645,44 +619,25 @@ fn spawn(inner: &Arc<Inner>) -> Result<Arc<Conn>, StartError> {
             ))
         }
     };
-    let _ = reader.get_ref().set_read_timeout(None);
+    // A frame begun must end within the operation timeout (a leader waits
+    // for the start of one with its own deadline).
+    let _ = reader
+        .get_ref()
+        .set_read_timeout(Some(inner.op_timeout.max(Duration::from_millis(1))));
     let Some(child) = child.take() else {
         return Err("the PKCS#11 helper vanished".into());
     };
-    let conn = Arc::new(Conn {
-        child: Mutex::new(child),
-        pid,
-        writer: Mutex::new(writer),
-        pending: Mutex::new(HashMap::new()),
-        next_id: AtomicU64::new(1),
-        alive: AtomicBool::new(true),
-        token,
-    });
-    let reading = Arc::clone(&conn);
-    let owner = Arc::downgrade(inner);
-    std::thread::Builder::new()
-        .name("hsmd-pkcs11-rx".into())
-        .spawn(move || {
-            read_responses(&reading, reader);
-            if let Some(inner) = owner.upgrade() {
-                inner.helper_gone();
-            }
-        })
-        .map_err(|e| format!("cannot start the PKCS#11 reader: {e}"))?;
-    Ok(conn)
-}
-
-/// Hands each response to the request waiting on it; when the helper's end
-/// closes, fails every pending request.
-fn read_responses(conn: &Arc<Conn>, mut reader: BufReader<UnixStream>) {
-    while let Ok(Some(r)) = wire::read_frame::<Response>(&mut reader) {
-        if let Some(tx) = lock(&conn.pending).remove(&r.id) {
-            let _ = tx.try_send(r.result);
-        }
+    if !reader.buffer().is_empty() {
+        return Err("the PKCS#11 helper answered out of turn".into());
     }
-    conn.alive.store(false, Ordering::SeqCst);
-    // Dropping the senders wakes every waiter with "disconnected".
-    lock(&conn.pending).clear();
+    drop(writer);
+    let owner = Arc::downgrade(inner);
+    Link::start(child, reader.into_inner(), token, move || {
+        if let Some(inner) = owner.upgrade() {
+            inner.helper_gone();
+        }
+    })
+    .map_err(|e| StartError::Other(format!("cannot start watching the PKCS#11 helper: {e}")))
 }
 
 impl Backend for Pkcs11 {
@@ -780,12 +735,16 @@ impl TokenKey {
     /// Refuses to use a key with another token that happens to be configured
     /// now (its CKA_ID could name an unrelated object there).
     fn check_token(&self) -> Result<(), BackendError> {
-        match self.backend.token_serial() {
-            Some(now) if !self.token.is_empty() && now != self.token => Err(BackendError::Unavailable {
+        if self.token.is_empty() {
+            return Ok(());
+        }
+        // Compared under the lock: no copy of the serial per operation.
+        match lock(&self.backend.inner.conn).as_ref() {
+            Some(now) if now.token.serial != self.token => Err(BackendError::Unavailable {
                 backend: NAME,
                 reason: format!(
-                    "this key lives in the token with serial {}, but the configured token has serial {now}",
-                    self.token
+                    "this key lives in the token with serial {}, but the configured token has serial {}",
+                    self.token, now.token.serial
                 ),
             }),
             _ => Ok(()),

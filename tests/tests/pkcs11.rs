@@ -388,6 +388,78 @@ fn eight_clients_sign_at_once_and_all_succeed() {
     assert!(pkcs11_health(&d).1.contains("4 sessions"));
 }
 
+/// Eight signers keep the helper busy (more requests in flight than it has
+/// sessions, answers read by whichever waiting request leads) while the helper
+/// is killed: every request in flight ends, signed or `backend-unavailable`,
+/// none hangs or fails otherwise, every signature made verifies, and the
+/// signers go on with the next helper.
+#[test]
+fn a_helper_killed_under_eight_signers_ends_every_request_and_signing_goes_on() {
+    let hsm = SoftHsm::new("hsmd-kill8");
+    let (d, _) = started(&hsm, "sessions = 4\nop_timeout = \"5s\"\n");
+    ok(&d.hsmctl(&["key", "create", "p", "--type", "ecdsa-p256", "--backend", "pkcs11"]));
+    let public = d.hsmctl(&["key", "public", "p", "--format", "der"]).stdout;
+    use p256::pkcs8::DecodePublicKey as _;
+    let key = p256::ecdsa::VerifyingKey::from_public_key_der(&public).expect("spki");
+    let first = d.pkcs11_helper_pid().expect("helper running");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = d.client();
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut results = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let t = Instant::now();
+                    results.push((sign(&mut c, "p", 32), t.elapsed()));
+                }
+                results
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).expect("kill helper");
+    // Long enough for the next helper to start and serve.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.pkcs11_helper_pid().is_none_or(|p| p == first) {
+        assert!(Instant::now() < deadline, "no new helper; log:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut signed, mut unavailable, mut after) = (0, 0, 0);
+    for t in threads {
+        let results = t.join().expect("signer thread");
+        let failed_at = results.iter().position(|(r, _)| r.is_err());
+        for (i, (r, took)) in results.iter().enumerate() {
+            assert!(*took < Duration::from_secs(5), "a request waited {took:?}");
+            match r {
+                Ok(der) => {
+                    let sig = p256::ecdsa::Signature::from_der(der).expect("DER");
+                    use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+                    key.verify_prehash(&[0x5a; 32], &sig).expect("valid");
+                    signed += 1;
+                    if failed_at.is_some_and(|f| i > f) {
+                        after += 1;
+                    }
+                }
+                Err(ErrorCode::BackendUnavailable) => unavailable += 1,
+                Err(other) => panic!("a request failed with {other:?}; log:\n{}", d.log()),
+            }
+        }
+    }
+    assert!(signed > 100, "{signed} signed");
+    assert!(
+        unavailable <= 8,
+        "{unavailable} requests failed: only those in flight may"
+    );
+    assert!(
+        after > 0 || unavailable == 0,
+        "no signer signed again after its failure"
+    );
+    sign(&mut d.client(), "p", 32).expect("signs on the new helper");
+}
+
 #[test]
 fn a_removed_token_is_unavailable_with_red_health_and_comes_back() {
     let hsm = SoftHsm::new("hsmd-gone");

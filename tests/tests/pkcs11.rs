@@ -360,14 +360,26 @@ fn rsa_token_keys_sign_in_their_own_scheme_for_openssl_and_never_leave_the_token
     sign_all(&d, "after");
 }
 
+/// Makes an ECDSA P-256 key `name` in the token; returns its public key.
+fn token_p256_key(d: &Daemon, name: &str) -> p256::ecdsa::VerifyingKey {
+    ok(&d.hsmctl(&["key", "create", name, "--type", "ecdsa-p256", "--backend", "pkcs11"]));
+    let public = d.hsmctl(&["key", "public", name, "--format", "der"]).stdout;
+    use p256::pkcs8::DecodePublicKey as _;
+    p256::ecdsa::VerifyingKey::from_public_key_der(&public).expect("spki")
+}
+
+/// Asserts `der` is `key`'s signature over the digest [`sign`] sends.
+fn assert_signs(key: &p256::ecdsa::VerifyingKey, der: &[u8]) {
+    let sig = p256::ecdsa::Signature::from_der(der).expect("DER");
+    use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+    key.verify_prehash(&[0x5a; 32], &sig).expect("valid");
+}
+
 #[test]
 fn eight_clients_sign_at_once_and_all_succeed() {
     let hsm = SoftHsm::new("hsmd-par");
     let (d, _) = started(&hsm, "sessions = 4\n");
-    ok(&d.hsmctl(&["key", "create", "p", "--type", "ecdsa-p256", "--backend", "pkcs11"]));
-    let public = d.hsmctl(&["key", "public", "p", "--format", "der"]).stdout;
-    use p256::pkcs8::DecodePublicKey as _;
-    let key = p256::ecdsa::VerifyingKey::from_public_key_der(&public).expect("spki");
+    let key = token_p256_key(&d, "p");
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let mut c = d.client();
@@ -377,10 +389,7 @@ fn eight_clients_sign_at_once_and_all_succeed() {
     let mut n = 0;
     for t in threads {
         for s in t.join().expect("thread") {
-            let der = s.expect("every signature succeeds");
-            let sig = p256::ecdsa::Signature::from_der(&der).expect("DER");
-            use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
-            key.verify_prehash(&[0x5a; 32], &sig).expect("valid");
+            assert_signs(&key, &s.expect("every signature succeeds"));
             n += 1;
         }
     }
@@ -397,10 +406,7 @@ fn eight_clients_sign_at_once_and_all_succeed() {
 fn a_helper_killed_under_eight_signers_ends_every_request_and_signing_goes_on() {
     let hsm = SoftHsm::new("hsmd-kill8");
     let (d, _) = started(&hsm, "sessions = 4\nop_timeout = \"5s\"\n");
-    ok(&d.hsmctl(&["key", "create", "p", "--type", "ecdsa-p256", "--backend", "pkcs11"]));
-    let public = d.hsmctl(&["key", "public", "p", "--format", "der"]).stdout;
-    use p256::pkcs8::DecodePublicKey as _;
-    let key = p256::ecdsa::VerifyingKey::from_public_key_der(&public).expect("spki");
+    let key = token_p256_key(&d, "p");
     let first = d.pkcs11_helper_pid().expect("helper running");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let threads: Vec<_> = (0..8)
@@ -435,9 +441,7 @@ fn a_helper_killed_under_eight_signers_ends_every_request_and_signing_goes_on() 
             assert!(*took < Duration::from_secs(5), "a request waited {took:?}");
             match r {
                 Ok(der) => {
-                    let sig = p256::ecdsa::Signature::from_der(der).expect("DER");
-                    use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
-                    key.verify_prehash(&[0x5a; 32], &sig).expect("valid");
+                    assert_signs(&key, der);
                     signed += 1;
                     if failed_at.is_some_and(|f| i > f) {
                         after += 1;

@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub frame_memory: usize,
     /// Each backend's health.
     pub backends: Vec<protocol::BackendStatus>,
+    /// Requests waiting for a device's answer, per queueing backend.
+    pub backend_unanswered: Vec<(&'static str, u32)>,
     /// The keys, if they could be listed.
     pub keys: Option<Vec<protocol::KeyInfo>>,
 }
@@ -95,6 +97,7 @@ pub struct Metrics {
     latency: Family<Operation, Histogram, fn() -> Histogram>,
     keys: Family<KeyLabels, Gauge>,
     backend_up: Family<Backend, Gauge>,
+    backend_unanswered: Family<Backend, Gauge>,
     auth_failures: Family<Reason, Counter>,
     rate_limited: Counter,
     unlocked: Gauge,
@@ -150,6 +153,12 @@ impl Metrics {
             "backend_up",
             "Whether each backend is healthy (1) or not (0)",
             backend_up.clone(),
+        );
+        let backend_unanswered = Family::<Backend, Gauge>::default();
+        registry.register(
+            "backend_unanswered_requests",
+            "Requests sent to a device backend (a PKCS#11 token) that wait for its answer now",
+            backend_unanswered.clone(),
         );
         let auth_failures = Family::<Reason, Counter>::default();
         registry.register(
@@ -231,6 +240,7 @@ impl Metrics {
             latency,
             keys,
             backend_up,
+            backend_unanswered,
             auth_failures,
             rate_limited,
             unlocked,
@@ -314,6 +324,11 @@ impl Metrics {
                     backend: crate::backend::static_name(&b.name),
                 })
                 .set(i64::from(b.healthy));
+        }
+        for (backend, waiting) in &now.backend_unanswered {
+            self.backend_unanswered
+                .get_or_create(&Backend { backend })
+                .set(i64::from(*waiting));
         }
         self.keys.clear();
         if let Some(keys) = &now.keys {

@@ -37,6 +37,20 @@ fn wait_health(d: &Daemon, healthy: bool, within: Duration) -> String {
     }
 }
 
+/// Waits until hsmd counts `n` requests sent to the helper and unanswered.
+fn wait_unanswered(d: &Daemon, n: u32) {
+    let want = format!("hsmd_backend_unanswered_requests{{backend=\"pkcs11\"}} {n}\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = ok(&d.hsmctl(&["metrics"]));
+        if metrics.contains(&want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {n} unanswered: {metrics}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn sign(c: &mut Client, name: &str, len: usize) -> Result<Vec<u8>, ErrorCode> {
     match c.call(Operation::Sign(protocol::SignArgs {
         name: name.into(),
@@ -508,14 +522,15 @@ fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
     ok(&d.hsmctl(&["key", "create", "k", "--type", "ecdsa-p256", "--backend", "pkcs11"]));
     let mut c = d.client();
     sign(&mut c, "k", 32).expect("first signature");
+    wait_unanswered(&d, 0);
 
-    // Killed mid-signature: stop the helper so the request is surely inside
-    // it, send the request, then kill it.
+    // Killed mid-signature: stop the helper, send the request, and kill the
+    // helper once hsmd counts the request as sent to it.
     let first = d.pkcs11_helper_pid().expect("helper running");
     kill(nix::unistd::Pid::from_raw(first), Signal::SIGSTOP).expect("stop helper");
     let mut c2 = d.client();
     let inflight = std::thread::spawn(move || sign(&mut c2, "k", 32));
-    std::thread::sleep(Duration::from_millis(300));
+    wait_unanswered(&d, 1);
     kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).expect("kill helper");
     assert_eq!(inflight.join().expect("thread"), Err(ErrorCode::BackendUnavailable));
     sign(&mut c, "k", 32).expect("the next signature works on a new helper");

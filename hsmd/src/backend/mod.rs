@@ -140,6 +140,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// read on the reactor by `Status`.
     fn health(&self) -> Health;
 
+    /// Requests sent to the device that wait for its answer now, for a
+    /// backend that queues them (a token behind its helper); `None` where
+    /// every call runs to its end on the caller's thread.
+    fn unanswered(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether an operation with a loaded key finishes in microseconds on the
     /// calling thread (so it may run on the reactor).
     fn is_fast(&self) -> bool {
@@ -307,6 +314,17 @@ impl Backends {
                     detail: h.detail,
                 }
             })
+            .collect()
+    }
+}
+
+impl Backends {
+    /// Each queueing backend's count of requests waiting for the device.
+    #[must_use]
+    pub fn unanswered(&self) -> Vec<(&'static str, u32)> {
+        self.list
+            .iter()
+            .filter_map(|b| Some((b.name(), b.unanswered()?)))
             .collect()
     }
 }

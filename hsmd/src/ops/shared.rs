@@ -94,6 +94,7 @@ impl Shared {
             connections: self.counters.connections(),
             frame_memory: self.frame_budget.held(),
             backends: self.vault.backends().statuses(),
+            backend_unanswered: self.vault.backends().unanswered(),
             keys: self.vault.keys().list_keys().ok(),
         })
     }

@@ -16,7 +16,7 @@ use std::{
     os::{fd::AsFd as _, unix::net::UnixStream},
     process::{Child, ExitStatus},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         mpsc, Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -94,6 +94,8 @@ pub struct Link {
     waiting: Mutex<Waiting>,
     next_id: AtomicU64,
     alive: AtomicBool,
+    /// Requests written to the helper whose callers still wait.
+    unanswered: AtomicU32,
 }
 
 impl std::fmt::Debug for Link {
@@ -131,6 +133,7 @@ impl Link {
             }),
             next_id: AtomicU64::new(1),
             alive: AtomicBool::new(true),
+            unanswered: AtomicU32::new(0),
         });
         let weak = Arc::downgrade(&link);
         std::thread::Builder::new()
@@ -148,6 +151,12 @@ impl Link {
     /// Whether the helper is still there (as far as hsmd knows).
     pub fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Requests written to the helper whose callers still wait for the
+    /// answer: a token's backlog, shown by the metrics.
+    pub fn unanswered(&self) -> u32 {
+        self.unanswered.load(Ordering::Relaxed)
     }
 
     /// Ends the helper (hung, or the token went away): whatever waits on it
@@ -187,6 +196,8 @@ impl Link {
             self.leave(id, leads);
             return Err(Lost::Unsent(e));
         }
+        self.unanswered.fetch_add(1, Ordering::Relaxed);
+        let _counted = Unanswered(&self.unanswered);
         loop {
             if leads {
                 return self.lead(id, deadline);
@@ -292,6 +303,15 @@ impl Link {
         w.callers.clear();
         w.led = false;
         Lost::Ended(why.to_owned())
+    }
+}
+
+/// Takes a request off the count of unanswered ones however its call ends.
+struct Unanswered<'a>(&'a AtomicU32);
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -708,6 +708,10 @@ impl Backend for Pkcs11 {
         }
         h
     }
+
+    fn unanswered(&self) -> Option<u32> {
+        Some(lock(&self.inner.conn).as_ref().map_or(0, |c| c.unanswered()))
+    }
 }
 
 struct TokenKey {

@@ -46,7 +46,16 @@ fn wait_unanswered(d: &Daemon, n: u32) {
         if metrics.contains(&want) {
             return;
         }
-        assert!(Instant::now() < deadline, "never {n} unanswered: {metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "never {n} unanswered: {}; log:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("unanswered") || l.contains("operation=\"sign\""))
+                .collect::<Vec<_>>()
+                .join("; "),
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -515,10 +524,42 @@ fn a_removed_token_is_unavailable_with_red_health_and_comes_back() {
     sign(&mut c, "t", 64).expect("signs again once the token is back");
 }
 
+/// The helper hsmd says it uses now (`helper pid N` in its health), after
+/// checking that it is hsmd's child.
+fn live_helper(d: &Daemon) -> i32 {
+    let (_, detail) = pkcs11_health(d);
+    let pid: i32 = detail
+        .rsplit_once("helper pid ")
+        .and_then(|(_, p)| p.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no helper pid in the health: {detail}"));
+    assert_eq!(d.pkcs11_helper_pid(), Some(pid), "hsmd's word and its children differ");
+    pid
+}
+
+/// Stops `pid` with SIGSTOP and waits until every one of its threads has.
+fn stop_helper(pid: i32) {
+    kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).expect("stop helper");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let states: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("helper's threads")
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .filter_map(|s| Some(s.rsplit_once(") ")?.1.chars().next()?.to_string()))
+            .collect();
+        if states.iter().all(|s| s == "T" || s == "t") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "helper {pid} did not stop: {states:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
     let hsm = SoftHsm::new("hsmd-kill");
-    let (d, _) = started(&hsm, "op_timeout = \"1s\"\n");
+    // No health check during the test: one slower than op_timeout on a busy
+    // machine would replace the helper the test is about to stop or kill.
+    let (d, _) = started(&hsm, "op_timeout = \"1s\"\nhealth_interval = \"1h\"\n");
     ok(&d.hsmctl(&["key", "create", "k", "--type", "ecdsa-p256", "--backend", "pkcs11"]));
     let mut c = d.client();
     sign(&mut c, "k", 32).expect("first signature");
@@ -526,22 +567,35 @@ fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
 
     // Killed mid-signature: stop the helper, send the request, and kill the
     // helper once hsmd counts the request as sent to it.
-    let first = d.pkcs11_helper_pid().expect("helper running");
-    kill(nix::unistd::Pid::from_raw(first), Signal::SIGSTOP).expect("stop helper");
+    let first = live_helper(&d);
+    stop_helper(first);
     let mut c2 = d.client();
     let inflight = std::thread::spawn(move || sign(&mut c2, "k", 32));
     wait_unanswered(&d, 1);
     kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).expect("kill helper");
-    assert_eq!(inflight.join().expect("thread"), Err(ErrorCode::BackendUnavailable));
+    let r = inflight.join().expect("thread");
+    assert_eq!(
+        r,
+        Err(ErrorCode::BackendUnavailable),
+        "helper {first}; log:\n{}",
+        d.log()
+    );
     sign(&mut c, "k", 32).expect("the next signature works on a new helper");
-    let second = d.pkcs11_helper_pid().expect("helper restarted");
+    let second = live_helper(&d);
     assert_ne!(first, second);
     assert!(wait_health(&d, true, Duration::from_secs(5)).contains("restarted 1 times"));
 
     // Hung: a helper that stops answering is given op_timeout, then replaced.
-    kill(nix::unistd::Pid::from_raw(second), Signal::SIGSTOP).expect("stop helper");
+    stop_helper(second);
     let t = Instant::now();
-    assert_eq!(sign(&mut c, "k", 32), Err(ErrorCode::BackendUnavailable));
+    let r = sign(&mut c, "k", 32);
+    assert_eq!(
+        r,
+        Err(ErrorCode::BackendUnavailable),
+        "helper {second} stopped; hsmd now: {:?}; log:\n{}",
+        pkcs11_health(&d),
+        d.log()
+    );
     assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
     assert!(d.log().contains("did not answer within 1s"), "{}", d.log());
     sign(&mut c, "k", 32).expect("works again after the hung helper is replaced");

@@ -296,6 +296,12 @@ impl Connection {
         let mut frame_started: Option<Instant> = None;
         // Set while there is no room in the frame memory for the next frame.
         let mut waiter: Option<Waiter> = None;
+        // One timer for the connection's life, moved only to an earlier
+        // deadline: a later one (each request pushes the idle deadline on) is
+        // taken up when the timer fires early, so a busy connection does not
+        // arm and drop a timer per request.
+        let timer = sleep_until(last_activity + limits.idle_timeout);
+        tokio::pin!(timer);
         loop {
             let mut blocked = false;
             // Whole frames left buffered when this turn ended.
@@ -391,6 +397,9 @@ impl Connection {
                 Some(t) => (t + limits.frame_timeout, true),
                 None => (last_activity + limits.idle_timeout, false),
             };
+            if timer.deadline() > deadline {
+                timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
                 () = self.shared.shutdown.cancelled() => {
@@ -414,7 +423,11 @@ impl Connection {
                     self.release();
                     last_activity = Instant::now();
                 }
-                () = sleep_until(deadline), if may_read => {
+                () = &mut timer, if may_read => {
+                    if Instant::now() < deadline {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
                     if partial {
                         tracing::warn!(buffered = buf.len(), "frame not completed in time; closing");
                         self.push_error(CONNECTION_ERROR_ID, ErrorCode::FrameTimeout, format!(

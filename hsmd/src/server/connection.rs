@@ -208,7 +208,7 @@ impl Connection {
     fn receive(&mut self, buf: &mut InBuf) -> io::Result<Received> {
         buf.make_room(4096);
         let start = buf.end();
-        // recvmsg wants initialized memory: spare() is zero-filled.
+        // recvmsg wants initialized memory: spare() is, and zero.
         let spare = buf.spare();
         let (stream, cmsg) = (&self.stream, &mut self.cmsg);
         let result = stream.try_io(Interest::READABLE, || {

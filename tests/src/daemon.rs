@@ -47,9 +47,7 @@ pub fn bin_dir() -> &'static Path {
 /// and the tests' FIDO2 emulator. A machine without those libraries
 /// (`scripts/install-test-deps` installs them) still builds and runs every
 /// test that does not need them; the TPM and FIDO2 tests then fail, saying the
-/// backend or authenticator support is missing. `scripts/test` builds the test
-/// run with the same features, so this build finds nothing to do there: keep
-/// the two in step.
+/// backend or authenticator support is missing.
 fn features() -> String {
     let has = |lib: &str| {
         Command::new("pkg-config")

@@ -301,6 +301,15 @@ impl Backends {
         self.list.iter().map(|b| b.name()).collect()
     }
 
+    /// Each queueing backend's count of requests waiting for the device.
+    #[must_use]
+    pub fn unanswered(&self) -> Vec<(&'static str, u32)> {
+        self.list
+            .iter()
+            .filter_map(|b| Some((b.name(), b.unanswered()?)))
+            .collect()
+    }
+
     /// Every backend's health.
     #[must_use]
     pub fn statuses(&self) -> Vec<BackendStatus> {
@@ -314,17 +323,6 @@ impl Backends {
                     detail: h.detail,
                 }
             })
-            .collect()
-    }
-}
-
-impl Backends {
-    /// Each queueing backend's count of requests waiting for the device.
-    #[must_use]
-    pub fn unanswered(&self) -> Vec<(&'static str, u32)> {
-        self.list
-            .iter()
-            .filter_map(|b| Some((b.name(), b.unanswered()?)))
             .collect()
     }
 }

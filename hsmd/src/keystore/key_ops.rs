@@ -1356,12 +1356,11 @@ impl Keys<'_> {
 
     /// The key `name` if using it now needs neither disk nor a slow
     /// computation: its row is cached and checked, its material unwrapped, and
-    /// its type cheap (Ed25519, AES-256-GCM, HMAC: tens of microseconds,
-    /// against ~200 µs for ECDSA). Such requests are served on the reactor,
-    /// sparing two thread wake-ups. Never blocks.
+    /// its type cheap (see [`cheap_on_the_reactor`]). Such requests are served
+    /// on the reactor, sparing two thread wake-ups. Never blocks.
     pub fn find_hot(&self, name: &str, version: Option<u32>) -> Option<Found> {
         let c = lock(&self.rows).get(&(name.to_owned(), version)).map(Arc::clone)?;
-        if matches!(c.key_type, Ok(KeyType::EcdsaP256 | KeyType::EcdsaP384) | Err(_)) {
+        if !c.key_type.as_ref().is_ok_and(|t| cheap_on_the_reactor(*t)) {
             return None;
         }
         // A device round trip (or the mock's latency) must not stall the reactor.
@@ -1576,4 +1575,22 @@ pub enum Maintained {
         /// Why.
         error: protocol::WireError,
     },
+}
+
+/// Whether one operation with a software key of this type costs about what
+/// the two thread wake-ups of a hand-off to the pool cost (tens of
+/// microseconds; BENCHMARKS.md). ECDSA P-256 signs and verifies as fast as
+/// Ed25519 does; P-384 takes hundreds of microseconds and RSA milliseconds,
+/// too long to hold every other connection on the reactor.
+fn cheap_on_the_reactor(key_type: KeyType) -> bool {
+    match key_type {
+        KeyType::Ed25519 | KeyType::EcdsaP256 | KeyType::Aes256Gcm | KeyType::HmacSha256 => true,
+        KeyType::EcdsaP384
+        | KeyType::RsaPss2048
+        | KeyType::RsaPss3072
+        | KeyType::RsaPss4096
+        | KeyType::RsaPkcs1_2048
+        | KeyType::RsaPkcs1_3072
+        | KeyType::RsaPkcs1_4096 => false,
+    }
 }

@@ -80,6 +80,12 @@ fn ask(s: &Setup, who: &Caller, op: Operation) -> (&'static str, Result<Reply, W
         Work::Done(a) => ("reactor", a.result),
         Work::Blocking(job) => ("pool", job().result),
         Work::Transfer(job) => ("own thread", job().result),
+        Work::Later(pending) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            pending.then(move |a| tx.send(a).unwrap());
+            let answer = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("answered");
+            ("later", answer.result)
+        }
     }
 }
 

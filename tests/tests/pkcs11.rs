@@ -604,6 +604,50 @@ fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
     ok(&d.hsmctl(&["status"]));
 }
 
+/// A token's signature is awaited on the reactor, not by a thread: with one
+/// blocking thread and the helper stopped, signatures wait on the token
+/// while requests that need the thread (listing keys reads SQLite) are still
+/// served at once; when the token resumes, every waiting signature is made.
+#[test]
+fn signatures_waiting_on_a_hung_token_hold_no_thread_from_other_requests() {
+    let hsm = SoftHsm::new("hsmd-wait");
+    let d = hsm
+        .daemon("op_timeout = \"20s\"\nhealth_interval = \"1h\"\n")
+        .limit("blocking_threads", "1")
+        .start();
+    ok(&d.hsmctl(&["init", "--keyfile-out", path(&d.dir().join("unlock.key"))]));
+    let key = token_p256_key(&d, "w");
+    let mut c = d.client();
+    // The first use loads the key (on the thread); later ones are sent from
+    // the reactor.
+    assert_signs(&key, &sign(&mut c, "w", 32).expect("first signature"));
+
+    let helper = live_helper(&d);
+    stop_helper(helper);
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = d.client();
+            std::thread::spawn(move || sign(&mut c, "w", 32))
+        })
+        .collect();
+    // All four are with the token at once: none waits for a thread.
+    wait_unanswered(&d, 4);
+    let t = Instant::now();
+    let listed = ok(&d.hsmctl(&["key", "list"]));
+    assert!(listed.contains('w'), "{listed}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "listing keys waited {:?} behind signatures waiting on the token",
+        t.elapsed()
+    );
+    kill(nix::unistd::Pid::from_raw(helper), Signal::SIGCONT).expect("resume helper");
+    for w in waiting {
+        let signed = w.join().expect("thread");
+        assert_signs(&key, &signed.unwrap_or_else(|e| panic!("{e:?}; log:\n{}", d.log())));
+    }
+    assert_eq!(d.pkcs11_helper_pid(), Some(helper), "the same helper served them");
+}
+
 #[test]
 fn a_missing_module_leaves_the_backend_red_but_hsmd_up() {
     let hsm = SoftHsm::new("hsmd-nomod");

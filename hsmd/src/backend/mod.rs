@@ -154,6 +154,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 }
 
+/// Where a signature started with [`KeyHandle::sign_then`] goes.
+pub type Signed = Box<dyn FnOnce(Result<Vec<u8>, BackendError>) + Send>;
+
 /// A usable key version. The operations take what the client sent after the
 /// keystore checked the key's state, usages and the digest length.
 pub trait KeyHandle: Send + Sync + fmt::Debug {
@@ -166,6 +169,18 @@ pub trait KeyHandle: Send + Sync + fmt::Debug {
     /// # Errors
     /// Not a signing key; the backend failing.
     fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, BackendError>;
+    /// Whether [`KeyHandle::sign_then`] can send a signature to the device
+    /// now and return at once (so the reactor may start it): a token that
+    /// answers over a socket, with room for another request.
+    fn signs_later(&self) -> bool {
+        false
+    }
+    /// Starts a signature and returns; `then` gets it, on the thread that
+    /// reads the device's answer, and must not block. Where the key does
+    /// not sign later ([`KeyHandle::signs_later`]), signs here.
+    fn sign_then(&self, digest: &[u8], then: Signed) {
+        then(self.sign(digest));
+    }
     /// Checks a signature over a digest.
     ///
     /// # Errors

@@ -19,6 +19,10 @@ use zeroize::Zeroizing;
 
 use crate::backend::{Backend, KeyHandle, KeyLabel};
 
+/// Where a signature started with [`Keys::sign_later`] goes: the version
+/// that signed and the signature, or why there is none.
+pub type SignedThen = Box<dyn FnOnce(Result<(u32, Vec<u8>), VaultError>) + Send>;
+
 use super::{
     crypto, key_aad, keys,
     lifecycle::{self, Action, Allowed},
@@ -1107,6 +1111,30 @@ impl Keys<'_> {
         Ok((c.row.version, signature))
     }
 
+    /// Whether `key`'s device can take a signature from the reactor now and
+    /// answer later ([`KeyHandle::signs_later`]); `key` from
+    /// [`Keys::find_loaded`].
+    pub fn signs_later(&self, key: &Found) -> bool {
+        self.custody.material(&key.0.row).is_ok_and(|m| m.signs_later())
+    }
+
+    /// As [`Keys::sign`], for a key that [`Keys::signs_later`]: checks the
+    /// key and sends the request without waiting; `then` gets the version
+    /// and signature, or the error, on the thread that reads the device's
+    /// answer.
+    pub fn sign_later(&self, key: &Found, digest: &[u8], then: SignedThen) {
+        let prepared = self
+            .prepare(key, None, Action::Sign, Usage::Sign, false)
+            .and_then(|(c, material)| c.check_digest(digest).map(|()| (c.row.version, material)));
+        match prepared {
+            Err(e) => then(Err(e)),
+            Ok((version, material)) => material.sign_then(
+                digest,
+                Box::new(move |signed| then(signed.map(|s| (version, s)).map_err(VaultError::from))),
+            ),
+        }
+    }
+
     /// Checks a signature made by `version` of the key.
     ///
     /// # Errors
@@ -1359,14 +1387,22 @@ impl Keys<'_> {
     /// its type cheap (see [`cheap_on_the_reactor`]). Such requests are served
     /// on the reactor, sparing two thread wake-ups. Never blocks.
     pub fn find_hot(&self, name: &str, version: Option<u32>) -> Option<Found> {
-        let c = lock(&self.rows).get(&(name.to_owned(), version)).map(Arc::clone)?;
-        if !c.key_type.as_ref().is_ok_and(|t| cheap_on_the_reactor(*t)) {
+        let found = self.find_loaded(name, version)?;
+        if !found.0.key_type.as_ref().is_ok_and(|t| cheap_on_the_reactor(*t)) {
             return None;
         }
         // A device round trip (or the mock's latency) must not stall the reactor.
-        if !self.backends.get(&c.row.backend).is_ok_and(|b| b.is_fast()) {
+        if !self.backends.get(&found.0.row.backend).is_ok_and(|b| b.is_fast()) {
             return None;
         }
+        Some(found)
+    }
+
+    /// The key `name` if finding it needs no disk and no unwrapping: its
+    /// row cached and checked, its material loaded, whatever its type and
+    /// backend. Never blocks.
+    pub fn find_loaded(&self, name: &str, version: Option<u32>) -> Option<Found> {
+        let c = lock(&self.rows).get(&(name.to_owned(), version)).map(Arc::clone)?;
         let unwrapped = self.custody.is_unwrapped(&c.row.id, c.row.version);
         unwrapped.then_some(Found(c))
     }

@@ -16,7 +16,7 @@ mod key_ops;
 mod key_service;
 mod key_set;
 pub use custody::Custody;
-pub use key_ops::{DataKey, Found, Maintained, Maintenance};
+pub use key_ops::{DataKey, Found, Maintained, Maintenance, SignedThen};
 pub use key_service::Keys;
 pub mod keys;
 pub mod lifecycle;

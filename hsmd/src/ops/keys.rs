@@ -230,9 +230,19 @@ pub(super) fn purge(name: String) -> Plan {
 pub(super) fn sign(SignArgs { name, digest }: SignArgs) -> Plan {
     let spec = on_key(EventType::Sign, &name, "sign", 1, false);
     let need = Permission::Keys(A::Sign);
+    let later = digest.clone();
     Plan::key_use(name, None, digest.len(), move |k, key| {
         k.sign(key, &digest)
             .map(|(version, signature)| Reply::Signature { version, signature })
+    })
+    .or_later(move |k, key, then| {
+        if !k.signs_later(key) {
+            return Err(then);
+        }
+        let signed =
+            |r: Result<(u32, Vec<u8>), _>| then(r.map(|(version, signature)| Reply::Signature { version, signature }));
+        k.sign_later(key, &later, Box::new(signed));
+        Ok(())
     })
     .needs_on_key(need)
     .audited(spec)

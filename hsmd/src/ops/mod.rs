@@ -14,6 +14,7 @@ mod backup;
 mod custody;
 mod files;
 mod keys;
+mod pending;
 pub mod pipeline;
 mod shared;
 mod status;
@@ -24,6 +25,7 @@ use std::{os::fd::OwnedFd, sync::Arc};
 use protocol::{Operation, Reply, WireError};
 
 pub use audit_line::AuditSpec;
+pub use pending::Pending;
 pub use pipeline::{route, Answer, Caller, Work};
 pub use shared::{Counters, Shared};
 
@@ -72,6 +74,8 @@ pub enum Staged {
     /// Finished on a thread of its own: it waits on a descriptor the caller
     /// passed, which may stall for `files.io_timeout`.
     Transfer(Job),
+    /// Sent to a device from the reactor; answered when the device answers.
+    Later(Pending<Reached>),
 }
 
 impl From<Result<Reply, WireError>> for Staged {
@@ -155,10 +159,21 @@ pub struct KeyUse {
     pub payload: usize,
     /// The operation, given the key.
     pub body: KeyBody,
+    /// The operation for a key whose device answers later, when it has one.
+    pub later: Option<LaterBody>,
 }
 
 /// What a key use does with its key.
 pub type KeyBody = Box<dyn FnOnce(Keys<'_>, &Found) -> Result<Reply, VaultError> + Send + 'static>;
+
+/// Where a key use started by a [`LaterBody`] sends its reply, from the
+/// thread that reads the device's answer.
+pub type Then = Box<dyn FnOnce(Result<Reply, VaultError>) + Send + 'static>;
+
+/// A key use for a key whose device answers later: starts it on the reactor
+/// without waiting and returns; gives `then` back, unused, when the key
+/// cannot be used so now (then [`KeyUse::body`] runs on the pool).
+pub type LaterBody = Box<dyn FnOnce(Keys<'_>, &Found, Then) -> Result<(), Then> + Send + 'static>;
 
 impl KeyUse {
     /// Finds the key unless it was found already, and uses it.
@@ -243,8 +258,17 @@ impl Plan {
                 version,
                 payload,
                 body: Box::new(body),
+                later: None,
             }),
         }
+    }
+
+    /// How its key use runs when the key's device answers later.
+    fn or_later(mut self, later: impl FnOnce(Keys<'_>, &Found, Then) -> Result<(), Then> + Send + 'static) -> Self {
+        if let Run::Key(k) = &mut self.run {
+            k.later = Some(Box::new(later));
+        }
+        self
     }
 
     /// Needs `permission` (on `key`, for key permissions).
@@ -300,6 +324,7 @@ impl std::fmt::Debug for Staged {
             Self::Done(r) => f.debug_tuple("Staged::Done").field(r).finish(),
             Self::Blocking(_) => f.write_str("Staged::Blocking"),
             Self::Transfer(_) => f.write_str("Staged::Transfer"),
+            Self::Later(_) => f.write_str("Staged::Later"),
         }
     }
 }
@@ -319,6 +344,7 @@ impl std::fmt::Debug for KeyUse {
             .field("name", &self.name)
             .field("version", &self.version)
             .field("payload", &self.payload)
+            .field("later", &self.later.is_some())
             .finish_non_exhaustive()
     }
 }

@@ -8,7 +8,7 @@ use std::{os::fd::OwnedFd, sync::Arc};
 
 use protocol::{ErrorCode, Operation, Reply, WireError, MAX_BATCH_ITEMS};
 
-use super::{plan, Ctx, KeyUse, Need, Plan, Run, Shared, Staged};
+use super::{logged_result, pending, plan, Ctx, KeyUse, Need, Pending, Plan, Reached, Run, Shared, Staged};
 use crate::{
     audit::{Auditor, Ticket},
     auth::PeerIdentity,
@@ -55,6 +55,9 @@ pub enum Work {
     /// `files.io_timeout`): runs on a thread of its own, never taking the
     /// blocking pool's threads from key operations and identity lookups.
     Transfer(BlockingJob),
+    /// Sent to a device from the reactor: answered when the device answers,
+    /// with no thread waiting meanwhile.
+    Later(Pending<Answer>),
 }
 
 impl std::fmt::Debug for Work {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for Work {
             Self::Done(_) => "Work::Done",
             Self::Blocking(_) => "Work::Blocking",
             Self::Transfer(_) => "Work::Transfer",
+            Self::Later(_) => "Work::Later",
         })
     }
 }
@@ -90,6 +94,10 @@ pub fn route(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached: Opt
         })),
         Work::Transfer(job) => Work::Transfer(Box::new(move || {
             let answer = job();
+            metrics.request(name, label(&answer.result), started.elapsed());
+            answer
+        })),
+        Work::Later(pending) => Work::Later(pending.map(move |answer| {
             metrics.request(name, label(&answer.result), started.elapsed());
             answer
         })),
@@ -137,6 +145,7 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
             Staged::Done(reached) => Work::Done(reached.result.into()),
             Staged::Blocking(job) => Work::Blocking(Box::new(move || job().result.into())),
             Staged::Transfer(job) => Work::Transfer(Box::new(move || job().result.into())),
+            Staged::Later(pending) => Work::Later(pending.map(|reached| reached.result.into())),
         };
     };
     let (who, vault) = (Arc::clone(&caller.who), Arc::clone(&shared.vault));
@@ -152,6 +161,16 @@ fn route_audited(op: Operation, caller: &Caller, shared: &Arc<Shared>, attached:
         }
         Staged::Blocking(job) => Work::Blocking(then_audit(job, spec, audit, who, vault)),
         Staged::Transfer(job) => Work::Transfer(then_audit(job, spec, audit, who, vault)),
+        // Written by the thread that brings the answer (the reactor, mostly),
+        // which has no connection loop to write it later.
+        Staged::Later(pending) => Work::Later(pending.map(move |reached| {
+            let (event, class) = spec.event(who, &reached.result, reached.backend, &vault);
+            let ticket = audit.submit(event, class, !spec.is_exempt());
+            Answer {
+                result: reached.result,
+                audit: ticket,
+            }
+        })),
     }
 }
 
@@ -204,9 +223,46 @@ fn start(
             if let Some(found) = hot {
                 return Staged::Done(key_use.run(shared.vault.keys(), Some(found), uid, what));
             }
+            let key_use = match start_later(key_use, shared, uid, what) {
+                Ok(pending) => return Staged::Later(pending),
+                Err(k) => k,
+            };
             let vault = Arc::clone(&shared.vault);
             Staged::Blocking(Box::new(move || key_use.run(vault.keys(), None, uid, what)))
         }
+    }
+}
+
+/// Starts a key use on the reactor when its key is loaded and its device
+/// answers later (a token behind its helper): the request goes out now, and
+/// the answer is awaited without a thread. Gives the key use back otherwise.
+fn start_later(
+    mut key_use: KeyUse,
+    shared: &Arc<Shared>,
+    uid: u32,
+    what: &'static str,
+) -> Result<Pending<Reached>, KeyUse> {
+    if key_use.payload > INLINE_MAX_PAYLOAD {
+        return Err(key_use);
+    }
+    let Some(later) = key_use.later.take() else {
+        return Err(key_use);
+    };
+    let keys = shared.vault.keys();
+    let Some(found) = keys.find_loaded(&key_use.name, key_use.version) else {
+        return Err(key_use);
+    };
+    let (pending, fill) = pending::device_answer();
+    let backend = found.backend();
+    let then = Box::new(move |result| {
+        fill.fill(Reached {
+            result: logged_result(uid, what, false, result),
+            backend: Some(backend),
+        });
+    });
+    match later(keys, &found, then) {
+        Ok(()) => Ok(pending),
+        Err(_unused) => Err(key_use),
     }
 }
 

@@ -575,6 +575,17 @@ impl Connection {
             }
             Work::Blocking(job) => (job, false),
             Work::Transfer(job) => (job, true),
+            Work::Later(pending) => {
+                self.in_flight += 1;
+                let tx = self.done_tx.clone();
+                let charge = std::mem::take(&mut self.handling_charge);
+                let counted = InFlight::new(Arc::clone(&self.shared));
+                pending.then(move |answer| {
+                    drop(counted);
+                    let _ = tx.send((id, answer, charge));
+                });
+                return true;
+            }
         };
         self.in_flight += 1;
         let tx = self.done_tx.clone();

@@ -9,20 +9,32 @@
 //! load one read brings in several answers. A small watcher notices the end
 //! of the helper while no one is waiting, so the next request already finds
 //! its replacement on the way.
+//!
+//! A request sent from the reactor ([`Link::call_then`]) does not wait: its
+//! answer goes to a callback. The first such request starts a reader task on
+//! the reactor, which takes the lead once the thread leading hands it on and
+//! keeps it for the helper's life: from then on the reactor reads every
+//! answer as it arrives (one wake-up, no thread between the helper and the
+//! connection), and callers on threads wait for theirs as followers do.
 
 use std::{
-    collections::HashMap,
-    io::{BufReader, BufWriter, Write as _},
-    os::{fd::AsFd as _, unix::net::UnixStream},
+    collections::{HashMap, VecDeque},
+    io::{BufRead as _, BufReader, BufWriter, Write as _},
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::net::UnixStream,
+    },
     process::{Child, ExitStatus},
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
-        mpsc, Arc, Mutex,
+        mpsc, Arc, Mutex, Weak,
     },
     time::{Duration, Instant},
 };
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tokio::{io::unix::AsyncFd, sync::Notify};
+use zeroize::Zeroize as _;
 
 use super::{
     lock,
@@ -44,6 +56,16 @@ pub enum Lost {
     Ended(String),
 }
 
+/// Where an answer sent with [`Link::call_then`] goes: called once, with
+/// the answer or why none came, on the thread that read it (the reactor,
+/// mostly), so it must not block.
+pub type Then = Box<dyn FnOnce(Result<Answer, Lost>) + Send>;
+
+/// At most this many requests may wait for answers when another is sent from
+/// the reactor: the helper reads requests only while a worker is free, so
+/// what waits sits in the socket, and the reactor must never find it full.
+pub const MAX_UNANSWERED_FROM_REACTOR: u32 = 64;
+
 /// What a waiting caller is told.
 enum Event {
     /// Its answer, read by the leader.
@@ -52,20 +74,39 @@ enum Event {
     Lead,
 }
 
+/// A caller waiting for its answer.
+enum Waiter {
+    /// A thread, blocked until its channel brings the answer or the lead.
+    Thread(mpsc::SyncSender<Event>),
+    /// A callback, for a request sent from the reactor.
+    Then(Then),
+}
+
 /// The callers waiting for answers.
 struct Waiting {
-    callers: HashMap<u64, mpsc::SyncSender<Event>>,
+    callers: HashMap<u64, Waiter>,
     /// Some caller leads (or has been told to): at most one reads.
     led: bool,
+    /// The reactor's reader, once started: the lead goes to it and stays.
+    task: Option<Arc<Notify>>,
+    /// When each callback stops waiting, earliest first (all wait as long).
+    deadlines: VecDeque<(Instant, u64)>,
 }
 
 impl Waiting {
-    /// Hands the lead to a waiting caller, or leaves the socket unread when
-    /// no one waits (the next caller then leads).
+    /// Hands the lead to the reactor's reader if it runs, else to a waiting
+    /// thread, or leaves the socket unread when no one waits (the next
+    /// caller then leads).
     fn pass_lead(&mut self) {
+        if let Some(task) = &self.task {
+            task.notify_one();
+            self.led = true;
+            return;
+        }
         let mut gone = Vec::new();
         let mut passed = false;
-        for (id, tx) in &self.callers {
+        for (id, waiter) in &self.callers {
+            let Waiter::Thread(tx) = waiter else { continue };
             // A caller's channel holds one event, and a caller still in the
             // map has had none: a failure means it has returned.
             if tx.try_send(Event::Lead).is_ok() {
@@ -95,7 +136,13 @@ pub struct Link {
     next_id: AtomicU64,
     alive: AtomicBool,
     /// Requests written to the helper whose callers still wait.
-    unanswered: AtomicU32,
+    unanswered: Arc<AtomicU32>,
+    /// Whether the reactor's reader has been started.
+    reading_on_reactor: AtomicBool,
+    /// Wakes the reader when the first callback starts waiting.
+    deadline_added: Arc<Notify>,
+    /// The socket, for the reactor's reader to take when it starts.
+    for_reactor: Mutex<Option<UnixStream>>,
 }
 
 impl std::fmt::Debug for Link {
@@ -121,6 +168,7 @@ impl Link {
     ) -> std::io::Result<Arc<Self>> {
         let writer = BufWriter::new(stream.try_clone()?);
         let watched = stream.try_clone()?;
+        let for_reactor = stream.try_clone()?;
         let link = Arc::new(Self {
             pid: child.id(),
             child: Mutex::new(child),
@@ -130,10 +178,15 @@ impl Link {
             waiting: Mutex::new(Waiting {
                 callers: HashMap::new(),
                 led: false,
+                task: None,
+                deadlines: VecDeque::new(),
             }),
             next_id: AtomicU64::new(1),
             alive: AtomicBool::new(true),
-            unanswered: AtomicU32::new(0),
+            unanswered: Arc::new(AtomicU32::new(0)),
+            reading_on_reactor: AtomicBool::new(false),
+            deadline_added: Arc::new(Notify::new()),
+            for_reactor: Mutex::new(Some(for_reactor)),
         });
         let weak = Arc::downgrade(&link);
         std::thread::Builder::new()
@@ -185,7 +238,7 @@ impl Link {
         let (tx, rx) = mpsc::sync_channel(1);
         let mut leads = {
             let mut w = lock(&self.waiting);
-            w.callers.insert(id, tx);
+            w.callers.insert(id, Waiter::Thread(tx));
             !std::mem::replace(&mut w.led, true)
         };
         let sent = {
@@ -271,23 +324,28 @@ impl Link {
                 }
             };
             let mut w = lock(&self.waiting);
+            let mut called = Vec::new();
             if response.id == id {
                 w.callers.remove(&id);
                 // Answers already read in are handed out before the lead
                 // passes, sparing the next leader a wake-up for them.
                 while buffered_frame(&reader) {
                     match wire::read_frame::<Response>(&mut *reader) {
-                        Ok(Some(r)) => deliver(&mut w, r),
+                        Ok(Some(r)) => called.extend(deliver(&mut w, r)),
                         // The next leader meets the same error.
                         _ => break,
                     }
                 }
                 w.pass_lead();
+                drop(w);
+                drop(reader);
+                call_back(called);
                 return Ok(response.result);
             }
             // An id no one waits for belonged to a caller that gave up.
-            deliver(&mut w, response);
+            called.extend(deliver(&mut w, response));
             drop(w);
+            call_back(called);
             if Instant::now() >= deadline {
                 drop(reader);
                 self.leave(id, true);
@@ -296,13 +354,273 @@ impl Link {
         }
     }
 
-    /// The helper is gone: every waiting caller is told (its channel closes).
+    /// The helper is gone: every waiting caller is told (a thread's channel
+    /// closes, a callback is called).
     fn ended(&self, why: &str) -> Lost {
         self.alive.store(false, Ordering::SeqCst);
         let mut w = lock(&self.waiting);
-        w.callers.clear();
+        let callers = std::mem::take(&mut w.callers);
         w.led = false;
+        w.deadlines.clear();
+        drop(w);
+        for waiter in callers.into_values() {
+            if let Waiter::Then(then) = waiter {
+                then(Err(Lost::Ended(why.to_owned())));
+            }
+        }
         Lost::Ended(why.to_owned())
+    }
+
+    /// Whether the reactor may send a request now ([`Link::call_then`]):
+    /// inside a tokio runtime, with answers read there (started here on
+    /// first use), and fewer than [`MAX_UNANSWERED_FROM_REACTOR`] requests
+    /// waiting. Otherwise the request goes from a thread that may wait.
+    pub fn takes_calls_from_reactor(self: &Arc<Self>) -> bool {
+        if self.unanswered() >= MAX_UNANSWERED_FROM_REACTOR || !self.alive() {
+            return false;
+        }
+        if self.reading_on_reactor.load(Ordering::Acquire) {
+            return true;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        match self.start_reader(&runtime) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the PKCS#11 helper's answers on the reactor; threads wait for them instead");
+                false
+            }
+        }
+    }
+
+    /// Sends `request` without waiting: `then` gets the answer, or why none
+    /// came within `timeout`. For the reactor, after
+    /// [`Link::takes_calls_from_reactor`] said yes.
+    pub fn call_then(&self, request: Request, timeout: Duration, then: Then) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let counted = Arc::clone(&self.unanswered);
+        counted.fetch_add(1, Ordering::Relaxed);
+        let then: Then = Box::new(move |answer| {
+            counted.fetch_sub(1, Ordering::Relaxed);
+            then(answer);
+        });
+        {
+            let mut w = lock(&self.waiting);
+            w.callers.insert(id, Waiter::Then(then));
+            if w.deadlines.is_empty() {
+                self.deadline_added.notify_one();
+            }
+            w.deadlines.push_back((Instant::now() + timeout, id));
+        }
+        // The socket cannot be full (see MAX_UNANSWERED_FROM_REACTOR), and
+        // a thread holds this lock only while it writes one frame.
+        let sent = {
+            let mut w = lock(&self.writer);
+            wire::write_frame(&mut *w, &Envelope { id, request }).and_then(|()| w.flush())
+        };
+        if let Err(e) = sent {
+            let waiter = lock(&self.waiting).callers.remove(&id);
+            if let Some(Waiter::Then(then)) = waiter {
+                then(Err(Lost::Unsent(e)));
+            }
+        }
+    }
+
+    /// Starts the task that reads answers on the reactor (once).
+    fn start_reader(self: &Arc<Self>, runtime: &tokio::runtime::Handle) -> std::io::Result<()> {
+        let _entered = runtime.enter();
+        let Some(stream) = lock(&self.for_reactor).take() else {
+            // Another request is starting it.
+            return Ok(());
+        };
+        // Registered with the reactor as it is: the socket stays blocking for
+        // the threads, and the reader never waits in a read (MSG_DONTWAIT).
+        // SAFETY: the AsyncFd owns the stream, so its descriptor stays open
+        // and names the same socket for the AsyncFd's whole life.
+        #[allow(unsafe_code)]
+        let fd = unsafe { AsyncFd::register_with_interest(stream, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        self.reading_on_reactor.store(true, Ordering::Release);
+        let lead = Arc::new(Notify::new());
+        {
+            let mut w = lock(&self.waiting);
+            w.task = Some(Arc::clone(&lead));
+            if !std::mem::replace(&mut w.led, true) {
+                lead.notify_one();
+            }
+        }
+        runtime.spawn(read_on_reactor(
+            Arc::downgrade(self),
+            fd,
+            lead,
+            Arc::clone(&self.deadline_added),
+        ));
+        Ok(())
+    }
+
+    /// Fails the callbacks whose time is up; returns when the next one's is.
+    fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut expired = Vec::new();
+        let next = {
+            let mut w = lock(&self.waiting);
+            while let Some(&(at, id)) = w.deadlines.front() {
+                if at > now {
+                    break;
+                }
+                w.deadlines.pop_front();
+                if let Some(Waiter::Then(then)) = w.callers.remove(&id) {
+                    expired.push(then);
+                }
+            }
+            w.deadlines.front().map(|(at, _)| *at)
+        };
+        for then in expired {
+            then(Err(Lost::TimedOut));
+        }
+        next
+    }
+
+    /// Hands out the whole frames at the start of `buf` and removes them;
+    /// `Err` when the helper wrote something that is not an answer.
+    fn deliver_buffered(&self, buf: &mut Vec<u8>) -> Result<(), String> {
+        let mut at = 0;
+        let mut called = Vec::new();
+        let mut bad = None;
+        {
+            let mut w = lock(&self.waiting);
+            while buf.len() - at >= 4 {
+                let len = u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+                if len > wire::MAX_FRAME {
+                    bad = Some(format!(
+                        "a frame of {len} bytes is over the limit of {}",
+                        wire::MAX_FRAME
+                    ));
+                    break;
+                }
+                let end = at + 4 + len as usize;
+                if buf.len() < end {
+                    break;
+                }
+                match protocol::codec::decode_body::<Response>(&buf[at + 4..end]) {
+                    Ok(r) => called.extend(deliver(&mut w, r)),
+                    Err(e) => {
+                        bad = Some(e.to_string());
+                        break;
+                    }
+                }
+                at = end;
+            }
+        }
+        call_back(called);
+        // Answers may carry plaintext: what was read is wiped as it goes.
+        let left = buf.len() - at;
+        buf.copy_within(at.., 0);
+        buf[left..].zeroize();
+        buf.truncate(left);
+        bad.map_or(Ok(()), Err)
+    }
+}
+
+/// Reads the helper's answers on the reactor once it is handed the lead,
+/// and fails callbacks whose time is up, until the helper ends.
+async fn read_on_reactor(link: Weak<Link>, fd: AsyncFd<UnixStream>, lead: Arc<Notify>, added: Arc<Notify>) {
+    let mut leading = false;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut next: Option<Instant> = None;
+    loop {
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = lead.notified(), if !leading => {
+                let Some(me) = link.upgrade() else { return };
+                leading = true;
+                // What the last thread to lead read ahead is ours now.
+                let mut reader = lock(&me.reader);
+                let ahead = reader.buffer().len();
+                append_wiped(&mut buf, reader.buffer());
+                reader.consume(ahead);
+                drop(reader);
+                if let Err(why) = me.deliver_buffered(&mut buf) {
+                    me.ended(&format!("the PKCS#11 helper (pid {}) answered with a bad frame ({why}); it is restarted", me.pid));
+                    return;
+                }
+            }
+            ready = fd.readable(), if leading => {
+                let Some(me) = link.upgrade() else { return };
+                let mut guard = match ready {
+                    Ok(g) => g,
+                    Err(e) => {
+                        me.ended(&format!("cannot wait for the PKCS#11 helper: {e}"));
+                        return;
+                    }
+                };
+                let read = guard.try_io(|s| {
+                    nix::sys::socket::recv(s.as_raw_fd(), &mut chunk, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+                        .map_err(std::io::Error::from)
+                });
+                let Ok(read) = read else {
+                    // Nothing after all: readiness is cleared, wait again.
+                    continue;
+                };
+                match read {
+                    Ok(0) => {
+                        me.ended(&format!("the PKCS#11 helper (pid {}) exited during the operation", me.pid));
+                        return;
+                    }
+                    Ok(n) => {
+                        append_wiped(&mut buf, &chunk[..n]);
+                        chunk[..n].zeroize();
+                        if let Err(why) = me.deliver_buffered(&mut buf) {
+                            me.ended(&format!("the PKCS#11 helper (pid {}) answered with a bad frame ({why}); it is restarted", me.pid));
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        me.ended(&format!("cannot read from the PKCS#11 helper: {e}"));
+                        return;
+                    }
+                }
+            }
+            () = sleep => {}
+            () = added.notified() => {}
+        }
+        let Some(me) = link.upgrade() else { return };
+        if !me.alive() && lock(&me.waiting).callers.is_empty() {
+            return;
+        }
+        next = me.expire(Instant::now());
+    }
+}
+
+/// Appends `more` to `buf`; when `buf` must grow, the old allocation is
+/// wiped before it is freed (answers may carry plaintext). A buffer grown for
+/// a large answer is given back once it is empty.
+fn append_wiped(buf: &mut Vec<u8>, more: &[u8]) {
+    const KEPT: usize = 64 * 1024;
+    if buf.is_empty() && buf.capacity() > KEPT && more.len() <= KEPT {
+        *buf = Vec::with_capacity(KEPT);
+    }
+    if buf.capacity() - buf.len() < more.len() {
+        let mut grown = Vec::with_capacity((buf.len() + more.len()).max(2 * buf.capacity()));
+        grown.extend_from_slice(buf);
+        buf.zeroize();
+        *buf = grown;
+    }
+    buf.extend_from_slice(more);
+}
+
+/// Runs the callbacks of answers delivered under the waiting list's lock,
+/// after it is released.
+fn call_back(called: Vec<(Then, Answer)>) {
+    for (then, answer) in called {
+        then(Ok(answer));
     }
 }
 
@@ -315,9 +633,15 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-fn deliver(w: &mut Waiting, response: Response) {
-    if let Some(tx) = w.callers.remove(&response.id) {
-        let _ = tx.try_send(Event::Answer(response.result));
+/// Gives `response` to the thread that waits for it, or returns it with
+/// the callback to call once the waiting list is unlocked.
+fn deliver(w: &mut Waiting, response: Response) -> Option<(Then, Answer)> {
+    match w.callers.remove(&response.id)? {
+        Waiter::Thread(tx) => {
+            let _ = tx.try_send(Event::Answer(response.result));
+            None
+        }
+        Waiter::Then(then) => Some((then, response.result)),
     }
 }
 
@@ -368,7 +692,7 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use super::{Link, Lost};
+    use super::{Answer, Link, Lost};
     use crate::backend::pkcs11::wire::{self, Envelope, Reply, Request, Response, TokenSummary};
 
     fn token() -> TokenSummary {
@@ -499,6 +823,138 @@ mod tests {
         }
         assert!(link.alive());
         link.stop().unwrap();
+    }
+
+    /// Sends `ask(n)` from the reactor; its answer (or why none came) goes
+    /// to `tx` with `n`.
+    fn send_then(link: &Arc<Link>, n: u32, timeout: Duration, tx: &mpsc::Sender<(u32, Result<Answer, Lost>)>) {
+        assert!(link.takes_calls_from_reactor(), "a runtime is running");
+        let tx = tx.clone();
+        link.call_then(
+            ask(n),
+            timeout,
+            Box::new(move |answer| {
+                let _ = tx.send((n, answer));
+            }),
+        );
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn answers_read_on_the_reactor_reach_callbacks_and_waiting_threads_alike() {
+        let (link, _close, _) = link();
+        let rt = runtime();
+        // Outside a runtime the reactor's path is refused: a thread must wait.
+        assert!(!link.takes_calls_from_reactor());
+        // A thread leads when the reactor starts: it reads for everyone
+        // until its own wait ends (no answer ever comes for it), then the
+        // lead passes to the reactor.
+        let stuck = {
+            let link = Arc::clone(&link);
+            std::thread::spawn(move || link.call(ask(u32::MAX), Duration::from_millis(400)))
+        };
+        while link.unanswered() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let link = Arc::clone(&link);
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        let n = 100_000 + t * 1000 + i;
+                        match link.call(ask(n), Duration::from_secs(10)) {
+                            Ok(Ok(Reply::Destroyed(got))) => assert_eq!(got, n),
+                            other => panic!("thread caller {n}: {other:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel();
+        let start = Instant::now();
+        let sent = rt.block_on(async {
+            let mut n = 0;
+            // Before, while and after the thread leads.
+            while start.elapsed() < Duration::from_millis(1200) {
+                // Within the limit of requests in flight from the reactor.
+                while link.unanswered() >= super::MAX_UNANSWERED_FROM_REACTOR - 8 {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                send_then(&link, n, Duration::from_secs(10), &tx);
+                n += 1;
+                if n % 16 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            n
+        });
+        assert!(matches!(stuck.join().unwrap(), Err(Lost::TimedOut)));
+        let mut got = Vec::new();
+        for _ in 0..sent {
+            let (n, answer) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("every callback is called");
+            match answer {
+                Ok(Ok(Reply::Destroyed(m))) => assert_eq!(m, n, "the answer went to the callback that asked"),
+                other => panic!("callback {n}: {other:?}"),
+            }
+            got.push(n);
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..sent).collect::<Vec<_>>(), "each callback exactly once");
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(link.unanswered(), 0);
+        link.stop().unwrap();
+    }
+
+    #[test]
+    fn a_callback_never_answered_times_out_and_the_helper_ending_fails_the_rest() {
+        let (link, close, ended) = link();
+        let rt = runtime();
+        let (tx, rx) = mpsc::channel();
+        let t = Instant::now();
+        rt.block_on(async {
+            send_then(&link, u32::MAX, Duration::from_millis(300), &tx);
+            send_then(&link, 7, Duration::from_secs(10), &tx);
+        });
+        let (n, answer) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(n, 7);
+        assert!(matches!(answer, Ok(Ok(Reply::Destroyed(7)))), "{answer:?}");
+        let (n, answer) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(n, u32::MAX);
+        assert!(matches!(answer, Err(Lost::TimedOut)), "{answer:?}");
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+        assert!(link.alive());
+
+        // Waiting callbacks are told when the helper ends.
+        rt.block_on(async {
+            for _ in 0..3 {
+                send_then(&link, u32::MAX, Duration::from_secs(20), &tx);
+            }
+        });
+        close.send(()).unwrap();
+        for _ in 0..3 {
+            let (_, answer) = rx.recv_timeout(Duration::from_secs(5)).expect("told");
+            assert!(matches!(answer, Err(Lost::Ended(_))), "{answer:?}");
+        }
+        ended
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the watcher saw the end");
+        assert!(!link.alive());
+        assert!(rt.block_on(async { !link.takes_calls_from_reactor() }));
     }
 
     #[test]

@@ -245,17 +245,49 @@ impl Pkcs11 {
     }
 
     fn call(&self, request: Request) -> Result<Reply, BackendError> {
+        let conn = self.inner.live_conn().ok_or_else(|| BackendError::Unavailable {
+            backend: NAME,
+            reason: self.inner.health.get().detail,
+        })?;
+        let answer = conn.call(request, self.inner.op_timeout);
+        self.settle(&conn, answer)
+    }
+
+    /// The running helper if it can take a request from the reactor now:
+    /// never waits for one being restarted (a thread does that).
+    fn conn_for_reactor(&self) -> Option<Arc<Link>> {
+        let conn = lock(&self.inner.conn).as_ref().map(Arc::clone)?;
+        conn.takes_calls_from_reactor().then_some(conn)
+    }
+
+    /// Sends `request` from the reactor over `conn` (from
+    /// [`Pkcs11::conn_for_reactor`]); `then` gets the reply on the thread
+    /// that reads it.
+    fn call_then(
+        &self,
+        conn: Arc<Link>,
+        request: Request,
+        then: impl FnOnce(Result<Reply, BackendError>) + Send + 'static,
+    ) {
+        let me = self.clone();
+        let settle_on = Arc::clone(&conn);
+        conn.call_then(
+            request,
+            self.inner.op_timeout,
+            Box::new(move |answer| then(me.settle(&settle_on, answer))),
+        );
+    }
+
+    /// What the helper's answer (or its absence) means for the caller; a
+    /// helper that failed is replaced.
+    fn settle(&self, conn: &Arc<Link>, answer: Result<link::Answer, Lost>) -> Result<Reply, BackendError> {
         let unavailable = |reason: String| BackendError::Unavailable { backend: NAME, reason };
-        let conn = self
-            .inner
-            .live_conn()
-            .ok_or_else(|| unavailable(self.inner.health.get().detail))?;
-        match conn.call(request, self.inner.op_timeout) {
+        match answer {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(Failure::Unavailable(why))) => {
                 // The token went away under the helper: a fresh helper is how
                 // hsmd reconnects once it is back.
-                self.replace(&conn, why.clone());
+                self.replace(conn, why.clone());
                 Err(unavailable(why))
             }
             Ok(Err(Failure::Failed(why))) => Err(BackendError::Failed {
@@ -266,7 +298,7 @@ impl Pkcs11 {
             Ok(Err(Failure::PinRefused(why))) => Err(unavailable(why)),
             Err(Lost::Unsent(e)) => {
                 self.replace(
-                    &conn,
+                    conn,
                     format!("the PKCS#11 helper (pid {}) stopped reading: {e}", conn.pid),
                 );
                 Err(unavailable(format!("the PKCS#11 helper stopped reading: {e}")))
@@ -276,13 +308,13 @@ impl Pkcs11 {
                     "the PKCS#11 module did not answer within {:?}; its helper (pid {}) was stopped and is restarted",
                     self.inner.op_timeout, conn.pid
                 );
-                self.replace(&conn, why.clone());
+                self.replace(conn, why.clone());
                 Err(unavailable(why))
             }
             Err(Lost::Ended(why)) => {
                 // Gone, or speaking out of turn: either way it is replaced.
                 let why = format!("{why}; it is restarted");
-                self.replace(&conn, why.clone());
+                self.replace(conn, why.clone());
                 Err(unavailable(why))
             }
         }
@@ -756,6 +788,40 @@ impl TokenKey {
     }
 }
 
+impl TokenKey {
+    /// The helper's request for a signature over `digest`.
+    fn sign_request(&self, digest: &[u8]) -> Result<Request, BackendError> {
+        if self.public.is_none() {
+            return Err(self.unsupported("sign"));
+        }
+        self.check_token()?;
+        Ok(Request::Sign {
+            key_type: self.key_type,
+            id: self.id.clone(),
+            digest: digest.to_vec(),
+        })
+    }
+}
+
+/// A signature the helper returned, checked against the public key before
+/// it leaves hsmd (see [`super::rsa_public::release_signature`]).
+fn release(
+    key_type: KeyType,
+    public: Option<&[u8]>,
+    digest: &[u8],
+    reply: Result<Reply, BackendError>,
+) -> Result<Vec<u8>, BackendError> {
+    match reply? {
+        Reply::Signature(s) => {
+            super::rsa_public::release_signature(NAME, key_type, public.unwrap_or_default(), digest, s)
+        }
+        _ => Err(BackendError::Failed {
+            backend: NAME,
+            reason: "the helper answered a signature with something else".into(),
+        }),
+    }
+}
+
 impl KeyHandle for TokenKey {
     fn key_type(&self) -> KeyType {
         self.key_type
@@ -766,27 +832,32 @@ impl KeyHandle for TokenKey {
     }
 
     fn sign(&self, digest: &[u8]) -> Result<Vec<u8>, BackendError> {
-        if self.public.is_none() {
-            return Err(self.unsupported("sign"));
-        }
-        self.check_token()?;
-        match self.backend.call(Request::Sign {
-            key_type: self.key_type,
-            id: self.id.clone(),
-            digest: digest.to_vec(),
-        })? {
-            Reply::Signature(s) => super::rsa_public::release_signature(
-                NAME,
-                self.key_type,
-                self.public.as_deref().unwrap_or_default(),
-                digest,
-                s,
-            ),
-            _ => Err(BackendError::Failed {
+        let request = self.sign_request(digest)?;
+        let reply = self.backend.call(request);
+        release(self.key_type, self.public.as_deref(), digest, reply)
+    }
+
+    fn signs_later(&self) -> bool {
+        self.public.is_some() && self.backend.conn_for_reactor().is_some()
+    }
+
+    fn sign_then(&self, digest: &[u8], then: super::Signed) {
+        let request = match self.sign_request(digest) {
+            Ok(r) => r,
+            Err(e) => return then(Err(e)),
+        };
+        let Some(conn) = self.backend.conn_for_reactor() else {
+            // The helper went, or filled up, since `signs_later`: a thread
+            // would wait here, the reactor must not.
+            return then(Err(BackendError::Unavailable {
                 backend: NAME,
-                reason: "the helper answered a signature with something else".into(),
-            }),
-        }
+                reason: "the PKCS#11 helper cannot take another request now; retry".into(),
+            }));
+        };
+        let (key_type, public, signed) = (self.key_type, self.public.clone(), digest.to_vec());
+        self.backend.call_then(conn, request, move |reply| {
+            then(release(key_type, public.as_deref(), &signed, reply));
+        });
     }
 
     fn verify(&self, digest: &[u8], signature: &[u8]) -> Result<bool, BackendError> {

@@ -213,6 +213,18 @@ impl Agent {
                     WireError::new(protocol::ErrorCode::Internal, "hsmd failed to serve this request")
                 })?
             }
+            Work::Later(pending) => {
+                let counted = InFlight::new(Arc::clone(&self.shared));
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                pending.then(move |answer| {
+                    let _ = tx.send(answer);
+                });
+                let answered = rx.await;
+                drop(counted);
+                answered.map_err(|_| {
+                    WireError::new(protocol::ErrorCode::Internal, "hsmd lost the answer to this request")
+                })?
+            }
         };
         if let (Some(ticket), Some(audit)) = (answer.audit, &self.shared.audit) {
             audit.write_pending();

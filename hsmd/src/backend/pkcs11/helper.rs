@@ -12,9 +12,15 @@
 use std::{
     collections::HashMap,
     io::{BufReader, BufWriter, Write as _},
-    os::unix::net::UnixStream,
-    sync::{mpsc, Arc, Mutex},
+    os::{fd::AsFd as _, unix::net::UnixStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use cryptoki::{
     context::{CInitializeArgs, CInitializeFlags, Pkcs11},
@@ -67,8 +73,6 @@ fn stdio_stream() -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(fd))
 }
 
-use std::os::fd::AsFd as _;
-
 fn serve() -> Result<(), String> {
     let stream = stdio_stream().map_err(|e| format!("stdin is not hsmd's socket: {e}"))?;
     let writer = Arc::new(Mutex::new(BufWriter::new(
@@ -111,38 +115,59 @@ fn serve() -> Result<(), String> {
     // Each worker, holding its own session, reads the next request itself and
     // serves it: no thread stands between the socket and the token, so a
     // request costs one wake-up here, not two. The reader's lock passes the
-    // socket from one idle worker to the next.
+    // socket from one idle worker to the next, but only when another request
+    // is already waiting or the token is slow: a worker that finds nothing
+    // more keeps the socket while it serves a quick request and reads the
+    // next one itself, so one request at a time wakes no other thread, and a
+    // request arriving meanwhile waits at most one quick operation.
     let reader = Arc::new(Mutex::new(reader));
+    let quick = Arc::new(AtomicBool::new(true));
     let (ended_tx, ended_rx) = mpsc::channel::<Result<(), String>>();
     for session in sessions {
-        let (reader, writer, shared, ended) = (
+        let (reader, writer, shared, ended, quick) = (
             Arc::clone(&reader),
             Arc::clone(&writer),
             Arc::clone(&shared),
             ended_tx.clone(),
+            Arc::clone(&quick),
         );
-        std::thread::spawn(move || loop {
-            let read = wire::read_frame::<Envelope>(&mut *lock(&reader));
-            let job = match read {
-                Ok(Some(j)) => j,
-                Ok(None) => {
+        std::thread::spawn(move || {
+            let mut held = None;
+            loop {
+                let mut r = held.take().unwrap_or_else(|| lock(&reader));
+                let job = match wire::read_frame::<Envelope>(&mut *r) {
+                    Ok(Some(j)) => j,
+                    Ok(None) => {
+                        let _ = ended.send(Ok(()));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = ended.send(Err(format!("bad frame from hsmd: {e}")));
+                        return;
+                    }
+                };
+                // Key generation can take seconds: never with the socket held.
+                let keep = matches!(
+                    job.request,
+                    Request::Sign { .. } | Request::Encrypt { .. } | Request::Decrypt { .. }
+                );
+                if keep && quick.load(Ordering::Relaxed) && !more_waiting(&r) {
+                    held = Some(r);
+                } else {
+                    drop(r);
+                }
+                let started = Instant::now();
+                let result = handle(&session, &shared, job.request);
+                quick.store(started.elapsed() < QUICK, Ordering::Relaxed);
+                let mut w = lock(&writer);
+                if wire::write_frame(&mut *w, &Response { id: job.id, result })
+                    .and_then(|()| w.flush())
+                    .is_err()
+                {
+                    // hsmd is gone: nothing more to do.
                     let _ = ended.send(Ok(()));
                     return;
                 }
-                Err(e) => {
-                    let _ = ended.send(Err(format!("bad frame from hsmd: {e}")));
-                    return;
-                }
-            };
-            let result = handle(&session, &shared, job.request);
-            let mut w = lock(&writer);
-            if wire::write_frame(&mut *w, &Response { id: job.id, result })
-                .and_then(|()| w.flush())
-                .is_err()
-            {
-                // hsmd is gone: nothing more to do.
-                let _ = ended.send(Ok(()));
-                return;
             }
         });
     }
@@ -150,6 +175,20 @@ fn serve() -> Result<(), String> {
     // The first worker to see the end (or a bad frame) ends the process; the
     // others may be inside the module, which the exit interrupts.
     ended_rx.recv().unwrap_or_else(|_| Err("every worker stopped".into()))
+}
+
+/// While the token's last key operation took under this long, the worker that
+/// reads the next one may keep the socket while it serves it (see `serve`).
+const QUICK: Duration = Duration::from_millis(1);
+
+/// Whether another request has arrived: already read in, or on the socket.
+fn more_waiting(reader: &BufReader<UnixStream>) -> bool {
+    if !reader.buffer().is_empty() {
+        return true;
+    }
+    let mut fds = [PollFd::new(reader.get_ref().as_fd(), PollFlags::POLLIN)];
+    // An error says nothing is known to wait: the next read meets it.
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -605,7 +605,8 @@ fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
 }
 
 /// A token's signature is awaited on the reactor, not by a thread: with one
-/// blocking thread and the helper stopped, signatures wait on the token
+/// blocking thread and the helper stopped, signatures of digests and of a
+/// message wait on the token
 /// while requests that need the thread (listing keys reads SQLite) are still
 /// served at once; when the token resumes, every waiting signature is made.
 #[test]
@@ -630,8 +631,19 @@ fn signatures_waiting_on_a_hung_token_hold_no_thread_from_other_requests() {
             std::thread::spawn(move || sign(&mut c, "w", 32))
         })
         .collect();
-    // All four are with the token at once: none waits for a thread.
-    wait_unanswered(&d, 4);
+    // A message signed (hashed in hsmd, the digest signed by the token).
+    let by_message = {
+        let mut c = d.client();
+        std::thread::spawn(move || {
+            c.call(Operation::SignMessage(protocol::SignMessageArgs {
+                name: "w".into(),
+                message: b"a commit to sign".to_vec(),
+                hash: None,
+            }))
+        })
+    };
+    // All five are with the token at once: none waits for a thread.
+    wait_unanswered(&d, 5);
     let t = Instant::now();
     let listed = ok(&d.hsmctl(&["key", "list"]));
     assert!(listed.contains('w'), "{listed}");
@@ -645,6 +657,13 @@ fn signatures_waiting_on_a_hung_token_hold_no_thread_from_other_requests() {
         let signed = w.join().expect("thread");
         assert_signs(&key, &signed.unwrap_or_else(|e| panic!("{e:?}; log:\n{}", d.log())));
     }
+    let Ok(Reply::Signature { signature, .. }) = by_message.join().expect("thread") else {
+        panic!("the message was not signed; log:\n{}", d.log())
+    };
+    use p256::ecdsa::signature::Verifier as _;
+    let sig = p256::ecdsa::Signature::from_der(&signature).expect("DER");
+    key.verify(b"a commit to sign", &sig)
+        .expect("the message's signature checks");
     assert_eq!(d.pkcs11_helper_pid(), Some(helper), "the same helper served them");
 }
 

@@ -1135,6 +1135,23 @@ impl Keys<'_> {
         }
     }
 
+    /// As [`Keys::sign_message`], started as [`Keys::sign_later`] is.
+    pub fn sign_message_later(&self, key: &Found, message: &[u8], hash: Option<HashAlg>, then: SignedThen) {
+        let prepared = self
+            .prepare(key, None, Action::Sign, Usage::Sign, false)
+            .and_then(|(c, material)| {
+                let signed = c.message_input(message, hash, material.as_ref())?.into_owned();
+                Ok((c.row.version, material, signed))
+            });
+        match prepared {
+            Err(e) => then(Err(e)),
+            Ok((version, material, signed)) => material.sign_then(
+                &signed,
+                Box::new(move |s| then(s.map(|s| (version, s)).map_err(VaultError::from))),
+            ),
+        }
+    }
+
     /// Checks a signature made by `version` of the key.
     ///
     /// # Errors

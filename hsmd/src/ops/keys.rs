@@ -368,11 +368,27 @@ fn hash_label(hash: Option<HashAlg>) -> &'static str {
     hash.map_or("default", HashAlg::as_str)
 }
 
+/// Longest message signed from the reactor with a key whose device answers
+/// later: an Ed25519 token signs the message itself, and what the reactor
+/// sends the helper must stay far below the socket's buffer (see
+/// `MAX_UNANSWERED_FROM_REACTOR`); longer ones are signed from the pool.
+const LATER_MAX_MESSAGE: usize = 1024;
+
 pub(super) fn sign_message(SignMessageArgs { name, message, hash }: SignMessageArgs) -> Plan {
     let spec = on_key(EventType::Sign, &name, "sign-message", 1, false).over_message(hash_label(hash), message.len());
+    let later = (message.len() <= LATER_MAX_MESSAGE).then(|| message.clone());
     Plan::key_use(name, None, message.len(), move |k, key| {
         k.sign_message(key, &message, hash)
             .map(|(version, signature)| Reply::Signature { version, signature })
+    })
+    .or_later(move |k, key, then| {
+        let Some(message) = later.filter(|_| k.signs_later(key)) else {
+            return Err(then);
+        };
+        let signed =
+            |r: Result<(u32, Vec<u8>), _>| then(r.map(|(version, signature)| Reply::Signature { version, signature }));
+        k.sign_message_later(key, &message, hash, Box::new(signed));
+        Ok(())
     })
     .needs_on_key(Permission::Keys(A::Sign))
     .audited(spec)

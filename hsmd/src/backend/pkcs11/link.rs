@@ -66,6 +66,10 @@ pub type Then = Box<dyn FnOnce(Result<Answer, Lost>) + Send>;
 /// what waits sits in the socket, and the reactor must never find it full.
 pub const MAX_UNANSWERED_FROM_REACTOR: u32 = 64;
 
+/// Frames up to this size are written by the reactor itself when the socket
+/// has room; larger ones by a thread.
+const SEND_NOW_MAX: usize = 4096;
+
 /// What a waiting caller is told.
 enum Event {
     /// Its answer, read by the leader.
@@ -396,8 +400,11 @@ impl Link {
 
     /// Sends `request` without waiting: `then` gets the answer, or why none
     /// came within `timeout`. For the reactor, after
-    /// [`Link::takes_calls_from_reactor`] said yes.
-    pub fn call_then(&self, request: Request, timeout: Duration, then: Then) {
+    /// [`Link::takes_calls_from_reactor`] said yes: the request is written
+    /// only if that cannot block (the writer is free and the socket has
+    /// room), else a thread of the blocking pool writes it, so a hung helper
+    /// whose socket has filled up never stalls the reactor.
+    pub fn call_then(self: &Arc<Self>, request: Request, timeout: Duration, then: Then) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let counted = Arc::clone(&self.unanswered);
         counted.fetch_add(1, Ordering::Relaxed);
@@ -413,17 +420,65 @@ impl Link {
             }
             w.deadlines.push_back((Instant::now() + timeout, id));
         }
-        // The socket cannot be full (see MAX_UNANSWERED_FROM_REACTOR), and
-        // a thread holds this lock only while it writes one frame.
-        let sent = {
-            let mut w = lock(&self.writer);
-            wire::write_frame(&mut *w, &Envelope { id, request }).and_then(|()| w.flush())
-        };
-        if let Err(e) = sent {
-            let waiter = lock(&self.waiting).callers.remove(&id);
-            if let Some(Waiter::Then(then)) = waiter {
-                then(Err(Lost::Unsent(e)));
+        // Requests carry plaintext: the frame is wiped once written.
+        let mut frame = zeroize::Zeroizing::new(Vec::new());
+        let envelope = Envelope { id, request };
+        if let Err(e) = protocol::codec::encode_frame_into(&envelope, wire::MAX_FRAME, &mut frame) {
+            return self.fail(id, Lost::Unsent(std::io::Error::other(e)));
+        }
+        drop(envelope);
+        match self.send_now(&frame) {
+            Ok(true) => {}
+            Ok(false) => {
+                let link = Arc::clone(self);
+                let write = move || {
+                    let sent = {
+                        let mut w = lock(&link.writer);
+                        w.write_all(&frame).and_then(|()| w.flush())
+                    };
+                    if let Err(e) = sent {
+                        link.fail(id, Lost::Unsent(e));
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => drop(rt.spawn_blocking(write)),
+                    Err(_) => write(),
+                }
             }
+            Err(e) => self.fail(id, Lost::Unsent(e)),
+        }
+    }
+
+    /// Writes `frame` if that cannot block: `Ok(false)` when another writer
+    /// holds the socket or it has no room now (nothing was written).
+    fn send_now(&self, frame: &[u8]) -> std::io::Result<bool> {
+        let mut w = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        if !w.buffer().is_empty() || frame.len() > SEND_NOW_MAX {
+            // A writer's flush failed (the next blocking write meets it), or
+            // the frame is large enough to go in parts.
+            return Ok(false);
+        }
+        let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+        match nix::sys::socket::send(w.get_ref().as_raw_fd(), frame, flags) {
+            Ok(n) if n == frame.len() => Ok(true),
+            // A frame this small goes whole or not at all (Linux splits a
+            // write into parts of about 32 KiB); should a part go, the rest
+            // must follow before any other frame, so it is written here.
+            Ok(n) => w.write_all(&frame[n..]).and_then(|()| w.flush()).map(|()| true),
+            Err(nix::errno::Errno::EAGAIN) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Fails the callback waiting for `id`, if it still waits.
+    fn fail(&self, id: u64, why: Lost) {
+        let waiter = lock(&self.waiting).callers.remove(&id);
+        if let Some(Waiter::Then(then)) = waiter {
+            then(Err(why));
         }
     }
 
@@ -955,6 +1010,54 @@ mod tests {
             .expect("the watcher saw the end");
         assert!(!link.alive());
         assert!(rt.block_on(async { !link.takes_calls_from_reactor() }));
+    }
+
+    #[test]
+    fn a_helper_that_stops_reading_never_blocks_the_reactor_when_its_socket_fills() {
+        // A peer that never reads: the socket fills and stays full.
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let child = Command::new("sleep").arg("120").spawn().unwrap();
+        let link = Link::start(child, ours, token(), || {}).unwrap();
+        let rt = runtime();
+        let (tx, rx) = mpsc::channel();
+        // 400 KiB of requests, more than the socket holds.
+        let (done_tx, done_rx) = mpsc::channel();
+        {
+            let link = Arc::clone(&link);
+            let handle = rt.handle().clone();
+            std::thread::spawn(move || {
+                handle.block_on(async {
+                    assert!(link.takes_calls_from_reactor());
+                    for n in 0..400u32 {
+                        let tx = tx.clone();
+                        let request = Request::Destroy {
+                            id: vec![n as u8; 1000],
+                        };
+                        link.call_then(
+                            request,
+                            Duration::from_secs(30),
+                            Box::new(move |answer| {
+                                let _ = tx.send((n, answer));
+                            }),
+                        );
+                    }
+                });
+                done_tx.send(()).unwrap();
+            });
+        }
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the reactor sent every request without waiting for room");
+        assert_eq!(link.unanswered(), 400);
+        // The peer goes: the writes waiting for room fail, and the rest end.
+        drop(theirs);
+        for _ in 0..400 {
+            let (_, answer) = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("every callback is told");
+            assert!(matches!(answer, Err(Lost::Unsent(_) | Lost::Ended(_))), "{answer:?}");
+        }
+        link.stop().unwrap();
     }
 
     #[test]

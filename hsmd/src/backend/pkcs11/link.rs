@@ -366,6 +366,10 @@ impl Link {
         let callers = std::mem::take(&mut w.callers);
         w.led = false;
         w.deadlines.clear();
+        if let Some(task) = &w.task {
+            // A reader that never got the lead would otherwise wait on.
+            task.notify_one();
+        }
         drop(w);
         for waiter in callers.into_values() {
             if let Waiter::Then(then) = waiter {

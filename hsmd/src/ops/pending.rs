@@ -52,17 +52,7 @@ pub struct Fill(Option<Arc<Mutex<Slot>>>);
 pub fn device_answer() -> (Pending<Reached>, Fill) {
     let slot = Arc::new(Mutex::new(Slot::Empty));
     let waiting = Arc::clone(&slot);
-    let pending = Pending(Box::new(move |sink: Sink<Reached>| {
-        let mut s = waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match std::mem::replace(&mut *s, Slot::Done) {
-            Slot::Answered(r) => {
-                drop(s);
-                sink(r);
-            }
-            Slot::Empty => *s = Slot::Waiting(sink),
-            Slot::Waiting(_) | Slot::Done => {}
-        }
-    }));
+    let pending = Pending(Box::new(move |sink: Sink<Reached>| meet(&waiting, Slot::Waiting(sink))));
     (pending, Fill(Some(slot)))
 }
 
@@ -70,7 +60,7 @@ impl Fill {
     /// Delivers `reached` to the sink, now if it is set, else when it is.
     pub fn fill(mut self, reached: Reached) {
         if let Some(slot) = self.0.take() {
-            deliver(&slot, reached);
+            meet(&slot, Slot::Answered(reached));
         }
     }
 }
@@ -82,19 +72,62 @@ impl Drop for Fill {
                 ErrorCode::BackendUnavailable,
                 "the backend's answer to this request was lost; retry",
             );
-            deliver(&slot, Err(lost).into());
+            meet(&slot, Slot::Answered(Err(lost).into()));
         }
     }
 }
 
-fn deliver(slot: &Mutex<Slot>, reached: Reached) {
+/// Puts one half (the answer or the sink) in the slot; the second half to
+/// come hands the answer to the sink.
+fn meet(slot: &Mutex<Slot>, half: Slot) {
     let mut s = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    match std::mem::replace(&mut *s, Slot::Done) {
-        Slot::Waiting(sink) => {
+    match (std::mem::replace(&mut *s, Slot::Done), half) {
+        (Slot::Empty, half) => *s = half,
+        (Slot::Answered(reached), Slot::Waiting(sink)) | (Slot::Waiting(sink), Slot::Answered(reached)) => {
             drop(s);
             sink(reached);
         }
-        Slot::Empty => *s = Slot::Answered(reached),
-        Slot::Answered(_) | Slot::Done => {}
+        // Each half comes once; anything else has nowhere to go.
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use protocol::{ErrorCode, Reply};
+
+    use super::device_answer;
+
+    fn answered() -> super::Reached {
+        Ok(Reply::Pong { payload: vec![7] }).into()
+    }
+
+    #[test]
+    fn the_answer_reaches_the_sink_whichever_comes_first_and_a_dropped_fill_answers_with_an_error() {
+        // The sink first, then the answer (through a step).
+        let (pending, fill) = device_answer();
+        let (tx, rx) = mpsc::channel();
+        let t = tx.clone();
+        pending.map(|r| r.result).then(move |r| t.send(r).unwrap());
+        assert!(rx.try_recv().is_err(), "nothing before the answer");
+        fill.fill(answered());
+        assert!(matches!(rx.try_recv(), Ok(Ok(Reply::Pong { .. }))));
+
+        // The answer first, then the sink.
+        let (pending, fill) = device_answer();
+        fill.fill(answered());
+        let t = tx.clone();
+        pending.then(move |r| t.send(r.result).unwrap());
+        assert!(matches!(rx.try_recv(), Ok(Ok(Reply::Pong { .. }))));
+
+        // Never filled: the sink is still answered.
+        let (pending, fill) = device_answer();
+        pending.then(move |r| tx.send(r.result).unwrap());
+        drop(fill);
+        let lost = rx.try_recv().expect("answered");
+        assert_eq!(lost.err().map(|e| e.code), Some(ErrorCode::BackendUnavailable));
+        assert!(rx.try_recv().is_err(), "each sink once");
     }
 }

@@ -302,18 +302,20 @@ impl Connection {
         // arm and drop a timer per request.
         let timer = sleep_until(last_activity + limits.idle_timeout);
         tokio::pin!(timer);
+        // Registered once: a fresh wait per pass would take the token's lock
+        // twice for every request.
+        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         loop {
             let mut blocked = false;
             // Whole frames left buffered when this turn ended.
             let mut turn_over = false;
-            let turn = std::time::Instant::now();
+            // When this turn's first frame was taken up; the clock is read only
+            // when there is a frame to answer.
+            let mut turn: Option<Instant> = None;
             // Answer the whole frames already buffered, while there is room in
             // flight, for one turn.
             while self.in_flight < max_in_flight {
-                if turn.elapsed() >= TURN {
-                    turn_over = true;
-                    break;
-                }
                 match frame::check(buf.filled(), limits.max_frame_bytes) {
                     Err(e) => {
                         tracing::warn!(error = %e, "refusing oversize frame");
@@ -337,6 +339,14 @@ impl Connection {
                         break;
                     }
                     Ok(FrameStatus::Complete { body_len }) => {
+                        match turn {
+                            None => turn = Some(Instant::now()),
+                            Some(t) if t.elapsed() >= TURN => {
+                                turn_over = true;
+                                break;
+                            }
+                            Some(_) => {}
+                        }
                         if !self.charge_frame(body_len) {
                             blocked = true;
                             break;
@@ -347,13 +357,17 @@ impl Connection {
                         self.answered_charge += std::mem::take(&mut self.handling_charge);
                         // Zeroed as it goes: the frame may have carried a secret.
                         buf.consume(HEADER_LEN + body_len);
-                        last_activity = Instant::now();
                         frame_started = None;
                         if !keep {
                             return Ending::Refused;
                         }
                     }
                 }
+            }
+            if let Some(t) = turn {
+                // The turn's start stands for its frames' arrival: the idle
+                // timeout is counted in seconds, a turn in microseconds.
+                last_activity = t;
             }
             if turn_over {
                 // Answers gather while requests are left; the others' turn now.
@@ -402,7 +416,7 @@ impl Connection {
             }
             tokio::select! {
                 biased;
-                () = self.shared.shutdown.cancelled() => {
+                () = &mut shutdown => {
                     self.push_error(CONNECTION_ERROR_ID, ErrorCode::ShuttingDown,
                         "hsmd is shutting down; requests already sent are answered, no new ones are read");
                     return Ending::Refused;
@@ -477,7 +491,26 @@ impl Connection {
             self.release_answered();
             return true;
         }
-        let result = timeout(self.shared.limits.frame_timeout, self.stream.write_all(&self.out)).await;
+        // Most answers fit the socket's buffer at once: only a write that
+        // would wait needs a timer.
+        let sent = match self.stream.try_write(&self.out) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => {
+                tracing::debug!(error = %e, "write failed");
+                wiped::clear(&mut self.out, 4 * WRITE_BATCH, WRITE_BATCH);
+                return false;
+            }
+        };
+        let result = if sent == self.out.len() {
+            Ok(Ok(()))
+        } else {
+            timeout(
+                self.shared.limits.frame_timeout,
+                self.stream.write_all(&self.out[sent..]),
+            )
+            .await
+        };
         // Answers may carry plaintext: zeroed once written.
         wiped::clear(&mut self.out, 4 * WRITE_BATCH, WRITE_BATCH);
         match result {

@@ -214,7 +214,15 @@ struct FileState {
     /// Bumped when the log is replaced under the writer (a restore): a sync
     /// planned before must not record its head in the keystore after.
     generation: u64,
+    /// The buffer a cycle renders its lines into, kept for the next one: a
+    /// busy log would otherwise allocate it, grow it and give it back to the
+    /// system every cycle. Audit lines carry no secret.
+    render: Vec<u8>,
 }
+
+/// The most render buffer kept between cycles; a larger one (a burst) is
+/// given back.
+const KEEP_RENDER: usize = 1 << 20;
 
 struct Inner {
     settings: Settings,
@@ -339,6 +347,7 @@ impl Auditor {
             lost: false,
             checked: None,
             generation: 0,
+            render: Vec::new(),
         };
         if !recovered.store_anchors {
             state.stored = Some((recovered.head.clone(), recovered.start.clone()));
@@ -681,6 +690,14 @@ impl Auditor {
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Keeps a cycle's render buffer for the next cycle unless a burst made it large.
+fn keep_render(f: &mut FileState, mut text: Vec<u8>) {
+    if text.capacity() <= KEEP_RENDER {
+        text.clear();
+        f.render = text;
     }
 }
 
@@ -1146,7 +1163,9 @@ impl Inner {
             );
         }
         // Render, then write in one go.
-        let mut text: Vec<u8> = Vec::with_capacity(batch.len() * 400);
+        let mut text = std::mem::take(&mut f.render);
+        text.clear();
+        text.reserve(batch.len() * 512);
         let mut head = f.head.clone();
         let mut security = closing || asked;
         let mut last_idx = f.written_idx;
@@ -1175,6 +1194,7 @@ impl Inner {
             };
             if let Err(e) = written {
                 f.reserved_to = f.size;
+                keep_render(f, text);
                 return (self.fail(batch, Arc::from(describe(&e, "writing", path))), None);
             }
             f.size += text.len() as u64;
@@ -1184,6 +1204,7 @@ impl Inner {
             self.last_seq.store(f.head.seq, Ordering::Relaxed);
             self.publish(|p| p.written = p.written.max(last_idx));
         }
+        keep_render(f, text);
         // A file due for rotation is synced (and anchored) now, so it can go.
         let rotate = f.size > self.settings.max_file_bytes;
         let space = match space {

@@ -22,6 +22,10 @@ pub struct Figures {
     pub p999_us: f64,
     /// The slowest call, µs.
     pub max_us: f64,
+    /// CPU time the server process spent per operation while the clients were
+    /// timed, µs, when a server was named ([`measure_served`]). Steadier than
+    /// the rate on a machine whose share of its host's CPU varies.
+    pub server_cpu_us: Option<f64>,
 }
 
 impl Figures {
@@ -73,19 +77,67 @@ where
     C: Fn() -> Result<F>,
     F: FnMut() -> Result<()> + Send + 'static,
 {
+    run_clients(clients, secs, per_call, None, connect)
+}
+
+/// As [`measure_batched`], and the CPU time process `server` spent per
+/// operation while the clients were timed ([`Figures::server_cpu_us`]). The
+/// server may be this process, when the operations are done in it.
+pub fn measure_served<C, F>(clients: usize, secs: f64, per_call: usize, server: u32, connect: C) -> Result<Figures>
+where
+    C: Fn() -> Result<F>,
+    F: FnMut() -> Result<()> + Send + 'static,
+{
+    run_clients(clients, secs, per_call, Some(server), connect)
+}
+
+/// CPU time process `pid` has used, all its threads together (those that
+/// ended too), in ns: `utime + stime` of `/proc/PID/stat`, in clock ticks.
+fn process_cpu_ns(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name, in parentheses, may hold spaces: count fields from
+    // after its closing one (field 3, the state, comes first).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let field = |n: usize| rest.split_whitespace().nth(n - 3).and_then(|f| f.parse::<u64>().ok());
+    let (Some(utime), Some(stime)) = (field(14), field(15)) else {
+        anyhow::bail!("cannot read the CPU times in /proc/{pid}/stat");
+    };
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100);
+    Ok((utime + stime) * 1_000_000_000 / tick)
+}
+
+fn run_clients<C, F>(clients: usize, secs: f64, per_call: usize, server: Option<u32>, connect: C) -> Result<Figures>
+where
+    C: Fn() -> Result<F>,
+    F: FnMut() -> Result<()> + Send + 'static,
+{
     let warmup = Duration::from_secs_f64((secs * 0.2).min(0.5));
     let run = Duration::from_secs_f64(secs);
     let barrier = Arc::new(Barrier::new(clients));
+    // Everyone starts the timed part together, so that the server's CPU read
+    // at that moment counts the timed operations only.
+    let timed = Arc::new(Barrier::new(clients + 1));
     let mut handles = Vec::new();
     for _ in 0..clients {
         let mut rt = connect()?;
         let barrier = Arc::clone(&barrier);
+        let timed = Arc::clone(&timed);
         handles.push(thread::spawn(move || -> Result<Vec<u32>> {
             barrier.wait();
             let start = Instant::now();
-            while start.elapsed() < warmup {
-                rt()?;
-            }
+            let warm = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
+                while start.elapsed() < warmup {
+                    rt()?;
+                }
+                Ok(())
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("client thread panicked while warming up")));
+            // Reached even after a failure, so that no thread waits forever.
+            timed.wait();
+            warm?;
             let mut lat = Vec::with_capacity(1 << 20);
             let start = Instant::now();
             loop {
@@ -100,11 +152,28 @@ where
             Ok(lat)
         }));
     }
+    timed.wait();
+    let cpu_before = server.map(process_cpu_ns).transpose()?;
     let mut all = Vec::new();
+    let mut failed = None;
     for h in handles {
-        all.extend(h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??);
+        match h.join().map_err(|_| anyhow::anyhow!("client thread panicked")) {
+            Ok(Ok(lat)) => all.extend(lat),
+            Ok(Err(e)) | Err(e) => failed = Some(e),
+        }
     }
-    Ok(figures(all, per_call, secs))
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut result = figures(all, per_call, secs);
+    if let (Some(pid), Some(before)) = (server, cpu_before) {
+        let used = process_cpu_ns(pid)?.saturating_sub(before);
+        let ops = result.per_sec * secs;
+        if ops > 0.0 {
+            result.server_cpu_us = Some(used as f64 / 1000.0 / ops);
+        }
+    }
+    Ok(result)
 }
 
 /// The figures of latencies (ns) measured over `secs`, each call doing
@@ -118,6 +187,7 @@ pub fn figures(mut all: Vec<u32>, per_call: usize, secs: f64) -> Figures {
             p99_us: 0.0,
             p999_us: 0.0,
             max_us: 0.0,
+            server_cpu_us: None,
         };
     }
     all.sort_unstable();
@@ -128,7 +198,21 @@ pub fn figures(mut all: Vec<u32>, per_call: usize, secs: f64) -> Figures {
         p99_us: pct(0.99),
         p999_us: pct(0.999),
         max_us: pct(1.0),
+        server_cpu_us: None,
     }
+}
+
+/// The median over runs of [`Figures::server_cpu_us`], as `µs/µs` text for
+/// two sets of runs side by side (`-` where a run measured none).
+#[must_use]
+pub fn cpu_pair(a: &[Figures], b: &[Figures]) -> String {
+    let med = |runs: &[Figures]| {
+        let mut v: Vec<f64> = runs.iter().filter_map(|f| f.server_cpu_us).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2)
+            .map_or_else(|| "-".to_owned(), |us| format!("{us:.2}"))
+    };
+    format!("{}/{}", med(a), med(b))
 }
 
 /// The run with the median rate.

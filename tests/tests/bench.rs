@@ -20,9 +20,17 @@ fn benchmark_prints_hsmd_and_raw_echo_figures_side_by_side() {
     assert_eq!(rows.len(), 2, "one row per client count: {text}");
     for row in rows {
         // clients, raw rt/s, p50, p99, p99.9, max, hsmd rt/s, p50, p99,
-        // p99.9, max, ratio, p99 ratio
-        assert_eq!(row.len(), 13, "{row:?}");
+        // p99.9, max, ratio, p99 ratio, echo and hsmd CPU µs per round trip
+        assert_eq!(row.len(), 15, "{row:?}");
         assert!(row[1] > 0.0 && row[6] > 0.0, "both servers answered: {row:?}");
+        if row[0] == 8.0 {
+            // 0.3 s of eight clients keeps either server busy for many
+            // clock ticks, so a zero is a reading that failed.
+            assert!(
+                row[13] > 0.0 && row[14] > 0.0,
+                "both servers' CPU per round trip: {row:?}"
+            );
+        }
         assert!(
             row[2..6].windows(2).all(|w| w[0] <= w[1]) && row[7..11].windows(2).all(|w| w[0] <= w[1]),
             "p50 <= p99 <= p99.9 <= max: {row:?}"
@@ -44,10 +52,16 @@ fn key_benchmark_prints_in_process_and_socket_figures_for_each_operation() {
     }
     let rows = hsmd_tests::table_rows(&text);
     assert_eq!(rows.len(), 6, "two client counts for each of three operations: {text}");
-    // clients, in-process/s, 4 latencies, hsmd/s, 4 latencies, ratio, p99/p50
+    // clients, in-process/s, 4 latencies, hsmd/s, 4 latencies, ratio,
+    // p99/p50, CPU µs per operation in process and in hsmd
     assert!(
-        rows.iter().all(|r| r.len() == 13 && r[1] > 0.0 && r[6] > 0.0),
+        rows.iter().all(|r| r.len() == 15 && r[1] > 0.0 && r[6] > 0.0),
         "{rows:?}"
+    );
+    // The signatures keep the signing process busy for the whole 0.3 s.
+    assert!(
+        rows.iter().filter(|r| r[0] == 2.0).all(|r| r[13] > 0.0 && r[14] > 0.0),
+        "CPU per operation in process and in hsmd: {rows:?}"
     );
     assert!(text.contains("target: ed25519 p99 at 1 client"), "{text}");
     // The fairness row: the lone client alone and beside the load.

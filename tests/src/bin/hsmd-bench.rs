@@ -62,7 +62,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use hsmd_tests::{
-    measure::{in_process_ed25519, in_process_p256, measure, measure_batched, median, Figures, LATENCIES},
+    measure::{
+        cpu_pair, in_process_ed25519, in_process_p256, measure, measure_batched, measure_served, median, Figures,
+        LATENCIES,
+    },
     Daemon,
 };
 use protocol::{
@@ -377,8 +380,8 @@ fn ping_suite(args: &Args) -> Result<()> {
     );
     println!("hsmd binary: {}", hsmd_tests::bin("hsmd").display());
     println!(
-        "{:>7} | {:>14} {:>22} | {:>14} {:>22} | {:>8} | {:>9}",
-        "clients", "raw echo rt/s", LATENCIES, "hsmd ping rt/s", LATENCIES, "hsmd/raw", "p99 h/raw"
+        "{:>7} | {:>14} {:>22} | {:>14} {:>22} | {:>8} | {:>9} | {:>15}",
+        "clients", "raw echo rt/s", LATENCIES, "hsmd ping rt/s", LATENCIES, "hsmd/raw", "p99 h/raw", "CPU µs/rt e/h"
     );
     let mut verdict = None;
     for &clients in &args.clients {
@@ -387,7 +390,7 @@ fn ping_suite(args: &Args) -> Result<()> {
         for _ in 0..args.rounds {
             let frame = frame.clone();
             let path = echo_path.clone();
-            raw_runs.push(measure(clients, args.seconds, move || {
+            raw_runs.push(measure_served(clients, args.seconds, 1, echo.id(), move || {
                 let mut s = UnixStream::connect(&path)?;
                 let frame = frame.clone();
                 let mut back = vec![0u8; frame.len()];
@@ -399,7 +402,7 @@ fn ping_suite(args: &Args) -> Result<()> {
             })?);
             let socket = daemon.socket.clone();
             let payload = payload.clone();
-            hsmd_runs.push(measure(clients, args.seconds, move || {
+            hsmd_runs.push(measure_served(clients, args.seconds, 1, daemon.pid(), move || {
                 let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
                 let payload = payload.clone();
                 Ok(move || -> Result<()> {
@@ -408,17 +411,21 @@ fn ping_suite(args: &Args) -> Result<()> {
                 })
             })?);
         }
+        // The server CPU per round trip: what decides the rate once the
+        // server is the bottleneck.
+        let cpu = cpu_pair(&raw_runs, &hsmd_runs);
         let (raw, hsmd) = (median(raw_runs), median(hsmd_runs));
         let ratio = hsmd.per_sec / raw.per_sec * 100.0;
         let tail = hsmd.p99_us / raw.p99_us;
         println!(
-            "{clients:>7} | {:>14.0} {:>22} | {:>14.0} {:>22} | {:>7.1}% | {:>8.1}x",
+            "{clients:>7} | {:>14.0} {:>22} | {:>14.0} {:>22} | {:>7.1}% | {:>8.1}x | {:>15}",
             raw.per_sec,
             raw.latencies(),
             hsmd.per_sec,
             hsmd.latencies(),
             ratio,
-            tail
+            tail,
+            cpu
         );
         if clients == 8 {
             verdict = Some((ratio, tail));
@@ -542,15 +549,21 @@ fn key_suite(args: &Args) -> Result<()> {
     for op in &ops {
         println!("{}:", op.label);
         println!(
-            "{:>7} | {:>14} {:>22} | {:>14} {:>22} | {:>8} | {:>7}",
-            "clients", "in-process/s", LATENCIES, "hsmd/s", LATENCIES, "hsmd/in", "p99/p50"
+            "{:>7} | {:>14} {:>22} | {:>14} {:>22} | {:>8} | {:>7} | {:>15}",
+            "clients", "in-process/s", LATENCIES, "hsmd/s", LATENCIES, "hsmd/in", "p99/p50", "CPU µs/op i/h"
         );
         for &clients in &args.clients {
             let mut local = Vec::new();
             let mut remote = Vec::new();
             for _ in 0..args.rounds {
                 let make = op.in_process;
-                local.push(measure(clients, args.seconds, move || Ok(make()))?);
+                local.push(measure_served(
+                    clients,
+                    args.seconds,
+                    1,
+                    std::process::id(),
+                    move || Ok(make()),
+                )?);
                 let socket = daemon.socket.clone();
                 let (depth, batch) = (args.depth, args.batch);
                 let request = if batch == 1 {
@@ -560,38 +573,46 @@ fn key_suite(args: &Args) -> Result<()> {
                         items: vec![op.item.clone(); batch],
                     }
                 };
-                remote.push(measure_batched(clients, args.seconds, depth * batch, move || {
-                    let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
-                    let request = request.clone();
-                    Ok(move || -> Result<()> {
-                        if depth == 1 {
-                            if let protocol::Reply::Batch(results) = c.call(request.clone())? {
-                                if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
-                                    bail!("daemon refused a batch item: {e}");
+                remote.push(measure_served(
+                    clients,
+                    args.seconds,
+                    depth * batch,
+                    daemon.pid(),
+                    move || {
+                        let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
+                        let request = request.clone();
+                        Ok(move || -> Result<()> {
+                            if depth == 1 {
+                                if let protocol::Reply::Batch(results) = c.call(request.clone())? {
+                                    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                                        bail!("daemon refused a batch item: {e}");
+                                    }
+                                }
+                                return Ok(());
+                            }
+                            c.send_many(std::iter::repeat_n(&request, depth).cloned())?;
+                            for _ in 0..depth {
+                                if let Err(e) = c.recv()?.result {
+                                    bail!("daemon refused: {e}");
                                 }
                             }
-                            return Ok(());
-                        }
-                        c.send_many(std::iter::repeat_n(&request, depth).cloned())?;
-                        for _ in 0..depth {
-                            if let Err(e) = c.recv()?.result {
-                                bail!("daemon refused: {e}");
-                            }
-                        }
-                        Ok(())
-                    })
-                })?);
+                            Ok(())
+                        })
+                    },
+                )?);
             }
+            let cpu = cpu_pair(&local, &remote);
             let (l, r) = (median(local), median(remote));
             let ratio = r.per_sec / l.per_sec * 100.0;
             println!(
-                "{clients:>7} | {:>14.0} {:>22} | {:>14.0} {:>22} | {:>7.1}% | {:>6.1}x",
+                "{clients:>7} | {:>14.0} {:>22} | {:>14.0} {:>22} | {:>7.1}% | {:>6.1}x | {:>15}",
                 l.per_sec,
                 l.latencies(),
                 r.per_sec,
                 r.latencies(),
                 ratio,
-                r.tail()
+                r.tail(),
+                cpu
             );
             if op.label.starts_with("ed25519") {
                 if clients == 8 {

@@ -604,6 +604,43 @@ fn a_killed_or_hung_helper_fails_only_its_request_and_is_restarted() {
     ok(&d.hsmctl(&["status"]));
 }
 
+/// A request larger than the socket's buffer, sent to a helper that has
+/// stopped reading, cannot be written whole: the writing thread gives up at
+/// op_timeout and the helper is replaced, instead of that thread (and every
+/// request queued for the socket behind it) waiting for ever.
+#[test]
+fn a_request_a_hung_helper_never_takes_is_refused_at_op_timeout_and_the_helper_replaced() {
+    let hsm = SoftHsm::new("hsmd-full");
+    let (d, _) = started(&hsm, "op_timeout = \"1s\"\nhealth_interval = \"1h\"\n");
+    ok(&d.hsmctl(&["key", "create", "k", "--type", "aes256-gcm", "--backend", "pkcs11"]));
+    let encrypt = |c: &mut Client, len: usize| {
+        c.call(Operation::Encrypt(protocol::EncryptArgs {
+            name: "k".into(),
+            version: None,
+            plaintext: protocol::SecretBytes::new(vec![7; len]),
+            aad: Vec::new(),
+        }))
+    };
+    let mut c = d.client();
+    encrypt(&mut c, 16).expect("a small encryption first");
+    let first = live_helper(&d);
+    stop_helper(first);
+    // 900 KiB: several times what the socket holds, within the frame limit.
+    let t = Instant::now();
+    let r = encrypt(&mut c, 900 * 1024);
+    assert_eq!(
+        r.as_ref().err().and_then(protocol::ClientError::code),
+        Some(ErrorCode::BackendUnavailable),
+        "{r:?} after {:?}; log:\n{}",
+        t.elapsed(),
+        d.log()
+    );
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert!(d.log().contains("did not take a request within 1s"), "{}", d.log());
+    encrypt(&mut c, 16).expect("encryption works again on a new helper");
+    assert_ne!(d.pkcs11_helper_pid(), Some(first));
+}
+
 /// A token's signature is awaited on the reactor, not by a thread: with one
 /// blocking thread and the helper stopped, signatures of digests and of a
 /// message wait on the token

@@ -296,6 +296,16 @@ impl Pkcs11 {
             }),
             Ok(Err(Failure::Unsupported(why))) => Err(BackendError::Unsupported(why)),
             Ok(Err(Failure::PinRefused(why))) => Err(unavailable(why)),
+            Err(Lost::Unsent(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                let why = format!(
+                    "the PKCS#11 helper (pid {}) did not take a request within {:?}; it was stopped and is restarted",
+                    conn.pid, self.inner.op_timeout
+                );
+                self.replace(conn, why.clone());
+                Err(unavailable(why))
+            }
             Err(Lost::Unsent(e)) => {
                 self.replace(
                     conn,
@@ -656,6 +666,19 @@ fn spawn(inner: &Arc<Inner>) -> Result<Arc<Link>, StartError> {
     let _ = reader
         .get_ref()
         .set_read_timeout(Some(inner.op_timeout.max(Duration::from_millis(1))));
+    // And a request must be taken within it: a thread writing to a hung
+    // helper whose socket is full would otherwise wait forever, and every
+    // request queued for the socket behind it. The reactor's writes never
+    // wait, so this bounds the blocking ones.
+    if let Err(e) = reader
+        .get_ref()
+        .set_write_timeout(Some(inner.op_timeout.max(Duration::from_millis(1))))
+    {
+        return Err(fail(
+            &mut child,
+            format!("cannot bound writes to the PKCS#11 helper: {e}"),
+        ));
+    }
     let Some(child) = child.take() else {
         return Err("the PKCS#11 helper vanished".into());
     };

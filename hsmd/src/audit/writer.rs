@@ -693,10 +693,10 @@ impl Auditor {
     }
 }
 
-/// Keeps a cycle's render buffer for the next cycle unless a burst made it large.
-fn keep_render(f: &mut FileState, mut text: Vec<u8>) {
+/// Keeps a cycle's render buffer for the next cycle (which clears it) unless a
+/// burst made it large.
+fn keep_render(f: &mut FileState, text: Vec<u8>) {
     if text.capacity() <= KEEP_RENDER {
-        text.clear();
         f.render = text;
     }
 }

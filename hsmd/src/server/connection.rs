@@ -493,23 +493,13 @@ impl Connection {
         }
         // Most answers fit the socket's buffer at once: only a write that
         // would wait needs a timer.
-        let sent = match self.stream.try_write(&self.out) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => {
-                tracing::debug!(error = %e, "write failed");
-                wiped::clear(&mut self.out, 4 * WRITE_BATCH, WRITE_BATCH);
-                return false;
+        let result = match self.stream.try_write(&self.out) {
+            Ok(n) if n == self.out.len() => Ok(Ok(())),
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Ok(Err(e)),
+            sent => {
+                let rest = &self.out[sent.unwrap_or(0)..];
+                timeout(self.shared.limits.frame_timeout, self.stream.write_all(rest)).await
             }
-        };
-        let result = if sent == self.out.len() {
-            Ok(Ok(()))
-        } else {
-            timeout(
-                self.shared.limits.frame_timeout,
-                self.stream.write_all(&self.out[sent..]),
-            )
-            .await
         };
         // Answers may carry plaintext: zeroed once written.
         wiped::clear(&mut self.out, 4 * WRITE_BATCH, WRITE_BATCH);

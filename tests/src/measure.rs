@@ -77,24 +77,26 @@ where
     C: Fn() -> Result<F>,
     F: FnMut() -> Result<()> + Send + 'static,
 {
-    run_clients(clients, secs, per_call, None, connect)
+    run_clients(clients, secs, per_call, &[], connect)
 }
 
-/// As [`measure_batched`], and the CPU time process `server` spent per
-/// operation while the clients were timed ([`Figures::server_cpu_us`]). The
-/// server may be this process, when the operations are done in it.
-pub fn measure_served<C, F>(clients: usize, secs: f64, per_call: usize, server: u32, connect: C) -> Result<Figures>
+/// As [`measure_batched`], and the CPU time the processes `servers` spent
+/// together per operation while the clients were timed
+/// ([`Figures::server_cpu_us`]): a daemon and its helper, say. A server may
+/// be this process, when the operations are done in it.
+pub fn measure_served<C, F>(clients: usize, secs: f64, per_call: usize, servers: &[u32], connect: C) -> Result<Figures>
 where
     C: Fn() -> Result<F>,
     F: FnMut() -> Result<()> + Send + 'static,
 {
-    run_clients(clients, secs, per_call, Some(server), connect)
+    run_clients(clients, secs, per_call, servers, connect)
 }
 
 /// CPU time process `pid` has used, all its threads together (those that
 /// ended too), in ns: `utime + stime` of `/proc/PID/stat`, in clock ticks.
 fn process_cpu_ns(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| anyhow::anyhow!("cannot read the CPU times of process {pid} (has it ended?): {e}"))?;
     // The command name, in parentheses, may hold spaces: count fields from
     // after its closing one (field 3, the state, comes first).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
@@ -109,7 +111,12 @@ fn process_cpu_ns(pid: u32) -> Result<u64> {
     Ok((utime + stime) * 1_000_000_000 / tick)
 }
 
-fn run_clients<C, F>(clients: usize, secs: f64, per_call: usize, server: Option<u32>, connect: C) -> Result<Figures>
+/// CPU time the processes `pids` have used together, in ns.
+fn servers_cpu_ns(pids: &[u32]) -> Result<u64> {
+    pids.iter().map(|&pid| process_cpu_ns(pid)).sum()
+}
+
+fn run_clients<C, F>(clients: usize, secs: f64, per_call: usize, servers: &[u32], connect: C) -> Result<Figures>
 where
     C: Fn() -> Result<F>,
     F: FnMut() -> Result<()> + Send + 'static,
@@ -153,7 +160,7 @@ where
         }));
     }
     timed.wait();
-    let cpu_before = server.map(process_cpu_ns).transpose()?;
+    let cpu_before = servers_cpu_ns(servers)?;
     let mut all = Vec::new();
     let mut failed = None;
     for h in handles {
@@ -166,8 +173,8 @@ where
         return Err(e);
     }
     let mut result = figures(all, per_call, secs);
-    if let (Some(pid), Some(before)) = (server, cpu_before) {
-        let used = process_cpu_ns(pid)?.saturating_sub(before);
+    if !servers.is_empty() {
+        let used = servers_cpu_ns(servers)?.saturating_sub(cpu_before);
         let ops = result.per_sec * secs;
         if ops > 0.0 {
             result.server_cpu_us = Some(used as f64 / 1000.0 / ops);

@@ -164,23 +164,32 @@ fn backend_benchmark_signs_with_soft_pkcs11_and_tpm_keys_beside_cryptoki_directl
     let all = hsmd_tests::table_rows(&text);
     assert_eq!(all.len(), 6, "two client counts for each of three operations: {text}");
     // RSA: clients, pkcs11/s, 4 latencies, cryptoki/s, 4 latencies, ratio,
-    // tpm/s, 4 latencies, openssl software sign/s; every figure measured.
+    // tpm/s, 4 latencies, openssl software sign/s, then the CPU per signature
+    // of the token used directly and of hsmd with its helper; every figure
+    // measured.
     assert!(
         all[4..]
             .iter()
-            .all(|r| r.len() == 18 && r[1..].iter().all(|f| *f > 0.0)),
+            .all(|r| r.len() == 20 && r[1..].iter().all(|f| *f > 0.0)),
         "rsa figures: {all:?}"
     );
     let rows = &all[..4];
     // clients, soft/s, 4 latencies, pkcs11/s, 4, cryptoki/s, 4,
-    // in-process/s, ratio, then tpm/s and 4 latencies for ecdsa-p256 only
+    // in-process/s, ratio, then tpm/s and 4 latencies for ecdsa-p256 only,
+    // and the two CPU figures last
     assert!(
-        rows.iter()
-            .all(|r| r.len() >= 18 && r[1] > 0.0 && r[6] > 0.0 && r[11] > 0.0 && r[16] > 0.0),
+        rows.iter().all(|r| r.len() >= 20
+            && r[1] > 0.0
+            && r[6] > 0.0
+            && r[11] > 0.0
+            && r[16] > 0.0
+            && r[r.len() - 2] > 0.0
+            && r[r.len() - 1] > 0.0),
         "{rows:?}"
     );
     assert!(
-        rows[..2].iter().all(|r| r.len() == 23 && r[18] > 0.0),
+        rows[..2].iter().all(|r| r.len() == 25 && r[18] > 0.0),
         "tpm figures: {rows:?}"
     );
+    assert!(rows[2..].iter().all(|r| r.len() == 20), "ed25519 rows: {rows:?}");
 }

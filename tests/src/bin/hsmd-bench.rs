@@ -390,7 +390,7 @@ fn ping_suite(args: &Args) -> Result<()> {
         for _ in 0..args.rounds {
             let frame = frame.clone();
             let path = echo_path.clone();
-            raw_runs.push(measure_served(clients, args.seconds, 1, echo.id(), move || {
+            raw_runs.push(measure_served(clients, args.seconds, 1, &[echo.id()], move || {
                 let mut s = UnixStream::connect(&path)?;
                 let frame = frame.clone();
                 let mut back = vec![0u8; frame.len()];
@@ -402,7 +402,7 @@ fn ping_suite(args: &Args) -> Result<()> {
             })?);
             let socket = daemon.socket.clone();
             let payload = payload.clone();
-            hsmd_runs.push(measure_served(clients, args.seconds, 1, daemon.pid(), move || {
+            hsmd_runs.push(measure_served(clients, args.seconds, 1, &[daemon.pid()], move || {
                 let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
                 let payload = payload.clone();
                 Ok(move || -> Result<()> {
@@ -561,7 +561,7 @@ fn key_suite(args: &Args) -> Result<()> {
                     clients,
                     args.seconds,
                     1,
-                    std::process::id(),
+                    &[std::process::id()],
                     move || Ok(make()),
                 )?);
                 let socket = daemon.socket.clone();
@@ -577,7 +577,7 @@ fn key_suite(args: &Args) -> Result<()> {
                     clients,
                     args.seconds,
                     depth * batch,
-                    daemon.pid(),
+                    &[daemon.pid()],
                     move || {
                         let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
                         let request = request.clone();
@@ -867,7 +867,8 @@ fn direct_pkcs11(hsm: &hsmd_tests::SoftHsm, label: &str, kind: Sig, clients: usi
         }
     };
     let label = label.to_owned();
-    measure(clients, secs, move || {
+    // The token works in this process: its CPU per signature is the token's.
+    measure_served(clients, secs, 1, &[std::process::id()], move || {
         let (session, key) = module.signing_session(&label)?;
         let digest = vec![7u8; kind.digest_len()];
         Ok(move || -> Result<()> {
@@ -886,6 +887,12 @@ fn direct_pkcs11(hsm: &hsmd_tests::SoftHsm, label: &str, kind: Sig, clients: usi
         })
     })
 }
+
+/// The header of the CPU column beside a `p11/ck` ratio: CPU time per
+/// signature of the token used directly (this process), then of hsmd and its
+/// PKCS#11 helper together. The ratio of the two bounds `p11/ck` wherever the
+/// clients, hsmd, the helper and the token share the same cores.
+const CPU_P11: &str = "CPU µs/op ck/p11";
 
 /// Signing through hsmd with keys in each backend, same clients, beside the
 /// token used directly and software signing in this process.
@@ -919,6 +926,11 @@ fn backend_suite(args: &Args) -> Result<()> {
             },
         })?;
     }
+    let Some(helper) = daemon.pkcs11_helper_pid().and_then(|p| u32::try_from(p).ok()) else {
+        bail!("hsmd started no PKCS#11 helper for the token");
+    };
+    // hsmd and its helper together: what a token signature costs the daemon.
+    let served = [daemon.pid(), helper];
     println!(
         "\nhsmd backend signing benchmark: {} s per run, median of {} round{}, {} cores, SoftHSM2 token with 8 sessions, swtpm on loopback (tpm: ecdsa-p256 and rsa only)",
         args.seconds,
@@ -930,7 +942,7 @@ fn backend_suite(args: &Args) -> Result<()> {
         let t = if ed { "ed25519" } else { "p256" };
         println!("{label}:");
         println!(
-            "{:>7} | {:>12} {:>22} | {:>12} {:>22} | {:>12} {:>22} | {:>12} | {:>9} | {:>11} {:>22}",
+            "{:>7} | {:>12} {:>22} | {:>12} {:>22} | {:>12} {:>22} | {:>12} | {:>9} | {:>11} {:>22} | {:>17}",
             "clients",
             "hsmd soft/s",
             LATENCIES,
@@ -941,7 +953,8 @@ fn backend_suite(args: &Args) -> Result<()> {
             "in-proc/s",
             "p11/ck",
             "hsmd tpm/s",
-            LATENCIES
+            LATENCIES,
+            CPU_P11
         );
         for &clients in &args.clients {
             let (mut soft, mut p11, mut direct, mut local, mut tpm) =
@@ -953,7 +966,8 @@ fn backend_suite(args: &Args) -> Result<()> {
                 }
                 for (name, out) in targets {
                     let socket = daemon.socket.clone();
-                    out.push(measure(clients, args.seconds, move || {
+                    let servers: &[u32] = if name.starts_with("p11") { &served } else { &[] };
+                    out.push(measure_served(clients, args.seconds, 1, servers, move || {
                         let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
                         let request = Operation::Sign(protocol::SignArgs {
                             name: name.clone(),
@@ -975,6 +989,7 @@ fn backend_suite(args: &Args) -> Result<()> {
                 let make = if ed { in_process_ed25519 } else { in_process_p256 };
                 local.push(measure(clients, args.seconds, move || Ok(make()))?);
             }
+            let cpu = cpu_pair(&direct, &p11);
             let (s, p, d, l) = (median(soft), median(p11), median(direct), median(local));
             let tpm = if tpm.is_empty() {
                 format!("{:>11} {:>22}", "-", "-")
@@ -983,7 +998,7 @@ fn backend_suite(args: &Args) -> Result<()> {
                 format!("{:>11.0} {:>22}", t.per_sec, t.latencies())
             };
             println!(
-                "{clients:>7} | {:>12.0} {:>22} | {:>12.0} {:>22} | {:>12.0} {:>22} | {:>12.0} | {:>8.1}% | {tpm}",
+                "{clients:>7} | {:>12.0} {:>22} | {:>12.0} {:>22} | {:>12.0} {:>22} | {:>12.0} | {:>8.1}% | {tpm} | {cpu:>17}",
                 s.per_sec,
                 s.latencies(),
                 p.per_sec,
@@ -995,23 +1010,32 @@ fn backend_suite(args: &Args) -> Result<()> {
             );
         }
     }
-    rsa_rows(args, &daemon, &hsm)
+    rsa_rows(args, &daemon, &hsm, &served)
 }
 
 /// RSA-PSS 2048 signing with pkcs11 and tpm keys through hsmd, beside the
 /// token used directly and OpenSSL's own RSA in software.
-fn rsa_rows(args: &Args, daemon: &hsmd_tests::Daemon, hsm: &hsmd_tests::SoftHsm) -> Result<()> {
+fn rsa_rows(args: &Args, daemon: &hsmd_tests::Daemon, hsm: &hsmd_tests::SoftHsm, served: &[u32]) -> Result<()> {
     println!("rsa-pss-2048 sign:");
     println!(
-        "{:>7} | {:>12} {:>22} | {:>12} {:>22} | {:>9} | {:>11} {:>22} | {:>13}",
-        "clients", "hsmd p11/s", LATENCIES, "cryptoki/s", LATENCIES, "p11/ck", "hsmd tpm/s", LATENCIES, "openssl sw/s"
+        "{:>7} | {:>12} {:>22} | {:>12} {:>22} | {:>9} | {:>11} {:>22} | {:>13} | {:>17}",
+        "clients",
+        "hsmd p11/s",
+        LATENCIES,
+        "cryptoki/s",
+        LATENCIES,
+        "p11/ck",
+        "hsmd tpm/s",
+        LATENCIES,
+        "openssl sw/s",
+        CPU_P11
     );
     for &clients in &args.clients {
         let (mut p11, mut direct, mut tpm, mut sw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.rounds {
-            for (name, out) in [("p11-rsa", &mut p11), ("tpm-rsa", &mut tpm)] {
+            for (name, out, servers) in [("p11-rsa", &mut p11, served), ("tpm-rsa", &mut tpm, &[])] {
                 let socket = daemon.socket.clone();
-                out.push(measure(clients, args.seconds, move || {
+                out.push(measure_served(clients, args.seconds, 1, servers, move || {
                     let mut c = Client::connect_with(&socket, &ClientOptions::default())?;
                     let request = Operation::Sign(protocol::SignArgs {
                         name: name.to_owned(),
@@ -1032,11 +1056,12 @@ fn rsa_rows(args: &Args, daemon: &hsmd_tests::Daemon, hsm: &hsmd_tests::SoftHsm)
             )?);
             sw.push(openssl_rsa2048(clients, args.seconds)?);
         }
+        let cpu = cpu_pair(&direct, &p11);
         let (p, d, t) = (median(p11), median(direct), median(tpm));
         sw.sort_by(f64::total_cmp);
         let sw = sw[sw.len() / 2];
         println!(
-            "{clients:>7} | {:>12.0} {:>22} | {:>12.0} {:>22} | {:>8.1}% | {:>11.0} {:>22} | {:>13.0}",
+            "{clients:>7} | {:>12.0} {:>22} | {:>12.0} {:>22} | {:>8.1}% | {:>11.0} {:>22} | {:>13.0} | {cpu:>17}",
             p.per_sec,
             p.latencies(),
             d.per_sec,

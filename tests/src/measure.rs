@@ -77,19 +77,7 @@ where
     C: Fn() -> Result<F>,
     F: FnMut() -> Result<()> + Send + 'static,
 {
-    run_clients(clients, secs, per_call, &[], connect)
-}
-
-/// As [`measure_batched`], and the CPU time the processes `servers` spent
-/// together per operation while the clients were timed
-/// ([`Figures::server_cpu_us`]): a daemon and its helper, say. A server may
-/// be this process, when the operations are done in it.
-pub fn measure_served<C, F>(clients: usize, secs: f64, per_call: usize, servers: &[u32], connect: C) -> Result<Figures>
-where
-    C: Fn() -> Result<F>,
-    F: FnMut() -> Result<()> + Send + 'static,
-{
-    run_clients(clients, secs, per_call, servers, connect)
+    measure_served(clients, secs, per_call, &[], connect)
 }
 
 /// CPU time process `pid` has used, all its threads together (those that
@@ -116,7 +104,12 @@ fn servers_cpu_ns(pids: &[u32]) -> Result<u64> {
     pids.iter().map(|&pid| process_cpu_ns(pid)).sum()
 }
 
-fn run_clients<C, F>(clients: usize, secs: f64, per_call: usize, servers: &[u32], connect: C) -> Result<Figures>
+/// As [`measure_batched`], and the CPU time the processes `servers` spent
+/// together per operation while the clients were timed
+/// ([`Figures::server_cpu_us`]): a daemon and its helper, say. A server may
+/// be this process, when the operations are done in it; with none, no CPU
+/// is measured.
+pub fn measure_served<C, F>(clients: usize, secs: f64, per_call: usize, servers: &[u32], connect: C) -> Result<Figures>
 where
     C: Fn() -> Result<F>,
     F: FnMut() -> Result<()> + Send + 'static,
